@@ -1,0 +1,1 @@
+//! Stage kinds; see ARCHITECTURE.md.
