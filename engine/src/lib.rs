@@ -1,1 +1,27 @@
-//! Placeholder; see ARCHITECTURE.md.
+//! The ML-agnostic core of `pipeline`.
+//!
+//! The flow is `manifest -> graph -> keys -> executor -> stage -> store`:
+//!
+//! * [`manifest`] parses a TOML experiment into expanded, validated stage instances, reporting
+//!   every problem as a [`miette`] diagnostic pointing into the manifest.
+//! * [`graph`] orders the stages (a [`petgraph`] DAG) and renders it.
+//! * [`fingerprint`] computes each stage's cache key from its kind, kind version, canonical
+//!   parameters, the content of its inputs and anything else the kind declares, and explains
+//!   why a key differs from the last run (in the spirit of cargo's fingerprints).
+//! * [`executor`] runs what is not cached, in dependency order and in parallel.
+//! * [`stage`] is the contract a stage kind implements; the engine knows nothing else about it.
+//! * [`store`] is the content-addressed cache: objects, trees, action records, checkpoints.
+
+pub mod executor;
+pub mod fingerprint;
+pub mod graph;
+pub mod hashing;
+pub mod manifest;
+pub mod progress;
+pub mod stage;
+pub mod store;
+
+pub use executor::{run, RunOptions, RunReport, StageOutcome};
+pub use manifest::{load_manifest, Manifest, ManifestOptions, StageInstance};
+pub use stage::{InputSlot, OutputSlot, Registry, Stage, StageContext};
+pub use store::Store;

@@ -1,1 +1,12 @@
-//! Stage kinds; see ARCHITECTURE.md.
+//! The stage kinds of `pipeline`.
+//!
+//! Each kind is one module implementing [`pipeline_engine::Stage`]; [`registry`] is the one
+//! place they are registered. Kinds hold stage plumbing only (parameters, inputs, outputs,
+//! artifact layout); the model code they drive lives in `pipeline-models`.
+
+use pipeline_engine::Registry;
+
+/// Every stage kind of the `pipeline` binary.
+pub fn registry() -> Registry {
+    Registry::new()
+}

@@ -1,0 +1,479 @@
+//! Runs a manifest: keys, cache lookups, parallel execution, and plans (dry runs).
+//!
+//! Stages run in dependency order, up to `jobs` at a time; stages that need the GPU never run
+//! at the same time. A stage's key is computed only when its producers have finished, from
+//! their actual output trees, so an upstream stage that reruns but produces identical output
+//! leaves its consumers cached. On a failure or an interrupt no new stage starts, running ones
+//! finish (or notice the interrupt), and every finished result stays in the cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::fingerprint::{explain, Fingerprint, InputPart, KeyParts};
+use crate::graph::StageGraph;
+use crate::hashing::StatCache;
+use crate::manifest::{Manifest, StageInstance};
+use crate::progress::RunProgress;
+use crate::stage::{InputArtifact, StageContext};
+use crate::store::{ActionRecord, LastRun, OutputRecord, Store};
+
+/// How to run.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Maximum stages running at once.
+    pub jobs: usize,
+    /// Run only these stages (names or base names) and what they need.
+    pub only: Vec<String>,
+    /// Recompute these stages even if cached.
+    pub force: Vec<String>,
+    /// Set to stop: no new stage starts and running stages are asked to stop.
+    pub cancel: Arc<AtomicBool>,
+    /// Draw progress bars (on a terminal).
+    pub progress: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            only: Vec::new(),
+            force: Vec::new(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: false,
+        }
+    }
+}
+
+/// What happened to one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageOutcome {
+    /// Result taken from the cache.
+    Cached,
+    /// Computed now.
+    Ran,
+    /// The stage failed; the message says why.
+    Failed(String),
+    /// Not started (an upstream stage failed, or the run was interrupted).
+    Skipped(String),
+    /// Not selected by `--only`.
+    NotSelected,
+}
+
+/// Result of one stage in a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageResult {
+    /// Instance name.
+    pub stage: String,
+    /// What happened.
+    pub outcome: StageOutcome,
+    /// Its key, once known.
+    pub key: Option<String>,
+    /// Wall time spent on it in this run.
+    pub wall_s: f64,
+    /// Total size of its outputs.
+    pub bytes: u64,
+    /// Why it ran (empty when cached).
+    pub reasons: Vec<String>,
+}
+
+/// Result of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Per stage, in dependency order.
+    pub stages: Vec<StageResult>,
+    /// Whether the run was interrupted.
+    pub cancelled: bool,
+}
+
+impl RunReport {
+    /// True if every selected stage is cached or ran.
+    pub fn success(&self) -> bool {
+        !self.cancelled && self.stages.iter().all(|s| matches!(s.outcome, StageOutcome::Cached | StageOutcome::Ran | StageOutcome::NotSelected))
+    }
+
+    /// Number of stages that ran (not cached).
+    pub fn ran(&self) -> usize {
+        self.stages.iter().filter(|s| s.outcome == StageOutcome::Ran).count()
+    }
+}
+
+/// One line of a plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanEntry {
+    /// Instance name.
+    pub stage: String,
+    /// `cached` or `run`.
+    pub action: &'static str,
+    /// Why (empty for cached).
+    pub reason: String,
+    /// Key, if computable now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// Shared, read-mostly state of a run.
+struct Env<'m> {
+    manifest: &'m Manifest,
+    store: &'m Store,
+    base_dir: PathBuf,
+    stat_cache: Mutex<StatCache>,
+}
+
+impl Env<'_> {
+    fn parts(&self, stage: &StageInstance, outputs: &HashMap<String, BTreeMap<String, String>>) -> miette::Result<KeyParts> {
+        let mut inputs = BTreeMap::new();
+        for (slot, refs) in &stage.inputs {
+            let mut parts = Vec::new();
+            for r in refs {
+                let tree = outputs
+                    .get(&r.stage)
+                    .and_then(|o| o.get(&r.output))
+                    .ok_or_else(|| miette::miette!("internal: output `{}.{}` not available", r.stage, r.output))?;
+                parts.push(InputPart { stage: r.stage.clone(), output: r.output.clone(), tree: tree.clone() });
+            }
+            inputs.insert(slot.clone(), parts);
+        }
+        let mut cache = self.stat_cache.lock().map_err(|_| miette::miette!("stat cache lock poisoned"))?;
+        let mut fp = Fingerprint::new(&self.base_dir, &mut cache);
+        stage.stage.fingerprint(&stage.params, &mut fp)?;
+        let extras = fp.extras;
+        Ok(KeyParts {
+            kind: stage.kind.to_string(),
+            version: stage.kind_version.to_string(),
+            params: stage.params.canonical.clone(),
+            seed: stage.uses_seed.then_some(self.manifest.experiment.seed),
+            inputs,
+            extras,
+        })
+    }
+
+    fn reasons(&self, stage: &StageInstance, parts: &KeyParts) -> Vec<String> {
+        match self.store.last_run(&self.manifest.experiment.name, &stage.name) {
+            None => vec!["never run".to_string()],
+            Some(last) => match serde_json::from_value::<KeyParts>(last.parts) {
+                Ok(old) if old.key() == parts.key() => vec!["no cached result for this key (it was removed or failed verification)".to_string()],
+                Ok(old) => explain(&old, parts),
+                Err(_) => vec!["the last run's record is unreadable".to_string()],
+            },
+        }
+    }
+
+    fn record(&self, stage: &StageInstance, parts: &KeyParts) {
+        let run = LastRun { key: parts.key(), parts: serde_json::to_value(parts).unwrap_or_default() };
+        if let Err(e) = self.store.record_last_run(&self.manifest.experiment.name, &stage.name, &run) {
+            tracing::warn!("cannot record last run of {}: {e}", stage.name);
+        }
+    }
+}
+
+fn selected(manifest: &Manifest, graph: &StageGraph, only: &[String]) -> Vec<bool> {
+    if only.is_empty() {
+        return vec![true; manifest.stages.len()];
+    }
+    let roots: Vec<usize> = manifest.stages.iter().enumerate().filter(|(_, s)| only.iter().any(|o| *o == s.name || *o == s.base)).map(|(i, _)| i).collect();
+    graph.upstream_closure(&roots)
+}
+
+fn is_forced(stage: &StageInstance, force: &[String]) -> bool {
+    force.iter().any(|f| *f == stage.name || *f == stage.base)
+}
+
+/// The manifest's directory, against which relative paths resolve.
+pub fn base_dir(manifest: &Manifest) -> PathBuf {
+    manifest.path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Says for each stage whether a run would take it from the cache, and why not.
+pub fn plan(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::Result<Vec<PlanEntry>> {
+    let env = Env { manifest, store, base_dir: base_dir(manifest), stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))) };
+    let graph = StageGraph::new(manifest);
+    let selected = selected(manifest, &graph, &options.only);
+    let mut outputs: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut will_run: HashMap<String, bool> = HashMap::new();
+    let mut plan = Vec::new();
+    for i in graph.order() {
+        let stage = &manifest.stages[i];
+        if !selected[i] {
+            continue;
+        }
+        let upstream_runs: Vec<&str> =
+            stage.inputs.values().flatten().filter(|r| will_run.get(&r.stage).copied().unwrap_or(true)).map(|r| r.stage.as_str()).collect();
+        let entry = if let Some(first) = upstream_runs.first() {
+            PlanEntry { stage: stage.name.clone(), action: "run", reason: format!("input from `{first}`, which will run"), key: None }
+        } else {
+            match env.parts(stage, &outputs) {
+                Err(e) => PlanEntry { stage: stage.name.clone(), action: "run", reason: format!("cannot compute key: {e}"), key: None },
+                Ok(parts) => {
+                    let key = parts.key();
+                    let cached = store.action(&key);
+                    match cached {
+                        Some(record) if !is_forced(stage, &options.force) => {
+                            outputs.insert(stage.name.clone(), record.outputs.iter().map(|(k, v)| (k.clone(), v.tree.clone())).collect());
+                            PlanEntry { stage: stage.name.clone(), action: "cached", reason: String::new(), key: Some(key) }
+                        }
+                        Some(_) => PlanEntry { stage: stage.name.clone(), action: "run", reason: "forced (--force)".into(), key: Some(key) },
+                        None => PlanEntry { stage: stage.name.clone(), action: "run", reason: env.reasons(stage, &parts).join("; "), key: Some(key) },
+                    }
+                }
+            }
+        };
+        will_run.insert(stage.name.clone(), entry.action == "run");
+        plan.push(entry);
+    }
+    if let Ok(mut cache) = env.stat_cache.lock() {
+        let _ = cache.save();
+    }
+    Ok(plan)
+}
+
+enum Done {
+    Finished { outputs: BTreeMap<String, String>, result: StageResult },
+    Failed(StageResult),
+}
+
+/// Runs the manifest against the store.
+pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::Result<RunReport> {
+    let _lock = store.lock(false).map_err(|e| miette::miette!("cannot lock cache {}: {e}", store.root().display()))?;
+    let env = Env { manifest, store, base_dir: base_dir(manifest), stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))) };
+    let graph = StageGraph::new(manifest);
+    let order = graph.order();
+    let selected = selected(manifest, &graph, &options.only);
+    let progress = RunProgress::new(options.progress);
+    let n = manifest.stages.len();
+
+    #[derive(Clone, PartialEq)]
+    enum State {
+        Waiting,
+        Running,
+        Done,
+        Failed,
+    }
+    let mut state = vec![State::Waiting; n];
+    let mut results: Vec<Option<StageResult>> = vec![None; n];
+    let mut outputs: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut stop = false;
+    let jobs = options.jobs.max(1);
+
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<(usize, Done)>();
+        let mut running = 0usize;
+        let mut gpu_busy = false;
+        loop {
+            if options.cancel.load(Ordering::Relaxed) {
+                stop = true;
+            }
+            if !stop {
+                for &i in &order {
+                    if running >= jobs {
+                        break;
+                    }
+                    let stage = &manifest.stages[i];
+                    let ready = selected[i] && state[i] == State::Waiting && graph.producers(i).iter().all(|&p| state[p] == State::Done);
+                    if !ready || (stage.needs_gpu && gpu_busy) {
+                        continue;
+                    }
+                    state[i] = State::Running;
+                    running += 1;
+                    gpu_busy |= stage.needs_gpu;
+                    let tx = tx.clone();
+                    let env = &env;
+                    let outputs = outputs.clone();
+                    let progress = progress.clone();
+                    let forced = is_forced(stage, &options.force);
+                    let cancel = options.cancel.clone();
+                    scope.spawn(move || {
+                        let done = execute(env, stage, &outputs, forced, &progress, cancel);
+                        let _ = tx.send((i, done));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((i, done)) = rx.recv_timeout(Duration::from_millis(100)) else { continue };
+            running -= 1;
+            if manifest.stages[i].needs_gpu {
+                gpu_busy = false;
+            }
+            match done {
+                Done::Finished { outputs: outs, result } => {
+                    outputs.insert(manifest.stages[i].name.clone(), outs);
+                    state[i] = State::Done;
+                    results[i] = Some(result);
+                }
+                Done::Failed(result) => {
+                    state[i] = State::Failed;
+                    stop = true;
+                    if let StageOutcome::Failed(msg) = &result.outcome {
+                        progress.println(&format!("stage `{}` failed:\n{msg}", result.stage));
+                    }
+                    results[i] = Some(result);
+                }
+            }
+        }
+    });
+
+    if let Ok(mut cache) = env.stat_cache.lock() {
+        let _ = cache.save();
+    }
+    let cancelled = options.cancel.load(Ordering::Relaxed);
+    let stages = order
+        .iter()
+        .map(|&i| {
+            results[i].take().unwrap_or_else(|| {
+                let stage = &manifest.stages[i];
+                let outcome = if !selected[i] {
+                    StageOutcome::NotSelected
+                } else if cancelled {
+                    StageOutcome::Skipped("interrupted before it started".into())
+                } else {
+                    StageOutcome::Skipped("an upstream or earlier stage failed".into())
+                };
+                StageResult { stage: stage.name.clone(), outcome, key: None, wall_s: 0.0, bytes: 0, reasons: Vec::new() }
+            })
+        })
+        .collect();
+    Ok(RunReport { stages, cancelled })
+}
+
+fn failed(stage: &StageInstance, key: Option<String>, started: Instant, msg: String, reasons: Vec<String>) -> Done {
+    Done::Failed(StageResult { stage: stage.name.clone(), outcome: StageOutcome::Failed(msg), key, wall_s: started.elapsed().as_secs_f64(), bytes: 0, reasons })
+}
+
+fn outputs_of(record: &ActionRecord) -> BTreeMap<String, String> {
+    record.outputs.iter().map(|(k, v)| (k.clone(), v.tree.clone())).collect()
+}
+
+fn execute(env: &Env<'_>, stage: &StageInstance, upstream: &HashMap<String, BTreeMap<String, String>>, forced: bool, progress: &RunProgress, cancel: Arc<AtomicBool>) -> Done {
+    let started = Instant::now();
+    let parts = match env.parts(stage, upstream) {
+        Ok(p) => p,
+        Err(e) => return failed(stage, None, started, format!("{e:?}"), Vec::new()),
+    };
+    let key = parts.key();
+    let cached = |started: Instant| {
+        env.store.action(&key).map(|record| {
+            env.record(stage, &parts);
+            let bytes = record.outputs.values().map(|o| o.bytes).sum();
+            Done::Finished {
+                outputs: outputs_of(&record),
+                result: StageResult { stage: stage.name.clone(), outcome: StageOutcome::Cached, key: Some(key.clone()), wall_s: started.elapsed().as_secs_f64(), bytes, reasons: Vec::new() },
+            }
+        })
+    };
+    if !forced {
+        if let Some(done) = cached(started) {
+            return done;
+        }
+    }
+    let reasons = if forced { vec!["forced (--force)".to_string()] } else { env.reasons(stage, &parts) };
+    // Another process may be computing the same key: wait for it, then take its result.
+    let _key_lock = match env.store.lock_key(&key) {
+        Ok(l) => l,
+        Err(e) => return failed(stage, Some(key.clone()), started, format!("cannot lock key: {e}"), reasons),
+    };
+    if !forced {
+        if let Some(done) = cached(started) {
+            return done;
+        }
+    }
+    match attempt(env, stage, &key, &parts, upstream, progress, cancel) {
+        Ok(record) => {
+            env.record(stage, &parts);
+            let bytes = record.outputs.values().map(|o| o.bytes).sum();
+            Done::Finished {
+                outputs: outputs_of(&record),
+                result: StageResult { stage: stage.name.clone(), outcome: StageOutcome::Ran, key: Some(key), wall_s: started.elapsed().as_secs_f64(), bytes, reasons },
+            }
+        }
+        Err(msg) => failed(stage, Some(key), started, msg, reasons),
+    }
+}
+
+fn attempt(
+    env: &Env<'_>,
+    stage: &StageInstance,
+    key: &str,
+    parts: &KeyParts,
+    upstream: &HashMap<String, BTreeMap<String, String>>,
+    progress: &RunProgress,
+    cancel: Arc<AtomicBool>,
+) -> Result<ActionRecord, String> {
+    let store = env.store;
+    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
+    let dir = store.attempt_dir(&stage.name.replace(['@', ','], "_")).map_err(|e| io("cannot create attempt directory", e))?;
+    let mut outputs = BTreeMap::new();
+    for name in &stage.outputs {
+        let out = dir.path().join("out").join(name);
+        std::fs::create_dir_all(&out).map_err(|e| io("cannot create output directory", e))?;
+        outputs.insert(name.to_string(), out);
+    }
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).map_err(|e| io("cannot create scratch directory", e))?;
+    let mut inputs = BTreeMap::new();
+    for (slot, refs) in &stage.inputs {
+        let mut list = Vec::new();
+        for r in refs {
+            let tree = upstream.get(&r.stage).and_then(|o| o.get(&r.output)).ok_or_else(|| format!("internal: missing input {}.{}", r.stage, r.output))?;
+            let path = store.view(tree).map_err(|e| io("cannot materialise input", e))?;
+            list.push(InputArtifact { stage: r.stage.clone(), output: r.output.clone(), path });
+        }
+        inputs.insert(slot.clone(), list);
+    }
+    let checkpoint_dir = store.checkpoint_dir(key).map_err(|e| io("cannot create checkpoint directory", e))?;
+    let bar = progress.stage(&stage.name);
+    let mut ctx = StageContext {
+        stage_name: stage.name.clone(),
+        key: key.to_string(),
+        seed: env.manifest.experiment.seed,
+        base_dir: env.base_dir.clone(),
+        inputs,
+        outputs: outputs.clone(),
+        checkpoint_dir,
+        scratch_dir: scratch,
+        cancel,
+        progress: bar.clone(),
+        metadata: serde_json::Map::new(),
+    };
+    let started_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let started = Instant::now();
+    tracing::info!(stage = %stage.name, key = &key[..12], "running");
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| stage.stage.run(&stage.params, &mut ctx)));
+    bar.finish();
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(report)) => return Err(format!("{report:?}")),
+        Err(panic) => {
+            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into());
+            return Err(format!("the stage panicked (a bug in kind `{}`): {msg}", stage.kind));
+        }
+    }
+    let duration_s = started.elapsed().as_secs_f64();
+    let mut records = BTreeMap::new();
+    for (name, path) in &outputs {
+        let (tree, hash) = store.commit_dir(path).map_err(|e| io("cannot store outputs", e))?;
+        records.insert(name.clone(), OutputRecord { tree: hash, files: tree.files.len(), bytes: tree.bytes() });
+    }
+    let record = ActionRecord {
+        key: key.to_string(),
+        stage: stage.name.clone(),
+        kind: stage.kind.to_string(),
+        parts: serde_json::to_value(parts).map_err(|e| e.to_string())?,
+        outputs: records,
+        metadata: ctx.metadata,
+        started_unix,
+        duration_s,
+    };
+    store.put_action(&record).map_err(|e| io("cannot write action record", e))?;
+    if let Err(e) = store.remove_checkpoint(key) {
+        tracing::warn!("cannot remove checkpoint of {}: {e}", stage.name);
+    }
+    Ok(record)
+}

@@ -1,0 +1,364 @@
+//! The contract between the engine and a stage kind.
+//!
+//! A stage kind is a type implementing [`Stage`]: a name, a version that goes into every cache
+//! key (bump it whenever the kind's output for the same inputs changes), a typed parameter
+//! struct, declared input and output slots, and a `run` function. The engine parses and
+//! validates parameters, computes keys, hands `run` a [`StageContext`] with read-only input
+//! directories and empty output directories, and stores what it wrote. A stage never sees the
+//! cache layout, other stages, or the schedule.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::fingerprint::Fingerprint;
+use crate::progress::StageProgress;
+
+/// An input a stage kind accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct InputSlot {
+    /// Name used in the manifest's `inputs` table.
+    pub name: &'static str,
+    /// Artifact types that may be connected (an output's [`OutputSlot::artifact`]).
+    pub accepts: &'static [&'static str],
+    /// Whether the manifest must connect it.
+    pub required: bool,
+    /// Whether it takes a list of artifacts (fan-in, e.g. a report over all variants).
+    pub many: bool,
+    /// One line for `pipeline` help and errors.
+    pub doc: &'static str,
+}
+
+/// An output a stage kind produces: a directory of files.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputSlot {
+    /// Name used to reference it as `stage.output`; the first output is the default.
+    pub name: &'static str,
+    /// Artifact type, checked against consumers' [`InputSlot::accepts`].
+    pub artifact: &'static str,
+    /// One line for help and errors.
+    pub doc: &'static str,
+}
+
+/// A stage kind.
+///
+/// Implement this for a unit type and register it with [`Registry::register`].
+pub trait Stage: Send + Sync + 'static {
+    /// Parameters as written in the manifest. Use `#[serde(deny_unknown_fields)]` and defaults:
+    /// the canonical serialisation of the parsed struct goes into the cache key, so writing a
+    /// default explicitly does not change the key.
+    type Params: DeserializeOwned + Serialize + Send + Sync + 'static;
+
+    /// Kind name used in manifests (`kind = "..."`).
+    const KIND: &'static str;
+    /// Implementation version; part of every key of this kind.
+    const VERSION: &'static str;
+    /// One line describing the kind.
+    const SUMMARY: &'static str;
+
+    /// Declared inputs.
+    fn inputs() -> &'static [InputSlot];
+    /// Declared outputs (at least one).
+    fn outputs() -> &'static [OutputSlot];
+
+    /// Semantic checks beyond what deserialisation does; the message is shown at the stage.
+    fn validate(_params: &Self::Params) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether this stage instance needs the GPU; such stages never run concurrently.
+    fn needs_gpu(_params: &Self::Params) -> bool {
+        false
+    }
+
+    /// Whether the experiment seed affects the output (then it is part of the key).
+    fn uses_seed(_params: &Self::Params) -> bool {
+        false
+    }
+
+    /// Adds whatever else determines the output to the key: external files (hashed by the
+    /// engine through its stat cache), resolved revisions, tool versions.
+    fn fingerprint(_params: &Self::Params, _fp: &mut Fingerprint) -> miette::Result<()> {
+        Ok(())
+    }
+
+    /// Produces the outputs. Must write only into `ctx.output_dir(..)`, `ctx.checkpoint_dir()`
+    /// and temporary locations; inputs are read-only.
+    fn run(params: &Self::Params, ctx: &mut StageContext) -> miette::Result<()>;
+}
+
+/// Parameters after parsing: the typed value and its canonical JSON form.
+pub struct ParsedParams {
+    /// Canonical JSON (object keys sorted) of the typed parameters; hashed into the key.
+    pub canonical: serde_json::Value,
+    pub(crate) value: Box<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for ParsedParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.canonical)
+    }
+}
+
+/// Object-safe view of a [`Stage`], stored in the registry.
+pub(crate) trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn version(&self) -> &'static str;
+    fn summary(&self) -> &'static str;
+    fn inputs(&self) -> &'static [InputSlot];
+    fn outputs(&self) -> &'static [OutputSlot];
+    fn parse(&self, table: toml::Spanned<toml::de::DeTable<'_>>) -> Result<ParsedParams, ParamError>;
+    fn needs_gpu(&self, params: &ParsedParams) -> bool;
+    fn uses_seed(&self, params: &ParsedParams) -> bool;
+    fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()>;
+    fn run(&self, params: &ParsedParams, ctx: &mut StageContext) -> miette::Result<()>;
+}
+
+/// Why parameters were rejected.
+#[derive(Debug)]
+pub(crate) enum ParamError {
+    /// Deserialisation failed (unknown key, wrong type, missing field), with a span if known.
+    Deserialize { message: String, span: Option<std::ops::Range<usize>> },
+    /// [`Stage::validate`] rejected the values.
+    Invalid(String),
+}
+
+struct Kind<S>(PhantomData<fn() -> S>);
+
+fn typed<S: Stage>(params: &ParsedParams) -> &S::Params {
+    // The registry only ever pairs a kind with parameters it parsed itself.
+    params
+        .value
+        .downcast_ref::<S::Params>()
+        .unwrap_or_else(|| unreachable!("parameters of kind {} have a foreign type", S::KIND))
+}
+
+impl<S: Stage> DynStage for Kind<S> {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn version(&self) -> &'static str {
+        S::VERSION
+    }
+    fn summary(&self) -> &'static str {
+        S::SUMMARY
+    }
+    fn inputs(&self) -> &'static [InputSlot] {
+        S::inputs()
+    }
+    fn outputs(&self) -> &'static [OutputSlot] {
+        S::outputs()
+    }
+    fn parse(&self, table: toml::Spanned<toml::de::DeTable<'_>>) -> Result<ParsedParams, ParamError> {
+        use serde::de::IntoDeserializer;
+        let value = <S::Params as serde::Deserialize>::deserialize(table.into_deserializer())
+            .map_err(|e| ParamError::Deserialize { message: e.message().to_string(), span: e.span() })?;
+        S::validate(&value).map_err(ParamError::Invalid)?;
+        let canonical = serde_json::to_value(&value)
+            .map_err(|e| ParamError::Invalid(format!("parameters cannot be serialised: {e}")))?;
+        Ok(ParsedParams { canonical, value: Box::new(value) })
+    }
+    fn needs_gpu(&self, params: &ParsedParams) -> bool {
+        S::needs_gpu(typed::<S>(params))
+    }
+    fn uses_seed(&self, params: &ParsedParams) -> bool {
+        S::uses_seed(typed::<S>(params))
+    }
+    fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()> {
+        S::fingerprint(typed::<S>(params), fp)
+    }
+    fn run(&self, params: &ParsedParams, ctx: &mut StageContext) -> miette::Result<()> {
+        S::run(typed::<S>(params), ctx)
+    }
+}
+
+/// All stage kinds a `pipeline` binary knows.
+#[derive(Default, Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a kind. A later registration of the same name replaces the earlier one.
+    pub fn register<S: Stage>(&mut self) -> &mut Self {
+        self.kinds.insert(S::KIND, Arc::new(Kind::<S>(PhantomData)));
+        self
+    }
+
+    pub(crate) fn get(&self, kind: &str) -> Option<&Arc<dyn DynStage>> {
+        self.kinds.get(kind)
+    }
+
+    /// Names of all registered kinds, sorted.
+    pub fn kind_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+
+    /// The one-line summary of a kind.
+    pub fn summary(&self, kind: &str) -> Option<&'static str> {
+        self.kinds.get(kind).map(|k| k.summary())
+    }
+}
+
+/// One artifact connected to an input slot.
+#[derive(Debug, Clone)]
+pub struct InputArtifact {
+    /// The producing stage instance.
+    pub stage: String,
+    /// The producing output's name.
+    pub output: String,
+    /// Read-only directory holding the artifact's files.
+    pub path: PathBuf,
+}
+
+/// What a running stage may see and touch.
+pub struct StageContext {
+    pub(crate) stage_name: String,
+    pub(crate) key: String,
+    pub(crate) seed: u64,
+    pub(crate) base_dir: PathBuf,
+    pub(crate) inputs: BTreeMap<String, Vec<InputArtifact>>,
+    pub(crate) outputs: BTreeMap<String, PathBuf>,
+    pub(crate) checkpoint_dir: PathBuf,
+    pub(crate) scratch_dir: PathBuf,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) progress: StageProgress,
+    pub(crate) metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl StageContext {
+    /// Builds a context by hand, for exercising a stage kind outside the engine (unit tests of a
+    /// kind). Inputs are given as `slot -> [directory]`; outputs as `name -> directory`.
+    pub fn standalone(
+        stage_name: &str,
+        seed: u64,
+        inputs: BTreeMap<String, Vec<PathBuf>>,
+        outputs: BTreeMap<String, PathBuf>,
+        checkpoint_dir: PathBuf,
+    ) -> Self {
+        let scratch_dir = checkpoint_dir.join("scratch");
+        Self {
+            stage_name: stage_name.to_string(),
+            key: String::new(),
+            seed,
+            base_dir: PathBuf::from("."),
+            inputs: inputs
+                .into_iter()
+                .map(|(slot, paths)| {
+                    let artifacts = paths
+                        .into_iter()
+                        .map(|path| InputArtifact { stage: slot.clone(), output: "out".into(), path })
+                        .collect();
+                    (slot, artifacts)
+                })
+                .collect(),
+            outputs,
+            checkpoint_dir,
+            scratch_dir,
+            cancel: Arc::new(AtomicBool::new(false)),
+            progress: StageProgress::hidden(),
+            metadata: serde_json::Map::new(),
+        }
+    }
+
+    /// The stage instance's name (e.g. `train@messy`), for messages.
+    pub fn stage_name(&self) -> &str {
+        &self.stage_name
+    }
+
+    /// The cache key of this run.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The experiment seed (only meaningful if the kind declares [`Stage::uses_seed`]).
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Resolves a path written in the manifest (relative paths start at the manifest's
+    /// directory).
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        self.base_dir.join(path)
+    }
+
+    /// The single artifact connected to `slot`.
+    pub fn input(&self, slot: &str) -> miette::Result<&Path> {
+        match self.inputs.get(slot).map(Vec::as_slice) {
+            Some([one]) => Ok(&one.path),
+            Some([]) | None => Err(miette::miette!("stage `{}` has no input `{slot}` connected", self.stage_name)),
+            Some(_) => Err(miette::miette!("input `{slot}` of stage `{}` has several artifacts", self.stage_name)),
+        }
+    }
+
+    /// The artifact connected to an optional `slot`, if any.
+    pub fn optional_input(&self, slot: &str) -> Option<&Path> {
+        self.inputs.get(slot).and_then(|v| v.first()).map(|a| a.path.as_path())
+    }
+
+    /// All artifacts connected to a `many` slot, in manifest order.
+    pub fn inputs(&self, slot: &str) -> &[InputArtifact] {
+        self.inputs.get(slot).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The empty directory to write output `name` into.
+    pub fn output_dir(&self, name: &str) -> miette::Result<&Path> {
+        self.outputs
+            .get(name)
+            .map(PathBuf::as_path)
+            .ok_or_else(|| miette::miette!("stage `{}` has no output named `{name}`", self.stage_name))
+    }
+
+    /// A directory that survives failed and interrupted attempts of this same key (and only
+    /// this key): write checkpoints here to resume. It is removed once the stage succeeds.
+    pub fn checkpoint_dir(&self) -> &Path {
+        &self.checkpoint_dir
+    }
+
+    /// A private temporary directory, removed after the attempt.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch_dir
+    }
+
+    /// Whether the user asked to stop (Ctrl-C, SIGTERM). Long stages check this regularly and
+    /// return an error after saving a checkpoint.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Errors out if cancelled; convenient inside loops.
+    pub fn check_cancelled(&self) -> miette::Result<()> {
+        if self.is_cancelled() {
+            Err(miette::miette!("stage `{}` was interrupted", self.stage_name))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Progress reporting for this stage's bar.
+    pub fn progress(&self) -> &StageProgress {
+        &self.progress
+    }
+
+    /// Records a metadata value shown by `pipeline show` and stored in the action record
+    /// (counts, skipped records, throughput).
+    pub fn set_metadata(&mut self, key: &str, value: impl Into<serde_json::Value>) {
+        self.metadata.insert(key.to_string(), value.into());
+    }
+
+    /// Metadata recorded so far.
+    pub fn metadata(&self) -> &serde_json::Map<String, serde_json::Value> {
+        &self.metadata
+    }
+}
