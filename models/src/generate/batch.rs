@@ -231,8 +231,10 @@ where
         run_chunk(model, requests, config, &decode, chunk, &mut stats)?;
     }
 
-    let mut completions: Vec<Vec<Option<Completion>>> =
-        requests.iter().map(|_| vec![None; config.num_samples]).collect();
+    let mut completions: Vec<Vec<Option<Completion>>> = requests
+        .iter()
+        .map(|_| vec![None; config.num_samples])
+        .collect();
     for row in rows {
         completions[row.request][row.sample] = row.finished;
     }
@@ -250,13 +252,19 @@ fn validate<M: CausalLm + ?Sized>(
 ) -> Result<(), GenerateError> {
     config.sampling.validate()?;
     if config.num_samples == 0 {
-        return Err(GenerateError::InvalidConfig("num_samples must be at least 1".into()));
+        return Err(GenerateError::InvalidConfig(
+            "num_samples must be at least 1".into(),
+        ));
     }
     if config.max_batch_rows == 0 {
-        return Err(GenerateError::InvalidConfig("max_batch_rows must be at least 1".into()));
+        return Err(GenerateError::InvalidConfig(
+            "max_batch_rows must be at least 1".into(),
+        ));
     }
     if config.prefill_chunk == 0 {
-        return Err(GenerateError::InvalidConfig("prefill_chunk must be at least 1".into()));
+        return Err(GenerateError::InvalidConfig(
+            "prefill_chunk must be at least 1".into(),
+        ));
     }
     let vocab = model.vocab_size();
     if config.pad_token_id as usize >= vocab {
@@ -270,7 +278,11 @@ fn validate<M: CausalLm + ?Sized>(
             return Err(GenerateError::EmptyPrompt(i));
         }
         if let Some(&token) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(GenerateError::TokenOutOfVocab { request: i, token, vocab });
+            return Err(GenerateError::TokenOutOfVocab {
+                request: i,
+                token,
+                vocab,
+            });
         }
         if req.stop.iter().any(|s| s.is_empty()) {
             return Err(GenerateError::EmptyStopSequence(i));
@@ -339,7 +351,7 @@ fn prefill<M: CausalLm + ?Sized>(
                 vocab: model.vocab_size(),
             });
         }
-        last = Some(logits.i((.., n - 1, ..))?);
+        last = Some(logits.i((.., n - 1, ..))?.contiguous()?);
         start += n;
     }
     last.ok_or_else(|| GenerateError::InvalidConfig("nothing to prefill".into()))
@@ -365,7 +377,12 @@ fn pick_tokens(
     active
         .iter()
         .zip(host.iter())
-        .map(|(&r, row_logits)| rows[r].sampler.sample(row_logits).map_err(GenerateError::from))
+        .map(|(&r, row_logits)| {
+            rows[r]
+                .sampler
+                .sample(row_logits)
+                .map_err(GenerateError::from)
+        })
         .collect()
 }
 
@@ -398,7 +415,10 @@ where
         };
         row_to_distinct.push(d as u32);
     }
-    let prompts: Vec<&[u32]> = distinct.iter().map(|&r| &requests[r].prompt_ids[..]).collect();
+    let prompts: Vec<&[u32]> = distinct
+        .iter()
+        .map(|&r| &requests[r].prompt_ids[..])
+        .collect();
     let (ids, pos, mask) = left_pad(&prompts, config.pad_token_id, device)?;
     stats.prompt_tokens += prompts.iter().map(|p| p.len()).sum::<usize>();
 
@@ -413,7 +433,10 @@ where
     let mut cache = model.new_cache();
     let mut logits = prefill(model, &ids, &pos, &mask, config.prefill_chunk, &mut cache)?;
     let expand = Tensor::from_vec(row_to_distinct.clone(), rows.len(), device)?;
-    let identity = row_to_distinct.iter().enumerate().all(|(i, &d)| i as u32 == d);
+    let identity = row_to_distinct
+        .iter()
+        .enumerate()
+        .all(|(i, &d)| i as u32 == d);
     let mut key_mask = mask;
     if !identity {
         cache.select_rows(&expand)?;
@@ -467,10 +490,14 @@ where
         let n = active.len();
         key_mask = Tensor::cat(&[&key_mask, &Tensor::ones((n, 1), DType::U8, device)?], 1)?;
         if config.use_kv_cache {
-            let last: Vec<u32> =
-                active.iter().map(|&r| *rows[r].tokens.last().unwrap_or(&0)).collect();
-            let step_pos: Vec<u32> =
-                active.iter().map(|&r| (rows[r].prompt_len + rows[r].tokens.len() - 1) as u32).collect();
+            let last: Vec<u32> = active
+                .iter()
+                .map(|&r| *rows[r].tokens.last().unwrap_or(&0))
+                .collect();
+            let step_pos: Vec<u32> = active
+                .iter()
+                .map(|&r| (rows[r].prompt_len + rows[r].tokens.len() - 1) as u32)
+                .collect();
             let out = model.forward_cached(
                 &Tensor::from_vec(last, (n, 1), device)?,
                 &Tensor::from_vec(step_pos, (n, 1), device)?,
@@ -485,7 +512,7 @@ where
                     vocab: model.vocab_size(),
                 });
             }
-            logits = out.i((.., 0, ..))?;
+            logits = out.i((.., 0, ..))?.contiguous()?;
         } else {
             // Reference path: the whole (left-padded) sequence again, with a fresh cache.
             let seqs: Vec<Vec<u32>> = active

@@ -29,12 +29,20 @@ pub struct SamplingParams {
 impl SamplingParams {
     /// Greedy decoding: always the argmax.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        }
     }
 
     /// Plain temperature sampling over the full vocabulary.
     pub fn with_temperature(temperature: f32) -> Self {
-        Self { temperature, top_k: None, top_p: None }
+        Self {
+            temperature,
+            top_k: None,
+            top_p: None,
+        }
     }
 
     /// Whether these parameters reduce to taking the argmax.
@@ -127,7 +135,11 @@ impl Sampler {
     /// A sampler with its own RNG seeded from `seed`.
     pub fn new(params: SamplingParams, seed: u64) -> Result<Self, SamplerError> {
         params.validate()?;
-        Ok(Self { params, rng: StdRng::seed_from_u64(seed), scratch: Vec::new() })
+        Ok(Self {
+            params,
+            rng: StdRng::seed_from_u64(seed),
+            scratch: Vec::new(),
+        })
     }
 
     /// The parameters this sampler applies.
@@ -178,8 +190,10 @@ impl Sampler {
 
         // Probabilities in f64, relative to the max logit, so no exponent overflows.
         let inv_t = 1.0 / f64::from(self.params.temperature);
-        let mut weights: Vec<f64> =
-            cands.iter().map(|&(_, l)| ((f64::from(l) - f64::from(max)) * inv_t).exp()).collect();
+        let mut weights: Vec<f64> = cands
+            .iter()
+            .map(|&(_, l)| ((f64::from(l) - f64::from(max)) * inv_t).exp())
+            .collect();
         let mut total: f64 = weights.iter().sum();
 
         if let Some(p) = self.params.top_p.filter(|p| *p < 1.0) {

@@ -9,7 +9,10 @@ pub const HUMANEVAL_STOP_SEQUENCES: [&str; 5] = ["\nclass", "\ndef", "\n#", "\ni
 
 /// [`HUMANEVAL_STOP_SEQUENCES`] as owned strings, ready for a generation request.
 pub fn humaneval_stop_sequences() -> Vec<String> {
-    HUMANEVAL_STOP_SEQUENCES.iter().map(|s| s.to_string()).collect()
+    HUMANEVAL_STOP_SEQUENCES
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// Byte offset in `text` where the earliest stop sequence begins, if any occurs.
@@ -17,5 +20,9 @@ pub fn humaneval_stop_sequences() -> Vec<String> {
 /// When several occur, the one starting first wins (so the cut is the shortest possible);
 /// empty stop strings are ignored.
 pub fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }
