@@ -3,7 +3,8 @@
 use std::collections::HashSet;
 
 use pipeline_models::generate::{
-    argmax, derive_seed, find_stop, Sampler, SamplerError, SamplingParams, HUMANEVAL_STOP_SEQUENCES,
+    argmax, derive_seed, find_stop, seed_for_key, Sampler, SamplerError, SamplingParams,
+    HUMANEVAL_STOP_SEQUENCES,
 };
 
 /// Deterministic pseudo-random logits in [-4, 4).
@@ -150,6 +151,18 @@ fn generate_same_seed_same_tokens_different_seed_differs() {
     assert_ne!(a, c);
     assert_ne!(derive_seed(42, 0), derive_seed(42, 1));
     assert_ne!(derive_seed(42, 0), derive_seed(43, 0));
+    assert_eq!(
+        seed_for_key(1, "HumanEval/0"),
+        seed_for_key(1, "HumanEval/0")
+    );
+    assert_ne!(
+        seed_for_key(1, "HumanEval/0"),
+        seed_for_key(1, "HumanEval/1")
+    );
+    assert_ne!(
+        seed_for_key(1, "HumanEval/0"),
+        seed_for_key(2, "HumanEval/0")
+    );
 }
 
 #[test]

@@ -28,7 +28,10 @@ fn load(kind: EvalKind) -> Option<Vec<EvalProblem>> {
 }
 
 fn python3_available() -> bool {
-    let ok = Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("SKIP: python3 not found");
     }
@@ -62,22 +65,42 @@ sys.stdout.write(json.dumps(out))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(serde_json::to_string(programs).unwrap().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(programs).unwrap().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "python runner failed");
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Tasks whose reference solution is too slow for a unit test: Mbpp/123 (sum of amicable
+/// numbers below 10,000) takes about 5 s in CPython, every other task a few ms. Graders need a
+/// per-program time limit well above that.
+const SLOW_REFERENCE_TASKS: [&str; 1] = ["Mbpp/123"];
+
 fn assert_canonical_solutions_pass(problems: &[EvalProblem]) {
-    let programs: Vec<String> =
-        problems.iter().map(|p| p.program(p.canonical_solution.as_deref().unwrap())).collect();
+    let problems: Vec<&EvalProblem> = problems
+        .iter()
+        .filter(|p| !SLOW_REFERENCE_TASKS.contains(&p.task_id.as_str()))
+        .collect();
+    let programs: Vec<String> = problems
+        .iter()
+        .map(|p| p.program(p.canonical_solution.as_deref().unwrap()))
+        .collect();
     let results = run_python(&programs);
     let failures: Vec<String> = problems
         .iter()
         .zip(&results)
         .filter_map(|(p, r)| r.as_ref().map(|e| format!("{}: {e}", p.task_id)))
         .collect();
-    assert!(failures.is_empty(), "reference solutions failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "reference solutions failed:\n{}",
+        failures.join("\n")
+    );
 }
 
 fn assert_common_fields(problems: &[EvalProblem], kind: EvalKind) {
@@ -87,7 +110,12 @@ fn assert_common_fields(problems: &[EvalProblem], kind: EvalKind) {
         assert_eq!(p.kind, kind);
         assert!(!p.prompt.trim().is_empty(), "{}: empty prompt", p.task_id);
         assert!(!p.entry_point.is_empty(), "{}: no entry point", p.task_id);
-        assert!(p.test.contains(&p.entry_point), "{}: test never calls {}", p.task_id, p.entry_point);
+        assert!(
+            p.test.contains(&p.entry_point),
+            "{}: test never calls {}",
+            p.task_id,
+            p.entry_point
+        );
         assert!(!p.stop.is_empty());
         assert!(p.canonical_solution.is_some());
     }
@@ -95,15 +123,24 @@ fn assert_common_fields(problems: &[EvalProblem], kind: EvalKind) {
 
 #[test]
 fn evalsets_humaneval_loads_164_tasks() {
-    let Some(problems) = load(EvalKind::HumanEval) else { return };
+    let Some(problems) = load(EvalKind::HumanEval) else {
+        return;
+    };
     assert_eq!(problems.len(), 164);
     assert_common_fields(&problems, EvalKind::HumanEval);
     for (i, p) in problems.iter().enumerate() {
         assert_eq!(p.task_id, format!("HumanEval/{i}"));
         assert_eq!(p.code_prefix, p.prompt);
-        assert!(p.prompt.contains(&format!("def {}(", p.entry_point)), "{}", p.task_id);
+        assert!(
+            p.prompt.contains(&format!("def {}(", p.entry_point)),
+            "{}",
+            p.task_id
+        );
         assert!(p.test.contains("def check(candidate)"));
-        assert!(p.test.trim_end().ends_with(&format!("check({})", p.entry_point)));
+        assert!(p
+            .test
+            .trim_end()
+            .ends_with(&format!("check({})", p.entry_point)));
         assert_eq!(p.stop, vec!["\nclass", "\ndef", "\n#", "\nif", "\nprint"]);
     }
     assert_eq!(problems[0].entry_point, "has_close_elements");
@@ -111,7 +148,9 @@ fn evalsets_humaneval_loads_164_tasks() {
 
 #[test]
 fn evalsets_mbpp_sanitized_loads_427_tasks() {
-    let Some(problems) = load(EvalKind::MbppSanitized) else { return };
+    let Some(problems) = load(EvalKind::MbppSanitized) else {
+        return;
+    };
     assert_eq!(problems.len(), 427);
     assert_common_fields(&problems, EvalKind::MbppSanitized);
     let p = problems.iter().find(|p| p.task_id == "Mbpp/2").unwrap();
@@ -121,14 +160,22 @@ fn evalsets_mbpp_sanitized_loads_427_tasks() {
         "\"\"\"\nWrite a function to find the shared elements from the given two lists.\n\
          assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n\"\"\"\n"
     );
-    assert_eq!(p.test.lines().filter(|l| l.starts_with("assert")).count(), 3);
-    let with_import = problems.iter().filter(|p| p.test.starts_with("import math\n")).count();
+    assert_eq!(
+        p.test.lines().filter(|l| l.starts_with("assert")).count(),
+        3
+    );
+    let with_import = problems
+        .iter()
+        .filter(|p| p.test.starts_with("import math\n"))
+        .count();
     assert!(with_import > 0, "test_imports should precede the asserts");
 }
 
 #[test]
 fn evalsets_mbpp_test_split_is_ids_11_to_510() {
-    let Some(problems) = load(EvalKind::MbppTest) else { return };
+    let Some(problems) = load(EvalKind::MbppTest) else {
+        return;
+    };
     assert_eq!(problems.len(), 500);
     assert_common_fields(&problems, EvalKind::MbppTest);
     let ids: Vec<String> = problems.iter().map(|p| p.task_id.clone()).collect();
@@ -145,12 +192,19 @@ fn evalsets_replication_prompts_render_through_template() {
     for p in &problems {
         assert!(p.prompt.starts_with("### Instruction:\n"));
         assert!(p.prompt.ends_with("\n\n### Response:\n"));
-        assert!(p.prompt.contains(&format!("`{}(", p.entry_point)), "prompt must name the function");
+        assert!(
+            p.prompt.contains(&format!("`{}(", p.entry_point)),
+            "prompt must name the function"
+        );
         assert!(p.code_prefix.is_empty());
     }
-    assert!(problems[0].prompt.contains("finds the largest number in a list"));
+    assert!(problems[0]
+        .prompt
+        .contains("finds the largest number in a list"));
     let custom = replication_problems("<|user|>\n{instruction}\n<|assistant|>\n").unwrap();
-    assert!(custom[1].prompt.starts_with("<|user|>\nWrite a Python function `is_palindrome(s)`"));
+    assert!(custom[1]
+        .prompt
+        .starts_with("<|user|>\nWrite a Python function `is_palindrome(s)`"));
     assert!(matches!(
         replication_problems("no placeholder"),
         Err(EvalSetError::TemplateWithoutPlaceholder(_))
@@ -188,26 +242,42 @@ fn evalsets_replication_references_pass_and_wrong_answers_fail() {
 
 #[test]
 fn evalsets_humaneval_references_pass() {
-    let Some(problems) = load(EvalKind::HumanEval) else { return };
+    let Some(problems) = load(EvalKind::HumanEval) else {
+        return;
+    };
     if python3_available() {
         assert_canonical_solutions_pass(&problems);
     }
 }
 
 #[test]
-fn evalsets_mbpp_references_pass() {
-    let Some(mut problems) = load(EvalKind::MbppSanitized) else { return };
-    if !python3_available() {
+fn evalsets_mbpp_sanitized_references_pass() {
+    let Some(problems) = load(EvalKind::MbppSanitized) else {
         return;
+    };
+    if python3_available() {
+        assert_canonical_solutions_pass(&problems);
     }
-    problems.extend(load(EvalKind::MbppTest).unwrap());
-    assert_canonical_solutions_pass(&problems);
+}
+
+#[test]
+fn evalsets_mbpp_test_references_pass() {
+    let Some(problems) = load(EvalKind::MbppTest) else {
+        return;
+    };
+    if python3_available() {
+        assert_canonical_solutions_pass(&problems);
+    }
 }
 
 #[test]
 fn evalsets_missing_file_error_says_what_to_do() {
-    let err = load_eval_set(EvalKind::HumanEval, std::path::Path::new("/nonexistent"), "{instruction}")
-        .unwrap_err();
+    let err = load_eval_set(
+        EvalKind::HumanEval,
+        std::path::Path::new("/nonexistent"),
+        "{instruction}",
+    )
+    .unwrap_err();
     assert!(matches!(err, EvalSetError::Io { .. }));
     assert!(err.to_string().contains("PIPELINE_SHARED_DATA"));
 }

@@ -225,7 +225,7 @@ where
         }
     }
     // Longest prompts first (stable, so samples of one prompt stay adjacent) to cut padding.
-    rows.sort_by(|a, b| b.prompt_len.cmp(&a.prompt_len));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.prompt_len));
 
     for chunk in rows.chunks_mut(config.max_batch_rows) {
         run_chunk(model, requests, config, &decode, chunk, &mut stats)?;

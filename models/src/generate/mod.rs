@@ -12,5 +12,5 @@ pub use batch::{
     generate_batch, Completion, FinishReason, GenerateConfig, GenerateError, GenerateOutput,
     GenerateRequest, GenerateStats,
 };
-pub use sampler::{argmax, derive_seed, Sampler, SamplerError, SamplingParams};
+pub use sampler::{argmax, derive_seed, seed_for_key, Sampler, SamplerError, SamplingParams};
 pub use stop::{find_stop, humaneval_stop_sequences, HUMANEVAL_STOP_SEQUENCES};

@@ -119,6 +119,17 @@ pub fn derive_seed(seed: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A seed for the prompt named `key` (e.g. a task id) under run seed `base`: stable across runs,
+/// platforms and batch orders (FNV-1a of the key, mixed with `base`).
+pub fn seed_for_key(base: u64, key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    derive_seed(base, h)
+}
+
 /// Samples tokens for one sequence. Holds that sequence's RNG.
 ///
 /// The RNG is rand's `StdRng`: the same seed gives the same tokens for a given `rand` version

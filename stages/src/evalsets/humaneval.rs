@@ -30,7 +30,10 @@ pub fn load_humaneval(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
         let mut s = String::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_string(&mut s)
-            .map_err(|source| EvalSetError::Io { path: path.to_path_buf(), source })?;
+            .map_err(|source| EvalSetError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         s
     } else {
         String::from_utf8(raw).map_err(|e| EvalSetError::Malformed {
@@ -55,7 +58,10 @@ pub fn load_humaneval(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
                 prompt: r.prompt,
                 entry_point: r.entry_point,
                 kind: EvalKind::HumanEval,
-                stop: HUMANEVAL_STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
+                stop: HUMANEVAL_STOP_SEQUENCES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
                 canonical_solution: Some(r.canonical_solution),
             })
         })

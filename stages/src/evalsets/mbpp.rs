@@ -27,8 +27,9 @@ pub const MBPP_FILE: &str = "mbpp/mbpp.jsonl";
 /// Task ids of MBPP's conventional test split.
 pub const MBPP_TEST_IDS: std::ops::RangeInclusive<u64> = 11..=510;
 /// Stop sequences for the MBPP prompt format: a new top-level statement, test or docstring.
-pub const MBPP_STOP_SEQUENCES: [&str; 6] =
-    ["\nclass", "\nassert", "\n\"\"\"", "\nprint", "\nif", "\n```"];
+pub const MBPP_STOP_SEQUENCES: [&str; 6] = [
+    "\nclass", "\nassert", "\n\"\"\"", "\nprint", "\nif", "\n```",
+];
 
 /// The MBPP prompt for a task description and its first test (see the module docs).
 pub fn mbpp_prompt(text: &str, first_test: &str) -> String {
@@ -69,7 +70,16 @@ pub fn load_mbpp_sanitized(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError
         .enumerate()
         .map(|(i, r)| {
             let setup = r.test_imports.join("\n");
-            problem(path, i, r.task_id, &r.prompt, &r.code, &setup, &r.test_list, EvalKind::MbppSanitized)
+            problem(
+                path,
+                i,
+                r.task_id,
+                &r.prompt,
+                &r.code,
+                &setup,
+                &r.test_list,
+                EvalKind::MbppSanitized,
+            )
         })
         .collect()
 }
@@ -84,7 +94,11 @@ pub fn load_mbpp_test(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
         message: format!("not UTF-8: {e}"),
     })?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let r: FullRecord = serde_json::from_str(line).map_err(|e| EvalSetError::Malformed {
             path: path.to_path_buf(),
             record: i,
@@ -92,7 +106,16 @@ pub fn load_mbpp_test(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
         })?;
         if MBPP_TEST_IDS.contains(&r.task_id) {
             let setup = r.test_setup_code.replace("\r\n", "\n");
-            out.push(problem(path, i, r.task_id, &r.text, &r.code, &setup, &r.test_list, EvalKind::MbppTest)?);
+            out.push(problem(
+                path,
+                i,
+                r.task_id,
+                &r.text,
+                &r.code,
+                &setup,
+                &r.test_list,
+                EvalKind::MbppTest,
+            )?);
         }
     }
     Ok(out)
@@ -109,10 +132,18 @@ fn problem(
     tests: &[String],
     kind: EvalKind,
 ) -> Result<EvalProblem, EvalSetError> {
-    let malformed = |message: String| EvalSetError::Malformed { path: path.to_path_buf(), record, message };
-    let first = tests.first().ok_or_else(|| malformed(format!("task {task_id} has no tests")))?;
+    let malformed = |message: String| EvalSetError::Malformed {
+        path: path.to_path_buf(),
+        record,
+        message,
+    };
+    let first = tests
+        .first()
+        .ok_or_else(|| malformed(format!("task {task_id} has no tests")))?;
     let entry_point = entry_point(code, first).ok_or_else(|| {
-        malformed(format!("task {task_id}: no function defined in `code` is called by its first test"))
+        malformed(format!(
+            "task {task_id}: no function defined in `code` is called by its first test"
+        ))
     })?;
     let prompt = mbpp_prompt(text, first);
     let mut test = String::new();
@@ -140,7 +171,12 @@ fn problem(
 fn entry_point(code: &str, test: &str) -> Option<String> {
     code.lines()
         .filter_map(|l| l.strip_prefix("def "))
-        .map(|rest| rest.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>())
+        .map(|rest| {
+            rest.trim_start()
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
         .filter(|name| !name.is_empty())
         .find(|name| calls(test, name))
 }

@@ -112,7 +112,9 @@ pub enum EvalSetError {
         message: String,
     },
     /// The instruction template has no `{instruction}` placeholder.
-    #[error("instruction template {0:?} has no `{{instruction}}` placeholder to put the prompt in")]
+    #[error(
+        "instruction template {0:?} has no `{{instruction}}` placeholder to put the prompt in"
+    )]
     TemplateWithoutPlaceholder(String),
 }
 
@@ -143,5 +145,8 @@ pub fn load_eval_set(
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, EvalSetError> {
-    std::fs::read(path).map_err(|source| EvalSetError::Io { path: path.to_path_buf(), source })
+    std::fs::read(path).map_err(|source| EvalSetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -185,7 +185,9 @@ pub const REPLICATION_PROMPTS: [(&str, &str, &str, &str, &str); 10] = [
 /// Puts `instruction` into `template` at its `{instruction}` placeholder.
 pub fn render_instruction(template: &str, instruction: &str) -> Result<String, EvalSetError> {
     if !template.contains("{instruction}") {
-        return Err(EvalSetError::TemplateWithoutPlaceholder(template.to_string()));
+        return Err(EvalSetError::TemplateWithoutPlaceholder(
+            template.to_string(),
+        ));
     }
     Ok(template.replace("{instruction}", instruction))
 }
@@ -202,7 +204,10 @@ pub fn replication_problems(template: &str) -> Result<Vec<EvalProblem>, EvalSetE
                 test: format!("\n\ndef check(candidate):\n    {body}\n\n\ncheck({entry_point})\n"),
                 entry_point: entry_point.to_string(),
                 kind: EvalKind::Replication,
-                stop: REPLICATION_STOP_SEQUENCES.iter().map(|s| s.to_string()).collect(),
+                stop: REPLICATION_STOP_SEQUENCES
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
                 canonical_solution: Some(reference.to_string()),
             })
         })
