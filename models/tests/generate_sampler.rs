@@ -213,3 +213,49 @@ fn generate_find_stop_takes_earliest() {
     // Indented `if` inside the body is not a stop; a top-level one is.
     assert_eq!(find_stop("    if x:\n        y\nif z", &stops), Some(19));
 }
+
+/// Top-p over a large, flat distribution: the nucleus is bigger than the head the sampler
+/// orders first, so the search must grow; compare with a brute-force nucleus.
+#[test]
+fn generate_top_p_large_nucleus_matches_brute_force() {
+    let row = logits(3000, 5);
+    let (t, p) = (4.0f32, 0.9f32);
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    let max = row[order[0]];
+    let w: Vec<f64> = row
+        .iter()
+        .map(|&l| (f64::from(l - max) / f64::from(t)).exp())
+        .collect();
+    let total: f64 = w.iter().sum();
+    let mut acc = 0.0;
+    let mut nucleus = HashSet::new();
+    for &i in &order {
+        acc += w[i];
+        nucleus.insert(i as u32);
+        if acc >= f64::from(p) * total {
+            break;
+        }
+    }
+    assert!(
+        nucleus.len() > 1000,
+        "test needs a big nucleus, got {}",
+        nucleus.len()
+    );
+    let params = SamplingParams {
+        temperature: t,
+        top_k: None,
+        top_p: Some(p),
+    };
+    let got = draw(params, 8, &row, 5000);
+    assert!(
+        got.iter().all(|t| nucleus.contains(t)),
+        "sampled outside the nucleus"
+    );
+    // The least likely members of the nucleus are reachable too (not just the first head).
+    let tail: HashSet<u32> = order[nucleus.len() / 2..nucleus.len()]
+        .iter()
+        .map(|&i| i as u32)
+        .collect();
+    assert!(got.iter().any(|t| tail.contains(t)));
+}

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
+use rayon::prelude::*;
 
 use super::sampler::{derive_seed, Sampler, SamplerError, SamplingParams};
 use super::stop::find_stop;
@@ -42,7 +43,7 @@ impl Default for GenerateConfig {
             eos_token_ids: Vec::new(),
             pad_token_id: 0,
             max_batch_rows: 16,
-            prefill_chunk: 256,
+            prefill_chunk: 128,
             use_kv_cache: true,
         }
     }
@@ -374,15 +375,20 @@ fn pick_tokens(
         }
     }
     let host = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    active
-        .iter()
-        .zip(host.iter())
-        .map(|(&r, row_logits)| {
-            rows[r]
-                .sampler
-                .sample(row_logits)
-                .map_err(GenerateError::from)
-        })
+    // `active` is increasing, so one pass picks out the active rows' samplers; rows sample in
+    // parallel since sorting a large vocabulary for top-p costs milliseconds per row.
+    let mut active_rows: Vec<&mut Row> = Vec::with_capacity(active.len());
+    let mut wanted = active.iter().peekable();
+    for (i, row) in rows.iter_mut().enumerate() {
+        if wanted.peek() == Some(&&i) {
+            active_rows.push(row);
+            wanted.next();
+        }
+    }
+    active_rows
+        .into_par_iter()
+        .zip(host.par_iter())
+        .map(|(row, row_logits)| row.sampler.sample(row_logits).map_err(GenerateError::from))
         .collect()
 }
 

@@ -14,6 +14,9 @@ use rand::{Rng, SeedableRng};
 /// the distribution would collapse onto the argmax; handling it explicitly avoids `inf/inf`.
 pub const GREEDY_TEMPERATURE: f32 = 1e-6;
 
+/// How many top candidates top-p first tries to find its nucleus in (grown 8x until it fits).
+const NUCLEUS_HEAD: usize = 256;
+
 /// How to pick the next token from a row of logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -89,7 +92,11 @@ pub enum SamplerError {
     #[error("cannot sample from an empty logits row")]
     EmptyLogits,
     /// The model produced NaN logits, which usually means a numerical blow-up in the model.
-    #[error("logits contain NaN at token {0}; the model's forward pass is numerically broken")]
+    #[error(
+        "logits contain NaN at token {0}: the model's forward pass is numerically broken (a \
+         common cause is an attention row whose keys are all masked with -inf, e.g. a \
+         left-padding position; fill masked scores with a large finite negative instead)"
+    )]
     NanLogits(usize),
     /// Every logit is `-inf`, so no token is allowed.
     #[error("every logit is -inf, so no token can be sampled")]
@@ -186,52 +193,59 @@ impl Sampler {
         // Descending logit, ties to the lower token id, so truncation is deterministic.
         let by_logit_desc =
             |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let needs_order = self.params.top_p.is_some_and(|p| p < 1.0);
-        match self.params.top_k {
-            Some(k) if k < cands.len() => {
-                cands.select_nth_unstable_by(k - 1, by_logit_desc);
-                cands.truncate(k);
-                if needs_order {
-                    cands.sort_unstable_by(by_logit_desc);
-                }
-            }
-            _ if needs_order => cands.sort_unstable_by(by_logit_desc),
-            _ => {}
+        if let Some(k) = self.params.top_k.filter(|&k| k < cands.len()) {
+            cands.select_nth_unstable_by(k - 1, by_logit_desc);
+            cands.truncate(k);
         }
 
-        // Probabilities in f64, relative to the max logit, so no exponent overflows.
+        // Weights in f64, relative to the max logit, so no exponent overflows.
         let inv_t = 1.0 / f64::from(self.params.temperature);
-        let mut weights: Vec<f64> = cands
-            .iter()
-            .map(|&(_, l)| ((f64::from(l) - f64::from(max)) * inv_t).exp())
-            .collect();
-        let mut total: f64 = weights.iter().sum();
+        let max = f64::from(max);
+        let weight = |l: f32| ((f64::from(l) - max) * inv_t).exp();
+        let mut total: f64 = cands.iter().map(|c| weight(c.1)).sum();
 
         if let Some(p) = self.params.top_p.filter(|p| *p < 1.0) {
             let target = f64::from(p) * total;
+            // The nucleus is a prefix of the descending order. A few hundred tokens usually
+            // carry the mass, so order only a head of the candidates that provably contains it
+            // instead of sorting the whole vocabulary every step.
+            let mut head = NUCLEUS_HEAD.min(cands.len());
+            loop {
+                if head < cands.len() {
+                    cands.select_nth_unstable_by(head - 1, by_logit_desc);
+                }
+                let head_mass: f64 = cands[..head].iter().map(|c| weight(c.1)).sum();
+                if head_mass >= target || head == cands.len() {
+                    break;
+                }
+                head = (head * 8).min(cands.len());
+            }
+            cands.truncate(head);
+            cands.sort_unstable_by(by_logit_desc);
             let mut acc = 0.0;
-            let mut keep = weights.len();
-            for (i, w) in weights.iter().enumerate() {
-                acc += w;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                acc += weight(c.1);
                 if acc >= target {
                     keep = i + 1;
                     break;
                 }
             }
-            weights.truncate(keep);
-            total = weights.iter().sum();
+            cands.truncate(keep);
+            total = acc;
         }
 
         // total > 0: the max logit's own weight is exp(0) = 1 and it always survives truncation.
         let mut u = self.rng.random::<f64>() * total;
-        for (w, &(id, _)) in weights.iter().zip(cands.iter()) {
-            if u < *w {
+        for &(id, l) in cands.iter() {
+            let w = weight(l);
+            if u < w {
                 return Ok(id);
             }
             u -= w;
         }
         // Rounding can leave `u` a hair above the last weight; the last kept token is then the
         // right answer.
-        Ok(cands[weights.len() - 1].0)
+        Ok(cands[cands.len() - 1].0)
     }
 }
