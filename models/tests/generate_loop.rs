@@ -5,7 +5,8 @@ mod generate_support;
 use candle_core::{Device, Tensor};
 use generate_support::{piece_decoder, TableLm, TinyLm};
 use pipeline_models::generate::{
-    generate_batch, FinishReason, GenerateConfig, GenerateError, GenerateRequest, SamplingParams,
+    generate_batch, generate_batch_with_progress, FinishReason, GenerateConfig, GenerateError,
+    GenerateRequest, SamplingParams,
 };
 use pipeline_models::CausalLm;
 
@@ -324,4 +325,31 @@ fn generate_zero_tokens_and_errors() {
     )
     .unwrap_err();
     assert!(matches!(err, GenerateError::InvalidConfig(_)));
+}
+
+#[test]
+fn generate_progress_reports_every_sample_once() {
+    let model = TableLm::new(NEXT.to_vec());
+    let config = GenerateConfig {
+        max_new_tokens: 4,
+        num_samples: 3,
+        max_batch_rows: 2,
+        ..Default::default()
+    };
+    let requests = [req(vec![2], &["\nd"], 0), req(vec![5, 6], &[], 1)];
+    let mut seen = Vec::new();
+    let out = generate_batch_with_progress(
+        &model,
+        &requests,
+        &config,
+        piece_decoder(PIECES),
+        |r, s, c| seen.push((r, s, c.clone())),
+    )
+    .unwrap();
+    assert_eq!(seen.len(), 6);
+    for (r, s, c) in seen {
+        assert_eq!(&out.completions[r][s], &c);
+    }
+    let json = serde_json::to_string(&out.completions[0][0]).unwrap();
+    assert!(json.contains("\"finish_reason\":\"stop\""), "{json}");
 }

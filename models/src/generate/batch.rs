@@ -75,7 +75,7 @@ pub enum FinishReason {
 }
 
 /// One generated sample.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     /// Decoded completion (prompt excluded), cut just before the earliest stop sequence.
     pub text: String,
@@ -101,7 +101,7 @@ impl Completion {
 }
 
 /// Throughput of one [`generate_batch`] call.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerateStats {
     /// Prompt tokens fed through prefill (each distinct prompt counted once per batch).
     pub prompt_tokens: usize,
@@ -125,7 +125,7 @@ impl GenerateStats {
 }
 
 /// Everything [`generate_batch`] produced.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerateOutput {
     /// `completions[i][j]` is sample `j` of request `i`, in request order.
     pub completions: Vec<Vec<Completion>>,
@@ -208,6 +208,24 @@ where
     M: CausalLm + ?Sized,
     F: Fn(&[u32]) -> String,
 {
+    generate_batch_with_progress(model, requests, config, decode, |_, _, _| {})
+}
+
+/// [`generate_batch`], calling `on_done(request_index, sample_index, &completion)` for every
+/// sample as soon as the batch it was decoded in is finished (for progress reporting, or to
+/// save completions incrementally).
+pub fn generate_batch_with_progress<M, F, P>(
+    model: &M,
+    requests: &[GenerateRequest],
+    config: &GenerateConfig,
+    decode: F,
+    mut on_done: P,
+) -> Result<GenerateOutput, GenerateError>
+where
+    M: CausalLm + ?Sized,
+    F: Fn(&[u32]) -> String,
+    P: FnMut(usize, usize, &Completion),
+{
     validate(model, requests, config)?;
     let mut stats = GenerateStats::default();
     let mut rows: Vec<Row> = Vec::with_capacity(requests.len() * config.num_samples);
@@ -230,6 +248,11 @@ where
 
     for chunk in rows.chunks_mut(config.max_batch_rows) {
         run_chunk(model, requests, config, &decode, chunk, &mut stats)?;
+        for row in chunk.iter() {
+            if let Some(c) = &row.finished {
+                on_done(row.request, row.sample, c);
+            }
+        }
     }
 
     let mut completions: Vec<Vec<Option<Completion>>> = requests

@@ -9,8 +9,8 @@ pub mod sampler;
 pub mod stop;
 
 pub use batch::{
-    generate_batch, Completion, FinishReason, GenerateConfig, GenerateError, GenerateOutput,
-    GenerateRequest, GenerateStats,
+    generate_batch, generate_batch_with_progress, Completion, FinishReason, GenerateConfig,
+    GenerateError, GenerateOutput, GenerateRequest, GenerateStats,
 };
 pub use sampler::{argmax, derive_seed, seed_for_key, Sampler, SamplerError, SamplingParams};
 pub use stop::{find_stop, humaneval_stop_sequences, HUMANEVAL_STOP_SEQUENCES};
