@@ -281,3 +281,16 @@ fn evalsets_missing_file_error_says_what_to_do() {
     assert!(matches!(err, EvalSetError::Io { .. }));
     assert!(err.to_string().contains("PIPELINE_SHARED_DATA"));
 }
+
+#[test]
+fn evalsets_kind_names_round_trip() {
+    for kind in EvalKind::ALL {
+        assert_eq!(kind.name().parse::<EvalKind>().unwrap(), kind);
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(json, format!("\"{}\"", kind.name()));
+    }
+    assert!(matches!(
+        "mbpp".parse::<EvalKind>(),
+        Err(EvalSetError::UnknownSet(_))
+    ));
+}

@@ -37,6 +37,7 @@ pub const DEFAULT_INSTRUCTION_TEMPLATE: &str = "### Instruction:\n{instruction}\
 #[serde(rename_all = "snake_case")]
 pub enum EvalKind {
     /// OpenAI HumanEval (164 tasks): complete a function from its signature and docstring.
+    #[serde(rename = "humaneval")]
     HumanEval,
     /// MBPP, hand-verified "sanitized" subset (427 tasks).
     MbppSanitized,
@@ -47,6 +48,14 @@ pub enum EvalKind {
 }
 
 impl EvalKind {
+    /// Every set, in a fixed order.
+    pub const ALL: [EvalKind; 4] = [
+        EvalKind::HumanEval,
+        EvalKind::MbppSanitized,
+        EvalKind::MbppTest,
+        EvalKind::Replication,
+    ];
+
     /// Short stable name (`humaneval`, `mbpp_sanitized`, `mbpp_test`, `replication`).
     pub fn name(self) -> &'static str {
         match self {
@@ -55,6 +64,18 @@ impl EvalKind {
             EvalKind::MbppTest => "mbpp_test",
             EvalKind::Replication => "replication",
         }
+    }
+}
+
+impl std::str::FromStr for EvalKind {
+    type Err = EvalSetError;
+
+    /// Parses a [`EvalKind::name`] (as written in a manifest).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EvalKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| EvalSetError::UnknownSet(s.to_string()))
     }
 }
 
@@ -111,6 +132,11 @@ pub enum EvalSetError {
         /// What was wrong.
         message: String,
     },
+    /// An eval set name that is not one of [`EvalKind::ALL`].
+    #[error(
+        "unknown eval set {0:?}; use one of: humaneval, mbpp_sanitized, mbpp_test, replication"
+    )]
+    UnknownSet(String),
     /// The instruction template has no `{instruction}` placeholder.
     #[error(
         "instruction template {0:?} has no `{{instruction}}` placeholder to put the prompt in"
