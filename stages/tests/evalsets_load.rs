@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use pipeline_stages::evalsets::{
-    load_eval_set, render_instruction, replication_problems, shared_data_dir, EvalKind,
-    EvalProblem, EvalSetError, DEFAULT_INSTRUCTION_TEMPLATE,
+    generation_requests, load_eval_set, render_instruction, replication_problems, shared_data_dir,
+    EvalKind, EvalProblem, EvalSetError, DEFAULT_INSTRUCTION_TEMPLATE,
 };
 
 fn data_dir() -> Option<PathBuf> {
@@ -293,4 +293,24 @@ fn evalsets_kind_names_round_trip() {
         "mbpp".parse::<EvalKind>(),
         Err(EvalSetError::UnknownSet(_))
     ));
+}
+
+#[test]
+fn evalsets_generation_requests_carry_prompt_stop_and_stable_seed() {
+    let problems = replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap();
+    let encode = |s: &str| Ok::<_, ()>(s.bytes().map(u32::from).collect());
+    let a = generation_requests(&problems, 7, encode).unwrap();
+    let b = generation_requests(&problems[3..], 7, encode).unwrap();
+    assert_eq!(a.len(), 10);
+    assert_eq!(
+        a[3], b[0],
+        "a problem's request must not depend on its neighbours"
+    );
+    assert_eq!(a[0].prompt_ids.len(), problems[0].prompt.len());
+    assert_eq!(a[0].stop, problems[0].stop);
+    let seeds: HashSet<u64> = a.iter().map(|r| r.seed).collect();
+    assert_eq!(seeds.len(), 10);
+    let other_run = generation_requests(&problems, 8, encode).unwrap();
+    assert_ne!(other_run[0].seed, a[0].seed);
+    assert!(generation_requests(&problems, 7, |_| Err::<Vec<u32>, _>("boom")).is_err());
 }

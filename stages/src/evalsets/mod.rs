@@ -19,6 +19,8 @@ mod replication;
 
 use std::path::{Path, PathBuf};
 
+use pipeline_models::generate::{seed_for_key, GenerateRequest};
+
 pub use humaneval::{load_humaneval, HUMANEVAL_FILE};
 pub use mbpp::{
     load_mbpp_sanitized, load_mbpp_test, mbpp_prompt, MBPP_FILE, MBPP_SANITIZED_FILE,
@@ -168,6 +170,25 @@ pub fn load_eval_set(
         EvalKind::MbppTest => load_mbpp_test(&data_dir.join(MBPP_FILE)),
         EvalKind::Replication => replication_problems(instruction_template),
     }
+}
+
+/// One generation request per problem: its prompt encoded with `encode`, its stop sequences,
+/// and a seed derived from `run_seed` and the task id (so samples do not depend on batch order).
+pub fn generation_requests<E>(
+    problems: &[EvalProblem],
+    run_seed: u64,
+    mut encode: impl FnMut(&str) -> Result<Vec<u32>, E>,
+) -> Result<Vec<GenerateRequest>, E> {
+    problems
+        .iter()
+        .map(|p| {
+            Ok(GenerateRequest {
+                prompt_ids: encode(&p.prompt)?,
+                stop: p.stop.clone(),
+                seed: seed_for_key(run_seed, &p.task_id),
+            })
+        })
+        .collect()
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, EvalSetError> {
