@@ -7,6 +7,7 @@
 //! gradient tests check against finite differences.
 
 pub mod causal_lm;
+pub mod generate;
 pub mod linear;
 
 pub use causal_lm::{CausalLm, KvCache};

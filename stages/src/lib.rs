@@ -2,7 +2,10 @@
 //!
 //! Each kind is one module implementing [`pipeline_engine::Stage`]; [`registry`] is the one
 //! place they are registered. Kinds hold stage plumbing only (parameters, inputs, outputs,
-//! artifact layout); the model code they drive lives in `pipeline-models`.
+//! artifact layout); the model code they drive lives in `pipeline-models`, and the data logic
+//! they drive lives in the library modules below.
+
+pub mod evalsets;
 
 use pipeline_engine::Registry;
 
