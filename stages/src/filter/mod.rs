@@ -20,8 +20,11 @@
 
 
 
+pub mod decontam;
+pub mod dedup;
 pub mod heuristic;
 pub mod report;
+pub mod select;
 
 pub mod stdlib;
 pub mod text;

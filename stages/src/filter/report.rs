@@ -15,6 +15,9 @@ pub struct Removal {
     pub reason: String,
     /// Human-readable detail: the record it duplicates, the eval task it matches, its score.
     pub detail: String,
+    /// The other side of a match, when there is one: the eval task id for decontamination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
 }
 
 /// Histogram of scores over `[min, max]` in equal-width bins (last bin closed).
@@ -86,12 +89,24 @@ impl FilterReport {
 
     /// Records the removal of one record (decrements `kept`).
     pub fn remove(&mut self, id: &str, reason: &str, detail: String) {
+        self.remove_matched(id, reason, None, detail);
+    }
+
+    /// Records the removal of one record that matched `matched` (e.g. an eval task id).
+    pub fn remove_matched(
+        &mut self,
+        id: &str,
+        reason: &str,
+        matched: Option<String>,
+        detail: String,
+    ) {
         self.kept = self.kept.saturating_sub(1);
         *self.removed_by_reason.entry(reason.to_string()).or_insert(0) += 1;
         self.removed.push(Removal {
             id: id.to_string(),
             reason: reason.to_string(),
             detail,
+            matched,
         });
     }
 
