@@ -20,6 +20,7 @@
 
 
 
+pub mod classifier;
 pub mod decontam;
 pub mod dedup;
 pub mod heuristic;
