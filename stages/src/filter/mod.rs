@@ -10,7 +10,8 @@
 //!
 //! Submodules, in pipeline order:
 //! - [`heuristic`]: a parser-based (tree-sitter) scorer of Python code, score in `[0, 1]`.
-//! - [`embed`] + [`classifier`]: phi-1's learned scorer, MiniLM embeddings + logistic regression.
+//! - [`embed`] + [`classifier`] + [`learned`]: phi-1's learned scorer, MiniLM embeddings +
+//!   logistic regression.
 //! - [`select`]: keep by threshold or top-k, deterministic seeded sampling.
 //! - [`dedup`]: exact (blake3 of normalised text) and near-duplicate (MinHash + LSH) removal.
 //! - [`decontam`]: 13-gram overlap (and optional embedding similarity) against eval sets.
@@ -23,7 +24,9 @@
 pub mod classifier;
 pub mod decontam;
 pub mod dedup;
+pub mod embed;
 pub mod heuristic;
+pub mod learned;
 pub mod report;
 pub mod select;
 
