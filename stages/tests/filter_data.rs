@@ -2,8 +2,12 @@
 
 use std::path::PathBuf;
 
-use pipeline_stages::filter::decontam::{decontaminate, load_humaneval, load_mbpp, DecontamOptions};
-use pipeline_stages::filter::dedup::{exact_dedup, near_dedup, ExactDedupOptions, NearDedupOptions};
+use pipeline_stages::filter::decontam::{
+    decontaminate, load_humaneval, load_mbpp, DecontamOptions,
+};
+use pipeline_stages::filter::dedup::{
+    exact_dedup, near_dedup, ExactDedupOptions, NearDedupOptions,
+};
 use pipeline_stages::filter::heuristic::{score_records, HeuristicOptions};
 use pipeline_stages::filter::shared_data_dir;
 
@@ -28,7 +32,11 @@ fn messy() -> Option<Vec<(String, String)>> {
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
                 (
-                    format!("{}/{}", v["repo"].as_str().unwrap(), v["path"].as_str().unwrap()),
+                    format!(
+                        "{}/{}",
+                        v["repo"].as_str().unwrap(),
+                        v["path"].as_str().unwrap()
+                    ),
                     v["content"].as_str().unwrap().to_string(),
                 )
             })
@@ -68,8 +76,12 @@ fn near_dedup_on_messy_removes_more_than_exact() {
 
 #[test]
 fn planted_humaneval_solution_is_removed_and_clean_records_kept() {
-    let Some(he) = data_file("humaneval/HumanEval.jsonl.gz") else { return };
-    let Some(mb) = data_file("mbpp/mbpp.jsonl") else { return };
+    let Some(he) = data_file("humaneval/HumanEval.jsonl.gz") else {
+        return;
+    };
+    let Some(mb) = data_file("mbpp/mbpp.jsonl") else {
+        return;
+    };
     let mut eval = load_humaneval(&he).unwrap();
     assert_eq!(eval.len(), 164);
     let mbpp = load_mbpp(&mb).unwrap();
@@ -91,7 +103,10 @@ fn planted_humaneval_solution_is_removed_and_clean_records_kept() {
     let removed: Vec<&str> = rep.removed.iter().map(|r| r.id.as_str()).collect();
     assert!(removed.contains(&"planted"), "{removed:?}");
     let planted = rep.removed.iter().find(|r| r.id == "planted").unwrap();
-    assert_eq!(planted.matched.as_deref(), Some(planted_task.task_id.as_str()));
+    assert_eq!(
+        planted.matched.as_deref(),
+        Some(planted_task.task_id.as_str())
+    );
     assert_eq!(planted.reason, "ngram_overlap");
     // The messy GitHub files are not HumanEval/MBPP copies: nearly all must survive.
     assert!(kept.len() >= clean_n - 3, "{:#?}", rep.removed);
@@ -111,5 +126,8 @@ fn heuristic_scores_spread_over_the_messy_set() {
     eprintln!("parsed {parsed}/1000, mean {mean:.3}, >=0.8: {high}, <0.4: {low}");
     // Real repository code mostly parses, and the score separates the good from the bad.
     assert!(parsed > 900);
-    assert!(high > 20 && low > 20, "scores do not spread: high {high}, low {low}");
+    assert!(
+        high > 20 && low > 20,
+        "scores do not spread: high {high}, low {low}"
+    );
 }

@@ -60,7 +60,10 @@ fn learned_scorer_beats_chance_on_held_out_data() {
         dir.join("messy/python_files_5000.jsonl"),
     );
     if !alpaca.is_file() || !messy.is_file() {
-        eprintln!("SKIP: CodeAlpaca or messy data absent under {}", dir.display());
+        eprintln!(
+            "SKIP: CodeAlpaca or messy data absent under {}",
+            dir.display()
+        );
         return;
     }
     // 64 tokens and 80 + 80 examples keep this test near 10 s on a 2-core CPU.
@@ -125,7 +128,9 @@ fn embeddings_match_the_numpy_reference() {
     // Fixture from scripts/reference/filter_minilm_reference.py (independent numpy BERT).
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("filter_minilm_reference.json")).unwrap();
-    let Some(e) = embedder(fixture["max_len"].as_u64().unwrap() as usize) else { return };
+    let Some(e) = embedder(fixture["max_len"].as_u64().unwrap() as usize) else {
+        return;
+    };
     let items = fixture["items"].as_array().unwrap();
     let texts: Vec<&str> = items.iter().map(|i| i["text"].as_str().unwrap()).collect();
     // One padded batch, so masking is exercised against unpadded reference passes.

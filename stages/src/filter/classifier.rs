@@ -199,8 +199,7 @@ impl LogisticRegression {
             }
             if !theta.iter().all(|t| t.is_finite()) {
                 return Err(FilterError::Training(
-                    "training diverged (non-finite weights); raise l2 or check the features"
-                        .into(),
+                    "training diverged (non-finite weights); raise l2 or check the features".into(),
                 ));
             }
             if max_change < options.tol {
@@ -394,7 +393,9 @@ mod tests {
     #[test]
     fn stronger_l2_shrinks_weights_and_bad_input_errors() {
         let (x, y) = blobs(200, 4, 1, 1.0);
-        let weak = LogisticRegression::fit(&x, &y, &TrainOptions::default()).unwrap().0;
+        let weak = LogisticRegression::fit(&x, &y, &TrainOptions::default())
+            .unwrap()
+            .0;
         let strong_opts = TrainOptions {
             l2: 1.0,
             ..Default::default()
@@ -402,7 +403,7 @@ mod tests {
         let strong = LogisticRegression::fit(&x, &y, &strong_opts).unwrap().0;
         let norm = |m: &LogisticRegression| m.weights.iter().map(|w| w * w).sum::<f64>();
         assert!(norm(&strong) < norm(&weak));
-        assert!(LogisticRegression::fit(&x, &vec![true; 200], &TrainOptions::default()).is_err());
+        assert!(LogisticRegression::fit(&x, &[true; 200], &TrainOptions::default()).is_err());
         let zero = TrainOptions {
             l2: 0.0,
             ..Default::default()
@@ -413,7 +414,9 @@ mod tests {
     #[test]
     fn save_and_load_round_trip() {
         let (x, y) = blobs(100, 4, 2, 1.0);
-        let model = LogisticRegression::fit(&x, &y, &TrainOptions::default()).unwrap().0;
+        let model = LogisticRegression::fit(&x, &y, &TrainOptions::default())
+            .unwrap()
+            .0;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("clf.json");
         model.save(&path).unwrap();

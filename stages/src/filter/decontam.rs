@@ -343,7 +343,10 @@ mod tests {
 
     #[test]
     fn embedding_decontamination_uses_cosine() {
-        let recs = vec![("a".to_string(), String::new()), ("b".to_string(), String::new())];
+        let recs = vec![
+            ("a".to_string(), String::new()),
+            ("b".to_string(), String::new()),
+        ];
         let rec_emb = vec![vec![2.0, 0.1], vec![0.0, 1.0]];
         let ev = eval();
         let ev_emb = vec![vec![1.0, 0.0], vec![-1.0, 0.0]];

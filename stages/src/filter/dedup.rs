@@ -343,7 +343,13 @@ mod tests {
 
     #[test]
     fn mersenne_reduction_matches_division() {
-        for v in [0u128, 1, MERSENNE_61 as u128, u64::MAX as u128 * 3 + 17, (MERSENNE_61 as u128 - 1) * (MERSENNE_61 as u128 - 1) + MERSENNE_61 as u128] {
+        for v in [
+            0u128,
+            1,
+            MERSENNE_61 as u128,
+            u64::MAX as u128 * 3 + 17,
+            (MERSENNE_61 as u128 - 1) * (MERSENNE_61 as u128 - 1) + MERSENNE_61 as u128,
+        ] {
             assert_eq!(mod_mersenne(v) as u128, v % MERSENNE_61 as u128, "{v}");
         }
     }
@@ -357,14 +363,17 @@ mod tests {
         let b = h.shingles(&edited);
         let (sa, sb) = (h.signature(&a), h.signature(&b));
         let est = sa.iter().zip(&sb).filter(|(x, y)| x == y).count() as f64 / 256.0;
-        assert!((est - jaccard(&a, &b)).abs() < 0.1, "{est} vs {}", jaccard(&a, &b));
+        assert!(
+            (est - jaccard(&a, &b)).abs() < 0.1,
+            "{est} vs {}",
+            jaccard(&a, &b)
+        );
     }
 
     #[test]
     fn near_dedup_finds_planted_near_duplicates_only() {
-        let mut recs: Vec<(String, String)> = (0..30)
-            .map(|i| (format!("doc{i}"), body(i)))
-            .collect();
+        let mut recs: Vec<(String, String)> =
+            (0..30).map(|i| (format!("doc{i}"), body(i))).collect();
         // Planted: a copy with one function renamed and a trailing comment added.
         let planted = body(3).replace("func_3_7(", "renamed(") + "# end of file\n";
         recs.push(("planted".into(), planted));
@@ -373,7 +382,8 @@ mod tests {
         assert_eq!(rep.removed.len(), 1);
         assert_eq!(rep.removed[0].id, "planted");
         assert!(rep.removed[0].detail.contains("doc3"));
-        assert!((rep.extra["implied_threshold"] - 0.7071).abs() < 1e-3);
+        // (1/16)^(1/8) = 2^(-1/2).
+        assert!((rep.extra["implied_threshold"] - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-9);
         let bad = NearDedupOptions {
             bands: 10,
             ..Default::default()

@@ -17,10 +17,6 @@
 //! - [`decontam`]: 13-gram overlap (and optional embedding similarity) against eval sets.
 //! - [`report`]: the common JSON report every filter returns.
 
-
-
-
-
 pub mod classifier;
 pub mod decontam;
 pub mod dedup;

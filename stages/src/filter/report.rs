@@ -101,7 +101,10 @@ impl FilterReport {
         detail: String,
     ) {
         self.kept = self.kept.saturating_sub(1);
-        *self.removed_by_reason.entry(reason.to_string()).or_insert(0) += 1;
+        *self
+            .removed_by_reason
+            .entry(reason.to_string())
+            .or_insert(0) += 1;
         self.removed.push(Removal {
             id: id.to_string(),
             reason: reason.to_string(),
@@ -129,7 +132,12 @@ mod tests {
 
     #[test]
     fn histogram_counts_sum_and_clamp() {
-        let h = Histogram::new([0.0, 0.05, 0.5, 0.99, 1.0, 1.5, -1.0, f64::NAN], 0.0, 1.0, 10);
+        let h = Histogram::new(
+            [0.0, 0.05, 0.5, 0.99, 1.0, 1.5, -1.0, f64::NAN],
+            0.0,
+            1.0,
+            10,
+        );
         assert_eq!(h.counts.iter().sum::<usize>(), 7);
         assert_eq!(h.counts[0], 3);
         assert_eq!(h.counts[5], 1);

@@ -161,7 +161,9 @@ mod tests {
     use super::*;
 
     fn recs(n: usize) -> Vec<(String, String)> {
-        (0..n).map(|i| (format!("r{i}"), format!("text {i}"))).collect()
+        (0..n)
+            .map(|i| (format!("r{i}"), format!("text {i}")))
+            .collect()
     }
 
     #[test]

@@ -71,7 +71,10 @@ mod tests {
             normalize_for_hash("\n\na = 1  \r\nb = 2\t\r\n\n"),
             normalize_for_hash("a = 1\nb = 2")
         );
-        assert_ne!(normalize_for_hash("if x:\n  y"), normalize_for_hash("if x:\ny"));
+        assert_ne!(
+            normalize_for_hash("if x:\n  y"),
+            normalize_for_hash("if x:\ny")
+        );
     }
 
     #[test]
