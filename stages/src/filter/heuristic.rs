@@ -7,7 +7,7 @@
 //!
 //! | feature | default weight | 1.0 means | 0.0 means |
 //! |---|---|---|---|
-//! | `parses` | 0.20 | tree-sitter found no syntax error or missing token | the file has syntax errors (Python 2, templates, fragments) |
+//! | `parses` | 0.20 | tree-sitter found no syntax error or missing token outside string literals, and no Python 2 `print`/`exec` statement | the file has syntax errors (Python 2, templates, fragments) |
 //! | `defines` | 0.15 | at least one `def` or `class` | a flat script with no reusable unit |
 //! | `docstrings` | 0.15 | every function and class has a docstring | none has (0 when there are no definitions) |
 //! | `self_contained` | 0.15 | imports only the standard library (or nothing) | every imported module is third-party or relative; linear in the share of stdlib imports |
@@ -154,6 +154,8 @@ pub struct HeuristicStats {
     pub non_stdlib_imports: Vec<String>,
     /// Count of distinct imported top-level modules.
     pub imports: usize,
+    /// Python 2 `print`/`exec` statements, which tree-sitter accepts but Python 3 rejects.
+    pub python2_statements: usize,
 }
 
 /// The heuristic score of one text.
@@ -211,7 +213,7 @@ impl HeuristicScorer {
                     .into_iter()
                     .filter(|m| m.starts_with('.') || !is_stdlib_module(m))
                     .collect();
-                if root.has_error() {
+                if has_syntax_error(root) || stats.python2_statements > 0 {
                     0.0
                 } else {
                     1.0
@@ -299,6 +301,28 @@ impl HeuristicScorer {
     }
 }
 
+/// Whether the tree has an error or missing node outside string literals.
+///
+/// Errors inside strings are ignored: tree-sitter-python misreads some valid f-string format
+/// specs (`f"{x:=^30}"` is taken for a walrus), while CPython accepts them.
+fn has_syntax_error(root: Node) -> bool {
+    if !root.has_error() {
+        return false;
+    }
+    let mut stack = vec![root];
+    while let Some(node) = stack.pop() {
+        if node.is_error() || node.is_missing() {
+            return true;
+        }
+        if matches!(node.kind(), "string" | "concatenated_string") || !node.has_error() {
+            continue;
+        }
+        let mut cursor = node.walk();
+        stack.extend(node.children(&mut cursor));
+    }
+    false
+}
+
 /// 0 at or below `lo`, 1 at or above `hi`, linear between.
 fn ramp(x: f64, lo: f64, hi: f64) -> f64 {
     if x <= lo {
@@ -350,6 +374,7 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
                 }
             }
             "comment" => stats.comment_bytes += node.byte_range().len(),
+            "print_statement" | "exec_statement" => stats.python2_statements += 1,
             "string" | "concatenated_string" | "integer" | "float" => {
                 if !docstrings.contains(&node.id()) {
                     stats.literal_bytes += node.byte_range().len();
@@ -572,6 +597,15 @@ class Sieve[T]:
         let broken = "print 'hello'\nif x\n    y = (\n";
         let s = score(broken);
         assert_eq!(s.features.parses, 0.0);
+        assert_eq!(score("def f(:\n    pass\n").features.parses, 0.0);
+        let py2 = score("import sys\nprint 'hello', sys.argv\n");
+        assert_eq!(py2.stats.python2_statements, 1);
+        assert_eq!(py2.features.parses, 0.0);
+        assert_eq!(score("print('hello')\n").features.parses, 1.0);
+        assert_eq!(score("x = f'{y'\n").features.parses, 0.0);
+        // Valid format specs that tree-sitter-python misparses inside the f-string.
+        let fstrings = "heading = 'x'\nprint(f\"{heading:=^30}\")\nprint(f\"{heading:>30}\")\n";
+        assert_eq!(score(fstrings).features.parses, 1.0);
         let third = "import numpy as np\nimport os\nfrom .local import thing\n\ndef f():\n    return np.zeros(3)\n";
         let s = score(third);
         assert_eq!(s.stats.imports, 3);
