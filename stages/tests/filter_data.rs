@@ -131,3 +131,29 @@ fn heuristic_scores_spread_over_the_messy_set() {
         "scores do not spread: high {high}, low {low}"
     );
 }
+
+#[test]
+fn full_chain_on_messy_with_eval_sets() {
+    use pipeline_stages::filter::chain::{load_eval_sets, run_chain, ChainOptions};
+    let Some(recs) = messy() else { return };
+    let Some(dir) = shared_data_dir() else { return };
+    let eval = load_eval_sets(&dir).unwrap();
+    assert_eq!(eval.len(), 164 + 974);
+    let out = run_chain(&recs, &eval, &ChainOptions::default()).unwrap();
+    for r in &out.reports {
+        eprintln!(
+            "{}: {} -> {} {:?} ({} ms)",
+            r.filter, r.input, r.kept, r.removed_by_reason, r.elapsed_ms
+        );
+    }
+    // Each step's input is the previous step's output, and the chain ends at `kept`.
+    for w in out.reports.windows(2) {
+        assert_eq!(w[0].kept, w[1].input);
+    }
+    assert_eq!(out.reports[0].kept, 4121);
+    assert_eq!(out.reports.last().unwrap().kept, out.kept.len());
+    assert!(out.kept.windows(2).all(|w| w[0] < w[1]));
+    // Every decontamination removal names its eval task.
+    assert!(out.reports[2].removed.iter().all(|r| r.matched.is_some()));
+    assert!(!out.kept.is_empty() && out.kept.len() < 4121);
+}

@@ -16,7 +16,9 @@
 //! - [`dedup`]: exact (blake3 of normalised text) and near-duplicate (MinHash + LSH) removal.
 //! - [`decontam`]: 13-gram overlap (and optional embedding similarity) against eval sets.
 //! - [`report`]: the common JSON report every filter returns.
+//! - [`chain`]: dedup → decontamination → heuristic → sample in one call.
 
+pub mod chain;
 pub mod classifier;
 pub mod decontam;
 pub mod dedup;
