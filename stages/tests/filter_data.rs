@@ -86,6 +86,14 @@ fn planted_humaneval_solution_is_removed_and_clean_records_kept() {
     assert_eq!(eval.len(), 164);
     let mbpp = load_mbpp(&mb).unwrap();
     assert_eq!(mbpp.len(), 974);
+    assert_eq!(mbpp[0].task_id, "MBPP/1");
+    assert!(mbpp[0].text.contains("assert min_cost("));
+    if let Some(sanitized) = data_file("mbpp/sanitized-mbpp.json") {
+        // The sanitized set is one JSON array and names the description `prompt`.
+        let s = load_mbpp(&sanitized).unwrap();
+        assert_eq!(s.len(), 427);
+        assert!(s.iter().all(|i| i.task_id.starts_with("MBPP/") && i.text.contains("assert")));
+    }
     let planted_task = eval[12].clone();
     eval.extend(mbpp);
     let Some(mut recs) = messy() else { return };
