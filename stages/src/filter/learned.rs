@@ -23,6 +23,50 @@ pub fn train_quality_classifier(
     train_with_holdout(&x, &y, options)
 }
 
+/// Turns annotator scores into training labels the way phi-1 used GPT-4's judgements:
+/// records scoring `>= hi` are positives, `<= lo` negatives, the uncertain middle is left
+/// out. Returns `(index, label)` pairs in input order.
+pub fn labels_from_scores(scores: &[f64], lo: f64, hi: f64) -> Vec<(usize, bool)> {
+    scores
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &s)| {
+            if s >= hi {
+                Some((i, true))
+            } else if s <= lo {
+                Some((i, false))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Trains the classifier on texts labelled by an annotator's scores (e.g. the heuristic
+/// scorer standing in for GPT-4): see [`labels_from_scores`]. The classifier then scores
+/// records the annotator never saw, from their embeddings alone.
+pub fn train_from_scores(
+    embedder: &MiniLmEmbedder,
+    texts: &[&str],
+    scores: &[f64],
+    lo: f64,
+    hi: f64,
+    options: &TrainOptions,
+) -> Result<(LogisticRegression, TrainReport)> {
+    if texts.len() != scores.len() {
+        return Err(super::FilterError::Training(format!(
+            "{} texts but {} scores; score every text",
+            texts.len(),
+            scores.len()
+        )));
+    }
+    let labelled = labels_from_scores(scores, lo, hi);
+    let chosen: Vec<&str> = labelled.iter().map(|&(i, _)| texts[i]).collect();
+    let y: Vec<bool> = labelled.iter().map(|&(_, l)| l).collect();
+    let x = embedder.embed(&chosen)?;
+    train_with_holdout(&x, &y, options)
+}
+
 /// P(high quality) for every record, in input order.
 pub fn learned_scores<R: TextRecord>(
     embedder: &MiniLmEmbedder,
@@ -50,4 +94,15 @@ pub fn learned_filter<R: TextRecord>(
     let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
     report.extra.insert("mean_score".into(), mean);
     Ok((kept, scores, report.finish(start)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_skip_the_uncertain_middle() {
+        let l = labels_from_scores(&[0.9, 0.5, 0.1, 0.75, 0.3], 0.3, 0.75);
+        assert_eq!(l, vec![(0, true), (2, false), (3, true), (4, false)]);
+    }
 }
