@@ -92,7 +92,9 @@ fn planted_humaneval_solution_is_removed_and_clean_records_kept() {
         // The sanitized set is one JSON array and names the description `prompt`.
         let s = load_mbpp(&sanitized).unwrap();
         assert_eq!(s.len(), 427);
-        assert!(s.iter().all(|i| i.task_id.starts_with("MBPP/") && i.text.contains("assert")));
+        assert!(s
+            .iter()
+            .all(|i| i.task_id.starts_with("MBPP/") && i.text.contains("assert")));
     }
     let planted_task = eval[12].clone();
     eval.extend(mbpp);
