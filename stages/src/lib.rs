@@ -6,6 +6,7 @@
 //! they drive lives in the library modules below.
 
 pub mod evalsets;
+pub mod filter;
 
 use pipeline_engine::Registry;
 
