@@ -16,6 +16,7 @@ use pipeline_engine::{InputSlot, OutputSlot, Registry, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
 const TEXT_OUT: &[OutputSlot] = &[OutputSlot { name: "out", artifact: "text", doc: "a text file `data`" }];
+const NUMBER_OUT: &[OutputSlot] = &[OutputSlot { name: "out", artifact: "number", doc: "a number in file `data`" }];
 
 /// Writes `text` repeated, in chunks, slowly enough to be interrupted mid-write.
 struct Write_;
@@ -28,6 +29,9 @@ struct WriteParams {
     repeat: u64,
     #[serde(default)]
     delay_ms: u64,
+    /// Pretend to need the GPU (such stages must never overlap).
+    #[serde(default)]
+    gpu: bool,
 }
 
 fn one() -> u64 {
@@ -51,7 +55,12 @@ impl Stage for Write_ {
         }
         Ok(())
     }
+    fn needs_gpu(p: &WriteParams) -> bool {
+        p.gpu
+    }
     fn run(p: &WriteParams, ctx: &mut StageContext) -> miette::Result<()> {
+        let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        ctx.set_metadata("start", now());
         let mut file = std::fs::File::create(ctx.output_dir("out")?.join("data")).into_diagnostic()?;
         for _ in 0..p.repeat {
             ctx.check_cancelled()?;
@@ -59,6 +68,7 @@ impl Stage for Write_ {
             file.flush().into_diagnostic()?;
             std::thread::sleep(Duration::from_millis(p.delay_ms));
         }
+        ctx.set_metadata("end", now());
         Ok(())
     }
 }
@@ -159,7 +169,7 @@ impl Stage for Count {
         &[InputSlot { name: "seed", accepts: &["text"], required: false, many: false, doc: "text mixed into every step" }]
     }
     fn outputs() -> &'static [OutputSlot] {
-        TEXT_OUT
+        NUMBER_OUT
     }
     fn uses_seed(_: &CountParams) -> bool {
         true

@@ -43,9 +43,10 @@ impl KvCache {
 
     /// Keeps only the batch rows in `rows` (in that order), e.g. to drop finished sequences.
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        // index_select refuses non-contiguous tensors, and models usually cache transposed views.
         for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+            *k = k.contiguous()?.index_select(rows, 0)?;
+            *v = v.contiguous()?.index_select(rows, 0)?;
         }
         Ok(())
     }
