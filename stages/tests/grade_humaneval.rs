@@ -73,14 +73,20 @@ fn canonical_solutions_pass_and_wrong_ones_fail() {
     let mut mismatches = Vec::new();
     for (r, want) in report.results.iter().zip(&expect) {
         if r.passed != *want {
-            mismatches.push(format!("{} expected {want}: {} {:?}", r.task_id, r.result, r.error));
+            mismatches.push(format!(
+                "{} expected {want}: {} {:?}",
+                r.task_id, r.result, r.error
+            ));
         }
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
     assert_eq!(report.tasks.len(), 164);
     let p1 = report.pass_at_k.get(1).unwrap();
     let wrong = expect.iter().filter(|e| !**e).count();
-    eprintln!("pass@1 {p1:.4} with {wrong} wrong samples; isolation {:?}", report.isolation);
+    eprintln!(
+        "pass@1 {p1:.4} with {wrong} wrong samples; isolation {:?}",
+        report.isolation
+    );
 
     if let Ok(out) = std::env::var("PIPELINE_GRADE_PARITY_DIR") {
         let out = PathBuf::from(out);

@@ -60,7 +60,11 @@ fn isolation_is_reported() {
     eprintln!("isolation: {:?}", e.isolation);
     if is_root() {
         // On this project's machines (root, Linux) every layer must be active.
-        assert!(e.isolation.network && e.isolation.private_tmp, "{:?}", e.isolation);
+        assert!(
+            e.isolation.network && e.isolation.private_tmp,
+            "{:?}",
+            e.isolation
+        );
     }
 }
 
@@ -72,7 +76,11 @@ fn infinite_loop_times_out() {
     })
     .unwrap();
     let t = std::time::Instant::now();
-    let e = s.run(&format!("{PROMPT}    while True:\n        pass\n"), TEST, "double");
+    let e = s.run(
+        &format!("{PROMPT}    while True:\n        pass\n"),
+        TEST,
+        "double",
+    );
     assert_eq!(e.status, Status::TimedOut, "{e:?}");
     assert_eq!(e.result, "timed out");
     assert!(t.elapsed().as_secs_f64() < 5.0);
@@ -138,7 +146,10 @@ fn monkey_patching_builtins_does_not_pass() {
     let s = sandbox();
     for a in effective {
         let program = format!("{PROMPT}{a}\n");
-        assert!(naive_passes(&program), "attack does not even fool a naive run:\n{a}");
+        assert!(
+            naive_passes(&program),
+            "attack does not even fool a naive run:\n{a}"
+        );
         let e = s.run(&program, PATCH_TEST, "double");
         assert!(e.status != Status::Passed, "attack passed:\n{a}\n{e:?}");
     }
@@ -159,7 +170,11 @@ fn monkey_patching_builtins_does_not_pass() {
         assert!(e.status != Status::Passed, "attack passed:\n{a}\n{e:?}");
     }
     // The same harness still passes an honest candidate under PATCH_TEST.
-    let e = s.run(&format!("{PROMPT}    return 2 * x if x != 3 else 'six'\n"), PATCH_TEST, "double");
+    let e = s.run(
+        &format!("{PROMPT}    return 2 * x if x != 3 else 'six'\n"),
+        PATCH_TEST,
+        "double",
+    );
     assert_eq!(e.status, Status::Passed, "{e:?}");
 }
 
@@ -206,7 +221,10 @@ fn files_outside_the_sandbox_survive() {
     let attacks = [
         format!("    return 0\nimport os\nos.remove({c:?})\n"),
         format!("    return 0\nopen({c:?}, 'w').write('pwned')\nraise RuntimeError('wrote')\n"),
-        format!("    return 0\nimport shutil\nshutil.rmtree({:?})\n", dir.path()),
+        format!(
+            "    return 0\nimport shutil\nshutil.rmtree({:?})\n",
+            dir.path()
+        ),
         format!("    return 0\nopen({x:?}, 'w').write('escaped')\nraise RuntimeError('wrote')\n"),
     ];
     for a in &attacks {
@@ -241,7 +259,9 @@ fn network_connections_fail() {
             panic!("sandbox connected to the host: {got:?}");
         }
     } else {
-        eprintln!("network namespaces unavailable here; connection attempt was not blocked by the kernel");
+        eprintln!(
+            "network namespaces unavailable here; connection attempt was not blocked by the kernel"
+        );
     }
 }
 

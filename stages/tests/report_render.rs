@@ -149,7 +149,10 @@ fn html_is_escaped_and_well_formed() {
         .iter()
         .find(|s| s.attribute("aria-label") == Some("quality score"))
         .unwrap();
-    let bars = hist.descendants().filter(|n| n.tag_name().name() == "rect").count();
+    let bars = hist
+        .descendants()
+        .filter(|n| n.tag_name().name() == "rect")
+        .count();
     assert_eq!(bars, 10);
     // Error bars: one path per variant with a CI.
     let passk = svgs
@@ -193,14 +196,19 @@ fn numbers_appear() {
     let html = render_html(&data);
     let md = render_markdown(&data);
     for text in [&html, &md] {
-        for n in ["21.3%", "11.6%", "15.2%", "28.1%", "38.7%", "3127", "5000", "912"] {
+        for n in [
+            "21.3%", "11.6%", "15.2%", "28.1%", "38.7%", "3127", "5000", "912",
+        ] {
             assert!(text.contains(n), "{n} missing");
         }
         for c in &data.comparisons {
             assert!(text.contains(&format!("{:.3}", c.p_value)));
         }
     }
-    assert!(md.contains(&escape(&data.comparisons[0].verdict).replace("&#39;", "'")) || md.contains(&data.comparisons[0].verdict));
+    assert!(
+        md.contains(&escape(&data.comparisons[0].verdict).replace("&#39;", "'"))
+            || md.contains(&data.comparisons[0].verdict)
+    );
     assert!(md.contains("| clean | HumanEval | 164 | 1640 | 21.3% [15.2%, 28.1%] | 38.7% |"));
     // Markdown table cells cannot be broken by pipes or tags in names.
     assert!(md.contains("&lt;script&gt;"));
@@ -227,7 +235,13 @@ fn loss_curve_reads_metrics_jsonl() {
     )
     .unwrap();
     let c = read_loss_curve(&p).unwrap();
-    assert_eq!(c, vec![LossPoint { step: 1, loss: 2.5 }, LossPoint { step: 3, loss: 1.5 }]);
+    assert_eq!(
+        c,
+        vec![
+            LossPoint { step: 1, loss: 2.5 },
+            LossPoint { step: 3, loss: 1.5 }
+        ]
+    );
     std::fs::write(&p, "not json\n").unwrap();
     assert!(read_loss_curve(&p).is_err());
 }

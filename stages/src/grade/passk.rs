@@ -59,8 +59,7 @@ pub fn summarize(tasks: &[TaskCounts], ks: &[u64]) -> PassAtK {
     let mut scores = BTreeMap::new();
     if !tasks.is_empty() {
         for &k in ks {
-            let per_task: Option<Vec<f64>> =
-                tasks.iter().map(|t| pass_at_k(t.n, t.c, k)).collect();
+            let per_task: Option<Vec<f64>> = tasks.iter().map(|t| pass_at_k(t.n, t.c, k)).collect();
             if let Some(v) = per_task {
                 scores.insert(format!("pass@{k}"), v.iter().sum::<f64>() / v.len() as f64);
             }

@@ -398,8 +398,13 @@ impl Sandbox {
             private_tmp: self.opts.private_tmp && is_root(),
             tmpfs_opts: CString::new(format!("size={}m,mode=1777", self.opts.tmpfs_mb))
                 .map_err(|e| e.to_string())?,
-            work_opts: CString::new(format!("size={}m,mode=0700,uid={},gid={}", self.opts.tmpfs_mb, uid.unwrap_or(0), uid.unwrap_or(0)))
-                .map_err(|e| e.to_string())?,
+            work_opts: CString::new(format!(
+                "size={}m,mode=0700,uid={},gid={}",
+                self.opts.tmpfs_mb,
+                uid.unwrap_or(0),
+                uid.unwrap_or(0)
+            ))
+            .map_err(|e| e.to_string())?,
             work_path: CString::new(work.as_os_str().as_encoded_bytes())
                 .map_err(|e| e.to_string())?,
             tmp_dirs: ["/tmp", "/var/tmp", "/dev/shm"]
@@ -411,7 +416,10 @@ impl Sandbox {
                 (libc::RLIMIT_AS, self.opts.memory_mb.saturating_mul(1 << 20)),
                 (libc::RLIMIT_CPU, self.opts.timeout_s.ceil() as u64 + 1),
                 (libc::RLIMIT_NPROC, self.opts.max_processes),
-                (libc::RLIMIT_FSIZE, self.opts.max_file_mb.saturating_mul(1 << 20)),
+                (
+                    libc::RLIMIT_FSIZE,
+                    self.opts.max_file_mb.saturating_mul(1 << 20),
+                ),
                 (libc::RLIMIT_NOFILE, self.opts.max_open_files),
                 (libc::RLIMIT_CORE, 0),
             ],
@@ -440,7 +448,8 @@ impl Sandbox {
         drop(res_w);
         drop(nonce_r);
         drop(cmd);
-        let mut child = spawned.map_err(|e| format!("cannot start {}: {e}", self.python.display()))?;
+        let mut child =
+            spawned.map_err(|e| format!("cannot start {}: {e}", self.python.display()))?;
         let pid = child.id() as libc::pid_t;
 
         set_nonblocking(&out_r)?;
@@ -482,8 +491,16 @@ impl Sandbox {
         let output = String::from_utf8_lossy(&out.data).to_string();
         let cpu_killed = matches!(status.signal(), Some(libc::SIGXCPU));
         let (status, result, error) = if timed_out || cpu_killed {
-            (Status::TimedOut, "timed out".to_string(), Some("timed out".to_string()))
-        } else if status.code() == Some(0) && rest.len() == 1 && rest[0] == format!("PASS {nonce}") && !res.truncated {
+            (
+                Status::TimedOut,
+                "timed out".to_string(),
+                Some("timed out".to_string()),
+            )
+        } else if status.code() == Some(0)
+            && rest.len() == 1
+            && rest[0] == format!("PASS {nonce}")
+            && !res.truncated
+        {
             (Status::Passed, "passed".to_string(), None)
         } else if let Some(fail) = rest.iter().find_map(|l| l.strip_prefix("FAIL ")) {
             match serde_json::from_str::<serde_json::Value>(fail) {
@@ -511,7 +528,9 @@ impl Sandbox {
             };
             let last = output.lines().rev().find(|l| !l.trim().is_empty());
             let error = match last {
-                Some(l) if status.code() != Some(0) => format!("{detail}; last output: {}", l.trim()),
+                Some(l) if status.code() != Some(0) => {
+                    format!("{detail}; last output: {}", l.trim())
+                }
                 _ => detail.clone(),
             };
             (Status::Error, format!("failed: {detail}"), Some(error))
@@ -563,28 +582,48 @@ impl ChildSetup {
             if libc::setsid() == -1 {
                 return Err(err());
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-            let mut net = false;
-            if self.isolate_network {
-                if libc::unshare(libc::CLONE_NEWNET) == 0 {
-                    net = true;
-                } else if self.uid.is_none()
-                    && libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0
-                {
-                    net = true;
-                }
-            }
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            // Without root, an unprivileged user namespace may still grant a netns.
+            let net = self.isolate_network
+                && (libc::unshare(libc::CLONE_NEWNET) == 0
+                    || (self.uid.is_none()
+                        && libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0));
             let mut mnt = false;
             if self.private_tmp && libc::unshare(libc::CLONE_NEWNS) == 0 {
                 let none = c"none".as_ptr();
                 let tmpfs = c"tmpfs".as_ptr();
                 let flags = libc::MS_NOSUID | libc::MS_NODEV;
-                if libc::mount(none, c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) == 0
-                    && libc::mount(tmpfs, self.work_path.as_ptr(), tmpfs, flags, self.work_opts.as_ptr().cast()) == 0
+                if libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                    && libc::mount(
+                        tmpfs,
+                        self.work_path.as_ptr(),
+                        tmpfs,
+                        flags,
+                        self.work_opts.as_ptr().cast(),
+                    ) == 0
                 {
                     mnt = true;
                     for dir in &self.tmp_dirs {
-                        if libc::mount(tmpfs, dir.as_ptr(), tmpfs, flags, self.tmpfs_opts.as_ptr().cast()) != 0 {
+                        if libc::mount(
+                            tmpfs,
+                            dir.as_ptr(),
+                            tmpfs,
+                            flags,
+                            self.tmpfs_opts.as_ptr().cast(),
+                        ) != 0
+                        {
                             mnt = false;
                         }
                     }

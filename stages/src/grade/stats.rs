@@ -195,7 +195,10 @@ pub fn compare_paired(
         } else {
             (a_name, b_name)
         };
-        format!("{better} is better than {worse}: {numbers}; significant at α = {}.", opts.alpha)
+        format!(
+            "{better} is better than {worse}: {numbers}; significant at α = {}.",
+            opts.alpha
+        )
     } else {
         format!(
             "No significant difference — within noise: {numbers}; not significant at α = {}.",
@@ -237,7 +240,9 @@ pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
     }
     let k = b.min(c);
     // log-space binomial pmf so large n stays finite.
-    let ln_choose = |n: u64, k: u64| ln_gamma(n as f64 + 1.0) - ln_gamma(k as f64 + 1.0) - ln_gamma((n - k) as f64 + 1.0);
+    let ln_choose = |n: u64, k: u64| {
+        ln_gamma(n as f64 + 1.0) - ln_gamma(k as f64 + 1.0) - ln_gamma((n - k) as f64 + 1.0)
+    };
     let cdf: f64 = (0..=k)
         .map(|i| (ln_choose(n, i) - n as f64 * std::f64::consts::LN_2).exp())
         .sum();
@@ -357,7 +362,11 @@ mod tests {
         assert!((r.diff - 25.0 / 40.0).abs() < 1e-12);
         assert!(r.p_value < 1e-6);
         assert!(r.ci_low > 0.3 && r.ci_high <= 0.9 && r.ci_low < r.diff && r.diff < r.ci_high);
-        assert!(r.verdict.starts_with("clean is better than messy"), "{}", r.verdict);
+        assert!(
+            r.verdict.starts_with("clean is better than messy"),
+            "{}",
+            r.verdict
+        );
     }
 
     #[test]

@@ -63,7 +63,9 @@ pub fn render_html(data: &ReportData) -> String {
             .collect();
         ks.sort_unstable();
         ks.dedup();
-        out.push_str("<table><thead><tr><th>variant</th><th>benchmark</th><th>tasks</th><th>samples</th>");
+        out.push_str(
+            "<table><thead><tr><th>variant</th><th>benchmark</th><th>tasks</th><th>samples</th>",
+        );
         for k in &ks {
             let _ = write!(out, "<th>pass@{k}</th>");
         }
@@ -121,7 +123,11 @@ pub fn render_html(data: &ReportData) -> String {
             } else {
                 "sig"
             };
-            let _ = write!(out, "<div class=\"verdict {class}\">{}</div>", escape(&c.verdict));
+            let _ = write!(
+                out,
+                "<div class=\"verdict {class}\">{}</div>",
+                escape(&c.verdict)
+            );
         }
         out.push_str("</section>");
     }
@@ -162,7 +168,11 @@ pub fn render_html(data: &ReportData) -> String {
                 svg::reasons_chart(f)
             );
             for h in &f.histograms {
-                let _ = write!(out, "<div class=\"chart\">{}</div>", svg::histogram_chart(h));
+                let _ = write!(
+                    out,
+                    "<div class=\"chart\">{}</div>",
+                    svg::histogram_chart(h)
+                );
             }
         }
         out.push_str("</section>");
@@ -211,7 +221,11 @@ pub fn render_html(data: &ReportData) -> String {
             out.push_str("</tbody></table>");
         }
         if !data.manifest.is_empty() {
-            let _ = write!(out, "<h3>Manifest</h3><pre>{}</pre>", escape(&data.manifest));
+            let _ = write!(
+                out,
+                "<h3>Manifest</h3><pre>{}</pre>",
+                escape(&data.manifest)
+            );
         }
         out.push_str("</section>");
     }

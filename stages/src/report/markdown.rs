@@ -26,7 +26,11 @@ fn code_block(out: &mut String, lang: &str, text: &str) {
         }
     }
     let fence = "`".repeat((longest + 1).max(3));
-    let _ = writeln!(out, "{fence}{lang}\n{}\n{fence}\n", text.trim_end_matches('\n'));
+    let _ = writeln!(
+        out,
+        "{fence}{lang}\n{}\n{fence}\n",
+        text.trim_end_matches('\n')
+    );
 }
 
 /// Score with its CI, e.g. `31.2% [27.0%, 35.5%]`.
@@ -190,7 +194,12 @@ pub fn render_markdown(data: &ReportData) -> String {
         if !data.cache_keys.is_empty() {
             out.push_str("| stage | cache key |\n|---|---|\n");
             for k in &data.cache_keys {
-                let _ = writeln!(out, "| {} | `{}` |", cell(&k.stage), cell(&k.key).replace('`', "'"));
+                let _ = writeln!(
+                    out,
+                    "| {} | `{}` |",
+                    cell(&k.stage),
+                    cell(&k.key).replace('`', "'")
+                );
             }
             out.push('\n');
         }

@@ -172,7 +172,9 @@ pub enum ReportError {
     },
     /// A metrics line is not JSON.
     #[error("{path}:{line}: {source}")]
-    #[diagnostic(help("each line must be a JSON object such as {{\"step\": 10, \"loss\": 1.23}}"))]
+    #[diagnostic(help(
+        "each line must be a JSON object such as {{\"step\": 10, \"loss\": 1.23}}"
+    ))]
     Parse {
         /// File.
         path: PathBuf,
@@ -228,7 +230,12 @@ pub fn pass_at_k_ci(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let m = per_task.len();
     let mut means: Vec<f64> = (0..resamples)
-        .map(|_| (0..m).map(|_| per_task[rng.random_range(0..m)]).sum::<f64>() / m as f64)
+        .map(|_| {
+            (0..m)
+                .map(|_| per_task[rng.random_range(0..m)])
+                .sum::<f64>()
+                / m as f64
+        })
         .collect();
     means.sort_by(f64::total_cmp);
     let q = |p: f64| means[((p * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
@@ -239,7 +246,12 @@ pub fn pass_at_k_ci(
 impl VariantReport {
     /// Builds a variant's entry from a grading run, with 95% bootstrap CIs (10,000
     /// resamples, fixed seed) on every reported pass@k.
-    pub fn from_grade(name: &str, benchmark: &str, grade: &GradeReport, loss: Vec<LossPoint>) -> Self {
+    pub fn from_grade(
+        name: &str,
+        benchmark: &str,
+        grade: &GradeReport,
+        loss: Vec<LossPoint>,
+    ) -> Self {
         let pass_at_k = grade
             .pass_at_k
             .scores

@@ -55,9 +55,15 @@ pub fn fmt_num(v: f64) -> String {
     } else if a >= 100.0 {
         format!("{v:.0}")
     } else if a >= 1.0 {
-        format!("{v:.2}").trim_end_matches('0').trim_end_matches('.').to_string()
+        format!("{v:.2}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     } else {
-        format!("{v:.3}").trim_end_matches('0').trim_end_matches('.').to_string()
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 
@@ -70,7 +76,13 @@ fn open(out: &mut String, title: &str) {
 }
 
 /// Axes with horizontal grid lines; returns the y mapping.
-fn y_axis(out: &mut String, lo: f64, hi: f64, label: &str, as_percent: bool) -> impl Fn(f64) -> f64 {
+fn y_axis(
+    out: &mut String,
+    lo: f64,
+    hi: f64,
+    label: &str,
+    as_percent: bool,
+) -> impl Fn(f64) -> f64 {
     let map = move |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (v - lo) / (hi - lo));
     for t in nice_ticks(lo, hi, 5) {
         if t < lo - 1e-12 || t > hi + 1e-12 {
@@ -128,7 +140,11 @@ pub fn pass_at_k_chart(variants: &[VariantReport]) -> String {
     open(&mut out, "pass@k per variant");
     let top = variants
         .iter()
-        .flat_map(|v| v.pass_at_k.iter().map(|p| p.ci_high.unwrap_or(p.value).max(p.value)))
+        .flat_map(|v| {
+            v.pass_at_k
+                .iter()
+                .map(|p| p.ci_high.unwrap_or(p.value).max(p.value))
+        })
         .fold(0.0f64, f64::max);
     // Zoom in when scores are small, but keep the axis anchored at 0.
     let hi = nice_ticks(0.0, (top * 1.15).clamp(0.05, 1.0), 5)
@@ -282,7 +298,11 @@ pub fn histogram_chart(h: &Histogram) -> String {
         return out;
     }
     let max = h.counts.iter().copied().max().unwrap_or(0).max(1) as f64;
-    let hi = nice_ticks(0.0, max, 5).last().copied().unwrap_or(max).max(max);
+    let hi = nice_ticks(0.0, max, 5)
+        .last()
+        .copied()
+        .unwrap_or(max)
+        .max(max);
     let y = y_axis(&mut out, 0.0, hi, "rows", false);
     let (x_lo, x_hi) = (h.edges[0], h.edges[h.edges.len() - 1]);
     let span = if x_hi > x_lo { x_hi - x_lo } else { 1.0 };
@@ -296,7 +316,11 @@ pub fn histogram_chart(h: &Histogram) -> String {
             w = (b - a - 1.0).max(0.5),
             hh = (H - BOTTOM - yv).max(0.0),
             col = color(0),
-            t = escape(&format!("[{}, {}): {c}", fmt_num(h.edges[i]), fmt_num(h.edges[i + 1])))
+            t = escape(&format!(
+                "[{}, {}): {c}",
+                fmt_num(h.edges[i]),
+                fmt_num(h.edges[i + 1])
+            ))
         );
     }
     for t in nice_ticks(x_lo, x_hi, 6) {
@@ -336,7 +360,11 @@ pub fn histogram_chart(h: &Histogram) -> String {
 /// Horizontal bars: rows kept and dropped per reason.
 pub fn reasons_chart(f: &FilterStats) -> String {
     let mut rows: Vec<(String, u64, &str)> = vec![("kept".to_string(), f.kept, "#59a14f")];
-    rows.extend(f.reasons.iter().map(|r| (r.reason.clone(), r.count, "#e15759")));
+    rows.extend(
+        f.reasons
+            .iter()
+            .map(|r| (r.reason.clone(), r.count, "#e15759")),
+    );
     let row_h = 22.0;
     let h = TOP + row_h * rows.len() as f64 + 12.0;
     let label_w = 170.0;
