@@ -201,9 +201,10 @@ fn numbers_appear() {
         ] {
             assert!(text.contains(n), "{n} missing");
         }
-        for c in &data.comparisons {
-            assert!(text.contains(&format!("{:.3}", c.p_value)));
-        }
+        // p-values: the significant one is tiny, the other is printed with 3 decimals.
+        assert!(text.contains("&lt; 0.001"), "tiny p-value missing");
+        assert!(text.contains(&format!("{:.3}", data.comparisons[1].p_value)));
+        assert!(text.contains("mcnemar_exact"));
     }
     assert!(
         md.contains(&escape(&data.comparisons[0].verdict).replace("&#39;", "'"))

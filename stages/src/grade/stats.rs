@@ -49,9 +49,19 @@ impl Default for CompareOptions {
 #[serde(rename_all = "snake_case")]
 pub enum PairedTest {
     /// McNemar's exact (binomial) test; all tasks had one sample per variant.
+    #[serde(rename = "mcnemar_exact")]
     McNemarExact,
     /// Sign-flip permutation test on per-task differences.
     SignFlipPermutation,
+}
+
+impl std::fmt::Display for PairedTest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PairedTest::McNemarExact => "mcnemar_exact",
+            PairedTest::SignFlipPermutation => "sign_flip_permutation",
+        })
+    }
 }
 
 /// Result of comparing variant B against variant A.
@@ -181,11 +191,11 @@ pub fn compare_paired(
     let pct = |x: f64| 100.0 * x;
     let level = pct(opts.confidence).round();
     let numbers = format!(
-        "{b_name} − {a_name} = {:+.1} pp pass@1 ({level}% CI [{:+.1}, {:+.1}], p = {:.3}, {} tasks)",
+        "{b_name} − {a_name} = {:+.1} pp pass@1 ({level}% CI [{:+.1}, {:+.1}], p {}, {} tasks)",
         pct(diff),
         pct(ci_low),
         pct(ci_high),
-        p_value,
+        format_p(p_value),
         pairs.len()
     );
     let ci_excludes_zero = ci_low > 0.0 || ci_high < 0.0;
@@ -197,6 +207,12 @@ pub fn compare_paired(
         };
         format!(
             "{better} is better than {worse}: {numbers}; significant at α = {}.",
+            opts.alpha
+        )
+    } else if p_value < opts.alpha || ci_excludes_zero {
+        // The interval and the test disagree: say so rather than pick the friendlier one.
+        format!(
+            "Borderline, treat as within noise: {numbers}; the interval and the test disagree at α = {}.",
             opts.alpha
         )
     } else {
@@ -221,6 +237,15 @@ pub fn compare_paired(
         discordant,
         verdict,
     })
+}
+
+/// `= 0.034` style, or `< 0.001` for tiny values (exact digits there are noise).
+pub fn format_p(p: f64) -> String {
+    if p < 0.001 {
+        "< 0.001".to_string()
+    } else {
+        format!("= {p:.3}")
+    }
 }
 
 /// Linear-interpolated quantile of sorted data.
@@ -379,6 +404,28 @@ mod tests {
         assert!(r.p_value > 0.5, "{}", r.p_value);
         assert!(r.ci_low < 0.0 && r.ci_high > 0.0);
         assert!(r.verdict.contains("within noise"), "{}", r.verdict);
+    }
+
+    #[test]
+    fn disagreement_is_called_borderline() {
+        // 5 discordant tasks, all favouring B: every bootstrap resample is >= 0 and most
+        // are > 0, but McNemar's p = 2 / 32 = 0.0625.
+        let a = counts(
+            &(0..164)
+                .map(|i| (1, (i % 9 == 0) as u64))
+                .collect::<Vec<_>>(),
+        );
+        let b = counts(
+            &(0..164)
+                .map(|i| (1, (i % 9 == 0 || i % 31 == 0) as u64))
+                .collect::<Vec<_>>(),
+        );
+        let r = compare_paired("base", &a, "messy", &b, &CompareOptions::default()).unwrap();
+        assert_eq!(r.discordant, Some((5, 0)));
+        assert!((r.p_value - 0.0625).abs() < 1e-12);
+        assert!(r.ci_low > 0.0, "{}", r.ci_low);
+        assert!(r.verdict.starts_with("Borderline"), "{}", r.verdict);
+        assert!(r.verdict.contains("within noise"));
     }
 
     #[test]

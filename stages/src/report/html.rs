@@ -97,13 +97,10 @@ pub fn render_html(data: &ReportData) -> String {
     if !data.comparisons.is_empty() {
         out.push_str("<section><h2>Paired comparisons</h2><table><thead><tr><th>B vs A</th><th>tasks</th><th>pass@1 A</th><th>pass@1 B</th><th>B − A</th><th>95% CI</th><th>p</th><th>test</th></tr></thead><tbody>");
         for c in &data.comparisons {
-            let test = serde_json::to_value(c.test)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            let test = c.test.to_string();
             let _ = write!(
                 out,
-                "<tr><td>{} vs {}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:+.1} pp</td><td class=\"num\">[{:+.1}, {:+.1}]</td><td class=\"num\">{:.3}</td><td>{}</td></tr>",
+                "<tr><td>{} vs {}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:+.1} pp</td><td class=\"num\">[{:+.1}, {:+.1}]</td><td class=\"num\">{}</td><td>{}</td></tr>",
                 escape(&c.b),
                 escape(&c.a),
                 c.tasks,
@@ -112,7 +109,7 @@ pub fn render_html(data: &ReportData) -> String {
                 100.0 * c.diff,
                 100.0 * c.ci_low,
                 100.0 * c.ci_high,
-                c.p_value,
+                escape(crate::grade::stats::format_p(c.p_value).trim_start_matches("= ")),
                 escape(&test)
             );
         }

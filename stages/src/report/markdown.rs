@@ -101,7 +101,7 @@ pub fn render_markdown(data: &ReportData) -> String {
         for c in &data.comparisons {
             let _ = writeln!(
                 out,
-                "| {} vs {} | {} | {} | {} | {:+.1} pp | [{:+.1}, {:+.1}] | {:.3} | {:?} |",
+                "| {} vs {} | {} | {} | {} | {:+.1} pp | [{:+.1}, {:+.1}] | {} | {} |",
                 cell(&c.b),
                 cell(&c.a),
                 c.tasks,
@@ -110,7 +110,7 @@ pub fn render_markdown(data: &ReportData) -> String {
                 100.0 * c.diff,
                 100.0 * c.ci_low,
                 100.0 * c.ci_high,
-                c.p_value,
+                cell(crate::grade::stats::format_p(c.p_value).trim_start_matches("= ")),
                 c.test
             );
         }

@@ -190,7 +190,8 @@ pub fn pass_at_k_chart(variants: &[VariantReport]) -> String {
                 out,
                 r##"<text x="{tx:.1}" y="{ty:.1}" text-anchor="middle" font-size="10" fill="#222">{l}</text>"##,
                 tx = x + bar_w * 0.46,
-                ty = (yv - 4.0).max(TOP + 8.0),
+                // Above the whisker when there is one, so the two never overlap.
+                ty = (y(p.ci_high.unwrap_or(p.value).max(p.value).min(hi)) - 4.0).max(TOP + 8.0),
                 l = escape(&format!("{:.1}", 100.0 * p.value))
             );
         }
@@ -357,6 +358,17 @@ pub fn histogram_chart(h: &Histogram) -> String {
     out
 }
 
+/// At most `max` characters, with an ellipsis when cut.
+fn short(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(max - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
 /// Horizontal bars: rows kept and dropped per reason.
 pub fn reasons_chart(f: &FilterStats) -> String {
     let mut rows: Vec<(String, u64, &str)> = vec![("kept".to_string(), f.kept, "#59a14f")];
@@ -380,10 +392,11 @@ pub fn reasons_chart(f: &FilterStats) -> String {
         let w = (W - label_w - 90.0) * *count as f64 / max;
         let _ = write!(
             out,
-            r##"<text x="{lx}" y="{ty:.1}" text-anchor="end" fill="#333">{n}</text><rect x="{label_w}" y="{y:.1}" width="{w:.1}" height="{bh}" fill="{col}"/><text x="{cx:.1}" y="{ty:.1}" fill="#222">{c}</text>"##,
+            r##"<text x="{lx}" y="{ty:.1}" text-anchor="end" fill="#333"><title>{full}</title>{n}</text><rect x="{label_w}" y="{y:.1}" width="{w:.1}" height="{bh}" fill="{col}"/><text x="{cx:.1}" y="{ty:.1}" fill="#222">{c}</text>"##,
             lx = label_w - 8.0,
             ty = y + 14.0,
-            n = escape(name),
+            n = escape(&short(name, 26)),
+            full = escape(name),
             bh = row_h - 6.0,
             cx = label_w + w + 6.0,
             c = count
