@@ -11,9 +11,11 @@
 //!    connection (not even to `127.0.0.1`) is possible. Without root it tries an
 //!    unprivileged user namespace instead; if neither works it carries on and reports
 //!    `network: false`.
-//! 3. As root, `unshare(CLONE_NEWNS)` and size-limited private `tmpfs` mounts on the
-//!    sample's writable directory, `/tmp`, `/var/tmp` and `/dev/shm`, so whatever the
-//!    program writes is bounded and vanishes with it (`private_tmp`).
+//! 3. As root, `unshare(CLONE_NEWIPC | CLONE_NEWNS)` and size-limited private `tmpfs`
+//!    mounts on the sample's writable directory and on the world-writable `/tmp`,
+//!    `/var/tmp`, `/dev/shm`, `/run/lock`, so whatever the program writes is bounded and
+//!    vanishes with it (`private_tmp`). Each tmpfs is backed by memory: `tmpfs_mb` times
+//!    five bounds what one run can hold.
 //! 4. rlimits: address space, CPU seconds, processes, file size, open files, no core.
 //! 5. As root, a switch to a dedicated unprivileged uid/gid leased for this run (an
 //!    `flock`ed lock file per uid, so concurrent graders never share one). The program
@@ -47,7 +49,11 @@
 //! shadowing or replacing `isinstance`, `abs`, `AssertionError`, ... does not affect the
 //! asserts (and `assert` itself raises the real `AssertionError`).
 //!
-//! Limits, stated plainly: this is a sound guard against accidental or naive early exits
+//! Not isolated: the process table (no PID namespace, so `/proc` shows other
+//! processes' command lines), and path-based Unix sockets that the sandbox uid may
+//! open by file permissions.
+//!
+//! Limits of the verdict, stated plainly: this is a sound guard against accidental or naive early exits
 //! and monkey-patching, not against code that deliberately inspects the interpreter
 //! (walking `gc` or frames to find the nonce, `ctypes` memory writes), patches modules
 //! the test imports (`math.isclose`), or returns objects whose `__eq__` always answers
@@ -407,7 +413,7 @@ impl Sandbox {
             .map_err(|e| e.to_string())?,
             work_path: CString::new(work.as_os_str().as_encoded_bytes())
                 .map_err(|e| e.to_string())?,
-            tmp_dirs: ["/tmp", "/var/tmp", "/dev/shm"]
+            tmp_dirs: ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"]
                 .iter()
                 .filter(|p| Path::new(p).is_dir())
                 .filter_map(|p| CString::new(*p).ok())
@@ -595,6 +601,10 @@ impl ChildSetup {
                     || (self.uid.is_none()
                         && libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) == 0));
             let mut mnt = false;
+            // SysV IPC objects outlive processes; a private namespace discards them.
+            if self.private_tmp {
+                libc::unshare(libc::CLONE_NEWIPC);
+            }
             if self.private_tmp && libc::unshare(libc::CLONE_NEWNS) == 0 {
                 let none = c"none".as_ptr();
                 let tmpfs = c"tmpfs".as_ptr();
