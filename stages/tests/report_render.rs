@@ -246,3 +246,83 @@ fn loss_curve_reads_metrics_jsonl() {
     std::fs::write(&p, "not json\n").unwrap();
     assert!(read_loss_curve(&p).is_err());
 }
+
+#[test]
+fn variant_from_grade_has_cis_and_rows() {
+    use pipeline_stages::grade::{passk, GradeReport, Isolation, Problem, SampleResult, Status};
+    use pipeline_stages::report::{completion_rows, pass_at_k_ci};
+    let mut results = Vec::new();
+    let mut tasks = Vec::new();
+    for t in 0..20u64 {
+        for s in 0..10u64 {
+            let passed = s < t / 2;
+            results.push(SampleResult {
+                task_id: format!("T/{t}"),
+                completion: format!("    return {s}\n"),
+                passed,
+                result: if passed {
+                    "passed".into()
+                } else {
+                    "failed: ".into()
+                },
+                status: if passed {
+                    Status::Passed
+                } else {
+                    Status::Failed
+                },
+                error: None,
+                duration_s: 0.1,
+                extra: Default::default(),
+            });
+        }
+        tasks.push(TaskCounts {
+            task_id: format!("T/{t}"),
+            n: 10,
+            c: t / 2,
+        });
+    }
+    let grade = GradeReport {
+        pass_at_k: passk::summarize(&tasks, &[1, 10, 100]),
+        results,
+        tasks: tasks.clone(),
+        tasks_without_samples: 0,
+        status_counts: Default::default(),
+        isolation: Isolation::default(),
+        python: "python3".into(),
+    };
+    let v = VariantReport::from_grade("clean", "HumanEval", &grade, vec![]);
+    assert_eq!(
+        v.pass_at_k.iter().map(|p| p.k).collect::<Vec<_>>(),
+        vec![1, 10]
+    );
+    let p1 = v.pass_at_k[0];
+    // Mean of c/n = mean(t/2)/10 over t in 0..20 = 4.5 / 10.
+    assert!((p1.value - 0.45).abs() < 1e-12);
+    let (lo, hi) = (p1.ci_low.unwrap(), p1.ci_high.unwrap());
+    assert!(lo < 0.45 && 0.45 < hi && lo > 0.2 && hi < 0.7, "{lo} {hi}");
+    // Degenerate data: no spread, CI collapses to the value.
+    let all = vec![
+        TaskCounts {
+            task_id: "a".into(),
+            n: 1,
+            c: 1
+        };
+        5
+    ];
+    assert_eq!(pass_at_k_ci(&all, 1, 1000, 0.95, 0), Some((1.0, 1.0)));
+    assert_eq!(pass_at_k_ci(&all, 2, 1000, 0.95, 0), None);
+
+    let problems: Vec<Problem> = (0..3)
+        .map(|t| Problem {
+            task_id: format!("T/{t}"),
+            prompt: format!("def f{t}():\n"),
+            test: String::new(),
+            entry_point: format!("f{t}"),
+        })
+        .collect();
+    let rows = completion_rows(&problems, &[("a", &grade), ("b", &grade)], 2);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].completions.len(), 2);
+    assert_eq!(rows[1].completions[1].variant, "b");
+    assert_eq!(rows[1].completions[0].completion, "    return 0\n");
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::grade::{pass_at_k, GradeReport, PairedComparison, TaskCounts};
+use crate::grade::{pass_at_k, GradeReport, PairedComparison, Problem, TaskCounts};
 
 pub use html::render_html;
 pub use markdown::render_markdown;
@@ -278,6 +278,42 @@ impl VariantReport {
             loss,
         }
     }
+}
+
+/// Side-by-side rows for the first `max_rows` problems (in problem order) that every
+/// variant answered, showing each variant's first sample for the task.
+pub fn completion_rows(
+    problems: &[Problem],
+    variants: &[(&str, &GradeReport)],
+    max_rows: usize,
+) -> Vec<CompletionRow> {
+    let mut rows = Vec::new();
+    for p in problems {
+        if rows.len() >= max_rows {
+            break;
+        }
+        let completions: Option<Vec<VariantCompletion>> = variants
+            .iter()
+            .map(|(name, g)| {
+                g.results
+                    .iter()
+                    .find(|r| r.task_id == p.task_id)
+                    .map(|r| VariantCompletion {
+                        variant: name.to_string(),
+                        completion: r.completion.clone(),
+                        passed: Some(r.passed),
+                    })
+            })
+            .collect();
+        if let Some(completions) = completions {
+            rows.push(CompletionRow {
+                task_id: p.task_id.clone(),
+                prompt: p.prompt.clone(),
+                completions,
+            });
+        }
+    }
+    rows
 }
 
 /// Escapes text for HTML/XML element content and attribute values.
