@@ -462,26 +462,26 @@ impl Sandbox {
         set_nonblocking(&res_r)?;
         let mut out = Capture::new(self.opts.max_output_bytes);
         let mut res = Capture::new(64 * 1024);
-        let deadline = start + Duration::from_secs_f64(self.opts.timeout_s);
+        // The clock starts at spawn, so set-up under load does not eat into it.
+        let deadline = Instant::now() + Duration::from_secs_f64(self.opts.timeout_s);
         let mut timed_out = false;
-        let status = loop {
+        loop {
             poll_read(&mut [(&out_r, &mut out), (&res_r, &mut res)], 10);
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(e) => return Err(format!("waiting for the child: {e}")),
+            if exited_unreaped(pid) {
+                break;
             }
             if Instant::now() >= deadline {
                 timed_out = true;
-                kill_group(pid);
-                match child.wait() {
-                    Ok(status) => break status,
-                    Err(e) => return Err(format!("waiting for the child: {e}")),
-                }
+                break;
             }
-        };
-        // Stray descendants (background processes, fork bombs) die with the run.
+        }
+        // Kill the group while the unreaped leader still pins its id (so the id cannot
+        // have been reused), taking stray descendants (background processes, fork bombs)
+        // with it; then reap.
         kill_group(pid);
+        let status = child
+            .wait()
+            .map_err(|e| format!("waiting for the child: {e}"))?;
         if let Some(uid) = uid {
             reap_uid(uid);
         }
@@ -731,6 +731,23 @@ fn reap_uid(uid: u32) {
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
         }
+    }
+}
+
+/// Whether the child has exited, without reaping it (`WNOWAIT`).
+fn exited_unreaped(pid: libc::pid_t) -> bool {
+    // SAFETY: waitid on our own child with a zeroed siginfo out-parameter.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let r = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        // With WNOHANG, si_pid stays 0 while the child is running; an error (ECHILD)
+        // means there is nothing left to wait for.
+        r != 0 || info.si_pid() != 0
     }
 }
 
