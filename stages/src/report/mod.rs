@@ -1,0 +1,342 @@
+//! Experiment reports: markdown and a self-contained HTML page (inline CSS and SVG, no
+//! external assets, every piece of data HTML-escaped) rendered from a typed
+//! [`ReportData`].
+//!
+//! Sections: pass@k per variant with confidence-interval error bars, training-loss
+//! curves, data-filter statistics (counts per reason, histograms), side-by-side
+//! completions, paired comparisons with verdicts, and the manifest and cache keys that
+//! produced the results.
+
+mod html;
+mod markdown;
+pub mod svg;
+
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::grade::{pass_at_k, GradeReport, PairedComparison, Problem, TaskCounts};
+
+pub use html::render_html;
+pub use markdown::render_markdown;
+
+/// All the data a report shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportData {
+    /// Page title.
+    pub title: String,
+    /// Free-text introduction (rendered as a paragraph).
+    pub summary: String,
+    /// One entry per model variant (e.g. base, clean, messy).
+    pub variants: Vec<VariantReport>,
+    /// Paired comparisons between variants.
+    pub comparisons: Vec<PairedComparison>,
+    /// Data-filter statistics per dataset.
+    pub filters: Vec<FilterStats>,
+    /// Prompts with each variant's completion.
+    pub completions: Vec<CompletionRow>,
+    /// The manifest text that produced the run.
+    pub manifest: String,
+    /// Cache keys of the stages that produced the results.
+    pub cache_keys: Vec<CacheKey>,
+}
+
+/// One variant's evaluation and training curve.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VariantReport {
+    /// Variant name.
+    pub name: String,
+    /// Benchmark the scores are on (e.g. `HumanEval`).
+    pub benchmark: String,
+    /// pass@k scores with optional confidence intervals.
+    pub pass_at_k: Vec<ScorePoint>,
+    /// Tasks graded.
+    pub tasks: usize,
+    /// Samples graded.
+    pub samples: usize,
+    /// Training loss curve (empty for untrained baselines).
+    pub loss: Vec<LossPoint>,
+}
+
+/// pass@k for one k, with a confidence interval when known.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScorePoint {
+    /// The k.
+    pub k: u64,
+    /// Mean pass@k over tasks, in [0, 1].
+    pub value: f64,
+    /// Lower end of the confidence interval.
+    pub ci_low: Option<f64>,
+    /// Upper end of the confidence interval.
+    pub ci_high: Option<f64>,
+}
+
+/// One point of a training-loss curve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossPoint {
+    /// Optimizer step.
+    pub step: u64,
+    /// Training loss at that step.
+    pub loss: f64,
+}
+
+/// What a data filter kept and dropped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterStats {
+    /// Dataset name.
+    pub dataset: String,
+    /// Rows read.
+    pub total: u64,
+    /// Rows kept.
+    pub kept: u64,
+    /// Drop counts per reason.
+    pub reasons: Vec<ReasonCount>,
+    /// Score histograms (e.g. quality score, length).
+    pub histograms: Vec<Histogram>,
+}
+
+/// Rows dropped for one reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonCount {
+    /// Reason, e.g. `too_short`.
+    pub reason: String,
+    /// Rows dropped.
+    pub count: u64,
+}
+
+/// A histogram with explicit bin edges (`edges.len() == counts.len() + 1`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Histogram {
+    /// What is counted, e.g. `quality score`.
+    pub title: String,
+    /// Bin edges, ascending.
+    pub edges: Vec<f64>,
+    /// Count per bin.
+    pub counts: Vec<u64>,
+    /// A filter threshold to mark, if any.
+    pub threshold: Option<f64>,
+}
+
+/// One prompt and each variant's completion.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompletionRow {
+    /// Task id.
+    pub task_id: String,
+    /// The prompt.
+    pub prompt: String,
+    /// One per variant, in the order of [`ReportData::variants`].
+    pub completions: Vec<VariantCompletion>,
+}
+
+/// A variant's completion of a prompt.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VariantCompletion {
+    /// Variant name.
+    pub variant: String,
+    /// Generated code.
+    pub completion: String,
+    /// Whether it passed the tests, if graded.
+    pub passed: Option<bool>,
+}
+
+/// The cache key of one stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKey {
+    /// Stage name.
+    pub stage: String,
+    /// Its cache key (hash).
+    pub key: String,
+}
+
+/// Errors of report helpers.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum ReportError {
+    /// A metrics file could not be read.
+    #[error("cannot read metrics {path}: {source}")]
+    #[diagnostic(help("pass the metrics JSONL written by the lora-train stage"))]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A metrics line is not JSON.
+    #[error("{path}:{line}: {source}")]
+    #[diagnostic(help(
+        "each line must be a JSON object such as {{\"step\": 10, \"loss\": 1.23}}"
+    ))]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// Cause.
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a training metrics JSONL (`{"step": .., "loss": .., ...}` per line); lines
+/// without both a numeric `step` and a finite `loss` (e.g. eval records) are skipped.
+pub fn read_loss_curve(path: &Path) -> Result<Vec<LossPoint>, ReportError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|source| ReportError::Parse {
+                path: path.to_path_buf(),
+                line: i + 1,
+                source,
+            })?;
+        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+            if loss.is_finite() {
+                out.push(LossPoint { step, loss });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Seeded percentile-bootstrap CI (over tasks) of mean pass@k.
+pub fn pass_at_k_ci(
+    tasks: &[TaskCounts],
+    k: u64,
+    resamples: usize,
+    confidence: f64,
+    seed: u64,
+) -> Option<(f64, f64)> {
+    let per_task: Vec<f64> = tasks
+        .iter()
+        .map(|t| pass_at_k(t.n, t.c, k))
+        .collect::<Option<Vec<f64>>>()?;
+    if per_task.is_empty() || resamples == 0 {
+        return None;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let m = per_task.len();
+    let mut means: Vec<f64> = (0..resamples)
+        .map(|_| {
+            (0..m)
+                .map(|_| per_task[rng.random_range(0..m)])
+                .sum::<f64>()
+                / m as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let q = |p: f64| means[((p * (resamples - 1) as f64).round() as usize).min(resamples - 1)];
+    let tail = (1.0 - confidence) / 2.0;
+    Some((q(tail), q(1.0 - tail)))
+}
+
+impl VariantReport {
+    /// Builds a variant's entry from a grading run, with 95% bootstrap CIs (10,000
+    /// resamples, fixed seed) on every reported pass@k.
+    pub fn from_grade(
+        name: &str,
+        benchmark: &str,
+        grade: &GradeReport,
+        loss: Vec<LossPoint>,
+    ) -> Self {
+        let pass_at_k = grade
+            .pass_at_k
+            .scores
+            .iter()
+            .filter_map(|(key, &value)| {
+                let k: u64 = key.strip_prefix("pass@")?.parse().ok()?;
+                let ci = pass_at_k_ci(&grade.tasks, k, 10_000, 0.95, 0);
+                Some(ScorePoint {
+                    k,
+                    value,
+                    ci_low: ci.map(|c| c.0),
+                    ci_high: ci.map(|c| c.1),
+                })
+            })
+            .collect::<Vec<_>>();
+        let mut pass_at_k = pass_at_k;
+        pass_at_k.sort_by_key(|p| p.k);
+        VariantReport {
+            name: name.to_string(),
+            benchmark: benchmark.to_string(),
+            pass_at_k,
+            tasks: grade.tasks.len(),
+            samples: grade.results.len(),
+            loss,
+        }
+    }
+}
+
+/// Side-by-side rows for the first `max_rows` problems (in problem order) that every
+/// variant answered, showing each variant's first sample for the task.
+pub fn completion_rows(
+    problems: &[Problem],
+    variants: &[(&str, &GradeReport)],
+    max_rows: usize,
+) -> Vec<CompletionRow> {
+    let mut rows = Vec::new();
+    for p in problems {
+        if rows.len() >= max_rows {
+            break;
+        }
+        let completions: Option<Vec<VariantCompletion>> = variants
+            .iter()
+            .map(|(name, g)| {
+                g.results
+                    .iter()
+                    .find(|r| r.task_id == p.task_id)
+                    .map(|r| VariantCompletion {
+                        variant: name.to_string(),
+                        completion: r.completion.clone(),
+                        passed: Some(r.passed),
+                    })
+            })
+            .collect();
+        if let Some(completions) = completions {
+            rows.push(CompletionRow {
+                task_id: p.task_id.clone(),
+                prompt: p.prompt.clone(),
+                completions,
+            });
+        }
+    }
+    rows
+}
+
+/// Escapes text for HTML/XML element content and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            // Control characters are not allowed in XML; show them visibly instead.
+            c if (c as u32) < 0x20 && c != '\n' && c != '\t' && c != '\r' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Formats a probability as a percentage with one decimal.
+pub(crate) fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}

