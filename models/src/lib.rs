@@ -6,8 +6,13 @@
 //! `layer_norm`, `rms_norm`, `softmax_last_dim`, `rope*`, `sdpa` and `QMatMul` do not), which the
 //! gradient tests check against finite differences.
 
+pub mod arch;
 pub mod causal_lm;
+pub mod layers;
 pub mod linear;
+pub mod lora;
+pub mod weights;
 
 pub use causal_lm::{CausalLm, KvCache};
 pub use linear::LinearLayer;
+pub use lora::{LoraConfig, LoraLinear};
