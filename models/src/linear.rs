@@ -40,8 +40,17 @@ pub trait LinearLayer: Send + Sync {
         let zero = Tensor::zeros((1, n), dtype, device)?;
         let bias = self.forward(&zero)?.squeeze(0)?;
         let eye = Tensor::eye(n, dtype, device)?;
-        let weight = self.forward(&eye)?.broadcast_sub(&bias)?.t()?.contiguous()?;
-        let bias_is_zero = bias.abs()?.to_dtype(DType::F32)?.max_all()?.to_scalar::<f32>()? == 0.0;
+        let weight = self
+            .forward(&eye)?
+            .broadcast_sub(&bias)?
+            .t()?
+            .contiguous()?;
+        let bias_is_zero = bias
+            .abs()?
+            .to_dtype(DType::F32)?
+            .max_all()?
+            .to_scalar::<f32>()?
+            == 0.0;
         Ok((weight, if bias_is_zero { None } else { Some(bias) }))
     }
 }

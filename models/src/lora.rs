@@ -30,9 +30,12 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// Whether the module at `path` gets an adapter.
     pub fn matches(&self, path: &str) -> bool {
-        self.target_modules
-            .iter()
-            .any(|t| path == t || path.strip_suffix(t.as_str()).is_some_and(|p| p.ends_with('.')))
+        self.target_modules.iter().any(|t| {
+            path == t
+                || path
+                    .strip_suffix(t.as_str())
+                    .is_some_and(|p| p.ends_with('.'))
+        })
     }
 
     /// `alpha / r`.
@@ -69,7 +72,12 @@ pub struct LoraLinear {
 impl LoraLinear {
     /// Wraps `base` with f32 adapters on `device`; `seed` fixes `lora_A`'s initialisation and
     /// the dropout masks. Starts in training mode.
-    pub fn new(base: Box<dyn LinearLayer>, config: &LoraConfig, seed: u64, device: &Device) -> Result<Self> {
+    pub fn new(
+        base: Box<dyn LinearLayer>,
+        config: &LoraConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         Self::with_master_dtype(base, config, seed, device, DType::F32)
     }
 
@@ -89,7 +97,9 @@ impl LoraLinear {
         let (fan_in, out, r) = (base.in_features(), base.out_features(), config.r);
         let mut rng = StdRng::seed_from_u64(seed);
         let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-        let a: Vec<f64> = (0..r * fan_in).map(|_| rng.random_range(-bound..bound)).collect();
+        let a: Vec<f64> = (0..r * fan_in)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
         let a = Tensor::from_vec(a, (r, fan_in), device)?.to_dtype(master_dtype)?;
         let b = Tensor::zeros((out, r), master_dtype, device)?;
         Ok(Self {
@@ -156,7 +166,15 @@ impl LoraLinear {
                 .rng
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("LoRA dropout RNG lock poisoned".into()))?;
-            (0..n).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }).collect()
+            (0..n)
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        (1.0 / keep) as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
@@ -183,7 +201,10 @@ impl LinearLayer for LoraLinear {
     }
 
     fn trainable_vars(&self) -> Vec<(String, Var)> {
-        vec![("lora_A.weight".to_string(), self.a.clone()), ("lora_B.weight".to_string(), self.b.clone())]
+        vec![
+            ("lora_A.weight".to_string(), self.a.clone()),
+            ("lora_B.weight".to_string(), self.b.clone()),
+        ]
     }
 
     fn set_training(&self, training: bool) {

@@ -101,32 +101,50 @@ pub struct Weights {
 impl Weights {
     /// Memory-maps safetensors files (e.g. every `model-0000N-of-0000M.safetensors` of a
     /// checkpoint); tensors are read onto `device` when asked for.
-    pub fn from_safetensors<P: AsRef<Path>>(paths: &[P], device: &Device) -> Result<Self, LoadError> {
+    pub fn from_safetensors<P: AsRef<Path>>(
+        paths: &[P],
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         for p in paths {
             let p = p.as_ref();
             if let Err(source) = std::fs::metadata(p) {
-                return Err(LoadError::Io { path: p.to_path_buf(), source });
+                return Err(LoadError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                });
             }
         }
         // SAFETY: the mapping is read-only; model files are not modified while a model runs,
         // which is the caller's responsibility as with any memory-mapped checkpoint.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths)? };
-        Ok(Self { source: Source::Safetensors(st), device: device.clone() })
+        Ok(Self {
+            source: Source::Safetensors(st),
+            device: device.clone(),
+        })
     }
 
     /// Weights from tensors already in memory (e.g. random weights in tests). Dense tensors
     /// are moved to `device`.
-    pub fn from_tensors(tensors: HashMap<String, Tensor>, device: &Device) -> Result<Self, LoadError> {
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
         let mut map = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
             map.insert(name, StoredTensor::Dense(t.to_device(device)?));
         }
-        Ok(Self { source: Source::Memory(map), device: device.clone() })
+        Ok(Self {
+            source: Source::Memory(map),
+            device: device.clone(),
+        })
     }
 
     /// Weights from stored tensors (dense or quantized) already on `device`.
     pub fn from_stored(tensors: HashMap<String, StoredTensor>, device: &Device) -> Self {
-        Self { source: Source::Memory(tensors), device: device.clone() }
+        Self {
+            source: Source::Memory(tensors),
+            device: device.clone(),
+        }
     }
 
     /// The device tensors are loaded onto.
@@ -157,13 +175,18 @@ impl Weights {
         match &self.source {
             Source::Safetensors(st) => {
                 if st.get(name).is_err() {
-                    return Err(LoadError::MissingTensor { name: name.to_string() });
+                    return Err(LoadError::MissingTensor {
+                        name: name.to_string(),
+                    });
                 }
                 Ok(StoredTensor::Dense(st.load(name, &self.device)?))
             }
-            Source::Memory(m) => {
-                m.get(name).cloned().ok_or_else(|| LoadError::MissingTensor { name: name.to_string() })
-            }
+            Source::Memory(m) => m
+                .get(name)
+                .cloned()
+                .ok_or_else(|| LoadError::MissingTensor {
+                    name: name.to_string(),
+                }),
         }
     }
 
@@ -172,7 +195,11 @@ impl Weights {
         let t = self.stored(name)?;
         let got = t.dims();
         if got != want {
-            return Err(LoadError::Shape { name: name.to_string(), got, want: want.to_vec() });
+            return Err(LoadError::Shape {
+                name: name.to_string(),
+                got,
+                want: want.to_vec(),
+            });
         }
         Ok(t)
     }
@@ -211,8 +238,16 @@ pub struct GgufLlamaMeta {
 fn meta_u32(c: &gguf_file::Content, key: &str) -> Result<usize, LoadError> {
     c.metadata
         .get(key)
-        .and_then(|v| v.to_u32().ok().map(|x| x as usize).or_else(|| v.to_u64().ok().map(|x| x as usize)))
-        .ok_or_else(|| LoadError::GgufMetadata { key: key.to_string(), want: "an integer" })
+        .and_then(|v| {
+            v.to_u32()
+                .ok()
+                .map(|x| x as usize)
+                .or_else(|| v.to_u64().ok().map(|x| x as usize))
+        })
+        .ok_or_else(|| LoadError::GgufMetadata {
+            key: key.to_string(),
+            want: "an integer",
+        })
 }
 
 fn meta_f32(c: &gguf_file::Content, key: &str) -> Result<f64, LoadError> {
@@ -220,7 +255,10 @@ fn meta_f32(c: &gguf_file::Content, key: &str) -> Result<f64, LoadError> {
         .get(key)
         .and_then(|v| v.to_f32().ok())
         .map(f64::from)
-        .ok_or_else(|| LoadError::GgufMetadata { key: key.to_string(), want: "a float" })
+        .ok_or_else(|| LoadError::GgufMetadata {
+            key: key.to_string(),
+            want: "a float",
+        })
 }
 
 /// Maps a llama.cpp tensor name to its Hugging Face name (`None` for tensors HF has no
@@ -260,7 +298,7 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
 /// along rows.
 fn unpermute_rows(q: &QTensor, n_heads: usize) -> Result<QTensor, LoadError> {
     let (rows, cols) = q.shape().dims2()?;
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || !rows.is_multiple_of(n_heads) || !(rows / n_heads).is_multiple_of(2) {
         return Err(LoadError::Unsupported(format!(
             "cannot split {rows} rows into {n_heads} heads of even size"
         )));
@@ -294,8 +332,14 @@ fn unpermute_rows(q: &QTensor, n_heads: usize) -> Result<QTensor, LoadError> {
 
 /// Reads a llama-architecture GGUF file: its tensors under HF names (q/k rows un-permuted,
 /// quantized tensors kept quantized) and the metadata to build a Llama config.
-pub fn load_gguf_llama(path: &Path, device: &Device) -> Result<(Weights, GgufLlamaMeta), LoadError> {
-    let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+pub fn load_gguf_llama(
+    path: &Path,
+    device: &Device,
+) -> Result<(Weights, GgufLlamaMeta), LoadError> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let content = gguf_file::Content::read(&mut file)?;
     let arch = content
@@ -318,7 +362,9 @@ pub fn load_gguf_llama(path: &Path, device: &Device) -> Result<(Weights, GgufLla
     let embd = content
         .tensor_infos
         .get("token_embd.weight")
-        .ok_or_else(|| LoadError::MissingTensor { name: "token_embd.weight".into() })?;
+        .ok_or_else(|| LoadError::MissingTensor {
+            name: "token_embd.weight".into(),
+        })?;
     let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
     let meta = GgufLlamaMeta {
         vocab_size,
@@ -336,7 +382,9 @@ pub fn load_gguf_llama(path: &Path, device: &Device) -> Result<(Weights, GgufLla
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = gguf_to_hf_name(name) else { continue };
+        let Some(hf) = gguf_to_hf_name(name) else {
+            continue;
+        };
         let mut q = content.tensor(&mut file, name, device)?;
         if hf.ends_with("q_proj.weight") {
             q = unpermute_rows(&q, meta.num_attention_heads)?;

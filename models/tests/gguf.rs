@@ -55,7 +55,11 @@ fn hf_to_gguf(name: &str) -> String {
 /// Writes the tiny Llama fixture as a GGUF file; q/k use `qk_dtype`, everything else f32.
 fn write_tiny_gguf(path: &std::path::Path, qk_dtype: GgmlDType) -> LlamaConfig {
     let cfg = LlamaConfig::from_json_file(&fixture("tiny_llama").join("config.json")).unwrap();
-    let hf = candle_core::safetensors::load(fixture("tiny_llama").join("model.safetensors"), &Device::Cpu).unwrap();
+    let hf = candle_core::safetensors::load(
+        fixture("tiny_llama").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut tensors = Vec::new();
     let mut names: Vec<&String> = hf.keys().collect();
     names.sort();
@@ -76,13 +80,31 @@ fn write_tiny_gguf(path: &std::path::Path, qk_dtype: GgmlDType) -> LlamaConfig {
     let meta: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         ("llama.embedding_length", Value::U32(cfg.hidden_size as u32)),
-        ("llama.feed_forward_length", Value::U32(cfg.intermediate_size as u32)),
-        ("llama.block_count", Value::U32(cfg.num_hidden_layers as u32)),
-        ("llama.attention.head_count", Value::U32(cfg.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv", Value::U32(cfg.num_key_value_heads.unwrap() as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32)),
+        (
+            "llama.feed_forward_length",
+            Value::U32(cfg.intermediate_size as u32),
+        ),
+        (
+            "llama.block_count",
+            Value::U32(cfg.num_hidden_layers as u32),
+        ),
+        (
+            "llama.attention.head_count",
+            Value::U32(cfg.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(cfg.num_key_value_heads.unwrap() as u32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
         ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
-        ("llama.context_length", Value::U32(cfg.max_position_embeddings as u32)),
+        (
+            "llama.context_length",
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
     ];
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -98,10 +120,23 @@ fn gguf_layout_gives_hf_logits() {
     let hf_cfg = write_tiny_gguf(&path, GgmlDType::F32);
     let (weights, meta) = load_gguf_llama(&path, &Device::Cpu).unwrap();
     let cfg = LlamaConfig::from_gguf_meta(&meta);
-    assert!(cfg.tie_word_embeddings, "no output.weight means tied embeddings");
+    assert!(
+        cfg.tie_word_embeddings,
+        "no output.weight means tied embeddings"
+    );
     assert_eq!(
-        (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads),
-        (hf_cfg.vocab_size, hf_cfg.hidden_size, hf_cfg.num_hidden_layers, hf_cfg.num_key_value_heads)
+        (
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads
+        ),
+        (
+            hf_cfg.vocab_size,
+            hf_cfg.hidden_size,
+            hf_cfg.num_hidden_layers,
+            hf_cfg.num_key_value_heads
+        )
     );
     let model = Llama::new(&cfg, &weights, DType::F32, &mut DenseFactory).unwrap();
     let (ids, mask, want) = load_io("tiny_llama");
@@ -115,14 +150,24 @@ fn quantized_qk_rows_are_unpermuted_exactly() {
     let path = dir.path().join("tiny_q8.gguf");
     write_tiny_gguf(&path, GgmlDType::Q8_0);
     let (weights, _) = load_gguf_llama(&path, &Device::Cpu).unwrap();
-    let hf = candle_core::safetensors::load(fixture("tiny_llama").join("model.safetensors"), &Device::Cpu).unwrap();
-    for name in ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"] {
+    let hf = candle_core::safetensors::load(
+        fixture("tiny_llama").join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+    ] {
         let StoredTensor::Quantized(q) = weights.stored(name).unwrap() else {
             panic!("{name} should stay quantized");
         };
         assert_eq!(q.dtype(), GgmlDType::Q8_0);
         // Quantization blocks run along rows, so quantize-then-reorder equals reorder-then-quantize.
-        let want = QTensor::quantize(&hf[name], GgmlDType::Q8_0).unwrap().dequantize(&Device::Cpu).unwrap();
+        let want = QTensor::quantize(&hf[name], GgmlDType::Q8_0)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
         let got = q.dequantize(&Device::Cpu).unwrap();
         assert_eq!(max_abs_diff(&got, &want), 0.0, "{name}");
     }
@@ -130,7 +175,10 @@ fn quantized_qk_rows_are_unpermuted_exactly() {
 
 #[test]
 fn gguf_loader_rejects_missing_file_with_path() {
-    let err = match load_gguf_llama(std::path::Path::new("/nonexistent/model.gguf"), &Device::Cpu) {
+    let err = match load_gguf_llama(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        &Device::Cpu,
+    ) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("loading a missing file must fail"),
     };
@@ -145,12 +193,23 @@ fn smollm2_gguf_matches_transformers() {
     };
     let path = std::path::PathBuf::from(path);
     if !path.exists() {
-        eprintln!("skipping: PIPELINE_SMOLLM2_GGUF={} does not exist", path.display());
+        eprintln!(
+            "skipping: PIPELINE_SMOLLM2_GGUF={} does not exist",
+            path.display()
+        );
         return;
     }
     let (weights, meta) = load_gguf_llama(&path, &Device::Cpu).unwrap();
     let cfg = LlamaConfig::from_gguf_meta(&meta);
-    assert_eq!((cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads), (30, 576, 9, Some(3)));
+    assert_eq!(
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads
+        ),
+        (30, 576, 9, Some(3))
+    );
     let model = Llama::new(&cfg, &weights, DType::F32, &mut DenseFactory).unwrap();
     let reference: HashMap<String, Tensor> =
         candle_core::safetensors::load(fixture("smollm2_ref.safetensors"), &Device::Cpu).unwrap();
@@ -162,6 +221,12 @@ fn smollm2_gguf_matches_transformers() {
     let max_diff = max_abs_diff(&logits.max(2).unwrap(), &reference["max"]);
     let argmax = logits.argmax(2).unwrap().to_dtype(DType::I64).unwrap();
     eprintln!("smollm2: max |diff| first 256 logits {diff}, of max logit {max_diff}");
-    assert!(diff < 1e-3 && max_diff < 1e-3, "logits differ: {diff} / {max_diff}");
-    assert_eq!(argmax.to_vec2::<i64>().unwrap(), reference["argmax"].to_vec2::<i64>().unwrap());
+    assert!(
+        diff < 1e-3 && max_diff < 1e-3,
+        "logits differ: {diff} / {max_diff}"
+    );
+    assert_eq!(
+        argmax.to_vec2::<i64>().unwrap(),
+        reference["argmax"].to_vec2::<i64>().unwrap()
+    );
 }

@@ -9,7 +9,12 @@ use pipeline_models::layers::{Dense, LayerNorm, RmsNorm, Rotary};
 use pipeline_models::{LinearLayer, LoraConfig, LoraLinear};
 
 fn config(dropout: f64) -> LoraConfig {
-    LoraConfig { r: 4, alpha: 8.0, dropout, target_modules: vec!["q_proj".into()] }
+    LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout,
+        target_modules: vec!["q_proj".into()],
+    }
 }
 
 fn dense(out: usize, inp: usize, bias: bool) -> Dense {
@@ -24,9 +29,19 @@ fn dense_computes_x_wt_plus_b() {
     let b = Tensor::new(&[0.5f32, -1.0, 2.0], &Device::Cpu).unwrap();
     let d = Dense::new(w, Some(b)).unwrap();
     let x = Tensor::new(&[[[1f32, 1.0], [2.0, -1.0]]], &Device::Cpu).unwrap();
-    let y: Vec<Vec<f32>> = d.forward(&x).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let y: Vec<Vec<f32>> = d
+        .forward(&x)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     assert_eq!(y, vec![vec![3.5, 6.0, 13.0], vec![0.5, 1.0, 6.0]]);
-    assert!(Dense::new(Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(), Some(Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())).is_err());
+    assert!(Dense::new(
+        Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(),
+        Some(Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())
+    )
+    .is_err());
 }
 
 #[test]
@@ -34,7 +49,10 @@ fn fresh_adapter_is_a_no_op_and_a_is_kaiming_uniform() {
     let base = dense(16, 64, true);
     let lora = LoraLinear::new(Box::new(base.clone()), &config(0.0), 1, &Device::Cpu).unwrap();
     let x = Tensor::randn(0f32, 1f32, (3, 5, 64), &Device::Cpu).unwrap();
-    assert_eq!(max_abs_diff(&lora.forward(&x).unwrap(), &base.forward(&x).unwrap()), 0.0);
+    assert_eq!(
+        max_abs_diff(&lora.forward(&x).unwrap(), &base.forward(&x).unwrap()),
+        0.0
+    );
     let a: Vec<f32> = lora.lora_a().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(lora.lora_a().dims(), &[4, 64]);
     assert_eq!(lora.lora_b().dims(), &[16, 4]);
@@ -42,7 +60,10 @@ fn fresh_adapter_is_a_no_op_and_a_is_kaiming_uniform() {
     let bound = 1.0 / 8.0; // 1/√fan_in
     assert!(a.iter().all(|v| v.abs() <= bound));
     let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(max > 0.9 * bound, "A should fill U(-1/√in, 1/√in), max {max}");
+    assert!(
+        max > 0.9 * bound,
+        "A should fill U(-1/√in, 1/√in), max {max}"
+    );
     let names: Vec<String> = lora.trainable_vars().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["lora_A.weight", "lora_B.weight"]);
     // Same seed, same init; different seed, different init.
@@ -56,10 +77,13 @@ fn fresh_adapter_is_a_no_op_and_a_is_kaiming_uniform() {
 fn update_is_scaled_b_a_x() {
     let base = dense(6, 5, false);
     let lora = LoraLinear::new(Box::new(base.clone()), &config(0.0), 3, &Device::Cpu).unwrap();
-    lora.lora_b().set(&Tensor::randn(0f32, 1f32, (6, 4), &Device::Cpu).unwrap()).unwrap();
+    lora.lora_b()
+        .set(&Tensor::randn(0f32, 1f32, (6, 4), &Device::Cpu).unwrap())
+        .unwrap();
     let x = Tensor::randn(0f32, 1f32, (2, 5), &Device::Cpu).unwrap();
     let ba = lora.lora_b().matmul(lora.lora_a()).unwrap();
-    let want = (base.forward(&x).unwrap() + (x.matmul(&ba.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
+    let want =
+        (base.forward(&x).unwrap() + (x.matmul(&ba.t().unwrap()).unwrap() * 2.0).unwrap()).unwrap();
     assert!(max_abs_diff(&lora.forward(&x).unwrap(), &want) < 1e-5);
     // Half-precision inputs: masters stay f32, the output follows the input dtype.
     let half = LoraLinear::new(
@@ -80,7 +104,9 @@ fn dropout_is_seeded_and_off_in_eval() {
     let base = dense(8, 32, false);
     let make = || {
         let l = LoraLinear::new(Box::new(base.clone()), &config(0.5), 9, &Device::Cpu).unwrap();
-        l.lora_b().set(&Tensor::ones((8, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        l.lora_b()
+            .set(&Tensor::ones((8, 4), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         l
     };
     let (l1, l2) = (make(), make());
@@ -105,7 +131,9 @@ fn dropout_is_seeded_and_off_in_eval() {
 fn merge_and_unmerge_round_trip() {
     let base = dense(7, 9, true);
     let lora = LoraLinear::new(Box::new(base.clone()), &config(0.3), 4, &Device::Cpu).unwrap();
-    lora.lora_b().set(&Tensor::randn(0f32, 1f32, (7, 4), &Device::Cpu).unwrap()).unwrap();
+    lora.lora_b()
+        .set(&Tensor::randn(0f32, 1f32, (7, 4), &Device::Cpu).unwrap())
+        .unwrap();
     lora.set_training(false);
     let merged = lora.merge_to_dense(DType::F32).unwrap();
     let x = Tensor::randn(0f32, 1f32, (3, 9), &Device::Cpu).unwrap();
@@ -125,7 +153,13 @@ fn merge_and_unmerge_round_trip() {
             self.0.out_features()
         }
     }
-    let opaque = LoraLinear::new(Box::new(Opaque(base.clone())), &config(0.0), 4, &Device::Cpu).unwrap();
+    let opaque = LoraLinear::new(
+        Box::new(Opaque(base.clone())),
+        &config(0.0),
+        4,
+        &Device::Cpu,
+    )
+    .unwrap();
     opaque.lora_b().set(lora.lora_b().as_tensor()).unwrap();
     let merged2 = opaque.merge_to_dense(DType::F32).unwrap();
     assert!(max_abs_diff(merged2.weight(), merged.weight()) < 1e-5);
@@ -134,7 +168,12 @@ fn merge_and_unmerge_round_trip() {
 
 #[test]
 fn config_matching_and_validation() {
-    let c = LoraConfig { r: 8, alpha: 16.0, dropout: 0.05, target_modules: vec!["q_proj".into(), "dense".into()] };
+    let c = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
+        target_modules: vec!["q_proj".into(), "dense".into()],
+    };
     assert!(c.matches("model.layers.3.self_attn.q_proj"));
     assert!(c.matches("model.layers.3.self_attn.dense"));
     assert!(!c.matches("model.layers.3.self_attn.xq_proj"));
@@ -151,14 +190,20 @@ fn norms_match_their_definitions() {
     let x = Tensor::randn(0f32, 2f32, (3, 10), &Device::Cpu).unwrap();
     let w = Tensor::randn(1f32, 0.1f32, 10, &Device::Cpu).unwrap();
     let b = Tensor::randn(0f32, 0.1f32, 10, &Device::Cpu).unwrap();
-    let ln = LayerNorm::new(w.clone(), b.clone(), 1e-5).unwrap().forward(&x).unwrap();
+    let ln = LayerNorm::new(w.clone(), b.clone(), 1e-5)
+        .unwrap()
+        .forward(&x)
+        .unwrap();
     let want = candle_nn::ops::layer_norm(&x, &w, &b, 1e-5).unwrap();
     assert!(max_abs_diff(&ln, &want) < 1e-5);
     let rms = RmsNorm::new(w.clone(), 1e-6).unwrap().forward(&x).unwrap();
     let want = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
     assert!(max_abs_diff(&rms, &want) < 1e-5);
     // Half-precision inputs come back in their dtype.
-    let y = RmsNorm::new(w, 1e-6).unwrap().forward(&x.to_dtype(DType::F16).unwrap()).unwrap();
+    let y = RmsNorm::new(w, 1e-6)
+        .unwrap()
+        .forward(&x.to_dtype(DType::F16).unwrap())
+        .unwrap();
     assert_eq!(y.dtype(), DType::F16);
 }
 
@@ -166,13 +211,39 @@ fn norms_match_their_definitions() {
 fn rotary_matches_candle_rope_and_keeps_the_pass_through_part() {
     let (b, h, t, d) = (2, 3, 5, 8);
     let x = Tensor::randn(0f32, 1f32, (b, h, t, d), &Device::Cpu).unwrap();
-    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((b, 1)).unwrap();
+    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((b, 1))
+        .unwrap();
     let full = Rotary::new(d, d, 10_000.0).unwrap();
     let (cos, sin) = full.cos_sin(&pos, DType::F32).unwrap();
     let got = full.apply(&x, &cos, &sin).unwrap();
-    let c = cos.narrow(0, 0, 1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().narrow(D::Minus1, 0, d / 2).unwrap();
-    let s = sin.narrow(0, 0, 1).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().narrow(D::Minus1, 0, d / 2).unwrap();
-    let want = candle_nn::rotary_emb::rope(&x.contiguous().unwrap(), &c.contiguous().unwrap(), &s.contiguous().unwrap()).unwrap();
+    let c = cos
+        .narrow(0, 0, 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .narrow(D::Minus1, 0, d / 2)
+        .unwrap();
+    let s = sin
+        .narrow(0, 0, 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .narrow(D::Minus1, 0, d / 2)
+        .unwrap();
+    let want = candle_nn::rotary_emb::rope(
+        &x.contiguous().unwrap(),
+        &c.contiguous().unwrap(),
+        &s.contiguous().unwrap(),
+    )
+    .unwrap();
     assert!(max_abs_diff(&got, &want) < 1e-5);
     let partial = Rotary::new(d, d / 2, 10_000.0).unwrap();
     let (cos, sin) = partial.cos_sin(&pos, DType::F32).unwrap();

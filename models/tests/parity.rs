@@ -15,13 +15,28 @@ fn fixture_weights(dir: &str) -> Weights {
 
 fn tiny_phi() -> Phi {
     let cfg = PhiConfig::from_json_file(&fixture("tiny_phi").join("config.json")).unwrap();
-    Phi::new(&cfg, &fixture_weights("tiny_phi"), DType::F32, &mut DenseFactory).unwrap()
+    Phi::new(
+        &cfg,
+        &fixture_weights("tiny_phi"),
+        DType::F32,
+        &mut DenseFactory,
+    )
+    .unwrap()
 }
 
 fn tiny_llama() -> Llama {
     let cfg = LlamaConfig::from_json_file(&fixture("tiny_llama").join("config.json")).unwrap();
-    assert!(cfg.tie_word_embeddings, "the fixture exercises tied embeddings");
-    Llama::new(&cfg, &fixture_weights("tiny_llama"), DType::F32, &mut DenseFactory).unwrap()
+    assert!(
+        cfg.tie_word_embeddings,
+        "the fixture exercises tied embeddings"
+    );
+    Llama::new(
+        &cfg,
+        &fixture_weights("tiny_llama"),
+        DType::F32,
+        &mut DenseFactory,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -46,7 +61,13 @@ fn llama_logits_match_transformers() {
 fn half_precision_forward_stays_close() {
     let (ids, mask, want) = load_io("tiny_llama");
     let cfg = LlamaConfig::from_json_file(&fixture("tiny_llama").join("config.json")).unwrap();
-    let model = Llama::new(&cfg, &fixture_weights("tiny_llama"), DType::BF16, &mut DenseFactory).unwrap();
+    let model = Llama::new(
+        &cfg,
+        &fixture_weights("tiny_llama"),
+        DType::BF16,
+        &mut DenseFactory,
+    )
+    .unwrap();
     let got = model.forward(&ids, &mask).unwrap();
     assert_eq!(got.dtype(), DType::F32);
     let diff = max_abs_diff(&got, &want);
@@ -60,9 +81,16 @@ fn chunked(model: &dyn CausalLm, ids: &Tensor, chunks: &[usize]) -> Tensor {
     let mut outs = Vec::new();
     for &len in chunks {
         let chunk = ids.narrow(1, start, len).unwrap();
-        let pos = Tensor::arange(start as u32, (start + len) as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let pos = Tensor::arange(start as u32, (start + len) as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let mask = Tensor::ones((1, start + len), DType::U8, &Device::Cpu).unwrap();
-        outs.push(model.forward_cached(&chunk, &pos, &mask, &mut cache).unwrap());
+        outs.push(
+            model
+                .forward_cached(&chunk, &pos, &mask, &mut cache)
+                .unwrap(),
+        );
         start += len;
         assert_eq!(cache.seq_len(), start);
     }
@@ -96,24 +124,60 @@ fn left_padding_with_positions_matches_unpadded_row() {
     let row0 = Tensor::cat(&[&pad, &real], 1).unwrap();
     let row1 = ids.narrow(0, 0, 1).unwrap();
     let batch = Tensor::cat(&[&row0, &row1], 0).unwrap();
-    let mask = Tensor::new(&[[0u8, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
-    let pos = Tensor::new(&[[0u32, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(
+        &[[0u8, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let pos = Tensor::new(
+        &[[0u32, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]],
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut cache = model.new_cache();
-    let got = model.forward_cached(&batch, &pos, &mask, &mut cache).unwrap();
-    assert!(got.to_vec3::<f32>().unwrap().iter().flatten().flatten().all(|x| x.is_finite()));
+    let got = model
+        .forward_cached(&batch, &pos, &mask, &mut cache)
+        .unwrap();
+    assert!(got
+        .to_vec3::<f32>()
+        .unwrap()
+        .iter()
+        .flatten()
+        .flatten()
+        .all(|x| x.is_finite()));
     let want0 = want.narrow(0, 0, 1).unwrap().narrow(1, 0, 5).unwrap();
     let got0 = got.narrow(0, 0, 1).unwrap().narrow(1, 2, 5).unwrap();
-    assert!(max_abs_diff(&got0, &want0) < 1e-4, "left-padded row differs");
+    assert!(
+        max_abs_diff(&got0, &want0) < 1e-4,
+        "left-padded row differs"
+    );
     let got1 = got.narrow(0, 1, 1).unwrap();
     assert!(max_abs_diff(&got1, &want.narrow(0, 0, 1).unwrap()) < 1e-4);
 
     // One more step for both rows through the cache.
     let next = Tensor::new(&[[3u32], [5u32]], &Device::Cpu).unwrap();
     let pos = Tensor::new(&[[5u32], [7u32]], &Device::Cpu).unwrap();
-    let mask = Tensor::new(&[[0u8, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
-    let step = model.forward_cached(&next, &pos, &mask, &mut cache).unwrap();
+    let mask = Tensor::new(
+        &[[0u8, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let step = model
+        .forward_cached(&next, &pos, &mask, &mut cache)
+        .unwrap();
     let full0 = Tensor::cat(&[&real, &next.narrow(0, 0, 1).unwrap()], 1).unwrap();
-    let ref0 = model.forward(&full0, &Tensor::ones((1, 6), DType::U8, &Device::Cpu).unwrap()).unwrap();
-    let diff = max_abs_diff(&step.narrow(0, 0, 1).unwrap(), &ref0.narrow(1, 5, 1).unwrap());
-    assert!(diff < 1e-4, "cached step after left padding differs by {diff}");
+    let ref0 = model
+        .forward(
+            &full0,
+            &Tensor::ones((1, 6), DType::U8, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    let diff = max_abs_diff(
+        &step.narrow(0, 0, 1).unwrap(),
+        &ref0.narrow(1, 5, 1).unwrap(),
+    );
+    assert!(
+        diff < 1e-4,
+        "cached step after left padding differs by {diff}"
+    );
 }

@@ -6,9 +6,13 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory};
+use super::{
+    arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory,
+};
 use crate::causal_lm::{CausalLm, KvCache};
-use crate::layers::{internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary};
+use crate::layers::{
+    internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
+};
 use crate::linear::LinearLayer;
 use crate::weights::{GgufLlamaMeta, LoadError, Weights};
 
@@ -99,7 +103,8 @@ impl LlamaConfig {
 
     /// Channels per head.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     fn kv_heads(&self) -> usize {
@@ -111,7 +116,9 @@ impl LlamaConfig {
             return Err(LoadError::Unsupported("Llama with rope_scaling".into()));
         }
         if self.num_attention_heads == 0 || self.head_dim() == 0 {
-            return Err(LoadError::Unsupported("Llama config with zero heads or head size".into()));
+            return Err(LoadError::Unsupported(
+                "Llama config with zero heads or head size".into(),
+            ));
         }
         Ok(())
     }
@@ -128,7 +135,12 @@ impl LlamaConfig {
             let mut add = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
             add("input_layernorm.weight", vec![h]);
             add("post_attention_layernorm.weight", vec![h]);
-            for (m, o, i_) in [("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q)] {
+            for (m, o, i_) in [
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+            ] {
                 add(&format!("self_attn.{m}.weight"), vec![o, i_]);
                 if self.attention_bias {
                     add(&format!("self_attn.{m}.bias"), vec![o]);
@@ -183,7 +195,11 @@ impl Llama {
         factory: &mut dyn LinearFactory,
     ) -> std::result::Result<Self, LoadError> {
         config.validate()?;
-        let (h, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (h, inter, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
         let shape = AttentionShape {
             num_heads: config.num_attention_heads,
             num_kv_heads: config.kv_heads(),
@@ -193,15 +209,27 @@ impl Llama {
         let kv = shape.num_kv_heads * shape.head_dim;
         let work = internal_dtype(dtype);
         let norm = |name: String| -> std::result::Result<RmsNorm, LoadError> {
-            Ok(RmsNorm::new(weights.dense(&name, &[h], work)?, config.rms_norm_eps)?)
+            Ok(RmsNorm::new(
+                weights.dense(&name, &[h], work)?,
+                config.rms_norm_eps,
+            )?)
         };
-        let embed = Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
+        let embed =
+            Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let (ab, mb) = (config.attention_bias, config.mlp_bias);
             let mut lin = |name: &str, dims, bias| {
-                build_linear(weights, factory, &format!("{p}.{name}"), None, dims, bias, dtype)
+                build_linear(
+                    weights,
+                    factory,
+                    &format!("{p}.{name}"),
+                    None,
+                    dims,
+                    bias,
+                    dtype,
+                )
             };
             let q = lin("self_attn.q_proj", (q_width, h), ab)?;
             let k = lin("self_attn.k_proj", (kv, h), ab)?;
@@ -221,8 +249,18 @@ impl Llama {
             });
         }
         let norm = norm("model.norm.weight".into())?;
-        let head_weight = config.tie_word_embeddings.then_some("model.embed_tokens.weight");
-        let lm_head = build_linear(weights, factory, "lm_head", head_weight, (vocab, h), false, dtype)?;
+        let head_weight = config
+            .tie_word_embeddings
+            .then_some("model.embed_tokens.weight");
+        let lm_head = build_linear(
+            weights,
+            factory,
+            "lm_head",
+            head_weight,
+            (vocab, h),
+            false,
+            dtype,
+        )?;
         Ok(Self {
             config: config.clone(),
             embed,
@@ -285,11 +323,22 @@ impl Llama {
         self.run(input_ids, &positions, &mask, None)
     }
 
-    fn run(&self, ids: &Tensor, positions: &Tensor, key_mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let mut x = self.embed.forward(ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let attn = layer.attn.forward(&h, positions, key_mask, cache.as_deref_mut().map(|c| (c, l)))?;
+            let attn = layer.attn.forward(
+                &h,
+                positions,
+                key_mask,
+                cache.as_deref_mut().map(|c| (c, l)),
+            )?;
             x = (x + attn)?;
             let h = layer.post_norm.forward(&x)?;
             let gated = self.config.hidden_act.forward(&layer.gate.forward(&h)?)?;
@@ -297,13 +346,27 @@ impl Llama {
             x = (x + mlp)?;
         }
         let x = self.norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(internal_dtype(self.dtype))
+        self.lm_head
+            .forward(&x)?
+            .to_dtype(internal_dtype(self.dtype))
     }
 }
 
 impl CausalLm for Llama {
-    fn forward_cached(&self, input_ids: &Tensor, positions: &Tensor, key_mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(input_ids, positions, &key_mask.to_dtype(DType::U8)?, Some(cache))?.to_dtype(DType::F32)
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            positions,
+            &key_mask.to_dtype(DType::U8)?,
+            Some(cache),
+        )?
+        .to_dtype(DType::F32)
     }
 
     fn new_cache(&self) -> KvCache {

@@ -48,7 +48,10 @@ pub struct DenseFactory;
 
 impl LinearFactory for DenseFactory {
     fn build(&mut self, parts: LinearParts) -> Result<Box<dyn LinearLayer>> {
-        Ok(Box::new(Dense::new(parts.weight.to_dense(parts.dtype)?, parts.bias)?))
+        Ok(Box::new(Dense::new(
+            parts.weight.to_dense(parts.dtype)?,
+            parts.bias,
+        )?))
     }
 }
 
@@ -68,13 +71,20 @@ pub struct LoraFactory<B> {
 impl<B: LinearFactory> LoraFactory<B> {
     /// Adapters in f32 over layers from `base`.
     pub fn new(base: B, config: LoraConfig, seed: u64) -> Self {
-        Self { base, config, seed, master_dtype: DType::F32 }
+        Self {
+            base,
+            config,
+            seed,
+            master_dtype: DType::F32,
+        }
     }
 }
 
 /// FNV-1a, to derive a stable per-module seed from its path.
 fn path_hash(path: &str) -> u64 {
-    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 impl<B: LinearFactory> LinearFactory for LoraFactory<B> {
@@ -89,7 +99,13 @@ impl<B: LinearFactory> LinearFactory for LoraFactory<B> {
             return Ok(base);
         }
         let seed = self.seed ^ path_hash(&path);
-        Ok(Box::new(LoraLinear::with_master_dtype(base, &self.config, seed, &device, self.master_dtype)?))
+        Ok(Box::new(LoraLinear::with_master_dtype(
+            base,
+            &self.config,
+            seed,
+            &device,
+            self.master_dtype,
+        )?))
     }
 }
 
@@ -102,14 +118,20 @@ pub(crate) fn named_vars(path: &str, layer: &dyn LinearLayer, out: &mut Vec<(Str
 
 /// `[b, t]` positions `0..t` for full-sequence training forwards.
 pub(crate) fn arange_positions(b: usize, t: usize, device: &candle_core::Device) -> Result<Tensor> {
-    Tensor::arange(0u32, t as u32, device)?.unsqueeze(0)?.broadcast_as((b, t))?.contiguous()
+    Tensor::arange(0u32, t as u32, device)?
+        .unsqueeze(0)?
+        .broadcast_as((b, t))?
+        .contiguous()
 }
 
 /// Checks ids `[b, t]` u32 against an attention mask `[b, t]` and returns the mask as u8.
 pub(crate) fn check_ids_mask(ids: &Tensor, mask: &Tensor) -> Result<(usize, usize, Tensor)> {
     let (b, t) = ids.dims2()?;
     if mask.dims() != [b, t] {
-        candle_core::bail!("attention mask is {:?} but input ids are [{b}, {t}]", mask.dims());
+        candle_core::bail!(
+            "attention mask is {:?} but input ids are [{b}, {t}]",
+            mask.dims()
+        );
     }
     Ok((b, t, mask.to_dtype(DType::U8)?))
 }
@@ -126,13 +148,21 @@ pub(crate) fn build_linear(
     dtype: DType,
 ) -> std::result::Result<Box<dyn LinearLayer>, crate::weights::LoadError> {
     let own_name = format!("{path}.weight");
-    let weight = weights.stored_shaped(weight_name.unwrap_or(&own_name), &[out_features, in_features])?;
+    let weight = weights.stored_shaped(
+        weight_name.unwrap_or(&own_name),
+        &[out_features, in_features],
+    )?;
     let bias = if bias {
         Some(weights.dense(&format!("{path}.bias"), &[out_features], dtype)?)
     } else {
         None
     };
-    let layer = factory.build(LinearParts { path: path.to_string(), weight, bias, dtype })?;
+    let layer = factory.build(LinearParts {
+        path: path.to_string(),
+        weight,
+        bias,
+        dtype,
+    })?;
     if (layer.out_features(), layer.in_features()) != (out_features, in_features) {
         return Err(crate::weights::LoadError::Unsupported(format!(
             "the linear factory built `{path}` as {}x{}, expected {out_features}x{in_features}",
@@ -148,6 +178,12 @@ pub(crate) fn read_json_config<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
 ) -> std::result::Result<T, crate::weights::LoadError> {
     use crate::weights::LoadError;
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.to_path_buf(), source })?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Config { path: path.to_path_buf(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| LoadError::Config {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -6,9 +6,13 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory};
+use super::{
+    arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory,
+};
 use crate::causal_lm::{CausalLm, KvCache};
-use crate::layers::{internal_dtype, Activation, Attention, AttentionShape, Embedding, LayerNorm, Rotary};
+use crate::layers::{
+    internal_dtype, Activation, Attention, AttentionShape, Embedding, LayerNorm, Rotary,
+};
 use crate::linear::LinearLayer;
 use crate::weights::{LoadError, Weights};
 
@@ -84,12 +88,16 @@ impl PhiConfig {
 
     fn validate(&self) -> std::result::Result<(), LoadError> {
         if self.qk_layernorm {
-            return Err(LoadError::Unsupported("Phi with qk_layernorm = true".into()));
+            return Err(LoadError::Unsupported(
+                "Phi with qk_layernorm = true".into(),
+            ));
         }
         if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(LoadError::Unsupported("Phi with rope_scaling".into()));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(LoadError::Unsupported(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -158,7 +166,11 @@ impl Phi {
         factory: &mut dyn LinearFactory,
     ) -> std::result::Result<Self, LoadError> {
         config.validate()?;
-        let (h, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (h, inter, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
         let shape = AttentionShape {
             num_heads: config.num_attention_heads,
             num_kv_heads: config.kv_heads(),
@@ -174,11 +186,22 @@ impl Phi {
                 config.layer_norm_eps,
             )?)
         };
-        let embed = Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
+        let embed =
+            Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |name: &str, dims| build_linear(weights, factory, &format!("{p}.{name}"), None, dims, true, dtype);
+            let mut lin = |name: &str, dims| {
+                build_linear(
+                    weights,
+                    factory,
+                    &format!("{p}.{name}"),
+                    None,
+                    dims,
+                    true,
+                    dtype,
+                )
+            };
             let q = lin("self_attn.q_proj", (h, h))?;
             let k = lin("self_attn.k_proj", (kv, h))?;
             let v = lin("self_attn.v_proj", (kv, h))?;
@@ -256,22 +279,49 @@ impl Phi {
         self.run(input_ids, &positions, &mask, None)
     }
 
-    fn run(&self, ids: &Tensor, positions: &Tensor, key_mask: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let mut x = self.embed.forward(ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.norm.forward(&x)?;
-            let attn = layer.attn.forward(&h, positions, key_mask, cache.as_deref_mut().map(|c| (c, l)))?;
-            let mlp = layer.fc2.forward(&self.config.hidden_act.forward(&layer.fc1.forward(&h)?)?)?;
+            let attn = layer.attn.forward(
+                &h,
+                positions,
+                key_mask,
+                cache.as_deref_mut().map(|c| (c, l)),
+            )?;
+            let mlp = layer
+                .fc2
+                .forward(&self.config.hidden_act.forward(&layer.fc1.forward(&h)?)?)?;
             x = ((attn + mlp)? + x)?;
         }
         let x = self.final_norm.forward(&x)?;
-        self.lm_head.forward(&x)?.to_dtype(internal_dtype(self.dtype))
+        self.lm_head
+            .forward(&x)?
+            .to_dtype(internal_dtype(self.dtype))
     }
 }
 
 impl CausalLm for Phi {
-    fn forward_cached(&self, input_ids: &Tensor, positions: &Tensor, key_mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run(input_ids, positions, &key_mask.to_dtype(DType::U8)?, Some(cache))?.to_dtype(DType::F32)
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            positions,
+            &key_mask.to_dtype(DType::U8)?,
+            Some(cache),
+        )?
+        .to_dtype(DType::F32)
     }
 
     fn new_cache(&self) -> KvCache {

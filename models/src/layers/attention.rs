@@ -42,8 +42,12 @@ impl Attention {
         shape: AttentionShape,
         rotary: Rotary,
     ) -> Result<Self> {
-        let AttentionShape { num_heads, num_kv_heads, head_dim } = shape;
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = shape;
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             candle_core::bail!(
                 "{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads"
             );
@@ -59,12 +63,24 @@ impl Attention {
                 candle_core::bail!("attention projection {name} has width {got}, expected {want}");
             }
         }
-        Ok(Self { q, k, v, o, shape, rotary })
+        Ok(Self {
+            q,
+            k,
+            v,
+            o,
+            shape,
+            rotary,
+        })
     }
 
     /// The projections with their local names (`q`, `k`, `v`, `o`), for walking a model.
     pub fn projections(&self) -> [(&'static str, &dyn LinearLayer); 4] {
-        [("q", &*self.q), ("k", &*self.k), ("v", &*self.v), ("o", &*self.o)]
+        [
+            ("q", &*self.q),
+            ("k", &*self.k),
+            ("v", &*self.v),
+            ("o", &*self.o),
+        ]
     }
 
     /// Attends `x` `[batch, seq, hidden]` at rotary `positions` `[batch, seq]` (u32) with
@@ -78,11 +94,17 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let AttentionShape { num_heads, num_kv_heads, head_dim } = self.shape;
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = self.shape;
         let dtype = x.dtype();
         let work = internal_dtype(dtype);
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.to_dtype(work)?.reshape((b, t, n, head_dim))?.transpose(1, 2)
+            y.to_dtype(work)?
+                .reshape((b, t, n, head_dim))?
+                .transpose(1, 2)
         };
         let q = heads(self.q.forward(x)?, num_heads)?;
         let k = heads(self.k.forward(x)?, num_kv_heads)?;
@@ -108,7 +130,10 @@ impl Attention {
         // Composite softmax: `softmax_last_dim` is a fused kernel with no backward.
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, num_heads * head_dim))?.to_dtype(dtype)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, num_heads * head_dim))?
+            .to_dtype(dtype)?;
         self.o.forward(&out)
     }
 }
@@ -119,7 +144,10 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, s, d))?.contiguous()?.reshape((b, kv * n_rep, s, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, s, d))?
+        .contiguous()?
+        .reshape((b, kv * n_rep, s, d))
 }
 
 /// Additive mask `[batch, 1, seq, past + seq]`: 0 where query `i` (absolute index `past + i`)

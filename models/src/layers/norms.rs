@@ -59,6 +59,8 @@ impl RmsNorm {
         let x = x.to_dtype(work)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight.to_dtype(work)?)?.to_dtype(dtype)
+        normed
+            .broadcast_mul(&self.weight.to_dtype(work)?)?
+            .to_dtype(dtype)
     }
 }

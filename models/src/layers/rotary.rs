@@ -15,7 +15,7 @@ impl Rotary {
     /// Rotary for heads of `head_dim` channels, rotating the first `rotary_dim` (even, at most
     /// `head_dim`) with base frequency `theta`.
     pub fn new(head_dim: usize, rotary_dim: usize, theta: f64) -> Result<Self> {
-        if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             candle_core::bail!(
                 "rotary dimension {rotary_dim} must be even, positive and at most the head size {head_dim}"
             );
@@ -25,7 +25,11 @@ impl Rotary {
             .step_by(2)
             .map(|i| 1.0 / (theta as f32).powf(i as f32 / rotary_dim as f32))
             .collect();
-        Ok(Self { inv_freq, rotary_dim, head_dim })
+        Ok(Self {
+            inv_freq,
+            rotary_dim,
+            head_dim,
+        })
     }
 
     /// Number of rotated channels per head.
