@@ -401,3 +401,30 @@ pub fn load_gguf_llama(
     }
     Ok((Weights::from_stored(map, device), meta))
 }
+
+/// The `*.safetensors` files of a checkpoint directory, sorted (sharded checkpoints name their
+/// shards so that this is their order).
+pub fn safetensors_in_dir(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(LoadError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no *.safetensors files in this directory; expected a Hugging Face checkpoint",
+            ),
+        });
+    }
+    Ok(files)
+}

@@ -181,3 +181,48 @@ fn left_padding_with_positions_matches_unpadded_row() {
         "cached step after left padding differs by {diff}"
     );
 }
+
+#[test]
+fn checkpoint_directories_load_and_missing_ones_explain() {
+    let phi = Phi::from_hf_dir(
+        &fixture("tiny_phi"),
+        &Device::Cpu,
+        DType::F32,
+        &mut DenseFactory,
+    )
+    .unwrap();
+    let model = pipeline_models::arch::DecoderModel::Phi(phi);
+    let (ids, mask, want) = load_io("tiny_phi");
+    assert!(max_abs_diff(&model.forward(&ids, &mask).unwrap(), &want) < 1e-4);
+    assert_eq!(model.vocab_size(), 64);
+    assert_eq!(model.linears().len(), 2 * 6 + 1);
+    let err = match Llama::from_hf_dir(
+        &fixture("no_such_model"),
+        &Device::Cpu,
+        DType::F32,
+        &mut DenseFactory,
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a missing directory must fail"),
+    };
+    assert!(
+        err.contains("no_such_model") && err.contains("config.json"),
+        "{err}"
+    );
+    // A config that does not fit the weights names the tensor and both shapes.
+    let mut cfg = PhiConfig::from_json_file(&fixture("tiny_phi").join("config.json")).unwrap();
+    cfg.intermediate_size = 40;
+    let err = match Phi::new(
+        &cfg,
+        &fixture_weights("tiny_phi"),
+        DType::F32,
+        &mut DenseFactory,
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("mismatched config must fail"),
+    };
+    assert!(
+        err.contains("model.layers.0.mlp.fc1.weight") && err.contains("[64, 32]"),
+        "{err}"
+    );
+}

@@ -14,7 +14,7 @@ use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
 };
 use crate::linear::LinearLayer;
-use crate::weights::{GgufLlamaMeta, LoadError, Weights};
+use crate::weights::{load_gguf_llama, safetensors_in_dir, GgufLlamaMeta, LoadError, Weights};
 
 fn default_act() -> Activation {
     Activation::Silu
@@ -270,6 +270,35 @@ impl Llama {
             device: weights.device().clone(),
             dtype,
         })
+    }
+
+    /// Loads a Hugging Face checkpoint directory (`config.json` plus `*.safetensors`).
+    pub fn from_hf_dir(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        let weights = Weights::from_safetensors(&safetensors_in_dir(dir)?, device)?;
+        Self::new(&config, &weights, dtype, factory)
+    }
+
+    /// Loads a llama.cpp GGUF file (config from its metadata; quantized weights are handed to
+    /// `factory` still quantized).
+    pub fn from_gguf(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        let (weights, meta) = load_gguf_llama(path, device)?;
+        Self::new(
+            &LlamaConfig::from_gguf_meta(&meta),
+            &weights,
+            dtype,
+            factory,
+        )
     }
 
     /// The config.

@@ -187,3 +187,89 @@ pub(crate) fn read_json_config<T: serde::de::DeserializeOwned>(
         source,
     })
 }
+
+/// Either architecture behind one type, for code that picks the model at run time.
+pub enum DecoderModel {
+    /// A Phi model.
+    Phi(Phi),
+    /// A Llama model.
+    Llama(Llama),
+}
+
+impl DecoderModel {
+    /// Full-sequence forward for training; see [`Phi::forward`] / [`Llama::forward`].
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Phi(m) => m.forward(input_ids, attention_mask),
+            Self::Llama(m) => m.forward(input_ids, attention_mask),
+        }
+    }
+
+    /// All trainable variables with PEFT-style names.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        match self {
+            Self::Phi(m) => m.trainable_vars(),
+            Self::Llama(m) => m.trainable_vars(),
+        }
+    }
+
+    /// Switches adapter dropout on (training) or off.
+    pub fn set_training(&self, training: bool) {
+        match self {
+            Self::Phi(m) => m.set_training(training),
+            Self::Llama(m) => m.set_training(training),
+        }
+    }
+
+    /// Every linear layer with its HF module path.
+    pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
+        match self {
+            Self::Phi(m) => m.linears(),
+            Self::Llama(m) => m.linears(),
+        }
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Phi(m) => m.dtype(),
+            Self::Llama(m) => m.dtype(),
+        }
+    }
+}
+
+impl crate::causal_lm::CausalLm for DecoderModel {
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut crate::causal_lm::KvCache,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Phi(m) => m.forward_cached(input_ids, positions, key_mask, cache),
+            Self::Llama(m) => m.forward_cached(input_ids, positions, key_mask, cache),
+        }
+    }
+
+    fn new_cache(&self) -> crate::causal_lm::KvCache {
+        match self {
+            Self::Phi(m) => m.new_cache(),
+            Self::Llama(m) => m.new_cache(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Phi(m) => m.vocab_size(),
+            Self::Llama(m) => m.vocab_size(),
+        }
+    }
+
+    fn device(&self) -> &candle_core::Device {
+        match self {
+            Self::Phi(m) => m.device(),
+            Self::Llama(m) => m.device(),
+        }
+    }
+}

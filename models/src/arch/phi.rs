@@ -14,7 +14,7 @@ use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, LayerNorm, Rotary,
 };
 use crate::linear::LinearLayer;
-use crate::weights::{LoadError, Weights};
+use crate::weights::{safetensors_in_dir, LoadError, Weights};
 
 fn default_act() -> Activation {
     Activation::GeluNew
@@ -227,6 +227,18 @@ impl Phi {
             device: weights.device().clone(),
             dtype,
         })
+    }
+
+    /// Loads a Hugging Face checkpoint directory (`config.json` plus `*.safetensors`).
+    pub fn from_hf_dir(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        let config = PhiConfig::from_json_file(&dir.join("config.json"))?;
+        let weights = Weights::from_safetensors(&safetensors_in_dir(dir)?, device)?;
+        Self::new(&config, &weights, dtype, factory)
     }
 
     /// The config.
