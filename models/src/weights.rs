@@ -254,7 +254,9 @@ fn meta_f32(c: &gguf_file::Content, key: &str) -> Result<f64, LoadError> {
     c.metadata
         .get(key)
         .and_then(|v| v.to_f32().ok())
-        .map(f64::from)
+        // Via the shortest decimal form, so 1e-5 stored as f32 comes back as 1e-5 (as in the
+        // HF config) rather than 9.99999974e-6.
+        .map(|x| x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
         .ok_or_else(|| LoadError::GgufMetadata {
             key: key.to_string(),
             want: "a float",

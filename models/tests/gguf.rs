@@ -210,6 +210,11 @@ fn smollm2_gguf_matches_transformers() {
         ),
         (30, 576, 9, Some(3))
     );
+    assert_eq!(
+        (cfg.rope_theta, cfg.rms_norm_eps, cfg.vocab_size),
+        (100_000.0, 1e-5, 49152)
+    );
+    assert!(cfg.tie_word_embeddings);
     let model = Llama::new(&cfg, &weights, DType::F32, &mut DenseFactory).unwrap();
     let reference: HashMap<String, Tensor> =
         candle_core::safetensors::load(fixture("smollm2_ref.safetensors"), &Device::Cpu).unwrap();
