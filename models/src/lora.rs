@@ -1,7 +1,6 @@
 //! LoRA adapters (Hu et al. 2021) as PEFT implements them: `y = base(x) + (α/r)·B·A·dropout(x)`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
@@ -66,7 +65,8 @@ pub struct LoraLinear {
     scaling: f64,
     dropout: f64,
     training: AtomicBool,
-    rng: Mutex<StdRng>,
+    seed: u64,
+    calls: AtomicU64,
 }
 
 impl LoraLinear {
@@ -109,7 +109,8 @@ impl LoraLinear {
             scaling: config.scaling(),
             dropout: config.dropout,
             training: AtomicBool::new(true),
-            rng: Mutex::new(rng),
+            seed,
+            calls: AtomicU64::new(0),
         })
     }
 
@@ -158,27 +159,48 @@ impl LoraLinear {
         if !self.is_training() || self.dropout == 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 - self.dropout;
-        let n = x.elem_count();
-        // A host RNG keeps masks reproducible across devices and runs, given the seed.
-        let mask: Vec<f32> = {
-            let mut rng = self
-                .rng
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("LoRA dropout RNG lock poisoned".into()))?;
-            (0..n)
-                .map(|_| {
-                    if rng.random::<f64>() < keep {
-                        (1.0 / keep) as f32
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
+        // Keep an element when a 16-bit draw falls below `threshold`; rescale by the exact keep
+        // rate this gives so the expectation is unchanged.
+        let threshold = ((1.0 - self.dropout) * 65536.0).round().clamp(1.0, 65536.0) as u64;
+        let keep = threshold as f64 / 65536.0;
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mask = dropout_mask(
+            x.elem_count(),
+            splitmix64(self.seed ^ splitmix64(call)),
+            threshold,
+        );
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        x.mul(&(mask * (1.0 / keep))?)
     }
+}
+
+/// SplitMix64 finaliser: decorrelates nearby seeds (call counters, chunk indices).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A 0/1 keep mask of `n` elements. Generated on the host so that it depends only on `seed`
+/// (not on the device or thread count), in fixed-size chunks with their own derived seeds so
+/// that large activations are masked in parallel.
+fn dropout_mask(n: usize, seed: u64, threshold: u64) -> Vec<u8> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let mut mask = vec![0u8; n];
+    mask.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let mut rng = StdRng::seed_from_u64(splitmix64(seed ^ splitmix64(i as u64)));
+            for quad in chunk.chunks_mut(4) {
+                let r: u64 = rng.random();
+                for (j, m) in quad.iter_mut().enumerate() {
+                    *m = u8::from((r >> (16 * j)) & 0xffff < threshold);
+                }
+            }
+        });
+    mask
 }
 
 impl LinearLayer for LoraLinear {

@@ -253,3 +253,50 @@ fn rotary_matches_candle_rope_and_keeps_the_pass_through_part() {
     assert!(max_abs_diff(&got, &x) > 0.0);
     assert!(Rotary::new(8, 3, 10_000.0).is_err());
 }
+
+#[test]
+fn dropout_drops_the_configured_fraction_and_keeps_the_mean() {
+    let cfg = LoraConfig {
+        r: 1,
+        alpha: 1.0,
+        dropout: 0.3,
+        target_modules: vec![],
+    };
+    let n = 200_000;
+    // Base zero, A = 1, B = 1, so the output is the sum of the dropped-out inputs.
+    let base = Dense::new(
+        Tensor::zeros((1, n), DType::F32, &Device::Cpu).unwrap(),
+        None,
+    )
+    .unwrap();
+    let l = LoraLinear::new(Box::new(base), &cfg, 5, &Device::Cpu).unwrap();
+    l.lora_a()
+        .set(&Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    l.lora_b()
+        .set(&Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    let x = Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap();
+    let mean = l.forward(&x).unwrap().to_vec2::<f32>().unwrap()[0][0] as f64 / n as f64;
+    assert!(
+        (mean - 1.0).abs() < 0.01,
+        "inverted dropout keeps the mean, got {mean}"
+    );
+    // The kept fraction, from the gradient wrt A (which is the scaled mask).
+    let grads = l
+        .forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g: Vec<f32> = grads
+        .get(l.lora_a())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let dropped = g.iter().filter(|v| **v == 0.0).count() as f64 / n as f64;
+    assert!((dropped - 0.3).abs() < 0.01, "dropped fraction {dropped}");
+}
