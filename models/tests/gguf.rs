@@ -10,8 +10,10 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, load_io, max_abs_diff};
-use pipeline_models::arch::{DenseFactory, Llama, LlamaConfig};
+use pipeline_models::arch::{DenseFactory, LinearParts, Llama, LlamaConfig};
+use pipeline_models::layers::Dense;
 use pipeline_models::weights::{gguf_to_hf_name, load_gguf_llama, StoredTensor};
+use pipeline_models::LinearLayer;
 
 /// llama.cpp's `permute`: interleaves the two rotary halves of every head.
 fn permute(w: &Tensor, n_heads: usize) -> Tensor {
@@ -171,6 +173,64 @@ fn quantized_qk_rows_are_unpermuted_exactly() {
         let got = q.dequantize(&Device::Cpu).unwrap();
         assert_eq!(max_abs_diff(&got, &want), 0.0, "{name}");
     }
+    // A closure factory sees the quantized q/k weights and the dense rest.
+    let mut quantized_paths = Vec::new();
+    let mut factory = |parts: LinearParts| -> candle_core::Result<Box<dyn LinearLayer>> {
+        if let StoredTensor::Quantized(q) = &parts.weight {
+            if q.dtype() == GgmlDType::Q8_0 {
+                quantized_paths.push(parts.path.clone());
+            }
+        }
+        Ok(Box::new(Dense::new(
+            parts.weight.to_dense(parts.dtype)?,
+            parts.bias,
+        )?))
+    };
+    let (weights, meta) = load_gguf_llama(&path, &Device::Cpu).unwrap();
+    let model = Llama::new(
+        &LlamaConfig::from_gguf_meta(&meta),
+        &weights,
+        DType::F32,
+        &mut factory,
+    )
+    .unwrap();
+    assert_eq!(
+        quantized_paths,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.k_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.k_proj"
+        ]
+    );
+    // Same logits as the HF weights with q/k passed through Q8_0 in HF row order.
+    let mut rounded = HashMap::new();
+    for (name, t) in &hf {
+        let t = if name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight") {
+            QTensor::quantize(t, GgmlDType::Q8_0)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+        } else {
+            t.clone()
+        };
+        rounded.insert(name.clone(), t);
+    }
+    let reference = Llama::new(
+        &LlamaConfig::from_gguf_meta(&meta),
+        &pipeline_models::weights::Weights::from_tensors(rounded, &Device::Cpu).unwrap(),
+        DType::F32,
+        &mut DenseFactory,
+    )
+    .unwrap();
+    let (ids, mask, hf_logits) = load_io("tiny_llama");
+    let got = model.forward(&ids, &mask).unwrap();
+    let diff = max_abs_diff(&got, &reference.forward(&ids, &mask).unwrap());
+    assert!(diff < 1e-4, "max |diff| {diff}");
+    assert!(
+        max_abs_diff(&got, &hf_logits) > 1e-3,
+        "Q8_0 should perturb the logits"
+    );
 }
 
 #[test]
