@@ -139,7 +139,7 @@ fn merge_and_unmerge_round_trip() {
     let x = Tensor::randn(0f32, 1f32, (3, 9), &Device::Cpu).unwrap();
     assert!(max_abs_diff(&merged.forward(&x).unwrap(), &lora.forward(&x).unwrap()) < 1e-5);
     let back = lora.unmerge_from_dense(&merged).unwrap();
-    assert!(max_abs_diff(back.weight(), base.weight()) < 1e-5);
+    assert!(max_abs_diff(&back.weight(), &base.weight()) < 1e-5);
     // Merging over a base known only through `forward` (the default `dense_parts` probe).
     struct Opaque(Dense);
     impl LinearLayer for Opaque {
@@ -162,7 +162,7 @@ fn merge_and_unmerge_round_trip() {
     .unwrap();
     opaque.lora_b().set(lora.lora_b().as_tensor()).unwrap();
     let merged2 = opaque.merge_to_dense(DType::F32).unwrap();
-    assert!(max_abs_diff(merged2.weight(), merged.weight()) < 1e-5);
+    assert!(max_abs_diff(&merged2.weight(), &merged.weight()) < 1e-5);
     assert!(max_abs_diff(merged2.bias().unwrap(), base.bias().unwrap()) < 1e-5);
 }
 
