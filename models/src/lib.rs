@@ -5,10 +5,27 @@
 //! call into this crate. Every op used on a training path records a backward (candle's fused
 //! `layer_norm`, `rms_norm`, `softmax_last_dim`, `rope*`, `sdpa` and `QMatMul` do not), which the
 //! gradient tests check against finite differences.
+//!
+//! Typical use (see `tests/` for working code):
+//!
+//! ```text
+//! let weights = Weights::from_safetensors(&safetensors_in_dir(dir)?, &device)?;   // or
+//! let (weights, meta) = load_gguf_llama(path, &device)?;                          // GGUF
+//! let mut factory = LoraFactory::new(DenseFactory, lora_config, seed);  // or any closure
+//! let model = Phi::new(&config, &weights, DType::BF16, &mut factory)?;
+//! let logits = model.forward(&ids, &attention_mask)?;          // training, [b, t, vocab]
+//! let vars = model.trainable_vars();                          // ("…q_proj.lora_A.weight", Var)
+//! model.set_training(false);                                   // then CausalLm for generation
+//! ```
 
+pub mod arch;
 pub mod causal_lm;
 pub mod generate;
+pub mod layers;
 pub mod linear;
+pub mod lora;
+pub mod weights;
 
 pub use causal_lm::{CausalLm, KvCache};
 pub use linear::LinearLayer;
+pub use lora::{LoraConfig, LoraLinear};

@@ -1,7 +1,7 @@
 //! The one trait every linear layer implements, so that a model is built the same way whether
 //! its projections are dense, quantized, or wrapped with LoRA adapters.
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// A linear projection `y = x Wᵀ (+ b)` over the last dimension of `x`.
 ///
@@ -21,5 +21,36 @@ pub trait LinearLayer: Send + Sync {
     /// (`lora_A.weight`, `lora_B.weight`). Frozen layers return none.
     fn trainable_vars(&self) -> Vec<(String, Var)> {
         Vec::new()
+    }
+
+    /// Switches train-time behaviour (LoRA dropout) on or off. Frozen layers ignore it.
+    ///
+    /// Takes `&self` because models hold their layers behind shared references; implementations
+    /// use interior mutability.
+    fn set_training(&self, _training: bool) {}
+
+    /// The effective dense weight `[out, in]` and bias `[out]` of this layer, e.g. to merge LoRA
+    /// adapters into a plain copy.
+    ///
+    /// The default recovers them from `forward` alone (probing with the identity and with zeros,
+    /// in `dtype` on `device`), so any layer supports it; layers that store a dense weight
+    /// override it with an exact copy. The bias is `None` when the probe gives exactly zero.
+    fn dense_parts(&self, device: &Device, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
+        let n = self.in_features();
+        let zero = Tensor::zeros((1, n), dtype, device)?;
+        let bias = self.forward(&zero)?.squeeze(0)?;
+        let eye = Tensor::eye(n, dtype, device)?;
+        let weight = self
+            .forward(&eye)?
+            .broadcast_sub(&bias)?
+            .t()?
+            .contiguous()?;
+        let bias_is_zero = bias
+            .abs()?
+            .to_dtype(DType::F32)?
+            .max_all()?
+            .to_scalar::<f32>()?
+            == 0.0;
+        Ok((weight, if bias_is_zero { None } else { Some(bias) }))
     }
 }

@@ -1,0 +1,412 @@
+//! Llama (`LlamaForCausalLM`, e.g. SmolLM2): RMSNorm, SwiGLU MLP, grouped-query attention,
+//! full rotary, optionally tied input/output embeddings.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory,
+};
+use crate::causal_lm::{CausalLm, KvCache};
+use crate::layers::{
+    internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
+};
+use crate::linear::LinearLayer;
+use crate::weights::{load_gguf_llama, safetensors_in_dir, GgufLlamaMeta, LoadError, Weights};
+
+fn default_act() -> Activation {
+    Activation::Silu
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// The fields of HF's `LlamaConfig` (`config.json`) this implementation uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Transformer layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (defaults to `num_attention_heads`).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Channels per head (defaults to `hidden_size / num_attention_heads`).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// MLP activation (`silu`).
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    /// Context length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Rotary base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Whether the LM head reuses the embedding table.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Biases on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Rotary scaling (unsupported; null for SmolLM2).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+impl LlamaConfig {
+    /// Reads a HF `config.json`.
+    pub fn from_json_file(path: &Path) -> std::result::Result<Self, LoadError> {
+        read_json_config(path)
+    }
+
+    /// The config implied by a GGUF file's metadata.
+    pub fn from_gguf_meta(meta: &GgufLlamaMeta) -> Self {
+        Self {
+            vocab_size: meta.vocab_size,
+            hidden_size: meta.hidden_size,
+            intermediate_size: meta.intermediate_size,
+            num_hidden_layers: meta.num_hidden_layers,
+            num_attention_heads: meta.num_attention_heads,
+            num_key_value_heads: Some(meta.num_key_value_heads),
+            head_dim: None,
+            hidden_act: Activation::Silu,
+            max_position_embeddings: meta.max_position_embeddings,
+            rope_theta: meta.rope_theta,
+            rms_norm_eps: meta.rms_norm_eps,
+            tie_word_embeddings: meta.tie_word_embeddings,
+            attention_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+        }
+    }
+
+    /// Channels per head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    fn validate(&self) -> std::result::Result<(), LoadError> {
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(LoadError::Unsupported("Llama with rope_scaling".into()));
+        }
+        if self.num_attention_heads == 0 || self.head_dim() == 0 {
+            return Err(LoadError::Unsupported(
+                "Llama config with zero heads or head size".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every tensor a checkpoint for this config holds, with its shape (HF names); no
+    /// `lm_head.weight` when embeddings are tied.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.num_attention_heads * self.head_dim();
+        let kv = self.kv_heads() * self.head_dim();
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
+            add("input_layernorm.weight", vec![h]);
+            add("post_attention_layernorm.weight", vec![h]);
+            for (m, o, i_) in [
+                ("q_proj", q, h),
+                ("k_proj", kv, h),
+                ("v_proj", kv, h),
+                ("o_proj", h, q),
+            ] {
+                add(&format!("self_attn.{m}.weight"), vec![o, i_]);
+                if self.attention_bias {
+                    add(&format!("self_attn.{m}.bias"), vec![o]);
+                }
+            }
+            for (m, o, i_) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                add(&format!("mlp.{m}.weight"), vec![o, i_]);
+                if self.mlp_bias {
+                    add(&format!("mlp.{m}.bias"), vec![o]);
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), vec![v, h]));
+        }
+        out
+    }
+}
+
+struct LlamaLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    gate: Box<dyn LinearLayer>,
+    up: Box<dyn LinearLayer>,
+    down: Box<dyn LinearLayer>,
+}
+
+/// A Llama model with linear layers chosen by a [`LinearFactory`].
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Embedding,
+    layers: Vec<LlamaLayer>,
+    norm: RmsNorm,
+    lm_head: Box<dyn LinearLayer>,
+    device: Device,
+    dtype: DType,
+}
+
+const ATTN_NAMES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+
+impl Llama {
+    /// Builds the model from HF-named `weights`, computing in `dtype`; `factory` is called for
+    /// every projection with its HF module path (`model.layers.N.self_attn.q_proj`, ...,
+    /// `model.layers.N.mlp.down_proj`, `lm_head`). With tied embeddings `lm_head` is built
+    /// from the embedding table.
+    pub fn new(
+        config: &LlamaConfig,
+        weights: &Weights,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        config.validate()?;
+        let (h, inter, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let shape = AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.kv_heads(),
+            head_dim: config.head_dim(),
+        };
+        let q_width = shape.num_heads * shape.head_dim;
+        let kv = shape.num_kv_heads * shape.head_dim;
+        let work = internal_dtype(dtype);
+        let norm = |name: String| -> std::result::Result<RmsNorm, LoadError> {
+            Ok(RmsNorm::new(
+                weights.dense(&name, &[h], work)?,
+                config.rms_norm_eps,
+            )?)
+        };
+        let embed =
+            Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let (ab, mb) = (config.attention_bias, config.mlp_bias);
+            let mut lin = |name: &str, dims, bias| {
+                build_linear(
+                    weights,
+                    factory,
+                    &format!("{p}.{name}"),
+                    None,
+                    dims,
+                    bias,
+                    dtype,
+                )
+            };
+            let q = lin("self_attn.q_proj", (q_width, h), ab)?;
+            let k = lin("self_attn.k_proj", (kv, h), ab)?;
+            let v = lin("self_attn.v_proj", (kv, h), ab)?;
+            let o = lin("self_attn.o_proj", (h, q_width), ab)?;
+            let gate = lin("mlp.gate_proj", (inter, h), mb)?;
+            let up = lin("mlp.up_proj", (inter, h), mb)?;
+            let down = lin("mlp.down_proj", (h, inter), mb)?;
+            let rotary = Rotary::new(shape.head_dim, shape.head_dim, config.rope_theta)?;
+            layers.push(LlamaLayer {
+                input_norm: norm(format!("{p}.input_layernorm.weight"))?,
+                attn: Attention::new(q, k, v, o, shape, rotary)?,
+                post_norm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = norm("model.norm.weight".into())?;
+        let head_weight = config
+            .tie_word_embeddings
+            .then_some("model.embed_tokens.weight");
+        let lm_head = build_linear(
+            weights,
+            factory,
+            "lm_head",
+            head_weight,
+            (vocab, h),
+            false,
+            dtype,
+        )?;
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: weights.device().clone(),
+            dtype,
+        })
+    }
+
+    /// Loads a Hugging Face checkpoint directory (`config.json` plus `*.safetensors`).
+    pub fn from_hf_dir(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        let config = LlamaConfig::from_json_file(&dir.join("config.json"))?;
+        let weights = Weights::from_safetensors(&safetensors_in_dir(dir)?, device)?;
+        Self::new(&config, &weights, dtype, factory)
+    }
+
+    /// Loads a llama.cpp GGUF file (config from its metadata; quantized weights are handed to
+    /// `factory` still quantized).
+    pub fn from_gguf(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        let (weights, meta) = load_gguf_llama(path, device)?;
+        Self::new(
+            &LlamaConfig::from_gguf_meta(&meta),
+            &weights,
+            dtype,
+            factory,
+        )
+    }
+
+    /// The config.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every linear layer with its HF module path, in model order.
+    pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
+                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
+            }
+            out.push((format!("model.layers.{l}.mlp.gate_proj"), &*layer.gate));
+            out.push((format!("model.layers.{l}.mlp.up_proj"), &*layer.up));
+            out.push((format!("model.layers.{l}.mlp.down_proj"), &*layer.down));
+        }
+        out.push(("lm_head".to_string(), &*self.lm_head));
+        out
+    }
+
+    /// All trainable variables with PEFT-style names
+    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (path, layer) in self.linears() {
+            named_vars(&path, layer, &mut out);
+        }
+        out
+    }
+
+    /// Switches dropout in the adapters on (training) or off (evaluation, generation).
+    pub fn set_training(&self, training: bool) {
+        for (_, layer) in self.linears() {
+            layer.set_training(training);
+        }
+    }
+
+    /// Full-sequence forward for training: `input_ids` `[b, t]` (u32), `attention_mask`
+    /// `[b, t]` (1 = real token; right padding) -> logits `[b, t, vocab]` in f32 (f64 for f64
+    /// models). Positions are `0..t`, as in HF training.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
+        let positions = arange_positions(b, t, &self.device)?;
+        self.run(input_ids, &positions, &mask, None)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed.forward(ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let attn = layer.attn.forward(
+                &h,
+                positions,
+                key_mask,
+                cache.as_deref_mut().map(|c| (c, l)),
+            )?;
+            x = (x + attn)?;
+            let h = layer.post_norm.forward(&x)?;
+            let gated = self.config.hidden_act.forward(&layer.gate.forward(&h)?)?;
+            let mlp = layer.down.forward(&(gated * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        let x = self.norm.forward(&x)?;
+        self.lm_head
+            .forward(&x)?
+            .to_dtype(internal_dtype(self.dtype))
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            positions,
+            &key_mask.to_dtype(DType::U8)?,
+            Some(cache),
+        )?
+        .to_dtype(DType::F32)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

@@ -1,0 +1,350 @@
+//! Microsoft Phi (`PhiForCausalLM`, e.g. phi-1_5): attention and MLP in parallel on one shared
+//! input LayerNorm, partial rotary, `gelu_new` MLP, LM head with bias.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory,
+};
+use crate::causal_lm::{CausalLm, KvCache};
+use crate::layers::{
+    internal_dtype, Activation, Attention, AttentionShape, Embedding, LayerNorm, Rotary,
+};
+use crate::linear::LinearLayer;
+use crate::weights::{safetensors_in_dir, LoadError, Weights};
+
+fn default_act() -> Activation {
+    Activation::GeluNew
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_partial() -> f64 {
+    0.5
+}
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+
+/// The fields of HF's `PhiConfig` (`config.json`) this implementation uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhiConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Transformer layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (defaults to `num_attention_heads`).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// MLP activation (`gelu_new`).
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    /// Context length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Rotary base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Fraction of each head's channels that are rotated (0.5 for Phi).
+    #[serde(default = "default_partial")]
+    pub partial_rotary_factor: f64,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    /// LayerNorms on queries and keys (unsupported; false for phi-1/1.5/2).
+    #[serde(default)]
+    pub qk_layernorm: bool,
+    /// Rotary scaling (unsupported; null for phi-1/1.5/2).
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+impl PhiConfig {
+    /// Reads a HF `config.json`.
+    pub fn from_json_file(path: &Path) -> std::result::Result<Self, LoadError> {
+        read_json_config(path)
+    }
+
+    /// Channels per head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    fn validate(&self) -> std::result::Result<(), LoadError> {
+        if self.qk_layernorm {
+            return Err(LoadError::Unsupported(
+                "Phi with qk_layernorm = true".into(),
+            ));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(LoadError::Unsupported("Phi with rope_scaling".into()));
+        }
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(LoadError::Unsupported(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every tensor a checkpoint for this config holds, with its shape (HF names).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let kv = self.kv_heads() * self.head_dim();
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
+            add("input_layernorm.weight", vec![h]);
+            add("input_layernorm.bias", vec![h]);
+            for (m, o) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv)] {
+                add(&format!("self_attn.{m}.weight"), vec![o, h]);
+                add(&format!("self_attn.{m}.bias"), vec![o]);
+            }
+            add("self_attn.dense.weight", vec![h, h]);
+            add("self_attn.dense.bias", vec![h]);
+            add("mlp.fc1.weight", vec![i, h]);
+            add("mlp.fc1.bias", vec![i]);
+            add("mlp.fc2.weight", vec![h, i]);
+            add("mlp.fc2.bias", vec![h]);
+        }
+        out.push(("model.final_layernorm.weight".into(), vec![h]));
+        out.push(("model.final_layernorm.bias".into(), vec![h]));
+        out.push(("lm_head.weight".into(), vec![v, h]));
+        out.push(("lm_head.bias".into(), vec![v]));
+        out
+    }
+}
+
+struct PhiLayer {
+    norm: LayerNorm,
+    attn: Attention,
+    fc1: Box<dyn LinearLayer>,
+    fc2: Box<dyn LinearLayer>,
+}
+
+/// A Phi model with linear layers chosen by a [`LinearFactory`].
+pub struct Phi {
+    config: PhiConfig,
+    embed: Embedding,
+    layers: Vec<PhiLayer>,
+    final_norm: LayerNorm,
+    lm_head: Box<dyn LinearLayer>,
+    device: Device,
+    dtype: DType,
+}
+
+const ATTN_NAMES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "dense"];
+
+impl Phi {
+    /// Builds the model from HF-named `weights`, computing in `dtype`; `factory` is called for
+    /// every projection with its HF module path (`model.layers.N.self_attn.q_proj`, ...,
+    /// `model.layers.N.mlp.fc1`, `lm_head`).
+    pub fn new(
+        config: &PhiConfig,
+        weights: &Weights,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        config.validate()?;
+        let (h, inter, vocab) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.vocab_size,
+        );
+        let shape = AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.kv_heads(),
+            head_dim: config.head_dim(),
+        };
+        let kv = shape.num_kv_heads * shape.head_dim;
+        let rotary_dim = (config.partial_rotary_factor * shape.head_dim as f64) as usize;
+        let work = internal_dtype(dtype);
+        let norm = |p: &str| -> std::result::Result<LayerNorm, LoadError> {
+            Ok(LayerNorm::new(
+                weights.dense(&format!("{p}.weight"), &[h], work)?,
+                weights.dense(&format!("{p}.bias"), &[h], work)?,
+                config.layer_norm_eps,
+            )?)
+        };
+        let embed =
+            Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, dims| {
+                build_linear(
+                    weights,
+                    factory,
+                    &format!("{p}.{name}"),
+                    None,
+                    dims,
+                    true,
+                    dtype,
+                )
+            };
+            let q = lin("self_attn.q_proj", (h, h))?;
+            let k = lin("self_attn.k_proj", (kv, h))?;
+            let v = lin("self_attn.v_proj", (kv, h))?;
+            let o = lin("self_attn.dense", (h, h))?;
+            let fc1 = lin("mlp.fc1", (inter, h))?;
+            let fc2 = lin("mlp.fc2", (h, inter))?;
+            let rotary = Rotary::new(shape.head_dim, rotary_dim, config.rope_theta)?;
+            layers.push(PhiLayer {
+                norm: norm(&format!("{p}.input_layernorm"))?,
+                attn: Attention::new(q, k, v, o, shape, rotary)?,
+                fc1,
+                fc2,
+            });
+        }
+        let final_norm = norm("model.final_layernorm")?;
+        let lm_head = build_linear(weights, factory, "lm_head", None, (vocab, h), true, dtype)?;
+        Ok(Self {
+            config: config.clone(),
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            device: weights.device().clone(),
+            dtype,
+        })
+    }
+
+    /// Loads a Hugging Face checkpoint directory (`config.json` plus `*.safetensors`).
+    pub fn from_hf_dir(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<Self, LoadError> {
+        let config = PhiConfig::from_json_file(&dir.join("config.json"))?;
+        let weights = Weights::from_safetensors(&safetensors_in_dir(dir)?, device)?;
+        Self::new(&config, &weights, dtype, factory)
+    }
+
+    /// The config.
+    pub fn config(&self) -> &PhiConfig {
+        &self.config
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Every linear layer with its HF module path, in model order.
+    pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
+                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
+            }
+            out.push((format!("model.layers.{l}.mlp.fc1"), &*layer.fc1));
+            out.push((format!("model.layers.{l}.mlp.fc2"), &*layer.fc2));
+        }
+        out.push(("lm_head".to_string(), &*self.lm_head));
+        out
+    }
+
+    /// All trainable variables with PEFT-style names
+    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (path, layer) in self.linears() {
+            named_vars(&path, layer, &mut out);
+        }
+        out
+    }
+
+    /// Switches dropout in the adapters on (training) or off (evaluation, generation).
+    pub fn set_training(&self, training: bool) {
+        for (_, layer) in self.linears() {
+            layer.set_training(training);
+        }
+    }
+
+    /// Full-sequence forward for training: `input_ids` `[b, t]` (u32), `attention_mask`
+    /// `[b, t]` (1 = real token; right padding) -> logits `[b, t, vocab]` in f32 (f64 for f64
+    /// models). Positions are `0..t`, as in HF training.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
+        let positions = arange_positions(b, t, &self.device)?;
+        self.run(input_ids, &positions, &mask, None)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed.forward(ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.norm.forward(&x)?;
+            let attn = layer.attn.forward(
+                &h,
+                positions,
+                key_mask,
+                cache.as_deref_mut().map(|c| (c, l)),
+            )?;
+            let mlp = layer
+                .fc2
+                .forward(&self.config.hidden_act.forward(&layer.fc1.forward(&h)?)?)?;
+            x = ((attn + mlp)? + x)?;
+        }
+        let x = self.final_norm.forward(&x)?;
+        self.lm_head
+            .forward(&x)?
+            .to_dtype(internal_dtype(self.dtype))
+    }
+}
+
+impl CausalLm for Phi {
+    fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            positions,
+            &key_mask.to_dtype(DType::U8)?,
+            Some(cache),
+        )?
+        .to_dtype(DType::F32)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}

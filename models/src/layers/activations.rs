@@ -1,0 +1,34 @@
+//! Activation functions, by their Hugging Face `hidden_act` names.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// An MLP activation. Every variant has a backward in candle (`gelu` is the tanh approximation,
+/// which is exactly HF's `gelu_new`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast` in HF).
+    #[serde(alias = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    /// Exact (erf) GELU (`gelu` in HF).
+    #[serde(alias = "gelu")]
+    Gelu,
+    /// SiLU / swish (`silu` in HF).
+    #[serde(alias = "silu", alias = "swish")]
+    Silu,
+    /// ReLU.
+    #[serde(alias = "relu")]
+    Relu,
+}
+
+impl Activation {
+    /// Applies the activation elementwise.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::GeluNew => x.gelu(),
+            Self::Gelu => x.gelu_erf(),
+            Self::Silu => x.silu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Multi-head / grouped-query self-attention with rotary embeddings, a causal plus key-padding
+//! mask and a composite softmax, computed in f32 (f64 for f64 models).
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::{internal_dtype, Rotary};
+use crate::causal_lm::KvCache;
+use crate::linear::LinearLayer;
+
+/// Added to the scores of masked keys. Finite (unlike `-inf`) so that a query whose keys are
+/// all masked (a left-padding row) gets uniform weights instead of NaN.
+const MASKED: f64 = -1e9;
+
+/// Head layout of an attention block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (equal to `num_heads` without grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+}
+
+/// Self-attention: `q/k/v` projections, rotary, masked softmax attention, output projection.
+pub struct Attention {
+    q: Box<dyn LinearLayer>,
+    k: Box<dyn LinearLayer>,
+    v: Box<dyn LinearLayer>,
+    o: Box<dyn LinearLayer>,
+    shape: AttentionShape,
+    rotary: Rotary,
+}
+
+impl Attention {
+    /// Assembles an attention block; checks the projections' widths against `shape`.
+    pub fn new(
+        q: Box<dyn LinearLayer>,
+        k: Box<dyn LinearLayer>,
+        v: Box<dyn LinearLayer>,
+        o: Box<dyn LinearLayer>,
+        shape: AttentionShape,
+        rotary: Rotary,
+    ) -> Result<Self> {
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = shape;
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
+            candle_core::bail!(
+                "{num_heads} attention heads are not a multiple of {num_kv_heads} key/value heads"
+            );
+        }
+        let checks = [
+            ("q", q.out_features(), num_heads * head_dim),
+            ("k", k.out_features(), num_kv_heads * head_dim),
+            ("v", v.out_features(), num_kv_heads * head_dim),
+            ("o (input)", o.in_features(), num_heads * head_dim),
+        ];
+        for (name, got, want) in checks {
+            if got != want {
+                candle_core::bail!("attention projection {name} has width {got}, expected {want}");
+            }
+        }
+        Ok(Self {
+            q,
+            k,
+            v,
+            o,
+            shape,
+            rotary,
+        })
+    }
+
+    /// The projections with their local names (`q`, `k`, `v`, `o`), for walking a model.
+    pub fn projections(&self) -> [(&'static str, &dyn LinearLayer); 4] {
+        [
+            ("q", &*self.q),
+            ("k", &*self.k),
+            ("v", &*self.v),
+            ("o", &*self.o),
+        ]
+    }
+
+    /// Attends `x` `[batch, seq, hidden]` at rotary `positions` `[batch, seq]` (u32) with
+    /// `key_mask` `[batch, past + seq]` (u8, 1 = attend). With a cache, this chunk's keys and
+    /// values are appended to `cache` slot `layer` first and attention covers all of them.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = self.shape;
+        let dtype = x.dtype();
+        let work = internal_dtype(dtype);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.to_dtype(work)?
+                .reshape((b, t, n, head_dim))?
+                .transpose(1, 2)
+        };
+        let q = heads(self.q.forward(x)?, num_heads)?;
+        let k = heads(self.k.forward(x)?, num_kv_heads)?;
+        let v = heads(self.v.forward(x)?, num_kv_heads)?.contiguous()?;
+        let (cos, sin) = self.rotary.cos_sin(positions, work)?;
+        let q = self.rotary.apply(&q, &cos, &sin)?;
+        let k = self.rotary.apply(&k, &cos, &sin)?.contiguous()?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let kv_len = k.dim(2)?;
+        let past = kv_len.checked_sub(t).ok_or_else(|| {
+            candle_core::Error::Msg(format!("KV cache shorter ({kv_len}) than the chunk ({t})"))
+        })?;
+        let n_rep = num_heads / num_kv_heads;
+        let k = repeat_kv(&k, n_rep)?;
+        let v = repeat_kv(&v, n_rep)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let bias = mask_bias(key_mask, b, t, past, work)?;
+        let scores = scores.broadcast_add(&bias)?;
+        // Composite softmax: `softmax_last_dim` is a fused kernel with no backward.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, num_heads * head_dim))?
+            .to_dtype(dtype)?;
+        self.o.forward(&out)
+    }
+}
+
+/// Repeats each key/value head `n_rep` times: `[b, kv, s, d]` -> `[b, kv * n_rep, s, d]`.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, s, d))?
+        .contiguous()?
+        .reshape((b, kv * n_rep, s, d))
+}
+
+/// Additive mask `[batch, 1, seq, past + seq]`: 0 where query `i` (absolute index `past + i`)
+/// may see key `j` (causal and not padding), [`MASKED`] elsewhere.
+fn mask_bias(key_mask: &Tensor, b: usize, t: usize, past: usize, dtype: DType) -> Result<Tensor> {
+    let kv = past + t;
+    let (mb, mk) = key_mask.dims2()?;
+    if (mb, mk) != (b, kv) {
+        candle_core::bail!(
+            "key mask is [{mb}, {mk}] but attention needs [batch {b}, past + seq {kv}]"
+        );
+    }
+    let dev = key_mask.device();
+    let q_idx = Tensor::arange(past as u32, kv as u32, dev)?.reshape((t, 1))?;
+    let k_idx = Tensor::arange(0u32, kv as u32, dev)?.reshape((1, kv))?;
+    let causal = k_idx.broadcast_le(&q_idx)?.to_dtype(dtype)?.unsqueeze(0)?;
+    let keys = key_mask.ne(0u8)?.to_dtype(dtype)?.unsqueeze(1)?;
+    let allowed = causal.broadcast_mul(&keys)?;
+    // allowed 1 -> 0, allowed 0 -> MASKED.
+    allowed.affine(-MASKED, MASKED)?.unsqueeze(1)
+}

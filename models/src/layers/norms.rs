@@ -1,0 +1,66 @@
+//! LayerNorm and RMSNorm composed from basic ops (candle's fused versions record no backward),
+//! computed in f32 (f64 for f64 models) and cast back to the input dtype.
+
+use candle_core::{Result, Tensor, D};
+
+use super::internal_dtype;
+
+/// LayerNorm over the last dimension with a frozen weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// A LayerNorm from its weight and bias (`[hidden]`, any float dtype) and epsilon.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Result<Self> {
+        if weight.dims1()? != bias.dims1()? {
+            candle_core::bail!("layer norm weight and bias lengths differ");
+        }
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let work = internal_dtype(dtype);
+        let x = x.to_dtype(work)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight.to_dtype(work)?)?
+            .broadcast_add(&self.bias.to_dtype(work)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// RMSNorm over the last dimension with a frozen weight (Llama's `LlamaRMSNorm`).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// An RMSNorm from its weight `[hidden]` and epsilon.
+    pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        weight.dims1()?;
+        Ok(Self { weight, eps })
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let work = internal_dtype(dtype);
+        let x = x.to_dtype(work)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight.to_dtype(work)?)?
+            .to_dtype(dtype)
+    }
+}
