@@ -11,3 +11,6 @@ pub mod linear;
 
 pub use causal_lm::{CausalLm, KvCache};
 pub use linear::LinearLayer;
+pub mod peft;
+pub mod quant;
+pub mod train;
