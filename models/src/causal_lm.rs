@@ -14,7 +14,9 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for a model with `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers] }
+        Self {
+            layers: vec![None; num_layers],
+        }
     }
 
     /// Appends this step's keys and values for `layer` and returns the full keys and values.

@@ -68,7 +68,11 @@ type Result<T> = std::result::Result<T, PeftError>;
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PeftError {
     let path = path.to_path_buf();
-    move |source| PeftError::Io { action, path, source }
+    move |source| PeftError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// `adapter_config.json` as PEFT's `LoraConfig` writes it (fields of PEFT ≥ 0.10; unknown fields
@@ -204,9 +208,15 @@ impl PeftConfig {
     }
 
     fn validate(&self, path: Option<&Path>) -> Result<()> {
-        let bad = |reason: String| PeftError::Invalid { path: path.map(Path::to_path_buf), reason };
+        let bad = |reason: String| PeftError::Invalid {
+            path: path.map(Path::to_path_buf),
+            reason,
+        };
         if self.peft_type != "LORA" {
-            return Err(bad(format!("peft_type is `{}`; only LORA adapters are supported", self.peft_type)));
+            return Err(bad(format!(
+                "peft_type is `{}`; only LORA adapters are supported",
+                self.peft_type
+            )));
         }
         if self.r == 0 {
             return Err(bad("r must be at least 1".into()));
@@ -215,13 +225,20 @@ impl PeftConfig {
             return Err(bad("DoRA adapters (use_dora) are not supported".into()));
         }
         if self.fan_in_fan_out {
-            return Err(bad("fan_in_fan_out adapters (GPT-2 Conv1D layouts) are not supported".into()));
+            return Err(bad(
+                "fan_in_fan_out adapters (GPT-2 Conv1D layouts) are not supported".into(),
+            ));
         }
         if self.bias != "none" {
-            return Err(bad(format!("bias `{}` is not supported; use \"none\"", self.bias)));
+            return Err(bad(format!(
+                "bias `{}` is not supported; use \"none\"",
+                self.bias
+            )));
         }
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
-            return Err(bad("per-module rank_pattern / alpha_pattern are not supported".into()));
+            return Err(bad(
+                "per-module rank_pattern / alpha_pattern are not supported".into(),
+            ));
         }
         Ok(())
     }
@@ -278,7 +295,11 @@ impl PeftAdapter {
                 ))
             })?;
             let slot = parts.entry(module.to_string()).or_default();
-            let dst = if which == 'A' { &mut slot.0 } else { &mut slot.1 };
+            let dst = if which == 'A' {
+                &mut slot.0
+            } else {
+                &mut slot.1
+            };
             if dst.replace(t.detach()).is_some() {
                 return Err(invalid(format!("`{name}` appears twice")));
             }
@@ -289,7 +310,9 @@ impl PeftAdapter {
                 (Some(a), Some(b)) => (a, b),
                 (a, _) => {
                     let missing = if a.is_none() { "lora_A" } else { "lora_B" };
-                    return Err(invalid(format!("module `{module}` has no {missing}.weight")));
+                    return Err(invalid(format!(
+                        "module `{module}` has no {missing}.weight"
+                    )));
                 }
             };
             check_pair(&module, &a, &b, config.r).map_err(invalid)?;
@@ -303,8 +326,10 @@ impl PeftAdapter {
 
     /// Builds an adapter from trainable variables (as a [`Trainer`](crate::train::Trainer) holds them).
     pub fn from_vars(config: PeftConfig, vars: &[(String, Var)]) -> Result<Self> {
-        let tensors: Vec<(String, Tensor)> =
-            vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        let tensors: Vec<(String, Tensor)> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
         Self::from_named(config, &tensors)
     }
 
@@ -315,18 +340,24 @@ impl PeftAdapter {
         let mut views = Vec::with_capacity(2 * self.modules.len());
         for (module, pair) in &self.modules {
             for (which, t) in [("lora_A", &pair.a), ("lora_B", &pair.b)] {
-                views.push((format!("{KEY_PREFIX}{module}.{which}.weight"), F32View::new(t)?));
+                views.push((
+                    format!("{KEY_PREFIX}{module}.{which}.weight"),
+                    F32View::new(t)?,
+                ));
             }
         }
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let bytes = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| PeftError::Invalid {
-            path: Some(dir.to_path_buf()),
-            reason: format!("cannot serialise adapter weights: {e}"),
-        })?;
+        let bytes =
+            safetensors::tensor::serialize(views, Some(meta)).map_err(|e| PeftError::Invalid {
+                path: Some(dir.to_path_buf()),
+                reason: format!("cannot serialise adapter weights: {e}"),
+            })?;
         write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
         let cfg_path = dir.join(CONFIG_FILE);
-        let json = serde_json::to_vec_pretty(&self.config)
-            .map_err(|source| PeftError::Json { path: cfg_path.clone(), source })?;
+        let json = serde_json::to_vec_pretty(&self.config).map_err(|source| PeftError::Json {
+            path: cfg_path.clone(),
+            source,
+        })?;
         write_atomic(&cfg_path, &json)
     }
 
@@ -334,32 +365,39 @@ impl PeftAdapter {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path).map_err(io("read", &cfg_path))?;
-        let config: PeftConfig = serde_json::from_str(&text)
-            .map_err(|source| PeftError::Json { path: cfg_path.clone(), source })?;
+        let config: PeftConfig = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+            path: cfg_path.clone(),
+            source,
+        })?;
         config.validate(Some(dir))?;
         let w_path = dir.join(WEIGHTS_FILE);
         if !w_path.is_file() {
             return Err(PeftError::Invalid {
                 path: Some(dir.to_path_buf()),
-                reason: format!("`{WEIGHTS_FILE}` is missing (only safetensors adapters are supported)"),
+                reason: format!(
+                    "`{WEIGHTS_FILE}` is missing (only safetensors adapters are supported)"
+                ),
             });
         }
         let tensors = candle_core::safetensors::load(&w_path, device)?;
         let mut named: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
         for (k, t) in tensors {
-            let stripped = k.strip_prefix(KEY_PREFIX).ok_or_else(|| PeftError::Invalid {
-                path: Some(dir.to_path_buf()),
-                reason: format!("key `{k}` does not start with `{KEY_PREFIX}`"),
-            })?;
+            let stripped = k
+                .strip_prefix(KEY_PREFIX)
+                .ok_or_else(|| PeftError::Invalid {
+                    path: Some(dir.to_path_buf()),
+                    reason: format!("key `{k}` does not start with `{KEY_PREFIX}`"),
+                })?;
             // Multi-adapter saves keep the adapter name (`lora_A.<name>.weight`); accept `default`.
             let stripped = stripped.replace(".lora_A.default.weight", ".lora_A.weight");
             let stripped = stripped.replace(".lora_B.default.weight", ".lora_B.weight");
             named.push((stripped, t));
         }
         Self::from_named(config, &named).map_err(|e| match e {
-            PeftError::Invalid { path: None, reason } => {
-                PeftError::Invalid { path: Some(dir.to_path_buf()), reason }
-            }
+            PeftError::Invalid { path: None, reason } => PeftError::Invalid {
+                path: Some(dir.to_path_buf()),
+                reason,
+            },
             other => other,
         })
     }
@@ -420,10 +458,15 @@ fn check_pair(module: &str, a: &Tensor, b: &Tensor, r: usize) -> std::result::Re
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io("write", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io("write", &tmp))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(io("rename into place", path))
 }
@@ -437,7 +480,10 @@ struct F32View {
 impl F32View {
     fn new(t: &Tensor) -> Result<Self> {
         let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self { shape: t.dims().to_vec(), bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() })
+        Ok(Self {
+            shape: t.dims().to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
     }
 }
 

@@ -37,9 +37,21 @@ fn layers() -> Vec<(&'static str, QuantLinear, Tensor)> {
     let q4k = GgmlQuantized::quantize(&w256, GgmlFormat::Q4K).unwrap();
     let q8 = GgmlQuantized::quantize(&w, GgmlFormat::Q8_0).unwrap();
     vec![
-        ("nf4", QuantLinear::new(QuantWeight::Nf4(nf4), Some(b.clone())).unwrap(), b.clone()),
-        ("q4k", QuantLinear::new(QuantWeight::Ggml(q4k), None).unwrap(), Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap()),
-        ("q8_0", QuantLinear::new(QuantWeight::Ggml(q8), Some(b.clone())).unwrap(), b),
+        (
+            "nf4",
+            QuantLinear::new(QuantWeight::Nf4(nf4), Some(b.clone())).unwrap(),
+            b.clone(),
+        ),
+        (
+            "q4k",
+            QuantLinear::new(QuantWeight::Ggml(q4k), None).unwrap(),
+            Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "q8_0",
+            QuantLinear::new(QuantWeight::Ggml(q8), Some(b.clone())).unwrap(),
+            b,
+        ),
     ]
 }
 
@@ -50,8 +62,19 @@ fn forward_matches_dense_on_dequantized_weight() {
         let x = randn(&[2, 3, layer.in_features()], 11);
         let y = layer.forward(&x).unwrap();
         assert_eq!(y.dims(), &[2, 3, layer.out_features()]);
-        let dense = x.broadcast_matmul(&wd.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
-        let diff = (y - dense).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let dense = x
+            .broadcast_matmul(&wd.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let diff = (y - dense)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-4, "{name}: forward differs by {diff}");
         // bf16 input gives bf16 output.
         let yb = layer.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
@@ -66,7 +89,10 @@ fn input_gradient_matches_finite_differences_and_dense_layer() {
         let x0 = randn(&[2, inf], 21).to_dtype(DType::F64).unwrap();
         let c = randn(&[2, outf], 22).to_dtype(DType::F64).unwrap();
         let x = Var::from_tensor(&x0).unwrap();
-        let loss = (layer.forward(x.as_tensor()).unwrap() * &c).unwrap().sum_all().unwrap();
+        let loss = (layer.forward(x.as_tensor()).unwrap() * &c)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let grads = loss.backward().unwrap();
         let gx = grads.get(x.as_tensor()).expect("input gradient recorded");
         assert_eq!(gx.dtype(), DType::F64);
@@ -77,13 +103,21 @@ fn input_gradient_matches_finite_differences_and_dense_layer() {
         let wd = layer.weight().dequantize(DType::F64, &Device::Cpu).unwrap();
         let reference = c.matmul(&wd).unwrap();
         let diff = (gx - &reference).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f64>().unwrap() < 1e-10, "{name}: grad vs dense");
+        assert!(
+            diff.to_scalar::<f64>().unwrap() < 1e-10,
+            "{name}: grad vs dense"
+        );
         // Central finite differences on a few coordinates.
         let gxv = gx.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let base = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let f = |v: &[f64]| -> f64 {
             let t = Tensor::from_vec(v.to_vec(), (2, inf), &Device::Cpu).unwrap();
-            (layer.forward(&t).unwrap() * &c).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (layer.forward(&t).unwrap() * &c)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         for i in [0, 5, inf - 1, inf + 3, 2 * inf - 1] {
             let eps = 1e-5;
@@ -91,7 +125,11 @@ fn input_gradient_matches_finite_differences_and_dense_layer() {
             p[i] += eps;
             m[i] -= eps;
             let fd = (f(&p) - f(&m)) / (2.0 * eps);
-            assert!((fd - gxv[i]).abs() < 1e-6 * (1.0 + fd.abs()), "{name}[{i}]: fd {fd} vs {}", gxv[i]);
+            assert!(
+                (fd - gxv[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{name}[{i}]: fd {fd} vs {}",
+                gxv[i]
+            );
         }
     }
 }
@@ -103,21 +141,46 @@ fn lora_style_adapter_over_quantized_base_gets_dense_gradients() {
     let b = Var::from_tensor(&(randn(&[24, 4], 32) * 0.1).unwrap()).unwrap();
     let x = randn(&[5, 64], 33);
     let wd = layer.weight().dequantize(DType::F32, &Device::Cpu).unwrap();
-    let lora = |x: &Tensor| x.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap();
+    let lora = |x: &Tensor| {
+        x.matmul(&a.t().unwrap())
+            .unwrap()
+            .matmul(&b.t().unwrap())
+            .unwrap()
+    };
     // Two stacked layers so the base's input gradient matters for the first adapter.
-    let h = (layer.forward(&x).unwrap() + lora(&x)).unwrap().tanh().unwrap();
+    let h = (layer.forward(&x).unwrap() + lora(&x))
+        .unwrap()
+        .tanh()
+        .unwrap();
     let h2 = h.narrow(1, 0, 24).unwrap();
-    let y = layer.forward(&Tensor::cat(&[&h2, &h2, &h2.narrow(1, 0, 16).unwrap()], 1).unwrap()).unwrap();
+    let y = layer
+        .forward(&Tensor::cat(&[&h2, &h2, &h2.narrow(1, 0, 16).unwrap()], 1).unwrap())
+        .unwrap();
     let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     // Same computation with the dense dequantized weight.
-    let dense = |x: &Tensor| x.matmul(&wd.t().unwrap()).unwrap().broadcast_add(layer.bias().unwrap()).unwrap();
+    let dense = |x: &Tensor| {
+        x.matmul(&wd.t().unwrap())
+            .unwrap()
+            .broadcast_add(layer.bias().unwrap())
+            .unwrap()
+    };
     let h = (dense(&x) + lora(&x)).unwrap().tanh().unwrap();
     let h2 = h.narrow(1, 0, 24).unwrap();
     let y = dense(&Tensor::cat(&[&h2, &h2, &h2.narrow(1, 0, 16).unwrap()], 1).unwrap());
     let gd = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     for v in [&a, &b] {
-        let (q, d) = (g.get(v.as_tensor()).unwrap(), gd.get(v.as_tensor()).unwrap());
-        let diff = (q - d).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let (q, d) = (
+            g.get(v.as_tensor()).unwrap(),
+            gd.get(v.as_tensor()).unwrap(),
+        );
+        let diff = (q - d)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-4, "adapter gradient differs by {diff}");
     }
 }

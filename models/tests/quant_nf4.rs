@@ -26,10 +26,17 @@ fn code_table_is_sorted_with_exact_zero_and_unit_ends() {
     assert_eq!(NF4_CODE[7], 0.0);
     assert_eq!(NF4_CODE[15], 1.0);
     let map = dynamic_map();
-    assert!(map.windows(2).all(|w| w[0] < w[1]), "dynamic map strictly increasing");
+    assert!(
+        map.windows(2).all(|w| w[0] < w[1]),
+        "dynamic map strictly increasing"
+    );
     assert_eq!(map[255], 1.0);
     assert!(map.contains(&0.0));
-    assert!((map[0] + 0.9928).abs() < 1e-3, "most negative code {}", map[0]);
+    assert!(
+        (map[0] + 0.9928).abs() < 1e-3,
+        "most negative code {}",
+        map[0]
+    );
 }
 
 #[test]
@@ -48,12 +55,16 @@ fn code_values_quantize_exactly() {
             let code = q.code(i).unwrap();
             assert_eq!(NF4_CODE[code as usize], *x, "element {i} (double={double})");
         }
-        let d = q.dequantize(DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap();
+        let d = q
+            .dequantize(DType::F32, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         assert_eq!(d.to_vec1::<f32>().unwrap(), v);
     }
     // The packing puts the first element of each pair in the high nibble.
     let q = Nf4Tensor::quantize(&t, false).unwrap();
-    assert_eq!(q.packed()[0], (0 << 4) | 1);
+    assert_eq!(q.packed()[0], 0x01, "codes 0 and 1 packed high then low");
 }
 
 #[test]
@@ -82,19 +93,37 @@ fn round_trip_error_is_bounded() {
     assert_eq!(q.shape(), &[96, 256]);
     let d = nf4::dequantize(&q, DType::F32, &Device::Cpu).unwrap();
     let err = reconstruction_error(&t, &d).unwrap();
-    eprintln!("NF4+DQ on N(0, 0.02²): {err}, {:.3} bits/weight", q.bits_per_element());
+    eprintln!(
+        "NF4+DQ on N(0, 0.02²): {err}, {:.3} bits/weight",
+        q.bits_per_element()
+    );
     // Largest NF4 gap is -0.696 - (-1) = 0.304 of the absmax, so the worst error is under half that.
     let vals = d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for (b, (orig, deq)) in v.chunks(BLOCK_SIZE).zip(vals.chunks(BLOCK_SIZE)).enumerate() {
+    for (b, (orig, deq)) in v
+        .chunks(BLOCK_SIZE)
+        .zip(vals.chunks(BLOCK_SIZE))
+        .enumerate()
+    {
         let am = orig.iter().fold(0f32, |m, x| m.max(x.abs()));
         for (x, y) in orig.iter().zip(deq) {
-            assert!((x - y).abs() <= 0.1520 * am * 1.01 + 1e-7, "block {b}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 0.1520 * am * 1.01 + 1e-7,
+                "block {b}: {x} vs {y}"
+            );
         }
     }
     // Typical 4-bit normal-float error on Gaussian data is ~10% relative.
     assert!(err.relative < 0.12, "relative error {}", err.relative);
-    assert!(err.relative > 0.03, "suspiciously small error {}", err.relative);
-    assert!(q.bits_per_element() < 4.13, "bits/weight {}", q.bits_per_element());
+    assert!(
+        err.relative > 0.03,
+        "suspiciously small error {}",
+        err.relative
+    );
+    assert!(
+        q.bits_per_element() < 4.13,
+        "bits/weight {}",
+        q.bits_per_element()
+    );
     // bf16 output agrees with f32 output to bf16 precision.
     let d16 = nf4::dequantize(&q, DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(d16.dtype(), DType::BF16);
@@ -110,15 +139,28 @@ fn double_quantization_costs_little_accuracy() {
     let double = Nf4Tensor::quantize(&t, true).unwrap();
     assert!(matches!(single.absmax(), Nf4Absmax::F32(_)));
     assert!(matches!(double.absmax(), Nf4Absmax::Double { .. }));
-    let es = reconstruction_error(&t, &single.dequantize(DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let ed = reconstruction_error(&t, &double.dequantize(DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let es =
+        reconstruction_error(&t, &single.dequantize(DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let ed =
+        reconstruction_error(&t, &double.dequantize(DType::F32, &Device::Cpu).unwrap()).unwrap();
     eprintln!("single: {es}\ndouble: {ed}");
-    assert!(ed.rmse <= es.rmse * 1.02, "double-quant RMSE {} vs single {}", ed.rmse, es.rmse);
+    assert!(
+        ed.rmse <= es.rmse * 1.02,
+        "double-quant RMSE {} vs single {}",
+        ed.rmse,
+        es.rmse
+    );
     assert!(double.size_bytes() < single.size_bytes());
     // Decoded absmax values stay close to the true ones.
-    let (a, b) = (single.absmax().decode().unwrap(), double.absmax().decode().unwrap());
+    let (a, b) = (
+        single.absmax().decode().unwrap(),
+        double.absmax().decode().unwrap(),
+    );
     for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 0.01 * x.abs() + 1e-6, "absmax {x} decoded as {y}");
+        assert!(
+            (x - y).abs() <= 0.01 * x.abs() + 1e-6,
+            "absmax {x} decoded as {y}"
+        );
     }
 }
 
@@ -132,10 +174,17 @@ fn partial_last_blocks_and_zero_blocks() {
     let t = Tensor::from_vec(v.clone(), (2, 100), &Device::Cpu).unwrap();
     let q = nf4::quantize(&t).unwrap();
     assert_eq!(q.absmax().len(), 4);
-    let d = q.dequantize(DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap();
+    let d = q
+        .dequantize(DType::F32, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     let d = d.to_vec1::<f32>().unwrap();
     assert_eq!(d.len(), 200);
-    assert!(d[64..128].iter().all(|x| x.abs() < 1e-2), "zero block decodes near zero");
+    assert!(
+        d[64..128].iter().all(|x| x.abs() < 1e-2),
+        "zero block decodes near zero"
+    );
     let err = reconstruction_error(&t, &Tensor::from_vec(d, (2, 100), &Device::Cpu).unwrap());
     assert!(err.unwrap().relative < 0.15);
 }
@@ -148,7 +197,10 @@ fn odd_and_empty_sizes_are_rejected_clearly() {
     let msg = e.to_string();
     assert!(msg.contains("[3, 5]") && msg.contains("even"), "{msg}");
     let empty = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
-    assert!(nf4::quantize(&empty).unwrap_err().to_string().contains("empty"));
+    assert!(nf4::quantize(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
     let nan = Tensor::new(&[1f32, f32::NAN], &Device::Cpu).unwrap();
     assert!(nf4::quantize(&nan).unwrap_err().to_string().contains("NaN"));
     let ints = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
@@ -163,7 +215,12 @@ fn ggml_formats_round_trip_with_expected_error_order() {
     let v = weights(8 * 512, 4, 0.02);
     let t = Tensor::from_vec(v, (8, 512), &Device::Cpu).unwrap();
     let mut errs = Vec::new();
-    for f in [GgmlFormat::Q8_0, GgmlFormat::Q4K, GgmlFormat::Q4_1, GgmlFormat::Q4_0] {
+    for f in [
+        GgmlFormat::Q8_0,
+        GgmlFormat::Q4K,
+        GgmlFormat::Q4_1,
+        GgmlFormat::Q4_0,
+    ] {
         let q = GgmlQuantized::quantize(&t, f).unwrap();
         assert_eq!(q.shape(), &[8, 512]);
         let d = q.dequantize(DType::F32, &Device::Cpu).unwrap();
@@ -182,7 +239,9 @@ fn ggml_formats_round_trip_with_expected_error_order() {
 #[test]
 fn ggml_rejects_rows_not_a_multiple_of_the_block() {
     let t = Tensor::zeros((4, 96), DType::F32, &Device::Cpu).unwrap();
-    let e = GgmlQuantized::quantize(&t, GgmlFormat::Q4K).unwrap_err().to_string();
+    let e = GgmlQuantized::quantize(&t, GgmlFormat::Q4K)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("256") && e.contains("96"), "{e}");
     assert!(GgmlQuantized::quantize(&t, GgmlFormat::Q4_0).is_ok());
 }

@@ -4,8 +4,8 @@
 use candle_core::{DType, Device, Tensor, Var};
 use pipeline_models::train::{
     accumulate_gradients, masked_cross_entropy_sum, AdamWConfig, ComputeDtype, GradScalerConfig,
-    LossSum, LrSchedule, ScheduleKind, StepContext, StepRecord, TrainConfig, TrainModel, Trainer,
-    TrainRng,
+    LossSum, LrSchedule, ScheduleKind, StepContext, StepRecord, TrainConfig, TrainModel, TrainRng,
+    Trainer,
 };
 use std::cell::Cell;
 
@@ -15,7 +15,9 @@ const R: usize = 4;
 
 fn det(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
     let mut rng = TrainRng::new(seed);
-    let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.next_f32() - 0.5) * 2.0 * scale).collect();
+    let v: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| (rng.next_f32() - 0.5) * 2.0 * scale)
+        .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
@@ -60,7 +62,11 @@ impl TrainModel for TinyLm {
     fn loss(&self, (ids, mask): &Batch, ctx: &mut StepContext<'_>) -> candle_core::Result<LossSum> {
         let dt = ctx.dtype;
         let (bsz, t) = ids.dims2()?;
-        let x = self.emb.index_select(&ids.flatten_all()?, 0)?.reshape((bsz, t, D))?.to_dtype(dt)?;
+        let x = self
+            .emb
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((bsz, t, D))?
+            .to_dtype(dt)?;
         let base = x.broadcast_matmul(&self.w.t()?.to_dtype(dt)?)?;
         let lin = if ctx.train && self.dropout > 0.0 {
             let m = ctx.rng.dropout_mask(bsz * t * D, self.dropout);
@@ -105,8 +111,16 @@ fn data(n: usize, rows: usize, t: usize, seed: u64) -> Vec<Batch> {
 
 fn config(total: u64) -> TrainConfig {
     TrainConfig {
-        schedule: LrSchedule { kind: ScheduleKind::Cosine, base_lr: 3e-2, warmup_steps: 2, total_steps: total },
-        optimizer: AdamWConfig { weight_decay: 0.01, ..Default::default() },
+        schedule: LrSchedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: 3e-2,
+            warmup_steps: 2,
+            total_steps: total,
+        },
+        optimizer: AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        },
         grad_accum: 2,
         max_grad_norm: Some(1.0),
         compute_dtype: ComputeDtype::F32,
@@ -120,7 +134,16 @@ fn config(total: u64) -> TrainConfig {
 }
 
 fn weights(m: &TinyLm) -> Vec<Vec<f32>> {
-    [&m.a, &m.b].iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    [&m.a, &m.b]
+        .iter()
+        .map(|v| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
 }
 
 fn records(dir: &std::path::Path) -> Vec<serde_json::Value> {
@@ -150,10 +173,14 @@ fn loss_falls_on_a_tiny_problem_in_each_compute_dtype() {
         tr.run(&train, &eval, None, &|| false).unwrap();
         let (after, _) = tr.evaluate(&eval).unwrap();
         eprintln!("{dtype:?}: eval loss {before:.4} -> {after:.4}");
-        assert!(after < 0.8 * before, "{dtype:?}: eval loss {before} -> {after}");
+        assert!(
+            after < 0.8 * before,
+            "{dtype:?}: eval loss {before} -> {after}"
+        );
         assert_eq!(model.a.dtype(), DType::F32, "master weights stay f32");
         let recs = records(dir.path());
-        let steps: Vec<&serde_json::Value> = recs.iter().filter(|r| r.get("loss").is_some()).collect();
+        let steps: Vec<&serde_json::Value> =
+            recs.iter().filter(|r| r.get("loss").is_some()).collect();
         assert_eq!(steps.len(), 40);
         let s: StepRecord = serde_json::from_value(steps[5].clone()).unwrap();
         assert_eq!(s.step, 6);
@@ -168,22 +195,55 @@ fn accumulation_equals_a_bigger_batch() {
     let model = TinyLm::new(0.0);
     let vars = model.trainable_vars();
     let small = data(2, 3, 6, 9);
-    let cat = |i: usize| Tensor::cat(&[&small[0].clone().into_tuple(i), &small[1].clone().into_tuple(i)], 0).unwrap();
+    let cat = |i: usize| {
+        Tensor::cat(
+            &[
+                &small[0].clone().into_tuple(i),
+                &small[1].clone().into_tuple(i),
+            ],
+            0,
+        )
+        .unwrap()
+    };
     let big: Batch = (cat(0), cat(1));
     let mut rng = TrainRng::new(0);
-    let mut ctx = StepContext { dtype: DType::F32, rng: &mut rng, train: true };
+    let mut ctx = StepContext {
+        dtype: DType::F32,
+        rng: &mut rng,
+        train: true,
+    };
     let acc = accumulate_gradients(&model, &vars, &[&small[0], &small[1]], &mut ctx, 1.0).unwrap();
     let one = accumulate_gradients(&model, &vars, &[&big], &mut ctx, 1.0).unwrap();
     assert_eq!(acc.tokens, one.tokens);
     assert!((acc.loss_sum - one.loss_sum).abs() < 1e-4 * one.loss_sum.abs());
     for (a, b) in acc.grads.iter().zip(&one.grads) {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let m = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(m > 0.0 && d <= 1e-5 * m, "accumulated gradient differs by {d} (max {m})");
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let m = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            m > 0.0 && d <= 1e-5 * m,
+            "accumulated gradient differs by {d} (max {m})"
+        );
     }
     // Scaled accumulation is the same gradient times the scale.
-    let scaled = accumulate_gradients(&model, &vars, &[&small[0], &small[1]], &mut ctx, 1024.0).unwrap();
-    let d = ((&scaled.grads[0] / 1024.0).unwrap() - &acc.grads[0]).unwrap().abs().unwrap();
+    let scaled =
+        accumulate_gradients(&model, &vars, &[&small[0], &small[1]], &mut ctx, 1024.0).unwrap();
+    let d = ((&scaled.grads[0] / 1024.0).unwrap() - &acc.grads[0])
+        .unwrap()
+        .abs()
+        .unwrap();
     assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
 }
 
@@ -204,7 +264,10 @@ impl IntoTuple for Batch {
 fn overflowing_step_is_skipped_and_backs_off_the_scale() {
     let model = TinyLm::new(0.0);
     let mut cfg = config(10);
-    cfg.grad_scaler = Some(GradScalerConfig { growth_interval: 2, ..Default::default() });
+    cfg.grad_scaler = Some(GradScalerConfig {
+        growth_interval: 2,
+        ..Default::default()
+    });
     let train = data(4, 2, 6, 3);
     let mut tr = Trainer::new(&model, cfg, None).unwrap();
     let r1 = tr.train_step(&train).unwrap();
@@ -214,7 +277,11 @@ fn overflowing_step_is_skipped_and_backs_off_the_scale() {
     model.poison.set(true);
     let r2 = tr.train_step(&train).unwrap();
     assert!(r2.skipped && r2.record.grad_norm.is_none());
-    assert_eq!(weights(&model), before, "skipped step leaves weights untouched");
+    assert_eq!(
+        weights(&model),
+        before,
+        "skipped step leaves weights untouched"
+    );
     assert_eq!(tr.scaler().scale(), 32768.0);
     assert_eq!(tr.step(), 2);
     model.poison.set(false);
@@ -244,7 +311,10 @@ fn interrupted_run_resumes_bit_identically() {
         t.train_step(&train).unwrap();
         t.train_step(&train).unwrap();
     }
-    assert_eq!(std::fs::read_to_string(dir.path().join("latest")).unwrap(), "checkpoint-000000003");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("latest")).unwrap(),
+        "checkpoint-000000003"
+    );
     // Second attempt: interrupted by a stop request after 3 more steps (checkpoints at 6).
     {
         let model = TinyLm::new(0.25);
@@ -264,13 +334,23 @@ fn interrupted_run_resumes_bit_identically() {
     assert_eq!(t.step(), 6);
     t.run(&train, &eval, None, &|| false).unwrap();
     assert_eq!(t.step(), total);
-    assert_eq!(weights(&model), weights(&full_model), "resumed weights differ");
+    assert_eq!(
+        weights(&model),
+        weights(&full_model),
+        "resumed weights differ"
+    );
 
     // Metrics: one line per step, same losses and learning rates as the uninterrupted run.
     let strip = |recs: Vec<serde_json::Value>| -> Vec<(u64, String, String)> {
         recs.into_iter()
             .filter(|r| r.get("loss").is_some())
-            .map(|r| (r["step"].as_u64().unwrap(), r["loss"].to_string(), r["lr"].to_string()))
+            .map(|r| {
+                (
+                    r["step"].as_u64().unwrap(),
+                    r["loss"].to_string(),
+                    r["lr"].to_string(),
+                )
+            })
             .collect()
     };
     let (a, b) = (strip(records(full_dir.path())), strip(records(dir.path())));
@@ -297,14 +377,23 @@ fn resume_rejects_a_checkpoint_for_another_model() {
     impl TrainModel for Other {
         type Batch = Batch;
         fn trainable_vars(&self) -> Vec<(String, Var)> {
-            vec![("layer.lora_A.weight".into(), self.0.clone()), ("layer.lora_B.weight".into(), self.1.b.clone())]
+            vec![
+                ("layer.lora_A.weight".into(), self.0.clone()),
+                ("layer.lora_B.weight".into(), self.1.b.clone()),
+            ]
         }
         fn loss(&self, b: &Batch, c: &mut StepContext<'_>) -> candle_core::Result<LossSum> {
             self.1.loss(b, c)
         }
     }
-    let other = Other(Var::zeros((8, D), DType::F32, &Device::Cpu).unwrap(), TinyLm::new(0.0));
-    let err = Trainer::resume(&other, config(4), dir.path()).err().unwrap().to_string();
+    let other = Other(
+        Var::zeros((8, D), DType::F32, &Device::Cpu).unwrap(),
+        TinyLm::new(0.0),
+    );
+    let err = Trainer::resume(&other, config(4), dir.path())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("shape") && err.contains("lora_A"), "{err}");
     let mut bad = config(4);
     bad.grad_accum = 0;

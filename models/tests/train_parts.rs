@@ -12,8 +12,17 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 
 #[test]
 fn schedules_follow_the_hugging_face_formulas() {
-    let mk = |kind| LrSchedule { kind, base_lr: 1e-3, warmup_steps: 10, total_steps: 110 };
-    for kind in [ScheduleKind::Constant, ScheduleKind::Linear, ScheduleKind::Cosine] {
+    let mk = |kind| LrSchedule {
+        kind,
+        base_lr: 1e-3,
+        warmup_steps: 10,
+        total_steps: 110,
+    };
+    for kind in [
+        ScheduleKind::Constant,
+        ScheduleKind::Linear,
+        ScheduleKind::Cosine,
+    ] {
         let s = mk(kind);
         assert_eq!(s.lr_at(0), 0.0);
         assert!(close(s.lr_at(5), 5e-4, 1e-12));
@@ -30,16 +39,31 @@ fn schedules_follow_the_hugging_face_formulas() {
     let cos = mk(ScheduleKind::Cosine);
     assert!(close(cos.lr_at(60), 5e-4, 1e-12));
     // a quarter through the decay: 0.5 (1 + cos(π/4))
-    assert!(close(cos.lr_at(35), 1e-3 * 0.5 * (1.0 + (std::f64::consts::FRAC_PI_4).cos()), 1e-12));
+    assert!(close(
+        cos.lr_at(35),
+        1e-3 * 0.5 * (1.0 + (std::f64::consts::FRAC_PI_4).cos()),
+        1e-12
+    ));
     assert!(cos.lr_at(110).abs() < 1e-18);
     // No warmup: starts at the peak.
-    let nw = LrSchedule { kind: ScheduleKind::Linear, base_lr: 2.0, warmup_steps: 0, total_steps: 4 };
-    assert_eq!([nw.lr_at(0), nw.lr_at(1), nw.lr_at(2), nw.lr_at(4)], [2.0, 1.5, 1.0, 0.0]);
+    let nw = LrSchedule {
+        kind: ScheduleKind::Linear,
+        base_lr: 2.0,
+        warmup_steps: 0,
+        total_steps: 4,
+    };
+    assert_eq!(
+        [nw.lr_at(0), nw.lr_at(1), nw.lr_at(2), nw.lr_at(4)],
+        [2.0, 1.5, 1.0, 0.0]
+    );
 }
 
 #[test]
 fn grad_scaler_grows_backs_off_and_flags_overflow() {
-    let cfg = GradScalerConfig { growth_interval: 3, ..Default::default() };
+    let cfg = GradScalerConfig {
+        growth_interval: 3,
+        ..Default::default()
+    };
     let mut s = GradScaler::new(cfg);
     assert_eq!(s.scale(), 65536.0);
     for _ in 0..2 {
@@ -57,9 +81,16 @@ fn grad_scaler_grows_backs_off_and_flags_overflow() {
     let dev = Device::Cpu;
     let mut clean = vec![Tensor::new(&[65536f32, -131072.0], &dev).unwrap()];
     assert!(!s.unscale(&mut clean, 2.0).unwrap());
-    assert_eq!(clean[0].to_vec1::<f32>().unwrap(), vec![0.5, -1.0], "divides by scale × divisor");
+    assert_eq!(
+        clean[0].to_vec1::<f32>().unwrap(),
+        vec![0.5, -1.0],
+        "divides by scale × divisor"
+    );
     for bad in [f32::INFINITY, f32::NEG_INFINITY, f32::NAN] {
-        let mut g = vec![Tensor::new(&[1f32], &dev).unwrap(), Tensor::new(&[0f32, bad], &dev).unwrap()];
+        let mut g = vec![
+            Tensor::new(&[1f32], &dev).unwrap(),
+            Tensor::new(&[0f32, bad], &dev).unwrap(),
+        ];
         assert!(s.unscale(&mut g, 1.0).unwrap(), "{bad} detected");
     }
     // Huge but finite gradients are not overflow.
@@ -72,7 +103,10 @@ fn grad_scaler_grows_backs_off_and_flags_overflow() {
 #[test]
 fn clipping_scales_to_the_global_norm() {
     let dev = Device::Cpu;
-    let mut g = vec![Tensor::new(&[3f32], &dev).unwrap(), Tensor::new(&[[4f32]], &dev).unwrap()];
+    let mut g = vec![
+        Tensor::new(&[3f32], &dev).unwrap(),
+        Tensor::new(&[[4f32]], &dev).unwrap(),
+    ];
     assert!(close(global_grad_norm(&g).unwrap(), 5.0, 1e-12));
     let n = clip_grad_norm(&mut g, 1.0).unwrap();
     assert!(close(n, 5.0, 1e-12), "returns the norm before clipping");
@@ -80,14 +114,23 @@ fn clipping_scales_to_the_global_norm() {
     assert!(close(g[0].to_vec1::<f32>().unwrap()[0] as f64, 0.6, 1e-6));
     let mut small = vec![Tensor::new(&[0.3f32, 0.4], &dev).unwrap()];
     clip_grad_norm(&mut small, 1.0).unwrap();
-    assert_eq!(small[0].to_vec1::<f32>().unwrap(), vec![0.3, 0.4], "under the limit: untouched");
+    assert_eq!(
+        small[0].to_vec1::<f32>().unwrap(),
+        vec![0.3, 0.4],
+        "under the limit: untouched"
+    );
 }
 
 #[test]
 fn adamw_matches_the_reference_update_and_round_trips_state() {
     let dev = Device::Cpu;
     let p = Var::new(&[1.0f32, -2.0], &dev).unwrap();
-    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let cfg = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let mut opt = AdamW::new(vec![("p".into(), p.clone())], cfg).unwrap();
     let grads = [[0.5f64, -1.0], [0.25, 2.0]];
     // Reference in f64: torch.optim.AdamW.
@@ -102,7 +145,11 @@ fn adamw_matches_the_reference_update_and_round_trips_state() {
             let denom = (v[i] / (1.0 - 0.99f64.powi(t))).sqrt() + 1e-8;
             rp[i] -= lr / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
         }
-        opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap()], lr).unwrap();
+        opt.step(
+            &[Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap()],
+            lr,
+        )
+        .unwrap();
     }
     let got = p.as_tensor().to_vec1::<f32>().unwrap();
     for i in 0..2 {
@@ -113,9 +160,12 @@ fn adamw_matches_the_reference_update_and_round_trips_state() {
     let mut opt2 = AdamW::new(vec![("p".into(), q.clone())], cfg).unwrap();
     opt2.load_state(&opt.state_tensors(), opt.steps()).unwrap();
     let g = Tensor::new(&[0.1f32, 0.1], &dev).unwrap();
-    opt.step(&[g.clone()], lr).unwrap();
+    opt.step(std::slice::from_ref(&g), lr).unwrap();
     opt2.step(&[g], lr).unwrap();
-    assert_eq!(p.as_tensor().to_vec1::<f32>().unwrap(), q.as_tensor().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        p.as_tensor().to_vec1::<f32>().unwrap(),
+        q.as_tensor().to_vec1::<f32>().unwrap()
+    );
     // Zero decay leaves a zero-gradient parameter alone.
     let z = Var::new(&[3.0f32], &dev).unwrap();
     let mut o = AdamW::new(vec![("z".into(), z.clone())], AdamWConfig::default()).unwrap();
@@ -123,14 +173,19 @@ fn adamw_matches_the_reference_update_and_round_trips_state() {
     assert_eq!(z.as_tensor().to_vec1::<f32>().unwrap(), vec![3.0]);
     // f16 master weights are refused.
     let h = Var::new(&[half::f16::ONE], &dev).unwrap();
-    assert!(AdamW::new(vec![("h".into(), h)], cfg).unwrap_err().to_string().contains("f32"));
+    assert!(AdamW::new(vec![("h".into(), h)], cfg)
+        .unwrap_err()
+        .to_string()
+        .contains("f32"));
 }
 
 #[test]
 fn masked_cross_entropy_matches_a_direct_computation_and_shifts_by_one() {
     let dev = Device::Cpu;
     let (b, t, vsz) = (2, 4, 5);
-    let vals: Vec<f32> = (0..b * t * vsz).map(|i| ((i * 37 % 23) as f32 - 11.0) / 4.0).collect();
+    let vals: Vec<f32> = (0..b * t * vsz)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 4.0)
+        .collect();
     let logits = Tensor::from_vec(vals.clone(), (b, t, vsz), &dev).unwrap();
     let targets = Tensor::new(&[[1u32, 4, 0, 2], [3, 3, 1, 0]], &dev).unwrap();
     let mask = Tensor::new(&[[1u8, 1, 0, 1], [0, 1, 1, 0]], &dev).unwrap();
@@ -144,7 +199,9 @@ fn masked_cross_entropy_matches_a_direct_computation_and_shifts_by_one() {
             if mk[r][j] == 0 {
                 continue;
             }
-            let row: Vec<f64> = (0..vsz).map(|k| vals[(r * t + j - 1) * vsz + k] as f64).collect();
+            let row: Vec<f64> = (0..vsz)
+                .map(|k| vals[(r * t + j - 1) * vsz + k] as f64)
+                .collect();
             let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
             expect += lse - row[tg[r][j]];
             count += 1;
@@ -153,12 +210,25 @@ fn masked_cross_entropy_matches_a_direct_computation_and_shifts_by_one() {
     assert_eq!(n, count);
     assert!(close(sum.to_scalar::<f32>().unwrap() as f64, expect, 1e-5));
     let mean = masked_cross_entropy(&logits, &targets, &mask).unwrap();
-    assert!(close(mean.to_scalar::<f32>().unwrap() as f64, expect / count as f64, 1e-5));
+    assert!(close(
+        mean.to_scalar::<f32>().unwrap() as f64,
+        expect / count as f64,
+        1e-5
+    ));
     // Backward is recorded: d mean / d logits = (softmax − onehot) / count on scored rows.
     let lv = Var::from_tensor(&logits).unwrap();
     let loss = masked_cross_entropy(lv.as_tensor(), &targets, &mask).unwrap();
-    let g = loss.backward().unwrap().get(lv.as_tensor()).unwrap().to_vec3::<f32>().unwrap();
-    let sm = candle_nn::ops::softmax(&logits, 2).unwrap().to_vec3::<f32>().unwrap();
+    let g = loss
+        .backward()
+        .unwrap()
+        .get(lv.as_tensor())
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let sm = candle_nn::ops::softmax(&logits, 2)
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
     for r in 0..b {
         for j in 0..t {
             for k in 0..vsz {
@@ -174,7 +244,13 @@ fn masked_cross_entropy_matches_a_direct_computation_and_shifts_by_one() {
     }
     // bf16 logits are upcast; the empty mask is an error for the mean.
     let lb = logits.to_dtype(DType::BF16).unwrap();
-    assert_eq!(masked_cross_entropy_sum(&lb, &targets, &mask).unwrap().0.dtype(), DType::F32);
+    assert_eq!(
+        masked_cross_entropy_sum(&lb, &targets, &mask)
+            .unwrap()
+            .0
+            .dtype(),
+        DType::F32
+    );
     let none = mask.zeros_like().unwrap();
     assert!(masked_cross_entropy(&logits, &targets, &none).is_err());
     assert!(masked_cross_entropy(&logits, &targets.narrow(1, 0, 3).unwrap(), &mask).is_err());

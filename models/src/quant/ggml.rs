@@ -55,7 +55,9 @@ impl std::str::FromStr for GgmlFormat {
             "q4_1" => Ok(Self::Q4_1),
             "q8_0" => Ok(Self::Q8_0),
             "q4k" | "q4_k" => Ok(Self::Q4K),
-            other => Err(format!("unknown ggml format `{other}`; use q4_0, q4_1, q8_0 or q4k")),
+            other => Err(format!(
+                "unknown ggml format `{other}`; use q4_0, q4_1, q8_0 or q4k"
+            )),
         }
     }
 }
@@ -84,7 +86,10 @@ impl GgmlQuantized {
         }
         let src = t.to_dtype(DType::F32)?.contiguous()?;
         let inner = QTensor::quantize(&src, format.ggml_dtype())?;
-        Ok(Self { format, inner: Arc::new(inner) })
+        Ok(Self {
+            format,
+            inner: Arc::new(inner),
+        })
     }
 
     /// Wraps an already quantized tensor (e.g. read from a GGUF file). Only the formats of

@@ -69,8 +69,14 @@ pub fn reconstruction_error(
             reconstructed.dims()
         )));
     }
-    let a = original.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let b = reconstructed.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let a = original
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let b = reconstructed
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     let (mut max_abs, mut sq, mut norm) = (0f64, 0f64, 0f64);
     for (x, y) in a.iter().zip(&b) {
         let d = (x - y).abs();
@@ -88,5 +94,9 @@ pub fn reconstruction_error(
     } else {
         (sq / norm).sqrt()
     };
-    Ok(ReconstructionError { max_abs, rmse: (sq / n).sqrt(), relative })
+    Ok(ReconstructionError {
+        max_abs,
+        rmse: (sq / n).sqrt(),
+        relative,
+    })
 }

@@ -25,6 +25,8 @@ pub const BLOCK_SIZE: usize = 64;
 pub const DQ_BLOCK_SIZE: usize = 256;
 
 /// The 16 NF4 code values, index order, as in QLoRA / bitsandbytes (index 7 is exactly 0).
+// Digits kept as bitsandbytes publishes them so the table can be compared by eye.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -145,7 +147,11 @@ impl Nf4Absmax {
     pub fn decode(&self) -> Result<Vec<f32>, QuantError> {
         match self {
             Nf4Absmax::F32(v) => Ok(v.clone()),
-            Nf4Absmax::Double { codes, scales, offset } => {
+            Nf4Absmax::Double {
+                codes,
+                scales,
+                offset,
+            } => {
                 if scales.len() != codes.len().div_ceil(DQ_BLOCK_SIZE) {
                     return Err(QuantError::Corrupt(format!(
                         "{} absmax codes need {} second-level scales, found {}",
@@ -195,7 +201,7 @@ impl Nf4Tensor {
         if n == 0 {
             return Err(reject("the tensor is empty"));
         }
-        if n % 2 != 0 {
+        if !n.is_multiple_of(2) {
             return Err(reject(
                 "NF4 packs two 4-bit codes per byte, so the element count must be even; \
                  keep this tensor in a dense format",
@@ -231,7 +237,11 @@ impl Nf4Tensor {
                 })
             })
             .collect();
-        Ok(Self { shape, packed, absmax })
+        Ok(Self {
+            shape,
+            packed,
+            absmax,
+        })
     }
 
     /// Rebuilds a tensor from stored parts (e.g. loaded from disk), checking their sizes agree.
@@ -241,7 +251,7 @@ impl Nf4Tensor {
         absmax: Nf4Absmax,
     ) -> Result<Self, QuantError> {
         let n: usize = shape.iter().product();
-        if n == 0 || n % 2 != 0 || packed.len() != n / 2 {
+        if n == 0 || !n.is_multiple_of(2) || packed.len() != n / 2 {
             return Err(QuantError::Corrupt(format!(
                 "shape {shape:?} needs {} packed bytes (even, non-empty element count), found {}",
                 n / 2,
@@ -256,7 +266,11 @@ impl Nf4Tensor {
             )));
         }
         absmax.decode()?;
-        Ok(Self { shape, packed, absmax })
+        Ok(Self {
+            shape,
+            packed,
+            absmax,
+        })
     }
 
     /// Decodes to a tensor of `dtype` on `device`.
@@ -275,7 +289,10 @@ impl Nf4Tensor {
             .zip(scales.par_iter())
             .flat_map_iter(|(bytes, &s)| {
                 bytes.iter().flat_map(move |&b| {
-                    [NF4_CODE[(b >> 4) as usize] * s, NF4_CODE[(b & 0x0f) as usize] * s]
+                    [
+                        NF4_CODE[(b >> 4) as usize] * s,
+                        NF4_CODE[(b & 0x0f) as usize] * s,
+                    ]
                 })
             })
             .collect())
@@ -284,7 +301,11 @@ impl Nf4Tensor {
     /// The 4-bit code of element `i` (row-major), for inspection and tests.
     pub fn code(&self, i: usize) -> Option<u8> {
         let b = *self.packed.get(i / 2)?;
-        Some(if i % 2 == 0 { b >> 4 } else { b & 0x0f })
+        Some(if i.is_multiple_of(2) {
+            b >> 4
+        } else {
+            b & 0x0f
+        })
     }
 
     /// Logical shape.
@@ -331,10 +352,15 @@ fn double_quantize(absmax: &[f32]) -> Nf4Absmax {
         .zip(&scales)
         .flat_map(|(b, &s)| {
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-            b.iter().map(move |&v| dynamic_index((v * inv).clamp(-1.0, 1.0)))
+            b.iter()
+                .map(move |&v| dynamic_index((v * inv).clamp(-1.0, 1.0)))
         })
         .collect();
-    Nf4Absmax::Double { codes, scales, offset }
+    Nf4Absmax::Double {
+        codes,
+        scales,
+        offset,
+    }
 }
 
 /// Quantizes `t` to NF4 with double quantization (QLoRA's storage format).

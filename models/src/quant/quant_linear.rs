@@ -88,7 +88,12 @@ impl QuantLinear {
                 });
             }
         }
-        Ok(Self { weight, bias: bias.map(|b| b.detach()), in_features, out_features })
+        Ok(Self {
+            weight,
+            bias: bias.map(|b| b.detach()),
+            in_features,
+            out_features,
+        })
     }
 
     /// The quantized weight.
@@ -105,7 +110,9 @@ impl QuantLinear {
 /// `[..., k] · Wᵀ` with `w` `[n, k]`, flattening leading dimensions so one GEMM runs.
 fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
-    let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
+    let k = *dims
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let y = x.reshape((lead, k))?.matmul(w_t)?;
     let mut out = dims[..dims.len() - 1].to_vec();
@@ -128,7 +135,10 @@ impl LinearLayer for QuantLinear {
             matmul_last(&x.detach().contiguous()?, &w.t()?)?
         };
         let y = if x.track_op() {
-            let pass = PassGrad { weight: self.weight.clone(), out_features: self.out_features };
+            let pass = PassGrad {
+                weight: self.weight.clone(),
+                out_features: self.out_features,
+            };
             (y + x.apply_op1(pass)?)?
         } else {
             y
@@ -180,17 +190,15 @@ impl CustomOp1 for PassGrad {
         Ok((storage.device().zeros_impl(&shape, storage.dtype())?, shape))
     }
 
-    fn metal_fwd(
-        &self,
-        storage: &MetalStorage,
-        layout: &Layout,
-    ) -> Result<(MetalStorage, Shape)> {
+    fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
         let shape = self.out_shape(layout);
         Ok((storage.device().zeros_impl(&shape, storage.dtype())?, shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.weight.dequantize(grad_res.dtype(), grad_res.device())?;
+        let w = self
+            .weight
+            .dequantize(grad_res.dtype(), grad_res.device())?;
         let g = matmul_last(&grad_res.contiguous()?, &w)?;
         Ok(Some(g.to_dtype(arg.dtype())?))
     }

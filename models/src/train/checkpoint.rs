@@ -63,7 +63,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, std::fs::File)> {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
     Ok((tmp, f))
@@ -95,8 +98,10 @@ pub fn save(
         candle_core::safetensors::save(tensors, &p)?;
         sync_file(&p)?;
     }
-    let json = serde_json::to_vec_pretty(state)
-        .map_err(|source| TrainError::Json { path: staging.join(STATE), source })?;
+    let json = serde_json::to_vec_pretty(state).map_err(|source| TrainError::Json {
+        path: staging.join(STATE),
+        source,
+    })?;
     atomic_write(&staging.join(STATE), &json)?;
     let final_dir = root.join(&name);
     if final_dir.exists() {
@@ -115,7 +120,9 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
         .map(|e| e.path())
         .filter(|p| {
             p.is_dir()
-                && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("checkpoint-"))
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("checkpoint-"))
         })
         .collect();
     dirs.sort();
@@ -150,13 +157,21 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
 
 /// Loads the checkpoint in `dir` onto `device`.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
-    let bad = |reason: String| TrainError::Checkpoint { path: dir.to_path_buf(), reason };
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err("read", &state_path))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|source| TrainError::Json { path: state_path.clone(), source })?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|source| TrainError::Json {
+        path: state_path.clone(),
+        source,
+    })?;
     if state.version != 1 {
-        return Err(bad(format!("unsupported trainer_state version {}", state.version)));
+        return Err(bad(format!(
+            "unsupported trainer_state version {}",
+            state.version
+        )));
     }
     let read = |file: &str| -> Result<HashMap<String, Tensor>> {
         let p = dir.join(file);
@@ -165,5 +180,10 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
         }
         Ok(candle_core::safetensors::load(&p, device)?)
     };
-    Ok(Checkpoint { dir: dir.to_path_buf(), weights: read(ADAPTER)?, optimizer: read(OPTIMIZER)?, state })
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        weights: read(ADAPTER)?,
+        optimizer: read(OPTIMIZER)?,
+        state,
+    })
 }

@@ -38,8 +38,15 @@ pub fn masked_cross_entropy_sum(
         ));
     }
     let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?;
-    let targets = targets.narrow(1, 1, t - 1)?.to_dtype(DType::U32)?.contiguous()?;
-    let mask = mask.narrow(1, 1, t - 1)?.to_dtype(DType::F32)?.ne(0f32)?.to_dtype(DType::F32)?;
+    let targets = targets
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::U32)?
+        .contiguous()?;
+    let mask = mask
+        .narrow(1, 1, t - 1)?
+        .to_dtype(DType::F32)?
+        .ne(0f32)?
+        .to_dtype(DType::F32)?;
     let logp = log_softmax(&logits)?;
     let picked = logp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)?;
     let count = mask.sum_all()?.to_scalar::<f32>()? as usize;

@@ -52,15 +52,18 @@ impl MetricsWriter {
 
     /// Appends one record as a line.
     pub fn append<T: Serialize>(&self, record: &T) -> Result<()> {
-        let mut line = serde_json::to_string(record)
-            .map_err(|source| TrainError::Json { path: self.path.clone(), source })?;
+        let mut line = serde_json::to_string(record).map_err(|source| TrainError::Json {
+            path: self.path.clone(),
+            source,
+        })?;
         line.push('\n');
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(io_err("open metrics file", &self.path))?;
-        f.write_all(line.as_bytes()).map_err(io_err("append to", &self.path))
+        f.write_all(line.as_bytes())
+            .map_err(io_err("append to", &self.path))
     }
 
     /// Drops records after `step` (left by a run that died after its last checkpoint), so a

@@ -73,7 +73,14 @@ pub enum TrainError {
 /// Result type of this module.
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-pub(crate) fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+pub(crate) fn io_err(
+    action: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
-    move |source| TrainError::Io { action, path, source }
+    move |source| TrainError::Io {
+        action,
+        path,
+        source,
+    }
 }

@@ -21,7 +21,12 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -48,13 +53,27 @@ impl AdamW {
                 )));
             }
             if !seen.insert(name.clone()) {
-                return Err(TrainError::Config(format!("two trainable variables are named `{name}`")));
+                return Err(TrainError::Config(format!(
+                    "two trainable variables are named `{name}`"
+                )));
             }
         }
         let zeros = |(_, v): &(String, Var)| v.as_tensor().zeros_like();
-        let m = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params.iter().map(zeros).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { config, params, m, v, steps: 0 })
+        let m = params
+            .iter()
+            .map(zeros)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = params
+            .iter()
+            .map(zeros)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config,
+            params,
+            m,
+            v,
+            steps: 0,
+        })
     }
 
     /// The variables, in order.
@@ -117,9 +136,9 @@ impl AdamW {
         for (i, (name, var)) in self.params.iter().enumerate() {
             for (kind, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
                 let key = format!("{kind}.{name}");
-                let t = tensors.get(&key).ok_or_else(|| {
-                    TrainError::Config(format!("optimizer state has no `{key}`"))
-                })?;
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| TrainError::Config(format!("optimizer state has no `{key}`")))?;
                 if t.dims() != var.dims() || t.dtype() != DType::F32 {
                     return Err(TrainError::Config(format!(
                         "optimizer state `{key}` is {:?} {:?}, the variable is {:?} F32",

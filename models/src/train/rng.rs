@@ -42,7 +42,7 @@ impl TrainRng {
 
     /// Uniform integer in `[0, n)` (`n > 0`), by multiply-shift.
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64_raw() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64_raw() >> 32) * n as u64) >> 32) as usize
     }
 
     /// A uniformly random permutation of `0..n` (Fisher–Yates).
@@ -59,7 +59,9 @@ impl TrainRng {
     /// `0` or `1 / (1 - p)`.
     pub fn dropout_mask(&mut self, n: usize, p: f32) -> Vec<f32> {
         let keep = 1.0 / (1.0 - p);
-        (0..n).map(|_| if self.next_f32() < p { 0.0 } else { keep }).collect()
+        (0..n)
+            .map(|_| if self.next_f32() < p { 0.0 } else { keep })
+            .collect()
     }
 }
 

@@ -21,7 +21,12 @@ pub struct GradScalerConfig {
 
 impl Default for GradScalerConfig {
     fn default() -> Self {
-        Self { init_scale: 65536.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 2000 }
+        Self {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
     }
 }
 
@@ -45,13 +50,27 @@ pub struct GradScaler {
 impl GradScaler {
     /// An enabled scaler.
     pub fn new(config: GradScalerConfig) -> Self {
-        Self { config, state: GradScalerState { scale: config.init_scale, growth_tracker: 0 }, enabled: true }
+        Self {
+            config,
+            state: GradScalerState {
+                scale: config.init_scale,
+                growth_tracker: 0,
+            },
+            enabled: true,
+        }
     }
 
     /// A scaler that does nothing (f32 / bf16 training).
     pub fn disabled() -> Self {
         let config = GradScalerConfig::default();
-        Self { config, state: GradScalerState { scale: 1.0, growth_tracker: 0 }, enabled: false }
+        Self {
+            config,
+            state: GradScalerState {
+                scale: 1.0,
+                growth_tracker: 0,
+            },
+            enabled: false,
+        }
     }
 
     /// Whether scaling is active.
@@ -117,6 +136,6 @@ impl GradScaler {
 /// element is not finite (and, unlike a sum of squares, cannot overflow).
 pub fn all_finite(t: &Tensor) -> Result<bool> {
     let t = t.to_dtype(DType::F32)?;
-    let s = (&t - &t)?.sum_all()?.to_scalar::<f32>()?;
+    let s = t.sub(&t)?.sum_all()?.to_scalar::<f32>()?;
     Ok(!s.is_nan())
 }

@@ -31,7 +31,11 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// The learning rate for the optimizer step taken after `step` steps.
     pub fn lr_at(&self, step: u64) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         if step < self.warmup_steps {
             return self.base_lr * s / w.max(1.0);
         }

@@ -101,10 +101,14 @@ impl TrainConfig {
             return Err(TrainError::Config("grad_accum must be at least 1".into()));
         }
         if !(self.schedule.base_lr.is_finite() && self.schedule.base_lr >= 0.0) {
-            return Err(TrainError::Config("the learning rate must be finite and ≥ 0".into()));
+            return Err(TrainError::Config(
+                "the learning rate must be finite and ≥ 0".into(),
+            ));
         }
         if self.checkpoint_every == Some(0) || self.eval_every == Some(0) {
-            return Err(TrainError::Config("checkpoint_every / eval_every must be ≥ 1".into()));
+            return Err(TrainError::Config(
+                "checkpoint_every / eval_every must be ≥ 1".into(),
+            ));
         }
         Ok(())
     }
@@ -154,7 +158,11 @@ pub fn accumulate_gradients<M: TrainModel>(
         .zip(vars)
         .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(AccumulatedGrads { grads, loss_sum, tokens })
+    Ok(AccumulatedGrads {
+        grads,
+        loss_sum,
+        tokens,
+    })
 }
 
 /// Result of one optimizer step.
@@ -187,10 +195,14 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
         config.validate()?;
         let vars = model.trainable_vars();
         if vars.is_empty() {
-            return Err(TrainError::Config("the model has no trainable variables".into()));
+            return Err(TrainError::Config(
+                "the model has no trainable variables".into(),
+            ));
         }
         let optimizer = AdamW::new(vars.clone(), config.optimizer)?;
-        let scaler = config.grad_scaler.map_or_else(GradScaler::disabled, GradScaler::new);
+        let scaler = config
+            .grad_scaler
+            .map_or_else(GradScaler::disabled, GradScaler::new);
         let metrics = dir.map(|d| MetricsWriter::new(d.join("metrics.jsonl")));
         if let Some(d) = dir {
             std::fs::create_dir_all(d).map_err(super::io_err("create", d))?;
@@ -226,7 +238,10 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
     }
 
     fn restore(&mut self, ckpt: checkpoint::Checkpoint) -> Result<()> {
-        let bad = |reason: String| TrainError::Checkpoint { path: ckpt.dir.clone(), reason };
+        let bad = |reason: String| TrainError::Checkpoint {
+            path: ckpt.dir.clone(),
+            reason,
+        };
         if ckpt.weights.len() != self.vars.len() {
             return Err(bad(format!(
                 "it holds {} trainable tensors, the model has {}; was it written for another \
@@ -236,7 +251,10 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
             )));
         }
         for (name, var) in &self.vars {
-            let t = ckpt.weights.get(name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+            let t = ckpt
+                .weights
+                .get(name)
+                .ok_or_else(|| bad(format!("no tensor `{name}`")))?;
             if t.dims() != var.dims() {
                 return Err(bad(format!(
                     "`{name}` has shape {:?}, the model expects {:?}",
@@ -285,7 +303,10 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
         if !self.config.shuffle {
             return i;
         }
-        let stale = self.order_cache.as_ref().is_none_or(|(e, o)| *e != epoch || o.len() != n);
+        let stale = self
+            .order_cache
+            .as_ref()
+            .is_none_or(|(e, o)| *e != epoch || o.len() != n);
         if stale {
             let seed = self.config.seed ^ epoch.wrapping_add(1).wrapping_mul(0xD6E8_FEB8_6659_FD93);
             self.order_cache = Some((epoch, TrainRng::new(seed).permutation(n)));
@@ -344,14 +365,21 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
         if let Some(m) = &self.metrics {
             m.append(&record)?;
         }
-        Ok(StepReport { record, skipped: found_inf })
+        Ok(StepReport {
+            record,
+            skipped: found_inf,
+        })
     }
 
     /// Mean loss per target token over `data`, without gradients or dropout. Uses its own fixed
     /// random generator so evaluating does not change the training run.
     pub fn evaluate(&self, data: &[M::Batch]) -> Result<(f64, usize)> {
         let mut rng = TrainRng::new(self.config.seed ^ 0x5EED_E7A1);
-        let mut ctx = StepContext { dtype: self.config.compute_dtype.dtype(), rng: &mut rng, train: false };
+        let mut ctx = StepContext {
+            dtype: self.config.compute_dtype.dtype(),
+            rng: &mut rng,
+            train: false,
+        };
         let (mut sum, mut tokens) = (0f64, 0usize);
         for b in data {
             let out = self.model.loss(b, &mut ctx)?;
@@ -359,7 +387,9 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
             tokens += out.tokens;
         }
         if tokens == 0 {
-            return Err(TrainError::Config("the evaluation batches have no target tokens".into()));
+            return Err(TrainError::Config(
+                "the evaluation batches have no target tokens".into(),
+            ));
         }
         Ok((sum / tokens as f64, tokens))
     }
@@ -367,7 +397,11 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
     /// Evaluates and appends an [`EvalRecord`] to the metrics.
     pub fn evaluate_and_log(&self, data: &[M::Batch]) -> Result<EvalRecord> {
         let (eval_loss, eval_tokens) = self.evaluate(data)?;
-        let rec = EvalRecord { step: self.step, eval_loss, eval_tokens };
+        let rec = EvalRecord {
+            step: self.step,
+            eval_loss,
+            eval_tokens,
+        };
         if let Some(m) = &self.metrics {
             m.append(&rec)?;
         }
@@ -376,14 +410,18 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
 
     /// The current trainable weights by name.
     pub fn weights(&self) -> HashMap<String, Tensor> {
-        self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect()
     }
 
     /// Writes a checkpoint of the current state into the trainer's directory.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        let dir = self.dir.as_ref().ok_or_else(|| {
-            TrainError::Config("this trainer has no checkpoint directory".into())
-        })?;
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| TrainError::Config("this trainer has no checkpoint directory".into()))?;
         let state = TrainerState {
             version: 1,
             step: self.step,
@@ -412,17 +450,33 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
         stop_at: Option<u64>,
         should_stop: &dyn Fn() -> bool,
     ) -> Result<u64> {
-        let end = stop_at.map_or(self.config.schedule.total_steps, |s| s.min(self.config.schedule.total_steps));
+        let end = stop_at.map_or(self.config.schedule.total_steps, |s| {
+            s.min(self.config.schedule.total_steps)
+        });
         let mut last_ckpt = None;
         let mut last_eval = None;
         while self.step < end && !should_stop() {
             let report = self.train_step(train)?;
-            tracing::debug!(step = report.record.step, loss = report.record.loss, "train step");
-            if self.dir.is_some() && self.config.checkpoint_every.is_some_and(|n| self.step % n == 0) {
+            tracing::debug!(
+                step = report.record.step,
+                loss = report.record.loss,
+                "train step"
+            );
+            if self.dir.is_some()
+                && self
+                    .config
+                    .checkpoint_every
+                    .is_some_and(|n| self.step.is_multiple_of(n))
+            {
                 self.save_checkpoint()?;
                 last_ckpt = Some(self.step);
             }
-            if !eval.is_empty() && self.config.eval_every.is_some_and(|n| self.step % n == 0) {
+            if !eval.is_empty()
+                && self
+                    .config
+                    .eval_every
+                    .is_some_and(|n| self.step.is_multiple_of(n))
+            {
                 self.evaluate_and_log(eval)?;
                 last_eval = Some(self.step);
             }
