@@ -68,25 +68,26 @@ pub fn dynamic_map() -> &'static [f32; 256] {
         let max_exponent_bits = 7i32;
         let mut data: Vec<f32> = Vec::with_capacity(256);
         for i in 0..max_exponent_bits {
-            // Exponent i has 2^i fraction steps; values are the midpoints of a linspace over
-            // [0.1, 1] (computed in f32 like torch.linspace) times 10^(i-6).
+            // Exponent i has 2^i fraction steps: midpoints of a 2^i + 1 point linspace over
+            // [0.1, 1] times 10^(i-6), all in f32 and with torch.linspace's two-sided formula
+            // (which its CPU kernel evaluates with fused multiply-adds) so the table is
+            // bit-identical to bitsandbytes'.
             let items = (1usize << i) + 1;
+            let step = (1.0f32 - 0.1f32) / (items - 1) as f32;
             let boundaries: Vec<f32> = (0..items)
                 .map(|k| {
-                    if items == 1 {
-                        0.1
+                    if k < items / 2 {
+                        step.mul_add(k as f32, 0.1f32)
                     } else {
-                        let step = (1.0f32 - 0.1) / (items - 1) as f32;
-                        0.1 + step * k as f32
+                        (-step).mul_add((items - 1 - k) as f32, 1.0f32)
                     }
                 })
                 .collect();
-            let scale = 10f64.powi(i - (max_exponent_bits - 1));
+            let scale = 10f64.powi(i - (max_exponent_bits - 1)) as f32;
             for w in boundaries.windows(2) {
                 let mean = (w[0] + w[1]) / 2.0;
-                let v = (scale * mean as f64) as f32;
-                data.push(v);
-                data.push(-v);
+                data.push(scale * mean);
+                data.push(-scale * mean);
             }
         }
         data.push(0.0);
@@ -218,18 +219,14 @@ impl Nf4Tensor {
             .par_chunks(BLOCK_SIZE)
             .map(|b| b.iter().fold(0f32, |m, v| m.max(v.abs())))
             .collect();
-        let absmax = if double_quant {
-            double_quantize(&absmax)
-        } else {
-            Nf4Absmax::F32(absmax)
-        };
-        // Codes are chosen against the absmax that dequantization will actually use, so that the
-        // (small) error of the second level is not compounded by a mismatched first level.
-        let scales = absmax.decode()?;
+        // Codes are chosen against the exact block absmax, as bitsandbytes does; double
+        // quantization then compresses the statistics independently.
         let packed: Vec<u8> = values
             .par_chunks(BLOCK_SIZE)
-            .zip(scales.par_iter())
+            .zip(absmax.par_iter())
             .flat_map_iter(|(block, &s)| {
+                // An all-zero block has absmax 0; code 7 is exactly 0 (bitsandbytes would divide
+                // by zero there and pick an arbitrary code).
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
                 block.chunks(2).map(move |p| {
                     (nf4_index((p[0] * inv).clamp(-1.0, 1.0)) << 4)
@@ -237,6 +234,11 @@ impl Nf4Tensor {
                 })
             })
             .collect();
+        let absmax = if double_quant {
+            double_quantize(&absmax)
+        } else {
+            Nf4Absmax::F32(absmax)
+        };
         Ok(Self {
             shape,
             packed,
