@@ -43,31 +43,61 @@ fn reads_an_adapter_written_by_peft() {
         ]
     );
     // hidden 16, one KV head of 8: q_proj 16 -> 16, v_proj 16 -> 8.
-    assert_eq!(a.modules["model.layers.0.self_attn.q_proj"].features().unwrap(), (16, 16));
-    assert_eq!(a.modules["model.layers.1.self_attn.v_proj"].features().unwrap(), (16, 8));
-    let raw = candle_core::safetensors::load(fixture_dir().join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    assert_eq!(
+        a.modules["model.layers.0.self_attn.q_proj"]
+            .features()
+            .unwrap(),
+        (16, 16)
+    );
+    assert_eq!(
+        a.modules["model.layers.1.self_attn.v_proj"]
+            .features()
+            .unwrap(),
+        (16, 8)
+    );
+    let raw =
+        candle_core::safetensors::load(fixture_dir().join(WEIGHTS_FILE), &Device::Cpu).unwrap();
     let b = &raw["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"];
-    assert_eq!(vals(b), vals(&a.modules["model.layers.1.self_attn.v_proj"].b));
+    assert_eq!(
+        vals(b),
+        vals(&a.modules["model.layers.1.self_attn.v_proj"].b)
+    );
 }
 
 #[test]
 fn rewrites_it_with_the_same_keys_tensors_and_config_fields() {
     let a = PeftAdapter::load(&fixture_dir(), &Device::Cpu).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::env::var_os("PEFT_ROUNDTRIP_OUT").map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
+    let out = std::env::var_os("PEFT_ROUNDTRIP_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
     a.save(&out).unwrap();
-    let theirs = candle_core::safetensors::load(fixture_dir().join(WEIGHTS_FILE), &Device::Cpu).unwrap();
-    let ours: HashMap<String, Tensor> = candle_core::safetensors::load(out.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
-    assert_eq!(theirs.keys().collect::<BTreeSet<_>>(), ours.keys().collect::<BTreeSet<_>>());
+    let theirs =
+        candle_core::safetensors::load(fixture_dir().join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    let ours: HashMap<String, Tensor> =
+        candle_core::safetensors::load(out.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+    assert_eq!(
+        theirs.keys().collect::<BTreeSet<_>>(),
+        ours.keys().collect::<BTreeSet<_>>()
+    );
     for (k, t) in &theirs {
         assert_eq!(t.dims(), ours[k].dims(), "{k}");
         assert_eq!(vals(t), vals(&ours[k]), "{k}");
     }
-    let (kt, ko) = (keys_of_json(&fixture_dir().join(CONFIG_FILE)), keys_of_json(&out.join(CONFIG_FILE)));
+    let (kt, ko) = (
+        keys_of_json(&fixture_dir().join(CONFIG_FILE)),
+        keys_of_json(&out.join(CONFIG_FILE)),
+    );
     let missing: Vec<_> = kt.difference(&ko).collect();
-    assert!(missing.is_empty(), "config fields PEFT writes that we do not: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "config fields PEFT writes that we do not: {missing:?}"
+    );
     let extra: Vec<_> = ko.difference(&kt).collect();
-    assert!(extra.is_empty(), "config fields PEFT 0.13 would reject: {extra:?}");
+    assert!(
+        extra.is_empty(),
+        "config fields PEFT 0.13 would reject: {extra:?}"
+    );
     let again = PeftAdapter::load(&out, &Device::Cpu).unwrap();
     assert_eq!(again.config, a.config);
 }

@@ -245,3 +245,19 @@ fn ggml_rejects_rows_not_a_multiple_of_the_block() {
     assert!(e.contains("256") && e.contains("96"), "{e}");
     assert!(GgmlQuantized::quantize(&t, GgmlFormat::Q4_0).is_ok());
 }
+
+#[test]
+fn nf4_round_trips_through_safetensors() {
+    let t = Tensor::from_vec(weights(64 * 10, 5, 0.1), (10, 64), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.safetensors");
+    for double in [false, true] {
+        let q = Nf4Tensor::quantize(&t, double).unwrap();
+        let named: std::collections::HashMap<String, Tensor> =
+            q.to_tensors("layer.w").unwrap().into_iter().collect();
+        candle_core::safetensors::save(&named, &path).unwrap();
+        let back = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(Nf4Tensor::from_tensors(&back, "layer.w").unwrap(), q);
+        assert!(Nf4Tensor::from_tensors(&back, "other").is_err());
+    }
+}

@@ -341,6 +341,90 @@ impl Nf4Tensor {
     }
 }
 
+impl Nf4Tensor {
+    /// The tensor as named plain tensors under `prefix` (for safetensors caches):
+    /// `{prefix}.nf4_shape` (u32), `{prefix}.nf4_packed` (u8), and either `{prefix}.nf4_absmax`
+    /// (f32) or `{prefix}.nf4_absmax_codes` (u8), `{prefix}.nf4_absmax_scales` (f32) and
+    /// `{prefix}.nf4_absmax_offset` (f32, one value).
+    pub fn to_tensors(&self, prefix: &str) -> Result<Vec<(String, Tensor)>, QuantError> {
+        let cpu = &Device::Cpu;
+        let shape: Vec<u32> = self.shape.iter().map(|&d| d as u32).collect();
+        let mut out = vec![
+            (
+                format!("{prefix}.nf4_shape"),
+                Tensor::new(shape.as_slice(), cpu)?,
+            ),
+            (
+                format!("{prefix}.nf4_packed"),
+                Tensor::new(self.packed.as_slice(), cpu)?,
+            ),
+        ];
+        match &self.absmax {
+            Nf4Absmax::F32(v) => {
+                out.push((
+                    format!("{prefix}.nf4_absmax"),
+                    Tensor::new(v.as_slice(), cpu)?,
+                ));
+            }
+            Nf4Absmax::Double {
+                codes,
+                scales,
+                offset,
+            } => {
+                out.push((
+                    format!("{prefix}.nf4_absmax_codes"),
+                    Tensor::new(codes.as_slice(), cpu)?,
+                ));
+                out.push((
+                    format!("{prefix}.nf4_absmax_scales"),
+                    Tensor::new(scales.as_slice(), cpu)?,
+                ));
+                out.push((
+                    format!("{prefix}.nf4_absmax_offset"),
+                    Tensor::new(&[*offset], cpu)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads a tensor written by [`Nf4Tensor::to_tensors`] from `tensors`.
+    pub fn from_tensors(
+        tensors: &std::collections::HashMap<String, Tensor>,
+        prefix: &str,
+    ) -> Result<Self, QuantError> {
+        let get = |name: &str| {
+            tensors
+                .get(&format!("{prefix}.{name}"))
+                .ok_or_else(|| QuantError::Corrupt(format!("`{prefix}.{name}` is missing")))
+        };
+        let u8s = |t: &Tensor| -> Result<Vec<u8>, QuantError> {
+            Ok(t.flatten_all()?.to_dtype(DType::U8)?.to_vec1::<u8>()?)
+        };
+        let f32s = |t: &Tensor| -> Result<Vec<f32>, QuantError> {
+            Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        let shape: Vec<usize> = get("nf4_shape")?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|d| d as usize)
+            .collect();
+        let packed = u8s(get("nf4_packed")?)?;
+        let absmax = match tensors.get(&format!("{prefix}.nf4_absmax")) {
+            Some(t) => Nf4Absmax::F32(f32s(t)?),
+            None => Nf4Absmax::Double {
+                codes: u8s(get("nf4_absmax_codes")?)?,
+                scales: f32s(get("nf4_absmax_scales")?)?,
+                offset: *f32s(get("nf4_absmax_offset")?)?.first().ok_or_else(|| {
+                    QuantError::Corrupt(format!("`{prefix}.nf4_absmax_offset` is empty"))
+                })?,
+            },
+        };
+        Self::from_parts(shape, packed, absmax)
+    }
+}
+
 /// Second-level quantization of the absmax values (bitsandbytes `compress_statistics=True`).
 fn double_quantize(absmax: &[f32]) -> Nf4Absmax {
     let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len() as f64) as f32;
