@@ -261,3 +261,27 @@ fn nf4_round_trips_through_safetensors() {
         assert!(Nf4Tensor::from_tensors(&back, "other").is_err());
     }
 }
+
+#[test]
+fn tensor_op_decoding_equals_the_host_decoder() {
+    // 2 × 100: three full blocks and a partial one; both statistic formats.
+    for (shape, double) in [
+        ((2usize, 100usize), true),
+        ((4, 64), false),
+        ((1, 10), true),
+    ] {
+        let n = shape.0 * shape.1;
+        let t = Tensor::from_vec(weights(n, 6, 0.3), shape, &Device::Cpu).unwrap();
+        let q = Nf4Tensor::quantize(&t, double).unwrap();
+        let host = q.dequantize(DType::F32, &Device::Cpu).unwrap();
+        let ops = q
+            .dequantize_with_tensor_ops(DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!(ops.dims(), host.dims());
+        assert_eq!(
+            ops.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            host.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{shape:?}"
+        );
+    }
+}
