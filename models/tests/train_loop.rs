@@ -399,3 +399,39 @@ fn resume_rejects_a_checkpoint_for_another_model() {
     bad.grad_accum = 0;
     assert!(Trainer::new(&model, bad, None).is_err());
 }
+
+#[test]
+fn half_written_checkpoints_are_ignored_and_dangling_pointers_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = data(2, 2, 6, 1);
+    let model = TinyLm::new(0.0);
+    let mut t = Trainer::new(&model, config(6), Some(dir.path())).unwrap();
+    t.run(&train, &[], Some(3), &|| false).unwrap();
+    // A crash while writing step 5 leaves only a staging directory and a temp file behind.
+    let staging = dir.path().join(".staging-checkpoint-000000005");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("adapter.safetensors"), b"truncated").unwrap();
+    std::fs::write(dir.path().join(".latest.tmp-1"), b"checkpoint-000000005").unwrap();
+    let fresh = TinyLm::new(0.0);
+    let r = Trainer::resume(&fresh, config(6), dir.path()).unwrap();
+    assert_eq!(r.step(), 3);
+    assert_eq!(weights(&fresh), weights(&model));
+    // `latest` naming a checkpoint that is gone is an error that says what to do.
+    std::fs::write(dir.path().join("latest"), "checkpoint-000000099").unwrap();
+    let e = Trainer::resume(&TinyLm::new(0.0), config(6), dir.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("checkpoint-000000099") && e.contains("latest"),
+        "{e}"
+    );
+    // An empty directory starts fresh.
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(
+        Trainer::resume(&TinyLm::new(0.0), config(6), empty.path())
+            .unwrap()
+            .step(),
+        0
+    );
+}
