@@ -264,3 +264,17 @@ fn masked_cross_entropy_matches_a_direct_computation_and_shifts_by_one() {
     let ls = log_softmax(&big).unwrap().to_vec2::<f32>().unwrap();
     assert!(ls[0][0].abs() < 1e-6 && (ls[0][1] + 1000.0).abs() < 1e-3);
 }
+
+#[test]
+fn qlora_recipe_round_trips_through_json() {
+    let c = pipeline_models::train::TrainConfig::qlora(1000);
+    assert_eq!(c.schedule.warmup_steps, 30);
+    assert_eq!(c.max_grad_norm, Some(0.3));
+    let json = serde_json::to_string(&c).unwrap();
+    assert!(
+        json.contains("\"compute_dtype\":\"bf16\"") && json.contains("\"kind\":\"constant\""),
+        "{json}"
+    );
+    let back: pipeline_models::train::TrainConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, c);
+}

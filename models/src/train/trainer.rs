@@ -96,6 +96,31 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The QLoRA paper's recipe for `total_steps` optimizer steps: constant learning rate 2e-4
+    /// after a 3% warmup, AdamW without weight decay, gradient-norm clipping at 0.3, bf16
+    /// compute, 4 micro-batches per step, checkpoints every 100 steps (2 kept), evaluation every
+    /// 100 steps, seed 0, shuffled data.
+    pub fn qlora(total_steps: u64) -> Self {
+        Self {
+            schedule: LrSchedule {
+                kind: super::ScheduleKind::Constant,
+                base_lr: 2e-4,
+                warmup_steps: (total_steps as f64 * 0.03).ceil() as u64,
+                total_steps,
+            },
+            optimizer: AdamWConfig::default(),
+            grad_accum: 4,
+            max_grad_norm: Some(0.3),
+            compute_dtype: ComputeDtype::Bf16,
+            grad_scaler: None,
+            checkpoint_every: Some(100),
+            keep_checkpoints: 2,
+            eval_every: Some(100),
+            seed: 0,
+            shuffle: true,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         if self.grad_accum == 0 {
             return Err(TrainError::Config("grad_accum must be at least 1".into()));
