@@ -24,6 +24,9 @@ pub mod generate;
 pub mod layers;
 pub mod linear;
 pub mod lora;
+pub mod peft;
+pub mod quant;
+pub mod train;
 pub mod weights;
 
 pub use causal_lm::{CausalLm, KvCache};
