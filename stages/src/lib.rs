@@ -1,1 +1,3 @@
 //! Stage kinds; see ARCHITECTURE.md.
+
+pub mod records;
