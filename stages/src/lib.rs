@@ -1,3 +1,4 @@
 //! Stage kinds; see ARCHITECTURE.md.
 
 pub mod records;
+pub mod readers;
