@@ -237,6 +237,11 @@ pub(crate) enum Flow {
     Stop,
 }
 
+/// Every regular file under `root`, as (relative `/`-separated path, full path), sorted.
+pub fn walk_files(root: &Path) -> Result<Vec<(String, PathBuf)>, ReadError> {
+    dir::walk(root)
+}
+
 fn detect_format(path: &Path) -> Result<Format, ReadError> {
     if path.is_dir() {
         return Ok(Format::Dir);
