@@ -3,3 +3,4 @@
 pub mod records;
 pub mod readers;
 pub mod download;
+pub mod templates;
