@@ -4,3 +4,4 @@ pub mod records;
 pub mod readers;
 pub mod download;
 pub mod templates;
+pub mod tokenize;
