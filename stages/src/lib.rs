@@ -1,7 +1,7 @@
 //! Stage kinds; see ARCHITECTURE.md.
 
-pub mod records;
-pub mod readers;
 pub mod download;
+pub mod readers;
+pub mod records;
 pub mod templates;
 pub mod tokenize;

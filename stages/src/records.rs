@@ -4,6 +4,10 @@
 //! `{"fields": {...}, "source": "...", "line": N}` (or `"row": N`). Field order is
 //! preserved end to end so that a record read back prints exactly like the source.
 
+// The parse error carries the offending line for miette's snippet rendering; it is built
+// only on the cold error path, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -382,7 +386,9 @@ mod tests {
         ];
         assert_eq!(write_records(&path, &recs).unwrap(), 2);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with(r#"{"fields":{"z":"last","a":"first\nline"},"source":"x.jsonl","line":3}"#));
+        assert!(text.starts_with(
+            r#"{"fields":{"z":"last","a":"first\nline"},"source":"x.jsonl","line":3}"#
+        ));
         let back = read_records(&path).unwrap();
         assert_eq!(back, recs);
         assert_eq!(back[0].fields.names().collect::<Vec<_>>(), ["z", "a"]);
@@ -392,7 +398,11 @@ mod tests {
     fn parse_error_names_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("records.jsonl");
-        std::fs::write(&path, "{\"fields\":{},\"source\":\"a\"}\n\n{\"fields\": 3}\n").unwrap();
+        std::fs::write(
+            &path,
+            "{\"fields\":{},\"source\":\"a\"}\n\n{\"fields\": 3}\n",
+        )
+        .unwrap();
         let err = read_records(&path).unwrap_err();
         match err {
             RecordsError::Parse { line, .. } => assert_eq!(line, 3),
@@ -403,7 +413,9 @@ mod tests {
     #[test]
     fn require_lists_available_fields() {
         let r = Record::new(
-            [("instruction", "x"), ("output", "y")].into_iter().collect(),
+            [("instruction", "x"), ("output", "y")]
+                .into_iter()
+                .collect(),
             Provenance::default(),
         );
         let e = r.require("input").unwrap_err();

@@ -241,19 +241,29 @@ mod tests {
     fn instruction_with_and_without_input() {
         let t = Template::from_spec(&TemplateSpec::default()).unwrap();
         let r = t
-            .render(&rec(&[("instruction", "Add."), ("input", ""), ("output", "a+b")]))
+            .render(&rec(&[
+                ("instruction", "Add."),
+                ("input", ""),
+                ("output", "a+b"),
+            ]))
             .unwrap();
         assert_eq!(r.text(), "### Instruction:\nAdd.\n\n### Response:\na+b");
         assert_eq!(r.response, "a+b");
         let r = t
-            .render(&rec(&[("instruction", "Add."), ("input", "1, 2"), ("output", "3")]))
+            .render(&rec(&[
+                ("instruction", "Add."),
+                ("input", "1, 2"),
+                ("output", "3"),
+            ]))
             .unwrap();
         assert_eq!(
             r.text(),
             "### Instruction:\nAdd.\n\n### Input:\n1, 2\n\n### Response:\n3"
         );
         // No `input` field at all is the same as an empty one.
-        let r = t.render(&rec(&[("instruction", "I"), ("output", "O")])).unwrap();
+        let r = t
+            .render(&rec(&[("instruction", "I"), ("output", "O")]))
+            .unwrap();
         assert_eq!(r.prompt, "### Instruction:\nI\n\n### Response:\n");
         let e = t.render(&rec(&[("instruction", "I")])).unwrap_err();
         assert!(e.to_string().contains("`output`"));

@@ -35,7 +35,10 @@ fn jsonl_keeps_order_converts_values_and_lines() {
     let (recs, stats) = read_source(&p, &ReadOptions::default()).unwrap();
     assert_eq!(stats.format, Some(Format::Jsonl));
     assert_eq!(recs.len(), 2);
-    assert_eq!(recs[0].fields.names().collect::<Vec<_>>(), ["b", "a", "l", "n"]);
+    assert_eq!(
+        recs[0].fields.names().collect::<Vec<_>>(),
+        ["b", "a", "l", "n"]
+    );
     assert_eq!(recs[0].get("a"), Some("1"));
     assert_eq!(recs[0].get("l"), Some("[1,\"t\"]"));
     assert_eq!(recs[0].get("n"), Some(""));
@@ -60,7 +63,13 @@ fn json_array_and_gzip_variants_agree() {
         // Extension says nothing; content sniffing decides.
         write(d.path(), "c.data", &gzip(array.as_bytes())),
     ];
-    let expect_formats = [Format::Json, Format::Json, Format::Jsonl, Format::Jsonl, Format::Json];
+    let expect_formats = [
+        Format::Json,
+        Format::Json,
+        Format::Jsonl,
+        Format::Jsonl,
+        Format::Json,
+    ];
     for (p, f) in paths.iter().zip(expect_formats) {
         let (recs, stats) = read_source(p, &ReadOptions::default()).unwrap();
         assert_eq!(stats.format, Some(f), "{}", p.display());
@@ -68,7 +77,12 @@ fn json_array_and_gzip_variants_agree() {
             .iter()
             .map(|r| r.fields.iter().map(|(a, b)| (a.into(), b.into())).collect())
             .collect();
-        assert_eq!(flat[1][1], ("input".to_string(), "in2".to_string()), "{}", p.display());
+        assert_eq!(
+            flat[1][1],
+            ("input".to_string(), "in2".to_string()),
+            "{}",
+            p.display()
+        );
         assert_eq!(flat.len(), 2);
     }
     let (recs, _) = read_source(&paths[0], &ReadOptions::default()).unwrap();
@@ -87,7 +101,10 @@ fn mapping_renames_selects_and_limits() {
     let (recs, stats) = read_source(&p, &opts).unwrap();
     assert_eq!(recs.len(), 1);
     assert!(stats.limit_reached);
-    assert_eq!(recs[0].fields.iter().collect::<Vec<_>>(), [("text", "x"), ("num", "1")]);
+    assert_eq!(
+        recs[0].fields.iter().collect::<Vec<_>>(),
+        [("text", "x"), ("num", "1")]
+    );
 }
 
 #[test]
@@ -100,7 +117,10 @@ fn missing_field_names_available_fields() {
     };
     match read_source(&p, &opts).unwrap_err() {
         ReadError::MissingField {
-            field, available, location, ..
+            field,
+            available,
+            location,
+            ..
         } => {
             assert_eq!(field, "content");
             assert_eq!(available, "b, a, l, n");
@@ -114,7 +134,9 @@ fn missing_field_names_available_fields() {
         ..opts
     };
     match read_source(&p, &opts).unwrap_err() {
-        ReadError::Empty { hint, .. } => assert!(hint.contains("all 2 records were skipped"), "{hint}"),
+        ReadError::Empty { hint, .. } => {
+            assert!(hint.contains("all 2 records were skipped"), "{hint}")
+        }
         e => panic!("unexpected {e:?}"),
     }
 }
@@ -147,17 +169,27 @@ fn malformed_line_fails_or_is_skipped() {
 #[test]
 fn json_array_syntax_error_is_fatal_with_position() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "bad.json", b"[\n {\"a\": \"1\"},\n {\"a\" \"2\"}\n]");
+    let p = write(
+        d.path(),
+        "bad.json",
+        b"[\n {\"a\": \"1\"},\n {\"a\" \"2\"}\n]",
+    );
     let opts = ReadOptions {
         on_error: ErrorPolicy::Skip,
         ..Default::default()
     };
     match read_source(&p, &opts).unwrap_err() {
-        ReadError::Json { location, .. } => assert!(location.ends_with("bad.json:3:7"), "{location}"),
+        ReadError::Json { location, .. } => {
+            assert!(location.ends_with("bad.json:3:7"), "{location}")
+        }
         e => panic!("unexpected {e:?}"),
     }
     // A non-object element is a record-level problem: skippable.
-    let p = write(d.path(), "mixed.json", b"[{\"a\": \"1\"}, 5, {\"a\": \"3\"}]");
+    let p = write(
+        d.path(),
+        "mixed.json",
+        b"[{\"a\": \"1\"}, 5, {\"a\": \"3\"}]",
+    );
     let (recs, stats) = read_source(&p, &opts).unwrap();
     assert_eq!((recs.len(), stats.skipped), (2, 1));
     assert_eq!(recs[1].provenance.row, Some(2));
@@ -166,17 +198,31 @@ fn json_array_syntax_error_is_fatal_with_position() {
 #[test]
 fn non_utf8_is_reported_with_location() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "latin1.jsonl", b"{\"a\": \"ok\"}\n{\"a\": \"caf\xe9\"}\n");
+    let p = write(
+        d.path(),
+        "latin1.jsonl",
+        b"{\"a\": \"ok\"}\n{\"a\": \"caf\xe9\"}\n",
+    );
     match read_source(&p, &ReadOptions::default()).unwrap_err() {
-        ReadError::NotUtf8 { location, byte_offset, .. } => {
+        ReadError::NotUtf8 {
+            location,
+            byte_offset,
+            ..
+        } => {
             assert!(location.ends_with("latin1.jsonl:2"), "{location}");
             assert_eq!(byte_offset, 10);
         }
         e => panic!("unexpected {e:?}"),
     }
-    let p = write(d.path(), "latin1.json", b"[{\"a\": \"ok\"},\n{\"a\": \"caf\xe9\"}]");
+    let p = write(
+        d.path(),
+        "latin1.json",
+        b"[{\"a\": \"ok\"},\n{\"a\": \"caf\xe9\"}]",
+    );
     match read_source(&p, &ReadOptions::default()).unwrap_err() {
-        ReadError::NotUtf8 { location, .. } => assert!(location.ends_with("latin1.json:2"), "{location}"),
+        ReadError::NotUtf8 { location, .. } => {
+            assert!(location.ends_with("latin1.json:2"), "{location}")
+        }
         e => panic!("unexpected {e:?}"),
     }
 }
@@ -223,7 +269,10 @@ fn directory_of_source_files() {
     };
     let (recs, _) = read_source(&root, &opts).unwrap();
     assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].fields.iter().collect::<Vec<_>>(), [("text", "notes")]);
+    assert_eq!(
+        recs[0].fields.iter().collect::<Vec<_>>(),
+        [("text", "notes")]
+    );
 
     let opts = ReadOptions {
         include: vec!["*.rs".into()],
@@ -236,7 +285,9 @@ fn directory_of_source_files() {
 
     write(&root, "z/bad.py", b"ok\n\xff\xfe\n");
     match read_source(&root, &ReadOptions::default()).unwrap_err() {
-        ReadError::NotUtf8 { location, .. } => assert!(location.ends_with("bad.py:2"), "{location}"),
+        ReadError::NotUtf8 { location, .. } => {
+            assert!(location.ends_with("bad.py:2"), "{location}")
+        }
         e => panic!("unexpected {e:?}"),
     }
     let opts = ReadOptions {
@@ -257,7 +308,11 @@ fn write_parquet(path: &Path, compression: parquet::basic::Compression) {
         )
         .unwrap(),
     );
-    let props = Arc::new(WriterProperties::builder().set_compression(compression).build());
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(compression)
+            .build(),
+    );
     let file = std::fs::File::create(path).unwrap();
     let mut w = SerializedFileWriter::new(file, schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
@@ -269,10 +324,14 @@ fn write_parquet(path: &Path, compression: parquet::basic::Compression) {
                     .iter()
                     .map(|s| ByteArray::from(*s))
                     .collect();
-                col.typed::<ByteArrayType>().write_batch(&v, None, None).unwrap();
+                col.typed::<ByteArrayType>()
+                    .write_batch(&v, None, None)
+                    .unwrap();
             }
             1 => {
-                col.typed::<Int64Type>().write_batch(&[7, 8, 9], None, None).unwrap();
+                col.typed::<Int64Type>()
+                    .write_batch(&[7, 8, 9], None, None)
+                    .unwrap();
             }
             _ => {
                 let v = vec![ByteArray::from("n0"), ByteArray::from("n2")];
@@ -300,7 +359,10 @@ fn parquet_plain_and_snappy() {
         let (recs, stats) = read_source(&p, &ReadOptions::default()).unwrap();
         assert_eq!(stats.format, Some(Format::Parquet));
         assert_eq!(recs.len(), 3);
-        assert_eq!(recs[0].fields.names().collect::<Vec<_>>(), ["content", "id", "note"]);
+        assert_eq!(
+            recs[0].fields.names().collect::<Vec<_>>(),
+            ["content", "id", "note"]
+        );
         assert_eq!(recs[0].get("content"), Some("def f():\n    pass\n"));
         assert_eq!(recs[1].get("content"), Some("ünï"));
         assert_eq!(recs[2].get("id"), Some("9"));
@@ -330,7 +392,10 @@ fn shared_data() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!("skipping: shared data not found at {} (set PIPELINE_SHARED_DATA)", dir.display());
+        eprintln!(
+            "skipping: shared data not found at {} (set PIPELINE_SHARED_DATA)",
+            dir.display()
+        );
         None
     }
 }
@@ -338,10 +403,20 @@ fn shared_data() -> Option<PathBuf> {
 #[test]
 fn shared_data_in_place() {
     let Some(data) = shared_data() else { return };
-    let (alpaca, _) = read_source(&data.join("codealpaca/code_alpaca_first1000.json"), &ReadOptions::default()).unwrap();
+    let (alpaca, _) = read_source(
+        &data.join("codealpaca/code_alpaca_first1000.json"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(alpaca.len(), 1000);
-    assert_eq!(alpaca[0].fields.names().collect::<Vec<_>>(), ["instruction", "input", "output"]);
-    assert_eq!(alpaca.iter().filter(|r| r.get("input") == Some("")).count(), 472);
+    assert_eq!(
+        alpaca[0].fields.names().collect::<Vec<_>>(),
+        ["instruction", "input", "output"]
+    );
+    assert_eq!(
+        alpaca.iter().filter(|r| r.get("input") == Some("")).count(),
+        472
+    );
 
     let opts = ReadOptions {
         fields: mapping(&[("text", "content")]),
@@ -352,7 +427,11 @@ fn shared_data_in_place() {
     assert_eq!(messy[4999].provenance.line, Some(5000));
 
     let opts = ReadOptions {
-        fields: mapping(&[("task_id", "task_id"), ("prompt", "prompt"), ("test", "test")]),
+        fields: mapping(&[
+            ("task_id", "task_id"),
+            ("prompt", "prompt"),
+            ("test", "test"),
+        ]),
         ..Default::default()
     };
     let (he, stats) = read_source(&data.join("humaneval/HumanEval.jsonl.gz"), &opts).unwrap();
@@ -362,6 +441,10 @@ fn shared_data_in_place() {
     let (mbpp, _) = read_source(&data.join("mbpp/mbpp.jsonl"), &ReadOptions::default()).unwrap();
     assert_eq!(mbpp.len(), 974);
     assert!(mbpp[0].get("test_list").unwrap().starts_with("[\"assert"));
-    let (san, stats) = read_source(&data.join("mbpp/sanitized-mbpp.json"), &ReadOptions::default()).unwrap();
+    let (san, stats) = read_source(
+        &data.join("mbpp/sanitized-mbpp.json"),
+        &ReadOptions::default(),
+    )
+    .unwrap();
     assert_eq!((san.len(), stats.format), (427, Some(Format::Json)));
 }

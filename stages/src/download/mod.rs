@@ -15,7 +15,10 @@ use miette::Diagnostic;
 pub enum DownloadError {
     /// Reading or writing a local file failed.
     #[error("cannot access {path}")]
-    #[diagnostic(code(pipeline::download::io), help("check the path and its permissions"))]
+    #[diagnostic(
+        code(pipeline::download::io),
+        help("check the path and its permissions")
+    )]
     Io {
         /// The file.
         path: PathBuf,

@@ -72,7 +72,10 @@ pub fn validate_pin(package: &str, version: &str) -> Result<(), DownloadError> {
         && version
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '!' | '-' | '_'))
-        && version.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        && version
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if name_ok && version_ok {
         Ok(())
     } else {
@@ -99,7 +102,12 @@ pub fn pip_download(opts: &PipOptions, out_dir: &Path) -> Result<PipDownload, Do
         spec.as_str(),
         "-d",
     ];
-    let command = format!("{} {} {}", opts.python, args.join(" "), tmp.path().display());
+    let command = format!(
+        "{} {} {}",
+        opts.python,
+        args.join(" "),
+        tmp.path().display()
+    );
     let output = Command::new(&opts.python)
         .args(args)
         .arg(tmp.path())
@@ -177,7 +185,12 @@ pub fn extract_wheel(
         if !names.iter().any(|n| glob_match(p, n)) {
             let mut sorted = names.clone();
             sorted.sort();
-            let mut available = sorted.iter().take(20).cloned().collect::<Vec<_>>().join(", ");
+            let mut available = sorted
+                .iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
             if sorted.len() > 20 {
                 available.push_str(&format!(", ... ({} in all)", sorted.len()));
             }

@@ -7,6 +7,10 @@
 //! Non-string JSON values become strings (`null` -> empty, numbers and lists -> compact
 //! JSON), so every dataset fits the one [`Record`] type.
 
+// Errors carry the offending source line for miette's snippet rendering; they are built
+// only on the cold error path, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
 mod dir;
 pub mod glob;
 mod json;
@@ -197,7 +201,9 @@ pub enum ReadError {
     #[error("cannot read Parquet file {path}: {message}")]
     #[diagnostic(
         code(pipeline::read::parquet),
-        help("only uncompressed and snappy-compressed Parquet are supported; re-encode other codecs")
+        help(
+            "only uncompressed and snappy-compressed Parquet are supported; re-encode other codecs"
+        )
     )]
     Parquet {
         /// The file.
@@ -259,8 +265,18 @@ fn detect_format(path: &Path) -> Result<Format, ReadError> {
         use std::io::Read;
         match input.read(&mut buf) {
             Ok(0) => return Ok(Format::Jsonl),
-            Ok(_) if buf[0].is_ascii_whitespace() || buf[0] == 0xEF || buf[0] == 0xBB || buf[0] == 0xBF => {}
-            Ok(_) => return Ok(if buf[0] == b'[' { Format::Json } else { Format::Jsonl }),
+            Ok(_)
+                if buf[0].is_ascii_whitespace()
+                    || buf[0] == 0xEF
+                    || buf[0] == 0xBB
+                    || buf[0] == 0xBF => {}
+            Ok(_) => {
+                return Ok(if buf[0] == b'[' {
+                    Format::Json
+                } else {
+                    Format::Jsonl
+                })
+            }
             Err(source) => {
                 return Err(ReadError::Io {
                     path: path.to_path_buf(),

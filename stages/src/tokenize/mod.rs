@@ -12,8 +12,8 @@ use miette::Diagnostic;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use shards::{pad_batch, ShardIndex, ShardInfo, TokenShards, INDEX_FORMAT};
-pub use tokenizer::{TextTokenizer, EOS_CANDIDATES};
+pub use shards::{pad_batch, Example, ShardIndex, ShardInfo, TokenShards, INDEX_FORMAT};
+pub use tokenizer::{Span, TextTokenizer, EOS_CANDIDATES};
 
 use crate::records::Record;
 use crate::templates::{Template, TemplateError, TemplateSpec};
@@ -96,7 +96,10 @@ pub struct TokenizeStats {
 pub enum TokenizeError {
     /// A file could not be read or written.
     #[error("cannot access {path}")]
-    #[diagnostic(code(pipeline::tokenize::io), help("check the path and its permissions"))]
+    #[diagnostic(
+        code(pipeline::tokenize::io),
+        help("check the path and its permissions")
+    )]
     Io {
         /// The file.
         path: PathBuf,
@@ -219,17 +222,20 @@ pub fn tokenize_records(
     if records.is_empty() {
         return Err(TokenizeError::Options("no records to tokenize".into()));
     }
-    let template = Template::from_spec(&opts.template).map_err(|source| TokenizeError::Template {
-        location: "template".into(),
-        source,
-    })?;
+    let template =
+        Template::from_spec(&opts.template).map_err(|source| TokenizeError::Template {
+            location: "template".into(),
+            source,
+        })?;
     let examples: Vec<TokenizedExample> = records
         .par_iter()
         .map(|r| {
-            let rendered = template.render(r).map_err(|source| TokenizeError::Template {
-                location: r.provenance.to_string(),
-                source,
-            })?;
+            let rendered = template
+                .render(r)
+                .map_err(|source| TokenizeError::Template {
+                    location: r.provenance.to_string(),
+                    source,
+                })?;
             tokenize_example(tok, &rendered.prompt, &rendered.response, opts)
         })
         .collect::<Result<_, _>>()?;

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{TokenizeError, TokenizeStats};
 
+/// One training example: token ids and the loss mask (1 = loss target), same length.
+pub type Example = (Vec<u32>, Vec<u8>);
+
 const MAGIC: &[u8; 4] = b"PTOK";
 const VERSION: u32 = 1;
 /// `format` field of `index.json`.
@@ -181,7 +184,7 @@ impl TokenShards {
     }
 
     /// Reads and verifies shard `i`, returning its examples.
-    pub fn read_shard(&self, i: usize) -> Result<Vec<(Vec<u32>, Vec<u8>)>, TokenizeError> {
+    pub fn read_shard(&self, i: usize) -> Result<Vec<Example>, TokenizeError> {
         let info = self
             .index
             .shards
@@ -199,7 +202,7 @@ impl TokenShards {
     }
 
     /// All examples, shard by shard, as `(ids, mask)`.
-    pub fn iter(&self) -> impl Iterator<Item = Result<(Vec<u32>, Vec<u8>), TokenizeError>> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = Result<Example, TokenizeError>> + '_ {
         (0..self.index.shards.len()).flat_map(move |i| {
             let items: Vec<Result<_, TokenizeError>> = match self.read_shard(i) {
                 Ok(v) => v.into_iter().map(Ok).collect(),
@@ -210,7 +213,7 @@ impl TokenShards {
     }
 }
 
-fn parse_shard(path: &Path, buf: &[u8]) -> Result<Vec<(Vec<u32>, Vec<u8>)>, TokenizeError> {
+fn parse_shard(path: &Path, buf: &[u8]) -> Result<Vec<Example>, TokenizeError> {
     let u64_at = |off: usize| -> Result<u64, TokenizeError> {
         buf.get(off..off + 8)
             .and_then(|b| b.try_into().ok())
@@ -257,7 +260,7 @@ fn parse_shard(path: &Path, buf: &[u8]) -> Result<Vec<(Vec<u32>, Vec<u8>)>, Toke
 
 /// Right-pads a batch to its longest example with `pad_id`; padding is never a loss
 /// target (mask 0). Returns row-major `(ids, mask, seq_len)`.
-pub fn pad_batch(batch: &[(Vec<u32>, Vec<u8>)], pad_id: u32) -> (Vec<u32>, Vec<u8>, usize) {
+pub fn pad_batch(batch: &[Example], pad_id: u32) -> (Vec<u32>, Vec<u8>, usize) {
     let len = batch.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(batch.len() * len);
     let mut mask = Vec::with_capacity(batch.len() * len);

@@ -26,6 +26,9 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Special tokens tried, in order, when a `tokenizer.json` user names no EOS token.
 pub const EOS_CANDIDATES: [&str; 4] = ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"];
 
+/// A token's byte range `(start, end)` in the encoded text.
+pub type Span = (usize, usize);
+
 /// A tokenizer plus the special ids the tokenize stage needs.
 pub struct TextTokenizer {
     /// The underlying Hugging Face tokenizer.
@@ -89,9 +92,7 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let eos_id = EOS_CANDIDATES
-            .iter()
-            .find_map(|t| tokenizer.token_to_id(t));
+        let eos_id = EOS_CANDIDATES.iter().find_map(|t| tokenizer.token_to_id(t));
         Ok(Self {
             tokenizer,
             bos_id: None,
@@ -112,8 +113,8 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             source,
         })?;
-        let content =
-            gguf_file::Content::read(&mut file).map_err(|e| err(format!("not a GGUF file: {e}")))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| err(format!("not a GGUF file: {e}")))?;
         let md = &content.metadata;
         let get = |k: &str| {
             md.get(k)
@@ -160,7 +161,11 @@ impl TextTokenizer {
                 .ok_or_else(|| err("tokenizer.ggml.token_type holds non-integers".into()))?,
             None => Vec::new(),
         };
-        let id = |k: &str| md.get(k).and_then(as_i64).and_then(|v| u32::try_from(v).ok());
+        let id = |k: &str| {
+            md.get(k)
+                .and_then(as_i64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
         let bos_id = id("tokenizer.ggml.bos_token_id");
         let eos_id = id("tokenizer.ggml.eos_token_id");
 
@@ -225,10 +230,7 @@ impl TextTokenizer {
     }
 
     /// Token ids and their byte offsets in `text`.
-    pub fn encode_with_offsets(
-        &self,
-        text: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizeError> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>), TokenizeError> {
         let enc = self
             .tokenizer
             .encode(text, false)
