@@ -448,3 +448,35 @@ fn shared_data_in_place() {
     .unwrap();
     assert_eq!((san.len(), stats.format), (427, Some(Format::Json)));
 }
+
+#[test]
+fn options_parse_as_manifest_parameters() {
+    let o: ReadOptions = serde_json::from_str(r#"{"fields": {"text": "content", "id": "path"}, "limit": 5, "on_error": "skip", "format": "jsonl"}"#).unwrap();
+    assert_eq!(
+        o.fields.iter().collect::<Vec<_>>(),
+        [("text", "content"), ("id", "path")]
+    );
+    assert_eq!(
+        (o.limit, o.on_error, o.format),
+        (Some(5), ErrorPolicy::Skip, Format::Jsonl)
+    );
+    assert_eq!(o.text_field, "content", "defaults fill the rest");
+    assert!(
+        serde_json::from_str::<ReadOptions>(r#"{"feilds": {}}"#).is_err(),
+        "unknown keys are rejected"
+    );
+
+    use pipeline_stages::tokenize::{LossOn, TokenizeOptions};
+    let t: TokenizeOptions = serde_json::from_str(r#"{"template": {"name": "code_snippet"}, "max_length": 256, "loss_on": "all", "pack": true}"#).unwrap();
+    assert_eq!(
+        (
+            t.template.name.as_str(),
+            t.max_length,
+            t.loss_on,
+            t.pack,
+            t.add_eos
+        ),
+        ("code_snippet", 256, LossOn::All, true, true)
+    );
+    assert!(serde_json::from_str::<TokenizeOptions>(r#"{"max_len": 3}"#).is_err());
+}

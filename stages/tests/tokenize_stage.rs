@@ -331,3 +331,99 @@ fn smollm2_gguf_matches_reference_tokenizer() {
     }
     assert!(tokens > 4000);
 }
+
+fn shared_data() -> Option<PathBuf> {
+    let dir = std::env::var_os("PIPELINE_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"));
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "skipping: shared data not found at {} (set PIPELINE_SHARED_DATA)",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// CodeAlpaca (1,000 records) and a slice of the messy set through read -> records.jsonl ->
+/// tokenize with the real SmolLM2 tokenizer.
+#[test]
+fn shared_data_end_to_end_with_smollm2() {
+    use pipeline_stages::readers::{read_to_jsonl, ReadOptions};
+    use pipeline_stages::tokenize::tokenize_file;
+    let (Some(data), Some(gguf)) = (shared_data(), smollm2_gguf()) else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let recs_path = d.path().join("alpaca/records.jsonl");
+    let rs = read_to_jsonl(
+        &data.join("codealpaca/code_alpaca_first1000.json"),
+        &ReadOptions::default(),
+        &recs_path,
+    )
+    .unwrap();
+    assert_eq!(rs.records, 1000);
+    let opts = TokenizeOptions {
+        max_length: 512,
+        ..Default::default()
+    };
+    let out = d.path().join("alpaca/tokens");
+    let stats = tokenize_file(&recs_path, &gguf, &opts, &out).unwrap();
+    eprintln!("codealpaca: {stats:?}");
+    assert_eq!((stats.records, stats.examples), (1000, 1000));
+    assert!(stats.truncation_rate < 0.05);
+
+    // Independent check of the mask: the loss-target tokens decode to the output + EOS.
+    let tok = TextTokenizer::load(&gguf, None, None).unwrap();
+    let records = pipeline_stages::records::read_records(&recs_path).unwrap();
+    let shards = TokenShards::open(&out).unwrap();
+    // SmolLM2-Instruct's EOS (id 2) is `<|im_end|>`.
+    let eos_text = tok.decode(&[tok.eos_id.unwrap()]).unwrap();
+    assert_eq!(eos_text, "<|im_end|>");
+    let mut exact = 0;
+    for (r, ex) in records.iter().zip(shards.iter()) {
+        let (ids, mask) = ex.unwrap();
+        let target: Vec<u32> = ids
+            .iter()
+            .zip(&mask)
+            .filter(|(_, m)| **m == 1)
+            .map(|(i, _)| *i)
+            .collect();
+        let output = r.get("output").unwrap();
+        if ids.len() < 512 && tok.decode(&target).unwrap() == format!("{output}{eos_text}") {
+            exact += 1;
+        }
+    }
+    assert!(
+        exact >= 990,
+        "only {exact} of 1000 masks cover exactly the response"
+    );
+
+    let opts = ReadOptions {
+        limit: Some(300),
+        ..Default::default()
+    };
+    let messy_path = d.path().join("messy/records.jsonl");
+    read_to_jsonl(
+        &data.join("messy/python_files_5000.jsonl"),
+        &opts,
+        &messy_path,
+    )
+    .unwrap();
+    let opts = TokenizeOptions {
+        template: TemplateSpec {
+            name: "code_snippet".into(),
+            ..Default::default()
+        },
+        max_length: 512,
+        pack: true,
+        ..Default::default()
+    };
+    let stats = tokenize_file(&messy_path, &gguf, &opts, &d.path().join("messy/tokens")).unwrap();
+    eprintln!("messy[..300]: {stats:?}");
+    assert_eq!(stats.records, 300);
+    assert!(stats.examples < 300, "packing merged short files");
+    assert!(stats.truncated > 0, "some files exceed 512 tokens");
+}

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use miette::{Diagnostic, NamedSource, SourceSpan};
 use serde::{Deserialize, Serialize};
 
-use crate::records::{Fields, Provenance, Record};
+use crate::records::{Fields, Provenance, Record, RecordsError};
 
 /// Which reader to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -220,6 +220,10 @@ pub enum ReadError {
         /// What is wrong.
         message: String,
     },
+    /// Writing the records artifact failed.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Records(#[from] RecordsError),
     /// Nothing was read.
     #[error("no records read from {path}")]
     #[diagnostic(code(pipeline::read::empty), help("{hint}"))]
@@ -358,6 +362,13 @@ pub fn read_source(path: &Path, opts: &ReadOptions) -> Result<(Vec<Record>, Read
     }
     stats.records = out.len() as u64;
     Ok((out, stats))
+}
+
+/// Reads the dataset at `input` and writes it as a `records.jsonl` artifact at `out`.
+pub fn read_to_jsonl(input: &Path, opts: &ReadOptions, out: &Path) -> Result<ReadStats, ReadError> {
+    let (records, stats) = read_source(input, opts)?;
+    crate::records::write_records(out, &records)?;
+    Ok(stats)
 }
 
 fn map_fields(raw: RawRecord, mapping: &Fields) -> Result<Record, ReadError> {

@@ -3,6 +3,10 @@
 //! Entry points: [`TextTokenizer::load`], then [`tokenize_records`] with
 //! [`TokenizeOptions`]; the trainer reads the result with [`TokenShards`].
 
+// Errors may wrap a records parse error carrying a source line for miette; they are
+// built only on the cold error path, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
 mod shards;
 mod tokenizer;
 
@@ -47,6 +51,11 @@ pub struct TokenizeOptions {
     pub pack: bool,
     /// Start a new shard once a shard would exceed this many tokens.
     pub shard_max_tokens: u64,
+    /// EOS token (by text) overriding the tokenizer's own; needed for a tokenizer.json
+    /// without one of [`EOS_CANDIDATES`].
+    pub eos_token: Option<String>,
+    /// BOS token (by text) overriding the tokenizer's own.
+    pub bos_token: Option<String>,
 }
 
 impl Default for TokenizeOptions {
@@ -59,6 +68,8 @@ impl Default for TokenizeOptions {
             add_eos: true,
             pack: false,
             shard_max_tokens: 16 << 20,
+            eos_token: None,
+            bos_token: None,
         }
     }
 }
@@ -134,6 +145,10 @@ pub enum TokenizeError {
     #[error("invalid tokenize options: {0}")]
     #[diagnostic(code(pipeline::tokenize::options))]
     Options(String),
+    /// The input records could not be read.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Records(#[from] crate::records::RecordsError),
     /// A shard directory is malformed.
     #[error("token shards {path}: {message}")]
     #[diagnostic(
@@ -203,6 +218,24 @@ pub fn tokenize_example(
         mask,
         full_len,
     })
+}
+
+/// The whole stage on files: reads `records_jsonl`, loads the tokenizer at `tokenizer`
+/// (`.gguf` or `tokenizer.json`, with `opts.eos_token` / `opts.bos_token` overrides), and
+/// writes shards to `out_dir`.
+pub fn tokenize_file(
+    records_jsonl: &Path,
+    tokenizer: &Path,
+    opts: &TokenizeOptions,
+    out_dir: &Path,
+) -> Result<TokenizeStats, TokenizeError> {
+    let records = crate::records::read_records(records_jsonl)?;
+    let tok = TextTokenizer::load(
+        tokenizer,
+        opts.eos_token.as_deref(),
+        opts.bos_token.as_deref(),
+    )?;
+    tokenize_records(&records, &tok, opts, out_dir)
 }
 
 /// Tokenizes `records` with `opts.template`, writes shards and `index.json` to `out_dir`,
