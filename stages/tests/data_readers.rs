@@ -480,3 +480,34 @@ fn options_parse_as_manifest_parameters() {
     );
     assert!(serde_json::from_str::<TokenizeOptions>(r#"{"max_len": 3}"#).is_err());
 }
+
+/// The diagnostics render (spans inside their source) and point at the problem.
+#[test]
+fn diagnostics_render_with_snippets() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "bad.jsonl",
+        "{\"a\": \"1\"}\n{\"a\": \"ü\", oops}\n".as_bytes(),
+    );
+    let err = read_source(&p, &ReadOptions::default()).unwrap_err();
+    let mut out = String::new();
+    miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
+        .render_report(&mut out, &err)
+        .unwrap();
+    assert!(out.contains("bad.jsonl:2"), "{out}");
+    assert!(out.contains("oops"), "snippet shown: {out}");
+    assert!(out.contains("on_error"), "help shown: {out}");
+
+    let p = write(d.path(), "x.jsonl", b"{\"b\": \"1\"}\n");
+    let opts = ReadOptions {
+        fields: mapping(&[("text", "content")]),
+        ..Default::default()
+    };
+    let err = read_source(&p, &opts).unwrap_err();
+    let mut out = String::new();
+    miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
+        .render_report(&mut out, &err)
+        .unwrap();
+    assert!(out.contains("the record has these fields: [b]"), "{out}");
+}

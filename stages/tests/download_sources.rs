@@ -369,3 +369,146 @@ fn local_reference_and_copy_hash_content() {
         DownloadError::Io { .. }
     ));
 }
+
+/// A minimal stand-in for the hub's HTTP API on loopback: repo info and file resolve
+/// with the headers hf-hub reads (etag, x-repo-commit, content-range).
+fn fake_hub(
+    files: Vec<(&'static str, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            let mut range = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range = Some(v.trim().to_string());
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            log2.lock().unwrap().push(format!("{path} {range:?}"));
+            let (status, headers, body): (&str, Vec<(String, String)>, Vec<u8>) =
+                if path == "/api/models/org/tiny/revision/main" {
+                    let body = format!(r#"{{"sha": "{SHA}", "siblings": []}}"#).into_bytes();
+                    ("200 OK", vec![], body)
+                } else if let Some((_, data)) = files
+                    .iter()
+                    .find(|(name, _)| path == format!("/org/tiny/resolve/{SHA}/{name}"))
+                {
+                    let start: usize = range
+                        .as_deref()
+                        .and_then(|r| r.split('-').next())
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let end = if range.as_deref() == Some("0-0") {
+                        1
+                    } else {
+                        data.len()
+                    };
+                    let hdrs = vec![
+                        (
+                            "etag".into(),
+                            format!("\"{}\"", blake3::hash(data).to_hex()),
+                        ),
+                        ("x-repo-commit".into(), SHA.into()),
+                        (
+                            "content-range".into(),
+                            format!("bytes {start}-{}/{}", end.max(1) - 1, data.len()),
+                        ),
+                    ];
+                    ("206 Partial Content", hdrs, data[start..end].to_vec())
+                } else {
+                    ("404 Not Found", vec![], b"not found".to_vec())
+                };
+            let mut resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for (k, v) in headers {
+                resp.push_str(&format!("{k}: {v}\r\n"));
+            }
+            resp.push_str("\r\n");
+            let _ = stream.write_all(resp.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (format!("http://{addr}"), log)
+}
+
+#[test]
+fn online_download_fills_the_cache_with_progress() {
+    let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let (endpoint, log) = fake_hub(vec![
+        ("model.bin", body.clone()),
+        ("config.json", b"{}".to_vec()),
+    ]);
+    let d = tempfile::tempdir().unwrap();
+    let opts = HfOptions {
+        repo: "org/tiny".into(),
+        kind: RepoKind::Model,
+        revision: "main".into(),
+        files: vec!["model.bin".into(), "config.json".into()],
+        offline: false,
+        cache_dir: Some(d.path().to_path_buf()),
+        endpoint: Some(endpoint),
+    };
+    assert_eq!(hf_resolve(&opts).unwrap(), SHA);
+    let mut last = std::collections::HashMap::new();
+    let mut cb = |e: pipeline_stages::download::hf::ProgressEvent| {
+        last.insert(e.file.clone(), (e.downloaded, e.total));
+    };
+    let got = hf_download(&opts, Some(&mut cb)).unwrap();
+    assert_eq!(got.commit, SHA);
+    assert_eq!(std::fs::read(&got.files[0].path).unwrap(), body);
+    assert_eq!(got.files[0].size, 50_000);
+    assert_eq!(last["model.bin"], (50_000, 50_000));
+    // Standard layout: refs/main -> commit, snapshot entry under snapshots/<commit>.
+    let repo_dir = d.path().join("models--org--tiny");
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main"))
+            .unwrap()
+            .trim(),
+        SHA
+    );
+    assert!(got.files[0]
+        .path
+        .starts_with(repo_dir.join("snapshots").join(SHA)));
+    // Downloads were pinned to the resolved commit.
+    assert!(log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains(&format!("resolve/{SHA}/model.bin"))));
+
+    // Now the same request works offline, from the cache alone.
+    let offline = HfOptions {
+        offline: true,
+        endpoint: Some("http://127.0.0.1:9".into()),
+        ..opts.clone()
+    };
+    let again = hf_download(&offline, None).unwrap();
+    assert_eq!(again.files, got.files);
+
+    // A file the hub does not have fails with the file named.
+    let missing = HfOptions {
+        files: vec!["nope.bin".into()],
+        ..opts
+    };
+    match hf_download(&missing, None).unwrap_err() {
+        DownloadError::Hub { message, .. } => assert!(message.contains("nope.bin"), "{message}"),
+        e => panic!("unexpected {e:?}"),
+    }
+}
