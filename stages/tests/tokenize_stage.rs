@@ -117,6 +117,21 @@ fn tokenizer_json_roundtrip_and_eos_override() {
     let over = TextTokenizer::load(&json, Some("<s>"), Some("<s>")).unwrap();
     assert_eq!((over.eos_id, over.bos_id), (Some(259), Some(259)));
     assert!(TextTokenizer::load(&json, Some("<nope>"), None).is_err());
+
+    // tokenizer_config.json beside it names the special tokens, as HF writes it.
+    std::fs::write(
+        d.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "<s>", "bos_token": {"content": "<|endoftext|>"}}"#,
+    )
+    .unwrap();
+    let cfg = TextTokenizer::load(&json, None, None).unwrap();
+    assert_eq!((cfg.eos_id, cfg.bos_id), (Some(259), Some(258)));
+    std::fs::write(
+        d.path().join("tokenizer_config.json"),
+        r#"{"eos_token": "<missing>"}"#,
+    )
+    .unwrap();
+    assert!(TextTokenizer::load(&json, None, None).is_err());
 }
 
 #[test]

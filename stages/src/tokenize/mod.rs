@@ -47,7 +47,9 @@ pub struct TokenizeOptions {
     pub add_bos: bool,
     /// Append EOS so the model learns to stop.
     pub add_eos: bool,
-    /// Concatenate consecutive short examples into sequences of up to `max_length`.
+    /// Concatenate consecutive short examples into sequences of up to `max_length`
+    /// (greedy, in record order). Examples are separated only by their EOS; there is no
+    /// block-diagonal attention mask, as in most packed fine-tuning setups.
     pub pack: bool,
     /// Start a new shard once a shard would exceed this many tokens.
     pub shard_max_tokens: u64,

@@ -85,17 +85,49 @@ impl TextTokenizer {
             })
     }
 
-    /// Loads a Hugging Face `tokenizer.json`; EOS is the first of [`EOS_CANDIDATES`] in the
-    /// vocabulary (override with `eos_token`), and BOS is left unset.
+    /// Loads a Hugging Face `tokenizer.json`. Special tokens come from a
+    /// `tokenizer_config.json` beside it (`eos_token` / `bos_token`, as HF writes them);
+    /// without one, EOS is the first of [`EOS_CANDIDATES`] in the vocabulary and BOS is
+    /// unset. [`TextTokenizer::load`]'s overrides win over both.
     pub fn from_json(path: &Path) -> Result<Self, TokenizeError> {
         let tokenizer = Tokenizer::from_file(path).map_err(|e| TokenizeError::Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let eos_id = EOS_CANDIDATES.iter().find_map(|t| tokenizer.token_to_id(t));
+        let config = path.with_file_name("tokenizer_config.json");
+        let (cfg_eos, cfg_bos) = if config.is_file() {
+            let text = std::fs::read_to_string(&config).map_err(|source| TokenizeError::Io {
+                path: config.clone(),
+                source,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| TokenizeError::Tokenizer {
+                    path: config.clone(),
+                    message: format!("invalid JSON: {e}"),
+                })?;
+            (
+                special_from_config(&v, "eos_token"),
+                special_from_config(&v, "bos_token"),
+            )
+        } else {
+            (None, None)
+        };
+        let lookup = |name: &str| {
+            tokenizer
+                .token_to_id(name)
+                .ok_or_else(|| TokenizeError::Tokenizer {
+                    path: config.clone(),
+                    message: format!("special token `{name}` is not in {}", path.display()),
+                })
+        };
+        let eos_id = match cfg_eos {
+            Some(name) => Some(lookup(&name)?),
+            None => EOS_CANDIDATES.iter().find_map(|t| tokenizer.token_to_id(t)),
+        };
+        let bos_id = cfg_bos.map(|name| lookup(&name)).transpose()?;
         Ok(Self {
             tokenizer,
-            bos_id: None,
+            bos_id,
             eos_id,
             source: path.to_path_buf(),
         })
@@ -254,6 +286,16 @@ impl TextTokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+}
+
+/// `eos_token` / `bos_token` of a tokenizer_config.json: a string, or an object with
+/// `content` (older transformers), or null.
+fn special_from_config(v: &serde_json::Value, key: &str) -> Option<String> {
+    match v.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
     }
 }
 
