@@ -339,7 +339,12 @@ pub fn read_source(path: &Path, opts: &ReadOptions) -> Result<(Vec<Record>, Read
         Format::Json => json::read_json_array(path, json::open_maybe_gzip(path)?, &mut emit)?,
         Format::Parquet => parquet::read_parquet(path, &mut emit)?,
         Format::Dir => stats.files = dir::read_dir(path, opts, &mut emit)?,
-        Format::Auto => unreachable!("resolved above"),
+        Format::Auto => {
+            return Err(ReadError::Format {
+                path: path.to_path_buf(),
+                message: "could not detect the format; set `format`".into(),
+            })
+        }
     }
     if out.is_empty() {
         let hint = if stats.skipped > 0 {

@@ -230,12 +230,22 @@ fn parse_shard(path: &Path, buf: &[u8]) -> Result<Vec<Example>, TokenizeError> {
     if version != Some(VERSION) {
         return Err(corrupt(path, format!("unsupported version {version:?}")));
     }
-    let n = u64_at(8)? as usize;
-    let t = u64_at(16)? as usize;
-    let off_start = 24;
-    let ids_start = off_start + (n + 1) * 8;
-    let mask_start = ids_start + t * 4;
-    if buf.len() != mask_start + t {
+    let n = usize::try_from(u64_at(8)?).map_err(|_| corrupt(path, "bad example count"))?;
+    let t = usize::try_from(u64_at(16)?).map_err(|_| corrupt(path, "bad token count"))?;
+    let off_start = 24usize;
+    // Checked: the counts come from the file, and a corrupt header must not overflow.
+    let layout = n
+        .checked_add(1)
+        .and_then(|k| k.checked_mul(8))
+        .and_then(|k| k.checked_add(off_start))
+        .and_then(|ids_start| {
+            let mask_start = t.checked_mul(4)?.checked_add(ids_start)?;
+            Some((ids_start, mask_start, mask_start.checked_add(t)?))
+        });
+    let Some((ids_start, mask_start, total)) = layout else {
+        return Err(corrupt(path, "header counts overflow"));
+    };
+    if buf.len() != total {
         return Err(corrupt(path, "size does not match header"));
     }
     let offsets: Vec<usize> = (0..=n)
