@@ -511,3 +511,18 @@ fn diagnostics_render_with_snippets() {
         .unwrap();
     assert!(out.contains("the record has these fields: [b]"), "{out}");
 }
+
+#[test]
+fn utf8_byte_order_mark_is_ignored() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "bom.jsonl",
+        b"\xEF\xBB\xBF{\"a\": \"1\"}\n{\"a\": \"2\"}\n",
+    );
+    let (recs, stats) = read_source(&p, &ReadOptions::default()).unwrap();
+    assert_eq!((recs.len(), stats.format), (2, Some(Format::Jsonl)));
+    let p = write(d.path(), "bom.json", b"\xEF\xBB\xBF[{\"a\": \"1\"}]");
+    let (recs, stats) = read_source(&p, &ReadOptions::default()).unwrap();
+    assert_eq!((recs.len(), stats.format), (1, Some(Format::Json)));
+}

@@ -115,6 +115,10 @@ pub(super) fn read_jsonl(
         while matches!(buf.last(), Some(b'\n' | b'\r')) {
             buf.pop();
         }
+        // Editors on Windows often prepend a UTF-8 byte-order mark; it is not JSON.
+        if line_no == 1 && buf.starts_with(b"\xEF\xBB\xBF") {
+            buf.drain(..3);
+        }
         let prov = Provenance {
             source: name.clone(),
             line: Some(line_no),
@@ -193,7 +197,8 @@ pub(super) fn read_json_array(
             });
         }
     };
-    let elements: Vec<Element> = serde_json::from_str(&text).map_err(|e| {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let elements: Vec<Element> = serde_json::from_str(text).map_err(|e| {
         let line_text = text.lines().nth(e.line().saturating_sub(1)).unwrap_or("");
         ReadError::Json {
             location: format!("{name}:{}:{}", e.line(), e.column()),
