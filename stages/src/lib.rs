@@ -5,10 +5,15 @@
 //! artifact layout); the model code they drive lives in `pipeline-models`, and the data logic
 //! they drive lives in the library modules below.
 
+pub mod download;
 pub mod evalsets;
 pub mod filter;
 pub mod grade;
+pub mod readers;
+pub mod records;
 pub mod report;
+pub mod templates;
+pub mod tokenize;
 
 use pipeline_engine::Registry;
 
