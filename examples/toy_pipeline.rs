@@ -15,8 +15,16 @@ use miette::{miette, IntoDiagnostic};
 use pipeline_engine::{InputSlot, OutputSlot, Registry, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
-const TEXT_OUT: &[OutputSlot] = &[OutputSlot { name: "out", artifact: "text", doc: "a text file `data`" }];
-const NUMBER_OUT: &[OutputSlot] = &[OutputSlot { name: "out", artifact: "number", doc: "a number in file `data`" }];
+const TEXT_OUT: &[OutputSlot] = &[OutputSlot {
+    name: "out",
+    artifact: "text",
+    doc: "a text file `data`",
+}];
+const NUMBER_OUT: &[OutputSlot] = &[OutputSlot {
+    name: "out",
+    artifact: "number",
+    doc: "a number in file `data`",
+}];
 
 /// Writes `text` repeated, in chunks, slowly enough to be interrupted mid-write.
 struct Write_;
@@ -59,9 +67,15 @@ impl Stage for Write_ {
         p.gpu
     }
     fn run(p: &WriteParams, ctx: &mut StageContext) -> miette::Result<()> {
-        let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let now = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        };
         ctx.set_metadata("start", now());
-        let mut file = std::fs::File::create(ctx.output_dir("out")?.join("data")).into_diagnostic()?;
+        let mut file =
+            std::fs::File::create(ctx.output_dir("out")?.join("data")).into_diagnostic()?;
         for _ in 0..p.repeat {
             ctx.check_cancelled()?;
             file.write_all(p.text.as_bytes()).into_diagnostic()?;
@@ -93,11 +107,15 @@ impl Stage for Source {
     fn outputs() -> &'static [OutputSlot] {
         TEXT_OUT
     }
-    fn fingerprint(p: &SourceParams, fp: &mut pipeline_engine::fingerprint::Fingerprint) -> miette::Result<()> {
+    fn fingerprint(
+        p: &SourceParams,
+        fp: &mut pipeline_engine::fingerprint::Fingerprint,
+    ) -> miette::Result<()> {
         fp.file("path", &p.path)
     }
     fn run(p: &SourceParams, ctx: &mut StageContext) -> miette::Result<()> {
-        std::fs::copy(ctx.resolve(&p.path), ctx.output_dir("out")?.join("data")).into_diagnostic()?;
+        std::fs::copy(ctx.resolve(&p.path), ctx.output_dir("out")?.join("data"))
+            .into_diagnostic()?;
         Ok(())
     }
 }
@@ -122,7 +140,13 @@ impl Stage for Concat {
     const VERSION: &'static str = "1";
     const SUMMARY: &'static str = "concatenate text artifacts";
     fn inputs() -> &'static [InputSlot] {
-        &[InputSlot { name: "parts", accepts: &["text"], required: true, many: true, doc: "text artifacts to join" }]
+        &[InputSlot {
+            name: "parts",
+            accepts: &["text"],
+            required: true,
+            many: true,
+            doc: "text artifacts to join",
+        }]
     }
     fn outputs() -> &'static [OutputSlot] {
         TEXT_OUT
@@ -138,7 +162,8 @@ impl Stage for Concat {
         if p.upper {
             text = text.to_uppercase();
         }
-        let mut file = std::fs::File::create(ctx.output_dir("out")?.join("data")).into_diagnostic()?;
+        let mut file =
+            std::fs::File::create(ctx.output_dir("out")?.join("data")).into_diagnostic()?;
         for chunk in text.as_bytes().chunks(4096) {
             file.write_all(chunk).into_diagnostic()?;
             std::thread::sleep(Duration::from_millis(p.delay_ms));
@@ -166,7 +191,13 @@ impl Stage for Count {
     const VERSION: &'static str = "1";
     const SUMMARY: &'static str = "a resumable loop over the input";
     fn inputs() -> &'static [InputSlot] {
-        &[InputSlot { name: "seed", accepts: &["text"], required: false, many: false, doc: "text mixed into every step" }]
+        &[InputSlot {
+            name: "seed",
+            accepts: &["text"],
+            required: false,
+            many: false,
+            doc: "text mixed into every step",
+        }]
     }
     fn outputs() -> &'static [OutputSlot] {
         NUMBER_OUT
@@ -194,7 +225,9 @@ impl Stage for Count {
         ctx.progress().start(p.steps, "steps");
         while step < p.steps {
             ctx.check_cancelled()?;
-            acc = acc.wrapping_mul(6364136223846793005).wrapping_add(step + seed_text.len() as u64);
+            acc = acc
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(step + seed_text.len() as u64);
             step += 1;
             let tmp = ckpt.with_extension("tmp");
             std::fs::write(&tmp, format!("{step} {acc}")).into_diagnostic()?;
@@ -202,7 +235,8 @@ impl Stage for Count {
             ctx.progress().set_position(step);
             std::thread::sleep(Duration::from_millis(p.delay_ms));
         }
-        std::fs::write(ctx.output_dir("out")?.join("data"), format!("{acc}\n")).into_diagnostic()?;
+        std::fs::write(ctx.output_dir("out")?.join("data"), format!("{acc}\n"))
+            .into_diagnostic()?;
         ctx.set_metadata("resumed_from_step", resumed_from);
         Ok(())
     }
@@ -210,6 +244,10 @@ impl Stage for Count {
 
 fn main() -> std::process::ExitCode {
     let mut registry = Registry::new();
-    registry.register::<Write_>().register::<Source>().register::<Concat>().register::<Count>();
+    registry
+        .register::<Write_>()
+        .register::<Source>()
+        .register::<Concat>()
+        .register::<Count>();
     pipeline::main_with(registry)
 }

@@ -160,7 +160,14 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let cli = Cli::parse();
     let format = cli.error_format;
     if format == ErrorFormat::Human {
-        let _ = miette::set_hook(Box::new(|_| Box::new(miette::MietteHandlerOpts::new().terminal_links(false).context_lines(2).build())));
+        let _ = miette::set_hook(Box::new(|_| {
+            Box::new(
+                miette::MietteHandlerOpts::new()
+                    .terminal_links(false)
+                    .context_lines(2)
+                    .build(),
+            )
+        }));
     }
     init_tracing();
     match dispatch(cli, &registry) {
@@ -173,8 +180,13 @@ pub fn main_with(registry: Registry) -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PIPELINE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PIPELINE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 fn print_report(report: &Report, format: ErrorFormat) {
@@ -200,33 +212,59 @@ struct Failure {
 
 impl<E: Diagnostic + Send + Sync + 'static> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { report: Report::new(e), code: EXIT_FAILED }
+        Failure {
+            report: Report::new(e),
+            code: EXIT_FAILED,
+        }
     }
 }
 
 fn fail(report: Report) -> Failure {
-    Failure { report, code: EXIT_FAILED }
+    Failure {
+        report,
+        code: EXIT_FAILED,
+    }
 }
 
 fn load(args: &ManifestArgs, registry: &Registry) -> Result<Manifest, Failure> {
-    let options = ManifestOptions { overrides: args.set.clone() };
-    load_manifest(&args.manifest, registry, &options).map_err(|e: ManifestLoadError| Failure { report: Report::new(e), code: EXIT_USAGE })
+    let options = ManifestOptions {
+        overrides: args.set.clone(),
+    };
+    load_manifest(&args.manifest, registry, &options).map_err(|e: ManifestLoadError| Failure {
+        report: Report::new(e),
+        code: EXIT_USAGE,
+    })
 }
 
 fn open_store(cli_cache: &Option<PathBuf>, manifest: Option<&Manifest>) -> Result<Store, Failure> {
-    let root = match (cli_cache, manifest.and_then(|m| m.experiment.cache.as_ref().map(|c| (m, c)))) {
+    let root = match (
+        cli_cache,
+        manifest.and_then(|m| m.experiment.cache.as_ref().map(|c| (m, c))),
+    ) {
         (Some(root), _) => root.clone(),
         (None, Some((m, c))) => pipeline_engine::executor::base_dir(m).join(c),
         (None, None) => PathBuf::from("cache"),
     };
-    Store::open(&root).map_err(|e| fail(miette::miette!(help = "pass --cache DIR or set PIPELINE_CACHE", "cannot open cache {}: {e}", root.display())))
+    Store::open(&root).map_err(|e| {
+        fail(miette::miette!(
+            help = "pass --cache DIR or set PIPELINE_CACHE",
+            "cannot open cache {}: {e}",
+            root.display()
+        ))
+    })
 }
 
 fn check_names(manifest: &Manifest, names: &[String], flag: &str) -> Result<(), Failure> {
     for name in names {
         if manifest.select(name).is_empty() {
             let all: Vec<&str> = manifest.stages.iter().map(|s| s.name.as_str()).collect();
-            return Err(Failure { report: miette::miette!(help = format!("stages: {}", all.join(", ")), "{flag} {name}: no such stage"), code: EXIT_USAGE });
+            return Err(Failure {
+                report: miette::miette!(
+                    help = format!("stages: {}", all.join(", ")),
+                    "{flag} {name}: no such stage"
+                ),
+                code: EXIT_USAGE,
+            });
         }
     }
     Ok(())
@@ -234,41 +272,79 @@ fn check_names(manifest: &Manifest, names: &[String], flag: &str) -> Result<(), 
 
 fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
     match &cli.command {
-        Command::Run { manifest: args, only, force, jobs, json } => {
+        Command::Run {
+            manifest: args,
+            only,
+            force,
+            jobs,
+            json,
+        } => {
             let manifest = load(args, registry)?;
             check_names(&manifest, only, "--only")?;
             check_names(&manifest, force, "--force")?;
             let store = open_store(&cli.cache, Some(&manifest))?;
             let cancel = Arc::new(AtomicBool::new(false));
             install_interrupt_handler(cancel.clone());
-            let mut options = RunOptions { only: only.clone(), force: force.clone(), cancel, progress: std::io::IsTerminal::is_terminal(&std::io::stderr()), ..RunOptions::default() };
+            let mut options = RunOptions {
+                only: only.clone(),
+                force: force.clone(),
+                cancel,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                ..RunOptions::default()
+            };
             if let Some(j) = jobs {
                 options.jobs = *j;
             }
             let report = pipeline_engine::run(&manifest, &store, &options).map_err(fail)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report).into_diagnostic().map_err(fail)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .into_diagnostic()
+                        .map_err(fail)?
+                );
             } else {
                 print_run_table(&report);
                 print_artifacts_hint(&manifest, &store, &report);
             }
             if report.cancelled {
-                eprintln!("interrupted: finished stages are cached; rerun the same command to resume");
+                eprintln!(
+                    "interrupted: finished stages are cached; rerun the same command to resume"
+                );
                 return Ok(EXIT_INTERRUPTED);
             }
             Ok(if report.success() { 0 } else { EXIT_FAILED })
         }
-        Command::Plan { manifest: args, only, force, json } => {
+        Command::Plan {
+            manifest: args,
+            only,
+            force,
+            json,
+        } => {
             let manifest = load(args, registry)?;
             check_names(&manifest, only, "--only")?;
             check_names(&manifest, force, "--force")?;
             let store = open_store(&cli.cache, Some(&manifest))?;
-            let options = RunOptions { only: only.clone(), force: force.clone(), ..RunOptions::default() };
+            let options = RunOptions {
+                only: only.clone(),
+                force: force.clone(),
+                ..RunOptions::default()
+            };
             let entries = plan(&manifest, &store, &options).map_err(fail)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&entries).into_diagnostic().map_err(fail)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&entries)
+                        .into_diagnostic()
+                        .map_err(fail)?
+                );
             } else {
-                let width = entries.iter().map(|e| e.stage.len()).max().unwrap_or(5).max(5);
+                let width = entries
+                    .iter()
+                    .map(|e| e.stage.len())
+                    .max()
+                    .unwrap_or(5)
+                    .max(5);
                 for e in &entries {
                     println!("{:<width$}  {:<6}  {}", e.stage, e.action, e.reason);
                 }
@@ -283,25 +359,67 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
                     let store = open_store(&cli.cache, None)?;
                     let stats = store.stats().into_diagnostic().map_err(fail)?;
                     println!("cache: {}", store.root().display());
-                    println!("objects: {} ({})", stats.objects, human_bytes(stats.object_bytes));
+                    println!(
+                        "objects: {} ({})",
+                        stats.objects,
+                        human_bytes(stats.object_bytes)
+                    );
                     println!("cached stage results: {}", stats.actions);
                     println!("resumable checkpoints: {}", stats.checkpoints);
                 }
                 Some(path) => {
-                    let manifest = load(&ManifestArgs { manifest: path.clone(), set: Vec::new() }, registry)?;
+                    let manifest = load(
+                        &ManifestArgs {
+                            manifest: path.clone(),
+                            set: Vec::new(),
+                        },
+                        registry,
+                    )?;
                     let store = open_store(&cli.cache, Some(&manifest))?;
                     let entries = plan(&manifest, &store, &RunOptions::default()).map_err(fail)?;
-                    let width = entries.iter().map(|e| e.stage.len()).max().unwrap_or(5).max(5);
+                    let width = entries
+                        .iter()
+                        .map(|e| e.stage.len())
+                        .max()
+                        .unwrap_or(5)
+                        .max(5);
                     for e in &entries {
-                        let detail = e.key.as_ref().and_then(|k| store.action(k)).map(|r| format!("{:.1}s, {}", r.duration_s, human_bytes(r.outputs.values().map(|o| o.bytes).sum()))).unwrap_or_default();
-                        let state = if e.action == "cached" { "cached" } else { "pending" };
-                        println!("{:<width$}  {:<7}  {}", e.stage, state, if detail.is_empty() { e.reason.clone() } else { detail });
+                        let detail = e
+                            .key
+                            .as_ref()
+                            .and_then(|k| store.action(k))
+                            .map(|r| {
+                                format!(
+                                    "{:.1}s, {}",
+                                    r.duration_s,
+                                    human_bytes(r.outputs.values().map(|o| o.bytes).sum())
+                                )
+                            })
+                            .unwrap_or_default();
+                        let state = if e.action == "cached" {
+                            "cached"
+                        } else {
+                            "pending"
+                        };
+                        println!(
+                            "{:<width$}  {:<7}  {}",
+                            e.stage,
+                            state,
+                            if detail.is_empty() {
+                                e.reason.clone()
+                            } else {
+                                detail
+                            }
+                        );
                     }
                 }
             }
             Ok(0)
         }
-        Command::Dag { manifest: args, format } => {
+        Command::Dag {
+            manifest: args,
+            format,
+        } => {
             let manifest = load(args, registry)?;
             let format = match format {
                 DagFormatArg::Text => DagFormat::Text,
@@ -312,30 +430,70 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
             println!("{}", render(&manifest, format).trim_end());
             Ok(0)
         }
-        Command::Show { manifest: args, stage } => {
+        Command::Show {
+            manifest: args,
+            stage,
+        } => {
             let manifest = load(args, registry)?;
             let instance = manifest.stage(stage).ok_or_else(|| Failure {
-                report: miette::miette!(help = format!("stages: {}", manifest.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")), "no stage `{stage}`"),
+                report: miette::miette!(
+                    help = format!(
+                        "stages: {}",
+                        manifest
+                            .stages
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "no stage `{stage}`"
+                ),
                 code: EXIT_USAGE,
             })?;
             let store = open_store(&cli.cache, Some(&manifest))?;
-            let entries = plan(&manifest, &store, &RunOptions { only: vec![stage.clone()], ..RunOptions::default() }).map_err(fail)?;
+            let entries = plan(
+                &manifest,
+                &store,
+                &RunOptions {
+                    only: vec![stage.clone()],
+                    ..RunOptions::default()
+                },
+            )
+            .map_err(fail)?;
             let entry = entries.iter().find(|e| e.stage == *stage);
-            println!("stage:   {} (kind `{}` v{})", instance.name, instance.kind, instance.kind_version);
+            println!(
+                "stage:   {} (kind `{}` v{})",
+                instance.name, instance.kind, instance.kind_version
+            );
             println!("params:  {}", instance.params.canonical);
             match entry.and_then(|e| e.key.clone()) {
-                None => println!("key:     not computable yet ({})", entry.map(|e| e.reason.as_str()).unwrap_or("")),
+                None => println!(
+                    "key:     not computable yet ({})",
+                    entry.map(|e| e.reason.as_str()).unwrap_or("")
+                ),
                 Some(key) => {
                     println!("key:     {key}");
                     match store.action(&key) {
-                        None => println!("state:   not cached ({})", entry.map(|e| e.reason.as_str()).unwrap_or("")),
+                        None => println!(
+                            "state:   not cached ({})",
+                            entry.map(|e| e.reason.as_str()).unwrap_or("")
+                        ),
                         Some(record) => {
                             println!("state:   cached (ran {:.2}s)", record.duration_s);
                             for (name, out) in &record.outputs {
-                                println!("output:  {name} -> {} ({} files, {})", store.view_path(&out.tree).display(), out.files, human_bytes(out.bytes));
+                                println!(
+                                    "output:  {name} -> {} ({} files, {})",
+                                    store.view_path(&out.tree).display(),
+                                    out.files,
+                                    human_bytes(out.bytes)
+                                );
                             }
                             if !record.metadata.is_empty() {
-                                println!("metadata: {}", serde_json::to_string_pretty(&record.metadata).unwrap_or_default());
+                                println!(
+                                    "metadata: {}",
+                                    serde_json::to_string_pretty(&record.metadata)
+                                        .unwrap_or_default()
+                                );
                             }
                         }
                     }
@@ -343,12 +501,27 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Gc { manifests, keep_younger_than } => {
-            let age = parse_age(keep_younger_than).ok_or_else(|| Failure { report: miette::miette!(help = "use a number with s, m, h or d, e.g. 7d", "invalid age `{keep_younger_than}`"), code: EXIT_USAGE })?;
+        Command::Gc {
+            manifests,
+            keep_younger_than,
+        } => {
+            let age = parse_age(keep_younger_than).ok_or_else(|| Failure {
+                report: miette::miette!(
+                    help = "use a number with s, m, h or d, e.g. 7d",
+                    "invalid age `{keep_younger_than}`"
+                ),
+                code: EXIT_USAGE,
+            })?;
             let mut keep = BTreeSet::new();
             let mut store_root = cli.cache.clone();
             for path in manifests {
-                let manifest = load(&ManifestArgs { manifest: path.clone(), set: Vec::new() }, registry)?;
+                let manifest = load(
+                    &ManifestArgs {
+                        manifest: path.clone(),
+                        set: Vec::new(),
+                    },
+                    registry,
+                )?;
                 let store = open_store(&cli.cache, Some(&manifest))?;
                 store_root.get_or_insert(store.root().to_path_buf());
                 for e in plan(&manifest, &store, &RunOptions::default()).map_err(fail)? {
@@ -359,25 +532,51 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
             }
             let store = open_store(&store_root, None)?;
             let report = store.gc(&keep, age).into_diagnostic().map_err(fail)?;
-            println!("kept {} cached results, removed {}; removed {} objects ({})", report.kept_actions, report.removed_actions, report.removed_objects, human_bytes(report.freed_bytes));
+            println!(
+                "kept {} cached results, removed {}; removed {} objects ({})",
+                report.kept_actions,
+                report.removed_actions,
+                report.removed_objects,
+                human_bytes(report.freed_bytes)
+            );
             Ok(0)
         }
         Command::Verify => {
             let store = open_store(&cli.cache, None)?;
             let report = store.verify().into_diagnostic().map_err(fail)?;
-            println!("checked {} objects: {} corrupt", report.objects, report.corrupt_objects.len());
+            println!(
+                "checked {} objects: {} corrupt",
+                report.objects,
+                report.corrupt_objects.len()
+            );
             for h in &report.corrupt_objects {
                 println!("  corrupt object {h} (moved to quarantine/)");
             }
             if !report.dropped_actions.is_empty() {
-                println!("{} cached results dropped; the next run recomputes them", report.dropped_actions.len());
+                println!(
+                    "{} cached results dropped; the next run recomputes them",
+                    report.dropped_actions.len()
+                );
             }
             if report.repaired_views > 0 {
-                println!("{} artifact views rebuilt from intact objects", report.repaired_views);
+                println!(
+                    "{} artifact views rebuilt from intact objects",
+                    report.repaired_views
+                );
             }
-            Ok(if report.corrupt_objects.is_empty() { 0 } else { EXIT_FAILED })
+            Ok(if report.corrupt_objects.is_empty() {
+                0
+            } else {
+                EXIT_FAILED
+            })
         }
-        Command::Grade { samples, problems, json, workers, timeout } => {
+        Command::Grade {
+            samples,
+            problems,
+            json,
+            workers,
+            timeout,
+        } => {
             let mut options = pipeline_stages::grade::GradeOptions::default();
             if let Some(w) = workers {
                 options.workers = *w;
@@ -385,12 +584,19 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
             if let Some(t) = timeout {
                 options.sandbox.timeout_s = *t;
             }
-            let report = pipeline_stages::grade::grade_files(samples, problems, &options).map_err(|e| fail(miette::miette!("{e}")))?;
+            let report = pipeline_stages::grade::grade_files(samples, problems, &options)
+                .map_err(|e| fail(miette::miette!("{e}")))?;
             if *json {
-                println!("{}", serde_json::to_string(&report.cli_results()).into_diagnostic().map_err(fail)?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&report.cli_results())
+                        .into_diagnostic()
+                        .map_err(fail)?
+                );
             } else {
                 let out = pipeline_stages::grade::results_path_for(samples);
-                pipeline_stages::grade::write_results(&out, &report).map_err(|e| fail(miette::miette!("{e}")))?;
+                pipeline_stages::grade::write_results(&out, &report)
+                    .map_err(|e| fail(miette::miette!("{e}")))?;
                 println!("{}", report.summary_text());
                 println!("results: {}", out.display());
             }
@@ -411,7 +617,9 @@ fn install_interrupt_handler(cancel: Arc<AtomicBool>) {
             eprintln!("second interrupt: exiting now");
             std::process::exit(EXIT_INTERRUPTED as i32);
         }
-        eprintln!("interrupt: letting running stages stop at a safe point (press again to exit now)");
+        eprintln!(
+            "interrupt: letting running stages stop at a safe point (press again to exit now)"
+        );
     });
     if let Err(e) = result {
         tracing::warn!("cannot install the interrupt handler: {e}");
@@ -419,9 +627,16 @@ fn install_interrupt_handler(cancel: Arc<AtomicBool>) {
 }
 
 fn print_run_table(report: &pipeline_engine::RunReport) {
-    let rows: Vec<_> = report.stages.iter().filter(|s| s.outcome != StageOutcome::NotSelected).collect();
+    let rows: Vec<_> = report
+        .stages
+        .iter()
+        .filter(|s| s.outcome != StageOutcome::NotSelected)
+        .collect();
     let width = rows.iter().map(|s| s.stage.len()).max().unwrap_or(5).max(5);
-    println!("{:<width$}  {:<8}  {:>9}  {:>10}", "stage", "result", "wall", "size");
+    println!(
+        "{:<width$}  {:<8}  {:>9}  {:>10}",
+        "stage", "result", "wall", "size"
+    );
     for s in rows {
         let result = match &s.outcome {
             StageOutcome::Cached => "cached",
@@ -430,14 +645,22 @@ fn print_run_table(report: &pipeline_engine::RunReport) {
             StageOutcome::Skipped(_) => "skipped",
             StageOutcome::NotSelected => continue,
         };
-        println!("{:<width$}  {:<8}  {:>8.2}s  {:>10}", s.stage, result, s.wall_s, human_bytes(s.bytes));
+        println!(
+            "{:<width$}  {:<8}  {:>8.2}s  {:>10}",
+            s.stage,
+            result,
+            s.wall_s,
+            human_bytes(s.bytes)
+        );
     }
 }
 
 /// Prints where report-like outputs are, so the user can open them.
 fn print_artifacts_hint(manifest: &Manifest, store: &Store, report: &pipeline_engine::RunReport) {
     for s in &report.stages {
-        let Some(instance) = manifest.stage(&s.stage) else { continue };
+        let Some(instance) = manifest.stage(&s.stage) else {
+            continue;
+        };
         if instance.kind != "report" {
             continue;
         }
@@ -487,5 +710,8 @@ fn parse_age(text: &str) -> Option<Duration> {
 
 /// Absolute path helper for messages.
 pub fn display_path(p: &Path) -> String {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }

@@ -41,7 +41,9 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         Self {
-            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             only: Vec::new(),
             force: Vec::new(),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -95,12 +97,21 @@ pub struct RunReport {
 impl RunReport {
     /// True if every selected stage is cached or ran.
     pub fn success(&self) -> bool {
-        !self.cancelled && self.stages.iter().all(|s| matches!(s.outcome, StageOutcome::Cached | StageOutcome::Ran | StageOutcome::NotSelected))
+        !self.cancelled
+            && self.stages.iter().all(|s| {
+                matches!(
+                    s.outcome,
+                    StageOutcome::Cached | StageOutcome::Ran | StageOutcome::NotSelected
+                )
+            })
     }
 
     /// Number of stages that ran (not cached).
     pub fn ran(&self) -> usize {
-        self.stages.iter().filter(|s| s.outcome == StageOutcome::Ran).count()
+        self.stages
+            .iter()
+            .filter(|s| s.outcome == StageOutcome::Ran)
+            .count()
     }
 }
 
@@ -127,7 +138,11 @@ struct Env<'m> {
 }
 
 impl Env<'_> {
-    fn parts(&self, stage: &StageInstance, outputs: &HashMap<String, BTreeMap<String, String>>) -> miette::Result<KeyParts> {
+    fn parts(
+        &self,
+        stage: &StageInstance,
+        outputs: &HashMap<String, BTreeMap<String, String>>,
+    ) -> miette::Result<KeyParts> {
         let mut inputs = BTreeMap::new();
         for (slot, refs) in &stage.inputs {
             let mut parts = Vec::new();
@@ -135,12 +150,21 @@ impl Env<'_> {
                 let tree = outputs
                     .get(&r.stage)
                     .and_then(|o| o.get(&r.output))
-                    .ok_or_else(|| miette::miette!("internal: output `{}.{}` not available", r.stage, r.output))?;
-                parts.push(InputPart { stage: r.stage.clone(), output: r.output.clone(), tree: tree.clone() });
+                    .ok_or_else(|| {
+                        miette::miette!("internal: output `{}.{}` not available", r.stage, r.output)
+                    })?;
+                parts.push(InputPart {
+                    stage: r.stage.clone(),
+                    output: r.output.clone(),
+                    tree: tree.clone(),
+                });
             }
             inputs.insert(slot.clone(), parts);
         }
-        let mut cache = self.stat_cache.lock().map_err(|_| miette::miette!("stat cache lock poisoned"))?;
+        let mut cache = self
+            .stat_cache
+            .lock()
+            .map_err(|_| miette::miette!("stat cache lock poisoned"))?;
         let mut fp = Fingerprint::new(&self.base_dir, &mut cache);
         stage.stage.fingerprint(&stage.params, &mut fp)?;
         let extras = fp.extras;
@@ -155,10 +179,16 @@ impl Env<'_> {
     }
 
     fn reasons(&self, stage: &StageInstance, parts: &KeyParts) -> Vec<String> {
-        match self.store.last_run(&self.manifest.experiment.name, &stage.name) {
+        match self
+            .store
+            .last_run(&self.manifest.experiment.name, &stage.name)
+        {
             None => vec!["never run".to_string()],
             Some(last) => match serde_json::from_value::<KeyParts>(last.parts) {
-                Ok(old) if old.key() == parts.key() => vec!["no cached result for this key (it was removed or failed verification)".to_string()],
+                Ok(old) if old.key() == parts.key() => vec![
+                    "no cached result for this key (it was removed or failed verification)"
+                        .to_string(),
+                ],
                 Ok(old) => explain(&old, parts),
                 Err(_) => vec!["the last run's record is unreadable".to_string()],
             },
@@ -166,8 +196,14 @@ impl Env<'_> {
     }
 
     fn record(&self, stage: &StageInstance, parts: &KeyParts) {
-        let run = LastRun { key: parts.key(), parts: serde_json::to_value(parts).unwrap_or_default() };
-        if let Err(e) = self.store.record_last_run(&self.manifest.experiment.name, &stage.name, &run) {
+        let run = LastRun {
+            key: parts.key(),
+            parts: serde_json::to_value(parts).unwrap_or_default(),
+        };
+        if let Err(e) =
+            self.store
+                .record_last_run(&self.manifest.experiment.name, &stage.name, &run)
+        {
             tracing::warn!("cannot record last run of {}: {e}", stage.name);
         }
     }
@@ -177,7 +213,13 @@ fn selected(manifest: &Manifest, graph: &StageGraph, only: &[String]) -> Vec<boo
     if only.is_empty() {
         return vec![true; manifest.stages.len()];
     }
-    let roots: Vec<usize> = manifest.stages.iter().enumerate().filter(|(_, s)| only.iter().any(|o| *o == s.name || *o == s.base)).map(|(i, _)| i).collect();
+    let roots: Vec<usize> = manifest
+        .stages
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| only.iter().any(|o| *o == s.name || *o == s.base))
+        .map(|(i, _)| i)
+        .collect();
     graph.upstream_closure(&roots)
 }
 
@@ -187,12 +229,26 @@ fn is_forced(stage: &StageInstance, force: &[String]) -> bool {
 
 /// The manifest's directory, against which relative paths resolve.
 pub fn base_dir(manifest: &Manifest) -> PathBuf {
-    manifest.path.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+    manifest
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// Says for each stage whether a run would take it from the cache, and why not.
-pub fn plan(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::Result<Vec<PlanEntry>> {
-    let env = Env { manifest, store, base_dir: base_dir(manifest), stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))) };
+pub fn plan(
+    manifest: &Manifest,
+    store: &Store,
+    options: &RunOptions,
+) -> miette::Result<Vec<PlanEntry>> {
+    let env = Env {
+        manifest,
+        store,
+        base_dir: base_dir(manifest),
+        stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))),
+    };
     let graph = StageGraph::new(manifest);
     let selected = selected(manifest, &graph, &options.only);
     let mut outputs: HashMap<String, BTreeMap<String, String>> = HashMap::new();
@@ -203,23 +259,60 @@ pub fn plan(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette:
         if !selected[i] {
             continue;
         }
-        let upstream_runs: Vec<&str> =
-            stage.inputs.values().flatten().filter(|r| will_run.get(&r.stage).copied().unwrap_or(true)).map(|r| r.stage.as_str()).collect();
+        let upstream_runs: Vec<&str> = stage
+            .inputs
+            .values()
+            .flatten()
+            .filter(|r| will_run.get(&r.stage).copied().unwrap_or(true))
+            .map(|r| r.stage.as_str())
+            .collect();
         let entry = if let Some(first) = upstream_runs.first() {
-            PlanEntry { stage: stage.name.clone(), action: "run", reason: format!("input from `{first}`, which will run"), key: None }
+            PlanEntry {
+                stage: stage.name.clone(),
+                action: "run",
+                reason: format!("input from `{first}`, which will run"),
+                key: None,
+            }
         } else {
             match env.parts(stage, &outputs) {
-                Err(e) => PlanEntry { stage: stage.name.clone(), action: "run", reason: format!("cannot compute key: {e}"), key: None },
+                Err(e) => PlanEntry {
+                    stage: stage.name.clone(),
+                    action: "run",
+                    reason: format!("cannot compute key: {e}"),
+                    key: None,
+                },
                 Ok(parts) => {
                     let key = parts.key();
                     let cached = store.action(&key);
                     match cached {
                         Some(record) if !is_forced(stage, &options.force) => {
-                            outputs.insert(stage.name.clone(), record.outputs.iter().map(|(k, v)| (k.clone(), v.tree.clone())).collect());
-                            PlanEntry { stage: stage.name.clone(), action: "cached", reason: String::new(), key: Some(key) }
+                            outputs.insert(
+                                stage.name.clone(),
+                                record
+                                    .outputs
+                                    .iter()
+                                    .map(|(k, v)| (k.clone(), v.tree.clone()))
+                                    .collect(),
+                            );
+                            PlanEntry {
+                                stage: stage.name.clone(),
+                                action: "cached",
+                                reason: String::new(),
+                                key: Some(key),
+                            }
                         }
-                        Some(_) => PlanEntry { stage: stage.name.clone(), action: "run", reason: "forced (--force)".into(), key: Some(key) },
-                        None => PlanEntry { stage: stage.name.clone(), action: "run", reason: env.reasons(stage, &parts).join("; "), key: Some(key) },
+                        Some(_) => PlanEntry {
+                            stage: stage.name.clone(),
+                            action: "run",
+                            reason: "forced (--force)".into(),
+                            key: Some(key),
+                        },
+                        None => PlanEntry {
+                            stage: stage.name.clone(),
+                            action: "run",
+                            reason: env.reasons(stage, &parts).join("; "),
+                            key: Some(key),
+                        },
                     }
                 }
             }
@@ -234,14 +327,24 @@ pub fn plan(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette:
 }
 
 enum Done {
-    Finished { outputs: BTreeMap<String, String>, result: StageResult },
+    Finished {
+        outputs: BTreeMap<String, String>,
+        result: StageResult,
+    },
     Failed(StageResult),
 }
 
 /// Runs the manifest against the store.
 pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::Result<RunReport> {
-    let _lock = store.lock(false).map_err(|e| miette::miette!("cannot lock cache {}: {e}", store.root().display()))?;
-    let env = Env { manifest, store, base_dir: base_dir(manifest), stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))) };
+    let _lock = store
+        .lock(false)
+        .map_err(|e| miette::miette!("cannot lock cache {}: {e}", store.root().display()))?;
+    let env = Env {
+        manifest,
+        store,
+        base_dir: base_dir(manifest),
+        stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))),
+    };
     let graph = StageGraph::new(manifest);
     let order = graph.order();
     let selected = selected(manifest, &graph, &options.only);
@@ -275,7 +378,9 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                         break;
                     }
                     let stage = &manifest.stages[i];
-                    let ready = selected[i] && state[i] == State::Waiting && graph.producers(i).iter().all(|&p| state[p] == State::Done);
+                    let ready = selected[i]
+                        && state[i] == State::Waiting
+                        && graph.producers(i).iter().all(|&p| state[p] == State::Done);
                     if !ready || (stage.needs_gpu && gpu_busy) {
                         continue;
                     }
@@ -297,13 +402,18 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
             if running == 0 {
                 break;
             }
-            let Ok((i, done)) = rx.recv_timeout(Duration::from_millis(100)) else { continue };
+            let Ok((i, done)) = rx.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
             running -= 1;
             if manifest.stages[i].needs_gpu {
                 gpu_busy = false;
             }
             match done {
-                Done::Finished { outputs: outs, result } => {
+                Done::Finished {
+                    outputs: outs,
+                    result,
+                } => {
                     outputs.insert(manifest.stages[i].name.clone(), outs);
                     state[i] = State::Done;
                     results[i] = Some(result);
@@ -336,22 +446,53 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                 } else {
                     StageOutcome::Skipped("an upstream or earlier stage failed".into())
                 };
-                StageResult { stage: stage.name.clone(), outcome, key: None, wall_s: 0.0, bytes: 0, reasons: Vec::new() }
+                StageResult {
+                    stage: stage.name.clone(),
+                    outcome,
+                    key: None,
+                    wall_s: 0.0,
+                    bytes: 0,
+                    reasons: Vec::new(),
+                }
             })
         })
         .collect();
     Ok(RunReport { stages, cancelled })
 }
 
-fn failed(stage: &StageInstance, key: Option<String>, started: Instant, msg: String, reasons: Vec<String>) -> Done {
-    Done::Failed(StageResult { stage: stage.name.clone(), outcome: StageOutcome::Failed(msg), key, wall_s: started.elapsed().as_secs_f64(), bytes: 0, reasons })
+fn failed(
+    stage: &StageInstance,
+    key: Option<String>,
+    started: Instant,
+    msg: String,
+    reasons: Vec<String>,
+) -> Done {
+    Done::Failed(StageResult {
+        stage: stage.name.clone(),
+        outcome: StageOutcome::Failed(msg),
+        key,
+        wall_s: started.elapsed().as_secs_f64(),
+        bytes: 0,
+        reasons,
+    })
 }
 
 fn outputs_of(record: &ActionRecord) -> BTreeMap<String, String> {
-    record.outputs.iter().map(|(k, v)| (k.clone(), v.tree.clone())).collect()
+    record
+        .outputs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.tree.clone()))
+        .collect()
 }
 
-fn execute(env: &Env<'_>, stage: &StageInstance, upstream: &HashMap<String, BTreeMap<String, String>>, forced: bool, progress: &RunProgress, cancel: Arc<AtomicBool>) -> Done {
+fn execute(
+    env: &Env<'_>,
+    stage: &StageInstance,
+    upstream: &HashMap<String, BTreeMap<String, String>>,
+    forced: bool,
+    progress: &RunProgress,
+    cancel: Arc<AtomicBool>,
+) -> Done {
     let started = Instant::now();
     let parts = match env.parts(stage, upstream) {
         Ok(p) => p,
@@ -364,7 +505,14 @@ fn execute(env: &Env<'_>, stage: &StageInstance, upstream: &HashMap<String, BTre
             let bytes = record.outputs.values().map(|o| o.bytes).sum();
             Done::Finished {
                 outputs: outputs_of(&record),
-                result: StageResult { stage: stage.name.clone(), outcome: StageOutcome::Cached, key: Some(key.clone()), wall_s: started.elapsed().as_secs_f64(), bytes, reasons: Vec::new() },
+                result: StageResult {
+                    stage: stage.name.clone(),
+                    outcome: StageOutcome::Cached,
+                    key: Some(key.clone()),
+                    wall_s: started.elapsed().as_secs_f64(),
+                    bytes,
+                    reasons: Vec::new(),
+                },
             }
         })
     };
@@ -373,11 +521,23 @@ fn execute(env: &Env<'_>, stage: &StageInstance, upstream: &HashMap<String, BTre
             return done;
         }
     }
-    let reasons = if forced { vec!["forced (--force)".to_string()] } else { env.reasons(stage, &parts) };
+    let reasons = if forced {
+        vec!["forced (--force)".to_string()]
+    } else {
+        env.reasons(stage, &parts)
+    };
     // Another process may be computing the same key: wait for it, then take its result.
     let _key_lock = match env.store.lock_key(&key) {
         Ok(l) => l,
-        Err(e) => return failed(stage, Some(key.clone()), started, format!("cannot lock key: {e}"), reasons),
+        Err(e) => {
+            return failed(
+                stage,
+                Some(key.clone()),
+                started,
+                format!("cannot lock key: {e}"),
+                reasons,
+            )
+        }
     };
     if !forced {
         if let Some(done) = cached(started) {
@@ -390,7 +550,14 @@ fn execute(env: &Env<'_>, stage: &StageInstance, upstream: &HashMap<String, BTre
             let bytes = record.outputs.values().map(|o| o.bytes).sum();
             Done::Finished {
                 outputs: outputs_of(&record),
-                result: StageResult { stage: stage.name.clone(), outcome: StageOutcome::Ran, key: Some(key), wall_s: started.elapsed().as_secs_f64(), bytes, reasons },
+                result: StageResult {
+                    stage: stage.name.clone(),
+                    outcome: StageOutcome::Ran,
+                    key: Some(key),
+                    wall_s: started.elapsed().as_secs_f64(),
+                    bytes,
+                    reasons,
+                },
             }
         }
         Err(msg) => failed(stage, Some(key), started, msg, reasons),
@@ -408,7 +575,9 @@ fn attempt(
 ) -> Result<ActionRecord, String> {
     let store = env.store;
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    let dir = store.attempt_dir(&stage.name.replace(['@', ','], "_")).map_err(|e| io("cannot create attempt directory", e))?;
+    let dir = store
+        .attempt_dir(&stage.name.replace(['@', ','], "_"))
+        .map_err(|e| io("cannot create attempt directory", e))?;
     let mut outputs = BTreeMap::new();
     for name in &stage.outputs {
         let out = dir.path().join("out").join(name);
@@ -421,13 +590,24 @@ fn attempt(
     for (slot, refs) in &stage.inputs {
         let mut list = Vec::new();
         for r in refs {
-            let tree = upstream.get(&r.stage).and_then(|o| o.get(&r.output)).ok_or_else(|| format!("internal: missing input {}.{}", r.stage, r.output))?;
-            let path = store.view(tree).map_err(|e| io("cannot materialise input", e))?;
-            list.push(InputArtifact { stage: r.stage.clone(), output: r.output.clone(), path });
+            let tree = upstream
+                .get(&r.stage)
+                .and_then(|o| o.get(&r.output))
+                .ok_or_else(|| format!("internal: missing input {}.{}", r.stage, r.output))?;
+            let path = store
+                .view(tree)
+                .map_err(|e| io("cannot materialise input", e))?;
+            list.push(InputArtifact {
+                stage: r.stage.clone(),
+                output: r.output.clone(),
+                path,
+            });
         }
         inputs.insert(slot.clone(), list);
     }
-    let checkpoint_dir = store.checkpoint_dir(key).map_err(|e| io("cannot create checkpoint directory", e))?;
+    let checkpoint_dir = store
+        .checkpoint_dir(key)
+        .map_err(|e| io("cannot create checkpoint directory", e))?;
     let bar = progress.stage(&stage.name);
     let mut ctx = StageContext {
         stage_name: stage.name.clone(),
@@ -442,24 +622,45 @@ fn attempt(
         progress: bar.clone(),
         metadata: serde_json::Map::new(),
     };
-    let started_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let started_unix = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     let started = Instant::now();
     tracing::info!(stage = %stage.name, key = &key[..12], "running");
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| stage.stage.run(&stage.params, &mut ctx)));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        stage.stage.run(&stage.params, &mut ctx)
+    }));
     bar.finish();
     match result {
         Ok(Ok(())) => {}
         Ok(Err(report)) => return Err(format!("{report:?}")),
         Err(panic) => {
-            let msg = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into());
-            return Err(format!("the stage panicked (a bug in kind `{}`): {msg}", stage.kind));
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            return Err(format!(
+                "the stage panicked (a bug in kind `{}`): {msg}",
+                stage.kind
+            ));
         }
     }
     let duration_s = started.elapsed().as_secs_f64();
     let mut records = BTreeMap::new();
     for (name, path) in &outputs {
-        let (tree, hash) = store.commit_dir(path).map_err(|e| io("cannot store outputs", e))?;
-        records.insert(name.clone(), OutputRecord { tree: hash, files: tree.files.len(), bytes: tree.bytes() });
+        let (tree, hash) = store
+            .commit_dir(path)
+            .map_err(|e| io("cannot store outputs", e))?;
+        records.insert(
+            name.clone(),
+            OutputRecord {
+                tree: hash,
+                files: tree.files.len(),
+                bytes: tree.bytes(),
+            },
+        );
     }
     let record = ActionRecord {
         key: key.to_string(),
@@ -471,7 +672,9 @@ fn attempt(
         started_unix,
         duration_s,
     };
-    store.put_action(&record).map_err(|e| io("cannot write action record", e))?;
+    store
+        .put_action(&record)
+        .map_err(|e| io("cannot write action record", e))?;
     if let Err(e) = store.remove_checkpoint(key) {
         tracing::warn!("cannot remove checkpoint of {}: {e}", stage.name);
     }

@@ -45,8 +45,19 @@ pub struct KeyParts {
 impl KeyParts {
     /// The cache key.
     pub fn key(&self) -> String {
-        let inputs: BTreeMap<&String, Vec<(&str, &str)>> =
-            self.inputs.iter().map(|(slot, parts)| (slot, parts.iter().map(|p| (p.output.as_str(), p.tree.as_str())).collect())).collect();
+        let inputs: BTreeMap<&String, Vec<(&str, &str)>> = self
+            .inputs
+            .iter()
+            .map(|(slot, parts)| {
+                (
+                    slot,
+                    parts
+                        .iter()
+                        .map(|p| (p.output.as_str(), p.tree.as_str()))
+                        .collect(),
+                )
+            })
+            .collect();
         let hashed = serde_json::json!({
             "kind": self.kind,
             "version": self.version,
@@ -68,7 +79,11 @@ pub struct Fingerprint<'a> {
 
 impl<'a> Fingerprint<'a> {
     pub(crate) fn new(base_dir: &'a Path, stat_cache: &'a mut StatCache) -> Self {
-        Self { base_dir, stat_cache, extras: BTreeMap::new() }
+        Self {
+            base_dir,
+            stat_cache,
+            extras: BTreeMap::new(),
+        }
     }
 
     /// The directory relative paths in the manifest are resolved against.
@@ -102,7 +117,11 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
     match value {
         serde_json::Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&key, v, out);
             }
         }
@@ -112,11 +131,20 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
     }
 }
 
-fn diff_maps(what: &str, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>, out: &mut Vec<String>) {
+fn diff_maps(
+    what: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+    out: &mut Vec<String>,
+) {
     for (k, v) in new {
         match old.get(k) {
             None => out.push(format!("{what} `{k}` added ({v})")),
-            Some(o) if o != v => out.push(format!("{what} `{k}` changed: {} -> {}", short(o), short(v))),
+            Some(o) if o != v => out.push(format!(
+                "{what} `{k}` changed: {} -> {}",
+                short(o),
+                short(v)
+            )),
             _ => {}
         }
     }
@@ -143,7 +171,10 @@ pub fn explain(old: &KeyParts, new: &KeyParts) -> Vec<String> {
         out.push(format!("kind changed: {} -> {}", old.kind, new.kind));
     }
     if old.version != new.version {
-        out.push(format!("implementation of `{}` changed: version {} -> {}", new.kind, old.version, new.version));
+        out.push(format!(
+            "implementation of `{}` changed: version {} -> {}",
+            new.kind, old.version, new.version
+        ));
     }
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten("", &old.params, &mut a);
@@ -156,12 +187,25 @@ pub fn explain(old: &KeyParts, new: &KeyParts) -> Vec<String> {
         match old.inputs.get(slot) {
             None => out.push(format!("input `{slot}` added")),
             Some(prev) if prev != parts => {
-                let names: Vec<String> = parts.iter().map(|p| format!("{}.{}", p.stage, p.output)).collect();
-                let prev_names: Vec<String> = prev.iter().map(|p| format!("{}.{}", p.stage, p.output)).collect();
+                let names: Vec<String> = parts
+                    .iter()
+                    .map(|p| format!("{}.{}", p.stage, p.output))
+                    .collect();
+                let prev_names: Vec<String> = prev
+                    .iter()
+                    .map(|p| format!("{}.{}", p.stage, p.output))
+                    .collect();
                 if names != prev_names {
-                    out.push(format!("input `{slot}` now comes from {} (was {})", names.join(", "), prev_names.join(", ")));
+                    out.push(format!(
+                        "input `{slot}` now comes from {} (was {})",
+                        names.join(", "),
+                        prev_names.join(", ")
+                    ));
                 } else {
-                    out.push(format!("input `{slot}` changed: {} produced different output", names.join(", ")));
+                    out.push(format!(
+                        "input `{slot}` changed: {} produced different output",
+                        names.join(", ")
+                    ));
                 }
             }
             _ => {}
@@ -187,7 +231,15 @@ mod tests {
             version: "1".into(),
             params: serde_json::json!({"steps": steps, "opt": {"lr": 0.1}}),
             seed: Some(1),
-            inputs: [("data".to_string(), vec![InputPart { stage: "a".into(), output: "out".into(), tree: "t1".into() }])].into(),
+            inputs: [(
+                "data".to_string(),
+                vec![InputPart {
+                    stage: "a".into(),
+                    output: "out".into(),
+                    tree: "t1".into(),
+                }],
+            )]
+            .into(),
             extras: BTreeMap::new(),
         }
     }
@@ -198,7 +250,13 @@ mod tests {
         let mut new = parts(100);
         new.inputs.get_mut("data").unwrap()[0].tree = "t2".into();
         let why = explain(&old, &new);
-        assert_eq!(why, vec!["parameter `steps` changed: 150 -> 100".to_string(), "input `data` changed: a.out produced different output".to_string()]);
+        assert_eq!(
+            why,
+            vec![
+                "parameter `steps` changed: 150 -> 100".to_string(),
+                "input `data` changed: a.out produced different output".to_string()
+            ]
+        );
         assert_ne!(old.key(), new.key());
     }
 

@@ -16,7 +16,9 @@ impl StageGraph {
     /// Builds the graph (the manifest loader has already rejected cycles).
     pub fn new(manifest: &Manifest) -> Self {
         let mut graph = DiGraph::new();
-        let nodes: Vec<_> = (0..manifest.stages.len()).map(|i| graph.add_node(i)).collect();
+        let nodes: Vec<_> = (0..manifest.stages.len())
+            .map(|i| graph.add_node(i))
+            .collect();
         for (i, s) in manifest.stages.iter().enumerate() {
             for refs in s.inputs.values() {
                 for r in refs {
@@ -32,13 +34,26 @@ impl StageGraph {
     /// Stage indices in a dependency order (manifest order among independent stages).
     pub fn order(&self) -> Vec<usize> {
         let mut order = Vec::with_capacity(self.nodes.len());
-        let mut indegree: Vec<usize> = self.nodes.iter().map(|n| self.graph.neighbors_directed(*n, petgraph::Incoming).count()).collect();
+        let mut indegree: Vec<usize> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                self.graph
+                    .neighbors_directed(*n, petgraph::Incoming)
+                    .count()
+            })
+            .collect();
         let mut done = vec![false; self.nodes.len()];
         while order.len() < self.nodes.len() {
-            let Some(next) = (0..self.nodes.len()).find(|&i| !done[i] && indegree[i] == 0) else { break };
+            let Some(next) = (0..self.nodes.len()).find(|&i| !done[i] && indegree[i] == 0) else {
+                break;
+            };
             done[next] = true;
             order.push(next);
-            for m in self.graph.neighbors_directed(self.nodes[next], petgraph::Outgoing) {
+            for m in self
+                .graph
+                .neighbors_directed(self.nodes[next], petgraph::Outgoing)
+            {
                 indegree[self.graph[m]] -= 1;
             }
         }
@@ -47,7 +62,10 @@ impl StageGraph {
 
     /// Indices of the direct producers of stage `i`.
     pub fn producers(&self, i: usize) -> Vec<usize> {
-        self.graph.neighbors_directed(self.nodes[i], petgraph::Incoming).map(|n| self.graph[n]).collect()
+        self.graph
+            .neighbors_directed(self.nodes[i], petgraph::Incoming)
+            .map(|n| self.graph[n])
+            .collect()
     }
 
     /// Indices of `roots` and everything upstream of them.
@@ -87,7 +105,12 @@ struct JsonNode<'a> {
 /// Renders the expanded graph.
 pub fn render(manifest: &Manifest, format: DagFormat) -> String {
     let g = StageGraph::new(manifest);
-    let mut edges: Vec<(usize, usize)> = g.graph.edge_indices().filter_map(|e| g.graph.edge_endpoints(e)).map(|(a, b)| (g.graph[a], g.graph[b])).collect();
+    let mut edges: Vec<(usize, usize)> = g
+        .graph
+        .edge_indices()
+        .filter_map(|e| g.graph.edge_endpoints(e))
+        .map(|(a, b)| (g.graph[a], g.graph[b]))
+        .collect();
     edges.sort_unstable();
     let name = |i: usize| manifest.stages[i].name.as_str();
     match format {
@@ -95,15 +118,30 @@ pub fn render(manifest: &Manifest, format: DagFormat) -> String {
             let nodes: Vec<JsonNode> = manifest
                 .stages
                 .iter()
-                .map(|s| JsonNode { name: &s.name, kind: s.kind, base: &s.base, matrix: s.matrix.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect() })
+                .map(|s| JsonNode {
+                    name: &s.name,
+                    kind: s.kind,
+                    base: &s.base,
+                    matrix: s
+                        .matrix
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect(),
+                })
                 .collect();
             let edges: Vec<[&str; 2]> = edges.iter().map(|&(a, b)| [name(a), name(b)]).collect();
             serde_json::json!({ "nodes": nodes, "edges": edges }).to_string()
         }
         DagFormat::Dot => {
-            let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n", manifest.experiment.name.replace('"', "'"));
+            let mut out = format!(
+                "digraph \"{}\" {{\n  rankdir=LR;\n",
+                manifest.experiment.name.replace('"', "'")
+            );
             for s in &manifest.stages {
-                out.push_str(&format!("  \"{}\" [label=\"{}\\n({})\"];\n", s.name, s.name, s.kind));
+                out.push_str(&format!(
+                    "  \"{}\" [label=\"{}\\n({})\"];\n",
+                    s.name, s.name, s.kind
+                ));
             }
             for (a, b) in &edges {
                 out.push_str(&format!("  \"{}\" -> \"{}\";\n", name(*a), name(*b)));
@@ -115,7 +153,12 @@ pub fn render(manifest: &Manifest, format: DagFormat) -> String {
             let id = |i: usize| format!("s{i}");
             let mut out = String::from("flowchart LR\n");
             for (i, s) in manifest.stages.iter().enumerate() {
-                out.push_str(&format!("  {}[\"{}<br/><small>{}</small>\"]\n", id(i), s.name, s.kind));
+                out.push_str(&format!(
+                    "  {}[\"{}<br/><small>{}</small>\"]\n",
+                    id(i),
+                    s.name,
+                    s.kind
+                ));
             }
             for (a, b) in &edges {
                 out.push_str(&format!("  {} --> {}\n", id(*a), id(*b)));
@@ -127,7 +170,14 @@ pub fn render(manifest: &Manifest, format: DagFormat) -> String {
             for i in g.order() {
                 let s = &manifest.stages[i];
                 out.push_str(&format!("{} ({})", s.name, s.kind));
-                let inputs: Vec<String> = s.inputs.iter().flat_map(|(slot, refs)| refs.iter().map(move |r| format!("{slot} <- {}.{}", r.stage, r.output))).collect();
+                let inputs: Vec<String> = s
+                    .inputs
+                    .iter()
+                    .flat_map(|(slot, refs)| {
+                        refs.iter()
+                            .map(move |r| format!("{slot} <- {}.{}", r.stage, r.output))
+                    })
+                    .collect();
                 if !inputs.is_empty() {
                     out.push_str(&format!("\n    {}", inputs.join("\n    ")));
                 }

@@ -76,8 +76,15 @@ impl StatCache {
     /// Loads the cache stored at `path` (an unreadable or corrupt file gives an empty cache:
     /// it only ever saves work).
     pub fn load(path: &Path) -> Self {
-        let entries = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Self { path: Some(path.to_path_buf()), entries, dirty: false }
+        let entries = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Self {
+            path: Some(path.to_path_buf()),
+            entries,
+            dirty: false,
+        }
     }
 
     /// A cache that is never saved.
@@ -95,7 +102,11 @@ impl StatCache {
             }
         }
         let hash = hash_file(&abs)?;
-        let racy = meta.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).is_none_or(|age| age < RACY_WINDOW);
+        let racy = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_none_or(|age| age < RACY_WINDOW);
         if !racy {
             self.entries.insert(abs, stat_of(&meta, hash.clone()));
             self.dirty = true;
@@ -121,12 +132,17 @@ impl StatCache {
 
     /// Writes the cache back (atomically) if anything changed.
     pub fn save(&mut self) -> io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
         if !self.dirty {
             return Ok(());
         }
         // Another process may have added entries meanwhile; keep theirs too.
-        let mut merged: BTreeMap<PathBuf, StatEntry> = std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let mut merged: BTreeMap<PathBuf, StatEntry> = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         merged.extend(self.entries.iter().map(|(k, v)| (k.clone(), v.clone())));
         let bytes = serde_json::to_vec(&merged).map_err(io::Error::other)?;
         crate::store::write_atomic(path, &bytes, false)?;
@@ -145,7 +161,11 @@ pub fn walk_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> io::Result
         if ty.is_dir() {
             walk_files(root, &path, out)?;
         } else if ty.is_file() || (ty.is_symlink() && path.is_file()) {
-            out.push(path.strip_prefix(root).map_err(io::Error::other)?.to_path_buf());
+            out.push(
+                path.strip_prefix(root)
+                    .map_err(io::Error::other)?
+                    .to_path_buf(),
+            );
         }
     }
     Ok(())
@@ -161,7 +181,12 @@ mod tests {
         let file = dir.path().join("a.txt");
         std::fs::write(&file, b"hello").unwrap();
         let old = SystemTime::now() - Duration::from_secs(60);
-        File::options().write(true).open(&file).unwrap().set_modified(old).unwrap();
+        File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         let mut cache = StatCache::load(&dir.path().join("stat.json"));
         let h1 = cache.hash_file(&file).unwrap();
         assert_eq!(h1, hash_bytes(b"hello"));

@@ -127,7 +127,10 @@ impl Manifest {
 
     /// Instances whose name or base name is `name` (so `train` selects every `train@…`).
     pub fn select(&self, name: &str) -> Vec<&StageInstance> {
-        self.stages.iter().filter(|s| s.name == name || s.base == name).collect()
+        self.stages
+            .iter()
+            .filter(|s| s.name == name || s.base == name)
+            .collect()
     }
 }
 
@@ -151,7 +154,15 @@ pub struct ManifestError {
 
 impl ManifestError {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), span: None, label: String::new(), help: None, extra: Vec::new(), src: None }
+        Self {
+            code,
+            message: message.into(),
+            span: None,
+            label: String::new(),
+            help: None,
+            extra: Vec::new(),
+            src: None,
+        }
     }
     fn at(mut self, span: Range<usize>, label: impl Into<String>) -> Self {
         self.span = Some(span);
@@ -181,7 +192,9 @@ impl Diagnostic for ManifestError {
         Some(Box::new(self.code))
     }
     fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
-        self.help.as_ref().map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
     }
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
         self.src.as_ref().map(|s| s as &dyn miette::SourceCode)
@@ -235,7 +248,9 @@ impl Diagnostic for ManifestLoadError {
     fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>> {
         match self {
             Self::Io { .. } => None,
-            Self::Invalid { errors, .. } => Some(Box::new(errors.iter().map(|e| e as &dyn Diagnostic))),
+            Self::Invalid { errors, .. } => {
+                Some(Box::new(errors.iter().map(|e| e as &dyn Diagnostic)))
+            }
         }
     }
 }
@@ -251,19 +266,43 @@ impl ManifestLoadError {
 }
 
 /// Reads, validates and expands the manifest at `path`.
-pub fn load_manifest(path: &Path, registry: &Registry, options: &ManifestOptions) -> Result<Manifest, ManifestLoadError> {
-    let source = std::fs::read_to_string(path).map_err(|source| ManifestLoadError::Io { path: path.to_path_buf(), source })?;
+pub fn load_manifest(
+    path: &Path,
+    registry: &Registry,
+    options: &ManifestOptions,
+) -> Result<Manifest, ManifestLoadError> {
+    let source = std::fs::read_to_string(path).map_err(|source| ManifestLoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     parse_manifest(path, source, registry, options)
 }
 
 /// Validates and expands a manifest given as text (`path` is used for messages and relative
 /// paths only).
-pub fn parse_manifest(path: &Path, source: String, registry: &Registry, options: &ManifestOptions) -> Result<Manifest, ManifestLoadError> {
+pub fn parse_manifest(
+    path: &Path,
+    source: String,
+    registry: &Registry,
+    options: &ManifestOptions,
+) -> Result<Manifest, ManifestLoadError> {
     let mut errors = Vec::new();
-    let parsed = Parser { registry, source: &source, errors: &mut errors, producer_kinds: HashMap::new(), broken: BTreeSet::new() }.parse(options);
+    let parsed = Parser {
+        registry,
+        source: &source,
+        errors: &mut errors,
+        producer_kinds: HashMap::new(),
+        broken: BTreeSet::new(),
+    }
+    .parse(options);
     if errors.is_empty() {
         if let Some((experiment, stages)) = parsed {
-            return Ok(Manifest { path: path.to_path_buf(), source, experiment, stages });
+            return Ok(Manifest {
+                path: path.to_path_buf(),
+                source,
+                experiment,
+                stages,
+            });
         }
     }
     // Parameter errors repeat once per matrix expansion; report each place once.
@@ -273,7 +312,10 @@ pub fn parse_manifest(path: &Path, source: String, registry: &Registry, options:
     for e in &mut errors {
         e.src = Some(named.clone());
     }
-    Err(ManifestLoadError::Invalid { path: path.to_path_buf(), errors })
+    Err(ManifestLoadError::Invalid {
+        path: path.to_path_buf(),
+        errors,
+    })
 }
 
 const RESERVED: [&str; 3] = ["kind", "inputs", "matrix"];
@@ -332,7 +374,10 @@ fn value_type(v: &DeValue<'_>) -> &'static str {
 }
 
 fn valid_stage_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl<'a> Parser<'a> {
@@ -347,7 +392,10 @@ impl<'a> Parser<'a> {
         let (root, syntax) = DeTable::parse_recoverable(self.source);
         if !syntax.is_empty() {
             for e in syntax {
-                let mut err = ManifestError::new("manifest::syntax", format!("TOML syntax error: {}", e.message().trim()));
+                let mut err = ManifestError::new(
+                    "manifest::syntax",
+                    format!("TOML syntax error: {}", e.message().trim()),
+                );
                 if let Some(span) = e.span() {
                     err = err.at(span, "here");
                 }
@@ -376,16 +424,23 @@ impl<'a> Parser<'a> {
         }
         if experiment.is_none() && !self.errors.iter().any(|e| e.code == "manifest::experiment") {
             self.err(
-                ManifestError::new("manifest::experiment", "the manifest has no [experiment] table")
-                    .at(0..0, "expected near the top")
-                    .help("add `[experiment]` with at least `name = \"...\"`"),
+                ManifestError::new(
+                    "manifest::experiment",
+                    "the manifest has no [experiment] table",
+                )
+                .at(0..0, "expected near the top")
+                .help("add `[experiment]` with at least `name = \"...\"`"),
             );
         }
         for o in &overrides {
             let base = o.stage.split('@').next().unwrap_or_default();
             if !raw_stages.iter().any(|s| s.name == base) && !self.broken.contains(base) {
-                let mut err = ManifestError::new("manifest::override", format!("--set {}: there is no stage `{}`", o.raw, o.stage));
-                if let Some(m) = did_you_mean(&o.stage, raw_stages.iter().map(|s| s.name.as_str())) {
+                let mut err = ManifestError::new(
+                    "manifest::override",
+                    format!("--set {}: there is no stage `{}`", o.raw, o.stage),
+                );
+                if let Some(m) = did_you_mean(&o.stage, raw_stages.iter().map(|s| s.name.as_str()))
+                {
                     err = err.help(format!("did you mean `{m}`?"));
                 }
                 self.err(err);
@@ -399,16 +454,28 @@ impl<'a> Parser<'a> {
         let mut out = Vec::new();
         for raw in &options.overrides {
             let Some((lhs, rhs)) = raw.split_once('=') else {
-                self.err(ManifestError::new("manifest::override", format!("--set {raw}: expected STAGE.PARAM=VALUE")));
+                self.err(ManifestError::new(
+                    "manifest::override",
+                    format!("--set {raw}: expected STAGE.PARAM=VALUE"),
+                ));
                 continue;
             };
             let Some((stage, path)) = lhs.trim().split_once('.') else {
-                self.err(ManifestError::new("manifest::override", format!("--set {raw}: expected STAGE.PARAM=VALUE (no `.` in `{lhs}`)")));
+                self.err(ManifestError::new(
+                    "manifest::override",
+                    format!("--set {raw}: expected STAGE.PARAM=VALUE (no `.` in `{lhs}`)"),
+                ));
                 continue;
             };
             let path: Vec<String> = path.split('.').map(|p| p.trim().to_string()).collect();
             if RESERVED.contains(&path[0].as_str()) {
-                self.err(ManifestError::new("manifest::override", format!("--set {raw}: `{}` is not a parameter and cannot be overridden", path[0])));
+                self.err(ManifestError::new(
+                    "manifest::override",
+                    format!(
+                        "--set {raw}: `{}` is not a parameter and cannot be overridden",
+                        path[0]
+                    ),
+                ));
                 continue;
             }
             // A value that is not valid TOML is taken as a plain string (`--set a.b=hello`).
@@ -416,37 +483,66 @@ impl<'a> Parser<'a> {
                 Ok(v) => v.into_inner(),
                 Err(_) => DeValue::String(std::borrow::Cow::Borrowed(rhs.trim())),
             };
-            out.push(Override { stage: stage.trim().to_string(), path, value: Spanned::new(0..0, value), raw: raw.clone() });
+            out.push(Override {
+                stage: stage.trim().to_string(),
+                path,
+                value: Spanned::new(0..0, value),
+                raw: raw.clone(),
+            });
         }
         out
     }
 
-    fn parse_experiment(&mut self, value: &Spanned<DeValue<'_>>, key_span: Range<usize>) -> Option<Experiment> {
+    fn parse_experiment(
+        &mut self,
+        value: &Spanned<DeValue<'_>>,
+        key_span: Range<usize>,
+    ) -> Option<Experiment> {
         let DeValue::Table(table) = value.get_ref() else {
-            self.err(ManifestError::new("manifest::experiment", "`experiment` must be a table").at(key_span, "not a table"));
+            self.err(
+                ManifestError::new("manifest::experiment", "`experiment` must be a table")
+                    .at(key_span, "not a table"),
+            );
             return None;
         };
         use serde::de::IntoDeserializer;
-        match Experiment::deserialize(Spanned::new(value.span(), table.clone()).into_deserializer()) {
+        match Experiment::deserialize(Spanned::new(value.span(), table.clone()).into_deserializer())
+        {
             Ok(e) => Some(e),
             Err(e) => {
                 let span = e.span().unwrap_or(key_span);
                 self.err(
-                    ManifestError::new("manifest::experiment", format!("invalid [experiment]: {}", e.message().trim()))
-                        .at(span, "here")
-                        .help("[experiment] takes name (required), seed, cache and description"),
+                    ManifestError::new(
+                        "manifest::experiment",
+                        format!("invalid [experiment]: {}", e.message().trim()),
+                    )
+                    .at(span, "here")
+                    .help("[experiment] takes name (required), seed, cache and description"),
                 );
                 None
             }
         }
     }
 
-    fn parse_stage<'i>(&mut self, name: &str, span: Range<usize>, value: &Spanned<DeValue<'i>>) -> Option<RawStage<'i>> {
+    fn parse_stage<'i>(
+        &mut self,
+        name: &str,
+        span: Range<usize>,
+        value: &Spanned<DeValue<'i>>,
+    ) -> Option<RawStage<'i>> {
         let DeValue::Table(table) = value.get_ref() else {
             self.err(
-                ManifestError::new("manifest::not-a-table", format!("`{name}` is {}, but top-level keys must be stage tables", value_type(value.get_ref())))
-                    .at(span, "expected a [table]")
-                    .help(format!("write `[{name}]` with `kind = \"...\"` and the kind's parameters")),
+                ManifestError::new(
+                    "manifest::not-a-table",
+                    format!(
+                        "`{name}` is {}, but top-level keys must be stage tables",
+                        value_type(value.get_ref())
+                    ),
+                )
+                .at(span, "expected a [table]")
+                .help(format!(
+                    "write `[{name}]` with `kind = \"...\"` and the kind's parameters"
+                )),
             );
             return None;
         };
@@ -464,9 +560,15 @@ impl<'a> Parser<'a> {
         let kind = match table.get("kind").map(|k| (k.get_ref(), k.span())) {
             None => {
                 self.err(
-                    ManifestError::new("manifest::missing-kind", format!("stage `{name}` has no `kind`"))
-                        .at(span.clone(), "this stage")
-                        .help(format!("add `kind = \"...\"`; known kinds: {}", self.registry.kind_names().collect::<Vec<_>>().join(", "))),
+                    ManifestError::new(
+                        "manifest::missing-kind",
+                        format!("stage `{name}` has no `kind`"),
+                    )
+                    .at(span.clone(), "this stage")
+                    .help(format!(
+                        "add `kind = \"...\"`; known kinds: {}",
+                        self.registry.kind_names().collect::<Vec<_>>().join(", ")
+                    )),
                 );
                 None
             }
@@ -475,29 +577,60 @@ impl<'a> Parser<'a> {
                 None => {
                     let help = match did_you_mean(k, self.registry.kind_names()) {
                         Some(m) => format!("did you mean `{m}`?"),
-                        None => format!("known kinds: {}", self.registry.kind_names().collect::<Vec<_>>().join(", ")),
+                        None => format!(
+                            "known kinds: {}",
+                            self.registry.kind_names().collect::<Vec<_>>().join(", ")
+                        ),
                     };
-                    self.err(ManifestError::new("manifest::unknown-kind", format!("unknown stage kind `{k}`")).at(kspan, "unknown kind").help(help));
+                    self.err(
+                        ManifestError::new(
+                            "manifest::unknown-kind",
+                            format!("unknown stage kind `{k}`"),
+                        )
+                        .at(kspan, "unknown kind")
+                        .help(help),
+                    );
                     None
                 }
             },
             Some((other, kspan)) => {
-                self.err(ManifestError::new("manifest::kind-type", format!("`kind` must be a string, found {}", value_type(other))).at(kspan, "expected a string"));
+                self.err(
+                    ManifestError::new(
+                        "manifest::kind-type",
+                        format!("`kind` must be a string, found {}", value_type(other)),
+                    )
+                    .at(kspan, "expected a string"),
+                );
                 None
             }
         };
         let inputs = self.parse_inputs(name, table);
         let matrix = self.parse_matrix(name, table);
-        Some(RawStage { name: name.to_string(), span, kind: kind?, inputs: inputs?, matrix: matrix?, params: Spanned::new(value.span(), params) })
+        Some(RawStage {
+            name: name.to_string(),
+            span,
+            kind: kind?,
+            inputs: inputs?,
+            matrix: matrix?,
+            params: Spanned::new(value.span(), params),
+        })
     }
 
     fn parse_inputs(&mut self, stage: &str, table: &DeTable<'_>) -> Option<Vec<RawInput>> {
-        let Some(inputs) = table.get("inputs") else { return Some(Vec::new()) };
+        let Some(inputs) = table.get("inputs") else {
+            return Some(Vec::new());
+        };
         let DeValue::Table(inputs) = inputs.get_ref() else {
             self.err(
-                ManifestError::new("manifest::inputs", format!("`inputs` of `{stage}` must be a table"))
-                    .at(inputs.span(), format!("found {}", value_type(inputs.get_ref())))
-                    .help("write `inputs = { slot = \"stage\" }`"),
+                ManifestError::new(
+                    "manifest::inputs",
+                    format!("`inputs` of `{stage}` must be a table"),
+                )
+                .at(
+                    inputs.span(),
+                    format!("found {}", value_type(inputs.get_ref())),
+                )
+                .help("write `inputs = { slot = \"stage\" }`"),
             );
             return None;
         };
@@ -513,7 +646,16 @@ impl<'a> Parser<'a> {
                             DeValue::String(s) => refs.push((s.to_string(), item.span())),
                             other => {
                                 ok = false;
-                                self.err(ManifestError::new("manifest::inputs", format!("input references must be strings, found {}", value_type(other))).at(item.span(), "expected \"stage\" or \"stage.output\""));
+                                self.err(
+                                    ManifestError::new(
+                                        "manifest::inputs",
+                                        format!(
+                                            "input references must be strings, found {}",
+                                            value_type(other)
+                                        ),
+                                    )
+                                    .at(item.span(), "expected \"stage\" or \"stage.output\""),
+                                );
                             }
                         }
                     }
@@ -521,25 +663,57 @@ impl<'a> Parser<'a> {
                 }
                 other => {
                     ok = false;
-                    self.err(ManifestError::new("manifest::inputs", format!("input `{}` must be a stage name or a list of them, found {}", slot.get_ref(), value_type(other))).at(value.span(), "expected \"stage\" or \"stage.output\""));
+                    self.err(
+                        ManifestError::new(
+                            "manifest::inputs",
+                            format!(
+                                "input `{}` must be a stage name or a list of them, found {}",
+                                slot.get_ref(),
+                                value_type(other)
+                            ),
+                        )
+                        .at(value.span(), "expected \"stage\" or \"stage.output\""),
+                    );
                     continue;
                 }
             };
-            out.push(RawInput { slot: slot.get_ref().to_string(), slot_span: slot.span(), refs });
+            out.push(RawInput {
+                slot: slot.get_ref().to_string(),
+                slot_span: slot.span(),
+                refs,
+            });
         }
         ok.then_some(out)
     }
 
-    fn parse_matrix(&mut self, stage: &str, table: &DeTable<'_>) -> Option<Vec<(String, Vec<String>)>> {
-        let Some(matrix) = table.get("matrix") else { return Some(Vec::new()) };
+    fn parse_matrix(
+        &mut self,
+        stage: &str,
+        table: &DeTable<'_>,
+    ) -> Option<Vec<(String, Vec<String>)>> {
+        let Some(matrix) = table.get("matrix") else {
+            return Some(Vec::new());
+        };
         let DeValue::Table(matrix) = matrix.get_ref() else {
-            self.err(ManifestError::new("manifest::matrix", format!("`matrix` of `{stage}` must be a table")).at(matrix.span(), "expected `matrix.key = [values]`"));
+            self.err(
+                ManifestError::new(
+                    "manifest::matrix",
+                    format!("`matrix` of `{stage}` must be a table"),
+                )
+                .at(matrix.span(), "expected `matrix.key = [values]`"),
+            );
             return None;
         };
         let mut out = Vec::new();
         for (key, values) in matrix.iter() {
             let DeValue::Array(items) = values.get_ref() else {
-                self.err(ManifestError::new("manifest::matrix", format!("matrix `{}` must be an array", key.get_ref())).at(values.span(), "expected an array of values"));
+                self.err(
+                    ManifestError::new(
+                        "manifest::matrix",
+                        format!("matrix `{}` must be an array", key.get_ref()),
+                    )
+                    .at(values.span(), "expected an array of values"),
+                );
                 return None;
             };
             let mut vals = Vec::new();
@@ -549,22 +723,49 @@ impl<'a> Parser<'a> {
                     DeValue::Integer(i) => i.as_str().to_string(),
                     DeValue::Boolean(b) => b.to_string(),
                     other => {
-                        self.err(ManifestError::new("manifest::matrix", format!("matrix values must be strings, integers or booleans, found {}", value_type(other))).at(item.span(), "unsupported value"));
+                        self.err(
+                            ManifestError::new(
+                                "manifest::matrix",
+                                format!(
+                                    "matrix values must be strings, integers or booleans, found {}",
+                                    value_type(other)
+                                ),
+                            )
+                            .at(item.span(), "unsupported value"),
+                        );
                         return None;
                     }
                 };
                 if !valid_stage_name(&v) {
-                    self.err(ManifestError::new("manifest::matrix", format!("matrix value `{v}` cannot be part of a stage name")).at(item.span(), "use letters, digits, `_` and `-`"));
+                    self.err(
+                        ManifestError::new(
+                            "manifest::matrix",
+                            format!("matrix value `{v}` cannot be part of a stage name"),
+                        )
+                        .at(item.span(), "use letters, digits, `_` and `-`"),
+                    );
                     return None;
                 }
                 if vals.contains(&v) {
-                    self.err(ManifestError::new("manifest::matrix", format!("matrix value `{v}` is listed twice")).at(item.span(), "duplicate"));
+                    self.err(
+                        ManifestError::new(
+                            "manifest::matrix",
+                            format!("matrix value `{v}` is listed twice"),
+                        )
+                        .at(item.span(), "duplicate"),
+                    );
                     return None;
                 }
                 vals.push(v);
             }
             if vals.is_empty() {
-                self.err(ManifestError::new("manifest::matrix", format!("matrix `{}` is empty", key.get_ref())).at(values.span(), "no values"));
+                self.err(
+                    ManifestError::new(
+                        "manifest::matrix",
+                        format!("matrix `{}` is empty", key.get_ref()),
+                    )
+                    .at(values.span(), "no values"),
+                );
                 return None;
             }
             out.push((key.get_ref().to_string(), vals));
@@ -573,9 +774,20 @@ impl<'a> Parser<'a> {
     }
 
     /// Expands matrices, resolves references, parses parameters.
-    fn expand(&mut self, raw: Vec<RawStage<'_>>, overrides: &[Override<'_>]) -> Option<Vec<StageInstance>> {
-        let by_name: HashMap<&str, usize> = raw.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
-        self.producer_kinds = raw.iter().map(|s| (s.name.clone(), s.kind.clone())).collect();
+    fn expand(
+        &mut self,
+        raw: Vec<RawStage<'_>>,
+        overrides: &[Override<'_>],
+    ) -> Option<Vec<StageInstance>> {
+        let by_name: HashMap<&str, usize> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        self.producer_kinds = raw
+            .iter()
+            .map(|s| (s.name.clone(), s.kind.clone()))
+            .collect();
         // Global order of matrix keys: order of first declaration.
         let mut key_order: Vec<String> = Vec::new();
         for s in &raw {
@@ -596,17 +808,26 @@ impl<'a> Parser<'a> {
                 for (reference, span) in &input.refs {
                     let mut targets = Vec::new();
                     for resolved in substitute_all(reference, &s.matrix) {
-                        let base = split_ref(&resolved).0.split('@').next().unwrap_or_default().to_string();
+                        let base = split_ref(&resolved)
+                            .0
+                            .split('@')
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
                         match by_name.get(base.as_str()) {
                             Some(&j) => targets.push(j),
                             None if self.broken.contains(&base) => ok = false,
                             None => {
                                 ok = false;
                                 let mut err = ManifestError::new("manifest::missing-stage", format!("stage `{}` refers to `{resolved}`, but there is no stage `{base}`", s.name)).at(span.clone(), "unknown stage");
-                                if let Some(m) = did_you_mean(&base, raw.iter().map(|r| r.name.as_str())) {
+                                if let Some(m) =
+                                    did_you_mean(&base, raw.iter().map(|r| r.name.as_str()))
+                                {
                                     err = err.help(format!("did you mean `{m}`?"));
                                 } else {
-                                    err = err.help("define the stage as its own [table], or fix the name");
+                                    err = err.help(
+                                        "define the stage as its own [table], or fix the name",
+                                    );
                                 }
                                 self.err(err);
                             }
@@ -624,10 +845,17 @@ impl<'a> Parser<'a> {
                 ok = false;
                 let mut names: Vec<usize> = scc.iter().map(|n| graph[*n]).collect();
                 names.sort_unstable();
-                let list = names.iter().map(|&i| format!("`{}`", raw[i].name)).collect::<Vec<_>>().join(" -> ");
-                let mut err = ManifestError::new("manifest::cycle", format!("stages form a cycle: {list}"))
-                    .at(raw[names[0]].span.clone(), "on the cycle")
-                    .help("a stage cannot depend on its own output; remove one of these inputs");
+                let list = names
+                    .iter()
+                    .map(|&i| format!("`{}`", raw[i].name))
+                    .collect::<Vec<_>>()
+                    .join(" -> ");
+                let mut err =
+                    ManifestError::new("manifest::cycle", format!("stages form a cycle: {list}"))
+                        .at(raw[names[0]].span.clone(), "on the cycle")
+                        .help(
+                            "a stage cannot depend on its own output; remove one of these inputs",
+                        );
                 for &i in &names[1..] {
                     err = err.also(raw[i].span.clone(), "on the cycle");
                 }
@@ -704,7 +932,10 @@ impl<'a> Parser<'a> {
         own: Vec<(String, String)>,
         variants: &HashMap<String, Vec<(Vec<(String, String)>, String)>>,
         key_order: &[String],
-        made: &mut Vec<(Vec<(String, String)>, Option<BTreeMap<String, Vec<InputRef>>>)>,
+        made: &mut Vec<(
+            Vec<(String, String)>,
+            Option<BTreeMap<String, Vec<InputRef>>>,
+        )>,
     ) {
         let slots = s.kind.inputs();
         // Resolve `${key}` in references with this combination's own values.
@@ -715,9 +946,15 @@ impl<'a> Parser<'a> {
                 match substitute(r, &own) {
                     Ok(r) => refs.push((r, span.clone())),
                     Err(key) => self.err(
-                        ManifestError::new("manifest::matrix", format!("`${{{key}}}` in `{r}` is not a matrix key of stage `{}`", s.name))
-                            .at(span.clone(), "unknown matrix key")
-                            .help("declare it with `matrix.KEY = [...]` in this stage"),
+                        ManifestError::new(
+                            "manifest::matrix",
+                            format!(
+                                "`${{{key}}}` in `{r}` is not a matrix key of stage `{}`",
+                                s.name
+                            ),
+                        )
+                        .at(span.clone(), "unknown matrix key")
+                        .help("declare it with `matrix.KEY = [...]` in this stage"),
                     ),
                 }
             }
@@ -726,7 +963,10 @@ impl<'a> Parser<'a> {
         // Inherit the matrix of expanded producers connected to single-artifact slots.
         let mut combos = vec![own];
         for (input, refs) in &resolved {
-            let many = slots.iter().find(|sl| sl.name == input.slot).is_some_and(|sl| sl.many);
+            let many = slots
+                .iter()
+                .find(|sl| sl.name == input.slot)
+                .is_some_and(|sl| sl.many);
             if many {
                 continue;
             }
@@ -735,7 +975,9 @@ impl<'a> Parser<'a> {
                 if stage_part.contains('@') {
                     continue;
                 }
-                let Some(vs) = variants.get(stage_part) else { continue };
+                let Some(vs) = variants.get(stage_part) else {
+                    continue;
+                };
                 let mut next = Vec::new();
                 for c in &combos {
                     for (assign, _) in vs {
@@ -757,18 +999,39 @@ impl<'a> Parser<'a> {
                 let Some(slot) = slots.iter().find(|sl| sl.name == input.slot) else {
                     ok = false;
                     let names: Vec<_> = slots.iter().map(|sl| sl.name).collect();
-                    let mut err = ManifestError::new("manifest::unknown-input", format!("kind `{}` has no input `{}`", s.kind.kind(), input.slot)).at(input.slot_span.clone(), "unknown input");
+                    let mut err = ManifestError::new(
+                        "manifest::unknown-input",
+                        format!("kind `{}` has no input `{}`", s.kind.kind(), input.slot),
+                    )
+                    .at(input.slot_span.clone(), "unknown input");
                     err = match did_you_mean(&input.slot, names.iter().copied()) {
                         Some(m) => err.help(format!("did you mean `{m}`?")),
-                        None if names.is_empty() => err.help(format!("`{}` takes no inputs", s.kind.kind())),
-                        None => err.help(format!("inputs of `{}`: {}", s.kind.kind(), names.join(", "))),
+                        None if names.is_empty() => {
+                            err.help(format!("`{}` takes no inputs", s.kind.kind()))
+                        }
+                        None => err.help(format!(
+                            "inputs of `{}`: {}",
+                            s.kind.kind(),
+                            names.join(", ")
+                        )),
                     };
                     self.err(err);
                     continue;
                 };
                 if !slot.many && refs.len() > 1 {
                     ok = false;
-                    self.err(ManifestError::new("manifest::input-arity", format!("input `{}` of kind `{}` takes one artifact, but {} are listed", slot.name, s.kind.kind(), refs.len())).at(input.slot_span.clone(), "one artifact expected"));
+                    self.err(
+                        ManifestError::new(
+                            "manifest::input-arity",
+                            format!(
+                                "input `{}` of kind `{}` takes one artifact, but {} are listed",
+                                slot.name,
+                                s.kind.kind(),
+                                refs.len()
+                            ),
+                        )
+                        .at(input.slot_span.clone(), "one artifact expected"),
+                    );
                     continue;
                 }
                 let mut list = Vec::new();
@@ -776,21 +1039,44 @@ impl<'a> Parser<'a> {
                     let (stage_part, output) = split_ref(r);
                     let producers: Vec<String> = if stage_part.contains('@') {
                         let base = stage_part.split('@').next().unwrap_or_default();
-                        let exists = variants.get(base).is_some_and(|v| v.iter().any(|(_, n)| n == stage_part));
+                        let exists = variants
+                            .get(base)
+                            .is_some_and(|v| v.iter().any(|(_, n)| n == stage_part));
                         if !exists {
                             ok = false;
-                            let names: Vec<&str> = variants.get(base).map(|v| v.iter().map(|(_, n)| n.as_str()).collect()).unwrap_or_default();
-                            let mut err = ManifestError::new("manifest::missing-stage", format!("there is no stage instance `{stage_part}`")).at(span.clone(), "unknown variant");
+                            let names: Vec<&str> = variants
+                                .get(base)
+                                .map(|v| v.iter().map(|(_, n)| n.as_str()).collect())
+                                .unwrap_or_default();
+                            let mut err = ManifestError::new(
+                                "manifest::missing-stage",
+                                format!("there is no stage instance `{stage_part}`"),
+                            )
+                            .at(span.clone(), "unknown variant");
                             if !names.is_empty() {
-                                err = err.help(format!("`{base}` expands to: {}", names.join(", ")));
+                                err =
+                                    err.help(format!("`{base}` expands to: {}", names.join(", ")));
                             }
                             self.err(err);
                             continue;
                         }
                         vec![stage_part.to_string()]
                     } else {
-                        let Some(vs) = variants.get(stage_part) else { ok = false; continue };
-                        let matching: Vec<String> = vs.iter().filter(|(a, _)| if slot.many { compatible(&combo, a) } else { subset(a, &combo) }).map(|(_, n)| n.clone()).collect();
+                        let Some(vs) = variants.get(stage_part) else {
+                            ok = false;
+                            continue;
+                        };
+                        let matching: Vec<String> = vs
+                            .iter()
+                            .filter(|(a, _)| {
+                                if slot.many {
+                                    compatible(&combo, a)
+                                } else {
+                                    subset(a, &combo)
+                                }
+                            })
+                            .map(|(_, n)| n.clone())
+                            .collect();
                         if matching.is_empty() {
                             ok = false;
                             continue;
@@ -804,19 +1090,36 @@ impl<'a> Parser<'a> {
                 let mut refs_out = Vec::new();
                 for (producer, output, span) in list {
                     match self.check_connection(s, slot, &producer, output.as_deref(), span) {
-                        Some(out) => refs_out.push(InputRef { stage: producer, output: out }),
+                        Some(out) => refs_out.push(InputRef {
+                            stage: producer,
+                            output: out,
+                        }),
                         None => ok = false,
                     }
                 }
                 inputs.insert(slot.name.to_string(), refs_out);
             }
             for slot in slots.iter().filter(|sl| sl.required) {
-                if !inputs.contains_key(slot.name) && !s.inputs.iter().any(|i| i.slot == slot.name) {
+                if !inputs.contains_key(slot.name) && !s.inputs.iter().any(|i| i.slot == slot.name)
+                {
                     ok = false;
                     self.err(
-                        ManifestError::new("manifest::missing-input", format!("stage `{}` (kind `{}`) needs input `{}`: {}", s.name, s.kind.kind(), slot.name, slot.doc))
-                            .at(s.span.clone(), "missing input")
-                            .help(format!("add `inputs = {{ {} = \"<stage>\" }}` (accepts: {})", slot.name, slot.accepts.join(", "))),
+                        ManifestError::new(
+                            "manifest::missing-input",
+                            format!(
+                                "stage `{}` (kind `{}`) needs input `{}`: {}",
+                                s.name,
+                                s.kind.kind(),
+                                slot.name,
+                                slot.doc
+                            ),
+                        )
+                        .at(s.span.clone(), "missing input")
+                        .help(format!(
+                            "add `inputs = {{ {} = \"<stage>\" }}` (accepts: {})",
+                            slot.name,
+                            slot.accepts.join(", ")
+                        )),
                     );
                 }
             }
@@ -825,7 +1128,14 @@ impl<'a> Parser<'a> {
     }
 
     /// Checks output name and artifact type; returns the output name used.
-    fn check_connection(&mut self, s: &RawStage<'_>, slot: &crate::stage::InputSlot, producer: &str, output: Option<&str>, span: Range<usize>) -> Option<String> {
+    fn check_connection(
+        &mut self,
+        s: &RawStage<'_>,
+        slot: &crate::stage::InputSlot,
+        producer: &str,
+        output: Option<&str>,
+        span: Range<usize>,
+    ) -> Option<String> {
         let base = producer.split('@').next().unwrap_or_default();
         let kind = self.producer_kinds.get(base).cloned()?;
         let outputs = kind.outputs();
@@ -836,9 +1146,19 @@ impl<'a> Parser<'a> {
                 None => {
                     let names: Vec<_> = outputs.iter().map(|o| o.name).collect();
                     self.err(
-                        ManifestError::new("manifest::unknown-output", format!("stage `{base}` (kind `{}`) has no output `{name}`", kind.kind()))
-                            .at(span, "unknown output")
-                            .help(format!("outputs of `{}`: {}", kind.kind(), names.join(", "))),
+                        ManifestError::new(
+                            "manifest::unknown-output",
+                            format!(
+                                "stage `{base}` (kind `{}`) has no output `{name}`",
+                                kind.kind()
+                            ),
+                        )
+                        .at(span, "unknown output")
+                        .help(format!(
+                            "outputs of `{}`: {}",
+                            kind.kind(),
+                            names.join(", ")
+                        )),
                     );
                     return None;
                 }
@@ -848,35 +1168,63 @@ impl<'a> Parser<'a> {
             self.err(
                 ManifestError::new(
                     "manifest::artifact-type",
-                    format!("input `{}` of `{}` expects {}, but `{producer}.{}` is a `{}` artifact", slot.name, s.name, slot.accepts.join(" or "), out.name, out.artifact),
+                    format!(
+                        "input `{}` of `{}` expects {}, but `{producer}.{}` is a `{}` artifact",
+                        slot.name,
+                        s.name,
+                        slot.accepts.join(" or "),
+                        out.name,
+                        out.artifact
+                    ),
                 )
                 .at(span, format!("a `{}` artifact", out.artifact))
-                .help(format!("connect a stage whose output is {}", slot.accepts.join(" or "))),
+                .help(format!(
+                    "connect a stage whose output is {}",
+                    slot.accepts.join(" or ")
+                )),
             );
             return None;
         }
         Some(out.name.to_string())
     }
 
-    fn instance_params(&mut self, s: &RawStage<'_>, name: &str, combo: &[(String, String)], overrides: &[Override<'_>]) -> Option<ParsedParams> {
+    fn instance_params(
+        &mut self,
+        s: &RawStage<'_>,
+        name: &str,
+        combo: &[(String, String)],
+        overrides: &[Override<'_>],
+    ) -> Option<ParsedParams> {
         let mut table = s.params.clone();
         let mut ok = true;
         substitute_table(table.get_mut(), combo, &mut |key, span| {
             ok = false;
             self.errors.push(
-                ManifestError::new("manifest::matrix", format!("`${{{key}}}` is not a matrix key of stage `{}`", s.name))
-                    .at(span, "unknown matrix key")
-                    .help("declare it with `matrix.KEY = [...]` in this stage"),
+                ManifestError::new(
+                    "manifest::matrix",
+                    format!("`${{{key}}}` is not a matrix key of stage `{}`", s.name),
+                )
+                .at(span, "unknown matrix key")
+                .help("declare it with `matrix.KEY = [...]` in this stage"),
             );
         });
         let mut applied = Vec::new();
-        for o in overrides.iter().filter(|o| o.stage == s.name || o.stage == name) {
+        for o in overrides
+            .iter()
+            .filter(|o| o.stage == s.name || o.stage == name)
+        {
             let value = respan(o.value.clone(), s.span.clone());
             if set_path(table.get_mut(), &o.path, value, s.span.clone()) {
                 applied.push(o.raw.as_str());
             } else {
                 ok = false;
-                self.err(ManifestError::new("manifest::override", format!("--set {}: `{}` is not a table", o.raw, o.path[0])).at(s.span.clone(), "this stage"));
+                self.err(
+                    ManifestError::new(
+                        "manifest::override",
+                        format!("--set {}: `{}` is not a table", o.raw, o.path[0]),
+                    )
+                    .at(s.span.clone(), "this stage"),
+                );
             }
         }
         if !ok {
@@ -885,19 +1233,48 @@ impl<'a> Parser<'a> {
         match s.kind.parse(table) {
             Ok(p) => Some(p),
             Err(ParamError::Deserialize { message, span }) => {
-                let from_override = span.as_ref().is_none_or(|sp| *sp == s.span) && !applied.is_empty();
-                let mut err = ManifestError::new("manifest::param", format!("invalid parameters for stage `{}` (kind `{}`): {}", s.name, s.kind.kind(), message.trim()))
-                    .at(span.unwrap_or_else(|| s.span.clone()), "here");
+                let from_override =
+                    span.as_ref().is_none_or(|sp| *sp == s.span) && !applied.is_empty();
+                let mut err = ManifestError::new(
+                    "manifest::param",
+                    format!(
+                        "invalid parameters for stage `{}` (kind `{}`): {}",
+                        s.name,
+                        s.kind.kind(),
+                        message.trim()
+                    ),
+                )
+                .at(span.unwrap_or_else(|| s.span.clone()), "here");
                 err = if from_override {
-                    err.help(format!("the value came from {}", applied.iter().map(|a| format!("--set {a}")).collect::<Vec<_>>().join(", ")))
+                    err.help(format!(
+                        "the value came from {}",
+                        applied
+                            .iter()
+                            .map(|a| format!("--set {a}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
                 } else {
-                    err.help(format!("see the parameters of `{}` with `pipeline kinds`", s.kind.kind()))
+                    err.help(format!(
+                        "see the parameters of `{}` with `pipeline kinds`",
+                        s.kind.kind()
+                    ))
                 };
                 self.err(err);
                 None
             }
             Err(ParamError::Invalid(message)) => {
-                self.err(ManifestError::new("manifest::param", format!("invalid parameters for stage `{}` (kind `{}`): {message}", s.name, s.kind.kind())).at(s.span.clone(), "this stage"));
+                self.err(
+                    ManifestError::new(
+                        "manifest::param",
+                        format!(
+                            "invalid parameters for stage `{}` (kind `{}`): {message}",
+                            s.name,
+                            s.kind.kind()
+                        ),
+                    )
+                    .at(s.span.clone(), "this stage"),
+                );
                 None
             }
         }
@@ -916,7 +1293,14 @@ fn instance_name(base: &str, combo: &[(String, String)]) -> String {
     if combo.is_empty() {
         base.to_string()
     } else {
-        format!("{base}@{}", combo.iter().map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(","))
+        format!(
+            "{base}@{}",
+            combo
+                .iter()
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
     }
 }
 
@@ -940,14 +1324,19 @@ fn cartesian(matrix: &[(String, Vec<String>)], key_order: &[String]) -> Vec<Vec<
 }
 
 fn compatible(a: &[(String, String)], b: &[(String, String)]) -> bool {
-    a.iter().all(|(k, v)| b.iter().all(|(k2, v2)| k != k2 || v == v2))
+    a.iter()
+        .all(|(k, v)| b.iter().all(|(k2, v2)| k != k2 || v == v2))
 }
 
 fn subset(a: &[(String, String)], b: &[(String, String)]) -> bool {
     a.iter().all(|kv| b.contains(kv))
 }
 
-fn merge(a: &[(String, String)], b: &[(String, String)], key_order: &[String]) -> Vec<(String, String)> {
+fn merge(
+    a: &[(String, String)],
+    b: &[(String, String)],
+    key_order: &[String],
+) -> Vec<(String, String)> {
     let mut out = a.to_vec();
     for kv in b {
         if !out.iter().any(|(k, _)| *k == kv.0) {
@@ -983,7 +1372,10 @@ fn substitute(text: &str, combo: &[(String, String)]) -> Result<String, String> 
 /// Every resolution of `text` over the stage's own matrix (for dependency discovery).
 fn substitute_all(text: &str, matrix: &[(String, Vec<String>)]) -> Vec<String> {
     let combos = cartesian(matrix, &[]);
-    let mut out: Vec<String> = combos.iter().filter_map(|c| substitute(text, c).ok()).collect();
+    let mut out: Vec<String> = combos
+        .iter()
+        .filter_map(|c| substitute(text, c).ok())
+        .collect();
     out.dedup();
     if out.is_empty() {
         out.push(text.to_string());
@@ -991,13 +1383,21 @@ fn substitute_all(text: &str, matrix: &[(String, Vec<String>)]) -> Vec<String> {
     out
 }
 
-fn substitute_table(table: &mut DeTable<'_>, combo: &[(String, String)], on_error: &mut dyn FnMut(String, Range<usize>)) {
+fn substitute_table(
+    table: &mut DeTable<'_>,
+    combo: &[(String, String)],
+    on_error: &mut dyn FnMut(String, Range<usize>),
+) {
     for (_, value) in table.iter_mut() {
         substitute_value(value, combo, on_error);
     }
 }
 
-fn substitute_value(value: &mut Spanned<DeValue<'_>>, combo: &[(String, String)], on_error: &mut dyn FnMut(String, Range<usize>)) {
+fn substitute_value(
+    value: &mut Spanned<DeValue<'_>>,
+    combo: &[(String, String)],
+    on_error: &mut dyn FnMut(String, Range<usize>),
+) {
     let span = value.span();
     match value.get_mut() {
         DeValue::String(s) if s.contains("${") => match substitute(s, combo) {
@@ -1028,7 +1428,10 @@ fn respan<'i>(value: Spanned<DeValue<'i>>, span: Range<usize>) -> Spanned<DeValu
         DeValue::Table(t) => {
             let mut out = DeTable::new();
             for (k, v) in t.into_iter() {
-                out.insert(Spanned::new(span.clone(), k.into_inner()), respan(v, span.clone()));
+                out.insert(
+                    Spanned::new(span.clone(), k.into_inner()),
+                    respan(v, span.clone()),
+                );
             }
             DeValue::Table(out)
         }
@@ -1037,14 +1440,27 @@ fn respan<'i>(value: Spanned<DeValue<'i>>, span: Range<usize>) -> Spanned<DeValu
     Spanned::new(span, inner)
 }
 
-fn set_path<'i>(table: &mut DeTable<'i>, path: &[String], value: Spanned<DeValue<'i>>, span: Range<usize>) -> bool {
-    let Some((first, rest)) = path.split_first() else { return false };
+fn set_path<'i>(
+    table: &mut DeTable<'i>,
+    path: &[String],
+    value: Spanned<DeValue<'i>>,
+    span: Range<usize>,
+) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
     if rest.is_empty() {
-        table.insert(Spanned::new(span, std::borrow::Cow::Owned(first.clone())), value);
+        table.insert(
+            Spanned::new(span, std::borrow::Cow::Owned(first.clone())),
+            value,
+        );
         return true;
     }
     if table.get(first.as_str()).is_none() {
-        table.insert(Spanned::new(span.clone(), std::borrow::Cow::Owned(first.clone())), Spanned::new(span.clone(), DeValue::Table(DeTable::new())));
+        table.insert(
+            Spanned::new(span.clone(), std::borrow::Cow::Owned(first.clone())),
+            Spanned::new(span.clone(), DeValue::Table(DeTable::new())),
+        );
     }
     match table.get_mut(first.as_str()).map(|v| v.get_mut()) {
         Some(DeValue::Table(inner)) => set_path(inner, rest, value, span),

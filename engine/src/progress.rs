@@ -13,8 +13,14 @@ pub struct RunProgress {
 impl RunProgress {
     /// Bars on stderr when it is a terminal and `enabled`; hidden otherwise.
     pub fn new(enabled: bool) -> Self {
-        let target = if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
-        Self { multi: MultiProgress::with_draw_target(target) }
+        let target = if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self {
+            multi: MultiProgress::with_draw_target(target),
+        }
     }
 
     pub(crate) fn stage(&self, name: &str) -> StageProgress {
@@ -49,7 +55,9 @@ pub struct StageProgress {
 impl StageProgress {
     /// A bar that draws nothing (tests, standalone contexts).
     pub fn hidden() -> Self {
-        Self { bar: ProgressBar::hidden() }
+        Self {
+            bar: ProgressBar::hidden(),
+        }
     }
 
     /// Switches to a bounded bar of `total` units named `unit` (e.g. "tok", "samples", "B");

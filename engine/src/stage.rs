@@ -113,7 +113,10 @@ pub(crate) trait DynStage: Send + Sync {
     fn summary(&self) -> &'static str;
     fn inputs(&self) -> &'static [InputSlot];
     fn outputs(&self) -> &'static [OutputSlot];
-    fn parse(&self, table: toml::Spanned<toml::de::DeTable<'_>>) -> Result<ParsedParams, ParamError>;
+    fn parse(
+        &self,
+        table: toml::Spanned<toml::de::DeTable<'_>>,
+    ) -> Result<ParsedParams, ParamError>;
     fn needs_gpu(&self, params: &ParsedParams) -> bool;
     fn uses_seed(&self, params: &ParsedParams) -> bool;
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()>;
@@ -124,7 +127,10 @@ pub(crate) trait DynStage: Send + Sync {
 #[derive(Debug)]
 pub(crate) enum ParamError {
     /// Deserialisation failed (unknown key, wrong type, missing field), with a span if known.
-    Deserialize { message: String, span: Option<std::ops::Range<usize>> },
+    Deserialize {
+        message: String,
+        span: Option<std::ops::Range<usize>>,
+    },
     /// [`Stage::validate`] rejected the values.
     Invalid(String),
 }
@@ -155,14 +161,23 @@ impl<S: Stage> DynStage for Kind<S> {
     fn outputs(&self) -> &'static [OutputSlot] {
         S::outputs()
     }
-    fn parse(&self, table: toml::Spanned<toml::de::DeTable<'_>>) -> Result<ParsedParams, ParamError> {
+    fn parse(
+        &self,
+        table: toml::Spanned<toml::de::DeTable<'_>>,
+    ) -> Result<ParsedParams, ParamError> {
         use serde::de::IntoDeserializer;
         let value = <S::Params as serde::Deserialize>::deserialize(table.into_deserializer())
-            .map_err(|e| ParamError::Deserialize { message: e.message().to_string(), span: e.span() })?;
+            .map_err(|e| ParamError::Deserialize {
+                message: e.message().to_string(),
+                span: e.span(),
+            })?;
         S::validate(&value).map_err(ParamError::Invalid)?;
         let canonical = serde_json::to_value(&value)
             .map_err(|e| ParamError::Invalid(format!("parameters cannot be serialised: {e}")))?;
-        Ok(ParsedParams { canonical, value: Box::new(value) })
+        Ok(ParsedParams {
+            canonical,
+            value: Box::new(value),
+        })
     }
     fn needs_gpu(&self, params: &ParsedParams) -> bool {
         S::needs_gpu(typed::<S>(params))
@@ -258,7 +273,11 @@ impl StageContext {
                 .map(|(slot, paths)| {
                     let artifacts = paths
                         .into_iter()
-                        .map(|path| InputArtifact { stage: slot.clone(), output: "out".into(), path })
+                        .map(|path| InputArtifact {
+                            stage: slot.clone(),
+                            output: "out".into(),
+                            path,
+                        })
                         .collect();
                     (slot, artifacts)
                 })
@@ -297,14 +316,23 @@ impl StageContext {
     pub fn input(&self, slot: &str) -> miette::Result<&Path> {
         match self.inputs.get(slot).map(Vec::as_slice) {
             Some([one]) => Ok(&one.path),
-            Some([]) | None => Err(miette::miette!("stage `{}` has no input `{slot}` connected", self.stage_name)),
-            Some(_) => Err(miette::miette!("input `{slot}` of stage `{}` has several artifacts", self.stage_name)),
+            Some([]) | None => Err(miette::miette!(
+                "stage `{}` has no input `{slot}` connected",
+                self.stage_name
+            )),
+            Some(_) => Err(miette::miette!(
+                "input `{slot}` of stage `{}` has several artifacts",
+                self.stage_name
+            )),
         }
     }
 
     /// The artifact connected to an optional `slot`, if any.
     pub fn optional_input(&self, slot: &str) -> Option<&Path> {
-        self.inputs.get(slot).and_then(|v| v.first()).map(|a| a.path.as_path())
+        self.inputs
+            .get(slot)
+            .and_then(|v| v.first())
+            .map(|a| a.path.as_path())
     }
 
     /// All artifacts connected to a `many` slot, in manifest order.
@@ -314,10 +342,9 @@ impl StageContext {
 
     /// The empty directory to write output `name` into.
     pub fn output_dir(&self, name: &str) -> miette::Result<&Path> {
-        self.outputs
-            .get(name)
-            .map(PathBuf::as_path)
-            .ok_or_else(|| miette::miette!("stage `{}` has no output named `{name}`", self.stage_name))
+        self.outputs.get(name).map(PathBuf::as_path).ok_or_else(|| {
+            miette::miette!("stage `{}` has no output named `{name}`", self.stage_name)
+        })
     }
 
     /// A directory that survives failed and interrupted attempts of this same key (and only
@@ -340,7 +367,10 @@ impl StageContext {
     /// Errors out if cancelled; convenient inside loops.
     pub fn check_cancelled(&self) -> miette::Result<()> {
         if self.is_cancelled() {
-            Err(miette::miette!("stage `{}` was interrupted", self.stage_name))
+            Err(miette::miette!(
+                "stage `{}` was interrupted",
+                self.stage_name
+            ))
         } else {
             Ok(())
         }

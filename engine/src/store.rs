@@ -33,7 +33,9 @@ use crate::hashing::{hash_bytes, hash_file, walk_files, Digest};
 /// Writes `bytes` to `path` atomically: temp file in the same directory, then rename.
 /// With `durable`, the file and its directory are fsynced.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent directory"))?;
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
@@ -180,10 +182,22 @@ fn shard(hash: &str) -> (&str, &str) {
 impl Store {
     /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for sub in ["objects", "trees", "views", "actions", "index", "checkpoints", "tmp", "locks", "quarantine"] {
+        for sub in [
+            "objects",
+            "trees",
+            "views",
+            "actions",
+            "index",
+            "checkpoints",
+            "tmp",
+            "locks",
+            "quarantine",
+        ] {
             fs::create_dir_all(root.join(sub))?;
         }
-        Ok(Self { root: std::path::absolute(root)? })
+        Ok(Self {
+            root: std::path::absolute(root)?,
+        })
     }
 
     /// The cache root.
@@ -193,7 +207,11 @@ impl Store {
 
     /// Takes the cache-wide lock: shared for runs, exclusive for gc and verify.
     pub fn lock(&self, exclusive: bool) -> io::Result<File> {
-        let file = File::options().create(true).truncate(false).write(true).open(self.root.join("lock"))?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("lock"))?;
         if exclusive {
             file.lock()?;
         } else {
@@ -204,7 +222,11 @@ impl Store {
 
     /// Takes the execution lock of `key` (blocking); released when the file is dropped.
     pub fn lock_key(&self, key: &str) -> io::Result<File> {
-        let file = File::options().create(true).truncate(false).write(true).open(self.root.join("locks").join(format!("{key}.lock")))?;
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join(format!("{key}.lock")))?;
         file.lock()?;
         Ok(file)
     }
@@ -247,7 +269,9 @@ impl Store {
 
     /// A fresh directory under tmp/ for one attempt; removed when dropped.
     pub fn attempt_dir(&self, label: &str) -> io::Result<tempfile::TempDir> {
-        tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(self.root.join("tmp"))
+        tempfile::Builder::new()
+            .prefix(&format!("{label}-"))
+            .tempdir_in(self.root.join("tmp"))
     }
 
     /// Moves every file under `dir` into the object store and records the tree.
@@ -261,7 +285,11 @@ impl Store {
                 let size = fs::metadata(&src)?.len();
                 let hash = hash_file(&src)?;
                 self.insert_object(&src, &hash)?;
-                let path = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                let path = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
                 Ok(TreeEntry { path, hash, size })
             })
             .collect::<io::Result<_>>()?;
@@ -281,7 +309,10 @@ impl Store {
         if dst.exists() {
             return Ok(());
         }
-        fs::create_dir_all(dst.parent().ok_or_else(|| io::Error::other("object path has no parent"))?)?;
+        fs::create_dir_all(
+            dst.parent()
+                .ok_or_else(|| io::Error::other("object path has no parent"))?,
+        )?;
         // Copy rather than rename when `src` is a link into the store (a stage may hard-link
         // an input through): renaming would move a live view entry.
         let tmp = dst.with_extension(format!("tmp-{}-{}", std::process::id(), rand_suffix()));
@@ -318,7 +349,9 @@ impl Store {
         if path.is_dir() {
             return Ok(());
         }
-        let staging = tempfile::Builder::new().prefix("view-").tempdir_in(self.root.join("tmp"))?;
+        let staging = tempfile::Builder::new()
+            .prefix("view-")
+            .tempdir_in(self.root.join("tmp"))?;
         for f in &tree.files {
             let dst = staging.path().join(&f.path);
             if let Some(parent) = dst.parent() {
@@ -356,8 +389,21 @@ impl Store {
     }
 
     fn index_path(&self, experiment: &str, stage: &str) -> PathBuf {
-        let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_@,.".contains(c) { c } else { '_' }).collect::<String>();
-        self.root.join("index").join(clean(experiment)).join(format!("{}.json", clean(stage)))
+        let clean = |s: &str| {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_@,.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect::<String>()
+        };
+        self.root
+            .join("index")
+            .join(clean(experiment))
+            .join(format!("{}.json", clean(stage)))
     }
 
     /// Key parts of the last run of `stage` in `experiment`.
@@ -424,10 +470,16 @@ impl Store {
             let from = self.object_path(hash);
             let _ = fs::rename(&from, self.root.join("quarantine").join(hash));
         }
-        let mut report = VerifyReport { objects: objects.len(), corrupt_objects: corrupt, ..Default::default() };
+        let mut report = VerifyReport {
+            objects: objects.len(),
+            corrupt_objects: corrupt,
+            ..Default::default()
+        };
         let mut bad_trees = BTreeSet::new();
         for path in self.action_files()? {
-            let record: Option<ActionRecord> = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let record: Option<ActionRecord> = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             let Some(record) = record else {
                 fs::remove_file(&path)?;
                 report.dropped_actions.push(path.display().to_string());
@@ -436,7 +488,12 @@ impl Store {
             let mut ok = true;
             for out in record.outputs.values() {
                 match self.tree(&out.tree) {
-                    Ok(tree) if tree.files.iter().all(|f| self.object_path(&f.hash).is_file()) => {
+                    Ok(tree)
+                        if tree
+                            .files
+                            .iter()
+                            .all(|f| self.object_path(&f.hash).is_file()) =>
+                    {
                         report.repaired_views += self.check_view(&out.tree, &tree)?;
                     }
                     _ => {
@@ -488,11 +545,19 @@ impl Store {
     pub fn gc(&self, keep: &BTreeSet<String>, keep_younger_than: Duration) -> io::Result<GcReport> {
         let _lock = self.lock(true)?;
         let now = SystemTime::now();
-        let young = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age < keep_younger_than);
+        let young = |p: &Path| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age < keep_younger_than)
+        };
         let mut report = GcReport::default();
         let mut live_trees = BTreeSet::new();
         for path in self.action_files()? {
-            let record: Option<ActionRecord> = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let record: Option<ActionRecord> = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
             match record {
                 Some(r) if keep.contains(&r.key) || young(&path) => {
                     report.kept_actions += 1;
@@ -514,7 +579,12 @@ impl Store {
             for f in fs::read_dir(shard?.path())? {
                 let f = f?;
                 let name = f.file_name().to_string_lossy().to_string();
-                let prefix = f.path().parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                let prefix = f
+                    .path()
+                    .parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
                 let hash = format!("{prefix}{}", name.trim_end_matches(".json"));
                 if !live_trees.contains(&hash) {
                     fs::remove_file(f.path())?;
@@ -526,6 +596,30 @@ impl Store {
             if !live_trees.contains(&*v.file_name().to_string_lossy()) {
                 make_writable(&v.path())?;
                 fs::remove_dir_all(v.path())?;
+            }
+        }
+        // Temp files of writes that a killed process never renamed into place.
+        for area in ["actions", "trees", "objects"] {
+            for shard in fs::read_dir(self.root.join(area))? {
+                let shard = shard?.path();
+                if !shard.is_dir() {
+                    continue;
+                }
+                for f in fs::read_dir(&shard)? {
+                    let p = f?.path();
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default();
+                    let stray = if area == "objects" {
+                        name.contains(".tmp-")
+                    } else {
+                        !name.ends_with(".json")
+                    };
+                    if stray {
+                        fs::remove_file(&p)?;
+                    }
+                }
             }
         }
         for (hash, path) in self.object_files()? {
@@ -560,7 +654,10 @@ impl Store {
         let objects = self.object_files()?;
         Ok(StoreStats {
             objects: objects.len(),
-            object_bytes: objects.iter().map(|(_, p)| fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum(),
+            object_bytes: objects
+                .iter()
+                .map(|(_, p)| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+                .sum(),
             actions: self.action_files()?.len(),
             checkpoints: fs::read_dir(self.root.join("checkpoints"))?.count(),
         })
@@ -583,7 +680,12 @@ fn make_writable(path: &Path) -> io::Result<()> {
 fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -606,7 +708,11 @@ mod tests {
             hashes.push(hash);
         }
         assert_eq!(hashes[0], hashes[1]);
-        assert_eq!(store.stats().unwrap().objects, 1, "one object for identical content");
+        assert_eq!(
+            store.stats().unwrap().objects,
+            1,
+            "one object for identical content"
+        );
         let view = store.view(&hashes[0]).unwrap();
         assert_eq!(fs::read(view.join("sub/a.txt")).unwrap(), b"same");
     }
@@ -623,7 +729,15 @@ mod tests {
             stage: "s".into(),
             kind: "k".into(),
             parts: serde_json::Value::Null,
-            outputs: [("out".to_string(), OutputRecord { tree: hash, files: 1, bytes: 7 })].into(),
+            outputs: [(
+                "out".to_string(),
+                OutputRecord {
+                    tree: hash,
+                    files: 1,
+                    bytes: 7,
+                },
+            )]
+            .into(),
             metadata: Default::default(),
             started_unix: 0.0,
             duration_s: 0.0,
