@@ -935,6 +935,78 @@ fn smollm2_gguf_model_kind_and_loader_continue_code() {
         .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
         .0;
     assert_eq!(tok.decode(&[best as u32]).unwrap(), " a");
-    // Projections stay quantized (QuantLinear over ggml blocks).
     assert_eq!(loaded.model.vocab_size(), 49152);
+
+    // QLoRA's base: the same model re-quantized to NF4 still continues the code the same way.
+    let t = std::time::Instant::now();
+    let q = run_kind::<QuantizeKind>(
+        &dirs,
+        &QuantizeParams {
+            format: QuantFormat::Nf4,
+            double_quant: true,
+            modules: None,
+        },
+        &[("model", &out)],
+        0,
+    );
+    let report: QuantizationReport =
+        serde_json::from_str(&std::fs::read_to_string(q.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.layers.len(), 30 * 7);
+    assert!(
+        report.max_relative_error < 0.2,
+        "{}",
+        report.max_relative_error
+    );
+    let nf4 = load_model(&q, &Device::Cpu, DType::F32, None).unwrap();
+    let logits = logits_last(&nf4.model, &ids);
+    let best = logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        .0;
+    assert_eq!(tok.decode(&[best as u32]).unwrap(), " a");
+    eprintln!("nf4 quantize + load + forward: {:?}", t.elapsed());
+}
+
+#[test]
+fn phi_quantizes_and_trains_in_half_precision_on_cpu() {
+    let dirs = Dirs::new();
+    let base = run_kind::<ModelKind>(
+        &dirs,
+        &model_params(Some(hf_model(&dirs.root, Architecture::Phi))),
+        &[],
+        0,
+    );
+    let q = run_kind::<QuantizeKind>(
+        &dirs,
+        &QuantizeParams {
+            format: QuantFormat::Q8_0,
+            double_quant: true,
+            modules: Some(vec!["fc1".into(), "fc2".into(), "dense".into()]),
+        },
+        &[("model", &base)],
+        0,
+    );
+    let report: QuantizationReport =
+        serde_json::from_str(&std::fs::read_to_string(q.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.layers.len(), 6);
+    let toks = tokens(&dirs, &q, 8);
+    for (dtype, scaling) in [("bf16", false), ("f16", true)] {
+        let mut p = train_params(6);
+        p.dtype = Some(serde_json::from_value(serde_json::json!(dtype)).unwrap());
+        p.loss_scaling = scaling;
+        p.dropout = 0.1;
+        p.target_modules = Some(vec!["q_proj".into(), "fc2".into()]);
+        let out = run_kind::<LoraTrainKind>(&dirs, &p, &[("model", &q), ("tokens", &toks)], 1);
+        let s = train_summary(&out);
+        assert!(
+            s.final_loss.is_finite() && s.final_loss < s.first_loss.unwrap(),
+            "{dtype}: {s:?}"
+        );
+        let cfg = model_artifact::adapter_lora_config(&out).unwrap();
+        assert_eq!(cfg.target_modules, vec!["q_proj", "fc2"]);
+        load_model_with_adapter(&q, &Device::Cpu, DType::F32, &out).unwrap();
+    }
 }
