@@ -1010,3 +1010,109 @@ fn phi_quantizes_and_trains_in_half_precision_on_cpu() {
         load_model_with_adapter(&q, &Device::Cpu, DType::F32, &out).unwrap();
     }
 }
+
+fn find_file(dir: &Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                find_file(&p, name)
+            } else {
+                p.file_name().is_some_and(|n| n == name)
+            }
+        })
+}
+
+#[test]
+fn engine_cancel_mid_training_then_rerun_resumes_to_the_uninterrupted_adapter() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let manifest = dirs.root.join("exp.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"[experiment]
+name = "resume"
+seed = 5
+
+[base]
+kind = "model"
+local = "{}"
+
+[tok]
+kind = "fixture-tokens"
+inputs = {{ model = "base" }}
+n = 8
+
+[train]
+kind = "lora-train"
+inputs = {{ model = "base", tokens = "tok" }}
+r = 2
+dropout = 0.0
+steps = 60
+batch_size = 2
+lr = 0.01
+checkpoint_every = 3
+"#,
+            hf.display()
+        ),
+    )
+    .unwrap();
+    let mut registry = pipeline_stages::registry();
+    registry.register::<FixtureTokens>();
+    let m = pipeline_engine::manifest::load_manifest(&manifest, &registry, &Default::default())
+        .unwrap();
+    let adapter_of = |store: &pipeline_engine::Store, report: &pipeline_engine::RunReport| {
+        let key = report
+            .stages
+            .iter()
+            .find(|s| s.stage == "train")
+            .unwrap()
+            .key
+            .clone()
+            .unwrap();
+        let action = store.action(&key).unwrap();
+        let view = store.view(&action.outputs["out"].tree).unwrap();
+        (
+            std::fs::read(view.join("adapter_model.safetensors")).unwrap(),
+            train_summary(&view),
+        )
+    };
+
+    let whole_store = pipeline_engine::Store::open(&dirs.root.join("whole")).unwrap();
+    let whole = pipeline_engine::run(&m, &whole_store, &Default::default()).unwrap();
+    assert!(whole.success());
+    let (whole_adapter, whole_summary) = adapter_of(&whole_store, &whole);
+
+    // Cancel once the trainer has written its first checkpoint.
+    let root = dirs.root.join("cut");
+    let store = pipeline_engine::Store::open(&root).unwrap();
+    let opts = pipeline_engine::RunOptions::default();
+    let cancel = opts.cancel.clone();
+    let watch_root = root.join("checkpoints");
+    let watcher = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        while !find_file(&watch_root, "latest") && t.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let cut = pipeline_engine::run(&m, &store, &opts).unwrap();
+    watcher.join().unwrap();
+    assert!(!cut.success(), "the run was cancelled mid-training");
+    let rerun = pipeline_engine::run(&m, &store, &Default::default()).unwrap();
+    assert!(rerun.success());
+    let (adapter, summary) = adapter_of(&store, &rerun);
+    assert!(
+        summary.resumed_from_step > 0 && summary.resumed_from_step < 60,
+        "{summary:?}"
+    );
+    assert_eq!(
+        adapter, whole_adapter,
+        "resumed adapter equals the uninterrupted one"
+    );
+    assert_eq!(summary.final_loss, whole_summary.final_loss);
+}
