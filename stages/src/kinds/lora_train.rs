@@ -513,7 +513,9 @@ pub fn train(
     ctx.progress().set_position(resumed_from);
     let start = Instant::now();
     let mut last_loss = f64::NAN;
-    let (mut last_ckpt, mut last_eval) = (None, None);
+    // A resumed run starts exactly at a saved checkpoint; nothing needs saving before a step.
+    let mut last_ckpt = Some(resumed_from);
+    let mut last_eval = None;
     while trainer.step() < p.steps {
         if ctx.is_cancelled() {
             if last_ckpt != Some(trainer.step()) {
