@@ -490,8 +490,8 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
     let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
     let linears = loaded.model.linears();
     assert_eq!(linears.len(), 2 * 7 + 1);
-    // Every projection (and the tied head) is a QuantLinear, not a dequantized Dense: its
-    // effective weight equals the q8_0-dequantized one exactly.
+    // The loader keeps the q8_0 blocks (QuantLinear); numerically it must match a model built
+    // from the same blocks dequantized up front.
     let direct = pipeline_models::arch::Llama::from_gguf(
         &gguf,
         &Device::Cpu,
