@@ -29,6 +29,12 @@ pub trait LinearLayer: Send + Sync {
     /// use interior mutability.
     fn set_training(&self, _training: bool) {}
 
+    /// Restarts this layer's dropout randomness from `stream`. A trainer calls it before each
+    /// training forward with a value drawn from its checkpointed RNG, so dropout masks depend
+    /// only on checkpointed state and a resumed run draws exactly the masks an uninterrupted one
+    /// would. Layers without dropout ignore it.
+    fn set_dropout_stream(&self, _stream: u64) {}
+
     /// The effective dense weight `[out, in]` and bias `[out]` of this layer, e.g. to merge LoRA
     /// adapters into a plain copy.
     ///

@@ -66,6 +66,8 @@ pub struct LoraLinear {
     dropout: f64,
     training: AtomicBool,
     seed: u64,
+    /// Set by the trainer before each step (see `LinearLayer::set_dropout_stream`).
+    stream: AtomicU64,
     calls: AtomicU64,
 }
 
@@ -110,6 +112,7 @@ impl LoraLinear {
             dropout: config.dropout,
             training: AtomicBool::new(true),
             seed,
+            stream: AtomicU64::new(0),
             calls: AtomicU64::new(0),
         })
     }
@@ -166,7 +169,7 @@ impl LoraLinear {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let mask = dropout_mask(
             x.elem_count(),
-            splitmix64(self.seed ^ splitmix64(call)),
+            splitmix64(self.seed ^ splitmix64(call) ^ splitmix64(splitmix64(self.stream.load(Ordering::Relaxed)))),
             threshold,
         );
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
@@ -232,5 +235,11 @@ impl LinearLayer for LoraLinear {
     fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
         self.base.set_training(training);
+    }
+
+    fn set_dropout_stream(&self, stream: u64) {
+        self.stream.store(stream, Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
+        self.base.set_dropout_stream(stream);
     }
 }

@@ -343,6 +343,14 @@ impl Llama {
         }
     }
 
+    /// Restarts dropout randomness of every layer from `stream` (see
+    /// [`LinearLayer::set_dropout_stream`]); each layer mixes in its own position.
+    pub fn set_dropout_stream(&self, stream: u64) {
+        for (i, (_, layer)) in self.linears().into_iter().enumerate() {
+            layer.set_dropout_stream(stream ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        }
+    }
+
     /// Full-sequence forward for training: `input_ids` `[b, t]` (u32), `attention_mask`
     /// `[b, t]` (1 = real token; right padding) -> logits `[b, t, vocab]` in f32 (f64 for f64
     /// models). Positions are `0..t`, as in HF training.

@@ -221,6 +221,14 @@ impl DecoderModel {
         }
     }
 
+    /// Restarts dropout randomness from `stream` (see [`LinearLayer::set_dropout_stream`]).
+    pub fn set_dropout_stream(&self, stream: u64) {
+        match self {
+            Self::Phi(m) => m.set_dropout_stream(stream),
+            Self::Llama(m) => m.set_dropout_stream(stream),
+        }
+    }
+
     /// Every linear layer with its HF module path.
     pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
         match self {

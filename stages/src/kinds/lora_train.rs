@@ -269,6 +269,10 @@ impl TrainModel for LoraLm<'_> {
 
     fn loss(&self, batch: &LmBatch, ctx: &mut StepContext<'_>) -> candle_core::Result<LossSum> {
         self.model.set_training(ctx.train);
+        if ctx.train {
+            // Dropout masks from the trainer's checkpointed RNG: resumed runs stay bit-identical.
+            self.model.set_dropout_stream(ctx.rng.next_u64_raw());
+        }
         let logits = self.model.forward(&batch.ids, &batch.attention)?;
         let (sum, tokens) = masked_cross_entropy_sum(&logits, &batch.ids, &batch.loss_mask)?;
         if ctx.train {
