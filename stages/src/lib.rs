@@ -8,11 +8,18 @@
 pub mod evalsets;
 pub mod filter;
 pub mod grade;
+pub mod kinds;
 pub mod report;
 
 use pipeline_engine::Registry;
 
 /// Every stage kind of the `pipeline` binary.
 pub fn registry() -> Registry {
-    Registry::new()
+    let mut registry = Registry::new();
+    registry
+        .register::<kinds::evalset::EvalSet>()
+        .register::<kinds::generate::Generate>()
+        .register::<kinds::grade::Grade>()
+        .register::<kinds::report::Report>();
+    registry
 }
