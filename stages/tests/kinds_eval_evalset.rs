@@ -173,3 +173,20 @@ fn shared_data_sets_load_with_limits() {
         assert_eq!(ran.metadata["available"], full, "{set}");
     }
 }
+
+#[test]
+fn a_files_input_without_source_file_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = tmp.path().join("download");
+    std::fs::create_dir_all(&files).unwrap();
+    let err = run_stage::<EvalSet>(
+        tmp.path(),
+        "evalset",
+        serde_json::json!({"set": "replication"}),
+        &[("files", &[files.as_path()])],
+        0,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:?}").contains("source_file"), "{err:?}");
+}

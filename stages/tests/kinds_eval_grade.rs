@@ -149,3 +149,58 @@ fn unknown_tasks_and_bad_options_are_errors() {
         .unwrap();
     assert!(format!("{err:?}").contains("ks"), "{err:?}");
 }
+
+#[test]
+fn canonical_solutions_of_real_sets_pass_through_evalset_and_grade() {
+    let Some(data) = kinds_eval_support::shared_data() else {
+        eprintln!("SKIP: shared data not found; set PIPELINE_SHARED_DATA to the shared data dir");
+        return;
+    };
+    if !python_available() {
+        eprintln!("SKIP: python3 not found");
+        return;
+    }
+    use pipeline_stages::kinds::evalset::EvalSet;
+    let tmp = tempfile::tempdir().unwrap();
+    for set in ["humaneval", "mbpp_sanitized", "mbpp_test", "replication"] {
+        let ran = run_stage::<EvalSet>(
+            tmp.path(),
+            &format!("evalset-{set}"),
+            serde_json::json!({"set": set, "data_dir": data, "limit": 6}),
+            &[],
+            0,
+        )
+        .unwrap();
+        let problems_dir = ran.outputs["problems"].clone();
+        let problems = pipeline_stages::kinds::read_problems_artifact(&problems_dir).unwrap();
+        let samples_dir = tmp.path().join(format!("samples-{set}"));
+        std::fs::create_dir_all(&samples_dir).unwrap();
+        let lines: String = problems
+            .iter()
+            .flat_map(|p| {
+                [
+                    serde_json::json!({"task_id": p.task_id, "completion": p.canonical_solution.clone().unwrap()}),
+                    serde_json::json!({"task_id": p.task_id, "completion": "    raise NotImplementedError\n"}),
+                ]
+            })
+            .map(|v| v.to_string() + "\n")
+            .collect();
+        std::fs::write(samples_dir.join("samples.jsonl"), lines).unwrap();
+        let graded = run_stage::<Grade>(
+            tmp.path(),
+            &format!("grade-{set}"),
+            serde_json::json!({"ks": [1]}),
+            &[
+                ("samples", &[samples_dir.as_path()]),
+                ("problems", &[problems_dir.as_path()]),
+            ],
+            0,
+        )
+        .unwrap();
+        let results = read_jsonl(&graded.outputs["grades"].join("results.jsonl"));
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r["passed"], i % 2 == 0, "{set}: {r:#?}");
+        }
+        assert_eq!(graded.metadata["pass@1"], 0.5, "{set}");
+    }
+}

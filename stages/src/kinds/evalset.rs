@@ -165,6 +165,13 @@ impl Stage for EvalSet {
 
     fn run(p: &EvalSetParams, ctx: &mut StageContext) -> miette::Result<()> {
         let kind = p.kind().map_err(|e| miette!("{e}"))?;
+        if p.source_file.is_none() && ctx.optional_input("files").is_some() {
+            return Err(miette!(
+                help = "name the file to read inside it with `source_file`",
+                "stage `{}` has an input `files` but no `source_file`",
+                ctx.stage_name()
+            ));
+        }
         let mut problems = match (&p.source_file, &p.data_dir) {
             (Some(file), _) => {
                 let dir = ctx.optional_input("files").ok_or_else(|| {
