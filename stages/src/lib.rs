@@ -21,8 +21,13 @@ use pipeline_engine::Registry;
 /// Every stage kind of the `pipeline` binary.
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
-    registry.register::<kinds::model::ModelKind>();
-    registry.register::<kinds::quantize::QuantizeKind>();
-    registry.register::<kinds::lora_train::LoraTrainKind>();
+    registry
+        .register::<kinds::model::ModelKind>()
+        .register::<kinds::quantize::QuantizeKind>()
+        .register::<kinds::lora_train::LoraTrainKind>()
+        .register::<kinds::evalset::EvalSet>()
+        .register::<kinds::generate::Generate>()
+        .register::<kinds::grade::Grade>()
+        .register::<kinds::report::Report>();
     registry
 }

