@@ -16,7 +16,7 @@ use pipeline_stages::evalsets::{
     generation_requests, replication_problems, DEFAULT_INSTRUCTION_TEMPLATE,
 };
 use pipeline_stages::kinds::generate::{
-    apply_peft_adapter, load_model, read_adapter_config, Generate,
+    load_model, Generate,
 };
 
 fn fixtures(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -170,8 +170,8 @@ fn adapter_tensors_are_copied_into_the_lora_vars() {
     let (model_dir, _) = fixtures(tmp.path(), 1);
     let adapter = tmp.path().join("adapter");
     let tensors = write_tiny_adapter(&adapter);
-    let cfg = read_adapter_config(&adapter).unwrap();
-    assert_eq!((cfg.r, cfg.alpha, cfg.dropout), (2, 8.0, 0.0));
+    let cfg = pipeline_stages::kinds::model_artifact::adapter_lora_config(&adapter).unwrap();
+    assert_eq!((cfg.r, cfg.alpha, cfg.dropout), (2, 8.0, 0.05));
     let model = load_model(&model_dir, Some(&adapter), &Device::Cpu, DType::F32).unwrap();
     let vars = model.trainable_vars();
     assert_eq!(vars.len(), 8);
@@ -269,7 +269,7 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         .unwrap()
         .to_string();
     assert!(
-        err.contains("no tensor") && err.contains("v_proj.lora_B"),
+        err.contains("v_proj") && err.contains("no lora_B.weight"),
         "{err}"
     );
 
@@ -292,18 +292,19 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         r#"{"r": 2, "lora_alpha": 8, "target_modules": ".*q_proj"}"#,
     )
     .unwrap();
-    let err = read_adapter_config(&adapter).err().unwrap().to_string();
+    let err = pipeline_stages::kinds::model_artifact::adapter_lora_config(&adapter).err().unwrap().to_string();
     assert!(err.contains("regular expression"), "{err}");
 
-    // And apply_peft_adapter on a model without adapters says so.
+    // And applying an adapter to a model built without LoRA layers says which module is missing.
+    std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj"]}"#).unwrap();
     let plain = DecoderModel::Llama(
         Llama::from_hf_dir(&model_dir, &Device::Cpu, DType::F32, &mut DenseFactory).unwrap(),
     );
-    let err = apply_peft_adapter(&plain, &adapter)
+    let err = pipeline_stages::kinds::model_artifact::apply_adapter(&plain, &adapter)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("target_modules"), "{err}");
+    assert!(err.contains("invalid LoRA adapter") && err.contains("proj"), "{err}");
 }
 
 #[test]
@@ -342,7 +343,7 @@ fn missing_model_files_are_reported() {
     )
     .err()
     .unwrap();
-    assert!(format!("{err:?}").contains("model.gguf"), "{err:?}");
+    assert!(format!("{err:?}").contains("model.json"), "{err:?}");
     // Greedy decoding with several samples is a manifest mistake.
     let p: pipeline_stages::kinds::generate::GenerateParams =
         serde_json::from_value(serde_json::json!({"num_samples": 4})).unwrap();

@@ -11,7 +11,7 @@
 //! * `adapter` (artifact `adapter`, optional): a PEFT LoRA directory, `adapter_config.json`
 //!   (`r`, `lora_alpha`, `target_modules` as a list) and `adapter_model.safetensors` (keys
 //!   `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`); see
-//!   [`apply_peft_adapter`].
+//!   [`model_artifact::apply_adapter`](super::model_artifact::apply_adapter).
 //!
 //! Parameters: `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `top_k`,
 //! `num_samples`, `batch_size` (most sequences decoded together), `prefill_chunk`,
@@ -28,14 +28,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use miette::IntoDiagnostic;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use pipeline_models::arch::{DecoderModel, DenseFactory, Llama, LoraFactory, Phi};
+use pipeline_models::arch::DecoderModel;
 use pipeline_models::generate::{
     generate_batch_with_progress, GenerateConfig, GenerateStats, SamplingParams,
 };
-use pipeline_models::LoraConfig;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -529,181 +528,21 @@ fn eos_token_ids(model_dir: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>, Ge
     Ok(ids)
 }
 
-/// `model_type` of an HF `config.json`.
-fn model_type(config: &Path) -> Result<String, GenerateKindError> {
-    let text = std::fs::read_to_string(config).map_err(|e| GenerateKindError::Load {
-        path: config.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| GenerateKindError::Load {
-            path: config.to_path_buf(),
-            message: format!("not JSON: {e}"),
-        })?;
-    Ok(v.get("model_type")
-        .and_then(|m| m.as_str())
-        .unwrap_or("llama")
-        .to_string())
-}
-
 /// Loads the model in `model_dir` for generation, with the PEFT adapter in `adapter_dir`
-/// applied if given (adapter layers kept unmerged, dropout off).
+/// applied if given (adapter layers kept unmerged, dropout off). Every `model` artifact layout
+/// (GGUF, Hugging Face safetensors, our quantized layout) loads through
+/// [`model_artifact`](super::model_artifact).
 pub fn load_model(
     model_dir: &Path,
     adapter_dir: Option<&Path>,
     device: &Device,
     dtype: DType,
 ) -> Result<Box<DecoderModel>, GenerateKindError> {
-    let load_err = |e: pipeline_models::weights::LoadError| GenerateKindError::Load {
-        path: model_dir.to_path_buf(),
-        message: e.to_string(),
-    };
-    let gguf = model_dir.join("model.gguf");
-    let config = model_dir.join("config.json");
-    let arch = if gguf.is_file() {
-        None
-    } else if config.is_file() {
-        Some(model_type(&config)?)
-    } else {
-        return Err(GenerateKindError::NoModel(model_dir.to_path_buf()));
-    };
-    let build = |factory: &mut dyn pipeline_models::arch::LinearFactory| -> Result<DecoderModel, GenerateKindError> {
-        match arch.as_deref() {
-            None => Llama::from_gguf(&gguf, device, dtype, factory).map(DecoderModel::Llama).map_err(load_err),
-            Some("llama" | "mistral") => {
-                Llama::from_hf_dir(model_dir, device, dtype, factory).map(DecoderModel::Llama).map_err(load_err)
-            }
-            Some("phi") => Phi::from_hf_dir(model_dir, device, dtype, factory).map(DecoderModel::Phi).map_err(load_err),
-            Some(other) => Err(GenerateKindError::UnsupportedArch(other.to_string())),
-        }
-    };
-    let model = match adapter_dir {
-        None => build(&mut DenseFactory)?,
-        Some(dir) => {
-            let lora = read_adapter_config(dir)?;
-            let mut factory = LoraFactory::new(DenseFactory, lora, 0);
-            let model = build(&mut factory)?;
-            apply_peft_adapter(&model, dir)?;
-            model
-        }
-    };
-    model.set_training(false);
-    Ok(Box::new(model))
-}
-
-/// Reads a PEFT `adapter_config.json` as a [`LoraConfig`] (dropout is irrelevant for
-/// generation and set to 0).
-pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, GenerateKindError> {
-    let path = dir.join("adapter_config.json");
-    let err = |message: String| GenerateKindError::Adapter {
-        path: path.clone(),
-        message,
-    };
-    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
-    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
-        if t != "LORA" {
-            return Err(err(format!(
-                "peft_type is {t:?}; only LORA adapters are supported"
-            )));
-        }
+    let loaded = match adapter_dir {
+        None => super::model_artifact::load_model(model_dir, device, dtype, None),
+        Some(dir) => super::model_artifact::load_model_with_adapter(model_dir, device, dtype, dir),
     }
-    if v.get("use_rslora").and_then(|b| b.as_bool()) == Some(true) {
-        return Err(err(
-            "use_rslora = true is not supported (scaling would be alpha/sqrt(r))".into(),
-        ));
-    }
-    if v.get("use_dora").and_then(|b| b.as_bool()) == Some(true) {
-        return Err(err("use_dora = true is not supported".into()));
-    }
-    let r = v
-        .get("r")
-        .and_then(|r| r.as_u64())
-        .filter(|&r| r > 0)
-        .ok_or_else(|| err("`r` is missing or not a positive integer".into()))?;
-    let alpha = v
-        .get("lora_alpha")
-        .and_then(|a| a.as_f64())
-        .ok_or_else(|| err("`lora_alpha` is missing or not a number".into()))?;
-    let target_modules: Vec<String> = match v.get("target_modules") {
-        Some(serde_json::Value::Array(items)) => items
-            .iter()
-            .map(|m| m.as_str().map(str::to_string).ok_or_else(|| err("`target_modules` must hold strings".into())))
-            .collect::<Result<_, _>>()?,
-        Some(serde_json::Value::String(s)) => {
-            return Err(err(format!(
-                "`target_modules` is the regular expression {s:?}; only a list of module names is supported"
-            )))
-        }
-        _ => return Err(err("`target_modules` is missing".into())),
-    };
-    if target_modules.is_empty() {
-        return Err(err("`target_modules` is empty".into()));
-    }
-    Ok(LoraConfig {
-        r: r as usize,
-        alpha,
-        dropout: 0.0,
-        target_modules,
-    })
-}
-
-/// The model's var name for a PEFT tensor key (`base_model.model.<path>.lora_A[.default].weight`).
-fn peft_key_to_var(key: &str) -> String {
-    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
-    key.replace(".lora_A.default.weight", ".lora_A.weight")
-        .replace(".lora_B.default.weight", ".lora_B.weight")
-}
-
-/// Copies the tensors of `adapter_model.safetensors` in `dir` into the LoRA vars of `model`
-/// (built with a [`LoraFactory`] for the adapter's config), checking that every var gets a
-/// tensor of its shape and that no tensor is left over.
-pub fn apply_peft_adapter(model: &DecoderModel, dir: &Path) -> Result<(), GenerateKindError> {
-    let path = dir.join("adapter_model.safetensors");
-    let err = |message: String| GenerateKindError::Adapter {
-        path: path.clone(),
-        message,
-    };
-    let vars = model.trainable_vars();
-    if vars.is_empty() {
-        return Err(err(
-            "no module of the model matches the adapter's target_modules".into(),
-        ));
-    }
-    let device = vars[0].1.device().clone();
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&path, &device)
-        .map_err(|e| err(format!("cannot read: {e}")))?
-        .into_iter()
-        .map(|(k, t)| (peft_key_to_var(&k), t))
-        .collect();
-    let mut used = HashSet::new();
-    for (name, var) in &vars {
-        let t = tensors.get(name).ok_or_else(|| {
-            err(format!(
-                "has no tensor for `{name}` (expected key `base_model.model.{name}`)"
-            ))
-        })?;
-        if t.dims() != var.dims() {
-            return Err(err(format!(
-                "tensor `{name}` has shape {:?} but the model expects {:?} (different r or base model?)",
-                t.dims(),
-                var.dims()
-            )));
-        }
-        let t = t.to_dtype(var.dtype()).map_err(|e| err(e.to_string()))?;
-        var.set(&t)
-            .map_err(|e| err(format!("cannot set `{name}`: {e}")))?;
-        used.insert(name.clone());
-    }
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
-    if !extra.is_empty() {
-        extra.sort();
-        return Err(err(format!(
-            "{} tensor(s) match no adapted module of the model, e.g. `{}`",
-            extra.len(),
-            extra[0]
-        )));
-    }
-    Ok(())
+    .map_err(|e| GenerateKindError::Load { path: model_dir.to_path_buf(), message: e.to_string() })?;
+    loaded.model.set_training(false);
+    Ok(Box::new(loaded.model))
 }
