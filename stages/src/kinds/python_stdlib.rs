@@ -178,7 +178,10 @@ impl Stage for PythonStdlib {
             return Err("`python` must name an interpreter (e.g. \"python3\")".into());
         }
         if !(0.0..=1.0).contains(&p.min_score) {
-            return Err(format!("`min_score` must be in [0, 1], got {}", p.min_score));
+            return Err(format!(
+                "`min_score` must be in [0, 1], got {}",
+                p.min_score
+            ));
         }
         if p.min_lines == 0 || p.min_lines > p.max_lines {
             return Err(format!(
@@ -263,7 +266,8 @@ impl Stage for PythonStdlib {
         stats.records = records.len();
         if records.is_empty() {
             return Err(miette!(
-                help = "check `stdlib_dir`/`python`, or lower `min_score` and widen the line bounds",
+                help =
+                    "check `stdlib_dir`/`python`, or lower `min_score` and widen the line bounds",
                 "no records were extracted from {} ({} files read)",
                 stdlib.dir.display(),
                 stats.files_selected
@@ -729,10 +733,8 @@ fn module_bindings(root: Node, src: &[u8]) -> ModuleBindings {
                     }
                     stack.push(inner);
                 }
-                "if_statement" | "try_statement" | "while_statement" | "block"
-                | "else_clause" | "elif_clause" | "except_clause" | "finally_clause" => {
-                    stack.push(inner)
-                }
+                "if_statement" | "try_statement" | "while_statement" | "block" | "else_clause"
+                | "elif_clause" | "except_clause" | "finally_clause" => stack.push(inner),
                 _ => {}
             }
         }
@@ -869,18 +871,44 @@ fn docstring<'s>(def: Node, src: &'s [u8]) -> Option<&'s str> {
     expr.utf8_text(src).ok()
 }
 
-/// The first non-blank line of a docstring literal, without prefix and quotes.
+/// The summary of a docstring literal: its first sentence, without prefix and quotes.
+///
+/// The first line alone is often a sentence cut in half ("Return true if 'target' is
+/// out-of-date with respect to any file"), so the first paragraph is joined and cut after its
+/// first sentence; a paragraph with no sentence end within 300 characters gives its first line.
 fn docstring_first_line(literal: &str) -> Option<String> {
     let body = literal.trim_start_matches(|c: char| c.is_ascii_alphabetic());
     let body = ["\"\"\"", "'''", "\"", "'"]
         .iter()
-        .find_map(|q| body.strip_prefix(q))?;
-    let line = body
+        .find_map(|q| body.strip_prefix(q).map(|b| b.strip_suffix(q).unwrap_or(b)))?;
+    let paragraph: Vec<&str> = body
         .lines()
-        .map(|l| l.trim().trim_end_matches("\"\"\"").trim_end_matches("'''"))
-        .map(|l| l.trim_end_matches(['"', '\'']).trim())
-        .find(|l| !l.is_empty())?;
-    Some(line.to_string())
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let first = *paragraph.first()?;
+    let joined = paragraph.join(" ");
+    let mut end = None;
+    for (i, _) in joined.match_indices(". ") {
+        let word = joined[..i].rsplit(' ').next().unwrap_or("");
+        // "e.g. x" and "i.e. y" do not end a sentence.
+        if !matches!(word, "e.g" | "i.e" | "etc" | "vs") {
+            end = Some(i + 1);
+            break;
+        }
+    }
+    let sentence = match end {
+        Some(i) => &joined[..i],
+        None if joined.ends_with('.') => joined.as_str(),
+        None => first,
+    };
+    let sentence = if sentence.len() > 300 {
+        first
+    } else {
+        sentence
+    };
+    Some(sentence.to_string())
 }
 
 fn lower_first(s: &str) -> String {
@@ -895,7 +923,10 @@ fn lower_first(s: &str) -> String {
 
 fn collapse_ws(s: &str) -> String {
     let joined = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    joined.replace("( ", "(").replace(" )", ")").replace(",)", ")")
+    joined
+        .replace("( ", "(")
+        .replace(" )", ")")
+        .replace(",)", ")")
 }
 
 /// The text of `node` from the start of its first line, with the first line's indentation
@@ -941,8 +972,7 @@ mod tests {
         PythonStdlib::run(params, &mut ctx).unwrap();
         let records = read_records(&out.join(RECORDS_FILE)).unwrap();
         let stats: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join(STATS_FILE)).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join(STATS_FILE)).unwrap()).unwrap();
         let bytes = std::fs::read(out.join(RECORDS_FILE)).unwrap();
         (records, stats, bytes)
     }
@@ -975,8 +1005,16 @@ mod tests {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(stdout.lines().next(), Some("0"), "unparsable outputs: {stdout}");
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout.lines().next(),
+            Some("0"),
+            "unparsable outputs: {stdout}"
+        );
     }
 
     const PLANTED: &str = r#""""A module with planted functions."""
@@ -1088,14 +1126,20 @@ class Shape:
             "Write a Python function `keep_me(path, depth=0)` that join a path with its own \
              depth, recursively."
         );
-        assert!(keep.get("output").unwrap().starts_with("def keep_me(path, depth=0):\n"));
+        assert!(keep
+            .get("output")
+            .unwrap()
+            .starts_with("def keep_me(path, depth=0):\n"));
         assert_eq!(keep.get("output"), keep.get("content"));
         assert_eq!(keep.get("path"), Some("planted.py"));
         assert_eq!(keep.provenance.line, Some(11));
         let cached = records[1].get("output").unwrap();
         assert!(cached.starts_with("@functools.lru_cache(maxsize=None)\ndef cached(n):\n"));
         let area = records[2].get("output").unwrap();
-        assert!(area.starts_with("def area(self, width, height):\n    \"\"\"Compute"), "{area}");
+        assert!(
+            area.starts_with("def area(self, width, height):\n    \"\"\"Compute"),
+            "{area}"
+        );
         assert!(area.contains("\n    return max(result, 0)\n"), "{area}");
         assert!(records[2]
             .get("instruction")
@@ -1144,7 +1188,18 @@ class Shape:
             docstring_first_line("r'''\n  Frobnicate the thing.\n  more'''").as_deref(),
             Some("Frobnicate the thing.")
         );
-        assert_eq!(docstring_first_line("\"Short.\"").as_deref(), Some("Short."));
+        assert_eq!(
+            docstring_first_line("\"Short.\"").as_deref(),
+            Some("Short.")
+        );
+        assert_eq!(
+            docstring_first_line("\"\"\"Return true if the target is\n    older, e.g. stale. More.\n\n    Rest.\"\"\"").as_deref(),
+            Some("Return true if the target is older, e.g. stale.")
+        );
+        assert_eq!(
+            docstring_first_line("\"\"\"List files\n    in a dir\n\n    Rest.\"\"\"").as_deref(),
+            Some("List files")
+        );
         assert_eq!(docstring_first_line("\"\"\"   \"\"\""), None);
         assert_eq!(lower_first("Return x"), "return x");
         assert_eq!(lower_first("HTTP status"), "HTTP status");
@@ -1162,21 +1217,46 @@ class Shape:
     }
 
     #[test]
-    fn real_stdlib_functions_chunks_and_sampling() {
+    fn real_stdlib_functions_are_documented_and_parse() {
         if !python_available() {
             return;
         }
         let (functions, stats, _) = run_kind(&PythonStdlibParams::default(), 0);
-        assert!(functions.len() >= 200, "{} functions: {stats:#}", functions.len());
+        if std::env::var_os("PYTHON_STDLIB_DUMP").is_some() {
+            eprintln!("{stats:#}");
+            for r in functions.iter().step_by(97) {
+                eprintln!(
+                    "--- {}\n{}\n{}",
+                    r.provenance,
+                    r.get("instruction").unwrap(),
+                    r.get("output").unwrap()
+                );
+            }
+        }
+        assert!(
+            functions.len() >= 200,
+            "{} functions: {stats:#}",
+            functions.len()
+        );
         for r in &functions {
             let instruction = r.get("instruction").unwrap();
-            assert!(instruction.starts_with("Write a Python function `"), "{instruction}");
+            assert!(
+                instruction.starts_with("Write a Python function `"),
+                "{instruction}"
+            );
             assert!(instruction.len() > "Write a Python function `f()` that ".len() + 3);
             assert!(r.get("output").unwrap().contains("def "));
-            assert!(!r.get("path").unwrap().starts_with("test/"));
+            let path = r.get("path").unwrap();
+            assert!(!path.starts_with("test/") && !path.starts_with("site-packages/"));
         }
         assert_python_parses(&functions);
+    }
 
+    #[test]
+    fn real_stdlib_chunks_outnumber_functions_and_sample_deterministically() {
+        if !python_available() {
+            return;
+        }
         // The demo's shape: N textbook functions against 5N messy chunks of the same files.
         let n = 400;
         let textbook = PythonStdlibParams {
@@ -1185,14 +1265,18 @@ class Shape:
         };
         let (sampled, stats, _) = run_kind(&textbook, 1);
         assert_eq!(sampled.len(), n);
-        assert_eq!(stats["found"], functions.len());
+        assert!(stats["found"].as_u64().unwrap() > n as u64, "{stats:#}");
+        assert_eq!(stats["seed"], 1);
+
         let chunks = PythonStdlibParams {
             mode: StdlibMode::Chunks,
             ..Default::default()
         };
         let (all, _, _) = run_kind(&chunks, 0);
         assert!(all.len() >= 5 * n, "{} chunks", all.len());
-        assert!(all.iter().all(|r| !r.get("content").unwrap().trim().is_empty()));
+        assert!(all
+            .iter()
+            .all(|r| !r.get("content").unwrap().trim().is_empty()));
 
         let limited = PythonStdlibParams {
             limit: Some(5 * n),
@@ -1201,7 +1285,6 @@ class Shape:
         let (a, stats, a_bytes) = run_kind(&limited, 1);
         assert_eq!(a.len(), 5 * n);
         assert_eq!(stats["found"], all.len());
-        assert_eq!(stats["seed"], 1);
         let (_, _, b_bytes) = run_kind(&limited, 1);
         assert_eq!(a_bytes, b_bytes, "same seed must give the same bytes");
         let (c, _, c_bytes) = run_kind(&limited, 2);
@@ -1226,8 +1309,7 @@ class Shape:
         )
         .unwrap();
         let registry = crate::registry();
-        let m = pipeline_engine::load_manifest(&manifest, &registry, &Default::default())
-            .unwrap();
+        let m = pipeline_engine::load_manifest(&manifest, &registry, &Default::default()).unwrap();
         let store = pipeline_engine::Store::open(&tmp.path().join("store")).unwrap();
         let opts = pipeline_engine::RunOptions::default();
         let report = pipeline_engine::run(&m, &store, &opts).unwrap();
@@ -1240,8 +1322,11 @@ class Shape:
         // Editing a selected file changes both keys; editing a skipped one changes none.
         std::fs::write(stdlib.path().join("test/mod.py"), "x = 1\n").unwrap();
         assert_eq!(pipeline_engine::run(&m, &store, &opts).unwrap().ran(), 0);
-        std::fs::write(stdlib.path().join("planted.py"), format!("{PLANTED}\n# edited\n"))
-            .unwrap();
+        std::fs::write(
+            stdlib.path().join("planted.py"),
+            format!("{PLANTED}\n# edited\n"),
+        )
+        .unwrap();
         let edited = pipeline_engine::run(&m, &store, &opts).unwrap();
         assert!(edited.success());
         assert_eq!(edited.ran(), 2, "{edited:?}");
