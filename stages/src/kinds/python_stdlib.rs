@@ -30,18 +30,20 @@
 //!
 //! Output `records` (artifact type `records`):
 //! - `records.jsonl` ([`crate::records`] format). Functions mode fields: `instruction`
-//!   ("Write a Python function `name(args)` that <docstring first line, first letter
-//!   lowercased>"), `output` and `content` (both the function source), `path` (relative to
-//!   the stdlib directory) and `name` (`Class.method` for methods). Chunks mode fields:
-//!   `content`, `path`. Provenance: the relative path and the 1-based first line.
+//!   ("Write a Python function `name(args)` that <first sentence of the docstring, first
+//!   letter lowercased unless it starts an acronym>"), `output` and `content` (both the
+//!   function source), `path` (relative to the stdlib directory) and `name` (`Class.method`
+//!   for methods). Chunks mode fields: `content`, `path`. Provenance: the relative path and
+//!   the 1-based first line.
 //! - `stats.json`: mode, python version, stdlib directory, file counts, records found before
 //!   sampling, records written, and skipped counts by reason; the same counts go into the
 //!   stage metadata.
 //!
 //! Fingerprint: the python version string plus a blake3 hash of the sorted listing of
 //! (relative path, size, mtime) of the selected `.py` files. Hashing the whole directory
-//! through the engine's stat cache would also walk `site-packages` (often gigabytes), and
-//! only the selected files determine the output; a listing costs one `stat` per file.
+//! through the engine's stat cache would also walk `site-packages` (460 MB and 46,000 files
+//! on the development machine), and only the selected files determine the output; a listing
+//! costs one `stat` per selected file.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -1084,6 +1086,13 @@ class Shape:
         other = Shape()
         other.__dict__.update(self.__dict__)
         return other
+
+
+def lookup(i):
+    """Look a value up in a table."""
+    table = [0, 7, 14, 21, 28, 35, 42, 49, 56, 63, 70, 77, 84, 91, 98, 4, 11, 18, 25, 32, 39, 46, 53, 60, 67, 74, 81, 88, 95, 1, 8, 15, 22, 29, 36, 43, 50, 57, 64, 71, 78, 85, 92, 99, 5, 12, 19, 26, 33, 40, 47, 54, 61, 68, 75, 82, 89, 96, 2, 9, 16, 23, 30, 37, 44, 51, 58, 65, 72, 79, 86, 93, 100, 6, 13, 20, 27, 34, 41, 48, 55, 62, 69, 76, 83, 90, 97, 3, 10, 17, 24, 31, 38, 45, 52, 59, 66, 73, 80, 87, 94, 0, 7, 14, 21, 28, 35, 42, 49, 56, 63, 70, 77, 84, 91, 98, 4, 11, 18, 25]
+    value = table[i]
+    return value
 "#;
 
     fn fake_stdlib() -> tempfile::TempDir {
@@ -1114,7 +1123,11 @@ class Shape:
         let tmp = fake_stdlib();
         let (records, stats, _) = run_kind(&fake_params(tmp.path()), 0);
         let names: Vec<&str> = records.iter().map(|r| r.get("name").unwrap()).collect();
-        assert_eq!(names, ["keep_me", "cached", "Shape.area"], "{stats:#}");
+        assert_eq!(
+            names,
+            ["keep_me", "cached", "Shape.area", "lookup"],
+            "{stats:#}"
+        );
         assert_eq!(stats["files_selected"], 1, "{stats:#}");
         assert_eq!(stats["skipped"]["not_self_contained"], 4, "{stats:#}");
         assert_eq!(stats["skipped"]["no_docstring"], 1, "{stats:#}");
@@ -1148,6 +1161,16 @@ class Shape:
         if python_available() {
             assert_python_parses(&records);
         }
+
+        // The heuristic scorer is applied: the data-dump function falls below a higher bar.
+        let picky = PythonStdlibParams {
+            min_score: 0.9,
+            ..fake_params(tmp.path())
+        };
+        let (picked, stats, _) = run_kind(&picky, 0);
+        let names: Vec<&str> = picked.iter().map(|r| r.get("name").unwrap()).collect();
+        assert_eq!(names, ["keep_me", "cached", "Shape.area"], "{stats:#}");
+        assert_eq!(stats["skipped"]["low_score"], 1, "{stats:#}");
 
         // A strict score threshold rejects everything, which is an error, not empty output.
         let strict = PythonStdlibParams {
