@@ -28,6 +28,7 @@ pub fn registry() -> Registry {
         .register::<kinds::evalset::EvalSet>()
         .register::<kinds::generate::Generate>()
         .register::<kinds::grade::Grade>()
-        .register::<kinds::report::Report>();
+        .register::<kinds::report::Report>()
+        .register::<kinds::python_stdlib::PythonStdlib>();
     registry
 }

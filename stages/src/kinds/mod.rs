@@ -14,6 +14,7 @@ pub mod grade;
 pub mod lora_train;
 pub mod model;
 pub mod model_artifact;
+pub mod python_stdlib;
 pub mod quantize;
 pub mod report;
 
