@@ -9,6 +9,7 @@ pub mod download;
 pub mod evalsets;
 pub mod filter;
 pub mod grade;
+pub mod kinds;
 pub mod readers;
 pub mod records;
 pub mod report;
@@ -19,5 +20,10 @@ use pipeline_engine::Registry;
 
 /// Every stage kind of the `pipeline` binary.
 pub fn registry() -> Registry {
-    Registry::new()
+    let mut registry = Registry::new();
+    registry.register::<kinds::download::Download>();
+    registry.register::<kinds::read::Read>();
+    registry.register::<kinds::filter::Filter>();
+    registry.register::<kinds::tokenize::Tokenize>();
+    registry
 }
