@@ -69,13 +69,19 @@ fn download_path_copies_a_directory_and_lists_it() {
     )
     .unwrap();
     let dir = &out["files"];
-    assert_eq!(std::fs::read_to_string(dir.join("sub/b.txt")).unwrap(), "hello");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("sub/b.txt")).unwrap(),
+        "hello"
+    );
     let meta = read_download_meta(dir).unwrap();
     assert_eq!(meta.kind, "path");
     let paths: Vec<&str> = meta.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["a.jsonl", "sub/b.txt"]);
     assert_eq!(meta.files[1].size, 5);
-    assert_eq!(meta.files[1].blake3, blake3::hash(b"hello").to_hex().to_string());
+    assert_eq!(
+        meta.files[1].blake3,
+        blake3::hash(b"hello").to_hex().to_string()
+    );
     assert_eq!(meta.resolved_revision.len(), 64);
     assert_eq!(ctx.metadata()["files"], 2);
 
@@ -97,7 +103,10 @@ fn download_hf_offline_uses_the_cache_and_errors_clearly_when_absent() {
     let sha = "0123456789abcdef0123456789abcdef01234567";
     let repo = cache.join("models--someone--tiny");
     write(&repo.join("refs/main"), sha);
-    write(&repo.join(format!("snapshots/{sha}/config.json")), "{\"a\": 1}");
+    write(
+        &repo.join(format!("snapshots/{sha}/config.json")),
+        "{\"a\": 1}",
+    );
     write(&repo.join(format!("snapshots/{sha}/nested/t.json")), "{}");
     let params = serde_json::json!({
         "source": "hf:model:someone/tiny@main",
@@ -117,11 +126,18 @@ fn download_hf_offline_uses_the_cache_and_errors_clearly_when_absent() {
 
     let mut missing = params.clone();
     missing["source"] = "hf:model:someone/other@main".into();
-    let err = run_kind::<Download>(tmp.path(), "hf2", missing, &[]).err().expect("the stage should fail");
-    assert!(format!("{err}").contains("not in the Hugging Face cache"), "{err}");
+    let err = run_kind::<Download>(tmp.path(), "hf2", missing, &[])
+        .err()
+        .expect("the stage should fail");
+    assert!(
+        format!("{err}").contains("not in the Hugging Face cache"),
+        "{err}"
+    );
     let mut missing_file = params;
     missing_file["files"] = serde_json::json!(["config.json", "nope.bin"]);
-    let err = run_kind::<Download>(tmp.path(), "hf3", missing_file, &[]).err().expect("the stage should fail");
+    let err = run_kind::<Download>(tmp.path(), "hf3", missing_file, &[])
+        .err()
+        .expect("the stage should fail");
     assert!(format!("{err}").contains("nope.bin"), "{err}");
 }
 
@@ -182,7 +198,10 @@ fn download_pip_extracts_members_and_records_the_wheel_hash() {
     let paths: Vec<&str> = meta.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["tinypkg/data/model.bin"]);
     assert_eq!(meta.resolved_revision, "0.1.0");
-    assert_eq!(meta.wheel_file.as_deref(), Some("tinypkg-0.1.0-py3-none-any.whl"));
+    assert_eq!(
+        meta.wheel_file.as_deref(),
+        Some("tinypkg-0.1.0-py3-none-any.whl")
+    );
     use sha2::Digest;
     let expected: String = sha2::Sha256::digest(std::fs::read(&wheel).unwrap())
         .iter()
@@ -217,7 +236,8 @@ fn read_from_an_artifact_and_from_an_external_path() {
         serde_json::json!({}),
         &[("files", vec![files.clone()])],
     )
-    .err().expect("the stage should fail");
+    .err()
+    .expect("the stage should fail");
     assert!(format!("{err:?}").contains("data.jsonl"), "{err:?}");
 
     let err = run_kind::<Read>(
@@ -226,7 +246,8 @@ fn read_from_an_artifact_and_from_an_external_path() {
         serde_json::json!({"path": "data.jsonl"}),
         &[("files", vec![files.clone()])],
     )
-    .err().expect("the stage should fail");
+    .err()
+    .expect("the stage should fail");
     assert!(format!("{err}").contains("malformed"), "{err}");
 
     let (out, ctx) = run_kind::<Read>(
@@ -260,7 +281,8 @@ fn read_from_an_artifact_and_from_an_external_path() {
         serde_json::json!({"path": "../x"}),
         &[("files", vec![files])],
     )
-    .err().expect("the stage should fail");
+    .err()
+    .expect("the stage should fail");
     assert!(format!("{err}").contains("relative path inside"), "{err}");
 
     // No input: an external path; a directory of source files.
@@ -350,7 +372,10 @@ fn filter_runs_steps_in_order_and_writes_kept_and_report() {
         tmp.path(),
         "f",
         params.clone(),
-        &[("records", vec![recs.clone()]), ("eval", vec![eval.clone()])],
+        &[
+            ("records", vec![recs.clone()]),
+            ("eval", vec![eval.clone()]),
+        ],
     )
     .unwrap();
     let kept = read_records(&out["kept"].join("records.jsonl")).unwrap();
@@ -363,7 +388,15 @@ fn filter_runs_steps_in_order_and_writes_kept_and_report() {
         .iter()
         .map(|r| r["filter"].as_str().unwrap())
         .collect();
-    assert_eq!(filters, ["exact_dedup", "near_dedup", "decontaminate", "heuristic_score"]);
+    assert_eq!(
+        filters,
+        [
+            "exact_dedup",
+            "near_dedup",
+            "decontaminate",
+            "heuristic_score"
+        ]
+    );
     assert_eq!(report[0]["removed"][0]["id"], "dup.py");
     assert_eq!(report[2]["removed"][0]["id"], "leak.py");
     assert_eq!(report[2]["removed"][0]["matched"], "T/1");
@@ -374,26 +407,32 @@ fn filter_runs_steps_in_order_and_writes_kept_and_report() {
     assert_eq!(ctx.metadata()["kept"], 2);
 
     // Decontamination without eval sets is an error, not a silent no-op.
-    let err = run_kind::<Filter>(
-        tmp.path(),
-        "f2",
-        params,
-        &[("records", vec![recs.clone()])],
-    )
-    .err().expect("the stage should fail");
+    let err = run_kind::<Filter>(tmp.path(), "f2", params, &[("records", vec![recs.clone()])])
+        .err()
+        .expect("the stage should fail");
     assert!(format!("{err}").contains("no eval sets"), "{err}");
 
     // Top-k, then a seeded sample: order matters and the sample is reproducible.
     let params = serde_json::json!({
         "steps": [{"step": "heuristic", "top_k": 3}, {"step": "sample", "n": 2}]
     });
-    let (a, _) = run_kind::<Filter>(tmp.path(), "f3", params.clone(), &[("records", vec![recs.clone()])]).unwrap();
-    let (b, _) = run_kind::<Filter>(tmp.path(), "f4", params, &[("records", vec![recs.clone()])]).unwrap();
+    let (a, _) = run_kind::<Filter>(
+        tmp.path(),
+        "f3",
+        params.clone(),
+        &[("records", vec![recs.clone()])],
+    )
+    .unwrap();
+    let (b, _) =
+        run_kind::<Filter>(tmp.path(), "f4", params, &[("records", vec![recs.clone()])]).unwrap();
     let ka = std::fs::read_to_string(a["kept"].join("records.jsonl")).unwrap();
     let kb = std::fs::read_to_string(b["kept"].join("records.jsonl")).unwrap();
     assert_eq!(ka, kb);
     assert_eq!(ka.lines().count(), 2);
-    assert!(!ka.contains("x = = 1"), "the unparsable file is never in the top 3");
+    assert!(
+        !ka.contains("x = = 1"),
+        "the unparsable file is never in the top 3"
+    );
     let report = json(&a["report"].join("report.json"));
     assert_eq!(report[0]["kept"], 3);
     assert_eq!(report[1]["input"], 3);
@@ -440,8 +479,23 @@ fn filter_learned_trains_on_labelled_inputs_and_reports_accuracy() {
 /// A word-level tokenizer.json built and checked with the tokenizers crate.
 fn tiny_model_dir(dir: &Path, eos_id: u32) -> PathBuf {
     let words = [
-        "<unk>", "</s>", "<|end|>", "###", "Instruction", ":", "Response", "def", "f", "(", ")",
-        "return", "1", "add", "one", "x", "+",
+        "<unk>",
+        "</s>",
+        "<|end|>",
+        "###",
+        "Instruction",
+        ":",
+        "Response",
+        "def",
+        "f",
+        "(",
+        ")",
+        "return",
+        "1",
+        "add",
+        "one",
+        "x",
+        "+",
     ];
     let vocab: serde_json::Map<String, serde_json::Value> = words
         .iter()
@@ -482,7 +536,10 @@ fn tokenize_uses_the_model_eos_and_masks_the_prompt() {
         tmp.path(),
         "t",
         serde_json::json!({"max_length": 64}),
-        &[("records", vec![recs.clone()]), ("model", vec![model.clone()])],
+        &[
+            ("records", vec![recs.clone()]),
+            ("model", vec![model.clone()]),
+        ],
     )
     .unwrap();
     let shards = TokenShards::open(&out["tokens"]).unwrap();
@@ -494,7 +551,10 @@ fn tokenize_uses_the_model_eos_and_masks_the_prompt() {
     assert_eq!(ids.len(), 8 + 10 + 1, "{ids:?}");
     assert!(mask[..8].iter().all(|&m| m == 0), "{mask:?}");
     assert!(mask[8..].iter().all(|&m| m == 1), "{mask:?}");
-    assert!(!ids.contains(&0), "every word is in the vocabulary: {ids:?}");
+    assert!(
+        !ids.contains(&0),
+        "every word is in the vocabulary: {ids:?}"
+    );
     let stats = json(&out["tokens"].join("stats.json"));
     assert_eq!(stats["records"], 2);
     assert_eq!(ctx.metadata()["tokens"], stats["tokens"]);
@@ -535,15 +595,23 @@ impl Stage for TinyModel {
         &[]
     }
     fn outputs() -> &'static [OutputSlot] {
-        &[OutputSlot { name: "model", artifact: "model", doc: "a model" }]
+        &[OutputSlot {
+            name: "model",
+            artifact: "model",
+            doc: "a model",
+        }]
     }
-    fn fingerprint(p: &TinyModelParams, fp: &mut pipeline_engine::fingerprint::Fingerprint) -> miette::Result<()> {
+    fn fingerprint(
+        p: &TinyModelParams,
+        fp: &mut pipeline_engine::fingerprint::Fingerprint,
+    ) -> miette::Result<()> {
         fp.file("dir", &p.dir)
     }
     fn run(p: &TinyModelParams, ctx: &mut StageContext) -> miette::Result<()> {
         let out = ctx.output_dir("model")?.to_path_buf();
         for name in ["tokenizer.json", "model.json"] {
-            std::fs::copy(ctx.resolve(&p.dir).join(name), out.join(name)).map_err(|e| miette::miette!("{e}"))?;
+            std::fs::copy(ctx.resolve(&p.dir).join(name), out.join(name))
+                .map_err(|e| miette::miette!("{e}"))?;
         }
         Ok(())
     }
@@ -611,25 +679,18 @@ max_length = 32
     assert_eq!(again.ran(), 0, "{again:#?}");
 
     // Changing the external data re-runs the chain from the download on.
-    write(&root.join("data/train.jsonl"), &format!("{data}{}\n", rows[2]));
+    write(
+        &root.join("data/train.jsonl"),
+        &format!("{data}{}\n", rows[2]),
+    );
     let third = pipeline_engine::run(&load(), &store, &opts).unwrap();
     assert!(third.success(), "{third:#?}");
     assert!(third.ran() >= 2, "{third:#?}");
 }
 
-fn shared_data() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("PIPELINE_SHARED_DATA").map(PathBuf::from) {
-        if d.is_dir() {
-            return Some(d);
-        }
-    }
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data");
-    d.is_dir().then_some(d)
-}
-
 #[test]
 fn humaneval_read_by_read_decontaminates_messy_files() {
-    let Some(data) = shared_data() else {
+    let Some(data) = pipeline_stages::filter::shared_data_dir() else {
         eprintln!("skipping: no shared data (set PIPELINE_SHARED_DATA or place it at <repo>/../shared/data)");
         return;
     };
@@ -673,7 +734,10 @@ fn humaneval_read_by_read_decontaminates_messy_files() {
         tmp.path(),
         "dc",
         serde_json::json!({"text_field": text_field, "steps": [{"step": "decontaminate"}]}),
-        &[("records", vec![dir]), ("eval", vec![he["records"].clone()])],
+        &[
+            ("records", vec![dir]),
+            ("eval", vec![he["records"].clone()]),
+        ],
     )
     .unwrap();
     let report = json(&out["report"].join("report.json"));

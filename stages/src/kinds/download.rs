@@ -457,7 +457,10 @@ mod tests {
             python: "python3".into(),
         };
         assert!(Download::validate(&p("pip:a==1")).is_ok());
-        assert!(Download::validate(&p("hf:model:a/b")).is_err(), "hf needs files");
+        assert!(
+            Download::validate(&p("hf:model:a/b")).is_err(),
+            "hf needs files"
+        );
         let mut q = p("path:x");
         q.members = vec!["*".into()];
         assert!(Download::validate(&q).is_err());

@@ -384,11 +384,12 @@ impl Stage for Filter {
             .iter()
             .map(|r| Ok((record_id(r, p.id_field.as_deref()), p.text_field.text(r)?)))
             .collect::<miette::Result<_>>()?;
-        let needs_eval = p
-            .steps
-            .iter()
-            .any(|s| matches!(s, Step::Decontaminate(_)));
-        let eval = if needs_eval { load_eval(p, ctx)? } else { Vec::new() };
+        let needs_eval = p.steps.iter().any(|s| matches!(s, Step::Decontaminate(_)));
+        let eval = if needs_eval {
+            load_eval(p, ctx)?
+        } else {
+            Vec::new()
+        };
 
         let mut alive: Vec<usize> = (0..items.len()).collect();
         let mut reports: Vec<FilterReport> = Vec::new();
@@ -410,7 +411,8 @@ impl Stage for Filter {
                         histogram_bins: h.scorer.histogram_bins.max(1),
                         ..KeepOptions::default()
                     };
-                    let (kept, mut rep) = keep_by_score(&view, &scores, &keep).map_err(filter_err)?;
+                    let (kept, mut rep) =
+                        keep_by_score(&view, &scores, &keep).map_err(filter_err)?;
                     rep.filter = "heuristic_score".into();
                     let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
                     rep.extra.insert("mean_score".into(), mean);
@@ -479,7 +481,11 @@ fn record_id(r: &Record, id_field: Option<&str>) -> String {
 }
 
 /// Eval records as decontamination items (see the module docs for the field rule).
-pub fn eval_items(records: &[Record], id_field: &str, text_fields: &[String]) -> miette::Result<Vec<EvalItem>> {
+pub fn eval_items(
+    records: &[Record],
+    id_field: &str,
+    text_fields: &[String],
+) -> miette::Result<Vec<EvalItem>> {
     records
         .iter()
         .map(|r| {
@@ -583,7 +589,8 @@ fn run_learned(
     let negatives = label_texts(ctx, "negative", fields)?;
     if positives.is_empty() || negatives.is_empty() {
         return Err(miette!(
-            help = "connect records to both: inputs = { positive = [\"good\"], negative = [\"bad\"] }",
+            help =
+                "connect records to both: inputs = { positive = [\"good\"], negative = [\"bad\"] }",
             "the `learned` step needs labelled examples in `positive` ({}) and `negative` ({})",
             positives.len(),
             negatives.len()

@@ -122,7 +122,8 @@ impl Stage for Read {
     type Params = ReadParams;
     const KIND: &'static str = "read";
     const VERSION: &'static str = "1";
-    const SUMMARY: &'static str = "read JSON / JSON Lines / Parquet / a source directory into records";
+    const SUMMARY: &'static str =
+        "read JSON / JSON Lines / Parquet / a source directory into records";
 
     fn inputs() -> &'static [InputSlot] {
         INPUTS
@@ -168,13 +169,14 @@ impl Stage for Read {
         };
         if !full.exists() {
             let help = match ctx.optional_input("files") {
-                Some(root) => format!(
-                    "the input artifact holds: {}",
-                    list_files(root).join(", ")
-                ),
+                Some(root) => format!("the input artifact holds: {}", list_files(root).join(", ")),
                 None => "relative paths start at the manifest's directory".to_string(),
             };
-            return Err(miette!(help = help, "`{label}` does not exist ({})", full.display()));
+            return Err(miette!(
+                help = help,
+                "`{label}` does not exist ({})",
+                full.display()
+            ));
         }
         ctx.progress().set_message(format!("reading {label}"));
         let (mut records, stats) = read_source(&full, &p.read_options())?;
@@ -230,7 +232,10 @@ fn only_data_file(root: &Path) -> miette::Result<String> {
         .collect();
     match files.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(miette!("the input artifact {} holds no data file", root.display())),
+        [] => Err(miette!(
+            "the input artifact {} holds no data file",
+            root.display()
+        )),
         many => Err(miette!(
             help = "set `path` to one of them (or to a directory inside the artifact)",
             "the input artifact holds {} files, so `path` is needed: {}",
@@ -246,7 +251,10 @@ mod tests {
 
     #[test]
     fn relabel_hides_the_cache_location() {
-        assert_eq!(relabel("/c/x/a.jsonl", "/c/x/a.jsonl", "a.jsonl"), "a.jsonl");
+        assert_eq!(
+            relabel("/c/x/a.jsonl", "/c/x/a.jsonl", "a.jsonl"),
+            "a.jsonl"
+        );
         assert_eq!(relabel("/c/x/d/f.py", "/c/x/d", "d"), "d/f.py");
         assert_eq!(relabel("/c/x/dd/f.py", "/c/x/d", "d"), "/c/x/dd/f.py");
     }

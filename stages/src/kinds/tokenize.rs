@@ -74,7 +74,10 @@ impl Stage for Tokenize {
 
     fn validate(p: &TokenizeOptions) -> Result<(), String> {
         if p.max_length < 2 {
-            return Err(format!("max_length must be at least 2, got {}", p.max_length));
+            return Err(format!(
+                "max_length must be at least 2, got {}",
+                p.max_length
+            ));
         }
         if p.shard_max_tokens == 0 {
             return Err("shard_max_tokens must be positive".into());
