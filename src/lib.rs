@@ -640,6 +640,7 @@ fn install_interrupt_handler(cancel: Arc<AtomicBool>) {
 }
 
 fn print_run_table(report: &pipeline_engine::RunReport) {
+    let interrupted = report.cancelled;
     let rows: Vec<_> = report
         .stages
         .iter()
@@ -654,6 +655,7 @@ fn print_run_table(report: &pipeline_engine::RunReport) {
         let result = match &s.outcome {
             StageOutcome::Cached => "cached",
             StageOutcome::Ran => "ran",
+            StageOutcome::Failed(_) if interrupted => "stopped",
             StageOutcome::Failed(_) => "FAILED",
             StageOutcome::Skipped(_) => "skipped",
             StageOutcome::NotSelected => continue,
