@@ -210,8 +210,14 @@ impl LinearLayer for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         let dtype = x.dtype();
-        let a = self.a.as_tensor().to_dtype(dtype)?;
-        let b = self.b.as_tensor().to_dtype(dtype)?;
+        // Outside training the adapters are constants: detached, nothing records a backward
+        // graph, which a KV cache would otherwise keep alive across every generated token.
+        let (a, b) = if self.is_training() {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_detached_tensor(), self.b.as_detached_tensor())
+        };
+        let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let h = linear_forward(&self.dropout_input(x)?, &a, None)?;
         let delta = (linear_forward(&h, &b, None)? * self.scaling)?;
         y + delta

@@ -300,3 +300,16 @@ fn dropout_drops_the_configured_fraction_and_keeps_the_mean() {
     let dropped = g.iter().filter(|v| **v == 0.0).count() as f64 / n as f64;
     assert!((dropped - 0.3).abs() < 0.01, "dropped fraction {dropped}");
 }
+
+#[test]
+fn eval_mode_records_no_backward_graph() {
+    let base = dense(6, 5, false);
+    let lora = LoraLinear::new(Box::new(base), &config(0.0), 3, &Device::Cpu).unwrap();
+    let x = Tensor::ones((2, 5), DType::F32, &Device::Cpu).unwrap();
+    let trained = lora.forward(&x).unwrap().sum_all().unwrap();
+    assert!(trained.backward().unwrap().get(lora.lora_a().as_tensor()).is_some(), "training mode tracks A");
+    lora.set_training(false);
+    let eval = lora.forward(&x).unwrap().sum_all().unwrap();
+    assert!(eval.backward().unwrap().get(lora.lora_a().as_tensor()).is_none(), "eval mode must not keep a graph");
+}
+

@@ -170,6 +170,11 @@ pub struct LoraTrainParams {
     /// cpu or cuda.
     #[serde(default)]
     pub device: DeviceKind,
+    /// Training seed (LoRA init, data order, dropout); default: the experiment seed. Give
+    /// several (`matrix.seed = [1, 2, 3]` with `seed = "${seed}"`) to measure seed variance;
+    /// a numeric string is accepted for that reason.
+    #[serde(default, deserialize_with = "seed_from_int_or_string")]
+    pub seed: Option<u64>,
 }
 
 impl LoraTrainParams {
@@ -428,8 +433,8 @@ impl Stage for LoraTrainKind {
         p.device == DeviceKind::Cuda
     }
 
-    fn uses_seed(_: &LoraTrainParams) -> bool {
-        true
+    fn uses_seed(p: &LoraTrainParams) -> bool {
+        p.seed.is_none()
     }
 
     fn run(p: &LoraTrainParams, ctx: &mut StageContext) -> miette::Result<()> {
@@ -469,7 +474,7 @@ pub fn train(
         &model_dir,
         &device,
         dtype.dtype(),
-        Some((&lora, ctx.seed())),
+        Some((&lora, p.seed.unwrap_or(ctx.seed()))),
     )?;
     let vars = model.trainable_vars();
     if vars.is_empty() {
@@ -511,7 +516,7 @@ pub fn train(
     };
     let state_dir = ctx.checkpoint_dir().join("trainer");
     let mut trainer =
-        Trainer::resume(&lm, p.train_config(ctx.seed()), &state_dir).into_diagnostic()?;
+        Trainer::resume(&lm, p.train_config(p.seed.unwrap_or(ctx.seed())), &state_dir).into_diagnostic()?;
     let resumed_from = trainer.step();
     ctx.progress().start(p.steps, "steps");
     ctx.progress().set_position(resumed_from);
@@ -659,4 +664,19 @@ fn memory_estimate(
     base + 16 * trainable as u64
         + tokens * vocab as u64 * 4 * 3
         + tokens * (hidden * layers) as u64 * 16 * act
+}
+
+/// Accepts `seed = 3` and `seed = "3"` (matrix substitution produces strings).
+fn seed_from_int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum IntOrString {
+        Int(u64),
+        Text(String),
+    }
+    match Option::<IntOrString>::deserialize(d)? {
+        None => Ok(None),
+        Some(IntOrString::Int(n)) => Ok(Some(n)),
+        Some(IntOrString::Text(t)) => t.trim().parse().map(Some).map_err(|_| serde::de::Error::custom(format!("`seed` must be a non-negative integer, got {t:?}"))),
+    }
 }
