@@ -169,7 +169,11 @@ impl LoraLinear {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let mask = dropout_mask(
             x.elem_count(),
-            splitmix64(self.seed ^ splitmix64(call) ^ splitmix64(splitmix64(self.stream.load(Ordering::Relaxed)))),
+            splitmix64(
+                self.seed
+                    ^ splitmix64(call)
+                    ^ splitmix64(splitmix64(self.stream.load(Ordering::Relaxed))),
+            ),
             threshold,
         );
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;

@@ -307,9 +307,21 @@ fn eval_mode_records_no_backward_graph() {
     let lora = LoraLinear::new(Box::new(base), &config(0.0), 3, &Device::Cpu).unwrap();
     let x = Tensor::ones((2, 5), DType::F32, &Device::Cpu).unwrap();
     let trained = lora.forward(&x).unwrap().sum_all().unwrap();
-    assert!(trained.backward().unwrap().get(lora.lora_a().as_tensor()).is_some(), "training mode tracks A");
+    assert!(
+        trained
+            .backward()
+            .unwrap()
+            .get(lora.lora_a().as_tensor())
+            .is_some(),
+        "training mode tracks A"
+    );
     lora.set_training(false);
     let eval = lora.forward(&x).unwrap().sum_all().unwrap();
-    assert!(eval.backward().unwrap().get(lora.lora_a().as_tensor()).is_none(), "eval mode must not keep a graph");
+    assert!(
+        eval.backward()
+            .unwrap()
+            .get(lora.lora_a().as_tensor())
+            .is_none(),
+        "eval mode must not keep a graph"
+    );
 }
-

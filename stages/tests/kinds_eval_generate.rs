@@ -15,9 +15,7 @@ use pipeline_models::generate::{generate_batch, GenerateConfig, SamplingParams};
 use pipeline_stages::evalsets::{
     generation_requests, replication_problems, DEFAULT_INSTRUCTION_TEMPLATE,
 };
-use pipeline_stages::kinds::generate::{
-    load_model, Generate,
-};
+use pipeline_stages::kinds::generate::{load_model, Generate};
 
 fn fixtures(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
     let model = root.join("model");
@@ -292,7 +290,10 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         r#"{"r": 2, "lora_alpha": 8, "target_modules": ".*q_proj"}"#,
     )
     .unwrap();
-    let err = pipeline_stages::kinds::model_artifact::adapter_lora_config(&adapter).err().unwrap().to_string();
+    let err = pipeline_stages::kinds::model_artifact::adapter_lora_config(&adapter)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("regular expression"), "{err}");
 
     // And applying an adapter to a model built without LoRA layers says which module is missing.
@@ -304,7 +305,10 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("invalid LoRA adapter") && err.contains("proj"), "{err}");
+    assert!(
+        err.contains("invalid LoRA adapter") && err.contains("proj"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -542,7 +542,10 @@ pub fn load_model(
         None => super::model_artifact::load_model(model_dir, device, dtype, None),
         Some(dir) => super::model_artifact::load_model_with_adapter(model_dir, device, dtype, dir),
     }
-    .map_err(|e| GenerateKindError::Load { path: model_dir.to_path_buf(), message: e.to_string() })?;
+    .map_err(|e| GenerateKindError::Load {
+        path: model_dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
     loaded.model.set_training(false);
     Ok(Box::new(loaded.model))
 }

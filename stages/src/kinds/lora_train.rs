@@ -515,8 +515,12 @@ pub fn train(
         train_tokens: std::cell::Cell::new(0),
     };
     let state_dir = ctx.checkpoint_dir().join("trainer");
-    let mut trainer =
-        Trainer::resume(&lm, p.train_config(p.seed.unwrap_or(ctx.seed())), &state_dir).into_diagnostic()?;
+    let mut trainer = Trainer::resume(
+        &lm,
+        p.train_config(p.seed.unwrap_or(ctx.seed())),
+        &state_dir,
+    )
+    .into_diagnostic()?;
     let resumed_from = trainer.step();
     ctx.progress().start(p.steps, "steps");
     ctx.progress().set_position(resumed_from);
@@ -667,7 +671,9 @@ fn memory_estimate(
 }
 
 /// Accepts `seed = 3` and `seed = "3"` (matrix substitution produces strings).
-fn seed_from_int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+fn seed_from_int_or_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u64>, D::Error> {
     #[derive(serde::Deserialize)]
     #[serde(untagged)]
     enum IntOrString {
@@ -677,6 +683,8 @@ fn seed_from_int_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Opt
     match Option::<IntOrString>::deserialize(d)? {
         None => Ok(None),
         Some(IntOrString::Int(n)) => Ok(Some(n)),
-        Some(IntOrString::Text(t)) => t.trim().parse().map(Some).map_err(|_| serde::de::Error::custom(format!("`seed` must be a non-negative integer, got {t:?}"))),
+        Some(IntOrString::Text(t)) => t.trim().parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!("`seed` must be a non-negative integer, got {t:?}"))
+        }),
     }
 }

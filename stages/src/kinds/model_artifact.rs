@@ -393,11 +393,16 @@ pub fn apply_adapter(model: &DecoderModel, peft_dir: &Path) -> Result<()> {
 /// forward differs from plain LoRA (rsLoRA scaling, DoRA, regex `target_modules`) are refused.
 pub fn adapter_lora_config(peft_dir: &Path) -> Result<LoraConfig> {
     let path = peft_dir.join("adapter_config.json");
-    let refuse = |message: String| ModelArtifactError::Json { path: path.clone(), message };
+    let refuse = |message: String| ModelArtifactError::Json {
+        path: path.clone(),
+        message,
+    };
     let raw: serde_json::Value = read_json(&path)?;
     if let Some(t) = raw.get("peft_type").and_then(|t| t.as_str()) {
         if t != "LORA" {
-            return Err(refuse(format!("peft_type is {t:?}; only LORA adapters are supported")));
+            return Err(refuse(format!(
+                "peft_type is {t:?}; only LORA adapters are supported"
+            )));
         }
     }
     if let Some(serde_json::Value::String(s)) = raw.get("target_modules") {
@@ -408,13 +413,20 @@ pub fn adapter_lora_config(peft_dir: &Path) -> Result<LoraConfig> {
     }
     let cfg: PeftConfig = serde_json::from_value(raw).map_err(|e| refuse(e.to_string()))?;
     if cfg.use_rslora {
-        return Err(refuse("use_rslora adapters are not supported (their scaling is alpha/sqrt(r))".into()));
+        return Err(refuse(
+            "use_rslora adapters are not supported (their scaling is alpha/sqrt(r))".into(),
+        ));
     }
     let target_modules = cfg.target_modules.unwrap_or_default();
     if target_modules.is_empty() {
         return Err(refuse("`target_modules` is missing or empty".into()));
     }
-    Ok(LoraConfig { r: cfg.r, alpha: cfg.lora_alpha, dropout: cfg.lora_dropout, target_modules })
+    Ok(LoraConfig {
+        r: cfg.r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules,
+    })
 }
 
 /// Loads the model in `dir` with the adapter in `peft_dir` applied, in inference mode

@@ -110,7 +110,10 @@ pub fn write_tiny_model(dir: &Path) {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json()).unwrap();
     // The `model` artifact contract: `model.json` names the architecture and end tokens.
-    let eos = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap().token_to_id("<|endoftext|>").unwrap();
+    let eos = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
+        .unwrap()
+        .token_to_id("<|endoftext|>")
+        .unwrap();
     std::fs::write(dir.join("model.json"), serde_json::json!({"architecture": "llama", "eos_token_ids": [eos], "pad_token_id": null, "source": "tiny test model"}).to_string()).unwrap();
 }
 
