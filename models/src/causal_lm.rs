@@ -25,6 +25,10 @@ impl KvCache {
             .layers
             .get_mut(layer)
             .ok_or_else(|| candle_core::Error::Msg(format!("KV cache has no layer {layer}")))?;
+        // Generation never backpropagates: detach, so that cached keys and values do not keep
+        // every step's graph (and its tensors) alive, which grows memory per generated token.
+        let (k, v) = (k.detach(), v.detach());
+        let (k, v) = (&k, &v);
         let (k, v) = match slot.take() {
             None => (k.clone(), v.clone()),
             Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),

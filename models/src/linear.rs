@@ -35,6 +35,10 @@ pub trait LinearLayer: Send + Sync {
     /// would. Layers without dropout ignore it.
     fn set_dropout_stream(&self, _stream: u64) {}
 
+    /// Inference only from now on: trainable variables are used as constants, so no backward
+    /// graph is recorded (generation would otherwise keep one per step alive). Irreversible.
+    fn freeze(&self) {}
+
     /// The effective dense weight `[out, in]` and bias `[out]` of this layer, e.g. to merge LoRA
     /// adapters into a plain copy.
     ///

@@ -68,6 +68,8 @@ pub struct LoraLinear {
     seed: u64,
     /// Set by the trainer before each step (see `LinearLayer::set_dropout_stream`).
     stream: AtomicU64,
+    /// Inference only (see `LinearLayer::freeze`).
+    frozen: AtomicBool,
     calls: AtomicU64,
 }
 
@@ -113,6 +115,7 @@ impl LoraLinear {
             training: AtomicBool::new(true),
             seed,
             stream: AtomicU64::new(0),
+            frozen: AtomicBool::new(false),
             calls: AtomicU64::new(0),
         })
     }
@@ -214,12 +217,10 @@ impl LinearLayer for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         let dtype = x.dtype();
-        // Outside training the adapters are constants: detached, nothing records a backward
-        // graph, which a KV cache would otherwise keep alive across every generated token.
-        let (a, b) = if self.is_training() {
-            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
-        } else {
+        let (a, b) = if self.frozen.load(Ordering::Relaxed) {
             (self.a.as_detached_tensor(), self.b.as_detached_tensor())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
         };
         let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let h = linear_forward(&self.dropout_input(x)?, &a, None)?;
@@ -245,6 +246,12 @@ impl LinearLayer for LoraLinear {
     fn set_training(&self, training: bool) {
         self.training.store(training, Ordering::Relaxed);
         self.base.set_training(training);
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+        self.set_training(false);
+        self.base.freeze();
     }
 
     fn set_dropout_stream(&self, stream: u64) {

@@ -302,26 +302,27 @@ fn dropout_drops_the_configured_fraction_and_keeps_the_mean() {
 }
 
 #[test]
-fn eval_mode_records_no_backward_graph() {
+fn frozen_layers_record_no_backward_graph() {
     let base = dense(6, 5, false);
     let lora = LoraLinear::new(Box::new(base), &config(0.0), 3, &Device::Cpu).unwrap();
     let x = Tensor::ones((2, 5), DType::F32, &Device::Cpu).unwrap();
-    let trained = lora.forward(&x).unwrap().sum_all().unwrap();
+    let live = lora.forward(&x).unwrap().sum_all().unwrap();
     assert!(
-        trained
-            .backward()
+        live.backward()
             .unwrap()
             .get(lora.lora_a().as_tensor())
             .is_some(),
-        "training mode tracks A"
+        "a live layer tracks A"
     );
-    lora.set_training(false);
-    let eval = lora.forward(&x).unwrap().sum_all().unwrap();
+    lora.freeze();
+    assert!(!lora.is_training(), "frozen layers do not drop out");
+    let frozen = lora.forward(&x).unwrap().sum_all().unwrap();
     assert!(
-        eval.backward()
+        frozen
+            .backward()
             .unwrap()
             .get(lora.lora_a().as_tensor())
             .is_none(),
-        "eval mode must not keep a graph"
+        "a frozen layer keeps no graph"
     );
 }

@@ -343,6 +343,14 @@ impl Llama {
         }
     }
 
+    /// Inference only from now on: no layer records a backward graph (see
+    /// [`LinearLayer::freeze`]).
+    pub fn freeze(&self) {
+        for (_, layer) in self.linears() {
+            layer.freeze();
+        }
+    }
+
     /// Restarts dropout randomness of every layer from `stream` (see
     /// [`LinearLayer::set_dropout_stream`]); each layer mixes in its own position.
     pub fn set_dropout_stream(&self, stream: u64) {

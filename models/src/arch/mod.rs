@@ -221,6 +221,14 @@ impl DecoderModel {
         }
     }
 
+    /// Inference only from now on (see [`LinearLayer::freeze`]).
+    pub fn freeze(&self) {
+        match self {
+            Self::Phi(m) => m.freeze(),
+            Self::Llama(m) => m.freeze(),
+        }
+    }
+
     /// Restarts dropout randomness from `stream` (see [`LinearLayer::set_dropout_stream`]).
     pub fn set_dropout_stream(&self, stream: u64) {
         match self {

@@ -546,6 +546,6 @@ pub fn load_model(
         path: model_dir.to_path_buf(),
         message: e.to_string(),
     })?;
-    loaded.model.set_training(false);
+    loaded.model.freeze();
     Ok(Box::new(loaded.model))
 }
