@@ -6,9 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    arange_positions, build_linear, check_ids_mask, named_vars, read_json_config, LinearFactory,
-};
+use super::{arange_positions, build_linear, check_ids_mask, read_json_config, LinearFactory};
 use crate::causal_lm::{CausalLm, KvCache};
 use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
@@ -326,38 +324,7 @@ impl Llama {
         out
     }
 
-    /// All trainable variables with PEFT-style names
-    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`).
-    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
-        for (path, layer) in self.linears() {
-            named_vars(&path, layer, &mut out);
-        }
-        out
-    }
-
-    /// Switches dropout in the adapters on (training) or off (evaluation, generation).
-    pub fn set_training(&self, training: bool) {
-        for (_, layer) in self.linears() {
-            layer.set_training(training);
-        }
-    }
-
-    /// Inference only from now on: no layer records a backward graph (see
-    /// [`LinearLayer::freeze`]).
-    pub fn freeze(&self) {
-        for (_, layer) in self.linears() {
-            layer.freeze();
-        }
-    }
-
-    /// Restarts dropout randomness of every layer from `stream` (see
-    /// [`LinearLayer::set_dropout_stream`]); each layer mixes in its own position.
-    pub fn set_dropout_stream(&self, stream: u64) {
-        for (i, (_, layer)) in self.linears().into_iter().enumerate() {
-            layer.set_dropout_stream(stream ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        }
-    }
+    super::linear_module_methods!();
 
     /// Full-sequence forward for training: `input_ids` `[b, t]` (u32), `attention_mask`
     /// `[b, t]` (1 = real token; right padding) -> logits `[b, t, vocab]` in f32 (f64 for f64

@@ -109,6 +109,46 @@ impl<B: LinearFactory> LinearFactory for LoraFactory<B> {
     }
 }
 
+/// The methods every architecture derives from its `linears()` list: trainable variables under
+/// PEFT names, and the train/eval, freeze and dropout-stream switches applied to every layer.
+macro_rules! linear_module_methods {
+    () => {
+        /// All trainable variables with PEFT-style names
+        /// (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+        pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+            let mut out = Vec::new();
+            for (path, layer) in self.linears() {
+                super::named_vars(&path, layer, &mut out);
+            }
+            out
+        }
+
+        /// Switches dropout in the adapters on (training) or off (evaluation, generation).
+        pub fn set_training(&self, training: bool) {
+            for (_, layer) in self.linears() {
+                layer.set_training(training);
+            }
+        }
+
+        /// Inference only from now on: no layer records a backward graph (see
+        /// [`LinearLayer::freeze`]).
+        pub fn freeze(&self) {
+            for (_, layer) in self.linears() {
+                layer.freeze();
+            }
+        }
+
+        /// Restarts dropout randomness of every layer from `stream` (see
+        /// [`LinearLayer::set_dropout_stream`]); each layer mixes in its own position.
+        pub fn set_dropout_stream(&self, stream: u64) {
+            for (i, (_, layer)) in self.linears().into_iter().enumerate() {
+                layer.set_dropout_stream(stream ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            }
+        }
+    };
+}
+pub(crate) use linear_module_methods;
+
 /// Prefixes a layer's trainable vars with its module path (`path.lora_A.weight`).
 pub(crate) fn named_vars(path: &str, layer: &dyn LinearLayer, out: &mut Vec<(String, Var)>) {
     for (name, var) in layer.trainable_vars() {
