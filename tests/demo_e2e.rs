@@ -4,10 +4,11 @@
 //! an edit to one variant reruns only that variant's branch.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+mod common;
+use common::{action_records, ran, run_outcomes};
 
 const REDUCE: &[&str] = &[
     "textbook.limit=24",
@@ -40,57 +41,18 @@ fn command(cache: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-fn outcomes(out: &Output) -> Vec<(String, String)> {
-    assert!(
-        out.status.success(),
-        "run failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("run --json prints JSON");
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let o = match &s["outcome"] {
-                Value::String(o) => o.clone(),
-                Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-                other => other.to_string(),
-            };
-            (s["stage"].as_str().unwrap().to_string(), o)
-        })
-        .collect()
-}
-
-fn ran(o: &[(String, String)]) -> Vec<String> {
-    let mut v: Vec<String> = o
-        .iter()
-        .filter(|(_, x)| x == "ran")
-        .map(|(s, _)| s.clone())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Output tree of every stage whose action record names it, by stage.
 fn trees(cache: &Path) -> std::collections::BTreeMap<String, String> {
-    let mut out = std::collections::BTreeMap::new();
-    for shard in std::fs::read_dir(cache.join("actions")).unwrap() {
-        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
-            let path = f.unwrap().path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    action_records(cache)
+        .into_iter()
+        .map(|r| {
             let first = r["outputs"].as_object().unwrap().values().next().unwrap()["tree"]
                 .as_str()
                 .unwrap()
                 .to_string();
-            out.insert(r["stage"].as_str().unwrap().to_string(), first);
-        }
-    }
-    out
+            (r["stage"].as_str().unwrap().to_string(), first)
+        })
+        .collect()
 }
 
 fn python_available() -> bool {
@@ -113,7 +75,7 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
 
     // 1. Uninterrupted reference run.
     let reference = tmp.path().join("reference");
-    let first = outcomes(&command(&reference, &[]).output().unwrap());
+    let first = run_outcomes(&command(&reference, &[]).output().unwrap());
     assert!(first.iter().all(|(_, o)| o == "ran"), "{first:?}");
     assert_eq!(first.len(), 18);
     let report_html = reference_report(&reference);
@@ -124,7 +86,7 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     let reference_trees = trees(&reference);
 
     // 2. A no-op rerun runs nothing.
-    assert!(ran(&outcomes(&command(&reference, &[]).output().unwrap())).is_empty());
+    assert!(ran(&run_outcomes(&command(&reference, &[]).output().unwrap())).is_empty());
 
     // 3. kill -9 in the middle of training, then resume.
     let crashy = tmp.path().join("crashy");
@@ -154,7 +116,7 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let resumed = outcomes(&command(&crashy, &[]).output().unwrap());
+    let resumed = run_outcomes(&command(&crashy, &[]).output().unwrap());
     for stage in ["smollm2", "human-eval", "model", "nf4", "textbook", "messy"] {
         let o = &resumed.iter().find(|(s, _)| s == stage).unwrap().1;
         assert_eq!(
@@ -194,7 +156,7 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     }
 
     // 5. Editing one variant's parameter reruns only its branch (and the report).
-    let edited = outcomes(
+    let edited = run_outcomes(
         &command(&reference, &["--set", "train@messy.lr=1e-4"])
             .output()
             .unwrap(),

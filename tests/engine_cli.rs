@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{action_records, ran, run_outcomes};
+
 fn toy_binary() -> PathBuf {
     // Integration tests live in target/<profile>/deps; cargo builds examples next door.
     let exe = std::env::current_exe().expect("test executable path");
@@ -42,37 +45,7 @@ fn stderr(o: &Output) -> String {
 fn run_json(cache: &Path, manifest: &Path, extra: &[&str]) -> Vec<(String, String)> {
     let mut args = vec!["run", manifest.to_str().unwrap(), "--json"];
     args.extend_from_slice(extra);
-    let out = toy(cache, &args);
-    assert!(
-        out.status.success(),
-        "run failed: {}\n{}",
-        stderr(&out),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("run --json prints JSON");
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let outcome = match &s["outcome"] {
-                Value::String(o) => o.clone(),
-                Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-                other => other.to_string(),
-            };
-            (s["stage"].as_str().unwrap().to_string(), outcome)
-        })
-        .collect()
-}
-
-fn ran(outcomes: &[(String, String)]) -> Vec<String> {
-    let mut v: Vec<String> = outcomes
-        .iter()
-        .filter(|(_, o)| o == "ran")
-        .map(|(s, _)| s.clone())
-        .collect();
-    v.sort();
-    v
+    run_outcomes(&toy(cache, &args))
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -505,21 +478,10 @@ upper = true
 }
 
 fn action_outputs(cache: &Path) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    for shard in std::fs::read_dir(cache.join("actions")).unwrap() {
-        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
-            // Only `*.json` are records; a killed atomic write may leave a temp file beside them.
-            let path = f.unwrap().path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let record: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-            out.push((
-                record["key"].as_str().unwrap().to_string(),
-                record["outputs"].clone(),
-            ));
-        }
-    }
+    let mut out: Vec<(String, Value)> = action_records(cache)
+        .into_iter()
+        .map(|r| (r["key"].as_str().unwrap().to_string(), r["outputs"].clone()))
+        .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
@@ -691,20 +653,15 @@ fn gpu_stages_never_overlap() {
     let manifest = write(tmp.path(), "m.toml", "[experiment]\nname = \"gpu\"\n\n[g]\nkind = \"write\"\nmatrix.i = [1, 2, 3]\ntext = \"${i}\"\nrepeat = 10\ndelay_ms = 20\ngpu = true\n");
     let cache = tmp.path().join("c");
     run_json(&cache, &manifest, &["--jobs", "3"]);
-    let mut spans = Vec::new();
-    for shard in std::fs::read_dir(cache.join("actions")).unwrap() {
-        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
-            let path = f.unwrap().path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-            spans.push((
+    let mut spans: Vec<(f64, f64)> = action_records(&cache)
+        .iter()
+        .map(|r| {
+            (
                 r["metadata"]["start"].as_f64().unwrap(),
                 r["metadata"]["end"].as_f64().unwrap(),
-            ));
-        }
-    }
+            )
+        })
+        .collect();
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
     assert_eq!(spans.len(), 3);
     for w in spans.windows(2) {
