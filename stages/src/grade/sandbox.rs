@@ -81,6 +81,8 @@ const BOOTSTRAP: &str = "exec(compile(open('harness.py').read(), 'harness.py', '
 const UID_BASE: u32 = 1_510_000_000;
 /// How many uids may be leased at once (by all graders on the machine).
 const UID_SLOTS: u32 = 4096;
+/// `kill(-1, SIGKILL)` sweeps per reap (see [`reap_uid`]).
+const REAP_SWEEPS: usize = 2;
 
 /// Resource limits and isolation switches for sandboxed runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -721,7 +723,14 @@ fn reap_uid(uid: u32) {
             {
                 libc::_exit(1);
             }
-            for _ in 0..1000 {
+            // One sweep is atomic with respect to fork: the kernel signals every
+            // process under the task-list lock, and a process with SIGKILL pending
+            // cannot fork, so no child can be born after the sweep from a parent that
+            // missed it. A second sweep is cheap insurance. The return value says
+            // nothing about whether processes remain (Linux ignores EPERM targets and
+            // returns 0 whenever any other process exists), so looping on it would
+            // only repeat a full process-table walk: that cost ~100 ms per sample.
+            for _ in 0..REAP_SWEEPS {
                 if libc::kill(-1, libc::SIGKILL) != 0 {
                     break;
                 }
