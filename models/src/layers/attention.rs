@@ -127,8 +127,13 @@ impl Attention {
         let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
         let bias = mask_bias(key_mask, b, t, past, work)?;
         let scores = scores.broadcast_add(&bias)?;
-        // Composite softmax: `softmax_last_dim` is a fused kernel with no backward.
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // candle-nn's `softmax_last_dim` records no backward: our fused CPU kernel does, and
+        // elsewhere the composite softmax does.
+        let probs = if crate::fused::supported(&scores) {
+            crate::fused::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
         let out = probs.matmul(&v)?;
         let out = out
             .transpose(1, 2)?
