@@ -179,8 +179,20 @@ impl LoraLinear {
             ),
             threshold,
         );
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&(mask * (1.0 / keep))?)
+        // Kept elements carry the rescaling factor, so masking is a single multiply.
+        let mask = match x.dtype() {
+            DType::F64 => {
+                let kept = 1.0 / keep;
+                let m: Vec<f64> = mask.iter().map(|&m| f64::from(m) * kept).collect();
+                Tensor::from_vec(m, x.shape(), x.device())?
+            }
+            dtype => {
+                let kept = (1.0 / keep) as f32;
+                let m: Vec<f32> = mask.iter().map(|&m| f32::from(m) * kept).collect();
+                Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(dtype)?
+            }
+        };
+        x.mul(&mask)
     }
 }
 

@@ -16,7 +16,7 @@ pub mod softmax;
 
 pub use activation::{activation, FusedActivation};
 pub use cross_entropy::cross_entropy_rows;
-pub use softmax::softmax_last_dim;
+pub use softmax::{scaled_masked_softmax, softmax_last_dim};
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
@@ -154,6 +154,34 @@ mod tests {
                 analytic[i]
             );
         }
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_the_composite_version() {
+        let (b, h, t) = (2, 3, 5);
+        let scores = random((b * h * t, t), 12, DType::F32)
+            .reshape((b, h, t, t))
+            .unwrap();
+        let bias: Vec<f32> = (0..b * t * t)
+            .map(|i| {
+                if (i % t) > (i / t) % t || i % 7 == 0 {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu).unwrap();
+        let w = random((b * h * t, t), 13, DType::F32)
+            .reshape((b, h, t, t))
+            .unwrap();
+        let scale = 0.125;
+        let (y, g) = value_and_grad(&scores, &w, |s| scaled_masked_softmax(s, scale, &bias));
+        let (y_ref, g_ref) = value_and_grad(&scores, &w, |s| {
+            candle_nn::ops::softmax(&(s * scale)?.broadcast_add(&bias)?, D::Minus1)
+        });
+        assert!(max_abs_diff(&y, &y_ref) < 1e-6);
+        assert!(max_abs_diff(&g, &g_ref) < 1e-6);
     }
 
     #[test]

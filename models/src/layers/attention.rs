@@ -124,15 +124,14 @@ impl Attention {
         let k = repeat_kv(&k, n_rep)?;
         let v = repeat_kv(&v, n_rep)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
         let bias = mask_bias(key_mask, b, t, past, work)?;
-        let scores = scores.broadcast_add(&bias)?;
-        // candle-nn's `softmax_last_dim` records no backward: our fused CPU kernel does, and
-        // elsewhere the composite softmax does.
+        // candle-nn's `softmax_last_dim` records no backward: our fused CPU kernel does (and
+        // scales and masks in the same pass), and elsewhere the composite softmax does.
         let probs = if crate::fused::supported(&scores) {
-            crate::fused::softmax_last_dim(&scores)?
+            crate::fused::scaled_masked_softmax(&scores, scale, &bias)?
         } else {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&bias)?, D::Minus1)?
         };
         let out = probs.matmul(&v)?;
         let out = out
