@@ -73,6 +73,25 @@ pub trait CausalLm {
         cache: &mut KvCache,
     ) -> Result<Tensor>;
 
+    /// As [`CausalLm::forward_cached`], but only the logits of the last position, `[batch,
+    /// vocab]` in f32. Generation needs nothing else; models override it to skip the LM head
+    /// on the other positions (over a 128-token prefill chunk that head is a fifth of the
+    /// work, and a `[batch, 128, vocab]` block of memory).
+    fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let logits = self.forward_cached(input_ids, positions, key_mask, cache)?;
+        let t = logits.dim(1)?;
+        if t == 0 {
+            candle_core::bail!("forward_cached_last needs at least one position");
+        }
+        logits.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()
+    }
+
     /// A fresh, empty cache sized for this model.
     fn new_cache(&self) -> KvCache;
 

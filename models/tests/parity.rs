@@ -226,3 +226,34 @@ fn checkpoint_directories_load_and_missing_ones_explain() {
         "{err}"
     );
 }
+
+#[test]
+fn last_position_logits_match_the_full_forward() {
+    let check = |model: &dyn CausalLm, name: &str| {
+        let (ids, mask, _) = load_io(name);
+        let (b, t) = ids.dims2().unwrap();
+        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .broadcast_as((b, t))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let mut full_cache = model.new_cache();
+        let full = model
+            .forward_cached(&ids, &pos, &mask, &mut full_cache)
+            .unwrap();
+        let mut last_cache = model.new_cache();
+        let last = model
+            .forward_cached_last(&ids, &pos, &mask, &mut last_cache)
+            .unwrap();
+        assert_eq!(last.dims(), [b, model.vocab_size()], "{name}");
+        assert_eq!(last_cache.seq_len(), full_cache.seq_len(), "{name}");
+        let want = full.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+        let diff = max_abs_diff(&last, &want);
+        assert!(diff < 1e-5, "{name}: max |diff| {diff}");
+    };
+    check(&tiny_llama(), "tiny_llama");
+    check(&tiny_phi(), "tiny_phi");
+}

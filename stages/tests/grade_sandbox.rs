@@ -357,3 +357,65 @@ fn parallel_grading_keeps_input_order() {
     }];
     assert!(grade_samples(&problems, &stray, &opts).is_err());
 }
+
+#[test]
+fn samples_do_not_share_state_through_the_fork_server() {
+    // One sandbox, so both runs go through the same fork server.
+    let s = sandbox();
+    let first = s.run(
+        &format!(
+            "{PROMPT}{CORRECT}import math, builtins, os\nmath.pi = 3\nbuiltins.leak = 1\nopen('left-behind', 'w').write('x')\n"
+        ),
+        TEST,
+        "double",
+    );
+    assert_eq!(first.status, Status::Passed, "{first:?}");
+    let second = s.run(
+        &format!(
+            "{PROMPT}{CORRECT}import math, builtins, os\nassert math.pi > 3.14\nassert not hasattr(builtins, 'leak')\nassert not os.path.exists('left-behind')\n"
+        ),
+        TEST,
+        "double",
+    );
+    assert_eq!(second.status, Status::Passed, "{second:?}");
+}
+
+#[test]
+fn only_the_protocol_descriptors_are_open() {
+    // 0-2 stdio, 3 the result pipe; the nonce pipe (4) is closed by the harness. The fork
+    // server's control socket must not leak into the sample.
+    let e = run(&format!(
+        "{CORRECT}import os\nopen_fds = []\nfor fd in range(4, 64):\n    try:\n        os.fstat(fd)\n        open_fds.append(fd)\n    except OSError:\n        pass\nassert open_fds == [], open_fds\n"
+    ));
+    assert_eq!(e.status, Status::Passed, "{e:?}");
+}
+
+#[test]
+fn a_dead_fork_server_is_replaced() {
+    // Without uid separation a sample can signal the fork server (its parent): once while it
+    // runs, once from a straggler after the run, while the server is idle in the pool.
+    let s = Sandbox::new(SandboxOptions {
+        timeout_s: 3.0,
+        drop_privileges: false,
+        ..SandboxOptions::default()
+    })
+    .unwrap();
+    let e = s.run(
+        &format!(
+            "{PROMPT}    return 0\nimport os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+        ),
+        TEST,
+        "double",
+    );
+    assert!(e.status != Status::Passed, "{e:?}");
+    let ok = s.run(&format!("{PROMPT}{CORRECT}\n"), TEST, "double");
+    assert_eq!(ok.status, Status::Passed, "{ok:?}");
+    let straggler = format!(
+        "{PROMPT}{CORRECT}import os, signal, time\nparent = os.getppid()\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(0.3)\n    os.kill(parent, signal.SIGKILL)\n    os._exit(0)\n"
+    );
+    let e = s.run(&straggler, TEST, "double");
+    assert_eq!(e.status, Status::Passed, "{e:?}");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let ok = s.run(&format!("{PROMPT}{CORRECT}\n"), TEST, "double");
+    assert_eq!(ok.status, Status::Passed, "{ok:?}");
+}

@@ -332,7 +332,7 @@ impl Llama {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
         let positions = arange_positions(b, t, &self.device)?;
-        self.run(input_ids, &positions, &mask, None)
+        self.run(input_ids, &positions, &mask, None, false)
     }
 
     fn run(
@@ -341,6 +341,7 @@ impl Llama {
         positions: &Tensor,
         key_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let mut x = self.embed.forward(ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -357,6 +358,13 @@ impl Llama {
             let mlp = layer.down.forward(&(gated * layer.up.forward(&h)?)?)?;
             x = (x + mlp)?;
         }
+        // Generation only needs the last position's logits (see `forward_cached_last`).
+        let x = if last_only {
+            let t = x.dim(1)?;
+            x.narrow(1, t.saturating_sub(1), 1)?
+        } else {
+            x
+        };
         let x = self.norm.forward(&x)?;
         self.lm_head
             .forward(&x)?
@@ -377,7 +385,26 @@ impl CausalLm for Llama {
             positions,
             &key_mask.to_dtype(DType::U8)?,
             Some(cache),
+            false,
         )?
+        .to_dtype(DType::F32)
+    }
+
+    fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            positions,
+            &key_mask.to_dtype(DType::U8)?,
+            Some(cache),
+            true,
+        )?
+        .squeeze(1)?
         .to_dtype(DType::F32)
     }
 

@@ -308,6 +308,19 @@ impl crate::causal_lm::CausalLm for DecoderModel {
         }
     }
 
+    fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut crate::causal_lm::KvCache,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Phi(m) => m.forward_cached_last(input_ids, positions, key_mask, cache),
+            Self::Llama(m) => m.forward_cached_last(input_ids, positions, key_mask, cache),
+        }
+    }
+
     fn new_cache(&self) -> crate::causal_lm::KvCache {
         match self {
             Self::Phi(m) => m.new_cache(),

@@ -271,7 +271,7 @@ impl Phi {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
         let positions = arange_positions(b, t, &self.device)?;
-        self.run(input_ids, &positions, &mask, None)
+        self.run(input_ids, &positions, &mask, None, false)
     }
 
     fn run(
@@ -280,6 +280,7 @@ impl Phi {
         positions: &Tensor,
         key_mask: &Tensor,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let mut x = self.embed.forward(ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -295,6 +296,13 @@ impl Phi {
                 .forward(&self.config.hidden_act.forward(&layer.fc1.forward(&h)?)?)?;
             x = ((attn + mlp)? + x)?;
         }
+        // Generation only needs the last position's logits (see `forward_cached_last`).
+        let x = if last_only {
+            let t = x.dim(1)?;
+            x.narrow(1, t.saturating_sub(1), 1)?
+        } else {
+            x
+        };
         let x = self.final_norm.forward(&x)?;
         self.lm_head
             .forward(&x)?
@@ -315,7 +323,26 @@ impl CausalLm for Phi {
             positions,
             &key_mask.to_dtype(DType::U8)?,
             Some(cache),
+            false,
         )?
+        .to_dtype(DType::F32)
+    }
+
+    fn forward_cached_last(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(
+            input_ids,
+            positions,
+            &key_mask.to_dtype(DType::U8)?,
+            Some(cache),
+            true,
+        )?
+        .squeeze(1)?
         .to_dtype(DType::F32)
     }
 

