@@ -393,7 +393,7 @@ def main():
     ap.add_argument("--ref-python", default="/tmp/refvenv/bin/python")
     ap.add_argument("--gguf", default=os.environ.get("PIPELINE_SMOLLM2_GGUF"))
     ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--headline-batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)

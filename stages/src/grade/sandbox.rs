@@ -67,7 +67,9 @@
 //!
 //! Not isolated: the process table (no PID namespace, so `/proc` shows other
 //! processes' command lines), and path-based Unix sockets that the sandbox uid may
-//! open by file permissions.
+//! open by file permissions. Without root (no separate uid) a program can also signal
+//! the fork server, as it could the grader: that sample then ends without a verdict and
+//! the next one gets a fresh fork server.
 //!
 //! Limits of the verdict, stated plainly: this is a sound guard against accidental or naive early exits
 //! and monkey-patching, not against code that deliberately inspects the interpreter
