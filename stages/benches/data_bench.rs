@@ -75,8 +75,7 @@ fn parse_args() -> Res<Args> {
 }
 
 fn data_dir() -> Res<PathBuf> {
-    shared_data_dir()
-        .ok_or_else(|| "shared data not found; set PIPELINE_SHARED_DATA".into())
+    shared_data_dir().ok_or_else(|| "shared data not found; set PIPELINE_SHARED_DATA".into())
 }
 
 fn env_path(var: &str) -> Res<PathBuf> {
@@ -112,7 +111,11 @@ fn messy_texts(limit: Option<usize>) -> Res<Vec<(String, String)>> {
 /// Runs `f` `warmup` times, then `reps` times; `f` times its own measured part (so setup
 /// such as loading a fresh tokenizer stays out). Returns the seconds of the timed runs and
 /// the last result.
-fn repeat<T>(warmup: usize, reps: usize, mut f: impl FnMut() -> Res<(f64, T)>) -> Res<(Vec<f64>, T)> {
+fn repeat<T>(
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Res<(f64, T)>,
+) -> Res<(Vec<f64>, T)> {
     for _ in 0..warmup {
         f()?;
     }
@@ -257,7 +260,10 @@ fn bench_heuristic(args: &Args) -> Res<Value> {
         timed(|| Ok(score_records(&recs, &opts)?))
     })?;
     let scores: Vec<f64> = scores.iter().map(|s| s.score).collect();
-    std::fs::write(args.out.join("heuristic_scores.json"), serde_json::to_vec(&scores)?)?;
+    std::fs::write(
+        args.out.join("heuristic_scores.json"),
+        serde_json::to_vec(&scores)?,
+    )?;
     Ok(json!({
         "seconds": seconds,
         "records": recs.len(),

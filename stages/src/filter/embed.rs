@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::{FilterError, Result};
+use super::{embed_cpu, FilterError, Result};
 
 /// Environment variable naming the MiniLM model folder.
 pub const MINILM_DIR_ENV: &str = "PIPELINE_MINILM_DIR";
@@ -241,8 +241,30 @@ impl Dense {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    /// `x W^T + b`, then `act` if given (in place on the CPU).
+    fn forward(&self, x: &Tensor, act: Option<HiddenAct>) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        if embed_cpu::supported(&y) && matches!(act, None | Some(HiddenAct::Gelu)) {
+            embed_cpu::bias_act(&y, &self.bias, act.is_some())?;
+            return Ok(y);
+        }
+        let y = y.broadcast_add(&self.bias)?;
+        match act {
+            None => Ok(y),
+            Some(HiddenAct::Gelu) => y.gelu_erf(),
+            Some(HiddenAct::GeluApproximate) => y.gelu(),
+            Some(HiddenAct::Relu) => y.relu(),
+        }
+    }
+
+    /// `x W^T + b + residual` (in place on the CPU).
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        if embed_cpu::supported(&y) && embed_cpu::supported(residual) {
+            embed_cpu::bias_residual(&y, &self.bias, residual)?;
+            return Ok(y);
+        }
+        y.broadcast_add(&self.bias)? + residual
     }
 }
 
@@ -262,8 +284,14 @@ impl Norm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    /// Normalises `x`; on the CPU in place, so `x` must be a tensor nothing else reads (the
+    /// callers pass the sum they just computed).
+    fn forward(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        if embed_cpu::supported(&x) {
+            embed_cpu::layer_norm(&x, &self.weight, &self.bias, self.eps)?;
+            return Ok(x);
+        }
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -357,29 +385,50 @@ impl MiniLm {
         let dh = h / heads;
         let positions = Tensor::arange(0u32, l as u32, ids.device())?;
         // Token type 0 everywhere (single-segment inputs): one row, broadcast.
-        let type0 = self.token_type.forward(&Tensor::zeros(1, DType::U32, ids.device())?)?;
+        let type0 = self
+            .token_type
+            .forward(&Tensor::zeros(1, DType::U32, ids.device())?)?;
         let x = self
             .word
             .forward(ids)?
             .broadcast_add(&self.position.forward(&positions)?)?
             .broadcast_add(&type0)?;
-        let mut x = self.emb_norm.forward(&x)?.reshape((b * l, h))?;
-        // Additive mask: 0 for real keys, the dtype's minimum for padding (as HF does), so
-        // padded keys get zero weight after the soft-max.
-        let bias = ((mask.ones_like()? - mask)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
+        let mut x = self.emb_norm.forward(x)?.reshape((b * l, h))?;
+        // Off the fused CPU path, the mask is additive: 0 for real keys, the dtype's minimum
+        // for padding (as HF does), so padded keys get zero weight after the soft-max.
+        let make_additive = || -> candle_core::Result<Tensor> {
+            ((mask.ones_like()? - mask)? * f32::MIN as f64)?.reshape((b, 1, 1, l))
+        };
+        let additive = if embed_cpu::supported(mask) {
+            None
+        } else {
+            Some(make_additive()?)
+        };
         let scale = 1.0 / (dh as f64).sqrt();
         for layer in &self.layers {
             let qkv = layer
                 .qkv
-                .forward(&x)?
+                .forward(&x, None)?
                 .reshape((b, l, 3, heads, dh))?
                 .permute((2, 0, 3, 1, 4))?; // (3, b, heads, l, dh)
-            // Scaling the queries (b*l*h values) instead of the scores (b*heads*l*l).
+                                            // Scaling the queries (b*l*h values) instead of the scores (b*heads*l*l).
             let q = qkv.get(0)?.affine(scale, 0.0)?;
             let k = qkv.get(1)?.contiguous()?;
             let v = qkv.get(2)?.contiguous()?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = match &additive {
+                None if embed_cpu::supported(&scores) => {
+                    embed_cpu::masked_softmax(&scores, mask)?;
+                    scores
+                }
+                _ => {
+                    let bias = match &additive {
+                        Some(a) => a.clone(),
+                        None => make_additive()?,
+                    };
+                    candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?
+                }
+            };
             let ctx = probs
                 .matmul(&v)?
                 .transpose(1, 2)?
@@ -387,14 +436,11 @@ impl MiniLm {
                 .reshape((b * l, h))?;
             let a = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
-            let m = layer.intermediate.forward(&a)?;
-            let m = match self.act {
-                HiddenAct::Gelu => m.gelu_erf()?,
-                HiddenAct::GeluApproximate => m.gelu()?,
-                HiddenAct::Relu => m.relu()?,
-            };
-            x = layer.out_norm.forward(&(layer.output.forward(&m)? + &a)?)?;
+                .forward(layer.attn_out.forward_residual(&ctx, &x)?)?;
+            let m = layer.intermediate.forward(&a, Some(self.act))?;
+            x = layer
+                .out_norm
+                .forward(layer.output.forward_residual(&m, &a)?)?;
         }
         x.reshape((b, l, h))
     }
