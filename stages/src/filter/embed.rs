@@ -41,7 +41,8 @@ pub struct EmbedOptions {
     pub model_dir: Option<PathBuf>,
     /// Tokens per text (longer texts are truncated).
     pub max_len: usize,
-    /// Texts per forward pass.
+    /// Texts per batch (padded to the batch's longest). On the CPU a batch of long texts
+    /// runs as several smaller forward passes, which is faster there and changes no result.
     pub batch_size: usize,
 }
 
@@ -329,7 +330,7 @@ impl MiniLm {
             vb
         };
         let h = cfg.hidden_size;
-        if cfg.num_attention_heads == 0 || h % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !h.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!(
                 "hidden_size {h} is not a multiple of num_attention_heads {}",
                 cfg.num_attention_heads
