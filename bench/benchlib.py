@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def machine() -> str:
+    """CPU model, cores, memory and kernel, as stored in every result file."""
     model = "unknown CPU"
     try:
         for line in open("/proc/cpuinfo"):
@@ -36,6 +37,7 @@ def load_average() -> str:
 
 
 def write_result(name, ours, peer, unit, ratio, notes):
+    """Writes bench/results/NAME.json; `peer` and `ratio` may be None (no fair peer)."""
     out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
@@ -43,9 +45,9 @@ def write_result(name, ours, peer, unit, ratio, notes):
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
         "ours": round(ours, 4),
-        "peer": round(peer, 4),
+        "peer": None if peer is None else round(peer, 4),
         "unit": unit,
-        "ratio": round(ratio, 3),
+        "ratio": None if ratio is None else round(ratio, 3),
         "notes": notes,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")

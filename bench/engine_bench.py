@@ -16,53 +16,23 @@ Usage (from the repo root):
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, {platform.system()} {platform.release()}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import ROOT, write_result  # noqa: E402
 
 
 def timed(cmd, cwd=None, env=None) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def write_result(name, ours, peer, unit, ratio, notes):
-    out = ROOT / "bench" / "results" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "name": name,
-        "machine": machine(),
-        "date": datetime.date.today().isoformat(),
-        "ours": round(ours, 4),
-        "peer": round(peer, 4),
-        "unit": unit,
-        "ratio": round(ratio, 3),
-        "notes": notes,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
 
 
 def make_inputs(data: Path, files: int, mib: int):

@@ -161,9 +161,10 @@ impl LoraLinear {
         Dense::new(base, merged.bias().cloned())
     }
 
-    fn dropout_input(&self, x: &Tensor) -> Result<Tensor> {
+    /// The dropout mask for `x` (0 or `1/keep` per element), or `None` when dropout is off.
+    fn dropout_mask_for(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if !self.is_training() || self.dropout == 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         // Keep an element when a 16-bit draw falls below `threshold`; rescale by the exact keep
         // rate this gives so the expectation is unchanged.
@@ -179,8 +180,20 @@ impl LoraLinear {
             ),
             threshold,
         );
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&(mask * (1.0 / keep))?)
+        // Kept elements carry the rescaling factor, so masking is a single multiply.
+        let mask = match x.dtype() {
+            DType::F64 => {
+                let kept = 1.0 / keep;
+                let m: Vec<f64> = mask.iter().map(|&m| f64::from(m) * kept).collect();
+                Tensor::from_vec(m, x.shape(), x.device())?
+            }
+            dtype => {
+                let kept = (1.0 / keep) as f32;
+                let m: Vec<f32> = mask.iter().map(|&m| f32::from(m) * kept).collect();
+                Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(dtype)?
+            }
+        };
+        Ok(Some(mask))
     }
 }
 
@@ -213,6 +226,151 @@ fn dropout_mask(n: usize, seed: u64, threshold: u64) -> Vec<u8> {
     mask
 }
 
+/// `scaling · (mask ⊙ x) Aᵀ Bᵀ` as one graph node with a hand-written backward.
+///
+/// Built from tensor ops, the update is a dozen nodes (mask multiply, reshapes, transposes, two
+/// matmuls, the scaling), and candle's backward allocates a zero tensor and adds into it for
+/// every one: per adapted projection and step, several activation-sized buffers. Here forward
+/// runs the same ops detached and backward computes the three gradients directly:
+/// `dB = s·gᵀh`, `dA = s·(gB)ᵀ(m⊙x)`, `dx = m ⊙ (s·gB)A` with `h = (m⊙x)Aᵀ`.
+fn lora_delta(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    mask: Option<Tensor>,
+    scaling: f64,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&in_features, lead)) = dims.split_last() else {
+        candle_core::bail!("LoRA input must have at least one dimension");
+    };
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_features))?;
+    let mask = mask.map(|m| m.reshape((rows, in_features))).transpose()?;
+    let xd = match &mask {
+        Some(m) => x2.detach().mul(m)?,
+        None => x2.detach(),
+    };
+    let h = xd.matmul(&a.detach().t()?)?;
+    let delta = (h.matmul(&b.detach().t()?)? * scaling)?;
+    let op = LoraDelta {
+        delta: std::sync::Mutex::new(Some(delta)),
+        h,
+        xd,
+        mask,
+        scaling,
+    };
+    let y = x2.apply_op3(a, b, op)?;
+    let mut out = lead.to_vec();
+    out.push(y.dim(1)?);
+    y.reshape(out)
+}
+
+struct LoraDelta {
+    /// The forward result, computed detached; the op's forward takes it out and hands out a
+    /// copy, so it is not kept alive with the graph.
+    delta: std::sync::Mutex<Option<Tensor>>,
+    /// `(mask ⊙ x) Aᵀ`, `[rows, r]`, kept for `dB`.
+    h: Tensor,
+    /// `mask ⊙ x`, `[rows, in]`, kept for `dA` (the input itself without dropout).
+    xd: Tensor,
+    mask: Option<Tensor>,
+    scaling: f64,
+}
+
+impl LoraDelta {
+    fn copy_of_delta<S: candle_core::backend::BackendStorage>(
+        &self,
+        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> Result<(S, candle_core::Shape)> {
+        let delta = self
+            .delta
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("LoRA delta lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("LoRA delta op run twice".into()))?;
+        let (storage, layout) = delta.storage_and_layout();
+        let storage = pick(&storage)
+            .ok_or_else(|| candle_core::Error::Msg("LoRA delta on an unexpected device".into()))?;
+        Ok((storage.try_clone(layout)?, delta.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for LoraDelta {
+    fn name(&self) -> &'static str {
+        "lora-delta"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.copy_of_delta(|s| match s {
+            candle_core::Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.copy_of_delta(|s| match s {
+            candle_core::Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::MetalStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::MetalStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        self.copy_of_delta(|s| match s {
+            candle_core::Storage::Metal(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = (grad.to_dtype(self.h.dtype())? * self.scaling)?;
+        let grad_b = g.t()?.matmul(&self.h)?;
+        let grad_h = g.matmul(&b.detach())?;
+        let grad_a = grad_h.t()?.matmul(&self.xd)?;
+        let grad_xd = grad_h.matmul(&a.detach())?;
+        let grad_x = match &self.mask {
+            Some(m) => grad_xd.mul(m)?,
+            None => grad_xd,
+        };
+        Ok((
+            Some(grad_x.to_dtype(x.dtype())?),
+            Some(grad_a.to_dtype(a.dtype())?),
+            Some(grad_b.to_dtype(b.dtype())?),
+        ))
+    }
+}
+
 impl LinearLayer for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(x)?;
@@ -223,8 +381,16 @@ impl LinearLayer for LoraLinear {
             (self.a.as_tensor().clone(), self.b.as_tensor().clone())
         };
         let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
-        let h = linear_forward(&self.dropout_input(x)?, &a, None)?;
-        let delta = (linear_forward(&h, &b, None)? * self.scaling)?;
+        let mask = self.dropout_mask_for(x)?;
+        let delta = if x.track_op() || a.track_op() {
+            lora_delta(x, &a, &b, mask, self.scaling)?
+        } else {
+            let xd = match &mask {
+                Some(m) => x.mul(m)?,
+                None => x.clone(),
+            };
+            (linear_forward(&linear_forward(&xd, &a, None)?, &b, None)? * self.scaling)?
+        };
         y + delta
     }
 
@@ -258,5 +424,68 @@ impl LinearLayer for LoraLinear {
         self.stream.store(stream, Ordering::Relaxed);
         self.calls.store(0, Ordering::Relaxed);
         self.base.set_dropout_stream(stream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    /// The fused update against the same update from tensor ops, values and all three
+    /// gradients, with a dropout mask, in f64.
+    #[test]
+    fn lora_delta_matches_the_composite_update() {
+        let (x, a, b) = (
+            Var::from_tensor(&random(&[2, 3, 8], 1)).unwrap(),
+            Var::from_tensor(&random(&[4, 8], 2)).unwrap(),
+            Var::from_tensor(&random(&[5, 4], 3)).unwrap(),
+        );
+        let keep: Vec<f64> = (0..48)
+            .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+            .collect();
+        let mask = Tensor::from_vec(keep, (2, 3, 8), &Device::Cpu).unwrap();
+        let probe = random(&[2, 3, 5], 4);
+        let grads = |y: Tensor| {
+            let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            [x.as_tensor(), a.as_tensor(), b.as_tensor()].map(|v| g.get(v).unwrap().clone())
+        };
+        let fused = lora_delta(x.as_tensor(), &a, &b, Some(mask.clone()), 0.75).unwrap();
+        let xd = x.as_tensor().mul(&mask).unwrap();
+        let composite =
+            (linear_forward(&linear_forward(&xd, &a, None).unwrap(), &b, None).unwrap() * 0.75)
+                .unwrap();
+        let diff = |p: &Tensor, q: &Tensor| {
+            (p - q)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!(diff(&fused, &composite) < 1e-12);
+        for (g_fused, g_ref) in grads(fused).iter().zip(grads(composite).iter()) {
+            assert!(diff(g_fused, g_ref) < 1e-12);
+            assert!(
+                g_fused
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    > 0.0
+            );
+        }
+        assert_eq!(DType::F64, a.dtype());
     }
 }

@@ -3,6 +3,11 @@
 make DIR    Writes a tiny LoRA adapter with PEFT itself (committed as
             models/tests/fixtures/peft_tiny/); the Rust test `peft_fixture` reads it, checks it,
             and rewrites it with our writer.
+logits DIR  Loads the committed fixture adapter into a PeftModel over the tiny base and writes
+            the base (DIR/base: config.json, model.safetensors) and PEFT's logits for fixed
+            token ids (DIR/peft_logits.safetensors), committed as
+            models/tests/fixtures/peft_tiny_logits/; the Rust test `peft_fixture` loads the
+            same base and adapter and must produce the same logits.
 verify DIR  Loads an adapter written by our Rust code (set PEFT_ROUNDTRIP_OUT=DIR when running
             `cargo test -p pipeline-models --test peft_fixture`) into a PeftModel over the same
             tiny base and checks every LoRA weight arrived unchanged.
@@ -48,6 +53,26 @@ def make(out: str) -> None:
     model.save_pretrained(out)
 
 
+FIXTURE = "models/tests/fixtures/peft_tiny"
+
+
+def logits(out: str) -> None:
+    from safetensors.torch import save_file
+
+    base = tiny_base()
+    base.save_pretrained(f"{out}/base", safe_serialization=True)
+    model = PeftModel.from_pretrained(base, FIXTURE)
+    model.eval()
+    ids = torch.tensor([[1, 5, 9, 3, 30, 2, 7, 11], [4, 4, 0, 17, 8, 25, 6, 31]])
+    with torch.no_grad():
+        out_logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    save_file(
+        {"input_ids": ids.to(torch.int64), "logits": out_logits.float().contiguous()},
+        f"{out}/peft_logits.safetensors",
+    )
+    print(f"wrote {out}: logits {tuple(out_logits.shape)}")
+
+
 def verify(adapter_dir: str) -> None:
     model = PeftModel.from_pretrained(tiny_base(), adapter_dir)
     saved = load_file(f"{adapter_dir}/adapter_model.safetensors")
@@ -67,4 +92,4 @@ def verify(adapter_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    {"make": make, "verify": verify}[sys.argv[1]](sys.argv[2])
+    {"make": make, "logits": logits, "verify": verify}[sys.argv[1]](sys.argv[2])

@@ -50,6 +50,26 @@ fn embeddings_are_unit_batch_invariant_and_semantic() {
 }
 
 #[test]
+fn long_batches_split_on_cpu_embed_as_each_text_alone() {
+    let Some(e) = embedder(256) else { return };
+    // Ten texts of 256 tokens: on the CPU one batch of 32 is run as passes of 7 + 3 so no
+    // tensor exceeds the allocator budget; that must not change any embedding.
+    let texts: Vec<String> = (0..10)
+        .map(|i| {
+            (0..200)
+                .map(|j| format!("x{} = {} + y_{i}\n", j % 7, j * i))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let together = e.embed(&refs).unwrap();
+    for (t, v) in refs.iter().zip(&together) {
+        let alone = e.embed(&[*t]).unwrap();
+        assert!(cos(&alone[0], v) > 0.99999, "{}", cos(&alone[0], v));
+    }
+}
+
+#[test]
 fn learned_scorer_beats_chance_on_held_out_data() {
     let Some(dir) = shared_data_dir() else {
         eprintln!("SKIP: shared data not found (set PIPELINE_SHARED_DATA)");

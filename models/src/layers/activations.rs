@@ -3,8 +3,11 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// An MLP activation. Every variant has a backward in candle (`gelu` is the tanh approximation,
-/// which is exactly HF's `gelu_new`).
+use crate::fused::{activation, FusedActivation};
+
+/// An MLP activation. On the CPU, tanh-GELU and SiLU run as fused kernels with an exact backward
+/// ([`crate::fused::activation`]); elsewhere, and for the others, candle's ops (`gelu` is the
+/// tanh approximation, which is exactly HF's `gelu_new`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Activation {
     /// Tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast` in HF).
@@ -24,6 +27,13 @@ pub enum Activation {
 impl Activation {
     /// Applies the activation elementwise.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        if crate::fused::supported(x) {
+            match self {
+                Self::GeluNew => return activation(x, FusedActivation::GeluTanh),
+                Self::Silu => return activation(x, FusedActivation::Silu),
+                Self::Gelu | Self::Relu => {}
+            }
+        }
         match self {
             Self::GeluNew => x.gelu(),
             Self::Gelu => x.gelu_erf(),

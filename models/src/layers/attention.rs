@@ -129,17 +129,30 @@ impl Attention {
         let q = q
             .contiguous()?
             .reshape((b, num_kv_heads, n_rep * t, head_dim))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = q.matmul(&k.t()?)?;
         let bias = mask_bias(key_mask, b, t, past, work)?;
-        let scores = scores
-            .reshape((b, num_kv_heads, n_rep, t, kv_len))?
-            .broadcast_add(&bias.unsqueeze(1)?)?
-            .reshape((b, num_kv_heads, n_rep * t, kv_len))?;
-        let probs = if scores.track_op() {
-            // Composite softmax: `softmax_last_dim` is a fused kernel with no backward.
-            candle_nn::ops::softmax(&scores, D::Minus1)?
+        let probs = if crate::fused::supported(&scores) {
+            // One pass that scales, masks and normalises, with a backward (candle-nn's
+            // `softmax_last_dim` has none). Seen per query head, the scores are
+            // `[b, heads, t, kv_len]`, which is what the mask broadcasts over.
+            let per_head = scores.reshape((b, num_heads, t, kv_len))?;
+            crate::fused::scaled_masked_softmax(&per_head, scale, &bias)?.reshape((
+                b,
+                num_kv_heads,
+                n_rep * t,
+                kv_len,
+            ))?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
+            let scores = (scores * scale)?
+                .reshape((b, num_kv_heads, n_rep, t, kv_len))?
+                .broadcast_add(&bias.unsqueeze(1)?)?
+                .reshape((b, num_kv_heads, n_rep * t, kv_len))?;
+            if scores.track_op() {
+                // Composite softmax: `softmax_last_dim` is a fused kernel with no backward.
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
         };
         let out = probs
             .matmul(&v)?

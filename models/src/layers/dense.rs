@@ -1,18 +1,33 @@
 //! A frozen dense linear layer.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::frozen_matmul::{frozen_matmul, FrozenWeight};
 use crate::linear::LinearLayer;
 
 /// `y = x Wᵀ + b` with a frozen weight `[out, in]` and optional bias `[out]`.
 ///
-/// The weight is a plain `Tensor` (not a `Var`), so no gradient is ever accumulated for it. It
-/// is kept transposed (`Wᵀ`, contiguous `[in, out]`): candle's CPU matmul is several times
-/// slower with a transposed right-hand side, and GPU matmuls do not care.
-#[derive(Debug, Clone)]
+/// The product goes through [`frozen_matmul`], so backward computes the input gradient only
+/// (candle's own matmul would also compute, and keep, a gradient for the weight). The weight is
+/// kept transposed (`Wᵀ`, contiguous `[in, out]`): candle's CPU matmul is several times slower
+/// with a transposed right-hand side, and GPU matmuls do not care.
+#[derive(Clone)]
 pub struct Dense {
     weight_t: Tensor,
+    /// The same tensor as `weight_t`, as the frozen-matmul op takes it.
+    frozen: Arc<dyn FrozenWeight>,
     bias: Option<Tensor>,
+}
+
+impl std::fmt::Debug for Dense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dense")
+            .field("weight_t", &self.weight_t)
+            .field("bias", &self.bias)
+            .finish()
+    }
 }
 
 impl Dense {
@@ -34,7 +49,11 @@ impl Dense {
             }
         }
         let weight_t = weight.t()?.contiguous()?;
-        Ok(Self { weight_t, bias })
+        Ok(Self {
+            frozen: Arc::new(weight_t.clone()),
+            weight_t,
+            bias,
+        })
     }
 
     /// The weight `[out, in]` (a transposed view of the stored `Wᵀ`).
@@ -77,7 +96,11 @@ pub(crate) fn linear_forward_t(
 
 impl LinearLayer for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear_forward_t(x, &self.weight_t, self.bias.as_ref())
+        let y = frozen_matmul(x, &self.frozen)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     fn in_features(&self) -> usize {

@@ -8,6 +8,7 @@ pub mod activations;
 pub mod attention;
 pub mod dense;
 pub mod embedding;
+pub mod frozen_matmul;
 pub mod norms;
 pub mod rotary;
 
@@ -15,6 +16,7 @@ pub use activations::Activation;
 pub use attention::{Attention, AttentionShape};
 pub use dense::Dense;
 pub use embedding::Embedding;
+pub use frozen_matmul::{frozen_matmul, FrozenWeight};
 pub use norms::{LayerNorm, RmsNorm};
 pub use rotary::Rotary;
 

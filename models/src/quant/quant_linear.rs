@@ -1,21 +1,15 @@
 //! A frozen linear layer over a quantized weight, usable under LoRA training.
 //!
-//! Forward dequantizes the weight to the input's dtype and device, multiplies, and drops the
-//! dequantized copy at once. Backward needs only the gradient with respect to the *input*
-//! (`grad_y · W`); the frozen weight gets none. candle's `QMatMul` records no backward at all,
-//! so the input gradient is attached through a [`CustomOp1`] on `x`:
-//!
-//! `y = (x.detach() · Wᵀ) + PassGrad(x)` where `PassGrad` outputs zeros of the output shape and its
-//! `bwd` re-dequantizes `W` and returns `grad_y · W`. The op only allocates zeros in forward, so it
-//! works unchanged on every candle device, and no dequantized weight lives between forward and
-//! backward (only the quantized blocks, shared through an `Arc`).
+//! The product goes through [`frozen_matmul`]: forward dequantizes the weight to the input's
+//! dtype and device, multiplies, and drops the dequantized copy at once; backward dequantizes
+//! again and returns only the input gradient (`grad_y · W`), recording nothing for the frozen
+//! weight (candle's `QMatMul` records no backward at all). No dequantized weight lives between
+//! forward and backward, only the quantized blocks, shared through an `Arc`.
 
 use super::{ggml::GgmlQuantized, nf4::Nf4Tensor, QuantError};
+use crate::layers::frozen_matmul::{frozen_matmul, FrozenWeight};
 use crate::linear::LinearLayer;
-use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, MetalStorage, Result, Shape, Tensor,
-};
+use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
 /// A quantized weight `[out_features, in_features]`.
@@ -54,6 +48,12 @@ impl QuantWeight {
             QuantWeight::Nf4(q) => q.size_bytes(),
             QuantWeight::Ggml(q) => q.size_bytes(),
         }
+    }
+}
+
+impl FrozenWeight for QuantWeight {
+    fn weight_t(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.dequantize(dtype, device)?.t()
     }
 }
 
@@ -107,19 +107,6 @@ impl QuantLinear {
     }
 }
 
-/// `[..., k] · Wᵀ` with `w` `[n, k]`, flattening leading dimensions so one GEMM runs.
-fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = *dims
-        .last()
-        .ok_or_else(|| candle_core::Error::Msg("scalar input".into()))?;
-    let lead: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((lead, k))?.matmul(w_t)?;
-    let mut out = dims[..dims.len() - 1].to_vec();
-    out.push(w_t.dim(1)?);
-    y.reshape(out)
-}
-
 impl LinearLayer for QuantLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let in_dim = x.dims().last().copied();
@@ -130,19 +117,8 @@ impl LinearLayer for QuantLinear {
                 x.dims()
             )));
         }
-        let y = {
-            let w = self.weight.dequantize(x.dtype(), x.device())?;
-            matmul_last(&x.detach().contiguous()?, &w.t()?)?
-        };
-        let y = if x.track_op() {
-            let pass = PassGrad {
-                weight: self.weight.clone(),
-                out_features: self.out_features,
-            };
-            (y + x.apply_op1(pass)?)?
-        } else {
-            y
-        };
+        let weight: Arc<dyn FrozenWeight> = Arc::new(self.weight.clone());
+        let y = frozen_matmul(x, &weight)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.to_device(y.device())?),
             None => Ok(y),
@@ -155,51 +131,5 @@ impl LinearLayer for QuantLinear {
 
     fn out_features(&self) -> usize {
         self.out_features
-    }
-}
-
-/// Zero-valued forward, `grad · W` backward: attaches the input gradient of a frozen quantized
-/// matmul to the graph without holding a dequantized weight.
-struct PassGrad {
-    weight: QuantWeight,
-    out_features: usize,
-}
-
-impl PassGrad {
-    fn out_shape(&self, layout: &Layout) -> Shape {
-        let mut dims = layout.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = self.out_features;
-        }
-        Shape::from(dims)
-    }
-}
-
-impl CustomOp1 for PassGrad {
-    fn name(&self) -> &'static str {
-        "quant-linear-input-grad"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = self.out_shape(layout);
-        Ok((storage.device().zeros_impl(&shape, storage.dtype())?, shape))
-    }
-
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        let shape = self.out_shape(layout);
-        Ok((storage.device().zeros_impl(&shape, storage.dtype())?, shape))
-    }
-
-    fn metal_fwd(&self, storage: &MetalStorage, layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        let shape = self.out_shape(layout);
-        Ok((storage.device().zeros_impl(&shape, storage.dtype())?, shape))
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let w = self
-            .weight
-            .dequantize(grad_res.dtype(), grad_res.device())?;
-        let g = matmul_last(&grad_res.contiguous()?, &w)?;
-        Ok(Some(g.to_dtype(arg.dtype())?))
     }
 }

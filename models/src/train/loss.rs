@@ -37,6 +37,9 @@ pub fn masked_cross_entropy_sum(
             "cross-entropy: sequences need at least 2 tokens to predict a next one".into(),
         ));
     }
+    if crate::fused::supported(logits) {
+        return fused_cross_entropy_sum(logits, targets, mask);
+    }
     let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?;
     let targets = targets
         .narrow(1, 1, t - 1)?
@@ -52,6 +55,32 @@ pub fn masked_cross_entropy_sum(
     let count = mask.sum_all()?.to_scalar::<f32>()? as usize;
     let sum = (picked * &mask)?.sum_all()?.neg()?;
     Ok((sum, count))
+}
+
+/// [`masked_cross_entropy_sum`] through the fused CPU kernel: all `b·t` rows of `logits` go in
+/// (no narrowed copy), row `(i, j)` scored against target `(i, j + 1)`, and each row's last
+/// position weighted 0. Sums in the logits' dtype (f32, or f64 for exact gradient checks).
+fn fused_cross_entropy_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, usize)> {
+    let (b, t, v) = logits.dims3()?;
+    let ids = targets.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let keep = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut row_targets = Vec::with_capacity(b * t);
+    let mut row_weights = Vec::with_capacity(b * t);
+    for (ids, keep) in ids.iter().zip(&keep) {
+        for j in 0..t {
+            let next = j + 1 < t;
+            row_targets.push(if next { ids[j + 1] } else { 0 });
+            row_weights.push(if next && keep[j + 1] != 0.0 { 1.0 } else { 0.0 });
+        }
+    }
+    let count = row_weights.iter().filter(|&&w| w != 0.0).count();
+    let rows =
+        crate::fused::cross_entropy_rows(&logits.reshape((b * t, v))?, &row_targets, &row_weights)?;
+    Ok((rows.sum_all()?.to_dtype(DType::F32)?, count))
 }
 
 /// Mean negative log-likelihood over masked positions (see [`masked_cross_entropy_sum`]).

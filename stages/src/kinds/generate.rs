@@ -393,19 +393,20 @@ impl Stage for Generate {
             "eos_token_ids": eos_token_ids,
             "problems": problems.len(),
             "samples": lines.len(),
-            "resumed_problems": resumed,
             "finish_reasons": finish,
-            "prompt_tokens": stats.prompt_tokens,
-            "generated_tokens": stats.generated_tokens,
-            "prefill_secs": stats.prefill_secs,
-            "decode_secs": stats.decode_secs,
-            "decode_tokens_per_sec": stats.decode_tokens_per_second(),
+            "generated_tokens": lines.iter().map(|l| l.generated_tokens as u64).sum::<u64>(),
         });
+        // Timings, and how much a resumed attempt had left, vary between attempts: they are
+        // metadata, not part of the artifact, so a rerun that generates the same samples
+        // writes the same bytes.
         write_json(&out_dir.join(GENERATION_FILE), &summary)?;
         ctx.set_metadata("samples", lines.len() as u64);
         ctx.set_metadata("problems", problems.len() as u64);
         ctx.set_metadata("generated_tokens", stats.generated_tokens as u64);
         ctx.set_metadata("decode_tokens_per_sec", stats.decode_tokens_per_second());
+        ctx.set_metadata("prefill_secs", stats.prefill_secs);
+        ctx.set_metadata("decode_secs", stats.decode_secs);
+        ctx.set_metadata("prompt_tokens", stats.prompt_tokens as u64);
         if resumed > 0 {
             ctx.set_metadata("resumed_problems", resumed as u64);
         }

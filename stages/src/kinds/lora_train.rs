@@ -215,6 +215,11 @@ impl LoraTrainParams {
 }
 
 /// `train.json`.
+///
+/// What varies between attempts (throughput, the step a resumed attempt started from) is kept
+/// out of the file and recorded as stage metadata instead: an interrupted and resumed run
+/// writes the same artifact, byte for byte, as an uninterrupted one, so stages downstream of a
+/// rerun whose output did not change are not invalidated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSummary {
     /// Optimizer steps completed.
@@ -225,9 +230,11 @@ pub struct TrainSummary {
     pub first_loss: Option<f64>,
     /// Held-out loss at the end, when `eval_tokens` is connected.
     pub final_eval_loss: Option<f64>,
-    /// Target tokens per second over the steps run in the final attempt.
+    /// Target tokens per second over the steps run in the final attempt (metadata only).
+    #[serde(skip)]
     pub tokens_per_s: f64,
-    /// Target (loss) tokens processed in the final attempt.
+    /// Target (loss) tokens processed in the final attempt (metadata only).
+    #[serde(skip)]
     pub train_tokens: u64,
     /// Training examples / micro-batches available.
     pub examples: usize,
@@ -240,7 +247,8 @@ pub struct TrainSummary {
     /// logits, log-softmax, gradient) + per-layer activations (about 16 hidden-size vectors per
     /// token per layer, in the compute dtype).
     pub peak_memory_estimate_bytes: u64,
-    /// Step the final attempt started from (0 unless resumed from a checkpoint).
+    /// Step the final attempt started from, 0 unless resumed from a checkpoint (metadata only).
+    #[serde(skip)]
     pub resumed_from_step: u64,
     /// Compute dtype.
     pub dtype: ComputeDtype,
@@ -584,7 +592,9 @@ pub fn train(
         .into_diagnostic()?;
     let metrics_src = state_dir.join("metrics.jsonl");
     let metrics = std::fs::read_to_string(&metrics_src).into_diagnostic()?;
-    std::fs::write(out.join("metrics.jsonl"), &metrics).into_diagnostic()?;
+    std::fs::write(out.join("metrics.jsonl"), without_timings(&metrics)?).into_diagnostic()?;
+    // The per-step throughput stays beside the checkpoints, out of the artifact (see
+    // `TrainSummary`).
     let first_loss = first_step_loss(&metrics);
     let run_tokens = lm.train_tokens.get();
     if last_loss.is_nan() {
@@ -615,11 +625,27 @@ pub fn train(
     write_json(&out.join("train.json"), &summary)?;
     ctx.set_metadata("final_loss", summary.final_loss);
     ctx.set_metadata("tokens_per_s", summary.tokens_per_s);
+    ctx.set_metadata("train_tokens", summary.train_tokens);
     ctx.set_metadata("resumed_from_step", resumed_from);
     if let Some(e) = final_eval_loss {
         ctx.set_metadata("final_eval_loss", e);
     }
     Ok(summary)
+}
+
+/// `metrics.jsonl` without the wall-clock fields (`tokens_per_s`), which differ between an
+/// interrupted-and-resumed run and an uninterrupted one.
+fn without_timings(metrics: &str) -> miette::Result<String> {
+    let mut out = String::with_capacity(metrics.len());
+    for line in metrics.lines().filter(|l| !l.trim().is_empty()) {
+        let mut record: serde_json::Value = serde_json::from_str(line).into_diagnostic()?;
+        if let Some(fields) = record.as_object_mut() {
+            fields.remove("tokens_per_s");
+        }
+        out.push_str(&record.to_string());
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 fn metric_records(metrics: &str) -> impl Iterator<Item = (u64, f64)> + '_ {

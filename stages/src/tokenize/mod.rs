@@ -240,6 +240,33 @@ pub fn tokenize_file(
     tokenize_records(&records, &tok, opts, out_dir)
 }
 
+/// Renders every record with `opts.template` and tokenizes it ([`tokenize_example`]), in
+/// parallel over records (rayon's pool), results in input order. This is the CPU-heavy part
+/// of [`tokenize_records`], public so benchmarks time exactly what the stage runs.
+pub fn tokenize_all(
+    records: &[Record],
+    tok: &TextTokenizer,
+    opts: &TokenizeOptions,
+) -> Result<Vec<TokenizedExample>, TokenizeError> {
+    let template =
+        Template::from_spec(&opts.template).map_err(|source| TokenizeError::Template {
+            location: "template".into(),
+            source,
+        })?;
+    records
+        .par_iter()
+        .map(|r| {
+            let rendered = template
+                .render(r)
+                .map_err(|source| TokenizeError::Template {
+                    location: r.provenance.to_string(),
+                    source,
+                })?;
+            tokenize_example(tok, &rendered.prompt, &rendered.response, opts)
+        })
+        .collect()
+}
+
 /// Tokenizes `records` with `opts.template`, writes shards and `index.json` to `out_dir`,
 /// and returns the stats (also stored in the index).
 pub fn tokenize_records(
@@ -257,23 +284,7 @@ pub fn tokenize_records(
     if records.is_empty() {
         return Err(TokenizeError::Options("no records to tokenize".into()));
     }
-    let template =
-        Template::from_spec(&opts.template).map_err(|source| TokenizeError::Template {
-            location: "template".into(),
-            source,
-        })?;
-    let examples: Vec<TokenizedExample> = records
-        .par_iter()
-        .map(|r| {
-            let rendered = template
-                .render(r)
-                .map_err(|source| TokenizeError::Template {
-                    location: r.provenance.to_string(),
-                    source,
-                })?;
-            tokenize_example(tok, &rendered.prompt, &rendered.response, opts)
-        })
-        .collect::<Result<_, _>>()?;
+    let examples = tokenize_all(records, tok, opts)?;
 
     let mut stats = TokenizeStats {
         records: records.len() as u64,

@@ -246,8 +246,12 @@ impl TextTokenizer {
                 .map(|(tok, _)| AddedToken::from(tok.clone(), special).normalized(false))
                 .collect()
         };
-        tokenizer.add_special_tokens(&added(TOKEN_TYPE_CONTROL, true));
-        tokenizer.add_tokens(&added(TOKEN_TYPE_USER_DEFINED, false));
+        tokenizer
+            .add_special_tokens(added(TOKEN_TYPE_CONTROL, true))
+            .map_err(|e| err(format!("cannot add control tokens: {e}")))?;
+        tokenizer
+            .add_tokens(added(TOKEN_TYPE_USER_DEFINED, false))
+            .map_err(|e| err(format!("cannot add user-defined tokens: {e}")))?;
         Ok(Self {
             tokenizer,
             bos_id,

@@ -1,0 +1,124 @@
+//! Per-row cross-entropy from logits, one pass forward, one pass backward.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous_slice, with_slice, Real};
+
+/// `weights[r] · (logsumexp(logits[r]) − logits[r, targets[r]])` for each row `r` of CPU f32/f64
+/// `logits` `[rows, vocab]`: the weighted negative log-likelihood, `[rows]`, in the logits'
+/// dtype. Backward gives `logits` the gradient `g[r] · weights[r] · (softmax(logits[r]) −
+/// onehot(targets[r]))`, recomputing the softmax rather than keeping it (one `[rows, vocab]`
+/// buffer in all). Rows with weight 0 cost nothing in backward.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if targets.len() != rows || weights.len() != rows {
+        candle_core::bail!(
+            "cross-entropy: {rows} rows of logits but {} targets and {} weights",
+            targets.len(),
+            weights.len()
+        );
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("cross-entropy: target token {t} is outside the vocabulary of {vocab}");
+    }
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        targets: Arc::from(targets),
+        weights: Arc::from(weights),
+    })
+}
+
+struct CrossEntropy {
+    targets: Arc<[u32]>,
+    weights: Arc<[f32]>,
+}
+
+/// `(max, log Σ exp(x − max))` of a row.
+fn max_and_log_sum_exp<T: Real>(x: &[T]) -> (T, T) {
+    let max = x
+        .iter()
+        .copied()
+        .fold(x[0], |m, v| if v > m { v } else { m });
+    let sum = x
+        .iter()
+        .fold(T::from_f64(0.0), |acc, &v| acc + (v - max).exp());
+    (max, sum.ln())
+}
+
+impl CrossEntropy {
+    fn forward<T: Real>(&self, logits: &[T], vocab: usize) -> Vec<T> {
+        logits
+            .par_chunks(vocab)
+            .zip(self.targets.par_iter().zip(self.weights.par_iter()))
+            .map(|(x, (&t, &w))| {
+                if w == 0.0 {
+                    return T::from_f64(0.0);
+                }
+                let (max, lse) = max_and_log_sum_exp(x);
+                T::from_f64(f64::from(w)) * (lse + max - x[t as usize])
+            })
+            .collect()
+    }
+
+    fn backward<T: Real>(&self, logits: &[T], grad: &[T], vocab: usize) -> Vec<T> {
+        let mut out = vec![T::from_f64(0.0); logits.len()];
+        out.par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .zip(grad.par_iter())
+            .zip(self.targets.par_iter().zip(self.weights.par_iter()))
+            .for_each(|(((dx, x), &g), (&t, &w))| {
+                if w == 0.0 {
+                    return;
+                }
+                let scale = g * T::from_f64(f64::from(w));
+                let (max, lse) = max_and_log_sum_exp(x);
+                let shift = max + lse;
+                for (d, &v) in dx.iter_mut().zip(x) {
+                    *d = scale * (v - shift).exp();
+                }
+                dx[t as usize] -= scale;
+            });
+        out
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = layout.shape().dims2()?;
+        let out = match storage.dtype() {
+            DType::F32 => {
+                CpuStorage::F32(self.forward(contiguous_slice::<f32>(storage, layout)?, vocab))
+            }
+            DType::F64 => {
+                CpuStorage::F64(self.forward(contiguous_slice::<f64>(storage, layout)?, vocab))
+            }
+            other => candle_core::bail!("fused cross-entropy supports f32 and f64, not {other:?}"),
+        };
+        Ok((out, Shape::from(rows)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let vocab = arg.dim(1)?;
+        let dx = match arg.dtype() {
+            DType::F32 => with_slice::<f32, _>(arg, |x| {
+                with_slice::<f32, _>(&grad_res.to_dtype(DType::F32)?, |g| {
+                    Tensor::from_vec(self.backward(x, g, vocab), arg.shape(), arg.device())
+                })
+            })?,
+            DType::F64 => with_slice::<f64, _>(arg, |x| {
+                with_slice::<f64, _>(&grad_res.to_dtype(DType::F64)?, |g| {
+                    Tensor::from_vec(self.backward(x, g, vocab), arg.shape(), arg.device())
+                })
+            })?,
+            other => candle_core::bail!("fused cross-entropy supports f32 and f64, not {other:?}"),
+        };
+        Ok(Some(dx))
+    }
+}

@@ -1,0 +1,257 @@
+//! Fused CPU kernels with an explicit backward, for the hot spots of training on the CPU.
+//!
+//! Written from basic ops, a softmax or a cross-entropy is a chain of elementwise tensors, each
+//! a fresh allocation, and candle's backward adds one more allocation (zeros, then an add) per
+//! gradient it accumulates: on a 49k-token vocabulary that is ~100 MB per op, and page faults
+//! and memory traffic dominated a CPU training step. These ops make one pass in forward and one
+//! in backward instead.
+//!
+//! They run on the CPU only (f32 and f64, rows in parallel with rayon); on other devices the
+//! callers use the composite versions, which record a backward everywhere. Tests check both
+//! against each other and against finite differences.
+
+pub mod activation;
+pub mod cross_entropy;
+pub mod softmax;
+
+pub use activation::{activation, FusedActivation};
+pub use cross_entropy::cross_entropy_rows;
+pub use softmax::{scaled_masked_softmax, softmax_last_dim};
+
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+
+/// The floating-point types the kernels support.
+pub(crate) trait Real: candle_core::WithDType {
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// The contiguous elements of a CPU tensor's storage described by `layout`.
+pub(crate) fn contiguous_slice<'a, T: Real>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// Runs `f` over the contiguous elements of CPU tensor `t` (made contiguous first if needed).
+pub(crate) fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous_slice::<T>(cpu, layout)?),
+        _ => candle_core::bail!("fused op: the tensor is not on the CPU"),
+    }
+}
+
+/// Whether the fused kernels can take a tensor of this dtype on this device.
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::{log_softmax, TrainRng};
+    use candle_core::{Device, Var, D};
+
+    fn random(shape: (usize, usize), seed: u64, dtype: DType) -> Tensor {
+        let mut rng = TrainRng::new(seed);
+        let v: Vec<f64> = (0..shape.0 * shape.1)
+            .map(|_| (f64::from(rng.next_f32()) - 0.5) * 6.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("random tensor")
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.to_dtype(DType::F64))
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("diff")
+    }
+
+    /// Value and gradient of `f` at `x` (summed against fixed weights so every output counts).
+    fn value_and_grad(
+        x: &Tensor,
+        weights: &Tensor,
+        f: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> (Tensor, Tensor) {
+        let var = Var::from_tensor(x).expect("var");
+        let y = f(var.as_tensor()).expect("forward");
+        let loss = y
+            .broadcast_mul(weights)
+            .and_then(|t| t.sum_all())
+            .expect("loss");
+        let grads = loss.backward().expect("backward");
+        let g = grads.get(var.as_tensor()).expect("a gradient").clone();
+        (y, g)
+    }
+
+    #[test]
+    fn softmax_matches_the_composite_softmax_and_its_gradient() {
+        let mut x = random((24, 37), 1, DType::F32);
+        // Masked keys as attention makes them: a large negative bias, and one row all masked.
+        let bias: Vec<f32> = (0..24 * 37)
+            .map(|i| if i % 5 == 0 || i / 37 == 3 { -1e9 } else { 0.0 })
+            .collect();
+        x = (x + Tensor::from_vec(bias, (24, 37), &Device::Cpu).unwrap()).unwrap();
+        let w = random((24, 37), 2, DType::F32);
+        let (y_fused, g_fused) = value_and_grad(&x, &w, softmax_last_dim);
+        let (y_ref, g_ref) = value_and_grad(&x, &w, |t| candle_nn::ops::softmax(t, D::Minus1));
+        assert!(max_abs_diff(&y_fused, &y_ref) < 1e-6);
+        assert!(max_abs_diff(&g_fused, &g_ref) < 1e-6);
+        let total = g_fused.abs().unwrap().sum_all().unwrap();
+        assert!(
+            total.to_scalar::<f32>().unwrap() > 0.0,
+            "gradient is all zero"
+        );
+    }
+
+    /// Central differences of `loss(x)` in f64 against the recorded gradient.
+    fn check_finite_differences(x: &Tensor, loss: impl Fn(&Tensor) -> Result<Tensor>) {
+        let var = Var::from_tensor(x).unwrap();
+        let grads = loss(var.as_tensor()).unwrap().backward().unwrap();
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let analytic = analytic.to_vec1::<f64>().unwrap();
+        let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-6;
+        for i in (0..base.len()).step_by(7) {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+                loss(&t).unwrap().to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "element {i}: finite difference {numeric}, backward {}",
+                analytic[i]
+            );
+        }
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_the_composite_version() {
+        let (b, h, t) = (2, 3, 5);
+        let scores = random((b * h * t, t), 12, DType::F32)
+            .reshape((b, h, t, t))
+            .unwrap();
+        let bias: Vec<f32> = (0..b * t * t)
+            .map(|i| {
+                if (i % t) > (i / t) % t || i % 7 == 0 {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu).unwrap();
+        let w = random((b * h * t, t), 13, DType::F32)
+            .reshape((b, h, t, t))
+            .unwrap();
+        let scale = 0.125;
+        let (y, g) = value_and_grad(&scores, &w, |s| scaled_masked_softmax(s, scale, &bias));
+        let (y_ref, g_ref) = value_and_grad(&scores, &w, |s| {
+            candle_nn::ops::softmax(&(s * scale)?.broadcast_add(&bias)?, D::Minus1)
+        });
+        assert!(max_abs_diff(&y, &y_ref) < 1e-6);
+        assert!(max_abs_diff(&g, &g_ref) < 1e-6);
+    }
+
+    #[test]
+    fn softmax_gradient_matches_finite_differences() {
+        let x = random((6, 11), 3, DType::F64);
+        let w = random((6, 11), 4, DType::F64);
+        check_finite_differences(&x, |t| softmax_last_dim(t)?.mul(&w)?.sum_all());
+    }
+
+    #[test]
+    fn cross_entropy_matches_log_softmax_and_its_gradient() {
+        let (rows, vocab) = (9, 50);
+        let x = random((rows, vocab), 5, DType::F32);
+        let targets: Vec<u32> = (0..rows as u32).map(|r| (r * 7) % vocab as u32).collect();
+        let weights: Vec<f32> = (0..rows)
+            .map(|r| if r % 4 == 3 { 0.0 } else { 1.0 })
+            .collect();
+        let ones = Tensor::ones(rows, DType::F32, &Device::Cpu).unwrap();
+        let (y_fused, g_fused) =
+            value_and_grad(&x, &ones, |t| cross_entropy_rows(t, &targets, &weights));
+        let idx = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let wt = Tensor::new(weights.as_slice(), &Device::Cpu).unwrap();
+        let (y_ref, g_ref) = value_and_grad(&x, &ones, |t| {
+            log_softmax(t)?
+                .gather(&idx.unsqueeze(1)?, 1)?
+                .squeeze(1)?
+                .neg()?
+                .mul(&wt)
+        });
+        assert!(max_abs_diff(&y_fused, &y_ref) < 1e-5);
+        assert!(max_abs_diff(&g_fused, &g_ref) < 1e-6);
+    }
+
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences() {
+        let x = random((5, 13), 6, DType::F64);
+        let targets = [0u32, 12, 5, 5, 7];
+        let weights = [1.0f32, 1.0, 0.0, 1.0, 1.0];
+        let g = Tensor::new(&[0.5f64, -1.0, 2.0, 1.5, 0.25], &Device::Cpu).unwrap();
+        check_finite_differences(&x, |t| {
+            cross_entropy_rows(t, &targets, &weights)?
+                .mul(&g)?
+                .sum_all()
+        });
+    }
+
+    #[test]
+    fn activations_match_candle_and_finite_differences() {
+        let x = random((7, 33), 8, DType::F32);
+        let w = random((7, 33), 9, DType::F32);
+        let (y, g) = value_and_grad(&x, &w, |t| activation(t, FusedActivation::Silu));
+        let (y_ref, g_ref) = value_and_grad(&x, &w, |t| t.silu());
+        assert!(max_abs_diff(&y, &y_ref) < 1e-6);
+        assert!(max_abs_diff(&g, &g_ref) < 1e-5);
+        let (y, g) = value_and_grad(&x, &w, |t| activation(t, FusedActivation::GeluTanh));
+        let (y_ref, g_ref) = value_and_grad(&x, &w, |t| t.gelu());
+        assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+        // candle's gelu backward rounds its constants; ours is exact, so only roughly equal.
+        assert!(max_abs_diff(&g, &g_ref) < 1e-4);
+        let x = random((4, 9), 10, DType::F64);
+        let w = random((4, 9), 11, DType::F64);
+        for act in [FusedActivation::Silu, FusedActivation::GeluTanh] {
+            check_finite_differences(&x, |t| activation(t, act)?.mul(&w)?.sum_all());
+        }
+    }
+
+    #[test]
+    fn cross_entropy_refuses_targets_outside_the_vocabulary() {
+        let x = random((2, 4), 7, DType::F32);
+        let err = cross_entropy_rows(&x, &[0, 4], &[1.0, 1.0]).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    }
+}
