@@ -9,6 +9,7 @@ gradient clipping at 1.0) on the same kind of fixed pseudo-random batch. Prints 
 import argparse
 import json
 import resource
+import sys
 import time
 
 import torch
@@ -68,7 +69,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         secs = time.perf_counter() - t
         losses.append(out.loss.item())
-        print(f"step {i}: {secs:.3f} s, loss {losses[-1]:.4f}", file=__import__("sys").stderr)
+        print(f"step {i}: {secs:.3f} s, loss {losses[-1]:.4f}", file=sys.stderr)
         if i >= args.warmup:
             times.append(secs)
     times.sort()

@@ -1,6 +1,9 @@
 //! Tests of the batched generation loop on small real `CausalLm`s.
 
+mod common;
 mod generate_support;
+
+use common::max_abs_diff;
 
 use candle_core::{Device, Tensor};
 use generate_support::{piece_decoder, TableLm, TinyLm};
@@ -257,14 +260,10 @@ fn generate_cached_logits_equal_full_pass() {
     }
     let stepped = Tensor::cat(&steps, 1).unwrap();
     // Only real positions matter; padding queries' outputs are never used.
-    let diff = (full.narrow(1, 2, 4).unwrap() - stepped.narrow(1, 2, 4).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(
+        &full.narrow(1, 2, 4).unwrap(),
+        &stepped.narrow(1, 2, 4).unwrap(),
+    );
     assert!(diff < 1e-4, "cached and uncached logits differ by {diff}");
     // And the padded row's logits equal those of the unpadded sequence alone.
     let mut c = model.new_cache();
@@ -276,14 +275,10 @@ fn generate_cached_logits_equal_full_pass() {
             &mut c,
         )
         .unwrap();
-    let diff = (full.narrow(0, 0, 1).unwrap().narrow(1, 2, 4).unwrap() - alone)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(
+        &full.narrow(0, 0, 1).unwrap().narrow(1, 2, 4).unwrap(),
+        &alone,
+    );
     assert!(diff < 1e-4, "left padding changed the logits by {diff}");
 }
 

@@ -4,7 +4,10 @@
 //! config fields. With `PEFT_ROUNDTRIP_OUT=DIR` the rewritten adapter is left in `DIR` so that
 //! `peft_roundtrip.py verify DIR` can prove PEFT loads it.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::max_abs_diff;
 use pipeline_models::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -132,27 +135,13 @@ fn peft_adapter_gives_pefts_logits() {
     let ids = reference["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = Tensor::ones(ids.dims(), DType::U8, &Device::Cpu).unwrap();
     let ours = model.forward(&ids, &mask).unwrap();
-    let diff = (ours - &reference["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&ours, &reference["logits"]);
     assert!(diff < 1e-5, "logits differ from PEFT's by up to {diff}");
 
     // And the adapter matters: without it the logits are measurably different.
     let mut plain = DenseFactory;
     let base = Llama::from_hf_dir(&dir.join("base"), &Device::Cpu, DType::F32, &mut plain).unwrap();
-    let base_diff = (base.forward(&ids, &mask).unwrap() - &reference["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let base_diff = max_abs_diff(&base.forward(&ids, &mask).unwrap(), &reference["logits"]);
     assert!(
         base_diff > 1e-3,
         "the adapter changes nothing ({base_diff})"

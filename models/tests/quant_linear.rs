@@ -1,7 +1,10 @@
 //! `QuantLinear`: forward matches the dense layer on the dequantized weight, and backward gives
 //! the input gradient (checked in f64 against finite differences) and nothing for the weight.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_abs_diff;
 use pipeline_models::quant::{
     ggml::{GgmlFormat, GgmlQuantized},
     nf4::Nf4Tensor,
@@ -67,14 +70,7 @@ fn forward_matches_dense_on_dequantized_weight() {
             .unwrap()
             .broadcast_add(&bias)
             .unwrap();
-        let diff = (y - dense)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&y, &dense);
         assert!(diff < 1e-4, "{name}: forward differs by {diff}");
         // bf16 input gives bf16 output.
         let yb = layer.forward(&x.to_dtype(DType::BF16).unwrap()).unwrap();
@@ -102,11 +98,8 @@ fn input_gradient_matches_finite_differences_and_dense_layer() {
         // Dense reference: d/dx sum(c ⊙ x Wᵀ) = c W.
         let wd = layer.weight().dequantize(DType::F64, &Device::Cpu).unwrap();
         let reference = c.matmul(&wd).unwrap();
-        let diff = (gx - &reference).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(
-            diff.to_scalar::<f64>().unwrap() < 1e-10,
-            "{name}: grad vs dense"
-        );
+        let diff = max_abs_diff(gx, &reference);
+        assert!(diff < 1e-10, "{name}: grad vs dense");
         // Central finite differences on a few coordinates.
         let gxv = gx.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let base = x0.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -173,14 +166,7 @@ fn lora_style_adapter_over_quantized_base_gets_dense_gradients() {
             g.get(v.as_tensor()).unwrap(),
             gd.get(v.as_tensor()).unwrap(),
         );
-        let diff = (q - d)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(q, d);
         assert!(diff < 1e-4, "adapter gradient differs by {diff}");
     }
 }

@@ -149,6 +149,53 @@ macro_rules! linear_module_methods {
 }
 pub(crate) use linear_module_methods;
 
+/// [`CausalLm`](crate::CausalLm) for an architecture with a `run(ids, positions, key_mask,
+/// cache, last_only)` forward, `layers`, `config.vocab_size` and `device`: the cached forward is
+/// the same for every architecture, only `run` differs.
+macro_rules! impl_causal_lm {
+    ($model:ty) => {
+        impl CausalLm for $model {
+            fn forward_cached(
+                &self,
+                input_ids: &Tensor,
+                positions: &Tensor,
+                key_mask: &Tensor,
+                cache: &mut KvCache,
+            ) -> Result<Tensor> {
+                let mask = key_mask.to_dtype(DType::U8)?;
+                self.run(input_ids, positions, &mask, Some(cache), false)?
+                    .to_dtype(DType::F32)
+            }
+
+            fn forward_cached_last(
+                &self,
+                input_ids: &Tensor,
+                positions: &Tensor,
+                key_mask: &Tensor,
+                cache: &mut KvCache,
+            ) -> Result<Tensor> {
+                let mask = key_mask.to_dtype(DType::U8)?;
+                self.run(input_ids, positions, &mask, Some(cache), true)?
+                    .squeeze(1)?
+                    .to_dtype(DType::F32)
+            }
+
+            fn new_cache(&self) -> KvCache {
+                KvCache::new(self.layers.len())
+            }
+
+            fn vocab_size(&self) -> usize {
+                self.config.vocab_size
+            }
+
+            fn device(&self) -> &Device {
+                &self.device
+            }
+        }
+    };
+}
+pub(crate) use impl_causal_lm;
+
 /// Prefixes a layer's trainable vars with its module path (`path.lora_A.weight`).
 pub(crate) fn named_vars(path: &str, layer: &dyn LinearLayer, out: &mut Vec<(String, Var)>) {
     for (name, var) in layer.trainable_vars() {

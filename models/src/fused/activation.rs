@@ -4,11 +4,10 @@
 //! of ~1e-5, enough to fail an f64 finite-difference check), and its `silu` backward is seven
 //! more tensor ops. These compute the exact derivative in one pass.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_slice, with_slice, Real};
+use super::{cpu_backward, cpu_forward, Kernel, Real};
 
 /// The activations with a fused kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,24 +28,8 @@ struct Activation(FusedActivation);
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_CUBIC: f64 = 0.044_715;
 
-trait Act: Real {
-    fn tanh(self) -> Self;
-}
-
-impl Act for f32 {
-    fn tanh(self) -> Self {
-        f32::tanh(self)
-    }
-}
-
-impl Act for f64 {
-    fn tanh(self) -> Self {
-        f64::tanh(self)
-    }
-}
-
 /// `(value, derivative)` of the activation at `x`.
-fn eval<T: Act>(act: FusedActivation, x: T) -> (T, T) {
+fn eval<T: Real>(act: FusedActivation, x: T) -> (T, T) {
     let one = T::from_f64(1.0);
     let half = T::from_f64(0.5);
     match act {
@@ -67,7 +50,7 @@ fn eval<T: Act>(act: FusedActivation, x: T) -> (T, T) {
 
 const CHUNK: usize = 1 << 14;
 
-fn forward<T: Act>(act: FusedActivation, x: &[T]) -> Vec<T> {
+fn forward<T: Real>(act: FusedActivation, x: &[T]) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -79,7 +62,7 @@ fn forward<T: Act>(act: FusedActivation, x: &[T]) -> Vec<T> {
     out
 }
 
-fn backward<T: Act>(act: FusedActivation, x: &[T], g: &[T]) -> Vec<T> {
+fn backward<T: Real>(act: FusedActivation, x: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
@@ -91,6 +74,20 @@ fn backward<T: Act>(act: FusedActivation, x: &[T], g: &[T]) -> Vec<T> {
     out
 }
 
+impl Kernel for Activation {
+    fn name(&self) -> &'static str {
+        "fused activation"
+    }
+
+    fn forward<T: Real>(&self, x: &[T], _layout: &Layout) -> Result<Vec<T>> {
+        Ok(forward(self.0, x))
+    }
+
+    fn backward<T: Real>(&self, x: &[T], g: &[T], _n: usize) -> Result<Vec<T>> {
+        Ok(backward(self.0, x, g))
+    }
+}
+
 impl CustomOp1 for Activation {
     fn name(&self) -> &'static str {
         match self.0 {
@@ -100,28 +97,10 @@ impl CustomOp1 for Activation {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage.dtype() {
-            DType::F32 => CpuStorage::F32(forward(self.0, contiguous_slice(storage, layout)?)),
-            DType::F64 => CpuStorage::F64(forward(self.0, contiguous_slice(storage, layout)?)),
-            other => candle_core::bail!("fused activation supports f32 and f64, not {other:?}"),
-        };
-        Ok((out, layout.shape().clone()))
+        Ok((cpu_forward(self, storage, layout)?, layout.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dx = match arg.dtype() {
-            DType::F32 => with_slice::<f32, _>(arg, |x| {
-                with_slice::<f32, _>(&grad_res.to_dtype(DType::F32)?, |g| {
-                    Tensor::from_vec(backward(self.0, x, g), arg.shape(), arg.device())
-                })
-            })?,
-            DType::F64 => with_slice::<f64, _>(arg, |x| {
-                with_slice::<f64, _>(&grad_res.to_dtype(DType::F64)?, |g| {
-                    Tensor::from_vec(backward(self.0, x, g), arg.shape(), arg.device())
-                })
-            })?,
-            other => candle_core::bail!("fused activation supports f32 and f64, not {other:?}"),
-        };
-        Ok(Some(dx))
+        Ok(Some(cpu_backward(self, arg, grad_res)?))
     }
 }

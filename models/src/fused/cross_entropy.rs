@@ -2,11 +2,10 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_slice, with_slice, Real};
+use super::{cpu_backward, cpu_forward, Kernel, Real};
 
 /// `weights[r] · (logsumexp(logits[r]) − logits[r, targets[r]])` for each row `r` of CPU f32/f64
 /// `logits` `[rows, vocab]`: the weighted negative log-likelihood, `[rows]`, in the logits'
@@ -48,9 +47,14 @@ fn max_and_log_sum_exp<T: Real>(x: &[T]) -> (T, T) {
     (max, sum.ln())
 }
 
-impl CrossEntropy {
-    fn forward<T: Real>(&self, logits: &[T], vocab: usize) -> Vec<T> {
-        logits
+impl Kernel for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "fused cross-entropy"
+    }
+
+    fn forward<T: Real>(&self, logits: &[T], layout: &Layout) -> Result<Vec<T>> {
+        let (_, vocab) = layout.shape().dims2()?;
+        Ok(logits
             .par_chunks(vocab)
             .zip(self.targets.par_iter().zip(self.weights.par_iter()))
             .map(|(x, (&t, &w))| {
@@ -60,10 +64,10 @@ impl CrossEntropy {
                 let (max, lse) = max_and_log_sum_exp(x);
                 T::from_f64(f64::from(w)) * (lse + max - x[t as usize])
             })
-            .collect()
+            .collect())
     }
 
-    fn backward<T: Real>(&self, logits: &[T], grad: &[T], vocab: usize) -> Vec<T> {
+    fn backward<T: Real>(&self, logits: &[T], grad: &[T], vocab: usize) -> Result<Vec<T>> {
         let mut out = vec![T::from_f64(0.0); logits.len()];
         out.par_chunks_mut(vocab)
             .zip(logits.par_chunks(vocab))
@@ -81,7 +85,7 @@ impl CrossEntropy {
                 }
                 dx[t as usize] -= scale;
             });
-        out
+        Ok(out)
     }
 }
 
@@ -91,34 +95,11 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (rows, vocab) = layout.shape().dims2()?;
-        let out = match storage.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(self.forward(contiguous_slice::<f32>(storage, layout)?, vocab))
-            }
-            DType::F64 => {
-                CpuStorage::F64(self.forward(contiguous_slice::<f64>(storage, layout)?, vocab))
-            }
-            other => candle_core::bail!("fused cross-entropy supports f32 and f64, not {other:?}"),
-        };
-        Ok((out, Shape::from(rows)))
+        let (rows, _) = layout.shape().dims2()?;
+        Ok((cpu_forward(self, storage, layout)?, Shape::from(rows)))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let vocab = arg.dim(1)?;
-        let dx = match arg.dtype() {
-            DType::F32 => with_slice::<f32, _>(arg, |x| {
-                with_slice::<f32, _>(&grad_res.to_dtype(DType::F32)?, |g| {
-                    Tensor::from_vec(self.backward(x, g, vocab), arg.shape(), arg.device())
-                })
-            })?,
-            DType::F64 => with_slice::<f64, _>(arg, |x| {
-                with_slice::<f64, _>(&grad_res.to_dtype(DType::F64)?, |g| {
-                    Tensor::from_vec(self.backward(x, g, vocab), arg.shape(), arg.device())
-                })
-            })?,
-            other => candle_core::bail!("fused cross-entropy supports f32 and f64, not {other:?}"),
-        };
-        Ok(Some(dx))
+        Ok(Some(cpu_backward(self, arg, grad_res)?))
     }
 }

@@ -18,12 +18,14 @@ pub use activation::{activation, FusedActivation};
 pub use cross_entropy::cross_entropy_rows;
 pub use softmax::{scaled_masked_softmax, softmax_last_dim};
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 
 /// The floating-point types the kernels support.
 pub(crate) trait Real: candle_core::WithDType {
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+    fn tanh(self) -> Self;
 }
 
 impl Real for f32 {
@@ -32,6 +34,9 @@ impl Real for f32 {
     }
     fn ln(self) -> Self {
         f32::ln(self)
+    }
+    fn tanh(self) -> Self {
+        f32::tanh(self)
     }
 }
 
@@ -42,13 +47,63 @@ impl Real for f64 {
     fn ln(self) -> Self {
         f64::ln(self)
     }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+}
+
+/// A fused op's two passes, written once for f32 and f64; [`cpu_forward`] and [`cpu_backward`]
+/// do the dtype dispatch and the storage plumbing around them.
+pub(crate) trait Kernel {
+    /// The op's name, for errors.
+    fn name(&self) -> &'static str;
+
+    /// Forward over the contiguous elements of the input, laid out as `layout`.
+    fn forward<T: Real>(&self, x: &[T], layout: &Layout) -> Result<Vec<T>>;
+
+    /// The input gradient, shaped like `saved` (whichever tensor the op keeps for backward:
+    /// its input or its output), from `saved` and the output gradient `grad`; `n` is the saved
+    /// tensor's last dimension.
+    fn backward<T: Real>(&self, saved: &[T], grad: &[T], n: usize) -> Result<Vec<T>>;
+}
+
+/// Runs `kernel`'s forward on a CPU storage.
+pub(crate) fn cpu_forward(
+    kernel: &impl Kernel,
+    storage: &CpuStorage,
+    layout: &Layout,
+) -> Result<CpuStorage> {
+    match storage.dtype() {
+        DType::F32 => Ok(CpuStorage::F32(
+            kernel.forward(contiguous_slice::<f32>(storage, layout)?, layout)?,
+        )),
+        DType::F64 => Ok(CpuStorage::F64(
+            kernel.forward(contiguous_slice::<f64>(storage, layout)?, layout)?,
+        )),
+        other => candle_core::bail!("{} supports f32 and f64, not {other:?}", kernel.name()),
+    }
+}
+
+/// Runs `kernel`'s backward on `saved` and `grad` (cast to `saved`'s dtype); the result has
+/// `saved`'s shape.
+pub(crate) fn cpu_backward(kernel: &impl Kernel, saved: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    fn run<T: Real>(kernel: &impl Kernel, saved: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let n = saved.dim(candle_core::D::Minus1)?;
+        with_slice::<T, _>(saved, |s| {
+            with_slice::<T, _>(&grad.to_dtype(saved.dtype())?, |g| {
+                Tensor::from_vec(kernel.backward(s, g, n)?, saved.shape(), saved.device())
+            })
+        })
+    }
+    match saved.dtype() {
+        DType::F32 => run::<f32>(kernel, saved, grad),
+        DType::F64 => run::<f64>(kernel, saved, grad),
+        other => candle_core::bail!("{} supports f32 and f64, not {other:?}", kernel.name()),
+    }
 }
 
 /// The contiguous elements of a CPU tensor's storage described by `layout`.
-pub(crate) fn contiguous_slice<'a, T: Real>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
+fn contiguous_slice<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;

@@ -1,10 +1,9 @@
 //! Softmax over the last dimension, one pass forward, one pass backward.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous_slice, with_slice, Real};
+use super::{cpu_backward, cpu_forward, with_slice, Kernel, Real};
 
 /// Softmax over the last dimension of a CPU f32/f64 tensor, recording a backward
 /// (`dx = y · (g − Σ g·y)`), unlike candle-nn's `softmax_last_dim`.
@@ -101,8 +100,12 @@ fn backward<T: Real>(y: &[T], g: &[T], n: usize, scale: T) -> Vec<T> {
     out
 }
 
-impl Softmax {
-    fn run<T: Real>(&self, x: &[T], layout: &Layout) -> Result<Vec<T>> {
+impl Kernel for Softmax {
+    fn name(&self) -> &'static str {
+        "fused softmax"
+    }
+
+    fn forward<T: Real>(&self, x: &[T], layout: &Layout) -> Result<Vec<T>> {
         let n = last_dim(layout)?;
         let scale = T::from_f64(self.scale);
         let Some(bias) = &self.bias else {
@@ -116,6 +119,10 @@ impl Softmax {
                 (bh / heads) * queries + q
             }))
         })
+    }
+
+    fn backward<T: Real>(&self, y: &[T], g: &[T], n: usize) -> Result<Vec<T>> {
+        Ok(backward(y, g, n, T::from_f64(self.scale)))
     }
 }
 
@@ -132,37 +139,11 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(self.run(contiguous_slice::<f32>(storage, layout)?, layout)?)
-            }
-            DType::F64 => {
-                CpuStorage::F64(self.run(contiguous_slice::<f64>(storage, layout)?, layout)?)
-            }
-            other => candle_core::bail!("fused softmax supports f32 and f64, not {other:?}"),
-        };
-        Ok((out, layout.shape().clone()))
+        Ok((cpu_forward(self, storage, layout)?, layout.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let n = res.dim(candle_core::D::Minus1)?;
-        let dx = match res.dtype() {
-            DType::F32 => with_slice::<f32, _>(res, |y| {
-                with_slice::<f32, _>(&grad_res.to_dtype(DType::F32)?, |g| {
-                    Tensor::from_vec(
-                        backward(y, g, n, self.scale as f32),
-                        res.shape(),
-                        res.device(),
-                    )
-                })
-            })?,
-            DType::F64 => with_slice::<f64, _>(res, |y| {
-                with_slice::<f64, _>(&grad_res.to_dtype(DType::F64)?, |g| {
-                    Tensor::from_vec(backward(y, g, n, self.scale), res.shape(), res.device())
-                })
-            })?,
-            other => candle_core::bail!("fused softmax supports f32 and f64, not {other:?}"),
-        };
-        Ok(Some(dx))
+        // The softmax's gradient needs only its output.
+        Ok(Some(cpu_backward(self, res, grad_res)?))
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::frozen_matmul::{frozen_matmul, FrozenWeight};
+use super::frozen_matmul::frozen_matmul;
 use crate::linear::LinearLayer;
 
 /// `y = x Wᵀ + b` with a frozen weight `[out, in]` and optional bias `[out]`.
@@ -13,21 +13,10 @@ use crate::linear::LinearLayer;
 /// (candle's own matmul would also compute, and keep, a gradient for the weight). The weight is
 /// kept transposed (`Wᵀ`, contiguous `[in, out]`): candle's CPU matmul is several times slower
 /// with a transposed right-hand side, and GPU matmuls do not care.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Dense {
     weight_t: Tensor,
-    /// The same tensor as `weight_t`, as the frozen-matmul op takes it.
-    frozen: Arc<dyn FrozenWeight>,
     bias: Option<Tensor>,
-}
-
-impl std::fmt::Debug for Dense {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dense")
-            .field("weight_t", &self.weight_t)
-            .field("bias", &self.bias)
-            .finish()
-    }
 }
 
 impl Dense {
@@ -49,11 +38,7 @@ impl Dense {
             }
         }
         let weight_t = weight.t()?.contiguous()?;
-        Ok(Self {
-            frozen: Arc::new(weight_t.clone()),
-            weight_t,
-            bias,
-        })
+        Ok(Self { weight_t, bias })
     }
 
     /// The weight `[out, in]` (a transposed view of the stored `Wᵀ`).
@@ -96,7 +81,8 @@ pub(crate) fn linear_forward_t(
 
 impl LinearLayer for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.frozen)?;
+        // A tensor is a shared handle: wrapping it for the op copies no data.
+        let y = frozen_matmul(x, Arc::new(self.weight_t.clone()))?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

@@ -34,7 +34,7 @@ impl FrozenWeight for Tensor {
 
 /// `x · Wᵀ` over the last dimension of `x` (`[..., in]` -> `[..., out]`); the backward pass
 /// gives `x` its gradient and `W` none.
-pub fn frozen_matmul(x: &Tensor, weight: &Arc<dyn FrozenWeight>) -> Result<Tensor> {
+pub fn frozen_matmul(x: &Tensor, weight: Arc<dyn FrozenWeight>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let Some((&in_features, lead)) = dims.split_last() else {
         candle_core::bail!("linear layer input must have at least one dimension");
@@ -42,9 +42,7 @@ pub fn frozen_matmul(x: &Tensor, weight: &Arc<dyn FrozenWeight>) -> Result<Tenso
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_features))?;
     let y = if x.track_op() {
-        x2.contiguous()?.apply_op1(FrozenMatmul {
-            weight: Arc::clone(weight),
-        })?
+        x2.contiguous()?.apply_op1(FrozenMatmul { weight })?
     } else {
         x2.matmul(&weight.weight_t(x.dtype(), x.device())?)?
     };

@@ -117,8 +117,7 @@ impl LinearLayer for QuantLinear {
                 x.dims()
             )));
         }
-        let weight: Arc<dyn FrozenWeight> = Arc::new(self.weight.clone());
-        let y = frozen_matmul(x, &weight)?;
+        let y = frozen_matmul(x, Arc::new(self.weight.clone()))?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.to_device(y.device())?),
             None => Ok(y),
