@@ -41,16 +41,35 @@ fn command(cache: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-/// Output tree of every stage whose action record names it, by stage.
-fn trees(cache: &Path) -> std::collections::BTreeMap<String, String> {
-    action_records(cache)
+/// Output tree of every stage of a run, by stage: the run's `--json` report gives each stage's
+/// key, the action record of that key its tree. (A record names only the first stage that
+/// produced it, and identical work is shared, so records alone cannot say which stages
+/// share a result.)
+fn trees(cache: &Path, run_json: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let tree_by_key: std::collections::BTreeMap<String, String> = action_records(cache)
         .into_iter()
         .map(|r| {
             let first = r["outputs"].as_object().unwrap().values().next().unwrap()["tree"]
                 .as_str()
                 .unwrap()
                 .to_string();
-            (r["stage"].as_str().unwrap().to_string(), first)
+            (r["key"].as_str().unwrap().to_string(), first)
+        })
+        .collect();
+    let report: serde_json::Value = serde_json::from_slice(run_json).unwrap();
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let stage = s["stage"].as_str().unwrap().to_string();
+            let key = s["key"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{stage} has no key"));
+            let tree = tree_by_key
+                .get(key)
+                .unwrap_or_else(|| panic!("{stage}: no action record for its key {key}"));
+            (stage, tree.clone())
         })
         .collect()
 }
@@ -75,7 +94,8 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
 
     // 1. Uninterrupted reference run.
     let reference = tmp.path().join("reference");
-    let first = run_outcomes(&command(&reference, &[]).output().unwrap());
+    let first_output = command(&reference, &[]).output().unwrap();
+    let first = run_outcomes(&first_output);
     // On a fresh cache every stage runs, except one whose work is identical to another's
     // (same kind, parameters and input contents: e.g. grading two identical sets of
     // completions), which is done once and reused.
@@ -95,7 +115,7 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     for needle in ["textbook", "messy", "base", "pass@1"] {
         assert!(html.contains(needle), "report lacks {needle}");
     }
-    let reference_trees = trees(&reference);
+    let reference_trees = trees(&reference, &first_output.stdout);
 
     // 2. A no-op rerun runs nothing.
     assert!(ran(&run_outcomes(&command(&reference, &[]).output().unwrap())).is_empty());
@@ -128,7 +148,8 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let resumed = run_outcomes(&command(&crashy, &[]).output().unwrap());
+    let resumed_output = command(&crashy, &[]).output().unwrap();
+    let resumed = run_outcomes(&resumed_output);
     for stage in ["smollm2", "human-eval", "model", "nf4", "textbook", "messy"] {
         let o = &resumed.iter().find(|(s, _)| s == stage).unwrap().1;
         assert_eq!(
@@ -146,7 +167,7 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     );
     // Artifacts hold no timings, so the resumed run's results are the uninterrupted run's,
     // tree for tree; spot-check the files that matter most as well.
-    let crashy_trees = trees(&crashy);
+    let crashy_trees = trees(&crashy, &resumed_output.stdout);
     for (stage, tree) in &reference_trees {
         assert_eq!(
             crashy_trees.get(stage),

@@ -186,6 +186,12 @@ fn bad_overrides_are_usage_errors() {
         ("counter.steps=\"many\"", "expected u64"),
         ("counter=3", "expected STAGE.PARAM=VALUE"),
         ("counter.kind=\"x\"", "cannot be overridden"),
+        ("words.matrix.nokey=[1]", "has no matrix key `nokey`"),
+        ("counter.matrix.word=[\"a\"]", "`counter` has no matrix"),
+        ("words.matrix.word=\"alpha\"", "must be an array"),
+        ("words.matrix.word=[]", "cannot be empty"),
+        ("words.matrix.word=[\"a b\"]", "matrix value `a b`"),
+        ("words@alpha.matrix.word=[\"a\"]", "a matrix belongs to"),
     ] {
         let out = toy(&cache, &["run", manifest.to_str().unwrap(), "--set", set]);
         assert_eq!(out.status.code(), Some(2), "--set {set}");
@@ -364,6 +370,38 @@ fn dag_json_lists_expanded_nodes_and_edges() {
             "{format}"
         );
     }
+}
+
+#[test]
+fn a_matrix_override_cuts_the_variants_and_everything_downstream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = write(tmp.path(), "m.toml", DIAMOND);
+    write(tmp.path(), "input.txt", "x");
+    let cache = tmp.path().join("cache");
+    // `right` reads `words@beta`, so dropping `beta` must fail with the missing reference...
+    let out = toy(
+        &cache,
+        &[
+            "plan",
+            manifest.to_str().unwrap(),
+            "--set",
+            "words.matrix.word=[\"alpha\"]",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("words@beta"), "{}", stderr(&out));
+    // ...while replacing the values renames the variants and their dependants.
+    let outcomes = run_json(
+        &cache,
+        &manifest,
+        &[
+            "--set",
+            "words.matrix.word=[\"alpha\", \"beta\", \"gamma\"]",
+        ],
+    );
+    let names: Vec<&str> = outcomes.iter().map(|(s, _)| s.as_str()).collect();
+    assert!(names.contains(&"words@gamma"), "{names:?}");
+    assert_eq!(names.iter().filter(|n| n.starts_with("words@")).count(), 3);
 }
 
 #[test]

@@ -383,6 +383,27 @@ fn valid_stage_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// A matrix value as it appears in stage names, or why it cannot be one.
+fn matrix_value(value: &DeValue<'_>) -> Result<String, String> {
+    let v = match value {
+        DeValue::String(s) => s.to_string(),
+        DeValue::Integer(i) => i.as_str().to_string(),
+        DeValue::Boolean(b) => b.to_string(),
+        other => {
+            return Err(format!(
+                "matrix values must be strings, integers or booleans, found {}",
+                value_type(other)
+            ))
+        }
+    };
+    if !valid_stage_name(&v) {
+        return Err(format!(
+            "matrix value `{v}` cannot be part of a stage name (use letters, digits, `_` and `-`)"
+        ));
+    }
+    Ok(v)
+}
+
 impl<'a> Parser<'a> {
     fn err(&mut self, e: ManifestError) {
         self.errors.push(e);
@@ -449,6 +470,11 @@ impl<'a> Parser<'a> {
                 self.err(err);
             }
         }
+        let (matrix_overrides, overrides): (Vec<_>, Vec<_>) =
+            overrides.into_iter().partition(|o| o.path[0] == "matrix");
+        for o in &matrix_overrides {
+            self.apply_matrix_override(o, &mut raw_stages);
+        }
         let stages = self.expand(raw_stages, &overrides)?;
         Some((experiment?, stages))
     }
@@ -471,7 +497,17 @@ impl<'a> Parser<'a> {
                 continue;
             };
             let path: Vec<String> = path.split('.').map(|p| p.trim().to_string()).collect();
-            if RESERVED.contains(&path[0].as_str()) {
+            if path[0] == "matrix" && path.len() != 2 {
+                self.err(
+                    ManifestError::new(
+                        "manifest::override",
+                        format!("--set {raw}: a matrix override names one key"),
+                    )
+                    .help("write `--set STAGE.matrix.KEY=[values]`, e.g. `--set train.matrix.seed=[1]`"),
+                );
+                continue;
+            }
+            if path[0] != "matrix" && RESERVED.contains(&path[0].as_str()) {
                 self.err(ManifestError::new(
                     "manifest::override",
                     format!(
@@ -689,6 +725,78 @@ impl<'a> Parser<'a> {
         ok.then_some(out)
     }
 
+    /// `--set STAGE.matrix.KEY=[values]`: replaces the values of one existing matrix key, so a
+    /// run can take a cut of an experiment (fewer seeds, one benchmark) without editing it.
+    fn apply_matrix_override(&mut self, o: &Override<'_>, raw_stages: &mut [RawStage<'_>]) {
+        let key = &o.path[1];
+        let fail = |message: String| ManifestError::new("manifest::override", message);
+        if o.stage.contains('@') {
+            self.err(
+                fail(format!(
+                    "--set {}: a matrix belongs to a stage's base name",
+                    o.raw
+                ))
+                .help(format!(
+                    "write `--set {}.matrix.{key}=[...]`",
+                    o.stage.split('@').next().unwrap_or_default()
+                )),
+            );
+            return;
+        }
+        // A missing stage is reported by the caller's check of every override.
+        let Some(stage) = raw_stages.iter_mut().find(|s| s.name == o.stage) else {
+            return;
+        };
+        let Some(slot) = stage.matrix.iter_mut().find(|(k, _)| k == key) else {
+            let keys: Vec<&str> = stage.matrix.iter().map(|(k, _)| k.as_str()).collect();
+            let help = if keys.is_empty() {
+                format!(
+                    "`{}` has no matrix; a matrix override replaces existing values only",
+                    o.stage
+                )
+            } else {
+                format!("its matrix keys: {}", keys.join(", "))
+            };
+            self.err(
+                fail(format!(
+                    "--set {}: stage `{}` has no matrix key `{key}`",
+                    o.raw, o.stage
+                ))
+                .help(help),
+            );
+            return;
+        };
+        let DeValue::Array(items) = o.value.get_ref() else {
+            self.err(
+                fail(format!("--set {}: matrix values must be an array", o.raw))
+                    .help(format!("write `--set {}.matrix.{key}=[...]`", o.stage)),
+            );
+            return;
+        };
+        let mut values = Vec::new();
+        for item in items.iter() {
+            match matrix_value(item.get_ref()) {
+                Ok(v) if values.contains(&v) => {
+                    self.err(fail(format!(
+                        "--set {}: matrix value `{v}` is listed twice",
+                        o.raw
+                    )));
+                    return;
+                }
+                Ok(v) => values.push(v),
+                Err(message) => {
+                    self.err(fail(format!("--set {}: {message}", o.raw)));
+                    return;
+                }
+            }
+        }
+        if values.is_empty() {
+            self.err(fail(format!("--set {}: the matrix cannot be empty", o.raw)));
+            return;
+        }
+        slot.1 = values;
+    }
+
     fn parse_matrix(
         &mut self,
         stage: &str,
@@ -721,34 +829,16 @@ impl<'a> Parser<'a> {
             };
             let mut vals = Vec::new();
             for item in items.iter() {
-                let v = match item.get_ref() {
-                    DeValue::String(s) => s.to_string(),
-                    DeValue::Integer(i) => i.as_str().to_string(),
-                    DeValue::Boolean(b) => b.to_string(),
-                    other => {
+                let v = match matrix_value(item.get_ref()) {
+                    Ok(v) => v,
+                    Err(message) => {
                         self.err(
-                            ManifestError::new(
-                                "manifest::matrix",
-                                format!(
-                                    "matrix values must be strings, integers or booleans, found {}",
-                                    value_type(other)
-                                ),
-                            )
-                            .at(item.span(), "unsupported value"),
+                            ManifestError::new("manifest::matrix", message)
+                                .at(item.span(), "unsupported value"),
                         );
                         return None;
                     }
                 };
-                if !valid_stage_name(&v) {
-                    self.err(
-                        ManifestError::new(
-                            "manifest::matrix",
-                            format!("matrix value `{v}` cannot be part of a stage name"),
-                        )
-                        .at(item.span(), "use letters, digits, `_` and `-`"),
-                    );
-                    return None;
-                }
                 if vals.contains(&v) {
                     self.err(
                         ManifestError::new(

@@ -14,6 +14,7 @@ use pipeline_stages::kinds::lora_train::{self, LoraTrainKind, LoraTrainParams, T
 use pipeline_stages::kinds::model::{ModelKind, ModelParams};
 use pipeline_stages::kinds::model_artifact::{
     self, load_model, load_model_with_adapter, Architecture, ModelInfo, QuantizationReport,
+    QuantizedWeights,
 };
 use pipeline_stages::kinds::quantize::{QuantFormat, QuantizeKind, QuantizeParams};
 use pipeline_stages::records::{Provenance, Record};
@@ -694,7 +695,22 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
     let cfg = model_artifact::adapter_lora_config(&out).unwrap();
     assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
     assert_eq!(cfg.target_modules.len(), 7);
-    let loaded = load_model_with_adapter(&q, &Device::Cpu, DType::F32, &out).unwrap();
+    let loaded = load_model_with_adapter(
+        &q,
+        &Device::Cpu,
+        DType::F32,
+        &out,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
+    let decoded = load_model_with_adapter(
+        &q,
+        &Device::Cpu,
+        DType::F32,
+        &out,
+        QuantizedWeights::DecodeOnce,
+    )
+    .unwrap();
     let plain = load_model(&q, &Device::Cpu, DType::F32, None).unwrap();
     let ids = TextTokenizer::load(&q.join("tokenizer.json"), None, None)
         .unwrap()
@@ -705,6 +721,14 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
         logits_last(&plain.model, &ids),
     );
     assert!(max_abs_diff(&a, &b) > 1e-3, "the adapter changes the model");
+    // Decoding the quantized weights once at load computes with the same numbers (up to the
+    // summation order of a differently laid out matmul).
+    let once = logits_last(&decoded.model, &ids);
+    assert!(
+        max_abs_diff(&a, &once) < 1e-4,
+        "{}",
+        max_abs_diff(&a, &once)
+    );
     // The adapter is a valid PEFT directory for another model with other modules: refused.
     let phi = run_kind::<ModelKind>(
         &dirs,
@@ -712,7 +736,14 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
         &[],
         0,
     );
-    assert!(load_model_with_adapter(&phi, &Device::Cpu, DType::F32, &out).is_err());
+    assert!(load_model_with_adapter(
+        &phi,
+        &Device::Cpu,
+        DType::F32,
+        &out,
+        QuantizedWeights::KeepQuantized
+    )
+    .is_err());
 }
 
 #[test]
@@ -1005,7 +1036,14 @@ fn phi_quantizes_and_trains_in_half_precision_on_cpu() {
         );
         let cfg = model_artifact::adapter_lora_config(&out).unwrap();
         assert_eq!(cfg.target_modules, vec!["q_proj", "fc2"]);
-        load_model_with_adapter(&q, &Device::Cpu, DType::F32, &out).unwrap();
+        load_model_with_adapter(
+            &q,
+            &Device::Cpu,
+            DType::F32,
+            &out,
+            QuantizedWeights::KeepQuantized,
+        )
+        .unwrap();
     }
 }
 

@@ -38,6 +38,7 @@ use pipeline_models::generate::{
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::model_artifact::QuantizedWeights;
 use super::{read_problems_artifact, write_json};
 use crate::evalsets::generation_requests;
 
@@ -243,7 +244,7 @@ impl Stage for Generate {
     type Params = GenerateParams;
     const KIND: &'static str = "generate";
     // 2: no timings in the artifact; the fused CPU kernels change the last bits of the numbers.
-    const VERSION: &'static str = "2";
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str =
         "sample completions of every problem from a model (+ optional LoRA adapter)";
 
@@ -533,7 +534,9 @@ fn eos_token_ids(model_dir: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>, Ge
 /// Loads the model in `model_dir` for generation, with the PEFT adapter in `adapter_dir`
 /// applied if given (adapter layers kept unmerged, dropout off). Every `model` artifact layout
 /// (GGUF, Hugging Face safetensors, our quantized layout) loads through
-/// [`model_artifact`](super::model_artifact).
+/// [`model_artifact`](super::model_artifact). Quantized projections are decoded once, at load
+/// ([`QuantizedWeights::DecodeOnce`]): the same numbers as decoding them inside every step,
+/// without paying for it at every new token.
 pub fn load_model(
     model_dir: &Path,
     adapter_dir: Option<&Path>,
@@ -541,8 +544,20 @@ pub fn load_model(
     dtype: DType,
 ) -> Result<Box<DecoderModel>, GenerateKindError> {
     let loaded = match adapter_dir {
-        None => super::model_artifact::load_model(model_dir, device, dtype, None),
-        Some(dir) => super::model_artifact::load_model_with_adapter(model_dir, device, dtype, dir),
+        None => super::model_artifact::load_model_as(
+            model_dir,
+            device,
+            dtype,
+            None,
+            QuantizedWeights::DecodeOnce,
+        ),
+        Some(dir) => super::model_artifact::load_model_with_adapter(
+            model_dir,
+            device,
+            dtype,
+            dir,
+            QuantizedWeights::DecodeOnce,
+        ),
     }
     .map_err(|e| GenerateKindError::Load {
         path: model_dir.to_path_buf(),

@@ -293,24 +293,53 @@ pub struct LoadedModel {
     pub tokenizer_path: PathBuf,
 }
 
+/// What happens to quantized projections when a model is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuantizedWeights {
+    /// They stay quantized and are decoded inside every forward and backward (training: the
+    /// point of QLoRA is that no decoded copy of the base lives in memory).
+    #[default]
+    KeepQuantized,
+    /// They are decoded once, at load, into dense layers in the compute dtype (inference: a
+    /// decoding loop would otherwise decode every weight at every new token). The decoded
+    /// values are the ones a quantized layer computes with, so outputs are unchanged; the cost
+    /// is a dense copy of the projections in memory.
+    DecodeOnce,
+}
+
 /// Builds every projection for a model artifact: NF4 layers from the artifact's own table,
-/// ggml-quantized weights as [`QuantLinear`] (never dequantized at load), dense weights as
-/// frozen [`Dense`] in the compute dtype.
+/// ggml-quantized weights as [`QuantLinear`] (or dense, decoded once, under
+/// [`QuantizedWeights::DecodeOnce`]), dense weights as frozen [`Dense`] in the compute dtype.
 struct ArtifactFactory {
     nf4: HashMap<String, Arc<Nf4Tensor>>,
+    mode: QuantizedWeights,
 }
 
 impl LinearFactory for ArtifactFactory {
     fn build(&mut self, parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> {
-        let quant = |w: QuantWeight, bias: Option<Tensor>| {
-            QuantLinear::new(w, bias).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        let mode = self.mode;
+        let device = match &parts.weight {
+            StoredTensor::Dense(t) => t.device().clone(),
+            StoredTensor::Quantized(q) => q.device(),
         };
+        let quant =
+            |w: QuantWeight, bias: Option<Tensor>| -> candle_core::Result<Box<dyn LinearLayer>> {
+                let layer = QuantLinear::new(w, bias)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Ok(match mode {
+                    QuantizedWeights::KeepQuantized => Box::new(layer),
+                    QuantizedWeights::DecodeOnce => Box::new(Dense::new(
+                        layer.weight().dequantize(parts.dtype, &device)?,
+                        layer.bias().cloned(),
+                    )?),
+                })
+            };
         if let Some(q) = self.nf4.get(&parts.path) {
-            return Ok(Box::new(quant(QuantWeight::Nf4(q.clone()), parts.bias)?));
+            return quant(QuantWeight::Nf4(q.clone()), parts.bias);
         }
         match &parts.weight {
             StoredTensor::Quantized(q) => match GgmlQuantized::from_qtensor(q.clone()) {
-                Ok(g) => Ok(Box::new(quant(QuantWeight::Ggml(g), parts.bias)?)),
+                Ok(g) => quant(QuantWeight::Ggml(g), parts.bias),
                 // Formats QuantLinear does not cover (e.g. Q6K in some GGUF files) run dense.
                 Err(_) => Ok(Box::new(Dense::new(
                     parts.weight.to_dense(parts.dtype)?,
@@ -326,12 +355,24 @@ impl LinearFactory for ArtifactFactory {
 
 /// Loads the model in artifact `dir` onto `device`, computing in `dtype`. With `lora`, the
 /// modules matching its `target_modules` are wrapped in fresh LoRA adapters seeded by the
-/// given seed (trainable; PEFT initialisation).
+/// given seed (trainable; PEFT initialisation). Quantized projections stay quantized (see
+/// [`load_model_as`]).
 pub fn load_model(
     dir: &Path,
     device: &Device,
     dtype: DType,
     lora: Option<(&LoraConfig, u64)>,
+) -> Result<LoadedModel> {
+    load_model_as(dir, device, dtype, lora, QuantizedWeights::KeepQuantized)
+}
+
+/// [`load_model`], choosing what happens to quantized projections.
+pub fn load_model_as(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    lora: Option<(&LoraConfig, u64)>,
+    mode: QuantizedWeights,
 ) -> Result<LoadedModel> {
     let info = ModelInfo::load(dir)?;
     let tokenizer_path = dir.join(TOKENIZER_JSON);
@@ -357,17 +398,17 @@ pub fn load_model(
         ModelLayout::Quantized => {
             let (weights, nf4) = read_quantized(dir, device)?;
             let config = ArchConfig::read(dir, info.architecture)?;
-            return build(dir, config, &weights, dtype, ArtifactFactory { nf4 }, lora).map(
-                |model| LoadedModel {
-                    model,
-                    info,
-                    tokenizer_path,
-                },
-            );
+            let factory = ArtifactFactory { nf4, mode };
+            return build(dir, config, &weights, dtype, factory, lora).map(|model| LoadedModel {
+                model,
+                info,
+                tokenizer_path,
+            });
         }
     };
     let factory = ArtifactFactory {
         nf4: HashMap::new(),
+        mode,
     };
     let model = build(dir, config, &weights, dtype, factory, lora)?;
     Ok(LoadedModel {
@@ -430,15 +471,17 @@ pub fn adapter_lora_config(peft_dir: &Path) -> Result<LoraConfig> {
 }
 
 /// Loads the model in `dir` with the adapter in `peft_dir` applied, in inference mode
-/// (dropout off). The convenience the `generate` kind needs.
+/// (dropout off), quantized projections handled as `mode` says. The convenience the `generate`
+/// kind needs.
 pub fn load_model_with_adapter(
     dir: &Path,
     device: &Device,
     dtype: DType,
     peft_dir: &Path,
+    mode: QuantizedWeights,
 ) -> Result<LoadedModel> {
     let lora = adapter_lora_config(peft_dir)?;
-    let loaded = load_model(dir, device, dtype, Some((&lora, 0)))?;
+    let loaded = load_model_as(dir, device, dtype, Some((&lora, 0)), mode)?;
     apply_adapter(&loaded.model, peft_dir)?;
     loaded.model.set_training(false);
     Ok(loaded)
