@@ -9,8 +9,8 @@ use kinds_eval_support::{run_stage, write_problems};
 use pipeline_stages::evalsets::{replication_problems, DEFAULT_INSTRUCTION_TEMPLATE};
 use pipeline_stages::grade::passk::summarize;
 use pipeline_stages::grade::{GradeReport, Isolation, SampleResult, Status, TaskCounts};
-use pipeline_stages::kinds::report::{read_filter_report, variant_name, Report};
-use pipeline_stages::report::ReportData;
+use pipeline_stages::kinds::report::{loss_for, read_filter_report, variant_names, Report};
+use pipeline_stages::report::{LossPoint, ReportData};
 
 /// Writes a grades artifact where task `i` passes iff `pass[i]`.
 fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
@@ -166,9 +166,51 @@ fn report_combines_variants_filters_losses_and_completions() {
 }
 
 #[test]
-fn variant_names_come_from_the_matrix_suffix() {
-    assert_eq!(variant_name("grade@messy"), "messy");
-    assert_eq!(variant_name("grade"), "grade");
+fn variant_names_say_what_sets_each_stage_apart() {
+    assert_eq!(
+        variant_names(&["grade-base", "grade@textbook", "grade@messy"]),
+        ["base", "textbook", "messy"]
+    );
+    assert_eq!(
+        variant_names(&[
+            "grade-base@humaneval",
+            "grade-textbook@1,humaneval",
+            "grade@messy,1,humaneval",
+            "grade-greedy-base@humaneval",
+        ]),
+        [
+            "base,humaneval",
+            "textbook,1,humaneval",
+            "messy,1,humaneval",
+            "greedy-base,humaneval"
+        ]
+    );
+    // A single stage keeps its name; clashing names fall back to the stage names.
+    assert_eq!(variant_names(&["grade"]), ["grade"]);
+    assert_eq!(variant_names(&["grade@messy"]), ["messy"]);
+    assert_eq!(variant_names(&["a-x@v", "b-x@v"]), ["a-x,v", "b-x,v"]);
+    assert_eq!(
+        variant_names(&["x-a@v", "y-a@v", "x-a@v"]),
+        ["x-a@v", "y-a,v", "x-a@v #3"]
+    );
+}
+
+#[test]
+fn loss_curves_find_every_variant_their_training_produced() {
+    let curve = |loss: f64| vec![LossPoint { step: 1, loss }];
+    let losses = vec![
+        ("textbook,1".to_string(), curve(1.0)),
+        ("messy,1".to_string(), curve(2.0)),
+        ("messy".to_string(), curve(3.0)),
+    ];
+    let first = |grade: &str| loss_for(grade, &losses).map(|l| l[0].loss);
+    assert_eq!(first("textbook,1,humaneval"), Some(1.0));
+    assert_eq!(first("greedy-textbook,1,mbpp"), Some(1.0));
+    // The most specific training run wins; an untrained variant has none.
+    assert_eq!(first("messy,1,humaneval"), Some(2.0));
+    assert_eq!(first("messy,2,humaneval"), Some(3.0));
+    assert_eq!(first("base,humaneval"), None);
+    assert_eq!(first("textbook,2,humaneval"), None);
 }
 
 #[test]

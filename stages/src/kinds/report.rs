@@ -1,12 +1,13 @@
 //! `report`: an experiment report over every graded variant.
 //!
 //! Inputs:
-//! * `grades` (many, artifact `grades`): one per variant. A variant is named after its
-//!   producing stage instance: the matrix value after `@` (`grade@messy` → `messy`), else
-//!   the stage name.
+//! * `grades` (many, artifact `grades`): one per variant. A variant is named after what sets
+//!   its producing stage instance apart from the others (see [`variant_names`]):
+//!   `grade-base` → `base`, `grade@messy,1` → `messy,1`.
 //! * `losses` (many, optional, artifact `adapter`): training outputs; `metrics.jsonl` in the
-//!   directory, if present, gives the loss curve of the variant of the same name
-//!   (`train@messy` → `messy`).
+//!   directory, if present, gives the loss curve of the graded variants whose names contain
+//!   its name's words (`train@messy,1` → `messy,1` → `messy,1,humaneval`,
+//!   `greedy-messy,1,humaneval`).
 //! * `filters` (many, optional, artifact `filter-report`): directories with `report.json`
 //!   (one filter report `{filter, input, kept, removed_by_reason, histogram}`, a list of
 //!   them, or `{"reports": [..]}`).
@@ -33,7 +34,7 @@ use crate::grade::stats::StatsError;
 use crate::grade::{compare_paired, CompareOptions, GradeReport, Problem};
 use crate::report::{
     completion_rows, read_loss_curve, render_html, render_markdown, CacheKey, FilterStats,
-    Histogram, ReasonCount, ReportData, VariantReport,
+    Histogram, LossPoint, ReasonCount, ReportData, VariantReport,
 };
 
 /// The `report` stage kind.
@@ -67,9 +68,72 @@ impl Default for ReportParams {
     }
 }
 
-/// The variant name of a producing stage instance: its matrix suffix, else its name.
-pub fn variant_name(stage: &str) -> &str {
-    stage.split_once('@').map_or(stage, |(_, v)| v)
+/// Names for the variants produced by `stages` (stage instance names, in order): what tells
+/// them apart. The leading `-`-separated words that every base name shares are dropped (the
+/// `grade` of `grade-base`, `grade-greedy` and `grade@messy`), the rest is joined with the
+/// matrix values: `grade-base@humaneval` -> `base,humaneval`, `grade@messy,1` -> `messy,1`.
+/// A name that would be empty, or the same as another's, is the stage name itself (numbered
+/// if that, too, repeats).
+pub fn variant_names(stages: &[&str]) -> Vec<String> {
+    let split = |stage: &'_ str| -> (Vec<String>, Option<String>) {
+        let (base, values) = match stage.split_once('@') {
+            Some((b, v)) => (b, Some(v.to_string())),
+            None => (stage, None),
+        };
+        (base.split('-').map(str::to_string).collect(), values)
+    };
+    let parts: Vec<_> = stages.iter().map(|s| split(s)).collect();
+    let shared = match parts.split_first() {
+        Some(((first, _), rest)) => (0..first.len())
+            .take_while(|&i| rest.iter().all(|(words, _)| words.get(i) == first.get(i)))
+            .count(),
+        None => 0,
+    };
+    let mut names: Vec<String> = parts
+        .iter()
+        .map(|(words, values)| {
+            let own = words[shared.min(words.len())..].join("-");
+            [Some(own), values.clone()]
+                .into_iter()
+                .flatten()
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect();
+    let own = names.clone();
+    for (i, name) in names.iter_mut().enumerate() {
+        if name.is_empty() || own.iter().filter(|n| *n == name).count() > 1 {
+            *name = stages[i].to_string();
+        }
+    }
+    // Two inputs from the same stage name (possible outside a manifest) stay apart too.
+    for i in 1..names.len() {
+        if names[..i].contains(&names[i]) {
+            names[i] = format!("{} #{}", names[i], i + 1);
+        }
+    }
+    names
+}
+
+/// The words of a variant name (split at `,` and `-`), to match training runs with the graded
+/// variants they produced.
+pub fn name_words(name: &str) -> BTreeSet<&str> {
+    name.split([',', '-']).filter(|w| !w.is_empty()).collect()
+}
+
+/// The loss curve belonging to graded variant `grade`: of the training variants whose words
+/// all occur in its name (`textbook,1` in `greedy-textbook,1,humaneval`), the most specific.
+pub fn loss_for<'l>(
+    grade: &str,
+    losses: &'l [(String, Vec<LossPoint>)],
+) -> Option<&'l [LossPoint]> {
+    let words = name_words(grade);
+    losses
+        .iter()
+        .filter(|(v, _)| name_words(v).is_subset(&words))
+        .max_by_key(|(v, _)| name_words(v).len())
+        .map(|(_, l)| l.as_slice())
 }
 
 const INPUTS: &[InputSlot] = &[
@@ -112,7 +176,7 @@ const OUTPUTS: &[OutputSlot] = &[OutputSlot {
 impl Stage for Report {
     type Params = ReportParams;
     const KIND: &'static str = "report";
-    const VERSION: &'static str = "1";
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 
@@ -143,16 +207,11 @@ impl Stage for Report {
             }
         };
 
-        // Variants, uniquely named (two inputs may share a matrix value).
+        let grade_inputs = ctx.inputs("grades");
+        let stage_names: Vec<&str> = grade_inputs.iter().map(|a| a.stage.as_str()).collect();
         let mut grades: Vec<(String, String, GradeReport)> = Vec::new();
-        let mut seen = BTreeSet::new();
-        for a in ctx.inputs("grades") {
+        for (a, name) in grade_inputs.iter().zip(variant_names(&stage_names)) {
             let report = read_grades_artifact(&a.path)?;
-            let mut name = variant_name(&a.stage).to_string();
-            if !seen.insert(name.clone()) {
-                name = format!("{} #{}", a.stage, grades.len() + 1);
-                seen.insert(name.clone());
-            }
             data.cache_keys.push(record("grades", &a.stage, &a.path));
             grades.push((name, a.stage.clone(), report));
         }
@@ -164,30 +223,30 @@ impl Stage for Report {
         }
 
         let mut notes = Vec::new();
-        let mut losses: Vec<(String, Vec<crate::report::LossPoint>)> = Vec::new();
-        for a in ctx.inputs("losses") {
+        let loss_inputs = ctx.inputs("losses");
+        let loss_stages: Vec<&str> = loss_inputs.iter().map(|a| a.stage.as_str()).collect();
+        let mut losses: Vec<(String, Vec<LossPoint>)> = Vec::new();
+        for (a, name) in loss_inputs.iter().zip(variant_names(&loss_stages)) {
             data.cache_keys.push(record("losses", &a.stage, &a.path));
             let metrics = a.path.join("metrics.jsonl");
             if metrics.is_file() {
-                losses.push((
-                    variant_name(&a.stage).to_string(),
-                    read_loss_curve(&metrics)?,
-                ));
+                losses.push((name, read_loss_curve(&metrics)?));
             } else {
                 notes.push(format!("{} has no metrics.jsonl; no loss curve", a.stage));
             }
         }
         for (name, _stage, report) in &grades {
-            let loss = losses
-                .iter()
-                .find(|(v, _)| v == name)
-                .map(|(_, l)| l.clone())
+            let loss = loss_for(name, &losses)
+                .map(<[_]>::to_vec)
                 .unwrap_or_default();
             data.variants
                 .push(VariantReport::from_grade(name, &p.benchmark, report, loss));
         }
         for (v, _) in &losses {
-            if !grades.iter().any(|(name, _, _)| name == v) {
+            if !grades
+                .iter()
+                .any(|(name, _, _)| name_words(v).is_subset(&name_words(name)))
+            {
                 notes.push(format!("loss curve of `{v}` matches no graded variant"));
             }
         }
