@@ -20,6 +20,7 @@
 
 pub mod arch;
 pub mod causal_lm;
+pub mod checkpoint;
 pub mod fused;
 pub mod generate;
 pub mod layers;

@@ -35,6 +35,18 @@ pub trait LinearLayer: Send + Sync {
     /// would. Layers without dropout ignore it.
     fn set_dropout_stream(&self, _stream: u64) {}
 
+    /// How far this layer has advanced in its dropout randomness since the last
+    /// [`set_dropout_stream`](LinearLayer::set_dropout_stream). With
+    /// [`set_dropout_position`](LinearLayer::set_dropout_position), lets a recomputed forward
+    /// (gradient checkpointing) draw exactly the masks the original forward drew.
+    fn dropout_position(&self) -> u64 {
+        0
+    }
+
+    /// Moves this layer's dropout randomness to `position` (see
+    /// [`dropout_position`](LinearLayer::dropout_position)).
+    fn set_dropout_position(&self, _position: u64) {}
+
     /// Inference only from now on: trainable variables are used as constants, so no backward
     /// graph is recorded (generation would otherwise keep one per step alive). Irreversible.
     fn freeze(&self) {}

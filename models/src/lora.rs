@@ -425,6 +425,14 @@ impl LinearLayer for LoraLinear {
         self.calls.store(0, Ordering::Relaxed);
         self.base.set_dropout_stream(stream);
     }
+
+    fn dropout_position(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    fn set_dropout_position(&self, position: u64) {
+        self.calls.store(position, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]

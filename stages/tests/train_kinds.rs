@@ -1159,3 +1159,43 @@ checkpoint_every = 3
     );
     assert_eq!(summary.final_loss, whole_summary.final_loss);
 }
+
+#[test]
+fn gradient_checkpointing_trains_the_same_adapter_and_keeps_old_keys() {
+    let dirs = Dirs::new();
+    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf)), &[], 0);
+    let toks = tokens(&dirs, &base, 12);
+    let mut p = train_params(4);
+    p.dropout = 0.1;
+    let inputs: [(&str, &Path); 2] = [("model", &base), ("tokens", &toks)];
+    let plain = run_kind::<LoraTrainKind>(&dirs, &p, &inputs, 1);
+    // Off by default and then absent from the parameters (so from the cache key).
+    let json = serde_json::to_value(&p).unwrap();
+    assert!(json.get("gradient_checkpointing").is_none(), "{json}");
+    p.gradient_checkpointing = true;
+    let recomputed = run_kind::<LoraTrainKind>(&dirs, &p, &inputs, 1);
+    let read = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (a, b) = (read(&plain), read(&recomputed));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let diff = (t - &b[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{name} differs by {diff}");
+    }
+    let (sa, sb) = (train_summary(&plain), train_summary(&recomputed));
+    assert!(
+        (sa.final_loss - sb.final_loss).abs() < 1e-5,
+        "{sa:?} vs {sb:?}"
+    );
+}

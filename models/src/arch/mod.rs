@@ -324,6 +324,22 @@ impl DecoderModel {
         }
     }
 
+    /// Gradient checkpointing of every decoder layer (see [`crate::checkpoint`]).
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        match self {
+            Self::Phi(m) => m.set_gradient_checkpointing(on),
+            Self::Llama(m) => m.set_gradient_checkpointing(on),
+        }
+    }
+
+    /// Whether training forwards checkpoint every decoder layer.
+    pub fn gradient_checkpointing(&self) -> bool {
+        match self {
+            Self::Phi(m) => m.gradient_checkpointing(),
+            Self::Llama(m) => m.gradient_checkpointing(),
+        }
+    }
+
     /// Every linear layer with its HF module path.
     pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
         match self {

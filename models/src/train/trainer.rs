@@ -167,9 +167,13 @@ pub fn accumulate_gradients<M: TrainModel>(
         let sum = out.sum.to_dtype(DType::F32)?;
         loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         tokens += out.tokens;
+        // Gradients of checkpointed layers' variables arrive on the side (see
+        // `crate::checkpoint`); drop any a failed backward left behind first.
+        crate::checkpoint::take_side_gradients();
         let grads = sum.affine(loss_scale, 0.0)?.backward()?;
+        let side = crate::checkpoint::take_side_gradients();
         for (slot, (_, var)) in acc.iter_mut().zip(vars) {
-            if let Some(g) = grads.get(var.as_tensor()) {
+            if let Some(g) = crate::checkpoint::total_gradient(&grads, &side, var)? {
                 let g = g.detach().to_dtype(DType::F32)?;
                 *slot = Some(match slot.take() {
                     Some(prev) => (prev + g)?,

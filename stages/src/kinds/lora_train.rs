@@ -175,6 +175,17 @@ pub struct LoraTrainParams {
     /// a numeric string is accepted for that reason.
     #[serde(default, deserialize_with = "seed_from_int_or_string")]
     pub seed: Option<u64>,
+    /// Recompute each decoder layer's activations in the backward instead of keeping them
+    /// (gradient checkpointing): far less memory (phi-1.5 at 2 x 512 needs it on a 24 GiB
+    /// machine), about a third more compute. Results are the same up to rounding.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gradient_checkpointing: bool,
+}
+
+/// Leaves `gradient_checkpointing = false` out of the serialized parameters, so that keys
+/// made before the option existed stay valid.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl LoraTrainParams {
@@ -485,6 +496,7 @@ pub fn train(
         dtype.dtype(),
         Some((&lora, p.seed.unwrap_or(ctx.seed()))),
     )?;
+    model.set_gradient_checkpointing(p.gradient_checkpointing);
     let vars = model.trainable_vars();
     if vars.is_empty() {
         return Err(miette!(
@@ -692,9 +704,14 @@ fn memory_estimate(
     };
     let tokens = batches.iter().map(|b| b.rows * b.len).max().unwrap_or(0) as u64;
     let act = model.dtype().size_in_bytes() as u64;
-    base + 16 * trainable as u64
-        + tokens * vocab as u64 * 4 * 3
-        + tokens * (hidden * layers) as u64 * 16 * act
+    // About 16 hidden-sized activations per token and layer stay alive until the backward;
+    // checkpointed layers keep only their input and output, plus one layer recomputed at a time.
+    let activations = if model.gradient_checkpointing() {
+        tokens * (hidden * (2 * layers + 16)) as u64 * act
+    } else {
+        tokens * (hidden * layers) as u64 * 16 * act
+    };
+    base + 16 * trainable as u64 + tokens * vocab as u64 * 4 * 3 + activations
 }
 
 /// Accepts `seed = 3` and `seed = "3"` (matrix substitution produces strings).
