@@ -12,10 +12,12 @@
 
 pub mod activation;
 pub mod cross_entropy;
+pub mod norm;
 pub mod softmax;
 
 pub use activation::{activation, FusedActivation};
 pub use cross_entropy::cross_entropy_rows;
+pub use norm::{norm, NormKind};
 pub use softmax::{scaled_masked_softmax, softmax_last_dim};
 
 use candle_core::backend::BackendStorage;
@@ -300,6 +302,47 @@ mod tests {
         let w = random((4, 9), 11, DType::F64);
         for act in [FusedActivation::Silu, FusedActivation::GeluTanh] {
             check_finite_differences(&x, |t| activation(t, act)?.mul(&w)?.sum_all());
+        }
+    }
+
+    #[test]
+    fn norms_match_the_composite_norms_and_finite_differences() {
+        let x = random((6, 32), 14, DType::F32);
+        let w = random((6, 32), 15, DType::F32);
+        let gamma = (random((1, 32), 16, DType::F32).squeeze(0).unwrap() + 1.0).unwrap();
+        let beta = random((1, 32), 17, DType::F32).squeeze(0).unwrap();
+        let eps = 1e-5;
+        let composite_ln = |t: &Tensor| -> Result<Tensor> {
+            let mean = t.mean_keepdim(D::Minus1)?;
+            let c = t.broadcast_sub(&mean)?;
+            let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+            c.broadcast_div(&(var + eps)?.sqrt()?)?
+                .broadcast_mul(&gamma)?
+                .broadcast_add(&beta)
+        };
+        let composite_rms = |t: &Tensor| -> Result<Tensor> {
+            let ms = t.sqr()?.mean_keepdim(D::Minus1)?;
+            t.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(&gamma)
+        };
+        let (y, g) = value_and_grad(&x, &w, |t| {
+            norm(t, NormKind::LayerNorm, &gamma, Some(&beta), eps)
+        });
+        let (y_ref, g_ref) = value_and_grad(&x, &w, composite_ln);
+        assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+        assert!(max_abs_diff(&g, &g_ref) < 1e-5);
+        let (y, g) = value_and_grad(&x, &w, |t| norm(t, NormKind::RmsNorm, &gamma, None, eps));
+        let (y_ref, g_ref) = value_and_grad(&x, &w, composite_rms);
+        assert!(max_abs_diff(&y, &y_ref) < 1e-5);
+        assert!(max_abs_diff(&g, &g_ref) < 1e-5);
+        let x = random((4, 9), 18, DType::F64);
+        let w = random((4, 9), 19, DType::F64);
+        let gamma = random((1, 9), 20, DType::F64).squeeze(0).unwrap();
+        let beta = random((1, 9), 21, DType::F64).squeeze(0).unwrap();
+        for (kind, bias) in [
+            (NormKind::LayerNorm, Some(&beta)),
+            (NormKind::RmsNorm, None),
+        ] {
+            check_finite_differences(&x, |t| norm(t, kind, &gamma, bias, eps)?.mul(&w)?.sum_all());
         }
     }
 

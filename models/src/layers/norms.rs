@@ -1,11 +1,13 @@
-//! LayerNorm and RMSNorm composed from basic ops (candle's fused versions record no backward),
-//! computed in f32 (f64 for f64 models) and cast back to the input dtype. When nothing in the
-//! call records a backward (generation, frozen layers), the f32 path uses candle's fused kernel
-//! instead: one pass over the row rather than six ops that each allocate.
+//! LayerNorm and RMSNorm, computed in f32 (f64 for f64 models) and cast back to the input dtype.
+//! candle's fused versions record no backward, so a training forward on the CPU uses our fused
+//! kernel ([`crate::fused::norm`]: one node, exact input gradient), and elsewhere the composite
+//! ops. When nothing in the call records a backward (generation, frozen layers), the f32 RMSNorm
+//! uses candle's fused kernel: one pass over the row rather than six ops that each allocate.
 
 use candle_core::{DType, Result, Tensor, D};
 
 use super::internal_dtype;
+use crate::fused::{norm, NormKind};
 
 /// LayerNorm over the last dimension with a frozen weight and bias.
 #[derive(Debug, Clone)]
@@ -29,6 +31,16 @@ impl LayerNorm {
         let dtype = x.dtype();
         let work = internal_dtype(dtype);
         let x = x.to_dtype(work)?;
+        if x.track_op() && crate::fused::supported(&x) {
+            return norm(
+                &x,
+                NormKind::LayerNorm,
+                &self.weight,
+                Some(&self.bias),
+                self.eps,
+            )?
+            .to_dtype(dtype);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -67,6 +79,9 @@ impl RmsNorm {
                 x.contiguous()?
             };
             return candle_nn::ops::rms_norm(&x, &weight, self.eps as f32)?.to_dtype(dtype);
+        }
+        if x.track_op() && !weight.track_op() && crate::fused::supported(&x) {
+            return norm(&x, NormKind::RmsNorm, &weight, None, self.eps)?.to_dtype(dtype);
         }
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
