@@ -1180,17 +1180,9 @@ fn gradient_checkpointing_trains_the_same_adapter_and_keeps_old_keys() {
     };
     let (a, b) = (read(&plain), read(&recomputed));
     assert_eq!(a.len(), b.len());
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for (name, t) in &a {
-        let diff = (t - &b[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&values(t), &values(&b[name]));
         assert!(diff < 1e-5, "{name} differs by {diff}");
     }
     let (sa, sb) = (train_summary(&plain), train_summary(&recomputed));

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{arange_positions, build_linear, check_ids_mask, read_json_config, LinearFactory};
+use super::{
+    arange_positions, build_linear, check_ids_mask, read_json_config, DecoderLayer, LinearFactory,
+};
 use crate::causal_lm::{CausalLm, KvCache};
-use crate::checkpoint::{checkpoint, Block};
 use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
 };
@@ -171,7 +172,7 @@ struct LlamaLayer {
     down: Box<dyn LinearLayer>,
 }
 
-impl LlamaLayer {
+impl DecoderLayer for LlamaLayer {
     /// The sequential block: `x += attn(norm(x))`, then `x += mlp(norm(x))`.
     fn forward(
         &self,
@@ -199,25 +200,6 @@ impl LlamaLayer {
             .collect();
         out.extend([&*self.gate, &*self.up, &*self.down]);
         out
-    }
-}
-
-/// One layer with what its training forward needs, for [`checkpoint`].
-struct LlamaBlock {
-    layer: Arc<LlamaLayer>,
-    positions: Tensor,
-    key_mask: Tensor,
-    act: Activation,
-}
-
-impl Block for LlamaBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.layer
-            .forward(x, &self.positions, &self.key_mask, None, self.act)
-    }
-
-    fn linears(&self) -> Vec<&dyn LinearLayer> {
-        self.layer.linears()
     }
 }
 
@@ -406,26 +388,19 @@ impl Llama {
         ids: &Tensor,
         positions: &Tensor,
         key_mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         last_only: bool,
     ) -> Result<Tensor> {
-        let mut x = self.embed.forward(ids)?;
-        let act = self.config.hidden_act;
-        let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = if checkpointing {
-                let block = LlamaBlock {
-                    layer: layer.clone(),
-                    positions: positions.clone(),
-                    key_mask: key_mask.clone(),
-                    act,
-                };
-                checkpoint(Arc::new(block), &x)?
-            } else {
-                let cache = cache.as_deref_mut().map(|c| (c, l));
-                layer.forward(&x, positions, key_mask, cache, act)?
-            };
-        }
+        let x = self.embed.forward(ids)?;
+        let x = super::run_layers(
+            &self.layers,
+            x,
+            positions,
+            key_mask,
+            cache,
+            self.config.hidden_act,
+            self.checkpointing.load(Ordering::Relaxed),
+        )?;
         // Generation only needs the last position's logits (see `forward_cached_last`).
         let x = if last_only {
             let t = x.dim(1)?;

@@ -7,9 +7,13 @@ pub mod phi;
 pub use llama::{Llama, LlamaConfig};
 pub use phi::{Phi, PhiConfig};
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor, Var};
 
-use crate::layers::Dense;
+use crate::causal_lm::KvCache;
+use crate::checkpoint::{checkpoint, Block};
+use crate::layers::{Activation, Dense};
 use crate::linear::LinearLayer;
 use crate::lora::{LoraConfig, LoraLinear};
 use crate::weights::StoredTensor;
@@ -107,6 +111,71 @@ impl<B: LinearFactory> LinearFactory for LoraFactory<B> {
             self.master_dtype,
         )?))
     }
+}
+
+/// A decoder layer, as the layer loop shared by the architectures runs it.
+pub(crate) trait DecoderLayer: Send + Sync + 'static {
+    /// The layer on hidden states `x` `[b, t, hidden]`; with `cache`, attention reads and
+    /// extends that layer's KV cache.
+    fn forward(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+        act: Activation,
+    ) -> Result<Tensor>;
+
+    /// Every linear layer inside, in a fixed order.
+    fn linears(&self) -> Vec<&dyn LinearLayer>;
+}
+
+/// One layer with what its training forward needs, for [`checkpoint`].
+struct LayerBlock<L> {
+    layer: Arc<L>,
+    positions: Tensor,
+    key_mask: Tensor,
+    act: Activation,
+}
+
+impl<L: DecoderLayer> Block for LayerBlock<L> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.layer
+            .forward(x, &self.positions, &self.key_mask, None, self.act)
+    }
+
+    fn linears(&self) -> Vec<&dyn LinearLayer> {
+        self.layer.linears()
+    }
+}
+
+/// Runs `layers` in order on `x`. Without a KV cache and with `checkpointing`, each layer is
+/// checkpointed (see [`crate::checkpoint`]).
+pub(crate) fn run_layers<L: DecoderLayer>(
+    layers: &[Arc<L>],
+    mut x: Tensor,
+    positions: &Tensor,
+    key_mask: &Tensor,
+    mut cache: Option<&mut KvCache>,
+    act: Activation,
+    checkpointing: bool,
+) -> Result<Tensor> {
+    let checkpointing = checkpointing && cache.is_none();
+    for (l, layer) in layers.iter().enumerate() {
+        x = if checkpointing {
+            let block = LayerBlock {
+                layer: layer.clone(),
+                positions: positions.clone(),
+                key_mask: key_mask.clone(),
+                act,
+            };
+            checkpoint(Arc::new(block), &x)?
+        } else {
+            let cache = cache.as_deref_mut().map(|c| (c, l));
+            layer.forward(&x, positions, key_mask, cache, act)?
+        };
+    }
+    Ok(x)
 }
 
 /// The methods every architecture derives from its `linears()` list: trainable variables under

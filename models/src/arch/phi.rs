@@ -8,9 +8,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{arange_positions, build_linear, check_ids_mask, read_json_config, LinearFactory};
+use super::{
+    arange_positions, build_linear, check_ids_mask, read_json_config, DecoderLayer, LinearFactory,
+};
 use crate::causal_lm::{CausalLm, KvCache};
-use crate::checkpoint::{checkpoint, Block};
 use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, LayerNorm, Rotary,
 };
@@ -143,7 +144,7 @@ struct PhiLayer {
     fc2: Box<dyn LinearLayer>,
 }
 
-impl PhiLayer {
+impl DecoderLayer for PhiLayer {
     /// The parallel block: `x + attn(norm(x)) + mlp(norm(x))`.
     fn forward(
         &self,
@@ -169,25 +170,6 @@ impl PhiLayer {
         out.push(&*self.fc1);
         out.push(&*self.fc2);
         out
-    }
-}
-
-/// One layer with what its training forward needs, for [`checkpoint`].
-struct PhiBlock {
-    layer: Arc<PhiLayer>,
-    positions: Tensor,
-    key_mask: Tensor,
-    act: Activation,
-}
-
-impl Block for PhiBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.layer
-            .forward(x, &self.positions, &self.key_mask, None, self.act)
-    }
-
-    fn linears(&self) -> Vec<&dyn LinearLayer> {
-        self.layer.linears()
     }
 }
 
@@ -343,26 +325,19 @@ impl Phi {
         ids: &Tensor,
         positions: &Tensor,
         key_mask: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         last_only: bool,
     ) -> Result<Tensor> {
-        let mut x = self.embed.forward(ids)?;
-        let act = self.config.hidden_act;
-        let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
-        for (l, layer) in self.layers.iter().enumerate() {
-            x = if checkpointing {
-                let block = PhiBlock {
-                    layer: layer.clone(),
-                    positions: positions.clone(),
-                    key_mask: key_mask.clone(),
-                    act,
-                };
-                checkpoint(Arc::new(block), &x)?
-            } else {
-                let cache = cache.as_deref_mut().map(|c| (c, l));
-                layer.forward(&x, positions, key_mask, cache, act)?
-            };
-        }
+        let x = self.embed.forward(ids)?;
+        let x = super::run_layers(
+            &self.layers,
+            x,
+            positions,
+            key_mask,
+            cache,
+            self.config.hidden_act,
+            self.checkpointing.load(Ordering::Relaxed),
+        )?;
         // Generation only needs the last position's logits (see `forward_cached_last`).
         let x = if last_only {
             let t = x.dim(1)?;
