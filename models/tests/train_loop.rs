@@ -367,6 +367,41 @@ fn interrupted_run_resumes_bit_identically() {
 }
 
 #[test]
+fn a_run_killed_before_its_first_checkpoint_logs_each_step_once() {
+    let train = data(5, 3, 8, 11);
+    let eval = data(1, 3, 8, 12);
+    let total = 4;
+    let full_model = TinyLm::new(0.25);
+    let full_dir = tempfile::tempdir().unwrap();
+    let mut full = Trainer::new(&full_model, config(total), Some(full_dir.path())).unwrap();
+    full.run(&train, &eval, None, &|| false).unwrap();
+
+    // The first attempt logs two steps and dies before any checkpoint is written.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let model = TinyLm::new(0.25);
+        let mut t = Trainer::new(&model, config(total), Some(dir.path())).unwrap();
+        t.train_step(&train).unwrap();
+        t.train_step(&train).unwrap();
+    }
+    assert!(!dir.path().join("latest").exists());
+    let model = TinyLm::new(0.25);
+    let mut t = Trainer::resume(&model, config(total), dir.path()).unwrap();
+    assert_eq!(t.step(), 0);
+    t.run(&train, &eval, None, &|| false).unwrap();
+    let steps = |d: &std::path::Path| -> Vec<(u64, String)> {
+        records(d)
+            .into_iter()
+            .filter(|r| r.get("loss").is_some())
+            .map(|r| (r["step"].as_u64().unwrap(), r["loss"].to_string()))
+            .collect()
+    };
+    let logged = steps(dir.path());
+    assert_eq!(logged.len(), total as usize, "{logged:?}");
+    assert_eq!(logged, steps(full_dir.path()));
+}
+
+#[test]
 fn resume_rejects_a_checkpoint_for_another_model() {
     let dir = tempfile::tempdir().unwrap();
     let train = data(2, 2, 6, 1);

@@ -259,9 +259,11 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
             let device = t.vars[0].1.device().clone();
             let ckpt = checkpoint::load(&ckpt_dir, &device)?;
             t.restore(ckpt)?;
-            if let Some(m) = &t.metrics {
-                m.truncate_after(t.step)?;
-            }
+        }
+        // Records of steps after the checkpoint (all of them, without one) belong to an attempt
+        // that died before saving: the steps run again and must not be logged twice.
+        if let Some(m) = &t.metrics {
+            m.truncate_after(t.step)?;
         }
         Ok(t)
     }
