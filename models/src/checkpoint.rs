@@ -18,8 +18,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, TensorId, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Result, Shape, Storage, Tensor,
+    TensorId, Var,
+};
 
 use crate::linear::LinearLayer;
 
@@ -86,7 +90,14 @@ pub fn checkpoint(block: Arc<dyn Block>, x: &Tensor) -> Result<Tensor> {
     let before = dropout_positions(&*block);
     // The graph this forward records (through the adapters' variables) is dropped at once;
     // only the values are kept.
-    let output = block.forward(&x.detach())?.detach().contiguous()?;
+    let output = block.forward(&x.detach())?.detach();
+    // The op hands out a clone of the output's whole storage, so the output must start it (a
+    // layer's last op, the residual add, allocates exactly its result).
+    let output = if output.is_contiguous() && output.layout().start_offset() == 0 {
+        output
+    } else {
+        output.copy()?
+    };
     let after = dropout_positions(&*block);
     let op = CheckpointOp {
         block,
@@ -107,10 +118,10 @@ struct CheckpointOp {
 }
 
 impl CheckpointOp {
-    fn output_storage<S>(&self, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<S>
-    where
-        S: candle_core::backend::BackendStorage,
-    {
+    fn output_storage<S: BackendStorage>(
+        &self,
+        pick: impl Fn(&Storage) -> Option<&S>,
+    ) -> Result<S> {
         let (storage, layout) = self.output.storage_and_layout();
         let s = pick(&storage).ok_or_else(|| {
             candle_core::Error::Msg("checkpointed block output on another device".into())
@@ -126,20 +137,29 @@ impl CustomOp1 for CheckpointOp {
 
     fn cpu_fwd(&self, _storage: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let s = self.output_storage(|s| match s {
-            candle_core::Storage::Cpu(c) => Some(c),
+            Storage::Cpu(c) => Some(c),
             _ => None,
         })?;
         Ok((s, self.output.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _storage: &candle_core::CudaStorage,
-        _layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    // Compiled in every build (candle has stand-in GPU storages without its GPU features), so
+    // the CPU build type-checks these too.
+    fn cuda_fwd(&self, _storage: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
         let s = self.output_storage(|s| match s {
-            candle_core::Storage::Cuda(c) => Some(c),
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })?;
+        Ok((s, self.output.shape().clone()))
+    }
+
+    fn metal_fwd(
+        &self,
+        _storage: &MetalStorage,
+        _layout: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        let s = self.output_storage(|s| match s {
+            Storage::Metal(c) => Some(c),
             _ => None,
         })?;
         Ok((s, self.output.shape().clone()))
