@@ -96,7 +96,7 @@ pub fn checkpoint(block: Arc<dyn Block>, x: &Tensor) -> Result<Tensor> {
     let output = if output.is_contiguous() && output.layout().start_offset() == 0 {
         output
     } else {
-        output.copy()?
+        output.force_contiguous()?
     };
     let after = dropout_positions(&*block);
     let op = CheckpointOp {
