@@ -154,6 +154,31 @@ fn records(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `(step, loss, lr)` of every training-step record in `dir`'s metrics, in file order.
+fn logged_steps(dir: &std::path::Path) -> Vec<(u64, String, String)> {
+    records(dir)
+        .into_iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["loss"].to_string(),
+                r["lr"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The model after an uninterrupted run of `total` steps, and the directory it logged to.
+fn uninterrupted(total: u64, train: &[Batch], eval: &[Batch]) -> (TinyLm, tempfile::TempDir) {
+    let model = TinyLm::new(0.25);
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&model, config(total), Some(dir.path())).unwrap();
+    t.run(train, eval, None, &|| false).unwrap();
+    drop(t);
+    (model, dir)
+}
+
 #[test]
 fn loss_falls_on_a_tiny_problem_in_each_compute_dtype() {
     let train = data(8, 4, 8, 7);
@@ -297,10 +322,7 @@ fn interrupted_run_resumes_bit_identically() {
     let eval = data(1, 3, 8, 12);
     let total = 10;
 
-    let full_model = TinyLm::new(0.25);
-    let full_dir = tempfile::tempdir().unwrap();
-    let mut full = Trainer::new(&full_model, config(total), Some(full_dir.path())).unwrap();
-    full.run(&train, &eval, None, &|| false).unwrap();
+    let (full_model, full_dir) = uninterrupted(total, &train, &eval);
 
     // First attempt: runs to a checkpoint at step 3, takes two more steps, then "crashes".
     let dir = tempfile::tempdir().unwrap();
@@ -341,19 +363,7 @@ fn interrupted_run_resumes_bit_identically() {
     );
 
     // Metrics: one line per step, same losses and learning rates as the uninterrupted run.
-    let strip = |recs: Vec<serde_json::Value>| -> Vec<(u64, String, String)> {
-        recs.into_iter()
-            .filter(|r| r.get("loss").is_some())
-            .map(|r| {
-                (
-                    r["step"].as_u64().unwrap(),
-                    r["loss"].to_string(),
-                    r["lr"].to_string(),
-                )
-            })
-            .collect()
-    };
-    let (a, b) = (strip(records(full_dir.path())), strip(records(dir.path())));
+    let (a, b) = (logged_steps(full_dir.path()), logged_steps(dir.path()));
     assert_eq!(a.len(), total as usize);
     assert_eq!(a, b);
     // Only the newest two checkpoints are kept, and no staging leftovers.
@@ -371,10 +381,7 @@ fn a_run_killed_before_its_first_checkpoint_logs_each_step_once() {
     let train = data(5, 3, 8, 11);
     let eval = data(1, 3, 8, 12);
     let total = 4;
-    let full_model = TinyLm::new(0.25);
-    let full_dir = tempfile::tempdir().unwrap();
-    let mut full = Trainer::new(&full_model, config(total), Some(full_dir.path())).unwrap();
-    full.run(&train, &eval, None, &|| false).unwrap();
+    let (full_model, full_dir) = uninterrupted(total, &train, &eval);
 
     // The first attempt logs two steps and dies before any checkpoint is written.
     let dir = tempfile::tempdir().unwrap();
@@ -389,16 +396,10 @@ fn a_run_killed_before_its_first_checkpoint_logs_each_step_once() {
     let mut t = Trainer::resume(&model, config(total), dir.path()).unwrap();
     assert_eq!(t.step(), 0);
     t.run(&train, &eval, None, &|| false).unwrap();
-    let steps = |d: &std::path::Path| -> Vec<(u64, String)> {
-        records(d)
-            .into_iter()
-            .filter(|r| r.get("loss").is_some())
-            .map(|r| (r["step"].as_u64().unwrap(), r["loss"].to_string()))
-            .collect()
-    };
-    let logged = steps(dir.path());
+    let logged = logged_steps(dir.path());
     assert_eq!(logged.len(), total as usize, "{logged:?}");
-    assert_eq!(logged, steps(full_dir.path()));
+    assert_eq!(logged, logged_steps(full_dir.path()));
+    assert_eq!(weights(&model), weights(&full_model));
 }
 
 #[test]

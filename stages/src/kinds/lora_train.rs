@@ -178,14 +178,8 @@ pub struct LoraTrainParams {
     /// Recompute each decoder layer's activations in the backward instead of keeping them
     /// (gradient checkpointing): far less memory (phi-1.5 at 2 x 512 needs it on a 24 GiB
     /// machine), about a third more compute. Results are the same up to rounding.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub gradient_checkpointing: bool,
-}
-
-/// Leaves `gradient_checkpointing = false` out of the serialized parameters, so that keys
-/// made before the option existed stay valid.
-fn is_false(b: &bool) -> bool {
-    !*b
 }
 
 impl LoraTrainParams {
@@ -255,8 +249,11 @@ pub struct TrainSummary {
     pub trainable_params: usize,
     /// Rough peak memory in bytes: base weights as stored + trainable parameters with their
     /// gradient and two AdamW moments (f32) + the largest micro-batch's logits (three copies:
-    /// logits, log-softmax, gradient) + per-layer activations (about 16 hidden-size vectors per
-    /// token per layer, in the compute dtype).
+    /// logits, log-softmax, gradient) + activations: about 96 hidden-size vectors per token
+    /// per layer kept until the backward, in the compute dtype (with gradient checkpointing,
+    /// two per layer plus one layer's 96). The 96 is calibrated on measured peaks (phi-1.5 and
+    /// SmolLM2 at 2 x 256 on the CPU: `bench/phi15_memory.sh`, `bench/train_bench.py`); it
+    /// lands within about 1 GB of them.
     pub peak_memory_estimate_bytes: u64,
     /// Step the final attempt started from, 0 unless resumed from a checkpoint (metadata only).
     #[serde(skip)]
@@ -704,13 +701,14 @@ fn memory_estimate(
     };
     let tokens = batches.iter().map(|b| b.rows * b.len).max().unwrap_or(0) as u64;
     let act = model.dtype().size_in_bytes() as u64;
-    // About 16 hidden-sized activations per token and layer stay alive until the backward;
-    // checkpointed layers keep only their input and output, plus one layer recomputed at a time.
-    let activations = if model.gradient_checkpointing() {
-        tokens * (hidden * (2 * layers + 16)) as u64 * act
+    // See `TrainSummary::peak_memory_estimate_bytes` for where the 96 comes from.
+    const PER_LAYER: usize = 96;
+    let vectors = if model.gradient_checkpointing() {
+        2 * layers + PER_LAYER
     } else {
-        tokens * (hidden * layers) as u64 * 16 * act
+        PER_LAYER * layers
     };
+    let activations = tokens * (hidden * vectors) as u64 * act;
     base + 16 * trainable as u64 + tokens * vocab as u64 * 4 * 3 + activations
 }
 

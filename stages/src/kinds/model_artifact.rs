@@ -324,14 +324,14 @@ impl LinearFactory for ArtifactFactory {
         };
         let quant =
             |w: QuantWeight, bias: Option<Tensor>| -> candle_core::Result<Box<dyn LinearLayer>> {
-                let layer = QuantLinear::new(w, bias)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 Ok(match mode {
-                    QuantizedWeights::KeepQuantized => Box::new(layer),
-                    QuantizedWeights::DecodeOnce => Box::new(Dense::new(
-                        layer.weight().dequantize(parts.dtype, &device)?,
-                        layer.bias().cloned(),
-                    )?),
+                    QuantizedWeights::KeepQuantized => Box::new(
+                        QuantLinear::new(w, bias)
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                    ),
+                    QuantizedWeights::DecodeOnce => {
+                        Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?)
+                    }
                 })
             };
         if let Some(q) = self.nf4.get(&parts.path) {
