@@ -3,10 +3,11 @@
 //! through that.
 //!
 //! candle keeps every intermediate of a forward alive until its backward ends, so training
-//! memory grows with everything every layer computes (for phi-1.5 at 2 x 512 in f32, more than
-//! 20 GiB). Checkpointing each decoder layer trades one extra forward per layer (about a third
-//! more compute) for keeping one hidden state per layer, as `prepare_model_for_kbit_training`
-//! does for the QLoRA replication in PyTorch.
+//! memory grows with everything every layer computes (phi-1.5 at 2 x 512 in f32 on the CPU:
+//! 22.6 GiB, `bench/phi15_memory.sh`). Checkpointing each decoder layer trades one extra forward
+//! per layer (a third more arithmetic in theory: backward is about twice a forward) for keeping
+//! one hidden state per layer (4.3 GiB there), as `prepare_model_for_kbit_training` does for the
+//! QLoRA replication in PyTorch.
 //!
 //! The mechanism is a candle custom op whose backward recomputes the block. Its input gradient
 //! goes back through the graph as usual; the gradients of the block's own trainable variables

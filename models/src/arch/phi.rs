@@ -301,7 +301,7 @@ impl Phi {
     super::linear_module_methods!();
 
     /// Gradient checkpointing of every decoder layer in training forwards (see
-    /// [`crate::checkpoint`]): far less memory, about a third more compute.
+    /// [`crate::checkpoint`]): far less memory for one more forward pass per layer.
     pub fn set_gradient_checkpointing(&self, on: bool) {
         self.checkpointing.store(on, Ordering::Relaxed);
     }

@@ -176,8 +176,9 @@ pub struct LoraTrainParams {
     #[serde(default, deserialize_with = "seed_from_int_or_string")]
     pub seed: Option<u64>,
     /// Recompute each decoder layer's activations in the backward instead of keeping them
-    /// (gradient checkpointing): far less memory (phi-1.5 at 2 x 512 needs it on a 24 GiB
-    /// machine), about a third more compute. Results are the same up to rounding.
+    /// (gradient checkpointing): far less memory (phi-1.5 at 2 x 512 on the CPU: 4.3 GiB instead
+    /// of 22.6, `bench/phi15_memory.sh`) for one more forward pass per layer. Results are the
+    /// same up to rounding.
     #[serde(default)]
     pub gradient_checkpointing: bool,
 }
@@ -251,9 +252,9 @@ pub struct TrainSummary {
     /// gradient and two AdamW moments (f32) + the largest micro-batch's logits (three copies:
     /// logits, log-softmax, gradient) + activations: about 96 hidden-size vectors per token
     /// per layer kept until the backward, in the compute dtype (with gradient checkpointing,
-    /// two per layer plus one layer's 96). The 96 is calibrated on measured peaks (phi-1.5 and
-    /// SmolLM2 at 2 x 256 on the CPU: `bench/phi15_memory.sh`, `bench/train_bench.py`); it
-    /// lands within about 1 GB of them.
+    /// two per layer plus one layer's 96). The 96 is calibrated on measured peaks on the CPU
+    /// (`bench/phi15_memory.sh`): for phi-1.5 the estimate stays 8-13% below them without
+    /// checkpointing and about 30% below with it, where the process's fixed costs weigh more.
     pub peak_memory_estimate_bytes: u64,
     /// Step the final attempt started from, 0 unless resumed from a checkpoint (metadata only).
     #[serde(skip)]
