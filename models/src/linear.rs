@@ -1,7 +1,20 @@
 //! The one trait every linear layer implements, so that a model is built the same way whether
 //! its projections are dense, quantized, or wrapped with LoRA adapters.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::layers::FrozenWeight;
+
+/// A frozen affine map `y = x·Wᵀ + b` (see [`LinearLayer::frozen_parts`]).
+#[derive(Clone)]
+pub struct FrozenParts {
+    /// `W`, handed out as `Wᵀ` in the compute dtype.
+    pub weight: Arc<dyn FrozenWeight>,
+    /// `b` `[out]`, any float dtype (cast by the user).
+    pub bias: Option<Tensor>,
+}
 
 /// A linear projection `y = x Wᵀ (+ b)` over the last dimension of `x`.
 ///
@@ -50,6 +63,13 @@ pub trait LinearLayer: Send + Sync {
     /// Inference only from now on: trainable variables are used as constants, so no backward
     /// graph is recorded (generation would otherwise keep one per step alive). Irreversible.
     fn freeze(&self) {}
+
+    /// The layer as a frozen affine map `y = x·Wᵀ + b`, when that is all it is: lets a wrapper
+    /// (LoRA) fuse the base product into its own op instead of adding one more graph node.
+    /// `None` (the default) for anything else.
+    fn frozen_parts(&self) -> Option<FrozenParts> {
+        None
+    }
 
     /// The effective dense weight `[out, in]` and bias `[out]` of this layer, e.g. to merge LoRA
     /// adapters into a plain copy.

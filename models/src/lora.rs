@@ -373,7 +373,6 @@ impl candle_core::CustomOp3 for LoraDelta {
 
 impl LinearLayer for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         let dtype = x.dtype();
         let (a, b) = if self.frozen.load(Ordering::Relaxed) {
             (self.a.as_detached_tensor(), self.b.as_detached_tensor())
@@ -382,7 +381,22 @@ impl LinearLayer for LoraLinear {
         };
         let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
         let mask = self.dropout_mask_for(x)?;
-        let delta = if x.track_op() || a.track_op() {
+        let training = x.track_op() || a.track_op();
+        if training && crate::fused::supported(x) {
+            if let Some(parts) = self.base.frozen_parts() {
+                return crate::fused::lora_linear::lora_linear(
+                    x,
+                    &a,
+                    &b,
+                    parts.weight,
+                    parts.bias,
+                    mask,
+                    self.scaling,
+                );
+            }
+        }
+        let y = self.base.forward(x)?;
+        let delta = if training {
             lora_delta(x, &a, &b, mask, self.scaling)?
         } else {
             let xd = match &mask {

@@ -12,6 +12,8 @@
 
 pub mod activation;
 pub mod cross_entropy;
+pub(crate) mod gemm;
+pub mod lora_linear;
 pub mod norm;
 pub mod softmax;
 

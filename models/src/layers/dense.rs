@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::frozen_matmul::frozen_matmul;
-use crate::linear::LinearLayer;
+use crate::linear::{FrozenParts, LinearLayer};
 
 /// `y = x Wᵀ + b` with a frozen weight `[out, in]` and optional bias `[out]`.
 ///
@@ -95,6 +95,13 @@ impl LinearLayer for Dense {
 
     fn out_features(&self) -> usize {
         self.weight_t.dims().get(1).copied().unwrap_or(0)
+    }
+
+    fn frozen_parts(&self) -> Option<FrozenParts> {
+        Some(FrozenParts {
+            weight: Arc::new(self.weight_t.clone()),
+            bias: self.bias.clone(),
+        })
     }
 
     fn dense_parts(&self, _device: &Device, _dtype: DType) -> Result<(Tensor, Option<Tensor>)> {

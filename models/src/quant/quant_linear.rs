@@ -8,7 +8,7 @@
 
 use super::{ggml::GgmlQuantized, nf4::Nf4Tensor, QuantError};
 use crate::layers::frozen_matmul::{frozen_matmul, FrozenWeight};
-use crate::linear::LinearLayer;
+use crate::linear::{FrozenParts, LinearLayer};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::Arc;
 
@@ -126,6 +126,13 @@ impl LinearLayer for QuantLinear {
 
     fn in_features(&self) -> usize {
         self.in_features
+    }
+
+    fn frozen_parts(&self) -> Option<FrozenParts> {
+        Some(FrozenParts {
+            weight: Arc::new(self.weight.clone()),
+            bias: self.bias.clone(),
+        })
     }
 
     fn out_features(&self) -> usize {
