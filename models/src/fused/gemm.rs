@@ -72,12 +72,23 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
-/// `lhs · rhs · beta` as a fresh row-major `lhs.rows x rhs.cols` vector, multi-threaded on
-/// rayon's pool like candle's own matmul. The output is written once, never zero-filled first.
+/// Where a product runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Split over rayon's pool, like candle's own matmul: for one big product.
+    Pool,
+    /// On the calling thread: for the many small products of a kernel that is already
+    /// parallel over them (attention heads).
+    One,
+}
+
+/// `lhs · rhs · beta` as a fresh row-major `lhs.rows x rhs.cols` vector. The output is written
+/// once, never zero-filled first.
 pub(crate) fn matmul<T: GemmFloat>(
     lhs: MatRef<'_, T>,
     rhs: MatRef<'_, T>,
     beta: T,
+    threads: Threads,
 ) -> Result<Vec<T>> {
     let (m, n) = check(lhs, rhs)?;
     let mut out: Vec<T> = Vec::with_capacity(m * n);
@@ -89,7 +100,7 @@ pub(crate) fn matmul<T: GemmFloat>(
     // destination without reading it, so the spare capacity is fully initialised before
     // `set_len`; the views were bounds-checked at construction.
     unsafe {
-        run(out.as_mut_ptr(), false, lhs, rhs, beta);
+        run(out.as_mut_ptr(), false, lhs, rhs, beta, threads);
         out.set_len(m * n);
     }
     Ok(out)
@@ -101,6 +112,7 @@ pub(crate) fn matmul_acc<T: GemmFloat>(
     lhs: MatRef<'_, T>,
     rhs: MatRef<'_, T>,
     beta: T,
+    threads: Threads,
 ) -> Result<()> {
     let (m, n) = check(lhs, rhs)?;
     if dst.len() != m * n {
@@ -113,7 +125,7 @@ pub(crate) fn matmul_acc<T: GemmFloat>(
     if lhs.cols > 0 {
         // SAFETY: `dst` is a unique borrow of exactly m x n elements (so it aliases neither
         // input) and the views were bounds-checked at construction.
-        unsafe { run(dst.as_mut_ptr(), true, lhs, rhs, beta) };
+        unsafe { run(dst.as_mut_ptr(), true, lhs, rhs, beta, threads) };
     }
     Ok(())
 }
@@ -156,14 +168,15 @@ unsafe fn run<T: GemmFloat>(
     lhs: MatRef<'_, T>,
     rhs: MatRef<'_, T>,
     beta: T,
+    threads: Threads,
 ) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    let pool = rayon::current_num_threads();
+    let parallelism = if threads == Threads::Pool && pool > 1 {
+        gemm::Parallelism::Rayon(pool)
     } else {
         gemm::Parallelism::None
     };

@@ -19,7 +19,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_acc, GemmFloat, MatRef};
+use super::gemm::{matmul, matmul_acc, GemmFloat, MatRef, Threads};
 use crate::layers::FrozenWeight;
 
 /// Elements per rayon task in the elementwise loops.
@@ -191,8 +191,13 @@ impl LoraLinear {
             None => None,
         };
         let xd = masked(xs, mask);
-        let h = matmul(MatRef::new(&xd, rows, width)?, a_mat.t(), T::ONE)?;
-        let mut y = matmul(x_mat, w_t, T::ONE)?;
+        let h = matmul(
+            MatRef::new(&xd, rows, width)?,
+            a_mat.t(),
+            T::ONE,
+            Threads::Pool,
+        )?;
+        let mut y = matmul(x_mat, w_t, T::ONE, Threads::Pool)?;
         if let Some(bias) = &self.bias {
             let (storage, layout) = bias.storage_and_layout();
             let bias = elements::<T>(&storage, layout)?;
@@ -215,6 +220,7 @@ impl LoraLinear {
             MatRef::new(&h, rows, a_mat.rows())?,
             b_mat.t(),
             scaling,
+            Threads::Pool,
         )?;
         let h = Tensor::from_vec(h, (rows, a_mat.rows()), &Device::Cpu)?;
         *self
@@ -269,22 +275,27 @@ impl LoraLinear {
         let scaling = T::from_f64(self.scaling);
 
         // g·B, [rows, r]: the gradient reaching the adapter's bottleneck, before the scaling.
-        let gb = matmul(g_mat, b_mat, T::ONE)?;
+        let gb = matmul(g_mat, b_mat, T::ONE, Threads::Pool)?;
         let gb_mat = MatRef::new(&gb, rows, r)?;
-        let grad_b = matmul(g_mat.t(), h_mat, scaling)?;
+        let grad_b = matmul(g_mat.t(), h_mat, scaling, Threads::Pool)?;
         let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask {
             Some((storage, layout)) => Some(elements::<T>(storage, layout)?),
             None => None,
         };
         let xd = masked(xs, mask);
-        let grad_a = matmul(gb_mat.t(), MatRef::new(&xd, rows, width)?, scaling)?;
+        let grad_a = matmul(
+            gb_mat.t(),
+            MatRef::new(&xd, rows, width)?,
+            scaling,
+            Threads::Pool,
+        )?;
         drop(xd);
-        let mut grad_x = matmul(g_mat, w_t.t(), T::ONE)?;
+        let mut grad_x = matmul(g_mat, w_t.t(), T::ONE, Threads::Pool)?;
         match mask {
-            None => matmul_acc(&mut grad_x, gb_mat, a_mat, scaling)?,
+            None => matmul_acc(&mut grad_x, gb_mat, a_mat, scaling, Threads::Pool)?,
             Some(m) => {
-                let through_adapter = matmul(gb_mat, a_mat, scaling)?;
+                let through_adapter = matmul(gb_mat, a_mat, scaling, Threads::Pool)?;
                 grad_x
                     .par_chunks_mut(CHUNK)
                     .zip(through_adapter.par_chunks(CHUNK).zip(m.par_chunks(CHUNK)))

@@ -11,6 +11,7 @@
 //! against each other and against finite differences.
 
 pub mod activation;
+pub mod attention;
 pub mod cross_entropy;
 pub(crate) mod gemm;
 pub mod lora_linear;

@@ -101,14 +101,30 @@ impl Attention {
         } = self.shape;
         let dtype = x.dtype();
         let work = internal_dtype(dtype);
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let training = q.track_op() || k.track_op() || v.track_op();
+        if cache.is_none() && training && crate::fused::supported(&q) {
+            // Training on the CPU: one node for all of attention (see `fused::attention`).
+            let spec = crate::fused::attention::AttentionSpec {
+                num_heads,
+                num_kv_heads,
+                head_dim,
+                rotary_dim: self.rotary.rotary_dim(),
+                inv_freq: self.rotary.inv_freq().to_vec(),
+                scale: 1.0 / (head_dim as f64).sqrt(),
+            };
+            let out =
+                crate::fused::attention::causal_attention(&q, &k, &v, positions, key_mask, &spec)?;
+            return self.o.forward(&out);
+        }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.to_dtype(work)?
                 .reshape((b, t, n, head_dim))?
                 .transpose(1, 2)
         };
-        let q = heads(self.q.forward(x)?, num_heads)?;
-        let k = heads(self.k.forward(x)?, num_kv_heads)?;
-        let v = heads(self.v.forward(x)?, num_kv_heads)?.contiguous()?;
+        let q = heads(q, num_heads)?;
+        let k = heads(k, num_kv_heads)?;
+        let v = heads(v, num_kv_heads)?.contiguous()?;
         let (q, k) = self.rotary.apply_qk(&q, &k, positions, work)?;
         let k = k.contiguous()?;
         let (k, v) = match cache {

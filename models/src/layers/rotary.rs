@@ -32,6 +32,11 @@ impl Rotary {
         })
     }
 
+    /// The inverse frequencies, one per rotated channel pair (`rotary_dim / 2`).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// Number of rotated channels per head.
     pub fn rotary_dim(&self) -> usize {
         self.rotary_dim
