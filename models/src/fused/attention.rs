@@ -141,7 +141,10 @@ struct Attention {
 }
 
 /// f32 or f64.
-trait Float: Real + GemmFloat + std::ops::AddAssign + std::ops::SubAssign {}
+trait Float:
+    Real + GemmFloat + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign
+{
+}
 impl Float for f32 {}
 impl Float for f64 {}
 
@@ -291,7 +294,7 @@ impl Attention {
             }
             let inv = T::from_f64(1.0) / sum;
             for s in row.iter_mut() {
-                *s = *s * inv;
+                *s *= inv;
             }
         }
     }
