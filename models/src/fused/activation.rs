@@ -54,9 +54,22 @@ fn forward<T: Real>(act: FusedActivation, x: &[T]) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = eval(act, x).0;
+        .for_each(|(y, x)| match act {
+            FusedActivation::Silu => {
+                // x·σ(x) = x / (1 + e⁻ˣ), the exponentials in one vectorized pass.
+                let one = T::from_f64(1.0);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = T::from_f64(0.0) - x;
+                }
+                T::exp_in_place(y);
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x / (one + *y);
+                }
+            }
+            FusedActivation::GeluTanh => {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = eval(act, x).0;
+                }
             }
         });
     out
@@ -66,9 +79,22 @@ fn backward<T: Real>(act: FusedActivation, x: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, g))| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                *dx = g * eval(act, x).1;
+        .for_each(|(dx, (x, g))| match act {
+            FusedActivation::Silu => {
+                let one = T::from_f64(1.0);
+                for (dx, &x) in dx.iter_mut().zip(x) {
+                    *dx = T::from_f64(0.0) - x;
+                }
+                T::exp_in_place(dx);
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    let s = one / (one + *dx);
+                    *dx = g * (s * (one + x * (one - s)));
+                }
+            }
+            FusedActivation::GeluTanh => {
+                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                    *dx = g * eval(act, x).1;
+                }
             }
         });
     out

@@ -289,7 +289,10 @@ impl Attention {
                 .fold(row[0], |m, v| if v > m { v } else { m });
             let mut sum = T::from_f64(0.0);
             for s in row.iter_mut() {
-                *s = (*s - max).exp();
+                *s -= max;
+            }
+            T::exp_in_place(row);
+            for s in row.iter() {
                 sum += *s;
             }
             let inv = T::from_f64(1.0) / sum;

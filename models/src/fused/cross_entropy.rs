@@ -41,9 +41,17 @@ fn max_and_log_sum_exp<T: Real>(x: &[T]) -> (T, T) {
         .iter()
         .copied()
         .fold(x[0], |m, v| if v > m { v } else { m });
-    let sum = x
-        .iter()
-        .fold(T::from_f64(0.0), |acc, &v| acc + (v - max).exp());
+    // The exponentials go through a small buffer so that they run as one vectorized pass.
+    let mut buf = [T::from_f64(0.0); 1024];
+    let mut sum = T::from_f64(0.0);
+    for chunk in x.chunks(buf.len()) {
+        let buf = &mut buf[..chunk.len()];
+        for (b, &v) in buf.iter_mut().zip(chunk) {
+            *b = v - max;
+        }
+        T::exp_in_place(buf);
+        sum = buf.iter().fold(sum, |acc, &e| acc + e);
+    }
     (max, sum.ln())
 }
 
@@ -81,7 +89,11 @@ impl Kernel for CrossEntropy {
                 let (max, lse) = max_and_log_sum_exp(x);
                 let shift = max + lse;
                 for (d, &v) in dx.iter_mut().zip(x) {
-                    *d = scale * (v - shift).exp();
+                    *d = v - shift;
+                }
+                T::exp_in_place(dx);
+                for d in dx.iter_mut() {
+                    *d = scale * *d;
                 }
                 dx[t as usize] -= scale;
             });

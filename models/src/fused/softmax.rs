@@ -73,7 +73,10 @@ fn forward<T: Real>(
                 .fold(y[0], |m, v| if v > m { v } else { m });
             let mut sum = T::from_f64(0.0);
             for y in y.iter_mut() {
-                *y = (*y - max).exp();
+                *y = *y - max;
+            }
+            T::exp_in_place(y);
+            for y in y.iter() {
                 sum += *y;
             }
             let inv = T::from_f64(1.0) / sum;

@@ -379,7 +379,8 @@ impl Stage for LoraTrainKind {
     type Params = LoraTrainParams;
     const KIND: &'static str = "lora-train";
     // 2: no timings in the artifact; the fused CPU kernels change the last bits of the numbers.
-    const VERSION: &'static str = "3";
+    // 4: LoRA projections and attention train as fused CPU ops (same maths, other rounding).
+    const VERSION: &'static str = "4";
     const SUMMARY: &'static str =
         "train LoRA adapters (QLoRA over a quantized base) with resumable checkpoints";
 
