@@ -73,7 +73,7 @@ fn forward<T: Real>(
                 .fold(y[0], |m, v| if v > m { v } else { m });
             let mut sum = T::from_f64(0.0);
             for y in y.iter_mut() {
-                *y = *y - max;
+                *y -= max;
             }
             T::exp_in_place(y);
             for y in y.iter() {
