@@ -17,11 +17,12 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_acc, GemmFloat, MatRef, Threads};
-use super::Real;
+use super::gemm::{matmul, matmul_acc, MatRef, Threads};
+use super::softmax::softmax_in_place;
+use super::{contiguous_slice, storage_slice, Float};
 
 /// Added to the scores of keys a query may not see (as the composite attention does): finite,
 /// so a query whose keys are all masked (a left-padding row) gets uniform weights, not NaN.
@@ -58,7 +59,7 @@ pub fn causal_attention(
     key_mask: &Tensor,
     spec: &AttentionSpec,
 ) -> Result<Tensor> {
-    let (b, t, q_width) = q.dims3()?;
+    let (b, t, _) = q.dims3()?;
     let kv_width = spec.num_kv_heads * spec.head_dim;
     let checks = [
         (
@@ -113,7 +114,6 @@ pub fn causal_attention(
             sin.push(angle.sin());
         }
     }
-    debug_assert_eq!(q_width, spec.num_heads * spec.head_dim);
     let op = Attention {
         spec: spec.clone(),
         batch: b,
@@ -138,34 +138,6 @@ struct Attention {
     key_mask: Vec<u8>,
     /// The attention weights `[batch, heads, seq, seq]`, from forward for backward.
     probs: Mutex<Option<Tensor>>,
-}
-
-/// f32 or f64.
-trait Float:
-    Real + GemmFloat + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign
-{
-}
-impl Float for f32 {}
-impl Float for f64 {}
-
-fn elements<'a, T: candle_core::WithDType>(
-    storage: &'a Storage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("fused attention: a tensor is not on the CPU");
-    };
-    cpu_elements(cpu, layout)
-}
-
-fn cpu_elements<'a, T: candle_core::WithDType>(
-    cpu: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused attention: input not contiguous".into()))?;
-    Ok(&cpu.as_slice::<T>()?[start..end])
 }
 
 impl Attention {
@@ -283,22 +255,7 @@ impl Attention {
                     *s += masked;
                 }
             }
-            let max = row
-                .iter()
-                .copied()
-                .fold(row[0], |m, v| if v > m { v } else { m });
-            let mut sum = T::from_f64(0.0);
-            for s in row.iter_mut() {
-                *s -= max;
-            }
-            T::exp_in_place(row);
-            for s in row.iter() {
-                sum += *s;
-            }
-            let inv = T::from_f64(1.0) / sum;
-            for s in row.iter_mut() {
-                *s *= inv;
-            }
+            softmax_in_place(row);
         }
     }
 
@@ -393,9 +350,9 @@ impl CustomOp3 for Attention {
         let (out, probs) = match q.dtype() {
             DType::F32 => {
                 let (out, probs) = self.forward::<f32>(
-                    cpu_elements(q, q_layout)?,
-                    cpu_elements(k, k_layout)?,
-                    cpu_elements(v, v_layout)?,
+                    contiguous_slice(q, q_layout)?,
+                    contiguous_slice(k, k_layout)?,
+                    contiguous_slice(v, v_layout)?,
                 )?;
                 (
                     CpuStorage::F32(out),
@@ -404,9 +361,9 @@ impl CustomOp3 for Attention {
             }
             DType::F64 => {
                 let (out, probs) = self.forward::<f64>(
-                    cpu_elements(q, q_layout)?,
-                    cpu_elements(k, k_layout)?,
-                    cpu_elements(v, v_layout)?,
+                    contiguous_slice(q, q_layout)?,
+                    contiguous_slice(k, k_layout)?,
+                    contiguous_slice(v, v_layout)?,
                 )?;
                 (
                     CpuStorage::F64(out),
@@ -450,11 +407,11 @@ impl CustomOp3 for Attention {
             let (ps, pl) = probs.storage_and_layout();
             let (gs, gl) = grad.storage_and_layout();
             let (dq, dk, dv) = op.backward::<T>(
-                elements(&qs, ql)?,
-                elements(&ks, kl)?,
-                elements(&vs, vl)?,
-                elements(&ps, pl)?,
-                elements(&gs, gl)?,
+                storage_slice(&qs, ql)?,
+                storage_slice(&ks, kl)?,
+                storage_slice(&vs, vl)?,
+                storage_slice(&ps, pl)?,
+                storage_slice(&gs, gl)?,
             )?;
             Ok((
                 Tensor::from_vec(dq, q.shape(), &Device::Cpu)?,
@@ -478,27 +435,10 @@ fn probs_len(op: &Attention) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{max_abs_diff, random};
     use super::*;
     use crate::layers::Rotary;
-    use crate::train::TrainRng;
     use candle_core::{Var, D};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = TrainRng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| f64::from(rng.next_f32()) * 2.0 - 1.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
-    }
-
-    fn max_abs_diff(p: &Tensor, q: &Tensor) -> f64 {
-        (p - q)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_scalar::<f64>())
-            .expect("diff")
-    }
 
     /// The same attention from tensor ops: rotary, repeated key/value heads, scores, additive
     /// mask, softmax, merge.

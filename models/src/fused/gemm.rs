@@ -50,6 +50,38 @@ impl<'a, T> MatRef<'a, T> {
         })
     }
 
+    /// A 2-D CPU tensor's storage as a matrix view, whatever its strides.
+    pub fn of_cpu(cpu: &'a candle_core::CpuStorage, layout: &candle_core::Layout) -> Result<Self>
+    where
+        T: candle_core::WithDType,
+    {
+        let (rows, cols) = layout.shape().dims2()?;
+        let &[row_stride, col_stride] = layout.stride() else {
+            candle_core::bail!("expected a 2-D matrix, got strides {:?}", layout.stride());
+        };
+        Self::strided(
+            &cpu.as_slice::<T>()?[layout.start_offset()..],
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        )
+    }
+
+    /// As [`MatRef::of_cpu`] for a tensor's storage; errors for storage off the CPU.
+    pub fn of_storage(
+        storage: &'a candle_core::Storage,
+        layout: &candle_core::Layout,
+    ) -> Result<Self>
+    where
+        T: candle_core::WithDType,
+    {
+        match storage {
+            candle_core::Storage::Cpu(cpu) => Self::of_cpu(cpu, layout),
+            _ => candle_core::bail!("matrix view: the tensor is not on the CPU"),
+        }
+    }
+
     /// The transposed view.
     pub fn t(self) -> Self {
         Self {

@@ -16,10 +16,11 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, matmul_acc, GemmFloat, MatRef, Threads};
+use super::gemm::{matmul, matmul_acc, MatRef, Threads};
+use super::{contiguous_slice, storage_slice, Float};
 use crate::layers::FrozenWeight;
 
 /// Elements per rayon task in the elementwise loops.
@@ -89,45 +90,6 @@ struct LoraLinear {
     h: Mutex<Option<Tensor>>,
 }
 
-/// A contiguous CPU tensor's elements.
-fn elements<'a, T: GemmFloat + candle_core::WithDType>(
-    storage: &'a Storage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("fused LoRA projection: a tensor is not on the CPU");
-    };
-    cpu_elements(cpu, layout)
-}
-
-fn cpu_elements<'a, T: candle_core::WithDType>(
-    cpu: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("fused LoRA projection: a tensor is not contiguous".into())
-    })?;
-    Ok(&cpu.as_slice::<T>()?[start..end])
-}
-
-/// A 2-D CPU tensor as a matrix view, whatever its strides.
-fn matrix<'a, T: candle_core::WithDType>(
-    cpu: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<MatRef<'a, T>> {
-    let (rows, cols) = layout.shape().dims2()?;
-    let &[row_stride, col_stride] = layout.stride() else {
-        candle_core::bail!("fused LoRA projection: expected a 2-D operand");
-    };
-    MatRef::strided(
-        &cpu.as_slice::<T>()?[layout.start_offset()..],
-        rows,
-        cols,
-        row_stride,
-        col_stride,
-    )
-}
-
 /// `(rows, in)` of an input `[..., in]`.
 fn rows_and_width(shape: &Shape) -> Result<(usize, usize)> {
     let dims = shape.dims();
@@ -138,30 +100,18 @@ fn rows_and_width(shape: &Shape) -> Result<(usize, usize)> {
 }
 
 /// `m ⊙ x`, or `x` itself without dropout.
-fn masked<'a, T: GemmFloat + std::ops::Mul<Output = T>>(
-    x: &'a [T],
-    mask: Option<&[T]>,
-) -> std::borrow::Cow<'a, [T]> {
+fn masked<'a, T: Float>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
     match mask {
         None => std::borrow::Cow::Borrowed(x),
         Some(m) => {
             let mut out = x.to_vec();
             out.par_chunks_mut(CHUNK)
                 .zip(m.par_chunks(CHUNK))
-                .for_each(|(o, m)| o.iter_mut().zip(m).for_each(|(o, &m)| *o = *o * m));
+                .for_each(|(o, m)| o.iter_mut().zip(m).for_each(|(o, &m)| *o *= m));
             std::borrow::Cow::Owned(out)
         }
     }
 }
-
-/// f32 or f64 (`WithDType` gives `from_f64` and the dtype tag).
-trait Float:
-    GemmFloat + candle_core::WithDType + std::ops::Mul<Output = Self> + std::ops::AddAssign
-{
-}
-
-impl Float for f32 {}
-impl Float for f64 {}
 
 impl LoraLinear {
     fn forward<T: Float>(
@@ -174,20 +124,20 @@ impl LoraLinear {
         b_layout: &Layout,
     ) -> Result<(Vec<T>, Shape)> {
         let (rows, width) = rows_and_width(x_layout.shape())?;
-        let xs = cpu_elements::<T>(x, x_layout)?;
+        let xs = contiguous_slice::<T>(x, x_layout)?;
         let x_mat = MatRef::new(xs, rows, width)?;
-        let (a_mat, b_mat) = (matrix::<T>(a, a_layout)?, matrix::<T>(b, b_layout)?);
+        let (a_mat, b_mat) = (
+            MatRef::<T>::of_cpu(a, a_layout)?,
+            MatRef::<T>::of_cpu(b, b_layout)?,
+        );
         let weight_t = self.weight.weight_t(T::DTYPE, &Device::Cpu)?;
         let (w_storage, w_layout) = weight_t.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("fused LoRA projection: the frozen weight is not on the CPU");
-        };
-        let w_t = matrix::<T>(w, w_layout)?;
+        let w_t = MatRef::<T>::of_storage(&w_storage, w_layout)?;
         let out = w_t.cols();
 
         let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask {
-            Some((storage, layout)) => Some(elements::<T>(storage, layout)?),
+            Some((storage, layout)) => Some(storage_slice::<T>(storage, layout)?),
             None => None,
         };
         let xd = masked(xs, mask);
@@ -200,7 +150,7 @@ impl LoraLinear {
         let mut y = matmul(x_mat, w_t, T::ONE, Threads::Pool)?;
         if let Some(bias) = &self.bias {
             let (storage, layout) = bias.storage_and_layout();
-            let bias = elements::<T>(&storage, layout)?;
+            let bias = storage_slice::<T>(&storage, layout)?;
             if bias.len() != out {
                 candle_core::bail!(
                     "bias has {} entries, the projection {out} outputs",
@@ -255,23 +205,18 @@ impl LoraLinear {
         let r = a.dim(0)?;
         let (x, g) = (x.contiguous()?, grad.to_dtype(T::DTYPE)?.contiguous()?);
         let (x_storage, x_layout) = x.storage_and_layout();
-        let xs = elements::<T>(&x_storage, x_layout)?;
+        let xs = storage_slice::<T>(&x_storage, x_layout)?;
         let (g_storage, g_layout) = g.storage_and_layout();
-        let g_mat = MatRef::new(elements::<T>(&g_storage, g_layout)?, rows, out)?;
+        let g_mat = MatRef::new(storage_slice::<T>(&g_storage, g_layout)?, rows, out)?;
         let (h_storage, h_layout) = h.storage_and_layout();
-        let h_mat = MatRef::new(elements::<T>(&h_storage, h_layout)?, rows, r)?;
+        let h_mat = MatRef::new(storage_slice::<T>(&h_storage, h_layout)?, rows, r)?;
         let (a_storage, a_layout) = a.storage_and_layout();
         let (b_storage, b_layout) = b.storage_and_layout();
-        let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
-            candle_core::bail!("fused LoRA projection: the adapter is not on the CPU");
-        };
-        let (a_mat, b_mat) = (matrix::<T>(a_cpu, a_layout)?, matrix::<T>(b_cpu, b_layout)?);
+        let a_mat = MatRef::<T>::of_storage(&a_storage, a_layout)?;
+        let b_mat = MatRef::<T>::of_storage(&b_storage, b_layout)?;
         let weight_t = self.weight.weight_t(T::DTYPE, &Device::Cpu)?;
         let (w_storage, w_layout) = weight_t.storage_and_layout();
-        let Storage::Cpu(w) = &*w_storage else {
-            candle_core::bail!("fused LoRA projection: the frozen weight is not on the CPU");
-        };
-        let w_t = matrix::<T>(w, w_layout)?;
+        let w_t = MatRef::<T>::of_storage(&w_storage, w_layout)?;
         let scaling = T::from_f64(self.scaling);
 
         // g·B, [rows, r]: the gradient reaching the adapter's bottleneck, before the scaling.
@@ -280,7 +225,7 @@ impl LoraLinear {
         let grad_b = matmul(g_mat.t(), h_mat, scaling, Threads::Pool)?;
         let mask = self.mask.as_ref().map(|m| m.storage_and_layout());
         let mask = match &mask {
-            Some((storage, layout)) => Some(elements::<T>(storage, layout)?),
+            Some((storage, layout)) => Some(storage_slice::<T>(storage, layout)?),
             None => None,
         };
         let xd = masked(xs, mask);
@@ -364,26 +309,9 @@ impl CustomOp3 for LoraLinear {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{max_abs_diff, random};
     use super::*;
-    use crate::train::TrainRng;
     use candle_core::Var;
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = TrainRng::new(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n)
-            .map(|_| f64::from(rng.next_f32()) * 2.0 - 1.0)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
-    }
-
-    fn max_abs_diff(p: &Tensor, q: &Tensor) -> f64 {
-        (p - q)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_scalar::<f64>())
-            .expect("diff")
-    }
 
     /// Value and the gradients of x, A and B against the same projection from tensor ops, in
     /// f64, with and without dropout and bias, and with a frozen weight held transposed (as a

@@ -2,8 +2,9 @@
 //!
 //! Written from basic ops, a softmax or a cross-entropy is a chain of elementwise tensors, each
 //! a fresh allocation, and candle's backward adds one more allocation (zeros, then an add) per
-//! gradient it accumulates: on a 49k-token vocabulary that is ~100 MB per op, and page faults
-//! and memory traffic dominated a CPU training step. These ops make one pass in forward and one
+//! gradient it accumulates: on a 49k-token vocabulary that is ~100 MB per op, and allocating,
+//! zero-filling and adding such buffers was most of a CPU training step outside the matrix
+//! products. These ops make one pass in forward and one
 //! in backward instead. The two largest fuse whole blocks of a decoder layer into one node each:
 //! a LoRA projection (`lora_linear`) and attention (`attention`), their products going through
 //! `gemm` directly so outputs are written once and gradients accumulate in place.
@@ -154,8 +155,29 @@ pub(crate) fn cpu_backward(kernel: &impl Kernel, saved: &Tensor, grad: &Tensor) 
     }
 }
 
+/// f32 or f64, with what both the elementwise kernels and the matrix products need.
+pub(crate) trait Float: Real + gemm::GemmFloat {}
+
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// The contiguous elements of a tensor's storage described by `layout`; errors for storage
+/// off the CPU.
+pub(crate) fn storage_slice<'a, T: candle_core::WithDType>(
+    storage: &'a Storage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
+    match storage {
+        Storage::Cpu(cpu) => contiguous_slice(cpu, layout),
+        _ => candle_core::bail!("fused op: a tensor is not on the CPU"),
+    }
+}
+
 /// The contiguous elements of a CPU tensor's storage described by `layout`.
-fn contiguous_slice<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+pub(crate) fn contiguous_slice<'a, T: candle_core::WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op: input must be contiguous".into()))?;
@@ -166,10 +188,7 @@ fn contiguous_slice<'a, T: Real>(storage: &'a CpuStorage, layout: &Layout) -> Re
 pub(crate) fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => f(contiguous_slice::<T>(cpu, layout)?),
-        _ => candle_core::bail!("fused op: the tensor is not on the CPU"),
-    }
+    f(storage_slice::<T>(&storage, layout)?)
 }
 
 /// Whether the fused kernels can take a tensor of this dtype on this device.
@@ -177,8 +196,37 @@ pub fn supported(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
+/// Helpers the fused ops' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::train::TrainRng;
+
+    /// An f64 tensor of `shape` with seeded values in [-1, 1).
+    pub fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = TrainRng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|_| f64::from(rng.next_f32()) * 2.0 - 1.0)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    }
+
+    /// The largest elementwise difference, in f64.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.to_dtype(DType::F64))
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("diff")
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::max_abs_diff;
     use super::*;
     use crate::train::{log_softmax, TrainRng};
     use candle_core::{Device, Var, D};
@@ -191,15 +239,6 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu)
             .and_then(|t| t.to_dtype(dtype))
             .expect("random tensor")
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .and_then(|d| d.abs())
-            .and_then(|d| d.to_dtype(DType::F64))
-            .and_then(|d| d.max_all())
-            .and_then(|d| d.to_scalar::<f64>())
-            .expect("diff")
     }
 
     /// Value and gradient of `f` at `x` (summed against fixed weights so every output counts).

@@ -67,24 +67,29 @@ fn forward<T: Real>(
                     }
                 }
             }
-            let max = y
-                .iter()
-                .copied()
-                .fold(y[0], |m, v| if v > m { v } else { m });
-            let mut sum = T::from_f64(0.0);
-            for y in y.iter_mut() {
-                *y -= max;
-            }
-            T::exp_in_place(y);
-            for y in y.iter() {
-                sum += *y;
-            }
-            let inv = T::from_f64(1.0) / sum;
-            for y in y.iter_mut() {
-                *y *= inv;
-            }
+            softmax_in_place(y);
         });
     out
+}
+
+/// Softmax of one row, in place (shift by the max, exponentiate, normalise).
+pub(crate) fn softmax_in_place<T: Real>(row: &mut [T]) {
+    let Some(&first) = row.first() else {
+        return;
+    };
+    let max = row
+        .iter()
+        .copied()
+        .fold(first, |m, v| if v > m { v } else { m });
+    for v in row.iter_mut() {
+        *v -= max;
+    }
+    T::exp_in_place(row);
+    let sum = row.iter().fold(T::from_f64(0.0), |acc, &v| acc + v);
+    let inv = T::from_f64(1.0) / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
 }
 
 fn backward<T: Real>(y: &[T], g: &[T], n: usize, scale: T) -> Vec<T> {

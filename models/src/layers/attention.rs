@@ -101,6 +101,7 @@ impl Attention {
         } = self.shape;
         let dtype = x.dtype();
         let work = internal_dtype(dtype);
+        let scale = 1.0 / (head_dim as f64).sqrt();
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         let training = q.track_op() || k.track_op() || v.track_op();
         if cache.is_none() && training && crate::fused::supported(&q) {
@@ -111,7 +112,7 @@ impl Attention {
                 head_dim,
                 rotary_dim: self.rotary.rotary_dim(),
                 inv_freq: self.rotary.inv_freq().to_vec(),
-                scale: 1.0 / (head_dim as f64).sqrt(),
+                scale,
             };
             let out =
                 crate::fused::attention::causal_attention(&q, &k, &v, positions, key_mask, &spec)?;
@@ -136,7 +137,6 @@ impl Attention {
             candle_core::Error::Msg(format!("KV cache shorter ({kv_len}) than the chunk ({t})"))
         })?;
         let n_rep = num_heads / num_kv_heads;
-        let scale = 1.0 / (head_dim as f64).sqrt();
         // Grouped-query attention without copying keys and values per query head: the
         // `n_rep` query heads sharing a key/value head (consecutive heads, as in HF's
         // `repeat_kv`) are stacked along the sequence axis, `[b, kv, n_rep * t, d]`, so one
