@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use pipeline_models::arch::{DenseFactory, LinearFactory, LinearParts, Llama, LoraFactory};
 use pipeline_models::quant::{nf4::Nf4Tensor, QuantLinear, QuantWeight};
 use pipeline_models::train::{
-    masked_cross_entropy_sum, ComputeDtype, LossSum, LrSchedule, ScheduleKind, StepContext,
-    TrainConfig, TrainModel, TrainRng, Trainer,
+    ComputeDtype, LossSum, LrSchedule, ScheduleKind, StepContext, TrainConfig, TrainModel,
+    TrainRng, Trainer,
 };
 use pipeline_models::{LinearLayer, LoraConfig};
 use std::path::PathBuf;
@@ -120,8 +120,7 @@ impl TrainModel for Lm {
     ) -> candle_core::Result<LossSum> {
         self.model.set_training(ctx.train);
         self.model.set_dropout_stream(ctx.rng.next_u64_raw());
-        let logits = self.model.forward(ids, mask)?;
-        let (sum, tokens) = masked_cross_entropy_sum(&logits, ids, mask)?;
+        let (sum, tokens) = self.model.loss_sum(ids, mask, mask, ctx.train)?;
         Ok(LossSum { sum, tokens })
     }
 }

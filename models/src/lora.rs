@@ -171,25 +171,20 @@ impl LoraLinear {
         let threshold = ((1.0 - self.dropout) * 65536.0).round().clamp(1.0, 65536.0) as u64;
         let keep = threshold as f64 / 65536.0;
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mask = dropout_mask(
-            x.elem_count(),
-            splitmix64(
-                self.seed
-                    ^ splitmix64(call)
-                    ^ splitmix64(splitmix64(self.stream.load(Ordering::Relaxed))),
-            ),
-            threshold,
+        let seed = splitmix64(
+            self.seed
+                ^ splitmix64(call)
+                ^ splitmix64(splitmix64(self.stream.load(Ordering::Relaxed))),
         );
         // Kept elements carry the rescaling factor, so masking is a single multiply.
         let mask = match x.dtype() {
             DType::F64 => {
-                let kept = 1.0 / keep;
-                let m: Vec<f64> = mask.iter().map(|&m| f64::from(m) * kept).collect();
+                let m = dropout_mask(x.elem_count(), seed, threshold, 1.0 / keep, 0.0f64);
                 Tensor::from_vec(m, x.shape(), x.device())?
             }
             dtype => {
                 let kept = (1.0 / keep) as f32;
-                let m: Vec<f32> = mask.iter().map(|&m| f32::from(m) * kept).collect();
+                let m = dropout_mask(x.elem_count(), seed, threshold, kept, 0.0f32);
                 Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(dtype)?
             }
         };
@@ -205,13 +200,20 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A 0/1 keep mask of `n` elements. Generated on the host so that it depends only on `seed`
-/// (not on the device or thread count), in fixed-size chunks with their own derived seeds so
-/// that large activations are masked in parallel.
-fn dropout_mask(n: usize, seed: u64, threshold: u64) -> Vec<u8> {
+/// A keep mask of `n` elements: `kept` where an element survives, `dropped` where it does not.
+/// Generated on the host so that it depends only on `seed` (not on the device or thread count),
+/// in fixed-size chunks with their own derived seeds so that large activations are masked in
+/// parallel; each 64-bit draw decides four elements, 16 bits each.
+fn dropout_mask<T: Copy + Send + Sync>(
+    n: usize,
+    seed: u64,
+    threshold: u64,
+    kept: T,
+    dropped: T,
+) -> Vec<T> {
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    let mut mask = vec![0u8; n];
+    let mut mask = vec![dropped; n];
     mask.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(i, chunk)| {
@@ -219,7 +221,9 @@ fn dropout_mask(n: usize, seed: u64, threshold: u64) -> Vec<u8> {
             for quad in chunk.chunks_mut(4) {
                 let r: u64 = rng.random();
                 for (j, m) in quad.iter_mut().enumerate() {
-                    *m = u8::from((r >> (16 * j)) & 0xffff < threshold);
+                    if (r >> (16 * j)) & 0xffff < threshold {
+                        *m = kept;
+                    }
                 }
             }
         });

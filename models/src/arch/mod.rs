@@ -361,6 +361,21 @@ impl DecoderModel {
         }
     }
 
+    /// Summed next-token cross-entropy of a training batch and the number of scored tokens;
+    /// see [`Phi::loss_sum`] / [`Llama::loss_sum`].
+    pub fn loss_sum(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        loss_mask: &Tensor,
+        needs_grad: bool,
+    ) -> Result<(Tensor, usize)> {
+        match self {
+            Self::Phi(m) => m.loss_sum(input_ids, attention_mask, loss_mask, needs_grad),
+            Self::Llama(m) => m.loss_sum(input_ids, attention_mask, loss_mask, needs_grad),
+        }
+    }
+
     /// All trainable variables with PEFT-style names.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         match self {

@@ -138,9 +138,35 @@ pub(crate) fn matmul<T: GemmFloat>(
     Ok(out)
 }
 
+/// `dst = beta·lhs·rhs`, overwriting `dst` (`[m, n]`, row-major) without reading it: for
+/// reusing one buffer across products.
+pub(crate) fn matmul_into<T: GemmFloat>(
+    dst: &mut [T],
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    beta: T,
+    threads: Threads,
+) -> Result<()> {
+    if lhs.cols == 0 {
+        dst.fill(T::ZERO);
+    }
+    product_into(dst, false, lhs, rhs, beta, threads)
+}
+
 /// `dst += beta · lhs · rhs` into an existing row-major `lhs.rows x rhs.cols` buffer.
 pub(crate) fn matmul_acc<T: GemmFloat>(
     dst: &mut [T],
+    lhs: MatRef<'_, T>,
+    rhs: MatRef<'_, T>,
+    beta: T,
+    threads: Threads,
+) -> Result<()> {
+    product_into(dst, true, lhs, rhs, beta, threads)
+}
+
+fn product_into<T: GemmFloat>(
+    dst: &mut [T],
+    read_dst: bool,
     lhs: MatRef<'_, T>,
     rhs: MatRef<'_, T>,
     beta: T,
@@ -157,7 +183,7 @@ pub(crate) fn matmul_acc<T: GemmFloat>(
     if lhs.cols > 0 {
         // SAFETY: `dst` is a unique borrow of exactly m x n elements (so it aliases neither
         // input) and the views were bounds-checked at construction.
-        unsafe { run(dst.as_mut_ptr(), true, lhs, rhs, beta, threads) };
+        unsafe { run(dst.as_mut_ptr(), read_dst, lhs, rhs, beta, threads) };
     }
     Ok(())
 }

@@ -103,13 +103,14 @@ fn rows_and_width(shape: &Shape) -> Result<(usize, usize)> {
 fn masked<'a, T: Float>(x: &'a [T], mask: Option<&[T]>) -> std::borrow::Cow<'a, [T]> {
     match mask {
         None => std::borrow::Cow::Borrowed(x),
-        Some(m) => {
-            let mut out = x.to_vec();
-            out.par_chunks_mut(CHUNK)
-                .zip(m.par_chunks(CHUNK))
-                .for_each(|(o, m)| o.iter_mut().zip(m).for_each(|(o, &m)| *o *= m));
-            std::borrow::Cow::Owned(out)
-        }
+        // One parallel pass straight into the new buffer (no copy of `x` first).
+        Some(m) => std::borrow::Cow::Owned(
+            x.par_iter()
+                .zip(m.par_iter())
+                .with_min_len(CHUNK)
+                .map(|(&x, &m)| x * m)
+                .collect(),
+        ),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::linear::LinearLayer;
+
 /// `log_softmax` over the last dimension from basic ops; the max subtracted for stability is
 /// detached (the result does not depend on it mathematically).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
@@ -14,10 +16,11 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Summed negative log-likelihood over masked positions, and the number of those positions.
 ///
-/// `logits` `[b, t, V]` (any float dtype, upcast to f32), `targets` `[b, t]` (token ids, u32 or
+/// `logits` `[b, t, V]` (any float dtype, computed in f32, f64 ones on the CPU in f64), `targets` `[b, t]` (token ids, u32 or
 /// i64), `mask` `[b, t]` (any dtype, non-zero = counts). As in causal LMs, position `i`'s logits
 /// predict token `i + 1`: logits `[:, :-1]` are scored against targets `[:, 1:]` under
-/// mask `[:, 1:]`. Returns an f32 scalar and the masked-token count.
+/// mask `[:, 1:]`. Returns the sum as a scalar, f32 (f64 for f64 logits on the CPU, which
+/// finite-difference checks need), and the masked-token count.
 pub fn masked_cross_entropy_sum(
     logits: &Tensor,
     targets: &Tensor,
@@ -66,21 +69,88 @@ fn fused_cross_entropy_sum(
     mask: &Tensor,
 ) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
-    let ids = targets.to_dtype(DType::U32)?.to_vec2::<u32>()?;
-    let keep = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let mut row_targets = Vec::with_capacity(b * t);
-    let mut row_weights = Vec::with_capacity(b * t);
-    for (ids, keep) in ids.iter().zip(&keep) {
-        for j in 0..t {
-            let next = j + 1 < t;
-            row_targets.push(if next { ids[j + 1] } else { 0 });
-            row_weights.push(if next && keep[j + 1] != 0.0 { 1.0 } else { 0.0 });
+    let rows = NextTokenRows::new(targets, mask)?;
+    let losses = crate::fused::cross_entropy_rows(
+        &logits.reshape((b * t, v))?,
+        &rows.targets,
+        &rows.weights,
+    )?;
+    Ok((losses.sum_all()?, rows.count))
+}
+
+/// The next-token targets of every position of `targets` `[b, t]`, flattened to `b·t` rows:
+/// row `(i, j)` is scored against token `(i, j + 1)` with weight 1 where `mask[i, j + 1]` is
+/// non-zero, and each sequence's last position (nothing to predict) with weight 0.
+struct NextTokenRows {
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+    /// Rows with weight 1.
+    count: usize,
+}
+
+impl NextTokenRows {
+    fn new(targets: &Tensor, mask: &Tensor) -> Result<Self> {
+        let ids = targets.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let keep = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut rows = Self {
+            targets: Vec::new(),
+            weights: Vec::new(),
+            count: 0,
+        };
+        for (ids, keep) in ids.iter().zip(&keep) {
+            let t = ids.len();
+            for j in 0..t {
+                let next = j + 1 < t;
+                rows.targets.push(if next { ids[j + 1] } else { 0 });
+                rows.weights
+                    .push(if next && keep[j + 1] != 0.0 { 1.0 } else { 0.0 });
+            }
         }
+        rows.count = rows.weights.iter().filter(|&&w| w != 0.0).count();
+        Ok(rows)
     }
-    let count = row_weights.iter().filter(|&&w| w != 0.0).count();
-    let rows =
-        crate::fused::cross_entropy_rows(&logits.reshape((b * t, v))?, &row_targets, &row_weights)?;
-    Ok((rows.sum_all()?.to_dtype(DType::F32)?, count))
+}
+
+/// [`masked_cross_entropy_sum`] of the logits `head(hidden)`: `hidden` `[b, t, h]` are a causal
+/// LM's final (normed) hidden states and `head` its output projection.
+///
+/// On the CPU in f32/f64 with a frozen head (no adapter on it), the fused
+/// [`linear_cross_entropy_rows`](crate::fused::linear_cross_entropy_rows) never materialises the
+/// `[b, t, vocab]` logits or their gradient, and skips positions the mask leaves out.
+/// Elsewhere this is `masked_cross_entropy_sum(&head.forward(hidden)?, targets, mask)`.
+pub fn masked_head_cross_entropy_sum(
+    hidden: &Tensor,
+    head: &dyn LinearLayer,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, usize)> {
+    let frozen = head.frozen_parts();
+    let (Some(frozen), true) = (frozen, crate::fused::supported(hidden)) else {
+        return masked_cross_entropy_sum(&head.forward(hidden)?, targets, mask);
+    };
+    let (b, t, h) = hidden.dims3()?;
+    if targets.dims() != [b, t] || mask.dims() != [b, t] {
+        return Err(candle_core::Error::Msg(format!(
+            "cross-entropy: hidden states {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
+            hidden.dims(),
+            targets.dims(),
+            mask.dims()
+        )));
+    }
+    if t < 2 {
+        return Err(candle_core::Error::Msg(
+            "cross-entropy: sequences need at least 2 tokens to predict a next one".into(),
+        ));
+    }
+    let rows = NextTokenRows::new(targets, mask)?;
+    let losses = crate::fused::linear_cross_entropy_rows(
+        &hidden.reshape((b * t, h))?,
+        frozen.weight,
+        frozen.bias,
+        &rows.targets,
+        &rows.weights,
+    )?;
+    Ok((losses.sum_all()?, rows.count))
 }
 
 /// Mean negative log-likelihood over masked positions (see [`masked_cross_entropy_sum`]).

@@ -37,8 +37,8 @@ use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use pipeline_models::arch::DecoderModel;
 use pipeline_models::peft::{PeftAdapter, PeftConfig};
 use pipeline_models::train::{
-    masked_cross_entropy_sum, AdamWConfig, ComputeDtype, GradScalerConfig, LossSum, LrSchedule,
-    ScheduleKind, StepContext, TrainConfig, TrainModel, Trainer,
+    AdamWConfig, ComputeDtype, GradScalerConfig, LossSum, LrSchedule, ScheduleKind, StepContext,
+    TrainConfig, TrainModel, Trainer,
 };
 use pipeline_models::{CausalLm, LoraConfig};
 use serde::{Deserialize, Serialize};
@@ -295,8 +295,9 @@ impl TrainModel for LoraLm<'_> {
             // Dropout masks from the trainer's checkpointed RNG: resumed runs stay bit-identical.
             self.model.set_dropout_stream(ctx.rng.next_u64_raw());
         }
-        let logits = self.model.forward(&batch.ids, &batch.attention)?;
-        let (sum, tokens) = masked_cross_entropy_sum(&logits, &batch.ids, &batch.loss_mask)?;
+        let (sum, tokens) =
+            self.model
+                .loss_sum(&batch.ids, &batch.attention, &batch.loss_mask, ctx.train)?;
         if ctx.train {
             self.train_tokens
                 .set(self.train_tokens.get() + tokens as u64);
@@ -380,7 +381,9 @@ impl Stage for LoraTrainKind {
     const KIND: &'static str = "lora-train";
     // 2: no timings in the artifact; the fused CPU kernels change the last bits of the numbers.
     // 4: LoRA projections and attention train as fused CPU ops (same maths, other rounding).
-    const VERSION: &'static str = "4";
+    // 5: the LM head and the cross-entropy fuse into one CPU op that scores only the target
+    //    rows, in blocks (same maths, other rounding).
+    const VERSION: &'static str = "5";
     const SUMMARY: &'static str =
         "train LoRA adapters (QLoRA over a quantized base) with resumable checkpoints";
 
