@@ -186,8 +186,8 @@ impl DecoderLayer for LlamaLayer {
         let attn = self.attn.forward(&h, positions, key_mask, cache)?;
         let x = (x + attn)?;
         let h = self.post_norm.forward(&x)?;
-        let gated = act.forward(&self.gate.forward(&h)?)?;
-        let mlp = self.down.forward(&(gated * self.up.forward(&h)?)?)?;
+        let gated = act.gated(&self.gate.forward(&h)?, &self.up.forward(&h)?)?;
+        let mlp = self.down.forward(&gated)?;
         x + mlp
     }
 

@@ -28,6 +28,18 @@ use super::{contiguous_slice, storage_slice, Float};
 /// so a query whose keys are all masked (a left-padding row) gets uniform weights, not NaN.
 const MASKED: f64 = -1e9;
 
+/// How many leading keys of query `i`'s row can carry weight: `i + 1` under the causal mask, as
+/// the later keys' weights are exactly zero (`exp` of a masked score underflows), which halves
+/// the softmax work; the whole row when the query sees no key at all (`first_key > i`), whose
+/// softmax then spreads over every (equally masked) key, as the composite ops do.
+fn causal_width(i: usize, first_key: usize, seq: usize) -> usize {
+    if first_key <= i {
+        i + 1
+    } else {
+        seq
+    }
+}
+
 /// Head layout and rotary parameters of a [`causal_attention`] call.
 #[derive(Debug, Clone)]
 pub struct AttentionSpec {
@@ -249,14 +261,26 @@ impl Attention {
         let t = self.seq;
         let masked = T::from_f64(MASKED);
         let keys = &self.key_mask[bi * t..][..t];
+        let first_key = self.first_key(bi);
         for (i, row) in scores.chunks_mut(t).enumerate() {
+            let (row, future) = row.split_at_mut(causal_width(i, first_key, t));
             for (j, s) in row.iter_mut().enumerate() {
                 if j > i || keys[j] == 0 {
                     *s += masked;
                 }
             }
             softmax_in_place(row);
+            future.fill(T::from_f64(0.0));
         }
+    }
+
+    /// The first key batch row `bi` attends to (`seq` when it is all padding).
+    fn first_key(&self, bi: usize) -> usize {
+        let t = self.seq;
+        self.key_mask[bi * t..][..t]
+            .iter()
+            .position(|&k| k != 0)
+            .unwrap_or(t)
     }
 
     #[allow(clippy::type_complexity)]
@@ -292,11 +316,14 @@ impl Attention {
                     let d_out = self.head_view(grad, qw, bi, head)?;
                     matmul_acc(&mut dv, p_mat.t(), d_out, T::ONE, Threads::One)?;
                     let mut ds = matmul(d_out, v_head.t(), T::ONE, Threads::One)?;
-                    for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let first_key = self.first_key(bi);
+                    for (i, (ds, p)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
+                        let (ds, future) = ds.split_at_mut(causal_width(i, first_key, t));
                         let dot = ds.iter().zip(p).fold(zero, |acc, (&d, &p)| acc + d * p);
                         for (d, &p) in ds.iter_mut().zip(p) {
                             *d = p * (*d - dot);
                         }
+                        future.fill(zero);
                     }
                     let ds = MatRef::new(&ds, t, t)?;
                     let mut dq_head = matmul(ds, k_mat, scale, Threads::One)?;

@@ -21,7 +21,7 @@ pub mod lora_linear;
 pub mod norm;
 pub mod softmax;
 
-pub use activation::{activation, FusedActivation};
+pub use activation::{activation, gated_activation, FusedActivation};
 pub use cross_entropy::{cross_entropy_rows, linear_cross_entropy_rows};
 pub use norm::{norm, NormKind};
 pub use softmax::{scaled_masked_softmax, softmax_last_dim};

@@ -3,7 +3,7 @@
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{activation, FusedActivation};
+use crate::fused::{activation, gated_activation, FusedActivation};
 
 /// An MLP activation. On the CPU, tanh-GELU and SiLU run as fused kernels with an exact backward
 /// ([`crate::fused::activation`]); elsewhere, and for the others, candle's ops (`gelu` is the
@@ -40,5 +40,19 @@ impl Activation {
             Self::Silu => x.silu(),
             Self::Relu => x.relu(),
         }
+    }
+
+    /// `act(gate) ⊙ up`, the gated MLP's core (SwiGLU for SiLU): one fused op on the CPU for
+    /// tanh-GELU and SiLU ([`crate::fused::gated_activation`]), the activation and a multiply
+    /// elsewhere.
+    pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if crate::fused::supported(gate) && gate.dims() == up.dims() && gate.dtype() == up.dtype() {
+            match self {
+                Self::GeluNew => return gated_activation(gate, up, FusedActivation::GeluTanh),
+                Self::Silu => return gated_activation(gate, up, FusedActivation::Silu),
+                Self::Gelu | Self::Relu => {}
+            }
+        }
+        self.forward(gate)? * up
     }
 }
