@@ -5,9 +5,11 @@
 //! gradient it accumulates: on a 49k-token vocabulary that is ~100 MB per op, and allocating,
 //! zero-filling and adding such buffers was most of a CPU training step outside the matrix
 //! products. These ops make one pass in forward and one
-//! in backward instead. The two largest fuse whole blocks of a decoder layer into one node each:
-//! a LoRA projection (`lora_linear`) and attention (`attention`), their products going through
-//! `gemm` directly so outputs are written once and gradients accumulate in place.
+//! in backward instead. The largest fuse whole blocks into one node each: a LoRA projection
+//! (`lora_linear`), attention (`attention`) and the LM head with the cross-entropy
+//! (`cross_entropy::linear_cross_entropy_rows`, which never holds all the logits), their
+//! products going through `gemm` directly so outputs are written once and gradients accumulate
+//! in place.
 //!
 //! They run on the CPU only (f32 and f64, rows in parallel with rayon); on other devices the
 //! callers use the composite versions, which record a backward everywhere. Tests check both

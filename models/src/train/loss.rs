@@ -16,8 +16,8 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 
 /// Summed negative log-likelihood over masked positions, and the number of those positions.
 ///
-/// `logits` `[b, t, V]` (any float dtype, computed in f32, f64 ones on the CPU in f64), `targets` `[b, t]` (token ids, u32 or
-/// i64), `mask` `[b, t]` (any dtype, non-zero = counts). As in causal LMs, position `i`'s logits
+/// `logits` `[b, t, V]` (any float dtype; scored in f32, or in f64 for f64 logits on the CPU),
+/// `targets` `[b, t]` (token ids, u32 or i64), `mask` `[b, t]` (any dtype, non-zero = counts). As in causal LMs, position `i`'s logits
 /// predict token `i + 1`: logits `[:, :-1]` are scored against targets `[:, 1:]` under
 /// mask `[:, 1:]`. Returns the sum as a scalar, f32 (f64 for f64 logits on the CPU, which
 /// finite-difference checks need), and the masked-token count.
@@ -26,20 +26,7 @@ pub fn masked_cross_entropy_sum(
     targets: &Tensor,
     mask: &Tensor,
 ) -> Result<(Tensor, usize)> {
-    let (b, t, _v) = logits.dims3()?;
-    if targets.dims() != [b, t] || mask.dims() != [b, t] {
-        return Err(candle_core::Error::Msg(format!(
-            "cross-entropy: logits {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
-            logits.dims(),
-            targets.dims(),
-            mask.dims()
-        )));
-    }
-    if t < 2 {
-        return Err(candle_core::Error::Msg(
-            "cross-entropy: sequences need at least 2 tokens to predict a next one".into(),
-        ));
-    }
+    let (_, t) = check_next_token_shapes("logits", logits, targets, mask)?;
     if crate::fused::supported(logits) {
         return fused_cross_entropy_sum(logits, targets, mask);
     }
@@ -76,6 +63,29 @@ fn fused_cross_entropy_sum(
         &rows.weights,
     )?;
     Ok((losses.sum_all()?, rows.count))
+}
+
+/// `(b, t)` of a `[b, t, _]` input scored against `targets` and `mask` `[b, t]`; errors when
+/// the shapes disagree or a sequence is too short to have a next token.
+fn check_next_token_shapes(
+    what: &str,
+    input: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<(usize, usize)> {
+    let (b, t, _) = input.dims3()?;
+    if targets.dims() != [b, t] || mask.dims() != [b, t] {
+        candle_core::bail!(
+            "cross-entropy: {what} {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
+            input.dims(),
+            targets.dims(),
+            mask.dims()
+        );
+    }
+    if t < 2 {
+        candle_core::bail!("cross-entropy: sequences need at least 2 tokens to predict a next one");
+    }
+    Ok((b, t))
 }
 
 /// The next-token targets of every position of `targets` `[b, t]`, flattened to `b·t` rows:
@@ -128,20 +138,8 @@ pub fn masked_head_cross_entropy_sum(
     let (Some(frozen), true) = (frozen, crate::fused::supported(hidden)) else {
         return masked_cross_entropy_sum(&head.forward(hidden)?, targets, mask);
     };
-    let (b, t, h) = hidden.dims3()?;
-    if targets.dims() != [b, t] || mask.dims() != [b, t] {
-        return Err(candle_core::Error::Msg(format!(
-            "cross-entropy: hidden states {:?} need targets and mask [{b}, {t}], got {:?} and {:?}",
-            hidden.dims(),
-            targets.dims(),
-            mask.dims()
-        )));
-    }
-    if t < 2 {
-        return Err(candle_core::Error::Msg(
-            "cross-entropy: sequences need at least 2 tokens to predict a next one".into(),
-        ));
-    }
+    let (b, t) = check_next_token_shapes("hidden states", hidden, targets, mask)?;
+    let h = hidden.dim(2)?;
     let rows = NextTokenRows::new(targets, mask)?;
     let losses = crate::fused::linear_cross_entropy_rows(
         &hidden.reshape((b * t, h))?,
