@@ -5,6 +5,8 @@
 
 pub mod ggml;
 pub mod nf4;
+#[cfg(feature = "cuda")]
+mod nf4_cuda;
 pub mod quant_linear;
 
 pub use ggml::{GgmlFormat, GgmlQuantized};

@@ -186,6 +186,38 @@ pub struct Nf4Tensor {
     shape: Vec<usize>,
     packed: Vec<u8>,
     absmax: Nf4Absmax,
+    uploaded: Uploaded,
+}
+
+/// The packed codes (`u8`, `[n / 2]`) and decoded block scales (`f32`) of an [`Nf4Tensor`] on
+/// one accelerator, kept so that every later use decodes there without copying the weight from
+/// the host again: the quantized base stays resident on the device, as in QLoRA.
+#[derive(Default)]
+struct Uploaded(std::sync::Mutex<Option<(Device, Tensor, Tensor)>>);
+
+impl Clone for Uploaded {
+    /// A clone starts empty and uploads on its first use.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for Uploaded {
+    /// A cache, not part of the value.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Uploaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let on = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(d, _, _)| format!("{:?}", d.location())));
+        write!(f, "Uploaded({})", on.as_deref().unwrap_or("none"))
+    }
 }
 
 impl Nf4Tensor {
@@ -243,6 +275,7 @@ impl Nf4Tensor {
             shape,
             packed,
             absmax,
+            uploaded: Uploaded::default(),
         })
     }
 
@@ -272,6 +305,7 @@ impl Nf4Tensor {
             shape,
             packed,
             absmax,
+            uploaded: Uploaded::default(),
         })
     }
 
@@ -281,6 +315,12 @@ impl Nf4Tensor {
     /// codes and block scales (≈ 1/8 of the f32 size) are uploaded and decoded there with
     /// tensor ops ([`Nf4Tensor::dequantize_with_tensor_ops`]). Both give identical values.
     pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor, QuantError> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let (packed, scales) = self.uploaded(device)?;
+            let flat = super::nf4_cuda::dequantize(&packed, &scales, self.elem_count(), dtype)?;
+            return Ok(flat.reshape(self.shape.as_slice())?);
+        }
         if !device.is_cpu() {
             return self.dequantize_with_tensor_ops(dtype, device);
         }
@@ -296,26 +336,26 @@ impl Nf4Tensor {
         device: &Device,
     ) -> Result<Tensor, QuantError> {
         let n = self.elem_count();
-        let packed = Tensor::from_slice(&self.packed, n / 2, device)?.to_dtype(DType::U32)?;
+        let (packed, scales) = self.uploaded(device)?;
+        let packed = packed.to_dtype(DType::U32)?;
         let sixteen = Tensor::new(&[16u32], device)?;
         let hi = packed.broadcast_div(&sixteen)?;
         let lo = (&packed - hi.broadcast_mul(&sixteen)?)?;
         let idx = Tensor::stack(&[hi, lo], 1)?.flatten_all()?;
         let table = Tensor::new(&NF4_CODE, device)?;
         let vals = table.index_select(&idx, 0)?;
-        let scales = self.absmax.decode()?;
         let full = n / BLOCK_SIZE;
         let rem = n % BLOCK_SIZE;
         let mut parts = Vec::with_capacity(2);
         if full > 0 {
-            let s = Tensor::from_slice(&scales[..full], (full, 1), device)?;
+            let s = scales.narrow(0, 0, full)?.reshape((full, 1))?;
             let body = vals
                 .narrow(0, 0, full * BLOCK_SIZE)?
                 .reshape((full, BLOCK_SIZE))?;
             parts.push(body.broadcast_mul(&s)?.flatten_all()?);
         }
         if rem > 0 {
-            let s = Tensor::from_slice(&scales[full..full + 1], 1, device)?;
+            let s = scales.narrow(0, full, 1)?;
             parts.push(vals.narrow(0, full * BLOCK_SIZE, rem)?.broadcast_mul(&s)?);
         }
         let out = if parts.len() == 1 {
@@ -324,6 +364,27 @@ impl Nf4Tensor {
             Tensor::cat(&parts, 0)?
         };
         Ok(out.reshape(self.shape.as_slice())?.to_dtype(dtype)?)
+    }
+
+    /// The packed codes and decoded block scales on `device`, uploaded on first use and kept
+    /// (for one device at a time: a use on another device replaces them).
+    fn uploaded(&self, device: &Device) -> Result<(Tensor, Tensor), QuantError> {
+        let mut slot = self
+            .uploaded
+            .0
+            .lock()
+            .map_err(|_| QuantError::Corrupt("NF4 device copy: lock poisoned".into()))?;
+        if let Some((on, packed, scales)) = slot.as_ref() {
+            if on.same_device(device) {
+                return Ok((packed.clone(), scales.clone()));
+            }
+        }
+        let packed = Tensor::from_slice(&self.packed, self.packed.len(), device)?;
+        let scales = self.absmax.decode()?;
+        let blocks = scales.len();
+        let scales = Tensor::from_vec(scales, blocks, device)?;
+        *slot = Some((device.clone(), packed.clone(), scales.clone()));
+        Ok((packed, scales))
     }
 
     /// Decodes to host f32 values in row-major order.
