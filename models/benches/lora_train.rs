@@ -1,21 +1,25 @@
-//! LoRA training throughput and peak memory on the CPU, for `bench/train_bench.py`.
+//! LoRA training throughput and peak memory, for `bench/train_bench.py` (CPU) and a lent GPU.
 //!
-//! Loads SmolLM2-135M from its GGUF file, builds the frozen base either dense f32 or NF4 (double
+//! Loads SmolLM2-135M from its GGUF file, builds the frozen base either dense or NF4 (double
 //! quantized, block 64), wraps the projections named by `--targets` in LoRA adapters, and runs
-//! optimizer steps (AdamW, f32) on fixed pseudo-random token batches. Prints one JSON line:
-//! median step seconds, tokens/s and the process's peak resident memory.
+//! optimizer steps (AdamW, f32 master weights) on fixed pseudo-random token batches. Prints one
+//! JSON line: median step seconds, tokens/s and the process's peak resident memory.
+//!
+//! `--device cuda` (a `--features cuda` build) and `--dtype f16|bf16` select where and in what
+//! the forward runs; f16 trains with dynamic loss scaling, as PyTorch's autocast + GradScaler.
+//! Step times on CUDA are taken after a device synchronize.
 //!
 //! ```text
 //! cargo bench -p pipeline-models --bench lora_train -- --gguf MODEL.gguf --base f32 \
-//!     --batch 2 --seq 256 --steps 5
+//!     --batch 2 --seq 256 --steps 5 [--device cuda --dtype f16]
 //! ```
 
 use candle_core::{DType, Device, Tensor, Var};
 use pipeline_models::arch::{DenseFactory, LinearFactory, LinearParts, Llama, LoraFactory};
 use pipeline_models::quant::{nf4::Nf4Tensor, QuantLinear, QuantWeight};
 use pipeline_models::train::{
-    ComputeDtype, LossSum, LrSchedule, ScheduleKind, StepContext, TrainConfig, TrainModel,
-    TrainRng, Trainer,
+    ComputeDtype, GradScalerConfig, LossSum, LrSchedule, ScheduleKind, StepContext, TrainConfig,
+    TrainModel, TrainRng, Trainer,
 };
 use pipeline_models::{LinearLayer, LoraConfig};
 use std::path::PathBuf;
@@ -33,6 +37,8 @@ struct Args {
     alpha: f64,
     dropout: f64,
     targets: Vec<String>,
+    device: String,
+    dtype: ComputeDtype,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +65,8 @@ fn parse_args() -> Result<Args, String> {
         ]
         .map(String::from)
         .to_vec(),
+        device: "cpu".into(),
+        dtype: ComputeDtype::F32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +87,15 @@ fn parse_args() -> Result<Args, String> {
             "--alpha" => a.alpha = num(value()?)?,
             "--dropout" => a.dropout = num(value()?)?,
             "--targets" => a.targets = value()?.split(',').map(String::from).collect(),
+            "--device" => a.device = value()?,
+            "--dtype" => {
+                a.dtype = match value()?.as_str() {
+                    "f32" => ComputeDtype::F32,
+                    "f16" => ComputeDtype::F16,
+                    "bf16" => ComputeDtype::Bf16,
+                    other => return Err(format!("--dtype must be f32, f16 or bf16, not {other}")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -137,7 +154,12 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let device = Device::Cpu;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => return Err(format!("--device must be cpu or cuda, not {other}").into()),
+    };
+    let dtype = args.dtype.dtype();
     let lora = LoraConfig {
         r: args.r,
         alpha: args.alpha,
@@ -148,11 +170,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let model = match args.base.as_str() {
         "f32" => {
             let mut f = LoraFactory::new(DenseFactory, lora, 0);
-            Llama::from_gguf(&args.gguf, &device, DType::F32, &mut f)?
+            Llama::from_gguf(&args.gguf, &device, dtype, &mut f)?
         }
         "nf4" => {
             let mut f = LoraFactory::new(Nf4Factory, lora, 0);
-            Llama::from_gguf(&args.gguf, &device, DType::F32, &mut f)?
+            Llama::from_gguf(&args.gguf, &device, dtype, &mut f)?
         }
         other => return Err(format!("--base must be f32 or nf4, not {other}").into()),
     };
@@ -182,8 +204,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
         grad_accum: 1,
         max_grad_norm: Some(1.0),
-        compute_dtype: ComputeDtype::F32,
-        grad_scaler: None,
+        compute_dtype: args.dtype,
+        // f16 needs loss scaling against gradient underflow; bf16 and f32 do not.
+        grad_scaler: (args.dtype == ComputeDtype::F16).then(GradScalerConfig::default),
         checkpoint_every: None,
         eval_every: None,
         shuffle: false,
@@ -192,12 +215,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut trainer = Trainer::new(&lm, config, None)?;
     let mut times = Vec::new();
     let mut losses = Vec::new();
+    // Loss scales and skipped steps (f16 skips its first steps while the scale drops from 2^16
+    // to where gradients fit, as GradScaler does).
+    let mut scales = Vec::new();
+    let mut skipped = 0usize;
     for i in 0..args.steps + args.warmup {
         let t = Instant::now();
         let report = trainer.train_step(&data)?;
+        device.synchronize()?;
         let secs = t.elapsed().as_secs_f64();
         losses.push(report.record.loss);
-        eprintln!("step {i}: {secs:.3} s, loss {:.4}", report.record.loss);
+        scales.push(report.record.scale);
+        skipped += usize::from(report.skipped);
+        eprintln!(
+            "step {i}: {secs:.3} s, loss {:.4}, loss scale {}{}",
+            report.record.loss,
+            report.record.scale,
+            if report.skipped {
+                " (skipped: inf/NaN gradients)"
+            } else {
+                ""
+            }
+        );
         if i >= args.warmup {
             times.push(secs);
         }
@@ -211,6 +250,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         serde_json::json!({
             "impl": "ours",
             "base": args.base,
+            "device": args.device,
+            "dtype": format!("{:?}", args.dtype),
             "batch": args.batch,
             "seq": args.seq,
             "trainable_params": trainable,
@@ -220,6 +261,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "tokens_per_s": tokens / median,
             "peak_rss_bytes": peak_rss_bytes(),
             "losses": losses,
+            "loss_scales": scales,
+            "skipped_steps": skipped,
         })
     );
     Ok(())

@@ -241,7 +241,14 @@ fn accumulation_equals_a_bigger_batch() {
     let one = accumulate_gradients(&model, &vars, &[&big], &mut ctx, 1.0).unwrap();
     assert_eq!(acc.tokens, one.tokens);
     assert!((acc.loss_sum - one.loss_sum).abs() < 1e-4 * one.loss_sum.abs());
+    // One micro-batch backpropagates its mean loss (what a loss scale is meant for); several,
+    // their sums over the first one's token count.
+    assert_eq!(one.normalizer, one.tokens);
+    assert!(acc.normalizer > 0 && acc.normalizer < acc.tokens);
+    // Per-token mean gradients: undo each side's normalisation.
+    let mean = |g: &Tensor, n: usize| (g * (n as f64 / one.tokens as f64)).unwrap();
     for (a, b) in acc.grads.iter().zip(&one.grads) {
+        let (a, b) = (&mean(a, acc.normalizer), &mean(b, one.normalizer));
         let d = (a - b)
             .unwrap()
             .abs()

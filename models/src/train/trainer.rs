@@ -139,8 +139,13 @@ impl TrainConfig {
     }
 }
 
-/// Summed gradients of a group of micro-batches, still multiplied by the loss scale and not yet
-/// divided by the token count.
+/// Summed gradients of a group of micro-batches: the gradients of `Σ loss_sum · loss_scale /
+/// normalizer`, so dividing them by `loss_scale · tokens / normalizer` gives the gradient of the
+/// mean loss per target token.
+///
+/// The scaled loss is normalised by the first micro-batch's token count because a loss scale is
+/// meant for a *mean* loss, as PyTorch's GradScaler multiplies it: scaling a sum over 500 tokens
+/// by 2^16 would overflow f16 gradients that the mean keeps in range, and skip steps for it.
 #[derive(Debug)]
 pub struct AccumulatedGrads {
     /// One per trainable variable, f32 (zeros where a variable got no gradient).
@@ -149,6 +154,9 @@ pub struct AccumulatedGrads {
     pub loss_sum: f64,
     /// Target tokens across the micro-batches.
     pub tokens: usize,
+    /// What each micro-batch's summed loss was divided by before backward: the first
+    /// micro-batch's target tokens (at least 1).
+    pub normalizer: usize,
 }
 
 /// Runs forward and backward on each batch and sums the gradients of `vars`. Each micro-batch's
@@ -162,15 +170,19 @@ pub fn accumulate_gradients<M: TrainModel>(
 ) -> Result<AccumulatedGrads> {
     let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
     let (mut loss_sum, mut tokens) = (0f64, 0usize);
+    let mut normalizer = None;
     for batch in batches {
         let out = model.loss(batch, ctx)?;
         let sum = out.sum.to_dtype(DType::F32)?;
         loss_sum += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         tokens += out.tokens;
+        let normalizer = *normalizer.get_or_insert(out.tokens.max(1));
         // Gradients of checkpointed layers' variables arrive on the side (see
         // `crate::checkpoint`); drop any a failed backward left behind first.
         crate::checkpoint::take_side_gradients();
-        let grads = sum.affine(loss_scale, 0.0)?.backward()?;
+        let grads = sum
+            .affine(loss_scale / normalizer as f64, 0.0)?
+            .backward()?;
         let side = crate::checkpoint::take_side_gradients();
         for (slot, (_, var)) in acc.iter_mut().zip(vars) {
             if let Some(g) = crate::checkpoint::total_gradient(&grads, &side, var)? {
@@ -191,6 +203,7 @@ pub fn accumulate_gradients<M: TrainModel>(
         grads,
         loss_sum,
         tokens,
+        normalizer: normalizer.unwrap_or(1),
     })
 }
 
@@ -370,7 +383,9 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
             )));
         }
         let mut grads = acc.grads;
-        let found_inf = self.scaler.unscale(&mut grads, acc.tokens as f64)?;
+        let found_inf = self
+            .scaler
+            .unscale(&mut grads, acc.tokens as f64 / acc.normalizer as f64)?;
         let lr = self.config.schedule.lr_at(self.step);
         let grad_norm = if found_inf {
             None

@@ -383,7 +383,9 @@ impl Stage for LoraTrainKind {
     // 4: LoRA projections and attention train as fused CPU ops (same maths, other rounding).
     // 5: the LM head and the cross-entropy fuse into one CPU op that scores only the target
     //    rows, in blocks (same maths, other rounding).
-    const VERSION: &'static str = "5";
+    // 6: the scaled loss is the first micro-batch's mean, as GradScaler scales it, not the sum
+    //    (the same gradients after unscaling, other rounding; f16 skips far fewer steps).
+    const VERSION: &'static str = "6";
     const SUMMARY: &'static str =
         "train LoRA adapters (QLoRA over a quantized base) with resumable checkpoints";
 
