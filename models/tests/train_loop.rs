@@ -279,6 +279,65 @@ fn accumulation_equals_a_bigger_batch() {
     assert!(d.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-6);
 }
 
+/// With a loss scale and two micro-batches of different token counts, the step's gradient
+/// (reported as its norm) is the gradient of the mean loss per target token: the scale and the
+/// normalisation of the scaled loss are both undone.
+#[test]
+fn a_step_unscales_to_the_gradient_of_the_mean_loss() {
+    let model = TinyLm::new(0.0);
+    let vars = model.trainable_vars();
+    let mut train = data(2, 3, 6, 9);
+    // Mask more of the second micro-batch, so the two count different tokens.
+    train[1].1 = Tensor::new(&[[1u8, 1, 0, 0, 1, 1]; 3], &Device::Cpu).unwrap();
+    let mut rng = TrainRng::new(0);
+    let mut ctx = StepContext {
+        dtype: DType::F32,
+        rng: &mut rng,
+        train: false,
+    };
+    let (mut sum, mut tokens): (Option<Tensor>, usize) = (None, 0);
+    for b in &train {
+        let out = model.loss(b, &mut ctx).unwrap();
+        tokens += out.tokens;
+        sum = Some(match sum {
+            None => out.sum,
+            Some(s) => (s + out.sum).unwrap(),
+        });
+    }
+    let mean = (sum.unwrap() / tokens as f64).unwrap();
+    let grads = mean.backward().unwrap();
+    let expected: f64 = vars
+        .iter()
+        .map(|(_, v)| {
+            let g = grads.get(v).unwrap().to_dtype(DType::F64).unwrap();
+            g.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .sum::<f64>()
+        .sqrt();
+
+    let mut cfg = config(10);
+    cfg.shuffle = false;
+    cfg.max_grad_norm = None;
+    cfg.grad_scaler = Some(GradScalerConfig::default());
+    let mut trainer = Trainer::new(&model, cfg, None).unwrap();
+    let report = trainer.train_step(&train).unwrap();
+    assert!(!report.skipped);
+    assert_eq!(report.record.scale, 65536.0);
+    let norm = report
+        .record
+        .grad_norm
+        .expect("a clean step has a gradient norm");
+    assert!(
+        (norm - expected).abs() <= 1e-4 * expected,
+        "step gradient norm {norm}, gradient of the mean loss {expected}"
+    );
+}
+
 trait IntoTuple {
     fn into_tuple(self, i: usize) -> Tensor;
 }

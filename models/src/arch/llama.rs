@@ -8,9 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    arange_positions, build_linear, check_ids_mask, read_json_config, DecoderLayer, LinearFactory,
-};
+use super::{build_linear, read_json_config, DecoderLayer, LinearFactory};
 use crate::causal_lm::{CausalLm, KvCache};
 use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
@@ -372,51 +370,6 @@ impl Llama {
     /// Whether training forwards checkpoint every decoder layer.
     pub fn gradient_checkpointing(&self) -> bool {
         self.checkpointing.load(Ordering::Relaxed)
-    }
-
-    /// Full-sequence forward for training: `input_ids` `[b, t]` (u32), `attention_mask`
-    /// `[b, t]` (1 = real token; right padding) -> logits `[b, t, vocab]` in f32 (f64 for f64
-    /// models). Positions are `0..t`, as in HF training.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
-        let positions = arange_positions(b, t, &self.device)?;
-        self.run(input_ids, &positions, &mask, None, false)
-    }
-
-    /// Summed next-token cross-entropy of a training batch and the number of scored tokens:
-    /// the same as [`masked_cross_entropy_sum`](crate::train::masked_cross_entropy_sum) of
-    /// [`Self::forward`]'s logits, but through
-    /// [`masked_head_cross_entropy_sum`](crate::train::masked_head_cross_entropy_sum), which on
-    /// the CPU never materialises the `[b, t, vocab]` logits. `loss_mask` `[b, t]` selects the
-    /// target tokens (position `i + 1` is predicted from position `i`). Without `needs_grad`
-    /// (evaluation) the hidden states are detached, which spares the fused head its gradient
-    /// work.
-    pub fn loss_sum(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        loss_mask: &Tensor,
-        needs_grad: bool,
-    ) -> Result<(Tensor, usize)> {
-        let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
-        let positions = arange_positions(b, t, &self.device)?;
-        let hidden = self.final_hidden(input_ids, &positions, &mask, None, false)?;
-        let hidden = if needs_grad { hidden } else { hidden.detach() };
-        crate::train::masked_head_cross_entropy_sum(&hidden, &*self.lm_head, input_ids, loss_mask)
-    }
-
-    fn run(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        key_mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let x = self.final_hidden(ids, positions, key_mask, cache, last_only)?;
-        self.lm_head
-            .forward(&x)?
-            .to_dtype(internal_dtype(self.dtype))
     }
 
     /// The final normed hidden states, `[b, t, h]` (`[b, 1, h]` with `last_only`): what the LM

@@ -218,11 +218,66 @@ macro_rules! linear_module_methods {
 }
 pub(crate) use linear_module_methods;
 
-/// [`CausalLm`](crate::CausalLm) for an architecture with a `run(ids, positions, key_mask,
-/// cache, last_only)` forward, `layers`, `config.vocab_size` and `device`: the cached forward is
-/// the same for every architecture, only `run` differs.
+/// The training forwards and [`CausalLm`](crate::CausalLm) for an architecture with a
+/// `final_hidden(ids, positions, key_mask, cache, last_only)` method (embeddings, decoder layers,
+/// final norm) and `layers`, `lm_head`, `config.vocab_size`, `dtype` and `device` fields: all
+/// that follows the final hidden states is the same for every architecture.
 macro_rules! impl_causal_lm {
     ($model:ty) => {
+        impl $model {
+            /// Full-sequence forward for training: `input_ids` `[b, t]` (u32), `attention_mask`
+            /// `[b, t]` (1 = real token; right padding) -> logits `[b, t, vocab]` in f32 (f64
+            /// for f64 models). Positions are `0..t`, as in HF training.
+            pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+                let (b, t, mask) = $crate::arch::check_ids_mask(input_ids, attention_mask)?;
+                let positions = $crate::arch::arange_positions(b, t, &self.device)?;
+                self.run(input_ids, &positions, &mask, None, false)
+            }
+
+            /// Summed next-token cross-entropy of a training batch and the number of scored
+            /// tokens: the same as
+            /// [`masked_cross_entropy_sum`]($crate::train::masked_cross_entropy_sum) of
+            /// [`Self::forward`]'s logits, but through
+            /// [`masked_head_cross_entropy_sum`]($crate::train::masked_head_cross_entropy_sum),
+            /// which on the CPU never materialises the `[b, t, vocab]` logits. `loss_mask`
+            /// `[b, t]` selects the target tokens (position `i + 1` is predicted from position
+            /// `i`). Without `needs_grad` (evaluation) the hidden states are detached, which
+            /// spares the fused head its gradient work.
+            pub fn loss_sum(
+                &self,
+                input_ids: &Tensor,
+                attention_mask: &Tensor,
+                loss_mask: &Tensor,
+                needs_grad: bool,
+            ) -> Result<(Tensor, usize)> {
+                let (b, t, mask) = $crate::arch::check_ids_mask(input_ids, attention_mask)?;
+                let positions = $crate::arch::arange_positions(b, t, &self.device)?;
+                let hidden = self.final_hidden(input_ids, &positions, &mask, None, false)?;
+                let hidden = if needs_grad { hidden } else { hidden.detach() };
+                $crate::train::masked_head_cross_entropy_sum(
+                    &hidden,
+                    &*self.lm_head,
+                    input_ids,
+                    loss_mask,
+                )
+            }
+
+            /// Logits of the final hidden states (the last position only with `last_only`).
+            fn run(
+                &self,
+                ids: &Tensor,
+                positions: &Tensor,
+                key_mask: &Tensor,
+                cache: Option<&mut KvCache>,
+                last_only: bool,
+            ) -> Result<Tensor> {
+                let x = self.final_hidden(ids, positions, key_mask, cache, last_only)?;
+                self.lm_head
+                    .forward(&x)?
+                    .to_dtype($crate::layers::internal_dtype(self.dtype))
+            }
+        }
+
         impl CausalLm for $model {
             fn forward_cached(
                 &self,

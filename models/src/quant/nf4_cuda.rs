@@ -9,7 +9,9 @@
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{cudarc, CudaStorage, WrapErr};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -25,6 +27,27 @@ fn source() -> String {
         .map(|v| format!("{v:?}f"))
         .collect::<Vec<_>>()
         .join(", ");
+    // The f16 and bf16 kernels differ only in the PTX conversion they round with.
+    let half_kernels = ["f16", "bf16"]
+        .map(|ty| {
+            format!(
+                r#"
+extern "C" __global__ void nf4_dequantize_{ty}(const unsigned char* packed, const float* scales,
+                                               unsigned short* out, unsigned long long pairs) {{
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    float hi, lo;
+    decode(packed, scales, i, &hi, &lo);
+    unsigned short h, l;
+    asm("cvt.rn.{ty}.f32 %0, %1;" : "=h"(h) : "f"(hi));
+    asm("cvt.rn.{ty}.f32 %0, %1;" : "=h"(l) : "f"(lo));
+    out[2ull * i] = h;
+    out[2ull * i + 1ull] = l;
+}}
+"#
+            )
+        })
+        .concat();
     format!(
         r#"
 __constant__ float NF4_CODE[16] = {{ {table} }};
@@ -47,31 +70,7 @@ extern "C" __global__ void nf4_dequantize_f32(const unsigned char* packed, const
     out[2ull * i + 1ull] = lo;
 }}
 
-extern "C" __global__ void nf4_dequantize_f16(const unsigned char* packed, const float* scales,
-                                              unsigned short* out, unsigned long long pairs) {{
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= pairs) return;
-    float hi, lo;
-    decode(packed, scales, i, &hi, &lo);
-    unsigned short h, l;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(hi));
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l) : "f"(lo));
-    out[2ull * i] = h;
-    out[2ull * i + 1ull] = l;
-}}
-
-extern "C" __global__ void nf4_dequantize_bf16(const unsigned char* packed, const float* scales,
-                                               unsigned short* out, unsigned long long pairs) {{
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= pairs) return;
-    float hi, lo;
-    decode(packed, scales, i, &hi, &lo);
-    unsigned short h, l;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(hi));
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(l) : "f"(lo));
-    out[2ull * i] = h;
-    out[2ull * i + 1ull] = l;
-}}
+{half_kernels}
 "#
     )
 }
@@ -172,38 +171,43 @@ impl CustomOp2 for Nf4Dequantize {
             _ => "nf4_dequantize_f32",
         };
         let func = dev.get_or_load_custom_func(kernel, MODULE, ptx()?)?;
-        let cfg = LaunchConfig::for_num_elems(threads);
+        // SAFETY (each `alloc`): every element is written by the kernel before it is read.
         let out = match self.dtype {
             DType::F16 => {
-                // SAFETY: every element is written by the kernel below before it is read.
                 let out = unsafe { dev.alloc::<half::f16>(self.n)? };
-                let mut builder = func.builder();
-                builder.arg(&packed).arg(&scales).arg(&out).arg(&pairs);
-                // SAFETY: the arguments match the kernel's signature; sizes checked above.
-                unsafe { builder.launch(cfg).w()? };
+                launch(func.builder(), &packed, &scales, &out, &pairs, threads)?;
                 CudaStorage::wrap_cuda_slice(out, dev)
             }
             DType::BF16 => {
-                // SAFETY: as above.
                 let out = unsafe { dev.alloc::<half::bf16>(self.n)? };
-                let mut builder = func.builder();
-                builder.arg(&packed).arg(&scales).arg(&out).arg(&pairs);
-                // SAFETY: as above.
-                unsafe { builder.launch(cfg).w()? };
+                launch(func.builder(), &packed, &scales, &out, &pairs, threads)?;
                 CudaStorage::wrap_cuda_slice(out, dev)
             }
             _ => {
-                // SAFETY: as above.
                 let out = unsafe { dev.alloc::<f32>(self.n)? };
-                let mut builder = func.builder();
-                builder.arg(&packed).arg(&scales).arg(&out).arg(&pairs);
-                // SAFETY: as above.
-                unsafe { builder.launch(cfg).w()? };
+                launch(func.builder(), &packed, &scales, &out, &pairs, threads)?;
                 CudaStorage::wrap_cuda_slice(out, dev)
             }
         };
         Ok((out, Shape::from(self.n)))
     }
+}
+
+/// Runs one of the kernels: `packed` and `scales` in, `out` (`2 · pairs` elements of the
+/// kernel's output type) written.
+fn launch<'a, T>(
+    mut builder: LaunchArgs<'a>,
+    packed: &'a CudaView<'a, u8>,
+    scales: &'a CudaView<'a, f32>,
+    out: &'a CudaSlice<T>,
+    pairs: &'a u64,
+    threads: u32,
+) -> Result<()> {
+    builder.arg(packed).arg(scales).arg(out).arg(pairs);
+    // SAFETY: the arguments match the kernels' signature (the output's element size is the
+    // kernel's: 4 bytes for f32, 2 for f16/bf16); sizes were checked by the caller.
+    unsafe { builder.launch(LaunchConfig::for_num_elems(threads)).w()? };
+    Ok(())
 }
 
 #[cfg(test)]
