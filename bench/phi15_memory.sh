@@ -6,8 +6,9 @@
 #
 # Needs a Python with torch + transformers (PYTHON, default /tmp/refvenv/bin/python) to write
 # the checkpoint, ~10 GB of disk under WORK (default /tmp/phi15), and a release build. Prints
-# one line per run: length, checkpointing, peak resident set (GiB), wall time of the run (a run
-# the kernel kills for memory prints "killed" and the peak it reached), and writes them to
+# one line per run: length, checkpointing, peak resident set (GiB), the stage's own estimate of
+# it (train.json), wall time of the run (a run the kernel kills for memory prints "killed" and
+# the peak it reached), and writes them to
 # bench/results/phi15_memory.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,14 @@ if [ ! -f "$WORK/model/model.safetensors" ]; then
 fi
 common=(--cache "$WORK/cache" run bench/phi15_memory.toml --jobs 1
         --set "phi15.source=path:$WORK/model")
+# The stage's own estimate (train.json's peak_memory_estimate_bytes) of the run just made.
+estimate() {
+    local view
+    view=$("$BIN" --cache "$WORK/cache" show bench/phi15_memory.toml train \
+        --set "phi15.source=path:$WORK/model" "$@" | awk '/^output:/ {print $4}')
+    python3 -c 'import json, sys; print("%.1f" % (json.load(open(sys.argv[1]))["peak_memory_estimate_bytes"] / 2**30))' \
+        "$view/train.json" 2>/dev/null || echo "?"
+}
 lines=()
 for len in "${LENS[@]}"; do
     # Quantize and tokenize first, so the measured process only trains.
@@ -44,8 +53,10 @@ for len in "${LENS[@]}"; do
             --force train >/dev/null 2>"$log" || status=killed
         kb=$(awk -F': ' '/Maximum resident/ {print $2}' "$log")
         wall=$(awk -F': ' '/Elapsed \(wall/ {print $2}' "$log")
-        line=$(printf '2x%s checkpointing=%s %s peak_rss=%.1f GiB wall=%s' "$len" "$ckpt" \
-            "$status" "$(echo "$kb / 1048576" | bc -l)" "$wall")
+        est=$(estimate --set tokens.max_length="$len" --set train.max_length="$len" \
+            --set train.gradient_checkpointing="$ckpt")
+        line=$(printf '2x%s checkpointing=%s %s peak_rss=%.1f GiB estimate=%s GiB wall=%s' \
+            "$len" "$ckpt" "$status" "$(echo "$kb / 1048576" | bc -l)" "$est" "$wall")
         echo "$line"
         lines+=("$line")
     done

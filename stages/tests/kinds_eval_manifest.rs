@@ -87,6 +87,15 @@ impl Stage for LocalMetrics {
     }
 }
 
+/// Loads `manifest` with every stage kind plus this file's test kinds.
+fn load_with_test_kinds(manifest: &std::path::Path) -> pipeline_engine::Manifest {
+    let mut registry = pipeline_stages::registry();
+    registry.register::<LocalModel>().register::<LocalMetrics>();
+    load_manifest(manifest, &registry, &ManifestOptions::default())
+        .map_err(|e| format!("{e:?}"))
+        .unwrap()
+}
+
 #[test]
 fn manifest_pipeline_runs_then_is_fully_cached() {
     let python = std::process::Command::new("python3")
@@ -143,11 +152,7 @@ baseline = "base"
 "#,
     )
     .unwrap();
-    let mut registry = pipeline_stages::registry();
-    registry.register::<LocalModel>().register::<LocalMetrics>();
-    let m = load_manifest(&manifest, &registry, &ManifestOptions::default())
-        .map_err(|e| format!("{e:?}"))
-        .unwrap();
+    let m = load_with_test_kinds(&manifest);
     let store = Store::open(&tmp.path().join("cache")).unwrap();
     let options = RunOptions {
         jobs: 2,
@@ -207,4 +212,92 @@ baseline = "base"
         .stages
         .iter()
         .all(|s| s.outcome == StageOutcome::Cached));
+}
+
+#[test]
+fn a_downloaded_peft_adapter_feeds_generate_and_a_wrong_download_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    kinds_eval_support::write_tiny_model(&tmp.path().join("tiny-model"));
+    kinds_eval_support::write_tiny_adapter(&tmp.path().join("their-adapter"));
+    std::fs::create_dir_all(tmp.path().join("not-an-adapter")).unwrap();
+    std::fs::write(
+        tmp.path().join("not-an-adapter/README.md"),
+        "weights elsewhere",
+    )
+    .unwrap();
+    let manifest = tmp.path().join("import.toml");
+    std::fs::write(
+        &manifest,
+        r#"
+[experiment]
+name = "import"
+seed = 5
+
+[model]
+kind = "local-model"
+dir = "tiny-model"
+
+[peft]
+kind = "download"
+source = "path:their-adapter"
+
+[wrong]
+kind = "download"
+source = "path:not-an-adapter"
+
+[problems]
+kind = "evalset"
+set = "replication"
+limit = 2
+
+[plain]
+kind = "generate"
+inputs = { model = "model", problems = "problems" }
+max_new_tokens = 16
+
+[imported]
+kind = "generate"
+inputs = { model = "model", problems = "problems", adapter = "peft" }
+max_new_tokens = 16
+
+[broken]
+kind = "generate"
+inputs = { model = "model", problems = "problems", adapter = "wrong" }
+max_new_tokens = 16
+"#,
+    )
+    .unwrap();
+    let m = load_with_test_kinds(&manifest);
+    let store = Store::open(&tmp.path().join("cache")).unwrap();
+    let report = pipeline_engine::run(&m, &store, &RunOptions::default()).unwrap();
+    let stage = |name: &str| report.stages.iter().find(|s| s.stage == name).unwrap();
+    let samples = |name: &str| {
+        let record = store.action(stage(name).key.as_ref().unwrap()).unwrap();
+        let dir = store.view(&record.outputs["samples"].tree).unwrap();
+        let gen: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("generation.json")).unwrap())
+                .unwrap();
+        (
+            std::fs::read_to_string(dir.join("samples.jsonl")).unwrap(),
+            gen["adapter"].clone(),
+        )
+    };
+    let (plain, plain_adapter) = samples("plain");
+    let (imported, imported_adapter) = samples("imported");
+    assert_eq!(
+        (plain_adapter, imported_adapter),
+        (false.into(), true.into())
+    );
+    assert_ne!(
+        plain, imported,
+        "the imported adapter must change greedy output"
+    );
+
+    match &stage("broken").outcome {
+        StageOutcome::Failed(message) => {
+            assert!(message.contains("adapter_config.json"), "{message}")
+        }
+        other => panic!("a download without adapter_config.json must fail generate: {other:?}"),
+    }
+    assert!(!report.success());
 }

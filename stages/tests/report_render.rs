@@ -5,9 +5,9 @@
 
 use pipeline_stages::grade::{compare_paired, CompareOptions, TaskCounts};
 use pipeline_stages::report::{
-    escape, read_loss_curve, render_html, render_markdown, svg, CacheKey, CompletionRow,
-    FilterStats, Histogram, LossPoint, ReasonCount, ReportData, ScorePoint, VariantCompletion,
-    VariantReport,
+    escape, read_loss_curve, read_metric_curve, render_html, render_markdown, svg, CacheKey,
+    CompletionRow, FilterStats, Histogram, LossPoint, ReasonCount, ReportData, ScorePoint,
+    VariantCompletion, VariantReport,
 };
 
 const EVIL: &str = "<script>alert('x')</script> & \"quotes\"";
@@ -168,12 +168,19 @@ fn html_is_escaped_and_well_formed() {
     assert!(html.contains("repeat(3, minmax(0, 1fr))"));
 }
 
+fn loss_series(data: &ReportData) -> Vec<(&str, &[LossPoint])> {
+    data.variants
+        .iter()
+        .map(|v| (v.name.as_str(), v.loss.as_slice()))
+        .collect()
+}
+
 #[test]
 fn each_svg_parses_on_its_own() {
     let data = sample();
     let charts = [
         svg::pass_at_k_chart(&data.variants),
-        svg::loss_chart(&data.variants).unwrap(),
+        svg::loss_chart("training loss", &loss_series(&data)).unwrap(),
         svg::histogram_chart(&data.filters[0].histograms[0]),
         svg::reasons_chart(&data.filters[0]),
         svg::histogram_chart(&Histogram {
@@ -187,7 +194,7 @@ fn each_svg_parses_on_its_own() {
         let doc = roxmltree::Document::parse(c).unwrap_or_else(|e| panic!("{e}\n{c}"));
         assert_eq!(doc.root_element().tag_name().name(), "svg");
     }
-    assert!(svg::loss_chart(&data.variants[..1]).is_none());
+    assert!(svg::loss_chart("training loss", &loss_series(&data)[..1]).is_none());
 }
 
 #[test]
@@ -243,8 +250,28 @@ fn loss_curve_reads_metrics_jsonl() {
             LossPoint { step: 3, loss: 1.5 }
         ]
     );
+    assert_eq!(
+        read_metric_curve(&p, "eval_loss").unwrap(),
+        vec![LossPoint { step: 2, loss: 2.0 }]
+    );
     std::fs::write(&p, "not json\n").unwrap();
     assert!(read_loss_curve(&p).is_err());
+}
+
+#[test]
+fn a_one_point_series_is_marked_and_a_long_one_is_a_bare_line() {
+    let long = loss(3.0, 0.9);
+    let one = [LossPoint { step: 4, loss: 2.0 }];
+    let chart = svg::loss_chart("loss", &[("training", &long), ("held-out", &one)]).unwrap();
+    let doc = roxmltree::Document::parse(&chart).unwrap_or_else(|e| panic!("{e}\n{chart}"));
+    let circles: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("circle"))
+        .collect();
+    // 41 training points draw a bare line; the lone held-out point gets the only marker.
+    assert_eq!((long.len(), circles.len()), (41, 1));
+    assert!(chart.contains("held-out: step 4"));
+    assert!(chart.contains(">training<") && chart.contains(">held-out<"));
 }
 
 #[test]

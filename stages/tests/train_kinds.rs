@@ -690,6 +690,12 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
     let steps = metrics.lines().filter(|l| l.contains("\"loss\"")).count();
     let evals = metrics.lines().filter(|l| l.contains("eval_loss")).count();
     assert_eq!((steps, evals), (20, 2));
+    // The loss curve: one line per series, and the two held-out points marked.
+    let svg = std::fs::read_to_string(out.join("loss_curve.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{e}\n{svg}"));
+    let count = |tag: &str| doc.descendants().filter(|n| n.has_tag_name(tag)).count();
+    assert_eq!((count("path"), count("circle")), (2, 2 + 20), "{svg}");
+    assert!(svg.contains(">held-out<"), "{svg}");
 
     // The PEFT adapter loads back into the quantized model and reproduces the trained loss.
     let cfg = model_artifact::adapter_lora_config(&out).unwrap();

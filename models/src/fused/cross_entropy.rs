@@ -123,7 +123,7 @@ impl CustomOp1 for CrossEntropy {
 /// Rows of logits one block of [`linear_cross_entropy_rows`] computes at once. Each block's
 /// products repack the whole head weight, so blocks must not be small (128 rows measured slower
 /// than 256 and 512 on SmolLM2); at 256 a block of a 50k vocabulary is ~50 MB in f32.
-const HEAD_BLOCK_ROWS: usize = 256;
+pub const HEAD_BLOCK_ROWS: usize = 256;
 
 /// [`cross_entropy_rows`] of the logits `hidden·Wᵀ + b`, for CPU f32/f64 `hidden` `[rows, h]`
 /// and a frozen head `W` `[vocab, h]` (with optional bias `[vocab]`), without ever holding all

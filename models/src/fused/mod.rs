@@ -24,7 +24,7 @@ pub mod norm;
 pub mod softmax;
 
 pub use activation::{activation, gated_activation, FusedActivation};
-pub use cross_entropy::{cross_entropy_rows, linear_cross_entropy_rows};
+pub use cross_entropy::{cross_entropy_rows, linear_cross_entropy_rows, HEAD_BLOCK_ROWS};
 pub use norm::{norm, NormKind};
 pub use softmax::{scaled_masked_softmax, softmax_last_dim};
 
@@ -195,7 +195,12 @@ pub(crate) fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<
 
 /// Whether the fused kernels can take a tensor of this dtype on this device.
 pub fn supported(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    supports(t.device(), t.dtype())
+}
+
+/// Whether the fused kernels run for tensors of `dtype` on `device` (the CPU, f32 or f64).
+pub fn supports(device: &candle_core::Device, dtype: DType) -> bool {
+    device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// Helpers the fused ops' tests share.

@@ -151,6 +151,22 @@ pub fn masked_head_cross_entropy_sum(
     Ok((losses.sum_all()?, rows.count))
 }
 
+/// Rows of logits [`masked_head_cross_entropy_sum`] holds at once for a batch of `positions`
+/// positions (each row is `vocab` wide): one block of the fused head where it applies, every
+/// position where the logits are materialised.
+pub fn head_logit_rows(
+    head: &dyn LinearLayer,
+    device: &candle_core::Device,
+    dtype: DType,
+    positions: usize,
+) -> usize {
+    if head.frozen_parts().is_some() && crate::fused::supports(device, dtype) {
+        positions.min(crate::fused::HEAD_BLOCK_ROWS)
+    } else {
+        positions
+    }
+}
+
 /// Mean negative log-likelihood over masked positions (see [`masked_cross_entropy_sum`]).
 /// Errors when no position is masked in, since the mean is then undefined.
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {

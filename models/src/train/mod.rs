@@ -19,7 +19,8 @@ pub mod trainer;
 pub use checkpoint::{Checkpoint, TrainerState};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use loss::{
-    log_softmax, masked_cross_entropy, masked_cross_entropy_sum, masked_head_cross_entropy_sum,
+    head_logit_rows, log_softmax, masked_cross_entropy, masked_cross_entropy_sum,
+    masked_head_cross_entropy_sum,
 };
 pub use metrics::{EvalRecord, MetricsWriter, StepRecord};
 pub use optim::{AdamW, AdamWConfig};

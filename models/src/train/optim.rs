@@ -15,7 +15,10 @@ pub struct AdamWConfig {
     pub beta2: f64,
     /// Denominator epsilon (1e-8).
     pub eps: f64,
-    /// Decoupled weight decay; 0 disables it.
+    /// Decoupled weight decay; 0 disables it. It applies to every variable the optimizer
+    /// holds, which in LoRA training are only the adapter matrices (`lora_A`/`lora_B`): the
+    /// biases and norm weights that should never decay stay frozen. transformers' `Trainer`
+    /// decays the same set.
     pub weight_decay: f64,
 }
 

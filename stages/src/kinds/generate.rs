@@ -8,9 +8,10 @@
 //!   `eos_token_ids` (a list of ids); without it, well-known end tokens found in the
 //!   tokenizer (`<|endoftext|>`, `</s>`, `<|im_end|>`, `<eos>`) end a sample.
 //! * `problems` (artifact `problems`): `problems.jsonl` from `evalset`.
-//! * `adapter` (artifact `adapter`, optional): a PEFT LoRA directory, `adapter_config.json`
-//!   (`r`, `lora_alpha`, `target_modules` as a list) and `adapter_model.safetensors` (keys
-//!   `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`); see
+//! * `adapter` (artifact `adapter` from `lora-train`, or `files` from a `download` of an
+//!   adapter trained elsewhere; optional): a PEFT LoRA directory, `adapter_config.json` (`r`,
+//!   `lora_alpha`, `target_modules` as a list) and `adapter_model.safetensors` (keys
+//!   `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`) at its root; see
 //!   [`model_artifact::apply_adapter`](super::model_artifact::apply_adapter).
 //!
 //! Parameters: `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `top_k`,
@@ -227,10 +228,10 @@ const INPUTS: &[InputSlot] = &[
     },
     InputSlot {
         name: "adapter",
-        accepts: &["adapter"],
+        accepts: &["adapter", "files"],
         required: false,
         many: false,
-        doc: "a PEFT LoRA adapter to apply to the model",
+        doc: "a PEFT LoRA adapter to apply to the model (trained here, or downloaded)",
     },
 ];
 
@@ -290,6 +291,20 @@ impl Stage for Generate {
         let model_dir = ctx.input("model")?.to_path_buf();
         let problems = read_problems_artifact(ctx.input("problems")?)?;
         let adapter_dir = ctx.optional_input("adapter").map(Path::to_path_buf);
+        if let Some(dir) = &adapter_dir {
+            // A downloaded `files` artifact can hold anything; say what is missing before
+            // loading the model.
+            if !dir.join("adapter_config.json").is_file() {
+                return Err(GenerateKindError::Adapter {
+                    path: dir.clone(),
+                    message: "no adapter_config.json at the root of the `adapter` input (a \
+                              download must fetch the adapter's adapter_config.json and \
+                              adapter_model.safetensors)"
+                        .into(),
+                }
+                .into());
+            }
+        }
         let device = match p.device {
             DeviceChoice::Cpu => Device::Cpu,
             DeviceChoice::Cuda => {

@@ -7,15 +7,16 @@
 //!
 //! * `adapter_config.json` + `adapter_model.safetensors`: the PEFT adapter;
 //! * `metrics.jsonl`: one JSON object per optimizer step (`step`, `loss`, `lr`, `scale`,
-//!   `grad_norm`, `tokens_per_s`) and per evaluation (`step`, `eval_loss`, `eval_tokens`);
+//!   `grad_norm`) and per evaluation (`step`, `eval_loss`, `eval_tokens`); the per-step
+//!   `tokens_per_s` stays in the checkpoint directory's copy, since it differs between runs;
+//! * `loss_curve.svg`: training loss per step and, with `eval_tokens`, the held-out loss;
 //! * `train.json`: [`TrainSummary`].
 //!
 //! Training state is checkpointed into the stage's checkpoint directory every
 //! `checkpoint_every` steps and when the stage is cancelled; rerunning the same stage (same
-//! key) continues from the newest checkpoint. With `dropout = 0` a resumed CPU run ends with
-//! the same adapter bytes as an uninterrupted one. (With dropout the resumed part draws other
-//! dropout masks, because the LoRA layers' mask counters are not part of the checkpoint: the
-//! result is equally valid but not bit-identical.)
+//! key) continues from the newest checkpoint. A resumed CPU run ends with the same artifact,
+//! byte for byte, as an uninterrupted one, dropout included: each step's dropout masks are
+//! drawn from a stream the checkpointed trainer RNG picks.
 //!
 //! ```toml
 //! [train]
@@ -44,6 +45,7 @@ use pipeline_models::{CausalLm, LoraConfig};
 use serde::{Deserialize, Serialize};
 
 use super::model_artifact::{load_model, write_json, LoadedModel};
+use crate::report::{read_metric_curve, svg, LossPoint};
 use crate::tokenize::{pad_batch, Example, TokenShards};
 
 /// The `lora-train` kind.
@@ -249,12 +251,14 @@ pub struct TrainSummary {
     /// Trainable parameters.
     pub trainable_params: usize,
     /// Rough peak memory in bytes: base weights as stored + trainable parameters with their
-    /// gradient and two AdamW moments (f32) + the largest micro-batch's logits (three copies:
-    /// logits, log-softmax, gradient) + activations: about 96 hidden-size vectors per token
-    /// per layer kept until the backward, in the compute dtype (with gradient checkpointing,
-    /// two per layer plus one layer's 96). The 96 is calibrated on measured peaks on the CPU
-    /// (`bench/phi15_memory.sh`): for phi-1.5 the estimate stays 8-13% below them without
-    /// checkpointing and about 30% below with it, where the process's fixed costs weigh more.
+    /// gradient and two AdamW moments (f32) + the logits the loss holds at once for the
+    /// largest micro-batch (one 256-row block with the CPU's fused head, else every position;
+    /// three copies: logits, log-softmax, gradient) + activations: about 38 hidden-size vectors
+    /// per token per layer kept until the backward, in the compute dtype (with gradient
+    /// checkpointing, two per layer plus one layer's 38). The 38 is fitted to measured peaks on
+    /// the CPU (`bench/phi15_memory.sh`, which prints this estimate beside each): for phi-1.5
+    /// at 2 x 256 and 2 x 512 the estimate is 4-6% above them without checkpointing and about
+    /// a quarter below with it, where the process's fixed costs weigh more.
     pub peak_memory_estimate_bytes: u64,
     /// Step the final attempt started from, 0 unless resumed from a checkpoint (metadata only).
     #[serde(skip)]
@@ -385,7 +389,8 @@ impl Stage for LoraTrainKind {
     //    rows, in blocks (same maths, other rounding).
     // 6: the scaled loss is the first micro-batch's mean, as GradScaler scales it, not the sum
     //    (the same gradients after unscaling, other rounding; f16 skips far fewer steps).
-    const VERSION: &'static str = "6";
+    // 7: the artifact gains loss_curve.svg; train.json's memory estimate is recalibrated.
+    const VERSION: &'static str = "7";
     const SUMMARY: &'static str =
         "train LoRA adapters (QLoRA over a quantized base) with resumable checkpoints";
 
@@ -419,7 +424,7 @@ impl Stage for LoraTrainKind {
         &[OutputSlot {
             name: "out",
             artifact: "adapter",
-            doc: "PEFT adapter, metrics.jsonl and train.json",
+            doc: "PEFT adapter, metrics.jsonl, loss_curve.svg and train.json",
         }]
     }
 
@@ -610,6 +615,7 @@ pub fn train(
     let metrics_src = state_dir.join("metrics.jsonl");
     let metrics = std::fs::read_to_string(&metrics_src).into_diagnostic()?;
     std::fs::write(out.join("metrics.jsonl"), without_timings(&metrics)?).into_diagnostic()?;
+    write_loss_curve(&out)?;
     // The per-step throughput stays beside the checkpoints, out of the artifact (see
     // `TrainSummary`).
     let first_loss = first_step_loss(&metrics);
@@ -648,6 +654,22 @@ pub fn train(
         ctx.set_metadata("final_eval_loss", e);
     }
     Ok(summary)
+}
+
+/// `loss_curve.svg` beside `metrics.jsonl` in `out`: training loss per step and, when the stage
+/// evaluates, the held-out loss.
+fn write_loss_curve(out: &Path) -> miette::Result<()> {
+    let metrics = out.join("metrics.jsonl");
+    let training = read_metric_curve(&metrics, "loss").into_diagnostic()?;
+    let held_out = read_metric_curve(&metrics, "eval_loss").into_diagnostic()?;
+    let mut series: Vec<(&str, &[LossPoint])> = vec![("training", &training)];
+    if !held_out.is_empty() {
+        series.push(("held-out", &held_out));
+    }
+    if let Some(chart) = svg::loss_chart("loss per target token", &series) {
+        std::fs::write(out.join("loss_curve.svg"), chart).into_diagnostic()?;
+    }
+    Ok(())
 }
 
 /// `metrics.jsonl` without the wall-clock fields (`tokens_per_s`), which differ between an
@@ -706,17 +728,18 @@ fn memory_estimate(
         DecoderModel::Llama(m) => (m.config().hidden_size, m.config().num_hidden_layers),
         DecoderModel::Phi(m) => (m.config().hidden_size, m.config().num_hidden_layers),
     };
-    let tokens = batches.iter().map(|b| b.rows * b.len).max().unwrap_or(0) as u64;
+    let positions = batches.iter().map(|b| b.rows * b.len).max().unwrap_or(0);
+    let logit_rows = model.loss_logit_rows(positions) as u64;
     let act = model.dtype().size_in_bytes() as u64;
-    // See `TrainSummary::peak_memory_estimate_bytes` for where the 96 comes from.
-    const PER_LAYER: usize = 96;
+    // See `TrainSummary::peak_memory_estimate_bytes` for where the 38 comes from.
+    const PER_LAYER: usize = 38;
     let vectors = if model.gradient_checkpointing() {
         2 * layers + PER_LAYER
     } else {
         PER_LAYER * layers
     };
-    let activations = tokens * (hidden * vectors) as u64 * act;
-    base + 16 * trainable as u64 + tokens * vocab as u64 * 4 * 3 + activations
+    let activations = positions as u64 * (hidden * vectors) as u64 * act;
+    base + 16 * trainable as u64 + logit_rows * vocab as u64 * 4 * 3 + activations
 }
 
 /// Accepts `seed = 3` and `seed = "3"` (matrix substitution produces strings).

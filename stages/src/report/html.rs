@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use super::markdown::score_text;
 use super::svg;
-use super::{escape, pct, ReportData};
+use super::{escape, pct, LossPoint, ReportData};
 
 const CSS: &str = "
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 0; color: #222; background: #f6f7f9; }
@@ -129,7 +129,12 @@ pub fn render_html(data: &ReportData) -> String {
         out.push_str("</section>");
     }
 
-    if let Some(chart) = svg::loss_chart(&data.variants) {
+    let loss_series: Vec<(&str, &[LossPoint])> = data
+        .variants
+        .iter()
+        .map(|v| (v.name.as_str(), v.loss.as_slice()))
+        .collect();
+    if let Some(chart) = svg::loss_chart("training loss", &loss_series) {
         out.push_str("<section><h2>Training loss</h2><div class=\"chart\">");
         out.push_str(&chart);
         out.push_str("</div><table><thead><tr><th>variant</th><th>steps</th><th>first</th><th>last</th><th>min</th></tr></thead><tbody>");

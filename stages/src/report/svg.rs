@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{escape, FilterStats, Histogram, VariantReport};
+use super::{escape, FilterStats, Histogram, LossPoint, VariantReport};
 
 /// Colours per variant (colour-blind friendly Tableau 10).
 pub const PALETTE: [&str; 8] = [
@@ -206,11 +206,13 @@ pub fn pass_at_k_chart(variants: &[VariantReport]) -> String {
     out
 }
 
-/// Training loss per variant against step; `None` if no variant has a curve.
-pub fn loss_chart(variants: &[VariantReport]) -> Option<String> {
-    let points: Vec<(f64, f64)> = variants
+/// Loss against step, one line per named series (in palette order), under `title`; `None`
+/// if every series is empty. Points of sparse series (held-out evaluations every few hundred
+/// steps, or just the last) are also marked, so a one-point series still shows.
+pub fn loss_chart(title: &str, series: &[(&str, &[LossPoint])]) -> Option<String> {
+    let points: Vec<(f64, f64)> = series
         .iter()
-        .flat_map(|v| v.loss.iter().map(|p| (p.step as f64, p.loss)))
+        .flat_map(|(_, curve)| curve.iter().map(|p| (p.step as f64, p.loss)))
         .collect();
     if points.is_empty() {
         return None;
@@ -232,7 +234,7 @@ pub fn loss_chart(variants: &[VariantReport]) -> Option<String> {
         yt.last().copied().unwrap_or(y_hi + pad).max(y_hi + pad),
     );
     let mut out = String::new();
-    open(&mut out, "training loss");
+    open(&mut out, title);
     let y = y_axis(&mut out, y_lo, y_hi, "loss", false);
     let x = |v: f64| LEFT + (W - LEFT - RIGHT) * (v - x_lo) / (x_hi - x_lo);
     for t in nice_ticks(x_lo, x_hi, 6) {
@@ -253,20 +255,19 @@ pub fn loss_chart(variants: &[VariantReport]) -> Option<String> {
         tx = LEFT + (W - LEFT - RIGHT) / 2.0,
         ty = H - 6.0
     );
-    let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+    let names: Vec<&str> = series.iter().map(|(name, _)| *name).collect();
     legend(&mut out, &names);
-    for (vi, v) in variants.iter().enumerate() {
-        if v.loss.is_empty() {
+    for (i, (name, curve)) in series.iter().enumerate() {
+        if curve.is_empty() {
             continue;
         }
-        let d: String = v
-            .loss
+        let d: String = curve
             .iter()
             .enumerate()
-            .map(|(i, p)| {
+            .map(|(j, p)| {
                 format!(
                     "{}{:.1} {:.1}",
-                    if i == 0 { "M" } else { "L" },
+                    if j == 0 { "M" } else { "L" },
                     x(p.step as f64),
                     y(p.loss)
                 )
@@ -276,13 +277,30 @@ pub fn loss_chart(variants: &[VariantReport]) -> Option<String> {
         let _ = write!(
             out,
             r#"<path d="{d}" stroke="{c}" stroke-width="2" fill="none"><title>{t}</title></path>"#,
-            c = color(vi),
-            t = escape(&v.name)
+            c = color(i),
+            t = escape(name)
         );
+        if curve.len() <= SPARSE_POINTS {
+            for p in curve.iter() {
+                let _ = write!(
+                    out,
+                    r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="3" fill="{c}"><title>{t}: step {s}, {l}</title></circle>"#,
+                    cx = x(p.step as f64),
+                    cy = y(p.loss),
+                    c = color(i),
+                    t = escape(name),
+                    s = p.step,
+                    l = escape(&fmt_num(p.loss))
+                );
+            }
+        }
     }
     out.push_str("</svg>");
     Some(out)
 }
+
+/// Series with at most this many points get a marker on each.
+const SPARSE_POINTS: usize = 24;
 
 /// A histogram with an optional threshold marker.
 pub fn histogram_chart(h: &Histogram) -> String {
