@@ -130,11 +130,18 @@ fn phi_config() -> serde_json::Value {
 /// A random HF checkpoint directory (config.json, model.safetensors, tokenizer.json).
 fn hf_model(dir: &Path, arch: Architecture) -> PathBuf {
     let model = dir.join(format!("hf-{arch:?}"));
-    std::fs::create_dir_all(&model).unwrap();
     let config = match arch {
         Architecture::Llama => llama_config(),
         Architecture::Phi => phi_config(),
     };
+    write_random_checkpoint(&model, arch, config);
+    write_tokenizer_json(&model);
+    model
+}
+
+/// config.json and a model.safetensors of random weights (norms 1) into `model`.
+fn write_random_checkpoint(model: &Path, arch: Architecture, config: serde_json::Value) {
+    std::fs::create_dir_all(model).unwrap();
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
     let shapes = match arch {
         Architecture::Llama => serde_json::from_value::<pipeline_models::arch::LlamaConfig>(config)
@@ -155,8 +162,6 @@ fn hf_model(dir: &Path, arch: Architecture) -> PathBuf {
         tensors.insert(name, t);
     }
     candle_core::safetensors::save(&tensors, model.join("model.safetensors")).unwrap();
-    write_tokenizer_json(&model);
-    model
 }
 
 /// A tiny llama GGUF (weights in q8_0, norms in f32) with tokenizer metadata.
@@ -1193,5 +1198,116 @@ fn gradient_checkpointing_trains_the_same_adapter() {
     assert!(
         (sa.final_loss - sb.final_loss).abs() < 1e-5,
         "{sa:?} vs {sb:?}"
+    );
+}
+
+/// `rel` under the shared data directory, or `None` (with a message) when it is absent.
+fn shared_data_file(rel: &str) -> Option<PathBuf> {
+    let path = pipeline_stages::filter::shared_data_dir().map(|d| d.join(rel));
+    match path {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            eprintln!(
+                "skipping: {rel} not found ({other:?}); set PIPELINE_SHARED_DATA or put \
+                 shared/data beside the repository"
+            );
+            None
+        }
+    }
+}
+
+/// Loss falls on a small real dataset: 64 real CodeAlpaca rows, SmolLM2's real tokenizer
+/// (49,152 tokens) and the instruction template's response-only loss, training LoRA on a tiny
+/// random Llama built here. An untrained model is close to uniform over the vocabulary (ln
+/// 49152 = 10.8 nats); within 40 steps the adapters must take three nats off the training loss
+/// and one off the loss on 32 held-out rows never trained on (measured: 5.3 and 2.8). The LM
+/// head is adapted too: with random embeddings, its adapter is what can learn which tokens
+/// code and English use (the projections' adapters alone reach only ~0.6 nats in 40 steps).
+#[test]
+fn lora_train_lowers_training_and_held_out_loss_on_real_codealpaca_rows() {
+    let (Some(gguf), Some(alpaca)) = (
+        smollm2_gguf(),
+        shared_data_file("codealpaca/code_alpaca_first1000.json"),
+    ) else {
+        return;
+    };
+    let dirs = Dirs::new();
+    let smollm2 = run_kind::<ModelKind>(&dirs, &model_params(Some(gguf)), &[], 0);
+    let tiny = dirs.root.join("tiny-smollm2-vocab");
+    let mut config = llama_config();
+    config["vocab_size"] = 49152.into();
+    config["max_position_embeddings"] = 256.into();
+    config["eos_token_id"] = 2.into();
+    write_random_checkpoint(&tiny, Architecture::Llama, config);
+    std::fs::copy(smollm2.join("tokenizer.json"), tiny.join("tokenizer.json")).unwrap();
+    let model = run_kind::<ModelKind>(&dirs, &model_params(Some(tiny)), &[], 0);
+
+    let read = pipeline_stages::readers::ReadOptions {
+        limit: Some(96),
+        ..Default::default()
+    };
+    let (rows, _) = pipeline_stages::readers::read_source(&alpaca, &read).unwrap();
+    let (train_rows, held_out_rows) = rows.split_at(64);
+    let tok = TextTokenizer::load(&model.join("tokenizer.json"), None, None).unwrap();
+    let options = TokenizeOptions {
+        max_length: 128,
+        ..Default::default()
+    };
+    let shards = |rows: &[Record]| {
+        let out = dirs.fresh("tokens");
+        tokenize_records(rows, &tok, &options, &out).unwrap();
+        out
+    };
+    let (train_tokens, held_out_tokens) = (shards(train_rows), shards(held_out_rows));
+
+    let mut p = train_params(40);
+    p.r = 8;
+    p.alpha = 16.0;
+    p.dropout = 0.05;
+    p.lr = 1e-2;
+    p.max_length = 128;
+    p.eval_every = Some(20);
+    p.target_modules = Some(
+        [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "lm_head",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let out = run_kind::<LoraTrainKind>(
+        &dirs,
+        &p,
+        &[
+            ("model", &model),
+            ("tokens", &train_tokens),
+            ("eval_tokens", &held_out_tokens),
+        ],
+        3,
+    );
+    let s = train_summary(&out);
+    let first = s.first_loss.unwrap();
+    assert!(
+        (first - 49152f64.ln()).abs() < 1.0,
+        "untrained loss {first}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 40);
+    let last_five = losses[35..].iter().sum::<f64>() / 5.0;
+    let held_out = s.final_eval_loss.unwrap();
+    assert!(
+        last_five < first - 3.0 && held_out < first - 1.0,
+        "first-step loss {first}, mean of the last five {last_five}, held-out {held_out}"
     );
 }
