@@ -1,6 +1,8 @@
 //! The `pipeline` command line, as a library so that other binaries (the toy-kind example used
 //! by the engine tests) can run the same CLI over their own [`Registry`].
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +63,7 @@ pub struct ManifestArgs {
 pub enum Command {
     /// Run what is not cached, in dependency order.
     Run {
+        /// The experiment manifest and its parameter overrides.
         #[command(flatten)]
         manifest: ManifestArgs,
         /// Run only these stages (and what they need). A base name selects all its variants.
@@ -78,6 +81,7 @@ pub enum Command {
     },
     /// Say what a run would do and why (dry run).
     Plan {
+        /// The experiment manifest and its parameter overrides.
         #[command(flatten)]
         manifest: ManifestArgs,
         /// Only these stages and what they need.
@@ -97,6 +101,7 @@ pub enum Command {
     },
     /// Print the expanded stage graph.
     Dag {
+        /// The experiment manifest and its parameter overrides.
         #[command(flatten)]
         manifest: ManifestArgs,
         /// Output format.
@@ -105,6 +110,7 @@ pub enum Command {
     },
     /// Key, artifacts, metadata and timings of one stage.
     Show {
+        /// The experiment manifest and its parameter overrides.
         #[command(flatten)]
         manifest: ManifestArgs,
         /// Stage instance name (e.g. `train@messy`).

@@ -12,6 +12,8 @@
 //! * [`stage`] is the contract a stage kind implements; the engine knows nothing else about it.
 //! * [`store`] is the content-addressed cache: objects, trees, action records, checkpoints.
 
+#![warn(missing_docs)]
+
 pub mod executor;
 pub mod fingerprint;
 pub mod graph;

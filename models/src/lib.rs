@@ -18,6 +18,8 @@
 //! model.set_training(false);                                   // then CausalLm for generation
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod causal_lm;
 pub mod checkpoint;

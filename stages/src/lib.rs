@@ -5,6 +5,8 @@
 //! artifact layout); the model code they drive lives in `pipeline-models`, and the data logic
 //! they drive lives in the library modules below.
 
+#![warn(missing_docs)]
+
 pub mod download;
 pub mod evalsets;
 pub mod filter;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused::{activation, gated_activation, FusedActivation};
 
 /// An MLP activation. On the CPU, tanh-GELU and SiLU run as fused kernels with an exact backward
-/// ([`crate::fused::activation`]); elsewhere, and for the others, candle's ops (`gelu` is the
+/// ([`crate::fused::activation()`]); elsewhere, and for the others, candle's ops (`gelu` is the
 /// tanh approximation, which is exactly HF's `gelu_new`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Activation {

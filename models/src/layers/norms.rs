@@ -1,6 +1,6 @@
 //! LayerNorm and RMSNorm, computed in f32 (f64 for f64 models) and cast back to the input dtype.
 //! candle's fused versions record no backward, so a training forward on the CPU uses our fused
-//! kernel ([`crate::fused::norm`]: one node, exact input gradient), and elsewhere the composite
+//! kernel ([`crate::fused::norm()`]: one node, exact input gradient), and elsewhere the composite
 //! ops. When nothing in the call records a backward (generation, frozen layers), the f32 RMSNorm
 //! uses candle's fused kernel: one pass over the row rather than six ops that each allocate.
 

@@ -10,7 +10,7 @@
 //! input order. Sequences are cut at `max_len` tokens (sentence-transformers uses 256 for this
 //! model; the tokenizer file's own 128-token truncation and fixed padding are overridden).
 //!
-//! The encoder is [`MiniLm`], a BERT forward pass written here rather than
+//! The encoder is `MiniLm`, a BERT forward pass written here rather than
 //! `candle_transformers`' `BertModel`, for speed: that one scales, masks and soft-maxes the
 //! `(batch, heads, len, len)` attention scores in seven separate passes (each allocating a
 //! tensor as large as the scores, 100 MB for 32 x 256 tokens), which cost as much as all the

@@ -10,8 +10,9 @@
 //! `add_bos`, `add_eos`, `shard_max_tokens`, `eos_token`, `bos_token`.
 //!
 //! Artifact layout (`tokens`): the shard directory [`crate::tokenize::TokenShards::open`]
-//! reads (`index.json` + shard files) plus `stats.json` ([`TokenizeStats`]). Stage metadata:
-//! records, examples, tokens, loss tokens, truncation rate.
+//! reads (`index.json` + shard files) plus `stats.json`
+//! ([`TokenizeStats`](crate::tokenize::TokenizeStats)). Stage metadata: records, examples,
+//! tokens, loss tokens, truncation rate.
 
 use miette::miette;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
