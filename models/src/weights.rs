@@ -55,6 +55,18 @@ pub enum LoadError {
         /// The expected type.
         want: &'static str,
     },
+    /// A GGUF file's tensor data runs past its end (an interrupted download or copy).
+    #[error("{path} is truncated or corrupt: tensor `{tensor}` ends at byte {end} but the file has {len} bytes. Download or copy the file again")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// The first tensor that does not fit.
+        tensor: String,
+        /// Where that tensor's data ends.
+        end: u64,
+        /// The file's length.
+        len: u64,
+    },
     /// An error from candle while reading or converting tensors.
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
@@ -332,6 +344,33 @@ fn unpermute_rows(q: &QTensor, n_heads: usize) -> Result<QTensor, LoadError> {
     Ok(QTensor::new(storage, (rows, cols))?)
 }
 
+/// Checks that every tensor `content` (read from `path`) lists lies inside the file, so a
+/// truncated file is reported as such, by name, before any tensor is read.
+pub fn check_gguf_extents(content: &gguf_file::Content, path: &Path) -> Result<(), LoadError> {
+    let len = std::fs::metadata(path)
+        .map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(_, info)| info.offset);
+    for (name, info) in infos {
+        let dtype = info.ggml_dtype;
+        let bytes = (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > len {
+            return Err(LoadError::Truncated {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                end,
+                len,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads a llama-architecture GGUF file: its tensors under HF names (q/k rows un-permuted,
 /// quantized tensors kept quantized) and the metadata to build a Llama config.
 pub fn load_gguf_llama(
@@ -344,6 +383,7 @@ pub fn load_gguf_llama(
     };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let content = gguf_file::Content::read(&mut file)?;
+    check_gguf_extents(&content, path)?;
     let arch = content
         .metadata
         .get("general.architecture")

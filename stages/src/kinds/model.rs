@@ -207,6 +207,7 @@ fn package_gguf(
     let mut file = std::fs::File::open(src).into_diagnostic()?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| miette!("`{}` is not a GGUF file: {e}", src.display()))?;
+    pipeline_models::weights::check_gguf_extents(&content, src).into_diagnostic()?;
     let arch = content
         .metadata
         .get("general.architecture")
