@@ -1267,20 +1267,13 @@ fn lora_train_lowers_training_and_held_out_loss_on_real_codealpaca_rows() {
     p.lr = 1e-2;
     p.max_length = 128;
     p.eval_every = Some(20);
-    p.target_modules = Some(
-        [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-            "lm_head",
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
+    let mut targets: Vec<String> = Architecture::Llama
+        .linear_module_names()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    targets.push("lm_head".into());
+    p.target_modules = Some(targets);
     let out = run_kind::<LoraTrainKind>(
         &dirs,
         &p,

@@ -262,17 +262,6 @@ macro_rules! impl_causal_lm {
                 )
             }
 
-            /// Rows of logits [`Self::loss_sum`] holds at once for a batch of `positions`
-            /// positions; see [`head_logit_rows`]($crate::train::head_logit_rows).
-            pub fn loss_logit_rows(&self, positions: usize) -> usize {
-                $crate::train::head_logit_rows(
-                    &*self.lm_head,
-                    &self.device,
-                    self.dtype(),
-                    positions,
-                )
-            }
-
             /// Logits of the final hidden states (the last position only with `last_only`).
             fn run(
                 &self,
@@ -503,14 +492,6 @@ impl DecoderModel {
         match self {
             Self::Phi(m) => m.dtype(),
             Self::Llama(m) => m.dtype(),
-        }
-    }
-
-    /// Rows of logits [`Self::loss_sum`] holds at once; see [`Phi::loss_logit_rows`].
-    pub fn loss_logit_rows(&self, positions: usize) -> usize {
-        match self {
-            Self::Phi(m) => m.loss_logit_rows(positions),
-            Self::Llama(m) => m.loss_logit_rows(positions),
         }
     }
 }

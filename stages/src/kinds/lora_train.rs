@@ -38,14 +38,14 @@ use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use pipeline_models::arch::DecoderModel;
 use pipeline_models::peft::{PeftAdapter, PeftConfig};
 use pipeline_models::train::{
-    AdamWConfig, ComputeDtype, GradScalerConfig, LossSum, LrSchedule, ScheduleKind, StepContext,
-    TrainConfig, TrainModel, Trainer,
+    head_logit_rows, AdamWConfig, ComputeDtype, GradScalerConfig, LossSum, LrSchedule,
+    ScheduleKind, StepContext, TrainConfig, TrainModel, Trainer,
 };
 use pipeline_models::{CausalLm, LoraConfig};
 use serde::{Deserialize, Serialize};
 
 use super::model_artifact::{load_model, write_json, LoadedModel};
-use crate::report::{read_metric_curve, svg, LossPoint};
+use crate::report::{svg, LossPoint};
 use crate::tokenize::{pad_batch, Example, TokenShards};
 
 /// The `lora-train` kind.
@@ -257,7 +257,7 @@ pub struct TrainSummary {
     /// per token per layer kept until the backward, in the compute dtype (with gradient
     /// checkpointing, two per layer plus one layer's 38). The 38 is fitted to measured peaks on
     /// the CPU (`bench/phi15_memory.sh`, which prints this estimate beside each): for phi-1.5
-    /// at 2 x 256 and 2 x 512 the estimate is 4-6% above them without checkpointing and about
+    /// at 2 x 256 and 2 x 512 the estimate is 4-7% above them without checkpointing and about
     /// a quarter below with it, where the process's fixed costs weigh more.
     pub peak_memory_estimate_bytes: u64,
     /// Step the final attempt started from, 0 unless resumed from a checkpoint (metadata only).
@@ -615,7 +615,7 @@ pub fn train(
     let metrics_src = state_dir.join("metrics.jsonl");
     let metrics = std::fs::read_to_string(&metrics_src).into_diagnostic()?;
     std::fs::write(out.join("metrics.jsonl"), without_timings(&metrics)?).into_diagnostic()?;
-    write_loss_curve(&out)?;
+    write_loss_curve(&out, &metrics)?;
     // The per-step throughput stays beside the checkpoints, out of the artifact (see
     // `TrainSummary`).
     let first_loss = first_step_loss(&metrics);
@@ -656,12 +656,15 @@ pub fn train(
     Ok(summary)
 }
 
-/// `loss_curve.svg` beside `metrics.jsonl` in `out`: training loss per step and, when the stage
-/// evaluates, the held-out loss.
-fn write_loss_curve(out: &Path) -> miette::Result<()> {
-    let metrics = out.join("metrics.jsonl");
-    let training = read_metric_curve(&metrics, "loss").into_diagnostic()?;
-    let held_out = read_metric_curve(&metrics, "eval_loss").into_diagnostic()?;
+/// `loss_curve.svg` in `out`, from the run's `metrics` (JSON Lines): training loss per step
+/// and, when the stage evaluates, the held-out loss.
+fn write_loss_curve(out: &Path, metrics: &str) -> miette::Result<()> {
+    let curve = |field| -> Vec<LossPoint> {
+        metric_records(metrics, field)
+            .map(|(step, loss)| LossPoint { step, loss })
+            .collect()
+    };
+    let (training, held_out) = (curve("loss"), curve("eval_loss"));
     let mut series: Vec<(&str, &[LossPoint])> = vec![("training", &training)];
     if !held_out.is_empty() {
         series.push(("held-out", &held_out));
@@ -687,22 +690,24 @@ fn without_timings(metrics: &str) -> miette::Result<String> {
     Ok(out)
 }
 
-fn metric_records(metrics: &str) -> impl Iterator<Item = (u64, f64)> + '_ {
+/// `(step, value)` of every record of `metrics` (JSON Lines) that has a numeric `field`:
+/// `loss` for training steps, `eval_loss` for evaluations.
+fn metric_records<'a>(metrics: &'a str, field: &'a str) -> impl Iterator<Item = (u64, f64)> + 'a {
     metrics
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
+        .filter_map(move |v| Some((v.get("step")?.as_u64()?, v.get(field)?.as_f64()?)))
 }
 
 /// The loss of step 1 (the run's starting point, even when this attempt resumed).
 fn first_step_loss(metrics: &str) -> Option<f64> {
-    metric_records(metrics)
+    metric_records(metrics, "loss")
         .find(|(s, _)| *s == 1)
         .map(|(_, l)| l)
 }
 
 fn last_step_loss(metrics: &str) -> Option<f64> {
-    metric_records(metrics).last().map(|(_, l)| l)
+    metric_records(metrics, "loss").last().map(|(_, l)| l)
 }
 
 /// See [`TrainSummary::peak_memory_estimate_bytes`].
@@ -729,7 +734,13 @@ fn memory_estimate(
         DecoderModel::Phi(m) => (m.config().hidden_size, m.config().num_hidden_layers),
     };
     let positions = batches.iter().map(|b| b.rows * b.len).max().unwrap_or(0);
-    let logit_rows = model.loss_logit_rows(positions) as u64;
+    let logit_rows = model
+        .linears()
+        .into_iter()
+        .find(|(name, _)| name == "lm_head")
+        .map_or(positions, |(_, head)| {
+            head_logit_rows(head, model.device(), model.dtype(), positions)
+        }) as u64;
     let act = model.dtype().size_in_bytes() as u64;
     // See `TrainSummary::peak_memory_estimate_bytes` for where the 38 comes from.
     const PER_LAYER: usize = 38;

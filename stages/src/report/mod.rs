@@ -188,13 +188,6 @@ pub enum ReportError {
 /// Reads a training metrics JSONL (`{"step": .., "loss": .., ...}` per line); lines
 /// without both a numeric `step` and a finite `loss` (e.g. eval records) are skipped.
 pub fn read_loss_curve(path: &Path) -> Result<Vec<LossPoint>, ReportError> {
-    read_metric_curve(path, "loss")
-}
-
-/// Reads one loss-like field of a training metrics JSONL against step: `"loss"` for training
-/// steps, `"eval_loss"` for held-out evaluations. Lines without both a numeric `step` and a
-/// finite `field` are skipped.
-pub fn read_metric_curve(path: &Path, field: &str) -> Result<Vec<LossPoint>, ReportError> {
     let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
         path: path.to_path_buf(),
         source,
@@ -210,7 +203,7 @@ pub fn read_metric_curve(path: &Path, field: &str) -> Result<Vec<LossPoint>, Rep
                 line: i + 1,
                 source,
             })?;
-        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v[field].as_f64()) {
+        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
             if loss.is_finite() {
                 out.push(LossPoint { step, loss });
             }
