@@ -22,6 +22,7 @@
 //!     --prompts prompts.json --weights f32
 //! ```
 
+use pipeline_models::Decoder;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Instant;

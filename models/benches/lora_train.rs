@@ -21,6 +21,7 @@ use pipeline_models::train::{
     ComputeDtype, GradScalerConfig, LossSum, LrSchedule, ScheduleKind, StepContext, TrainConfig,
     TrainModel, TrainRng, Trainer,
 };
+use pipeline_models::Decoder;
 use pipeline_models::{LinearLayer, LoraConfig};
 use std::path::PathBuf;
 use std::sync::Arc;

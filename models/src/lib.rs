@@ -21,10 +21,13 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod artifact;
 pub mod causal_lm;
 pub mod checkpoint;
+pub mod device;
 pub mod fused;
 pub mod generate;
+pub mod io;
 pub mod layers;
 pub mod linear;
 pub mod lora;
@@ -33,6 +36,7 @@ pub mod quant;
 pub mod train;
 pub mod weights;
 
+pub use arch::{Decoder, DecoderModel};
 pub use causal_lm::{CausalLm, KvCache};
 pub use linear::LinearLayer;
 pub use lora::{LoraConfig, LoraLinear};

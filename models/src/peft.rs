@@ -17,6 +17,8 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::lora::LoraConfig;
+
 /// File name of the adapter weights.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// File name of the adapter configuration.
@@ -456,19 +458,57 @@ fn check_pair(module: &str, a: &Tensor, b: &Tensor, r: usize) -> std::result::Re
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(io("write", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("rename into place", path))
+    crate::io::write_atomic(path, bytes).map_err(io("write", path))
+}
+
+/// The LoRA settings of the PEFT adapter in directory `dir` (its `adapter_config.json`).
+/// Adapter variants whose forward differs from plain LoRA (rsLoRA scaling, DoRA, regex
+/// `target_modules`, other PEFT types) are refused rather than misread.
+pub fn lora_config_of(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let refuse = |reason: String| PeftError::Invalid {
+        path: Some(path.clone()),
+        reason,
+    };
+    let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|source| PeftError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    if let Some(t) = raw.get("peft_type").and_then(|t| t.as_str()) {
+        if t != "LORA" {
+            return Err(refuse(format!(
+                "peft_type is {t:?}; only LORA adapters are supported"
+            )));
+        }
+    }
+    if let Some(serde_json::Value::String(s)) = raw.get("target_modules") {
+        return Err(refuse(format!(
+            "`target_modules` is the regular expression {s:?}; only a list of module names is supported"
+        )));
+    }
+    if raw.get("use_dora").and_then(|b| b.as_bool()) == Some(true) {
+        return Err(refuse("use_dora adapters are not supported".into()));
+    }
+    let config: PeftConfig = serde_json::from_value(raw).map_err(|source| PeftError::Json {
+        path: path.clone(),
+        source,
+    })?;
+    if config.use_rslora {
+        return Err(refuse(
+            "use_rslora adapters are not supported (their scaling is alpha/sqrt(r))".into(),
+        ));
+    }
+    let target_modules = config.target_modules.unwrap_or_default();
+    if target_modules.is_empty() {
+        return Err(refuse("`target_modules` is missing or empty".into()));
+    }
+    Ok(LoraConfig {
+        r: config.r,
+        alpha: config.lora_alpha,
+        dropout: config.lora_dropout,
+        target_modules,
+    })
 }
 
 /// Host f32 copy of a tensor, viewable by the safetensors serializer.

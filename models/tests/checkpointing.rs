@@ -55,11 +55,11 @@ fn models() -> Vec<(&'static str, DecoderModel)> {
     vec![
         (
             "phi",
-            DecoderModel::Phi(Phi::new(&phi, &phi_w, DType::F64, &mut lora()).unwrap()),
+            DecoderModel::new(Phi::new(&phi, &phi_w, DType::F64, &mut lora()).unwrap()),
         ),
         (
             "llama",
-            DecoderModel::Llama(Llama::new(&llama, &llama_w, DType::F64, &mut lora()).unwrap()),
+            DecoderModel::new(Llama::new(&llama, &llama_w, DType::F64, &mut lora()).unwrap()),
         ),
     ]
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use pipeline_models::Decoder;
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::{self, Value};

@@ -32,7 +32,7 @@ fn phi(targets: &[&str]) -> DecoderModel {
         &mut lora_factory(targets),
     )
     .unwrap();
-    DecoderModel::Phi(model)
+    DecoderModel::new(model)
 }
 
 fn llama(targets: &[&str]) -> DecoderModel {
@@ -50,7 +50,7 @@ fn llama(targets: &[&str]) -> DecoderModel {
         &mut lora_factory(targets),
     )
     .unwrap();
-    DecoderModel::Llama(model)
+    DecoderModel::new(model)
 }
 
 fn lora_factory(targets: &[&str]) -> LoraFactory<DenseFactory> {

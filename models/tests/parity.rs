@@ -8,6 +8,7 @@ use common::{fixture, load_io, max_abs_diff};
 use pipeline_models::arch::{DenseFactory, Llama, LlamaConfig, Phi, PhiConfig};
 use pipeline_models::weights::Weights;
 use pipeline_models::CausalLm;
+use pipeline_models::Decoder;
 
 fn fixture_weights(dir: &str) -> Weights {
     Weights::from_safetensors(&[fixture(dir).join("model.safetensors")], &Device::Cpu).unwrap()
@@ -191,7 +192,7 @@ fn checkpoint_directories_load_and_missing_ones_explain() {
         &mut DenseFactory,
     )
     .unwrap();
-    let model = pipeline_models::arch::DecoderModel::Phi(phi);
+    let model = pipeline_models::arch::DecoderModel::new(phi);
     let (ids, mask, want) = load_io("tiny_phi");
     assert!(max_abs_diff(&model.forward(&ids, &mask).unwrap(), &want) < 1e-4);
     assert_eq!(model.vocab_size(), 64);

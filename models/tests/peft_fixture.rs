@@ -9,6 +9,7 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::max_abs_diff;
 use pipeline_models::peft::{PeftAdapter, CONFIG_FILE, WEIGHTS_FILE};
+use pipeline_models::Decoder;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use common::{lm_loss, random_weights, weights};
 use pipeline_models::arch::{DenseFactory, Llama, LlamaConfig, LoraFactory, Phi, PhiConfig};
+use pipeline_models::Decoder;
 use pipeline_models::LoraConfig;
 
 fn lora(targets: &[&str]) -> LoraFactory<DenseFactory> {

@@ -1,12 +1,13 @@
 //! The stage kinds of `pipeline`.
 //!
-//! Each kind is one module implementing [`pipeline_engine::Stage`]; [`registry`] is the one
-//! place they are registered. Kinds hold stage plumbing only (parameters, inputs, outputs,
-//! artifact layout); the model code they drive lives in `pipeline-models`, and the data logic
-//! they drive lives in the library modules below.
+//! Each kind is one module of [`kinds`] implementing [`pipeline_engine::Stage`]; [`registry`] is
+//! the one place they are registered. Kinds are thin: every artifact type (its name, files,
+//! reader and writer) lives in [`artifacts`]; the model code they drive lives in
+//! `pipeline-models`, and the data logic in the library modules below.
 
 #![warn(missing_docs)]
 
+pub mod artifacts;
 pub mod download;
 pub mod evalsets;
 pub mod filter;

@@ -358,6 +358,50 @@ pub(crate) fn column_offset(line: &str, column: usize) -> usize {
     off
 }
 
+/// One field name or several (joined with newlines).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FieldSelection {
+    /// A single field.
+    One(String),
+    /// Several fields, joined with `\n` in this order.
+    Many(Vec<String>),
+}
+
+impl Default for FieldSelection {
+    fn default() -> Self {
+        FieldSelection::One("content".into())
+    }
+}
+
+impl FieldSelection {
+    /// The field names, in order.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            FieldSelection::One(f) => vec![f.as_str()],
+            FieldSelection::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The selected text of `r`; errors name the fields the record does have.
+    pub fn text(&self, r: &Record) -> miette::Result<String> {
+        let mut parts = Vec::new();
+        for name in self.names() {
+            let v = r.require(name).map_err(|e| {
+                miette::miette!(
+                    help = "set `text_field` to the field holding the text",
+                    "{}: no field `{}` (it has: {})",
+                    e.location,
+                    e.field,
+                    e.available
+                )
+            })?;
+            parts.push(v);
+        }
+        Ok(parts.join("\n"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

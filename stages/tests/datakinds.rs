@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use pipeline_stages::kinds::download::{read_download_meta, Download};
+use pipeline_stages::artifacts::FilesArtifact;
+use pipeline_stages::kinds::download::Download;
 use pipeline_stages::kinds::filter::Filter;
 use pipeline_stages::kinds::read::Read;
 use pipeline_stages::kinds::tokenize::Tokenize;
@@ -73,7 +74,7 @@ fn download_path_copies_a_directory_and_lists_it() {
         std::fs::read_to_string(dir.join("sub/b.txt")).unwrap(),
         "hello"
     );
-    let meta = read_download_meta(dir).unwrap();
+    let meta = FilesArtifact::read_meta(dir).unwrap();
     assert_eq!(meta.kind, "path");
     let paths: Vec<&str> = meta.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["a.jsonl", "sub/b.txt"]);
@@ -115,7 +116,7 @@ fn download_hf_offline_uses_the_cache_and_errors_clearly_when_absent() {
         "cache_dir": cache,
     });
     let (out, _) = run_kind::<Download>(tmp.path(), "hf", params.clone(), &[]).unwrap();
-    let meta = read_download_meta(&out["files"]).unwrap();
+    let meta = FilesArtifact::read_meta(&out["files"]).unwrap();
     assert_eq!(meta.resolved_revision, sha);
     assert_eq!(meta.kind, "hf");
     assert_eq!(
@@ -194,7 +195,7 @@ fn download_pip_extracts_members_and_records_the_wheel_hash() {
         &[],
     )
     .unwrap();
-    let meta = read_download_meta(&out["files"]).unwrap();
+    let meta = FilesArtifact::read_meta(&out["files"]).unwrap();
     let paths: Vec<&str> = meta.files.iter().map(|f| f.path.as_str()).collect();
     assert_eq!(paths, ["tinypkg/data/model.bin"]);
     assert_eq!(meta.resolved_revision, "0.1.0");

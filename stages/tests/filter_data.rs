@@ -144,12 +144,29 @@ fn heuristic_scores_spread_over_the_messy_set() {
 
 #[test]
 fn full_chain_on_messy_with_eval_sets() {
-    use pipeline_stages::filter::chain::{load_eval_sets, run_chain, ChainOptions};
+    use pipeline_stages::filter::chain::{load_eval_sets, run_steps, ChainInputs, Step};
     let Some(recs) = messy() else { return };
     let Some(dir) = shared_data_dir() else { return };
     let eval = load_eval_sets(&dir).unwrap();
     assert_eq!(eval.len(), 164 + 974);
-    let out = run_chain(&recs, &eval, &ChainOptions::default()).unwrap();
+    let steps: Vec<Step> = serde_json::from_value(serde_json::json!([
+        {"step": "exact_dedup"},
+        {"step": "near_dedup"},
+        {"step": "decontaminate"},
+        {"step": "heuristic"},
+    ]))
+    .unwrap();
+    let out = run_steps(
+        &recs,
+        &steps,
+        &mut ChainInputs {
+            eval: &eval,
+            seed: 0,
+            learned: None,
+            on_step: &mut |_| Ok(()),
+        },
+    )
+    .unwrap();
     for r in &out.reports {
         eprintln!(
             "{}: {} -> {} {:?} ({} ms)",

@@ -6,9 +6,9 @@ use std::io::Write;
 
 use kinds_eval_support::{read_jsonl, run_stage, shared_data};
 use pipeline_engine::Stage;
+use pipeline_stages::artifacts::ProblemsArtifact;
 use pipeline_stages::evalsets::{replication_problems, EvalProblem, DEFAULT_INSTRUCTION_TEMPLATE};
 use pipeline_stages::kinds::evalset::{EvalSet, EvalSetParams};
-use pipeline_stages::kinds::read_problems_artifact;
 
 fn params(v: serde_json::Value) -> EvalSetParams {
     serde_json::from_value(v).unwrap()
@@ -26,7 +26,7 @@ fn replication_with_limit_and_template() {
     )
     .unwrap();
     let dir = &ran.outputs["problems"];
-    let got = read_problems_artifact(dir).unwrap();
+    let got = ProblemsArtifact::read(dir).unwrap();
     let want: Vec<EvalProblem> = replication_problems("Q: {instruction}\nA:\n")
         .unwrap()
         .into_iter()
@@ -54,7 +54,7 @@ fn default_template_is_used_without_one() {
         0,
     )
     .unwrap();
-    let got = read_problems_artifact(&ran.outputs["problems"]).unwrap();
+    let got = ProblemsArtifact::read(&ran.outputs["problems"]).unwrap();
     assert_eq!(
         got,
         replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap()
@@ -123,7 +123,7 @@ fn humaneval_from_a_files_input() {
         0,
     )
     .unwrap();
-    let got = read_problems_artifact(&ran.outputs["problems"]).unwrap();
+    let got = ProblemsArtifact::read(&ran.outputs["problems"]).unwrap();
     assert_eq!(got.len(), 2);
     assert_eq!(got[1].task_id, "HumanEval/1");
     assert_eq!(got[1].entry_point, "add_one");
@@ -167,7 +167,7 @@ fn shared_data_sets_load_with_limits() {
             0,
         )
         .unwrap();
-        let got = read_problems_artifact(&ran.outputs["problems"]).unwrap();
+        let got = ProblemsArtifact::read(&ran.outputs["problems"]).unwrap();
         assert_eq!(got.len(), 3, "{set}");
         assert_eq!(got[0].task_id, first, "{set}");
         assert_eq!(ran.metadata["available"], full, "{set}");

@@ -12,10 +12,11 @@ use kinds_eval_support::{
 };
 use pipeline_models::arch::{DecoderModel, DenseFactory, Llama};
 use pipeline_models::generate::{generate_batch, GenerateConfig, SamplingParams};
+use pipeline_models::train::ComputeDtype;
 use pipeline_stages::evalsets::{
     generation_requests, replication_problems, DEFAULT_INSTRUCTION_TEMPLATE,
 };
-use pipeline_stages::kinds::generate::{load_model, Generate};
+use pipeline_stages::kinds::generate::{load_for_generation, Generate};
 
 fn fixtures(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
     let model = root.join("model");
@@ -168,9 +169,11 @@ fn adapter_tensors_are_copied_into_the_lora_vars() {
     let (model_dir, _) = fixtures(tmp.path(), 1);
     let adapter = tmp.path().join("adapter");
     let tensors = write_tiny_adapter(&adapter);
-    let cfg = pipeline_stages::kinds::model_artifact::adapter_lora_config(&adapter).unwrap();
+    let cfg = pipeline_models::peft::lora_config_of(&adapter).unwrap();
     assert_eq!((cfg.r, cfg.alpha, cfg.dropout), (2, 8.0, 0.05));
-    let model = load_model(&model_dir, Some(&adapter), &Device::Cpu, DType::F32).unwrap();
+    let model = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
+        .map(|(model, _, _)| model)
+        .unwrap();
     let vars = model.trainable_vars();
     assert_eq!(vars.len(), 8);
     for (name, var) in &vars {
@@ -250,7 +253,8 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         kinds_eval_support::random_tensor(&[16, 2], 1.0, 5),
     );
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let err = load_model(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+    let err = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
+        .map(|(model, _, _)| model)
         .err()
         .unwrap()
         .to_string();
@@ -262,7 +266,8 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
     // Missing tensor.
     tensors.remove(&key);
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let err = load_model(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+    let err = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
+        .map(|(model, _, _)| model)
         .err()
         .unwrap()
         .to_string();
@@ -278,7 +283,8 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         kinds_eval_support::random_tensor(&[2, 16], 1.0, 6),
     );
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let err = load_model(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+    let err = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
+        .map(|(model, _, _)| model)
         .err()
         .unwrap()
         .to_string();
@@ -290,7 +296,7 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         r#"{"r": 2, "lora_alpha": 8, "target_modules": ".*q_proj"}"#,
     )
     .unwrap();
-    let err = pipeline_stages::kinds::model_artifact::adapter_lora_config(&adapter)
+    let err = pipeline_models::peft::lora_config_of(&adapter)
         .err()
         .unwrap()
         .to_string();
@@ -298,10 +304,10 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
 
     // And applying an adapter to a model built without LoRA layers says which module is missing.
     std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 8, "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj"]}"#).unwrap();
-    let plain = DecoderModel::Llama(
+    let plain = DecoderModel::new(
         Llama::from_hf_dir(&model_dir, &Device::Cpu, DType::F32, &mut DenseFactory).unwrap(),
     );
-    let err = pipeline_stages::kinds::model_artifact::apply_adapter(&plain, &adapter)
+    let err = pipeline_models::artifact::apply_adapter(&plain, &adapter)
         .err()
         .unwrap()
         .to_string();

@@ -4,10 +4,11 @@
 mod kinds_eval_support;
 
 use kinds_eval_support::{read_jsonl, run_stage, write_problems};
+use pipeline_stages::artifacts::{GradesArtifact, ProblemsArtifact};
 use pipeline_stages::evalsets::{
     replication_problems, EvalKind, EvalProblem, DEFAULT_INSTRUCTION_TEMPLATE,
 };
-use pipeline_stages::kinds::grade::{grader_problem, read_grades_artifact, Grade};
+use pipeline_stages::kinds::grade::Grade;
 
 fn python_available() -> bool {
     std::process::Command::new("python3")
@@ -104,7 +105,7 @@ fn grades_right_and_wrong_completions() {
     );
     assert!(ran.metadata["sandbox_secs"].as_f64().unwrap() > 0.0);
 
-    let report = read_grades_artifact(out).unwrap();
+    let report = GradesArtifact::read(out).unwrap();
     assert_eq!(report.results.len(), 6);
     assert_eq!(report.tasks[2].task_id, "Mbpp/1");
     assert_eq!((report.tasks[2].n, report.tasks[2].c), (2, 1));
@@ -113,13 +114,13 @@ fn grades_right_and_wrong_completions() {
 #[test]
 fn grader_problem_runs_checks_once_and_keeps_the_prefix() {
     let p = mbpp_like();
-    let g = grader_problem(&p);
+    let g = p.grader_problem();
     assert_eq!(g.prompt, p.code_prefix);
     assert!(g.test.starts_with(&p.test));
     assert!(g.test.contains("def check(candidate):\n    pass"));
     let r = &replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap()[0];
     assert_eq!(
-        grader_problem(r).prompt,
+        r.grader_problem().prompt,
         "",
         "instruction prompts are not program text"
     );
@@ -178,7 +179,7 @@ fn canonical_solutions_of_real_sets_pass_through_evalset_and_grade() {
         )
         .unwrap();
         let problems_dir = ran.outputs["problems"].clone();
-        let problems = pipeline_stages::kinds::read_problems_artifact(&problems_dir).unwrap();
+        let problems = ProblemsArtifact::read(&problems_dir).unwrap();
         let samples_dir = tmp.path().join(format!("samples-{set}"));
         std::fs::create_dir_all(&samples_dir).unwrap();
         let lines: String = problems

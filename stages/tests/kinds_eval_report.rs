@@ -6,11 +6,14 @@ mod kinds_eval_support;
 use std::path::Path;
 
 use kinds_eval_support::{run_stage, write_problems};
+use pipeline_stages::artifacts::FilterReportArtifact;
 use pipeline_stages::evalsets::{replication_problems, DEFAULT_INSTRUCTION_TEMPLATE};
 use pipeline_stages::grade::passk::summarize;
 use pipeline_stages::grade::{GradeReport, Isolation, SampleResult, Status, TaskCounts};
-use pipeline_stages::kinds::report::{loss_for, read_filter_report, variant_names, Report};
-use pipeline_stages::report::{LossPoint, ReportData};
+use pipeline_stages::kinds::report::Report;
+use pipeline_stages::report::variants::{ancestor_of, variant_names, Producer};
+use pipeline_stages::report::FilterStats;
+use pipeline_stages::report::ReportData;
 
 /// Writes a grades artifact where task `i` passes iff `pass[i]`.
 fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
@@ -165,14 +168,33 @@ fn report_combines_variants_filters_losses_and_completions() {
     assert!(format!("{err:?}").contains("nope"), "{err:?}");
 }
 
+/// A producer as the engine names it: `grade@messy,1` has matrix values `messy` and `1`.
+fn p(instance: &str) -> Producer {
+    match instance.split_once('@') {
+        None => Producer::plain(instance),
+        Some((base, values)) => Producer {
+            base: base.into(),
+            labels: values
+                .split(',')
+                .enumerate()
+                .map(|(i, v)| (format!("k{i}"), v.to_string()))
+                .collect(),
+        },
+    }
+}
+
+fn names(instances: &[&str]) -> Vec<String> {
+    variant_names(&instances.iter().map(|i| p(i)).collect::<Vec<_>>())
+}
+
 #[test]
 fn variant_names_say_what_sets_each_stage_apart() {
     assert_eq!(
-        variant_names(&["grade-base", "grade@textbook", "grade@messy"]),
+        names(&["grade-base", "grade@textbook", "grade@messy"]),
         ["base", "textbook", "messy"]
     );
     assert_eq!(
-        variant_names(&[
+        names(&[
             "grade-base@humaneval",
             "grade-textbook@1,humaneval",
             "grade@messy,1,humaneval",
@@ -186,31 +208,41 @@ fn variant_names_say_what_sets_each_stage_apart() {
         ]
     );
     // A single stage keeps its name; clashing names fall back to the stage names.
-    assert_eq!(variant_names(&["grade"]), ["grade"]);
-    assert_eq!(variant_names(&["grade@messy"]), ["messy"]);
-    assert_eq!(variant_names(&["a-x@v", "b-x@v"]), ["a-x,v", "b-x,v"]);
+    assert_eq!(names(&["grade"]), ["grade"]);
+    assert_eq!(names(&["grade@messy"]), ["messy"]);
+    assert_eq!(names(&["a-x@v", "b-x@v"]), ["a-x,v", "b-x,v"]);
     assert_eq!(
-        variant_names(&["x-a@v", "y-a@v", "x-a@v"]),
+        names(&["x-a@v", "y-a@v", "x-a@v"]),
         ["x-a@v", "y-a,v", "x-a@v #3"]
     );
 }
 
 #[test]
 fn loss_curves_find_every_variant_their_training_produced() {
-    let curve = |loss: f64| vec![LossPoint { step: 1, loss }];
+    let labelled = |pairs: &[(&str, &str)]| Producer::with_labels("x", pairs);
     let losses = vec![
-        ("textbook,1".to_string(), curve(1.0)),
-        ("messy,1".to_string(), curve(2.0)),
-        ("messy".to_string(), curve(3.0)),
+        (labelled(&[("data", "textbook"), ("seed", "1")]), 1.0),
+        (labelled(&[("data", "messy"), ("seed", "1")]), 2.0),
+        (labelled(&[("data", "messy")]), 3.0),
     ];
-    let first = |grade: &str| loss_for(grade, &losses).map(|l| l[0].loss);
-    assert_eq!(first("textbook,1,humaneval"), Some(1.0));
-    assert_eq!(first("greedy-textbook,1,mbpp"), Some(1.0));
+    let first = |graded: &[(&str, &str)]| ancestor_of(&labelled(graded), &losses).map(|l| l.1);
+    assert_eq!(
+        first(&[("data", "textbook"), ("seed", "1"), ("bench", "humaneval")]),
+        Some(1.0)
+    );
     // The most specific training run wins; an untrained variant has none.
-    assert_eq!(first("messy,1,humaneval"), Some(2.0));
-    assert_eq!(first("messy,2,humaneval"), Some(3.0));
-    assert_eq!(first("base,humaneval"), None);
-    assert_eq!(first("textbook,2,humaneval"), None);
+    assert_eq!(
+        first(&[("data", "messy"), ("seed", "1"), ("bench", "humaneval")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        first(&[("data", "messy"), ("seed", "2"), ("bench", "humaneval")]),
+        Some(3.0)
+    );
+    assert_eq!(first(&[("bench", "humaneval")]), None);
+    assert_eq!(first(&[("data", "textbook"), ("seed", "2")]), None);
+    // A producer without matrix values is nobody's ancestor.
+    assert!(!Producer::plain("train").is_ancestor_of(&labelled(&[("data", "messy")])));
 }
 
 #[test]
@@ -223,13 +255,17 @@ fn filter_reports_in_every_shape() {
     ] {
         let path = tmp.path().join("report.json");
         std::fs::write(&path, shape.to_string()).unwrap();
-        let stats = read_filter_report(&path, "filter@messy").unwrap();
+        let stats: Vec<FilterStats> = FilterReportArtifact::read(tmp.path())
+            .unwrap()
+            .iter()
+            .map(|r| FilterStats::from_report(format!("filter@messy: {}", r.filter), r))
+            .collect();
         assert_eq!(stats.len(), n);
         assert_eq!(stats[0].dataset, "filter@messy: exact_dedup");
         assert_eq!(stats[0].reasons[0].count, 3);
         assert!(stats[0].histograms.is_empty());
     }
-    let path = tmp.path().join("bad.json");
-    std::fs::write(&path, "{\"filter\": \"x\"}").unwrap();
-    assert!(read_filter_report(&path, "f").is_err());
+    std::fs::write(tmp.path().join("report.json"), "{\"filter\": \"x\"}").unwrap();
+    let err = FilterReportArtifact::read(tmp.path()).unwrap_err();
+    assert!(err.to_string().contains("missing field `input`"), "{err}");
 }

@@ -3,11 +3,11 @@
 //! With `PIPELINE_REPORT_OUT=<dir>` the sample report is also written there
 //! (`report.html`, `report.md`) for a visual check.
 
+use pipeline_stages::artifacts::AdapterArtifact;
 use pipeline_stages::grade::{compare_paired, CompareOptions, TaskCounts};
 use pipeline_stages::report::{
-    escape, read_loss_curve, render_html, render_markdown, svg, CacheKey, CompletionRow,
-    FilterStats, Histogram, LossPoint, ReasonCount, ReportData, ScorePoint, VariantCompletion,
-    VariantReport,
+    escape, render_html, render_markdown, svg, CacheKey, CompletionRow, FilterStats, Histogram,
+    LossPoint, ReasonCount, ReportData, ScorePoint, VariantCompletion, VariantReport,
 };
 
 const EVIL: &str = "<script>alert('x')</script> & \"quotes\"";
@@ -242,7 +242,7 @@ fn loss_curve_reads_metrics_jsonl() {
         "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.001}\n\n{\"step\": 2, \"eval_loss\": 2.0}\n{\"step\": 3, \"loss\": 1.5}\n",
     )
     .unwrap();
-    let c = read_loss_curve(&p).unwrap();
+    let c = AdapterArtifact::read_loss_curve(dir.path()).unwrap();
     assert_eq!(
         c,
         vec![
@@ -251,7 +251,8 @@ fn loss_curve_reads_metrics_jsonl() {
         ]
     );
     std::fs::write(&p, "not json\n").unwrap();
-    assert!(read_loss_curve(&p).is_err());
+    let err = AdapterArtifact::read_loss_curve(dir.path()).unwrap_err();
+    assert!(format!("{err}").contains("line 1"), "{err}");
 }
 
 #[test]

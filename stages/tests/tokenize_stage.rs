@@ -8,8 +8,8 @@ use candle_core::quantized::gguf_file::{self, Value};
 use pipeline_stages::records::{Provenance, Record};
 use pipeline_stages::templates::TemplateSpec;
 use pipeline_stages::tokenize::{
-    pad_batch, tokenize_example, tokenize_records, LossOn, TextTokenizer, TokenShards,
-    TokenizeError, TokenizeOptions,
+    tokenize_example, tokenize_records, LossOn, TextTokenizer, TokenShards, TokenizeError,
+    TokenizeOptions,
 };
 
 /// The GPT-2 byte-to-char table: byte-level BPE vocabularies spell bytes this way.
@@ -228,7 +228,7 @@ fn records_to_shards_and_back() {
     );
 
     // Padding: mask is 0 on padding.
-    let (ids, mask, len) = pad_batch(&examples[..2], 999);
+    let (ids, mask, len) = pipeline_models::train::pad_batch(&examples[..2], 999);
     assert_eq!(len, examples[0].0.len().max(examples[1].0.len()));
     let short = if examples[0].0.len() < len { 0 } else { 1 };
     assert_eq!(ids[short * len + len - 1], 999);

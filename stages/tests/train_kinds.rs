@@ -9,14 +9,17 @@ use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
+use pipeline_models::arch::Architecture;
+use pipeline_models::artifact::quantized::{QuantFormat, QuantizationReport};
+use pipeline_models::artifact::{load_model, Adapters, ModelInfo, QuantizedWeights};
 use pipeline_models::CausalLm;
-use pipeline_stages::kinds::lora_train::{self, LoraTrainKind, LoraTrainParams, TrainSummary};
+use pipeline_stages::artifacts::TrainSummary;
+use pipeline_stages::kinds::lora_train::{self, LoraTrainKind, LoraTrainParams};
 use pipeline_stages::kinds::model::{ModelKind, ModelParams};
-use pipeline_stages::kinds::model_artifact::{
-    self, load_model, load_model_with_adapter, Architecture, ModelInfo, QuantizationReport,
-    QuantizedWeights,
-};
-use pipeline_stages::kinds::quantize::{QuantFormat, QuantizeKind, QuantizeParams};
+use pipeline_stages::kinds::quantize::{QuantizeKind, QuantizeParams};
+
+const LLAMA: Architecture = Architecture::of(&pipeline_models::arch::llama::ARCHITECTURE);
+const PHI: Architecture = Architecture::of(&pipeline_models::arch::phi::ARCHITECTURE);
 use pipeline_stages::records::{Provenance, Record};
 use pipeline_stages::tokenize::{tokenize_records, TextTokenizer, TokenizeOptions};
 
@@ -130,9 +133,10 @@ fn phi_config() -> serde_json::Value {
 /// A random HF checkpoint directory (config.json, model.safetensors, tokenizer.json).
 fn hf_model(dir: &Path, arch: Architecture) -> PathBuf {
     let model = dir.join(format!("hf-{arch:?}"));
-    let config = match arch {
-        Architecture::Llama => llama_config(),
-        Architecture::Phi => phi_config(),
+    let config = if arch == LLAMA {
+        llama_config()
+    } else {
+        phi_config()
     };
     write_random_checkpoint(&model, arch, config);
     write_tokenizer_json(&model);
@@ -143,13 +147,14 @@ fn hf_model(dir: &Path, arch: Architecture) -> PathBuf {
 fn write_random_checkpoint(model: &Path, arch: Architecture, config: serde_json::Value) {
     std::fs::create_dir_all(model).unwrap();
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let shapes = match arch {
-        Architecture::Llama => serde_json::from_value::<pipeline_models::arch::LlamaConfig>(config)
+    let shapes = if arch == LLAMA {
+        serde_json::from_value::<pipeline_models::arch::LlamaConfig>(config)
             .unwrap()
-            .tensor_shapes(),
-        Architecture::Phi => serde_json::from_value::<pipeline_models::arch::PhiConfig>(config)
+            .tensor_shapes()
+    } else {
+        serde_json::from_value::<pipeline_models::arch::PhiConfig>(config)
             .unwrap()
-            .tensor_shapes(),
+            .tensor_shapes()
     };
     let mut tensors = HashMap::new();
     for (i, (name, shape)) in shapes.into_iter().enumerate() {
@@ -359,7 +364,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() {
     let dirs = Dirs::new();
-    for arch in [Architecture::Llama, Architecture::Phi] {
+    for arch in [LLAMA, PHI] {
         let hf = hf_model(&dirs.root, arch);
         // Through a `files` input with the default path (the artifact is the HF directory).
         let out = run_kind::<ModelKind>(&dirs, &model_params(None), &[("files", &hf)], 0);
@@ -368,11 +373,7 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
         assert_eq!(info.eos_token_ids, vec![258]);
         assert_eq!(
             info.pad_token_id,
-            if arch == Architecture::Phi {
-                Some(258)
-            } else {
-                None
-            }
+            if arch == PHI { Some(258) } else { None }
         );
         for f in [
             "config.json",
@@ -385,12 +386,19 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
         let tok = TextTokenizer::load(&out.join("tokenizer.json"), None, None).unwrap();
         assert_eq!(tok.eos_id, Some(258));
 
-        let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+        let loaded = load_model(
+            &out,
+            &Device::Cpu,
+            DType::F32,
+            Adapters::None,
+            QuantizedWeights::KeepQuantized,
+        )
+        .unwrap();
         let ids = [5u32, 17, 99, 200, 3];
         let got = logits_last(&loaded.model, &ids);
         assert_eq!(got.len(), VOCAB);
-        let direct = match arch {
-            Architecture::Llama => pipeline_models::arch::DecoderModel::Llama(
+        let direct = if arch == LLAMA {
+            pipeline_models::arch::DecoderModel::new(
                 pipeline_models::arch::Llama::from_hf_dir(
                     &hf,
                     &Device::Cpu,
@@ -398,8 +406,9 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
                     &mut pipeline_models::arch::DenseFactory,
                 )
                 .unwrap(),
-            ),
-            Architecture::Phi => pipeline_models::arch::DecoderModel::Phi(
+            )
+        } else {
+            pipeline_models::arch::DecoderModel::new(
                 pipeline_models::arch::Phi::from_hf_dir(
                     &hf,
                     &Device::Cpu,
@@ -407,7 +416,7 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
                     &mut pipeline_models::arch::DenseFactory,
                 )
                 .unwrap(),
-            ),
+            )
         };
         assert_eq!(got, logits_last(&direct, &ids), "{arch:?}");
         assert!(loaded.model.trainable_vars().is_empty());
@@ -423,7 +432,14 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
                 .map(|s| s.to_string())
                 .collect(),
         };
-        let wrapped = load_model(&out, &Device::Cpu, DType::F32, Some((&lora, 1))).unwrap();
+        let wrapped = load_model(
+            &out,
+            &Device::Cpu,
+            DType::F32,
+            Adapters::Fresh(&lora, 1),
+            QuantizedWeights::KeepQuantized,
+        )
+        .unwrap();
         assert_eq!(
             wrapped.model.trainable_vars().len(),
             2 * 2 * arch.linear_module_names().len()
@@ -481,7 +497,7 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
     let out = run_kind::<ModelKind>(&dirs, &p, &[("files", &files)], 0);
     assert!(out.join("model.gguf").is_file());
     let info = ModelInfo::load(&out).unwrap();
-    assert_eq!(info.architecture, Architecture::Llama);
+    assert_eq!(info.architecture, LLAMA);
     assert_eq!(info.eos_token_ids, vec![258, 256]);
     assert_eq!(info.source, "sub/tiny.gguf");
     let from_json = TextTokenizer::load(&out.join("tokenizer.json"), None, None).unwrap();
@@ -493,7 +509,14 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
     );
     assert_eq!(from_json.eos_id, Some(258));
 
-    let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+    let loaded = load_model(
+        &out,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
     let linears = loaded.model.linears();
     assert_eq!(linears.len(), 2 * 7 + 1);
     // The loader keeps the q8_0 blocks (QuantLinear); numerically it must match a model built
@@ -509,7 +532,7 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
     assert!(
         max_abs_diff(
             &logits_last(&loaded.model, &ids),
-            &logits_last(&pipeline_models::arch::DecoderModel::Llama(direct), &ids)
+            &logits_last(&pipeline_models::arch::DecoderModel::new(direct), &ids)
         ) < 1e-4
     );
     let err = run_kind_in::<ModelKind>(
@@ -531,9 +554,16 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
 #[test]
 fn quantize_nf4_and_ggml_round_trip_with_small_error() {
     let dirs = Dirs::new();
-    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let hf = hf_model(&dirs.root, LLAMA);
     let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf.clone())), &[], 0);
-    let dense = load_model(&base, &Device::Cpu, DType::F32, None).unwrap();
+    let dense = load_model(
+        &base,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
     let ids = [7u32, 8, 9, 100, 101, 102];
     let want = logits_last(&dense.model, &ids);
 
@@ -571,14 +601,21 @@ fn quantize_nf4_and_ggml_round_trip_with_small_error() {
             assert!(l.quantized_bytes < l.original_bytes);
         }
         sizes.push(report.quantized_bytes);
-        let q = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+        let q = load_model(
+            &out,
+            &Device::Cpu,
+            DType::F32,
+            Adapters::None,
+            QuantizedWeights::KeepQuantized,
+        )
+        .unwrap();
         let got = logits_last(&q.model, &ids);
         let rel = max_abs_diff(&got, &want) / want.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(
             rel > 0.0 && rel < 2.0 * tol as f32,
             "{format:?}: logits moved by {rel}"
         );
-        assert_eq!(q.info.architecture, Architecture::Llama);
+        assert_eq!(q.info.architecture, LLAMA);
         assert!(out.join("tokenizer.json").is_file());
     }
     // 4-bit formats are about half of 8-bit.
@@ -596,7 +633,14 @@ fn quantize_nf4_and_ggml_round_trip_with_small_error() {
             .unwrap();
     assert_eq!(report.layers.len(), 2);
     assert!(!report.double_quant);
-    load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
+    load_model(
+        &out,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
     // q4k needs rows of 256: the tiny model's 64-wide rows are refused with advice.
     let p = QuantizeParams {
         format: QuantFormat::Q4k,
@@ -648,7 +692,7 @@ fn train_in(
 #[test]
 fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
     let dirs = Dirs::new();
-    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let hf = hf_model(&dirs.root, LLAMA);
     let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf)), &[], 0);
     let q = run_kind::<QuantizeKind>(
         &dirs,
@@ -703,26 +747,33 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
     assert!(svg.contains(">held-out<"), "{svg}");
 
     // The PEFT adapter loads back into the quantized model and reproduces the trained loss.
-    let cfg = model_artifact::adapter_lora_config(&out).unwrap();
+    let cfg = pipeline_models::peft::lora_config_of(&out).unwrap();
     assert_eq!((cfg.r, cfg.alpha), (4, 8.0));
     assert_eq!(cfg.target_modules.len(), 7);
-    let loaded = load_model_with_adapter(
+    let loaded = load_model(
         &q,
         &Device::Cpu,
         DType::F32,
-        &out,
+        Adapters::Trained(&out),
         QuantizedWeights::KeepQuantized,
     )
     .unwrap();
-    let decoded = load_model_with_adapter(
+    let decoded = load_model(
         &q,
         &Device::Cpu,
         DType::F32,
-        &out,
+        Adapters::Trained(&out),
         QuantizedWeights::DecodeOnce,
     )
     .unwrap();
-    let plain = load_model(&q, &Device::Cpu, DType::F32, None).unwrap();
+    let plain = load_model(
+        &q,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
     let ids = TextTokenizer::load(&q.join("tokenizer.json"), None, None)
         .unwrap()
         .encode("### Response:\nabcdefab")
@@ -743,15 +794,15 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
     // The adapter is a valid PEFT directory for another model with other modules: refused.
     let phi = run_kind::<ModelKind>(
         &dirs,
-        &model_params(Some(hf_model(&dirs.root, Architecture::Phi))),
+        &model_params(Some(hf_model(&dirs.root, PHI))),
         &[],
         0,
     );
-    assert!(load_model_with_adapter(
+    assert!(load_model(
         &phi,
         &Device::Cpu,
         DType::F32,
-        &out,
+        Adapters::Trained(&out),
         QuantizedWeights::KeepQuantized
     )
     .is_err());
@@ -760,7 +811,7 @@ fn lora_train_on_nf4_llama_lowers_the_loss_and_writes_a_loadable_adapter() {
 #[test]
 fn lora_train_resumes_bit_identically_after_an_interruption() {
     let dirs = Dirs::new();
-    let hf = hf_model(&dirs.root, Architecture::Phi);
+    let hf = hf_model(&dirs.root, PHI);
     let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf)), &[], 0);
     let toks = tokens(&dirs, &base, 12);
     let mut p = train_params(12);
@@ -815,7 +866,7 @@ fn lora_train_rejects_bad_setups() {
     let dirs = Dirs::new();
     let base = run_kind::<ModelKind>(
         &dirs,
-        &model_params(Some(hf_model(&dirs.root, Architecture::Llama))),
+        &model_params(Some(hf_model(&dirs.root, LLAMA))),
         &[],
         0,
     );
@@ -837,8 +888,8 @@ fn lora_train_rejects_bad_setups() {
     let p: Result<LoraTrainParams, _> = serde_json::from_str(r#"{"stepz": 3}"#);
     assert!(p.is_err(), "unknown keys are refused");
     // Tokens from another vocabulary are refused with advice.
-    let shards = pipeline_stages::tokenize::TokenShards::open(&toks).unwrap();
-    let err = lora_train::make_batches(&shards, 2, 64, 0, 10, &Device::Cpu)
+    let examples = pipeline_stages::artifacts::TokensArtifact::read_examples(&toks).unwrap();
+    let err = pipeline_models::train::make_batches(examples, 2, 64, 0, 10, &Device::Cpu)
         .err()
         .unwrap();
     assert!(
@@ -892,7 +943,7 @@ impl Stage for FixtureTokens {
 #[test]
 fn manifest_chains_model_quantize_and_lora_train_and_reruns_nothing() {
     let dirs = Dirs::new();
-    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let hf = hf_model(&dirs.root, LLAMA);
     let manifest = dirs.root.join("exp.toml");
     std::fs::write(
         &manifest,
@@ -963,8 +1014,15 @@ fn smollm2_gguf_model_kind_and_loader_continue_code() {
     let Some(gguf) = smollm2_gguf() else { return };
     let dirs = Dirs::new();
     let out = run_kind::<ModelKind>(&dirs, &model_params(Some(gguf)), &[], 0);
-    let loaded = load_model(&out, &Device::Cpu, DType::F32, None).unwrap();
-    assert_eq!(loaded.info.architecture, Architecture::Llama);
+    let loaded = load_model(
+        &out,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
+    assert_eq!(loaded.info.architecture, LLAMA);
     assert!(!loaded.info.eos_token_ids.is_empty());
     let tok = TextTokenizer::load(&loaded.tokenizer_path, None, None).unwrap();
     let ids = tok.encode("def add(a, b):\n    return").unwrap();
@@ -998,7 +1056,14 @@ fn smollm2_gguf_model_kind_and_loader_continue_code() {
         "{}",
         report.max_relative_error
     );
-    let nf4 = load_model(&q, &Device::Cpu, DType::F32, None).unwrap();
+    let nf4 = load_model(
+        &q,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::KeepQuantized,
+    )
+    .unwrap();
     let logits = logits_last(&nf4.model, &ids);
     let best = logits
         .iter()
@@ -1014,7 +1079,7 @@ fn phi_quantizes_and_trains_in_half_precision_on_cpu() {
     let dirs = Dirs::new();
     let base = run_kind::<ModelKind>(
         &dirs,
-        &model_params(Some(hf_model(&dirs.root, Architecture::Phi))),
+        &model_params(Some(hf_model(&dirs.root, PHI))),
         &[],
         0,
     );
@@ -1045,13 +1110,13 @@ fn phi_quantizes_and_trains_in_half_precision_on_cpu() {
             s.final_loss.is_finite() && s.final_loss < s.first_loss.unwrap(),
             "{dtype}: {s:?}"
         );
-        let cfg = model_artifact::adapter_lora_config(&out).unwrap();
+        let cfg = pipeline_models::peft::lora_config_of(&out).unwrap();
         assert_eq!(cfg.target_modules, vec!["q_proj", "fc2"]);
-        load_model_with_adapter(
+        load_model(
             &q,
             &Device::Cpu,
             DType::F32,
-            &out,
+            Adapters::Trained(&out),
             QuantizedWeights::KeepQuantized,
         )
         .unwrap();
@@ -1076,7 +1141,7 @@ fn find_file(dir: &Path, name: &str) -> bool {
 #[test]
 fn engine_cancel_mid_training_then_rerun_resumes_to_the_uninterrupted_adapter() {
     let dirs = Dirs::new();
-    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let hf = hf_model(&dirs.root, LLAMA);
     let manifest = dirs.root.join("exp.toml");
     std::fs::write(
         &manifest,
@@ -1174,7 +1239,7 @@ checkpoint_every = 3
 #[test]
 fn gradient_checkpointing_trains_the_same_adapter() {
     let dirs = Dirs::new();
-    let hf = hf_model(&dirs.root, Architecture::Llama);
+    let hf = hf_model(&dirs.root, LLAMA);
     let base = run_kind::<ModelKind>(&dirs, &model_params(Some(hf)), &[], 0);
     let toks = tokens(&dirs, &base, 12);
     let mut p = train_params(4);
@@ -1238,7 +1303,7 @@ fn lora_train_lowers_training_and_held_out_loss_on_real_codealpaca_rows() {
     config["vocab_size"] = 49152.into();
     config["max_position_embeddings"] = 256.into();
     config["eos_token_id"] = 2.into();
-    write_random_checkpoint(&tiny, Architecture::Llama, config);
+    write_random_checkpoint(&tiny, LLAMA, config);
     std::fs::copy(smollm2.join("tokenizer.json"), tiny.join("tokenizer.json")).unwrap();
     let model = run_kind::<ModelKind>(&dirs, &model_params(Some(tiny)), &[], 0);
 
@@ -1267,7 +1332,7 @@ fn lora_train_lowers_training_and_held_out_loss_on_real_codealpaca_rows() {
     p.lr = 1e-2;
     p.max_length = 128;
     p.eval_every = Some(20);
-    let mut targets: Vec<String> = Architecture::Llama
+    let mut targets: Vec<String> = LLAMA
         .linear_module_names()
         .iter()
         .map(|m| m.to_string())

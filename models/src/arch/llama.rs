@@ -5,11 +5,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{build_linear, read_json_config, DecoderLayer, LinearFactory};
-use crate::causal_lm::{CausalLm, KvCache};
+use super::registry::{hf_json, GgufModel};
+use super::{
+    build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, Decoder,
+    DecoderLayer, DecoderModel, GgufSupport, LinearFactory,
+};
+use crate::causal_lm::KvCache;
 use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, RmsNorm, Rotary,
 };
@@ -72,6 +76,55 @@ pub struct LlamaConfig {
     /// Rotary scaling (unsupported; null for SmolLM2).
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+}
+
+/// Llama in the architecture registry.
+pub const ARCHITECTURE: ArchitectureSpec = ArchitectureSpec {
+    name: "llama",
+    hf_classes: &["LlamaForCausalLM"],
+    linear_module_names: &[
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ],
+    read_hf_config: |path| Ok(Box::new(LlamaConfig::from_json_file(path)?)),
+    gguf: Some(GgufSupport {
+        name: "llama",
+        load: load_gguf,
+    }),
+};
+
+/// A llama.cpp GGUF file: its weights and the config its metadata implies.
+fn load_gguf(path: &Path, device: &Device) -> std::result::Result<GgufModel, LoadError> {
+    let (weights, meta) = load_gguf_llama(path, device)?;
+    Ok((weights, Box::new(LlamaConfig::from_gguf_meta(&meta))))
+}
+
+impl ArchConfig for LlamaConfig {
+    fn architecture(&self) -> Architecture {
+        Architecture::of(&ARCHITECTURE)
+    }
+
+    fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        LlamaConfig::tensor_shapes(self)
+    }
+
+    fn to_hf_json(&self) -> serde_json::Value {
+        hf_json(self, &ARCHITECTURE)
+    }
+
+    fn build(
+        &self,
+        weights: &Weights,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<DecoderModel, LoadError> {
+        Ok(Llama::new(self, weights, dtype, factory)?.into())
+    }
 }
 
 impl LlamaConfig {
@@ -338,42 +391,13 @@ impl Llama {
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
+}
 
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+impl Decoder for Llama {
+    fn architecture(&self) -> Architecture {
+        Architecture::of(&ARCHITECTURE)
     }
 
-    /// Every linear layer with its HF module path, in model order.
-    pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
-                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
-            }
-            out.push((format!("model.layers.{l}.mlp.gate_proj"), &*layer.gate));
-            out.push((format!("model.layers.{l}.mlp.up_proj"), &*layer.up));
-            out.push((format!("model.layers.{l}.mlp.down_proj"), &*layer.down));
-        }
-        out.push(("lm_head".to_string(), &*self.lm_head));
-        out
-    }
-
-    super::linear_module_methods!();
-
-    /// Gradient checkpointing of every decoder layer in training forwards (see
-    /// [`crate::checkpoint`]): far less memory for one more forward pass per layer.
-    pub fn set_gradient_checkpointing(&self, on: bool) {
-        self.checkpointing.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether training forwards checkpoint every decoder layer.
-    pub fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing.load(Ordering::Relaxed)
-    }
-
-    /// The final normed hidden states, `[b, t, h]` (`[b, 1, h]` with `last_only`): what the LM
-    /// head turns into logits.
     fn final_hidden(
         &self,
         ids: &Tensor,
@@ -400,6 +424,44 @@ impl Llama {
             x
         };
         self.norm.forward(&x)
+    }
+
+    fn lm_head(&self) -> &dyn LinearLayer {
+        &*self.lm_head
+    }
+
+    fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
+                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
+            }
+            out.push((format!("model.layers.{l}.mlp.gate_proj"), &*layer.gate));
+            out.push((format!("model.layers.{l}.mlp.up_proj"), &*layer.up));
+            out.push((format!("model.layers.{l}.mlp.down_proj"), &*layer.down));
+        }
+        out.push(("lm_head".to_string(), &*self.lm_head));
+        out
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+    }
+
+    fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
     }
 }
 

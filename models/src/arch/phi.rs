@@ -5,11 +5,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{build_linear, read_json_config, DecoderLayer, LinearFactory};
-use crate::causal_lm::{CausalLm, KvCache};
+use super::registry::hf_json;
+use super::{
+    build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, Decoder,
+    DecoderLayer, DecoderModel, LinearFactory,
+};
+use crate::causal_lm::KvCache;
 use crate::layers::{
     internal_dtype, Activation, Attention, AttentionShape, Embedding, LayerNorm, Rotary,
 };
@@ -69,6 +73,38 @@ pub struct PhiConfig {
     /// Rotary scaling (unsupported; null for phi-1/1.5/2).
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+}
+
+/// Phi in the architecture registry.
+pub const ARCHITECTURE: ArchitectureSpec = ArchitectureSpec {
+    name: "phi",
+    hf_classes: &["PhiForCausalLM"],
+    linear_module_names: &["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    read_hf_config: |path| Ok(Box::new(PhiConfig::from_json_file(path)?)),
+    gguf: None,
+};
+
+impl ArchConfig for PhiConfig {
+    fn architecture(&self) -> Architecture {
+        Architecture::of(&ARCHITECTURE)
+    }
+
+    fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        PhiConfig::tensor_shapes(self)
+    }
+
+    fn to_hf_json(&self) -> serde_json::Value {
+        hf_json(self, &ARCHITECTURE)
+    }
+
+    fn build(
+        &self,
+        weights: &Weights,
+        dtype: DType,
+        factory: &mut dyn LinearFactory,
+    ) -> std::result::Result<DecoderModel, LoadError> {
+        Ok(Phi::new(self, weights, dtype, factory)?.into())
+    }
 }
 
 impl PhiConfig {
@@ -276,41 +312,13 @@ impl Phi {
     pub fn config(&self) -> &PhiConfig {
         &self.config
     }
+}
 
-    /// The compute dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+impl Decoder for Phi {
+    fn architecture(&self) -> Architecture {
+        Architecture::of(&ARCHITECTURE)
     }
 
-    /// Every linear layer with its HF module path, in model order.
-    pub fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
-                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
-            }
-            out.push((format!("model.layers.{l}.mlp.fc1"), &*layer.fc1));
-            out.push((format!("model.layers.{l}.mlp.fc2"), &*layer.fc2));
-        }
-        out.push(("lm_head".to_string(), &*self.lm_head));
-        out
-    }
-
-    super::linear_module_methods!();
-
-    /// Gradient checkpointing of every decoder layer in training forwards (see
-    /// [`crate::checkpoint`]): far less memory for one more forward pass per layer.
-    pub fn set_gradient_checkpointing(&self, on: bool) {
-        self.checkpointing.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether training forwards checkpoint every decoder layer.
-    pub fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing.load(Ordering::Relaxed)
-    }
-
-    /// The final normed hidden states, `[b, t, h]` (`[b, 1, h]` with `last_only`): what the LM
-    /// head turns into logits.
     fn final_hidden(
         &self,
         ids: &Tensor,
@@ -337,6 +345,43 @@ impl Phi {
             x
         };
         self.final_norm.forward(&x)
+    }
+
+    fn lm_head(&self) -> &dyn LinearLayer {
+        &*self.lm_head
+    }
+
+    fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
+                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
+            }
+            out.push((format!("model.layers.{l}.mlp.fc1"), &*layer.fc1));
+            out.push((format!("model.layers.{l}.mlp.fc2"), &*layer.fc2));
+        }
+        out.push(("lm_head".to_string(), &*self.lm_head));
+        out
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+    }
+
+    fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Relaxed)
     }
 }
 

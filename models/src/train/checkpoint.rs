@@ -14,7 +14,6 @@ use super::{io_err, GradScalerState, Result, TrainError};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const ADAPTER: &str = "adapter.safetensors";
@@ -52,24 +51,9 @@ pub struct Checkpoint {
     pub state: TrainerState,
 }
 
-/// Writes `bytes` to `path` via a temporary file in the same directory and a rename.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let mut tmp = tempfile_in(dir, path)?;
-    tmp.1.write_all(bytes).map_err(io_err("write", &tmp.0))?;
-    tmp.1.sync_all().map_err(io_err("flush", &tmp.0))?;
-    drop(tmp.1);
-    std::fs::rename(&tmp.0, path).map_err(io_err("rename into place", path))
-}
-
-fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, std::fs::File)> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    Ok((tmp, f))
+/// Writes `bytes` to `path` atomically ([`crate::io::write_atomic`]).
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::io::write_atomic(path, bytes).map_err(io_err("write", path))
 }
 
 fn sync_file(path: &Path) -> Result<()> {

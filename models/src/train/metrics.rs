@@ -87,3 +87,74 @@ impl MetricsWriter {
         super::checkpoint::atomic_write(&self.path, kept.as_bytes())
     }
 }
+
+/// A malformed line of a metrics file.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line} of the metrics is not a JSON object: {source}")]
+pub struct MetricsParseError {
+    /// 1-based line number.
+    pub line: usize,
+    /// The parse error.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Metrics as written by [`MetricsWriter`]: one JSON object per line (blank lines skipped).
+/// THE reader of such files: training, its artifact and the report all read through it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    records: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Metrics {
+    /// Parses the text of a metrics file; a line that is not a JSON object is an error naming
+    /// the line.
+    pub fn parse(text: &str) -> std::result::Result<Self, MetricsParseError> {
+        let mut records = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|source| MetricsParseError {
+                    line: i + 1,
+                    source,
+                })?;
+            match value {
+                serde_json::Value::Object(fields) => records.push(fields),
+                _ => {
+                    return Err(MetricsParseError {
+                        line: i + 1,
+                        source: serde::de::Error::custom("expected an object"),
+                    })
+                }
+            }
+        }
+        Ok(Self { records })
+    }
+
+    /// `(step, value)` of every record with a `step` and a finite numeric `field` (`loss` for
+    /// training steps, `eval_loss` for evaluations), in file order.
+    pub fn series(&self, field: &str) -> Vec<(u64, f64)> {
+        self.records
+            .iter()
+            .filter_map(|r| Some((r.get("step")?.as_u64()?, r.get(field)?.as_f64()?)))
+            .filter(|(_, v)| v.is_finite())
+            .collect()
+    }
+
+    /// The text again without the fields named in `drop` (e.g. wall-clock throughput, which
+    /// differs between an interrupted-and-resumed run and an uninterrupted one).
+    pub fn to_jsonl_without(&self, drop: &[&str]) -> String {
+        let mut out = String::new();
+        for record in &self.records {
+            let mut record = record.clone();
+            for field in drop {
+                record.remove(*field);
+            }
+            out.push_str(&serde_json::Value::Object(record).to_string());
+            out.push('\n');
+        }
+        out
+    }
+}

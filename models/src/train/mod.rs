@@ -6,9 +6,11 @@
 //! and list its trainable variables (for QLoRA: the LoRA `A`/`B` matrices over a frozen,
 //! quantized base).
 
+pub mod batches;
 pub mod checkpoint;
 pub mod clip;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 pub mod rng;
@@ -16,13 +18,15 @@ pub mod scaler;
 pub mod schedule;
 pub mod trainer;
 
+pub use batches::{make_batches, pad_batch, BatchError, Batches, Example, LmBatch, LoraLm};
 pub use checkpoint::{Checkpoint, TrainerState};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use loss::{
     head_logit_rows, log_softmax, masked_cross_entropy, masked_cross_entropy_sum,
     masked_head_cross_entropy_sum,
 };
-pub use metrics::{EvalRecord, MetricsWriter, StepRecord};
+pub use memory::training_peak_estimate;
+pub use metrics::{EvalRecord, Metrics, MetricsParseError, MetricsWriter, StepRecord};
 pub use optim::{AdamW, AdamWConfig};
 pub use rng::TrainRng;
 pub use scaler::{GradScaler, GradScalerConfig, GradScalerState};

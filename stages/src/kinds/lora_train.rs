@@ -29,50 +29,24 @@
 //! lr = 2e-4
 //! ```
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
 use miette::{miette, IntoDiagnostic};
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use pipeline_models::arch::DecoderModel;
+use pipeline_models::artifact::{load_model, Adapters, LoadedModel, QuantizedWeights};
+use pipeline_models::device::DeviceChoice;
 use pipeline_models::peft::{PeftAdapter, PeftConfig};
 use pipeline_models::train::{
-    head_logit_rows, AdamWConfig, ComputeDtype, GradScalerConfig, LossSum, LrSchedule,
-    ScheduleKind, StepContext, TrainConfig, TrainModel, Trainer,
+    make_batches, training_peak_estimate, AdamWConfig, Batches, ComputeDtype, GradScalerConfig,
+    LoraLm, LrSchedule, Metrics, ScheduleKind, TrainConfig, Trainer,
 };
 use pipeline_models::{CausalLm, LoraConfig};
 use serde::{Deserialize, Serialize};
 
-use super::model_artifact::{load_model, write_json, LoadedModel};
-use crate::report::{svg, LossPoint};
-use crate::tokenize::{pad_batch, Example, TokenShards};
+use crate::artifacts::{AdapterArtifact, ModelArtifact, TokensArtifact, TrainSummary};
 
 /// The `lora-train` kind.
 pub struct LoraTrainKind;
-
-/// Where the stage computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceKind {
-    /// The host.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (needs a build with the `cuda` feature).
-    Cuda,
-}
-
-impl DeviceKind {
-    /// The candle device.
-    pub fn device(self) -> miette::Result<Device> {
-        match self {
-            Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda => Device::new_cuda(0).map_err(|e| {
-                miette!(help = "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\"", "cannot open CUDA device 0: {e}")
-            }),
-        }
-    }
-}
 
 fn d_r() -> usize {
     16
@@ -171,7 +145,7 @@ pub struct LoraTrainParams {
     pub max_length: usize,
     /// cpu or cuda.
     #[serde(default)]
-    pub device: DeviceKind,
+    pub device: DeviceChoice,
     /// Training seed (LoRA init, data order, dropout); default: the experiment seed. Give
     /// several (`matrix.seed = [1, 2, 3]` with `seed = "${seed}"`) to measure seed variance;
     /// a numeric string is accepted for that reason.
@@ -189,8 +163,8 @@ impl LoraTrainParams {
     /// The compute dtype: explicit, else f32 on CPU and bf16 on CUDA.
     pub fn compute_dtype(&self) -> ComputeDtype {
         self.dtype.unwrap_or(match self.device {
-            DeviceKind::Cpu => ComputeDtype::F32,
-            DeviceKind::Cuda => ComputeDtype::Bf16,
+            DeviceChoice::Cpu => ComputeDtype::F32,
+            DeviceChoice::Cuda => ComputeDtype::Bf16,
         })
     }
 
@@ -222,164 +196,6 @@ impl LoraTrainParams {
     }
 }
 
-/// `train.json`.
-///
-/// What varies between attempts (throughput, the step a resumed attempt started from) is kept
-/// out of the file and recorded as stage metadata instead: an interrupted and resumed run
-/// writes the same artifact, byte for byte, as an uninterrupted one, so stages downstream of a
-/// rerun whose output did not change are not invalidated.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainSummary {
-    /// Optimizer steps completed.
-    pub steps: u64,
-    /// Mean loss per target token of the last step.
-    pub final_loss: f64,
-    /// Mean training loss of the first step (of the whole run, from `metrics.jsonl`).
-    pub first_loss: Option<f64>,
-    /// Held-out loss at the end, when `eval_tokens` is connected.
-    pub final_eval_loss: Option<f64>,
-    /// Target tokens per second over the steps run in the final attempt (metadata only).
-    #[serde(skip)]
-    pub tokens_per_s: f64,
-    /// Target (loss) tokens processed in the final attempt (metadata only).
-    #[serde(skip)]
-    pub train_tokens: u64,
-    /// Training examples / micro-batches available.
-    pub examples: usize,
-    /// Micro-batches per epoch.
-    pub batches: usize,
-    /// Trainable parameters.
-    pub trainable_params: usize,
-    /// Rough peak memory in bytes: base weights as stored + trainable parameters with their
-    /// gradient and two AdamW moments (f32) + the logits the loss holds at once for the
-    /// largest micro-batch (one 256-row block with the CPU's fused head, else every position;
-    /// three copies: logits, log-softmax, gradient) + activations: about 38 hidden-size vectors
-    /// per token per layer kept until the backward, in the compute dtype (with gradient
-    /// checkpointing, two per layer plus one layer's 38). The 38 is fitted to measured peaks on
-    /// the CPU (`bench/phi15_memory.sh`, which prints this estimate beside each): for phi-1.5
-    /// at 2 x 256 and 2 x 512 the estimate is 4-7% above them without checkpointing and about
-    /// a quarter below with it, where the process's fixed costs weigh more.
-    pub peak_memory_estimate_bytes: u64,
-    /// Step the final attempt started from, 0 unless resumed from a checkpoint (metadata only).
-    #[serde(skip)]
-    pub resumed_from_step: u64,
-    /// Compute dtype.
-    pub dtype: ComputeDtype,
-    /// Device.
-    pub device: DeviceKind,
-}
-
-/// One padded micro-batch on the training device.
-pub struct LmBatch {
-    ids: Tensor,
-    attention: Tensor,
-    loss_mask: Tensor,
-    rows: usize,
-    len: usize,
-}
-
-/// The LoRA-wrapped decoder as the trainer sees it.
-pub struct LoraLm<'a> {
-    /// The model; its LoRA variables are what gets trained.
-    pub model: &'a DecoderModel,
-    /// Target tokens seen in training (not evaluation) forwards, for throughput.
-    pub train_tokens: std::cell::Cell<u64>,
-}
-
-impl TrainModel for LoraLm<'_> {
-    type Batch = LmBatch;
-
-    fn trainable_vars(&self) -> Vec<(String, Var)> {
-        self.model.trainable_vars()
-    }
-
-    fn loss(&self, batch: &LmBatch, ctx: &mut StepContext<'_>) -> candle_core::Result<LossSum> {
-        self.model.set_training(ctx.train);
-        if ctx.train {
-            // Dropout masks from the trainer's checkpointed RNG: resumed runs stay bit-identical.
-            self.model.set_dropout_stream(ctx.rng.next_u64_raw());
-        }
-        let (sum, tokens) =
-            self.model
-                .loss_sum(&batch.ids, &batch.attention, &batch.loss_mask, ctx.train)?;
-        if ctx.train {
-            self.train_tokens
-                .set(self.train_tokens.get() + tokens as u64);
-        }
-        Ok(LossSum { sum, tokens })
-    }
-}
-
-/// Opens a `tokens` artifact: the shard directory itself, or its only subdirectory holding an
-/// `index.json`.
-pub fn open_tokens(dir: &Path) -> miette::Result<TokenShards> {
-    if dir.join("index.json").is_file() {
-        return Ok(TokenShards::open(dir)?);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_diagnostic()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("index.json").is_file())
-        .collect();
-    match found.len() {
-        1 => Ok(TokenShards::open(&found.remove(0))?),
-        _ => Err(miette!(
-            help = "connect the output of a `tokenize` stage",
-            "`{}` is not a token-shard artifact (no index.json)",
-            dir.display()
-        )),
-    }
-}
-
-/// Reads every example of `shards`, truncated to `max_length`, dropping those without loss
-/// tokens, and cuts them into padded micro-batches of `batch_size` (in order; the trainer
-/// shuffles micro-batches).
-pub fn make_batches(
-    shards: &TokenShards,
-    batch_size: usize,
-    max_length: usize,
-    pad_id: u32,
-    vocab_size: usize,
-    device: &Device,
-) -> miette::Result<(Vec<LmBatch>, usize)> {
-    let mut examples: Vec<Example> = Vec::new();
-    for ex in shards.iter() {
-        let (mut ids, mut mask) = ex?;
-        ids.truncate(max_length);
-        mask.truncate(max_length);
-        // Position 0 is never a target (nothing predicts it).
-        if ids.len() < 2 || mask.iter().skip(1).all(|m| *m == 0) {
-            continue;
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab_size) {
-            return Err(miette!(
-                help =
-                    "tokenize with the model's own tokenizer (the model artifact's tokenizer.json)",
-                "token id {bad} is outside the model's vocabulary of {vocab_size}"
-            ));
-        }
-        examples.push((ids, mask));
-    }
-    let n = examples.len();
-    let mut batches = Vec::new();
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let (ids, mask, len) = pad_batch(chunk, pad_id);
-        let rows = chunk.len();
-        let attention: Vec<u8> = chunk
-            .iter()
-            .flat_map(|(i, _)| (0..len).map(move |p| u8::from(p < i.len())))
-            .collect();
-        batches.push(LmBatch {
-            ids: Tensor::from_vec(ids, (rows, len), device).into_diagnostic()?,
-            attention: Tensor::from_vec(attention, (rows, len), device).into_diagnostic()?,
-            loss_mask: Tensor::from_vec(mask, (rows, len), device).into_diagnostic()?,
-            rows,
-            len,
-        });
-    }
-    Ok((batches, n))
-}
-
 impl Stage for LoraTrainKind {
     type Params = LoraTrainParams;
     const KIND: &'static str = "lora-train";
@@ -398,21 +214,21 @@ impl Stage for LoraTrainKind {
         &[
             InputSlot {
                 name: "model",
-                accepts: &["model"],
+                accepts: &[ModelArtifact::TYPE],
                 required: true,
                 many: false,
                 doc: "the base model",
             },
             InputSlot {
                 name: "tokens",
-                accepts: &["tokens"],
+                accepts: &[TokensArtifact::TYPE],
                 required: true,
                 many: false,
                 doc: "training token shards",
             },
             InputSlot {
                 name: "eval_tokens",
-                accepts: &["tokens"],
+                accepts: &[TokensArtifact::TYPE],
                 required: false,
                 many: false,
                 doc: "held-out token shards for the evaluation loss",
@@ -423,7 +239,7 @@ impl Stage for LoraTrainKind {
     fn outputs() -> &'static [OutputSlot] {
         &[OutputSlot {
             name: "out",
-            artifact: "adapter",
+            artifact: AdapterArtifact::TYPE,
             doc: "PEFT adapter, metrics.jsonl, loss_curve.svg and train.json",
         }]
     }
@@ -459,7 +275,7 @@ impl Stage for LoraTrainKind {
     }
 
     fn needs_gpu(p: &LoraTrainParams) -> bool {
-        p.device == DeviceKind::Cuda
+        p.device == DeviceChoice::Cuda
     }
 
     fn uses_seed(p: &LoraTrainParams) -> bool {
@@ -480,10 +296,10 @@ pub fn train(
     ctx: &mut StageContext,
     stop_after: &dyn Fn(u64) -> bool,
 ) -> miette::Result<TrainSummary> {
-    let device = p.device.device()?;
+    let device = open_device(p.device)?;
     let dtype = p.compute_dtype();
     let model_dir = ctx.input("model")?.to_path_buf();
-    let info = super::model_artifact::ModelInfo::load(&model_dir)?;
+    let info = ModelArtifact::info(&model_dir)?;
     let target_modules: Vec<String> = match &p.target_modules {
         Some(t) => t.clone(),
         None => info
@@ -499,58 +315,60 @@ pub fn train(
         dropout: p.dropout,
         target_modules: target_modules.clone(),
     };
+    let seed = p.seed.unwrap_or(ctx.seed());
     let LoadedModel { model, info, .. } = load_model(
         &model_dir,
         &device,
         dtype.dtype(),
-        Some((&lora, p.seed.unwrap_or(ctx.seed()))),
+        Adapters::Fresh(&lora, seed),
+        QuantizedWeights::KeepQuantized,
     )?;
     model.set_gradient_checkpointing(p.gradient_checkpointing);
     let vars = model.trainable_vars();
     if vars.is_empty() {
         return Err(miette!(
-            help = "module names are e.g. q_proj, v_proj (Llama: also o_proj, gate_proj, up_proj, down_proj; Phi: dense, fc1, fc2)",
+            help = format!(
+                "module names of this model: {}",
+                info.architecture.linear_module_names().join(", ")
+            ),
             "`target_modules` {target_modules:?} matches no layer of the model"
         ));
     }
     let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
 
-    let vocab = model.vocab_size();
-    let pad = info.pad_id();
-    let shards = open_tokens(ctx.input("tokens")?)?;
-    let (train_batches, examples) =
-        make_batches(&shards, p.batch_size, p.max_length, pad, vocab, &device)?;
-    if train_batches.is_empty() {
+    let batches = |dir| -> miette::Result<Batches> {
+        let examples = TokensArtifact::read_examples(dir)?;
+        make_batches(
+            examples,
+            p.batch_size,
+            p.max_length,
+            info.pad_id(),
+            model.vocab_size(),
+            &device,
+        )
+        .map_err(|e| {
+            miette!(
+                help =
+                    "tokenize with the model's own tokenizer (the model artifact's tokenizer.json)",
+                "{e}"
+            )
+        })
+    };
+    let train = batches(ctx.input("tokens")?)?;
+    if train.batches.is_empty() {
         return Err(miette!(
             "the training tokens hold no example with loss tokens"
         ));
     }
     let eval_batches = match ctx.optional_input("eval_tokens") {
-        Some(dir) => {
-            make_batches(
-                &open_tokens(dir)?,
-                p.batch_size,
-                p.max_length,
-                pad,
-                vocab,
-                &device,
-            )?
-            .0
-        }
+        Some(dir) => batches(dir)?.batches,
         None => Vec::new(),
     };
+    let train_batches = train.batches;
 
-    let lm = LoraLm {
-        model: &model,
-        train_tokens: std::cell::Cell::new(0),
-    };
+    let lm = LoraLm::new(&model);
     let state_dir = ctx.checkpoint_dir().join("trainer");
-    let mut trainer = Trainer::resume(
-        &lm,
-        p.train_config(p.seed.unwrap_or(ctx.seed())),
-        &state_dir,
-    )
-    .into_diagnostic()?;
+    let mut trainer = Trainer::resume(&lm, p.train_config(seed), &state_dir).into_diagnostic()?;
     let resumed_from = trainer.step();
     ctx.progress().start(p.steps, "steps");
     ctx.progress().set_position(resumed_from);
@@ -560,14 +378,14 @@ pub fn train(
     let mut last_ckpt = Some(resumed_from);
     let mut last_eval = None;
     while trainer.step() < p.steps {
-        if ctx.is_cancelled() {
-            if last_ckpt != Some(trainer.step()) {
+        let step = trainer.step();
+        if ctx.is_cancelled() || (step > resumed_from && stop_after(step)) {
+            if last_ckpt != Some(step) {
                 trainer.save_checkpoint().into_diagnostic()?;
             }
             return Err(miette!(
-                "stage `{}` was interrupted at step {}; rerun to resume",
-                ctx.stage_name(),
-                trainer.step()
+                "stage `{}` was interrupted at step {step}; rerun to resume",
+                ctx.stage_name()
             ));
         }
         let report = trainer.train_step(&train_batches).into_diagnostic()?;
@@ -582,15 +400,6 @@ pub fn train(
             last_eval = Some(step);
         }
         ctx.progress().set_position(step);
-        if stop_after(step) && step < p.steps {
-            if last_ckpt != Some(step) {
-                trainer.save_checkpoint().into_diagnostic()?;
-            }
-            return Err(miette!(
-                "stage `{}` was interrupted at step {step}; rerun to resume",
-                ctx.stage_name()
-            ));
-        }
     }
     let final_eval_loss = if eval_batches.is_empty() {
         None
@@ -606,46 +415,43 @@ pub fn train(
     };
     let secs = start.elapsed().as_secs_f64().max(1e-9);
 
-    let out = ctx.output_dir("out")?.to_path_buf();
-    let peft = PeftConfig::lora(info.source.clone(), p.r, p.alpha, p.dropout, target_modules);
-    PeftAdapter::from_vars(peft, trainer.vars())
-        .into_diagnostic()?
-        .save(&out)
-        .into_diagnostic()?;
-    let metrics_src = state_dir.join("metrics.jsonl");
-    let metrics = std::fs::read_to_string(&metrics_src).into_diagnostic()?;
-    std::fs::write(out.join("metrics.jsonl"), without_timings(&metrics)?).into_diagnostic()?;
-    write_loss_curve(&out, &metrics)?;
-    // The per-step throughput stays beside the checkpoints, out of the artifact (see
-    // `TrainSummary`).
-    let first_loss = first_step_loss(&metrics);
-    let run_tokens = lm.train_tokens.get();
+    // The trainer's own metrics file (with per-step throughput) stays beside the checkpoints;
+    // the artifact keeps it without wall-clock fields.
+    let metrics_path = state_dir.join(AdapterArtifact::METRICS_FILE);
+    let metrics_text = std::fs::read_to_string(&metrics_path)
+        .map_err(|e| miette!("cannot read {}: {e}", metrics_path.display()))?;
+    let metrics =
+        Metrics::parse(&metrics_text).map_err(|e| miette!("{}: {e}", metrics_path.display()))?;
+    let losses = metrics.series("loss");
     if last_loss.is_nan() {
         // Resumed from a checkpoint at the final step: the last loss is in the metrics.
-        last_loss = last_step_loss(&metrics).unwrap_or(f64::NAN);
+        last_loss = losses.last().map_or(f64::NAN, |(_, l)| *l);
     }
+    let run_tokens = lm.train_tokens.get();
     let summary = TrainSummary {
         steps: trainer.step(),
         final_loss: last_loss,
-        first_loss,
+        // Step 1's loss: the run's starting point, even when this attempt resumed.
+        first_loss: losses.iter().find(|(s, _)| *s == 1).map(|(_, l)| *l),
         final_eval_loss,
         tokens_per_s: run_tokens as f64 / secs,
         train_tokens: run_tokens,
-        examples,
+        examples: train.examples,
         batches: train_batches.len(),
         trainable_params,
-        peak_memory_estimate_bytes: memory_estimate(
-            &model_dir,
+        peak_memory_estimate_bytes: training_peak_estimate(
             &model,
+            ModelArtifact::weight_bytes(&model_dir),
             trainable_params,
             &train_batches,
-            vocab,
         ),
         resumed_from_step: resumed_from,
         dtype: p.compute_dtype(),
         device: p.device,
     };
-    write_json(&out.join("train.json"), &summary)?;
+    let peft = PeftConfig::lora(info.source.clone(), p.r, p.alpha, p.dropout, target_modules);
+    let adapter = PeftAdapter::from_vars(peft, trainer.vars()).into_diagnostic()?;
+    AdapterArtifact::write(ctx.output_dir("out")?, &adapter, &metrics, &summary)?;
     ctx.set_metadata("final_loss", summary.final_loss);
     ctx.set_metadata("tokens_per_s", summary.tokens_per_s);
     ctx.set_metadata("train_tokens", summary.train_tokens);
@@ -656,101 +462,14 @@ pub fn train(
     Ok(summary)
 }
 
-/// `loss_curve.svg` in `out`, from the run's `metrics` (JSON Lines): training loss per step
-/// and, when the stage evaluates, the held-out loss.
-fn write_loss_curve(out: &Path, metrics: &str) -> miette::Result<()> {
-    let curve = |field| -> Vec<LossPoint> {
-        metric_records(metrics, field)
-            .map(|(step, loss)| LossPoint { step, loss })
-            .collect()
-    };
-    let (training, held_out) = (curve("loss"), curve("eval_loss"));
-    let mut series: Vec<(&str, &[LossPoint])> = vec![("training", &training)];
-    if !held_out.is_empty() {
-        series.push(("held-out", &held_out));
-    }
-    if let Some(chart) = svg::loss_chart("loss per target token", &series) {
-        std::fs::write(out.join("loss_curve.svg"), chart).into_diagnostic()?;
-    }
-    Ok(())
-}
-
-/// `metrics.jsonl` without the wall-clock fields (`tokens_per_s`), which differ between an
-/// interrupted-and-resumed run and an uninterrupted one.
-fn without_timings(metrics: &str) -> miette::Result<String> {
-    let mut out = String::with_capacity(metrics.len());
-    for line in metrics.lines().filter(|l| !l.trim().is_empty()) {
-        let mut record: serde_json::Value = serde_json::from_str(line).into_diagnostic()?;
-        if let Some(fields) = record.as_object_mut() {
-            fields.remove("tokens_per_s");
-        }
-        out.push_str(&record.to_string());
-        out.push('\n');
-    }
-    Ok(out)
-}
-
-/// `(step, value)` of every record of `metrics` (JSON Lines) that has a numeric `field`:
-/// `loss` for training steps, `eval_loss` for evaluations.
-fn metric_records<'a>(metrics: &'a str, field: &'a str) -> impl Iterator<Item = (u64, f64)> + 'a {
-    metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(move |v| Some((v.get("step")?.as_u64()?, v.get(field)?.as_f64()?)))
-}
-
-/// The loss of step 1 (the run's starting point, even when this attempt resumed).
-fn first_step_loss(metrics: &str) -> Option<f64> {
-    metric_records(metrics, "loss")
-        .find(|(s, _)| *s == 1)
-        .map(|(_, l)| l)
-}
-
-fn last_step_loss(metrics: &str) -> Option<f64> {
-    metric_records(metrics, "loss").last().map(|(_, l)| l)
-}
-
-/// See [`TrainSummary::peak_memory_estimate_bytes`].
-fn memory_estimate(
-    model_dir: &Path,
-    model: &DecoderModel,
-    trainable: usize,
-    batches: &[LmBatch],
-    vocab: usize,
-) -> u64 {
-    let base: u64 = std::fs::read_dir(model_dir)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| {
-                    let n = e.file_name().to_string_lossy().to_string();
-                    n.ends_with(".gguf") || n.ends_with(".safetensors")
-                })
-                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
-                .sum()
-        })
-        .unwrap_or(0);
-    let (hidden, layers) = match model {
-        DecoderModel::Llama(m) => (m.config().hidden_size, m.config().num_hidden_layers),
-        DecoderModel::Phi(m) => (m.config().hidden_size, m.config().num_hidden_layers),
-    };
-    let positions = batches.iter().map(|b| b.rows * b.len).max().unwrap_or(0);
-    let logit_rows = model
-        .linears()
-        .into_iter()
-        .find(|(name, _)| name == "lm_head")
-        .map_or(positions, |(_, head)| {
-            head_logit_rows(head, model.device(), model.dtype(), positions)
-        }) as u64;
-    let act = model.dtype().size_in_bytes() as u64;
-    // See `TrainSummary::peak_memory_estimate_bytes` for where the 38 comes from.
-    const PER_LAYER: usize = 38;
-    let vectors = if model.gradient_checkpointing() {
-        2 * layers + PER_LAYER
-    } else {
-        PER_LAYER * layers
-    };
-    let activations = positions as u64 * (hidden * vectors) as u64 * act;
-    base + 16 * trainable as u64 + logit_rows * vocab as u64 * 4 * 3 + activations
+/// Opens the training device, saying what to do when CUDA is not there.
+fn open_device(choice: DeviceChoice) -> miette::Result<candle_core::Device> {
+    choice.open().map_err(|e| {
+        miette!(
+            help = "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\"",
+            "cannot open CUDA device 0: {e}"
+        )
+    })
 }
 
 /// Accepts `seed = 3` and `seed = "3"` (matrix substitution produces strings).

@@ -1,5 +1,5 @@
 //! `model`: turns downloaded model files into a `model` artifact (layout in
-//! [`model_artifact`](super::model_artifact)).
+//! [`pipeline_models::artifact`], packaging in [`ModelArtifact`]).
 //!
 //! The weights come from the connected `files` artifact (`path` inside it) or from a local
 //! file/directory (`local`, hashed into the key). A `.gguf` file becomes `model.gguf` plus a
@@ -15,17 +15,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
 use miette::{miette, IntoDiagnostic};
 use pipeline_engine::fingerprint::Fingerprint;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
-use super::model_artifact::{
-    link_or_copy, read_json, write_json, ArchConfig, Architecture, ModelInfo, CONFIG_JSON,
-    GGUF_FILE, TOKENIZER_CONFIG_JSON, TOKENIZER_JSON,
-};
-use crate::tokenize::TextTokenizer;
+use pipeline_models::artifact::CONFIG_JSON;
+
+use crate::artifacts::{FilesArtifact, ModelArtifact};
 
 /// The `model` kind.
 pub struct ModelKind;
@@ -57,7 +54,7 @@ impl Stage for ModelKind {
     fn inputs() -> &'static [InputSlot] {
         &[InputSlot {
             name: "files",
-            accepts: &["files"],
+            accepts: &[FilesArtifact::TYPE],
             required: false,
             many: false,
             doc: "downloaded files holding the model (omit when `local` is given)",
@@ -67,7 +64,7 @@ impl Stage for ModelKind {
     fn outputs() -> &'static [OutputSlot] {
         &[OutputSlot {
             name: "out",
-            artifact: "model",
+            artifact: ModelArtifact::TYPE,
             doc: "weights, tokenizer.json and model.json",
         }]
     }
@@ -103,11 +100,8 @@ impl Stage for ModelKind {
             }
         };
         let out = ctx.output_dir("out")?.to_path_buf();
-        let info = if source.is_file() {
-            package_gguf(&source, &out, from_store, &label, &p.extra_eos_tokens)?
-        } else {
-            package_hf(&source, &out, from_store, &label, &p.extra_eos_tokens)?
-        };
+        let info =
+            ModelArtifact::write_from(&source, &out, from_store, &label, &p.extra_eos_tokens)?;
         ctx.set_metadata(
             "architecture",
             serde_json::to_value(info.architecture).into_diagnostic()?,
@@ -164,166 +158,4 @@ fn find_ggufs(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn token_ids(tok: &TextTokenizer, names: &[String]) -> miette::Result<Vec<u32>> {
-    names
-        .iter()
-        .map(|n| {
-            tok.tokenizer.token_to_id(n).ok_or_else(|| {
-                miette!("`extra_eos_tokens`: token `{n}` is not in the model's vocabulary")
-            })
-        })
-        .collect()
-}
-
-fn push_unique(ids: &mut Vec<u32>, more: impl IntoIterator<Item = u32>) {
-    for id in more {
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-}
-
-/// Writes `tokenizer_config.json` naming the special tokens so that loading the artifact's
-/// `tokenizer.json` finds the same EOS/BOS ids.
-fn write_tokenizer_config(tok: &TextTokenizer, out: &Path) -> miette::Result<()> {
-    let name = |id: Option<u32>| id.and_then(|i| tok.tokenizer.id_to_token(i));
-    let cfg = serde_json::json!({
-        "eos_token": name(tok.eos_id),
-        "bos_token": name(tok.bos_id),
-    });
-    write_json(&out.join(TOKENIZER_CONFIG_JSON), &cfg)?;
-    Ok(())
-}
-
-fn package_gguf(
-    src: &Path,
-    out: &Path,
-    link: bool,
-    label: &str,
-    extra: &[String],
-) -> miette::Result<ModelInfo> {
-    let mut file = std::fs::File::open(src).into_diagnostic()?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| miette!("`{}` is not a GGUF file: {e}", src.display()))?;
-    pipeline_models::weights::check_gguf_extents(&content, src).into_diagnostic()?;
-    let arch = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok().cloned())
-        .unwrap_or_default();
-    if arch != "llama" {
-        return Err(miette!(
-            help = "only llama-architecture GGUF files are supported; use the HF safetensors checkpoint instead",
-            "GGUF architecture is `{arch}`"
-        ));
-    }
-    let pad = content
-        .metadata
-        .get("tokenizer.ggml.padding_token_id")
-        .and_then(|v| v.to_u32().ok());
-    let tok = TextTokenizer::from_gguf(src)?;
-    let mut eos = Vec::new();
-    push_unique(&mut eos, tok.eos_id);
-    push_unique(&mut eos, token_ids(&tok, extra)?);
-    link_or_copy(src, &out.join(GGUF_FILE), link)?;
-    tok.tokenizer
-        .save(out.join(TOKENIZER_JSON), false)
-        .map_err(|e| miette!("cannot write tokenizer.json: {e}"))?;
-    write_tokenizer_config(&tok, out)?;
-    let info = ModelInfo {
-        architecture: Architecture::Llama,
-        eos_token_ids: eos,
-        pad_token_id: pad,
-        source: label.to_string(),
-    };
-    info.save(out)?;
-    Ok(info)
-}
-
-/// `eos_token_id` of a HF config: an integer or a list of them.
-fn config_ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
-    match v.get(key) {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-fn package_hf(
-    src: &Path,
-    out: &Path,
-    link: bool,
-    label: &str,
-    extra: &[String],
-) -> miette::Result<ModelInfo> {
-    let config_path = src.join(CONFIG_JSON);
-    let tok_path = src.join(TOKENIZER_JSON);
-    for (p, what) in [(&config_path, "config.json"), (&tok_path, "tokenizer.json")] {
-        if !p.is_file() {
-            return Err(miette!(
-                help = "a Hugging Face model directory needs config.json, *.safetensors and tokenizer.json",
-                "`{}` has no {what}",
-                src.display()
-            ));
-        }
-    }
-    let arch = Architecture::from_hf_config(&config_path)?;
-    // Check the weights against the config now, so a mismatch fails here rather than in every
-    // stage that loads the model.
-    let config = ArchConfig::read(src, arch)?;
-    let files = pipeline_models::weights::safetensors_in_dir(src).into_diagnostic()?;
-    let weights =
-        pipeline_models::weights::Weights::from_safetensors(&files, &candle_core::Device::Cpu)
-            .into_diagnostic()?;
-    for (name, shape) in config.tensor_shapes() {
-        weights.stored_shaped(&name, &shape).into_diagnostic()?;
-    }
-    drop(weights);
-    let tok = TextTokenizer::from_json(&tok_path)?;
-    let cfg: serde_json::Value = read_json(&config_path)?;
-    let mut eos = config_ids(&cfg, "eos_token_id");
-    let gen_cfg = src.join("generation_config.json");
-    if gen_cfg.is_file() {
-        let g: serde_json::Value = read_json(&gen_cfg)?;
-        push_unique(&mut eos, config_ids(&g, "eos_token_id"));
-    }
-    if eos.is_empty() {
-        push_unique(&mut eos, tok.eos_id);
-    }
-    push_unique(&mut eos, token_ids(&tok, extra)?);
-    let pad = config_ids(&cfg, "pad_token_id").first().copied();
-    for f in &files {
-        let name = f
-            .file_name()
-            .ok_or_else(|| miette!("bad file name {}", f.display()))?;
-        link_or_copy(f, &out.join(name), link)?;
-    }
-    for name in [
-        CONFIG_JSON,
-        TOKENIZER_JSON,
-        TOKENIZER_CONFIG_JSON,
-        "generation_config.json",
-        "special_tokens_map.json",
-    ] {
-        if src.join(name).is_file() {
-            link_or_copy(&src.join(name), &out.join(name), link)?;
-        }
-    }
-    if !src.join(TOKENIZER_CONFIG_JSON).is_file() {
-        write_tokenizer_config(&tok, out)?;
-    }
-    let info = ModelInfo {
-        architecture: arch,
-        eos_token_ids: eos,
-        pad_token_id: pad,
-        source: label.to_string(),
-    };
-    info.save(out)?;
-    Ok(info)
 }

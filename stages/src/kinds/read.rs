@@ -28,10 +28,10 @@ use pipeline_engine::fingerprint::Fingerprint;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
-use super::datautil::{inside, write_json};
-use super::download::DOWNLOAD_JSON;
+use crate::artifacts::files::inside;
+use crate::artifacts::{FilesArtifact, RecordsArtifact};
 use crate::readers::{read_source, ErrorPolicy, Format, ReadOptions, ReadStats};
-use crate::records::{write_records, Fields};
+use crate::records::Fields;
 
 fn default_text_field() -> String {
     ReadOptions::default().text_field
@@ -106,7 +106,7 @@ pub struct Read;
 
 const INPUTS: &[InputSlot] = &[InputSlot {
     name: "files",
-    accepts: &["files"],
+    accepts: &[FilesArtifact::TYPE],
     required: false,
     many: false,
     doc: "a downloaded artifact to read `path` from",
@@ -114,14 +114,15 @@ const INPUTS: &[InputSlot] = &[InputSlot {
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
     name: "records",
-    artifact: "records",
+    artifact: RecordsArtifact::TYPE,
     doc: "records.jsonl + stats.json",
 }];
 
 impl Stage for Read {
     type Params = ReadParams;
     const KIND: &'static str = "read";
-    const VERSION: &'static str = "1";
+    // 2: `stats.json` ends in a newline (one JSON writer for every kind).
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "read JSON / JSON Lines / Parquet / a source directory into records";
 
@@ -185,8 +186,6 @@ impl Stage for Read {
         for r in &mut records {
             r.provenance.source = relabel(&r.provenance.source, &prefix, &label);
         }
-        let out = ctx.output_dir("records")?.to_path_buf();
-        write_records(&out.join("records.jsonl"), &records)?;
         ctx.set_metadata("records", stats.records);
         ctx.set_metadata("skipped", stats.skipped);
         ctx.set_metadata("files", stats.files);
@@ -196,10 +195,12 @@ impl Stage for Read {
                 serde_json::Value::from(stats.skipped_examples.clone()),
             );
         }
-        write_json(
-            &out.join("stats.json"),
+        RecordsArtifact::write(
+            ctx.output_dir("records")?,
+            &records,
             &ReadArtifactStats { path: label, stats },
-        )
+        )?;
+        Ok(())
     }
 }
 
@@ -228,7 +229,7 @@ fn list_files(root: &Path) -> Vec<String> {
 fn only_data_file(root: &Path) -> miette::Result<String> {
     let files: Vec<String> = list_files(root)
         .into_iter()
-        .filter(|f| f != DOWNLOAD_JSON)
+        .filter(|f| f != FilesArtifact::DOWNLOAD_JSON)
         .collect();
     match files.as_slice() {
         [one] => Ok(one.clone()),

@@ -16,22 +16,10 @@
 
 use miette::miette;
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use serde::Deserialize;
+use pipeline_models::artifact::TOKENIZER_JSON;
 
-use super::datautil::{read_json, write_json};
-use crate::records::read_records;
+use crate::artifacts::{ModelArtifact, RecordsArtifact, TokensArtifact};
 use crate::tokenize::{tokenize_records, TextTokenizer, TokenizeOptions};
-
-/// The part of a `model` artifact's `model.json` this kind reads.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ModelJson {
-    /// End-of-sequence token ids; the first is appended to examples.
-    #[serde(default)]
-    pub eos_token_ids: Vec<u32>,
-    /// Padding id (unused here; read for validation of the file only).
-    #[serde(default)]
-    pub pad_token_id: Option<u32>,
-}
 
 /// The `tokenize` stage kind.
 pub struct Tokenize;
@@ -39,14 +27,14 @@ pub struct Tokenize;
 const INPUTS: &[InputSlot] = &[
     InputSlot {
         name: "records",
-        accepts: &["records"],
+        accepts: &[RecordsArtifact::TYPE],
         required: true,
         many: false,
         doc: "the records to tokenize",
     },
     InputSlot {
         name: "model",
-        accepts: &["model"],
+        accepts: &[ModelArtifact::TYPE],
         required: true,
         many: false,
         doc: "the model whose tokenizer.json and model.json (EOS) to use",
@@ -55,14 +43,15 @@ const INPUTS: &[InputSlot] = &[
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
     name: "tokens",
-    artifact: "tokens",
+    artifact: TokensArtifact::TYPE,
     doc: "token shards (index.json + shards) and stats.json",
 }];
 
 impl Stage for Tokenize {
     type Params = TokenizeOptions;
     const KIND: &'static str = "tokenize";
-    const VERSION: &'static str = "1";
+    // 2: `stats.json` ends in a newline (one JSON writer for every kind).
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str = "render records with a template and tokenize them into shards";
 
     fn inputs() -> &'static [InputSlot] {
@@ -89,7 +78,7 @@ impl Stage for Tokenize {
 
     fn run(p: &TokenizeOptions, ctx: &mut StageContext) -> miette::Result<()> {
         let model = ctx.input("model")?.to_path_buf();
-        let tokenizer_path = model.join("tokenizer.json");
+        let tokenizer_path = model.join(TOKENIZER_JSON);
         if !tokenizer_path.is_file() {
             return Err(miette!(
                 help = "the `model` artifact must hold tokenizer.json; re-run the model stage",
@@ -97,16 +86,7 @@ impl Stage for Tokenize {
                 tokenizer_path.display()
             ));
         }
-        let model_json = model.join("model.json");
-        let meta: ModelJson = if model_json.is_file() {
-            read_json(&model_json)?
-        } else {
-            return Err(miette!(
-                help = "the `model` artifact must hold model.json; re-run the model stage",
-                "{} is missing",
-                model_json.display()
-            ));
-        };
+        let meta = ModelArtifact::info(&model)?;
         let mut tok = TextTokenizer::load(
             &tokenizer_path,
             p.eos_token.as_deref(),
@@ -123,7 +103,7 @@ impl Stage for Tokenize {
                 tok.eos_id = Some(eos);
             }
         }
-        let records = read_records(&ctx.input("records")?.join("records.jsonl"))?;
+        let records = RecordsArtifact::read(ctx.input("records")?)?;
         ctx.check_cancelled()?;
         ctx.progress().start(records.len() as u64, "records");
         let out = ctx.output_dir("tokens")?.to_path_buf();
@@ -138,6 +118,6 @@ impl Stage for Tokenize {
         if let Some(eos) = tok.eos_id {
             ctx.set_metadata("eos_id", eos);
         }
-        write_json(&out.join("stats.json"), &stats)
+        Ok(TokensArtifact::write_stats(&out, &stats)?)
     }
 }

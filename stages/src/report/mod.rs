@@ -10,8 +10,7 @@
 mod html;
 mod markdown;
 pub mod svg;
-
-use std::path::{Path, PathBuf};
+pub mod variants;
 
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -100,6 +99,44 @@ pub struct FilterStats {
     pub histograms: Vec<Histogram>,
 }
 
+impl FilterStats {
+    /// The report section of one filter step's report; `dataset` names it (`<stage>:
+    /// <filter>`).
+    pub fn from_report(dataset: String, r: &crate::filter::report::FilterReport) -> Self {
+        let histograms = r
+            .histogram
+            .as_ref()
+            .filter(|h| !h.counts.is_empty())
+            .map(|h| {
+                let width = (h.max - h.min) / h.counts.len() as f64;
+                Histogram {
+                    title: format!("{} score", r.filter),
+                    edges: (0..=h.counts.len())
+                        .map(|i| h.min + width * i as f64)
+                        .collect(),
+                    counts: h.counts.iter().map(|&c| c as u64).collect(),
+                    threshold: r.extra.get("threshold").copied(),
+                }
+            })
+            .into_iter()
+            .collect();
+        Self {
+            dataset,
+            total: r.input as u64,
+            kept: r.kept as u64,
+            reasons: r
+                .removed_by_reason
+                .iter()
+                .map(|(reason, &count)| ReasonCount {
+                    reason: reason.clone(),
+                    count: count as u64,
+                })
+                .collect(),
+            histograms,
+        }
+    }
+}
+
 /// Rows dropped for one reason.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,60 +193,6 @@ pub struct CacheKey {
     pub stage: String,
     /// Its cache key (hash).
     pub key: String,
-}
-
-/// Errors of report helpers.
-#[derive(Debug, thiserror::Error, miette::Diagnostic)]
-pub enum ReportError {
-    /// A metrics file could not be read.
-    #[error("cannot read metrics {path}: {source}")]
-    #[diagnostic(help("pass the metrics JSONL written by the lora-train stage"))]
-    Read {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// A metrics line is not JSON.
-    #[error("{path}:{line}: {source}")]
-    #[diagnostic(help(
-        "each line must be a JSON object such as {{\"step\": 10, \"loss\": 1.23}}"
-    ))]
-    Parse {
-        /// File.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// Cause.
-        source: serde_json::Error,
-    },
-}
-
-/// Reads a training metrics JSONL (`{"step": .., "loss": .., ...}` per line); lines
-/// without both a numeric `step` and a finite `loss` (e.g. eval records) are skipped.
-pub fn read_loss_curve(path: &Path) -> Result<Vec<LossPoint>, ReportError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|source| ReportError::Parse {
-                path: path.to_path_buf(),
-                line: i + 1,
-                source,
-            })?;
-        if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
-            if loss.is_finite() {
-                out.push(LossPoint { step, loss });
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Seeded percentile-bootstrap CI (over tasks) of mean pass@k.

@@ -16,7 +16,7 @@ use miette::Diagnostic;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use shards::{pad_batch, Example, ShardIndex, ShardInfo, TokenShards, INDEX_FORMAT};
+pub use shards::{Example, ShardIndex, ShardInfo, TokenShards, INDEX_FORMAT};
 pub use tokenizer::{Span, TextTokenizer, EOS_CANDIDATES};
 
 use crate::records::Record;

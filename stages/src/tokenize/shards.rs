@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{TokenizeError, TokenizeStats};
 
-/// One training example: token ids and the loss mask (1 = loss target), same length.
-pub type Example = (Vec<u32>, Vec<u8>);
+pub use pipeline_models::train::Example;
 
 const MAGIC: &[u8; 4] = b"PTOK";
 const VERSION: u32 = 1;
@@ -266,19 +265,4 @@ fn parse_shard(path: &Path, buf: &[u8]) -> Result<Vec<Example>, TokenizeError> {
         .windows(2)
         .map(|w| (ids[w[0]..w[1]].to_vec(), mask[w[0]..w[1]].to_vec()))
         .collect())
-}
-
-/// Right-pads a batch to its longest example with `pad_id`; padding is never a loss
-/// target (mask 0). Returns row-major `(ids, mask, seq_len)`.
-pub fn pad_batch(batch: &[Example], pad_id: u32) -> (Vec<u32>, Vec<u8>, usize) {
-    let len = batch.iter().map(|(i, _)| i.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(batch.len() * len);
-    let mut mask = Vec::with_capacity(batch.len() * len);
-    for (i, m) in batch {
-        ids.extend_from_slice(i);
-        ids.resize(ids.len() + len - i.len(), pad_id);
-        mask.extend_from_slice(m);
-        mask.resize(mask.len() + len - m.len(), 0);
-    }
-    (ids, mask, len)
 }
