@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod download;
 pub mod evalsets;
 pub mod filter;
+pub mod json;
 pub mod grade;
 pub mod kinds;
 pub mod readers;

@@ -15,7 +15,7 @@ use pipeline_models::peft::PeftAdapter;
 use pipeline_models::train::{ComputeDtype, Metrics};
 use serde::{Deserialize, Serialize};
 
-use super::json::{read_json, write_json, JsonError};
+use crate::json::{read_json, write_json, JsonError};
 use crate::report::{svg, LossPoint};
 
 /// The `adapter` artifact.

@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::json::{read_json, write_json, JsonError};
+use crate::json::{read_json, write_json, JsonError};
 
 /// The `files` artifact.
 pub struct FilesArtifact;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::json::{read_json, write_json, JsonError};
+use crate::json::{read_json, write_json, JsonError};
 use crate::filter::report::FilterReport;
 
 /// The `filter-report` artifact.

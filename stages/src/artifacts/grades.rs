@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
+use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 use crate::grade::{GradeReport, SampleResult};
 
 /// The `grades` artifact.

@@ -3,7 +3,7 @@
 //!
 //! A stage kind reads its inputs and writes its outputs only through these types, so a kind
 //! never needs another kind's module to learn a file name, and two kinds writing the same value
-//! write the same bytes ([`json`] is the one JSON writer).
+//! write the same bytes ([`crate::json`] is the one JSON writer).
 //!
 //! | artifact | type | files | written by |
 //! |---|---|---|---|
@@ -22,7 +22,7 @@ pub mod adapter;
 pub mod files;
 pub mod filter_report;
 pub mod grades;
-pub mod json;
+
 pub mod model;
 pub mod problems;
 pub mod records;
@@ -34,7 +34,7 @@ pub use adapter::{AdapterArtifact, TrainSummary};
 pub use files::{ArtifactFile, DownloadMeta, FilesArtifact};
 pub use filter_report::FilterReportArtifact;
 pub use grades::GradesArtifact;
-pub use json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
+pub use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 pub use model::ModelArtifact;
 pub use problems::ProblemsArtifact;
 pub use records::RecordsArtifact;

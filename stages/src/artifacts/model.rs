@@ -14,7 +14,7 @@ use pipeline_models::artifact::{
     TOKENIZER_CONFIG_JSON, TOKENIZER_JSON,
 };
 
-use super::json::{read_json, write_json};
+use crate::json::{read_json, write_json};
 use crate::tokenize::TextTokenizer;
 
 /// The `model` artifact.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::json::{read_jsonl, write_jsonl, JsonError};
+use crate::json::{read_jsonl, write_jsonl, JsonError};
 use crate::evalsets::EvalProblem;
 
 /// The `problems` artifact.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::json::{write_json, JsonError};
+use crate::json::{write_json, JsonError};
 use crate::records::{read_records, write_records, Record};
 
 /// The `records` artifact.
@@ -37,6 +37,6 @@ impl RecordsArtifact {
 
     /// Reads the producing kind's `stats.json`.
     pub fn read_stats(dir: &Path) -> Result<serde_json::Value, JsonError> {
-        super::json::read_json(&dir.join(Self::STATS_FILE))
+        crate::json::read_json(&dir.join(Self::STATS_FILE))
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::json::write_json;
+use crate::json::write_json;
 use crate::report::{render_html, render_markdown, ReportData};
 
 /// The `report` artifact.

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::json::{read_jsonl, write_json, write_jsonl, JsonError};
+use crate::json::{read_jsonl, write_json, write_jsonl, JsonError};
 
 /// The `samples` artifact.
 pub struct SamplesArtifact;

