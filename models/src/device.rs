@@ -14,12 +14,20 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// The chosen device could not be opened.
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+#[error("cannot open CUDA device 0: {0}")]
+#[diagnostic(help(
+    "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\""
+))]
+pub struct DeviceError(String);
+
 impl DeviceChoice {
     /// Opens the device.
-    pub fn open(self) -> candle_core::Result<Device> {
+    pub fn open(self) -> Result<Device, DeviceError> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda => Device::new_cuda(0),
+            Self::Cuda => Device::new_cuda(0).map_err(|e| DeviceError(e.to_string())),
         }
     }
 }

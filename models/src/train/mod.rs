@@ -32,7 +32,7 @@ pub use rng::TrainRng;
 pub use scaler::{GradScaler, GradScalerConfig, GradScalerState};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
-    accumulate_gradients, AccumulatedGrads, ComputeDtype, LossSum, StepContext, StepReport,
+    accumulate_gradients, AccumulatedGrads, ComputeDtype, LossSum, RunEnd, StepContext, StepReport,
     TrainConfig, TrainModel, Trainer,
 };
 

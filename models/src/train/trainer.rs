@@ -216,6 +216,21 @@ pub struct StepReport {
     pub skipped: bool,
 }
 
+/// How a [`Trainer::train_until`] run ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RunEnd {
+    /// Every step ran; the held-out loss at the end, when there were held-out batches.
+    Finished {
+        /// Mean held-out loss per target token after the last step.
+        final_eval_loss: Option<f64>,
+    },
+    /// Stopped before `step` ran; the state at `step` is checkpointed.
+    Stopped {
+        /// Steps completed.
+        step: u64,
+    },
+}
+
 /// Trains a [`TrainModel`].
 pub struct Trainer<'m, M: TrainModel> {
     model: &'m M,
@@ -483,6 +498,52 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
             &state,
             self.config.keep_checkpoints,
         )
+    }
+
+    /// Trains up to step `end` on `train`, with the configured checkpoint and evaluation
+    /// cadence (checkpoints only with a directory, evaluation only with `eval` batches).
+    /// `should_stop(step)` is asked before each step: a stop saves a checkpoint of the current
+    /// step (unless one exists) and evaluates nothing, so a resumed run logs exactly what an
+    /// uninterrupted one does. `on_step` sees each step's report. At the end the held-out loss
+    /// is computed once more (logged unless that step was just evaluated).
+    pub fn train_until(
+        &mut self,
+        train: &[M::Batch],
+        eval: &[M::Batch],
+        end: u64,
+        should_stop: &mut dyn FnMut(u64) -> bool,
+        on_step: &mut dyn FnMut(&StepReport),
+    ) -> Result<RunEnd> {
+        // A resumed trainer starts exactly at a saved checkpoint.
+        let mut saved = Some(self.step);
+        let mut evaluated = None;
+        while self.step < end {
+            if should_stop(self.step) {
+                if saved != Some(self.step) && self.dir.is_some() {
+                    self.save_checkpoint()?;
+                }
+                return Ok(RunEnd::Stopped { step: self.step });
+            }
+            let report = self.train_step(train)?;
+            on_step(&report);
+            let every = |n: Option<u64>| n.is_some_and(|n| self.step.is_multiple_of(n));
+            if self.dir.is_some() && every(self.config.checkpoint_every) {
+                self.save_checkpoint()?;
+                saved = Some(self.step);
+            }
+            if !eval.is_empty() && every(self.config.eval_every) {
+                self.evaluate_and_log(eval)?;
+                evaluated = Some(self.step);
+            }
+        }
+        let final_eval_loss = if eval.is_empty() {
+            None
+        } else if evaluated == Some(self.step) {
+            Some(self.evaluate(eval)?.0)
+        } else {
+            Some(self.evaluate_and_log(eval)?.eval_loss)
+        };
+        Ok(RunEnd::Finished { final_eval_loss })
     }
 
     /// Trains until `schedule.total_steps` or until `stop_at` steps (whichever is first), or

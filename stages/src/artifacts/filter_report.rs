@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use crate::json::{read_json, write_json, JsonError};
 use crate::filter::report::FilterReport;
+use crate::json::{read_json, write_json, JsonError};
 
 /// The `filter-report` artifact.
 pub struct FilterReportArtifact;

@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
-use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 use crate::grade::{GradeReport, SampleResult};
+use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 
 /// The `grades` artifact.
 pub struct GradesArtifact;

@@ -30,11 +30,11 @@ pub mod report;
 pub mod samples;
 pub mod tokens;
 
+pub use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 pub use adapter::{AdapterArtifact, TrainSummary};
 pub use files::{ArtifactFile, DownloadMeta, FilesArtifact};
 pub use filter_report::FilterReportArtifact;
 pub use grades::GradesArtifact;
-pub use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 pub use model::ModelArtifact;
 pub use problems::ProblemsArtifact;
 pub use records::RecordsArtifact;

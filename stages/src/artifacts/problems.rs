@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use crate::json::{read_jsonl, write_jsonl, JsonError};
 use crate::evalsets::EvalProblem;
+use crate::json::{read_jsonl, write_jsonl, JsonError};
 
 /// The `problems` artifact.
 pub struct ProblemsArtifact;

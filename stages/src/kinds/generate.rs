@@ -126,12 +126,6 @@ pub enum GenerateKindError {
         /// Cause.
         message: String,
     },
-    /// The CUDA device could not be opened.
-    #[error("cannot open CUDA device 0: {0}")]
-    #[diagnostic(help(
-        "build with `--features cuda` on a machine with a GPU, or set device = \"cpu\""
-    ))]
-    Cuda(String),
     /// Generation failed.
     #[error("generation failed: {0}")]
     Generate(String),
@@ -236,10 +230,7 @@ impl Stage for Generate {
                 .into());
             }
         }
-        let device = p
-            .device
-            .open()
-            .map_err(|e| GenerateKindError::Cuda(e.to_string()))?;
+        let device = p.device.open()?;
         ctx.progress().set_message("loading model");
         let (model, info, tokenizer_path) =
             load_for_generation(&model_dir, adapter_dir.as_deref(), &device, p.dtype)?;

@@ -1,16 +1,9 @@
 //! `lora-train`: trains LoRA adapters over a frozen (optionally quantized: QLoRA) base model
 //! on tokenized data, with checkpoints that make an interrupted run resume exactly.
 //!
-//! Inputs: `model` (a `model` artifact), `tokens` (the tokenize stage's shards), optionally
+//! Inputs: `model` (a [`ModelArtifact`]), `tokens` (a [`TokensArtifact`]), optionally
 //! `eval_tokens` (held-out shards, evaluated every `eval_every` steps and at the end).
-//! Output (`adapter` artifact):
-//!
-//! * `adapter_config.json` + `adapter_model.safetensors`: the PEFT adapter;
-//! * `metrics.jsonl`: one JSON object per optimizer step (`step`, `loss`, `lr`, `scale`,
-//!   `grad_norm`) and per evaluation (`step`, `eval_loss`, `eval_tokens`); the per-step
-//!   `tokens_per_s` stays in the checkpoint directory's copy, since it differs between runs;
-//! * `loss_curve.svg`: training loss per step and, with `eval_tokens`, the held-out loss;
-//! * `train.json`: [`TrainSummary`].
+//! Output: an [`AdapterArtifact`] (the PEFT adapter, metrics, loss curve and [`TrainSummary`]).
 //!
 //! Training state is checkpointed into the stage's checkpoint directory every
 //! `checkpoint_every` steps and when the stage is cancelled; rerunning the same stage (same
@@ -38,7 +31,7 @@ use pipeline_models::device::DeviceChoice;
 use pipeline_models::peft::{PeftAdapter, PeftConfig};
 use pipeline_models::train::{
     make_batches, training_peak_estimate, AdamWConfig, Batches, ComputeDtype, GradScalerConfig,
-    LoraLm, LrSchedule, Metrics, ScheduleKind, TrainConfig, Trainer,
+    LoraLm, LrSchedule, Metrics, RunEnd, ScheduleKind, TrainConfig, Trainer,
 };
 use pipeline_models::{CausalLm, LoraConfig};
 use serde::{Deserialize, Serialize};
@@ -48,115 +41,86 @@ use crate::artifacts::{AdapterArtifact, ModelArtifact, TokensArtifact, TrainSumm
 /// The `lora-train` kind.
 pub struct LoraTrainKind;
 
-fn d_r() -> usize {
-    16
-}
-fn d_alpha() -> f64 {
-    32.0
-}
-fn d_dropout() -> f64 {
-    0.05
-}
-fn d_steps() -> u64 {
-    100
-}
-fn d_batch() -> usize {
-    4
-}
-fn d_lr() -> f64 {
-    2e-4
-}
-fn d_schedule() -> ScheduleKind {
-    ScheduleKind::Constant
-}
-fn d_one() -> usize {
-    1
-}
-fn d_clip() -> Option<f64> {
-    Some(0.3)
-}
-fn d_ckpt() -> u64 {
-    50
-}
-fn d_max_len() -> usize {
-    1024
-}
-fn d_true() -> bool {
-    true
-}
-
 /// Parameters of [`LoraTrainKind`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoraTrainParams {
     /// LoRA rank.
-    #[serde(default = "d_r")]
     pub r: usize,
     /// LoRA alpha (the update is scaled by `alpha / r`).
-    #[serde(default = "d_alpha")]
     pub alpha: f64,
     /// Dropout on the adapters' input.
-    #[serde(default = "d_dropout")]
     pub dropout: f64,
     /// Modules to adapt (PEFT matching). Default: every linear layer except `lm_head`.
-    #[serde(default)]
     pub target_modules: Option<Vec<String>>,
     /// Optimizer steps.
-    #[serde(default = "d_steps")]
     pub steps: u64,
     /// Examples per micro-batch.
-    #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// Peak learning rate.
-    #[serde(default = "d_lr")]
     pub lr: f64,
     /// Schedule after warmup: constant, linear or cosine.
-    #[serde(default = "d_schedule")]
     pub schedule: ScheduleKind,
     /// Warmup steps (default: 3% of `steps`, rounded up).
-    #[serde(default)]
     pub warmup_steps: Option<u64>,
     /// Micro-batches per optimizer step.
-    #[serde(default = "d_one")]
     pub grad_accum: usize,
     /// Clip the global gradient norm to this (QLoRA: 0.3); 0 disables clipping.
-    #[serde(default = "d_clip")]
     pub clip: Option<f64>,
     /// AdamW weight decay.
-    #[serde(default)]
     pub weight_decay: f64,
     /// Forward dtype: f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
-    #[serde(default)]
     pub dtype: Option<ComputeDtype>,
     /// Dynamic loss scaling (for f16).
-    #[serde(default)]
     pub loss_scaling: bool,
     /// Checkpoint every this many steps.
-    #[serde(default = "d_ckpt")]
     pub checkpoint_every: u64,
     /// Evaluate on `eval_tokens` every this many steps (always at the end).
-    #[serde(default)]
     pub eval_every: Option<u64>,
     /// Reshuffle the micro-batches every epoch.
-    #[serde(default = "d_true")]
     pub shuffle: bool,
     /// Truncate examples to this many tokens.
-    #[serde(default = "d_max_len")]
     pub max_length: usize,
     /// cpu or cuda.
-    #[serde(default)]
     pub device: DeviceChoice,
     /// Training seed (LoRA init, data order, dropout); default: the experiment seed. Give
     /// several (`matrix.seed = [1, 2, 3]` with `seed = "${seed}"`) to measure seed variance;
     /// a numeric string is accepted for that reason.
-    #[serde(default, deserialize_with = "seed_from_int_or_string")]
+    #[serde(deserialize_with = "seed_from_int_or_string")]
     pub seed: Option<u64>,
     /// Recompute each decoder layer's activations in the backward instead of keeping them
     /// (gradient checkpointing): far less memory (phi-1.5 at 2 x 512 on the CPU: 4.3 GiB instead
     /// of 22.6, `bench/phi15_memory.sh`) for one more forward pass per layer. Results are the
     /// same up to rounding.
-    #[serde(default)]
     pub gradient_checkpointing: bool,
+}
+
+impl Default for LoraTrainParams {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            target_modules: None,
+            steps: 100,
+            batch_size: 4,
+            lr: 2e-4,
+            schedule: ScheduleKind::Constant,
+            warmup_steps: None,
+            grad_accum: 1,
+            clip: Some(0.3),
+            weight_decay: 0.0,
+            dtype: None,
+            loss_scaling: false,
+            checkpoint_every: 50,
+            eval_every: None,
+            shuffle: true,
+            max_length: 1024,
+            device: DeviceChoice::Cpu,
+            seed: None,
+            gradient_checkpointing: false,
+        }
+    }
 }
 
 impl LoraTrainParams {
@@ -296,7 +260,7 @@ pub fn train(
     ctx: &mut StageContext,
     stop_after: &dyn Fn(u64) -> bool,
 ) -> miette::Result<TrainSummary> {
-    let device = open_device(p.device)?;
+    let device = p.device.open()?;
     let dtype = p.compute_dtype();
     let model_dir = ctx.input("model")?.to_path_buf();
     let info = ModelArtifact::info(&model_dir)?;
@@ -374,44 +338,26 @@ pub fn train(
     ctx.progress().set_position(resumed_from);
     let start = Instant::now();
     let mut last_loss = f64::NAN;
-    // A resumed run starts exactly at a saved checkpoint; nothing needs saving before a step.
-    let mut last_ckpt = Some(resumed_from);
-    let mut last_eval = None;
-    while trainer.step() < p.steps {
-        let step = trainer.step();
-        if ctx.is_cancelled() || (step > resumed_from && stop_after(step)) {
-            if last_ckpt != Some(step) {
-                trainer.save_checkpoint().into_diagnostic()?;
-            }
+    let end = trainer
+        .train_until(
+            &train_batches,
+            &eval_batches,
+            p.steps,
+            &mut |step| ctx.is_cancelled() || (step > resumed_from && stop_after(step)),
+            &mut |report| {
+                last_loss = report.record.loss;
+                ctx.progress().set_position(report.record.step);
+            },
+        )
+        .into_diagnostic()?;
+    let final_eval_loss = match end {
+        RunEnd::Finished { final_eval_loss } => final_eval_loss,
+        RunEnd::Stopped { step } => {
             return Err(miette!(
                 "stage `{}` was interrupted at step {step}; rerun to resume",
                 ctx.stage_name()
-            ));
+            ))
         }
-        let report = trainer.train_step(&train_batches).into_diagnostic()?;
-        let step = trainer.step();
-        last_loss = report.record.loss;
-        if step.is_multiple_of(p.checkpoint_every) {
-            trainer.save_checkpoint().into_diagnostic()?;
-            last_ckpt = Some(step);
-        }
-        if !eval_batches.is_empty() && p.eval_every.is_some_and(|n| step.is_multiple_of(n)) {
-            trainer.evaluate_and_log(&eval_batches).into_diagnostic()?;
-            last_eval = Some(step);
-        }
-        ctx.progress().set_position(step);
-    }
-    let final_eval_loss = if eval_batches.is_empty() {
-        None
-    } else if last_eval == Some(trainer.step()) {
-        Some(trainer.evaluate(&eval_batches).into_diagnostic()?.0)
-    } else {
-        Some(
-            trainer
-                .evaluate_and_log(&eval_batches)
-                .into_diagnostic()?
-                .eval_loss,
-        )
     };
     let secs = start.elapsed().as_secs_f64().max(1e-9);
 
@@ -460,16 +406,6 @@ pub fn train(
         ctx.set_metadata("final_eval_loss", e);
     }
     Ok(summary)
-}
-
-/// Opens the training device, saying what to do when CUDA is not there.
-fn open_device(choice: DeviceChoice) -> miette::Result<candle_core::Device> {
-    choice.open().map_err(|e| {
-        miette!(
-            help = "build with `--features cuda` on a machine with an NVIDIA GPU, or set device = \"cpu\"",
-            "cannot open CUDA device 0: {e}"
-        )
-    })
 }
 
 /// Accepts `seed = 3` and `seed = "3"` (matrix substitution produces strings).
