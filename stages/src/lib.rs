@@ -12,6 +12,7 @@ pub mod evalsets;
 pub mod filter;
 pub mod grade;
 pub mod kinds;
+pub mod python;
 pub mod readers;
 pub mod records;
 pub mod report;

@@ -34,11 +34,13 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tree_sitter::{Node, Parser};
 
 use super::report::{FilterReport, Histogram};
-use super::stdlib::is_stdlib_module;
 use super::TextRecord;
+use crate::python::stdlib_modules::is_stdlib_module;
+use crate::python::{
+    docstring, has_syntax_error, imported_modules, top_level_module, ErrorScope, Node, PythonParser,
+};
 
 /// Feature weights of the heuristic score; normalised by their sum, so only ratios matter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,7 +173,7 @@ pub struct HeuristicScore {
 
 /// A parser-backed scorer. Holds a tree-sitter parser, so make one per thread.
 pub struct HeuristicScorer {
-    parser: Parser,
+    parser: PythonParser,
     options: HeuristicOptions,
 }
 
@@ -182,15 +184,7 @@ impl HeuristicScorer {
     /// Creates a scorer. Fails only if the bundled grammar is incompatible with the
     /// tree-sitter runtime, which would be a build problem.
     pub fn new(options: HeuristicOptions) -> super::Result<Self> {
-        let mut parser = Parser::new();
-        parser
-            .set_language(&tree_sitter_python::LANGUAGE.into())
-            .map_err(|e| {
-                super::FilterError::InvalidOptions(format!(
-                    "tree-sitter-python grammar does not match the tree-sitter runtime ({e}); \
-                     align the crate versions in Cargo.toml"
-                ))
-            })?;
+        let parser = PythonParser::new()?;
         Ok(Self { parser, options })
     }
 
@@ -201,19 +195,21 @@ impl HeuristicScorer {
             lines: text.lines().filter(|l| !l.trim().is_empty()).count(),
             ..Default::default()
         };
-        let tree = self.parser.parse(text, None);
+        let tree = self.parser.parse(text);
         let parses = match &tree {
             Some(tree) => {
                 let root = tree.root_node();
                 let mut imports = BTreeSet::new();
-                walk(root, text.as_bytes(), &mut stats, &mut imports);
-                stats.module_docstring = docstring_of(root).is_some();
+                walk(root, text, &mut stats, &mut imports);
+                stats.module_docstring = docstring(root).is_some();
                 stats.imports = imports.len();
                 stats.non_stdlib_imports = imports
                     .into_iter()
                     .filter(|m| m.starts_with('.') || !is_stdlib_module(m))
                     .collect();
-                if has_syntax_error(root) || stats.python2_statements > 0 {
+                if has_syntax_error(root, ErrorScope::OutsideStrings)
+                    || stats.python2_statements > 0
+                {
                     0.0
                 } else {
                     1.0
@@ -301,28 +297,6 @@ impl HeuristicScorer {
     }
 }
 
-/// Whether the tree has an error or missing node outside string literals.
-///
-/// Errors inside strings are ignored: tree-sitter-python misreads some valid f-string format
-/// specs (`f"{x:=^30}"` is taken for a walrus), while CPython accepts them.
-fn has_syntax_error(root: Node) -> bool {
-    if !root.has_error() {
-        return false;
-    }
-    let mut stack = vec![root];
-    while let Some(node) = stack.pop() {
-        if node.is_error() || node.is_missing() {
-            return true;
-        }
-        if matches!(node.kind(), "string" | "concatenated_string") || !node.has_error() {
-            continue;
-        }
-        let mut cursor = node.walk();
-        stack.extend(node.children(&mut cursor));
-    }
-    false
-}
-
 /// 0 at or below `lo`, 1 at or above `hi`, linear between.
 fn ramp(x: f64, lo: f64, hi: f64) -> f64 {
     if x <= lo {
@@ -334,27 +308,10 @@ fn ramp(x: f64, lo: f64, hi: f64) -> f64 {
     }
 }
 
-/// The docstring node of a module, class or function node, if its body starts with a string.
-fn docstring_of(node: Node) -> Option<Node> {
-    let body = match node.kind() {
-        "module" => node,
-        _ => node.child_by_field_name("body")?,
-    };
-    let mut cursor = body.walk();
-    let first = body
-        .named_children(&mut cursor)
-        .find(|c| c.kind() != "comment")?;
-    if first.kind() != "expression_statement" {
-        return None;
-    }
-    let expr = first.named_child(0)?;
-    matches!(expr.kind(), "string" | "concatenated_string").then_some(expr)
-}
-
 /// Iterative walk collecting counts; recursion could overflow on deeply nested generated code.
-fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeSet<String>) {
+fn walk(root: Node, src: &str, stats: &mut HeuristicStats, imports: &mut BTreeSet<String>) {
     let mut docstrings: BTreeSet<usize> = BTreeSet::new();
-    if let Some(d) = docstring_of(root) {
+    if let Some(d) = docstring(root) {
         docstrings.insert(d.id());
         stats.docstring_bytes += d.byte_range().len();
     }
@@ -367,7 +324,7 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
                 } else {
                     stats.classes += 1;
                 }
-                if let Some(d) = docstring_of(node) {
+                if let Some(d) = docstring(node) {
                     stats.documented += 1;
                     stats.docstring_bytes += d.byte_range().len();
                     docstrings.insert(d.id());
@@ -386,27 +343,12 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
                 let n = node.named_child_count();
                 stats.largest_collection = stats.largest_collection.max(n);
             }
-            "import_statement" => {
-                let mut c = node.walk();
-                for name in node.children_by_field_name("name", &mut c) {
-                    let dotted = if name.kind() == "aliased_import" {
-                        name.child_by_field_name("name")
-                    } else {
-                        Some(name)
-                    };
-                    if let Some(d) = dotted {
-                        imports.insert(top_module(d, src));
-                    }
-                }
-                continue;
-            }
-            "import_from_statement" => {
-                if let Some(m) = node.child_by_field_name("module_name") {
-                    if m.kind() == "relative_import" {
-                        imports.insert(format!(".{}", text_of(m, src).trim_start_matches('.')));
-                    } else {
-                        imports.insert(top_module(m, src));
-                    }
+            "import_statement" | "import_from_statement" => {
+                for module in imported_modules(node, src) {
+                    imports.insert(match module.strip_prefix('.') {
+                        Some(relative) => format!(".{}", relative.trim_start_matches('.')),
+                        None => top_level_module(module).to_string(),
+                    });
                 }
                 continue;
             }
@@ -415,15 +357,6 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
         let mut cursor = node.walk();
         stack.extend(node.children(&mut cursor));
     }
-}
-
-fn text_of<'a>(node: Node, src: &'a [u8]) -> &'a str {
-    node.utf8_text(src).unwrap_or("")
-}
-
-fn top_module(node: Node, src: &[u8]) -> String {
-    let t = text_of(node, src);
-    t.split('.').next().unwrap_or(t).trim().to_string()
 }
 
 /// Line-level signals that need no parse tree: long lines, blobs, generated headers.
