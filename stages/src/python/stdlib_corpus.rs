@@ -245,15 +245,18 @@ pub fn chunk_records(
         let fields: Fields = [("content", content), ("path", path.clone())]
             .into_iter()
             .collect();
-        out.push(Record::new(
-            fields,
-            Provenance {
-                source: path.clone(),
-                line: Some((i * lines) as u64 + 1),
-                row: None,
-            },
-        ));
+        out.push(record_at(fields, &path, i * lines));
     }
+}
+
+/// A record of file `path` whose text starts on the 0-based line `row`.
+fn record_at(fields: Fields, path: &str, row: usize) -> Record {
+    let provenance = Provenance {
+        source: path.to_string(),
+        line: Some(row as u64 + 1),
+        row: None,
+    };
+    Record::new(fields, provenance)
 }
 
 /// What to cut the files into.
@@ -374,13 +377,10 @@ impl FunctionExtractor {
                     ]
                     .into_iter()
                     .collect();
-                    out.push(Record::new(
+                    out.push(record_at(
                         fields,
-                        Provenance {
-                            source: path.clone(),
-                            line: Some(function.outer.start_position().row as u64 + 1),
-                            row: None,
-                        },
+                        &path,
+                        function.outer.start_position().row,
                     ));
                 }
                 Err(reason) => skipped.add(reason),
