@@ -23,7 +23,6 @@ pub mod classifier;
 pub mod decontam;
 pub mod dedup;
 pub mod embed;
-mod embed_cpu;
 pub mod heuristic;
 pub mod learned;
 pub mod report;
