@@ -1,5 +1,6 @@
 //! Model code for `pipeline`: decoder-only language models written on plain candle tensors,
-//! the linear layers they are built from (dense, quantized, LoRA-wrapped), and training.
+//! the linear layers they are built from (dense, quantized, LoRA-wrapped), and training; and
+//! the MiniLM sentence encoder ([`encoders`]) behind the learned data filter.
 //!
 //! Nothing here knows about manifests, caching or scheduling: stage kinds in `pipeline-stages`
 //! call into this crate. Every op used on a training path records a backward (candle's fused
@@ -25,6 +26,7 @@ pub mod artifact;
 pub mod causal_lm;
 pub mod checkpoint;
 pub mod device;
+pub mod encoders;
 pub mod fused;
 pub mod generate;
 pub mod io;

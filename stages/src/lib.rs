@@ -14,6 +14,7 @@ pub mod filter;
 pub mod grade;
 pub mod json;
 pub mod kinds;
+pub mod python;
 pub mod readers;
 pub mod records;
 pub mod report;

@@ -14,11 +14,15 @@
 //! They run on the CPU only (f32 and f64, rows in parallel with rayon); on other devices the
 //! callers use the composite versions, which record a backward everywhere. Tests check both
 //! against each other and against finite differences.
+//!
+//! `inplace` holds forward-only kernels that update a tensor in place, for the sentence
+//! encoder's inference ([`crate::encoders`]); they share `exp_f32`.
 
 pub mod activation;
 pub mod attention;
 pub mod cross_entropy;
 pub(crate) mod gemm;
+pub(crate) mod inplace;
 pub mod lora_linear;
 pub mod norm;
 pub mod softmax;

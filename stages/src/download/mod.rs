@@ -58,6 +58,10 @@ pub enum DownloadError {
         /// What the zip reader said.
         message: String,
     },
+    /// A member pattern is not a valid glob.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Glob(#[from] crate::readers::glob::InvalidGlob),
     /// A member pattern matched nothing in the wheel.
     #[error("no member of {wheel} matches `{pattern}`")]
     #[diagnostic(

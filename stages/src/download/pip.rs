@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::{blake3_file, io_err, DownloadError};
-use crate::readers::glob::glob_match;
+use crate::readers::glob::PathGlobs;
 
 fn default_python() -> String {
     "python3".into()
@@ -180,34 +180,32 @@ pub fn extract_wheel(
     let file = std::fs::File::open(wheel).map_err(io_err(wheel))?;
     let mut archive = zip::ZipArchive::new(file).map_err(wheel_err)?;
     let names: Vec<String> = archive.file_names().map(str::to_string).collect();
-    let wanted = |name: &str| patterns.is_empty() || patterns.iter().any(|p| glob_match(p, name));
-    for p in patterns {
-        if !names.iter().any(|n| glob_match(p, n)) {
-            let mut sorted = names.clone();
-            sorted.sort();
-            let mut available = sorted
-                .iter()
-                .take(20)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ");
-            if sorted.len() > 20 {
-                available.push_str(&format!(", ... ({} in all)", sorted.len()));
-            }
-            return Err(DownloadError::NoMember {
-                wheel: wheel
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                pattern: p.clone(),
-                available,
-            });
+    let globs = PathGlobs::new(patterns)?;
+    if let Some(p) = globs.first_unmatched(names.iter().map(String::as_str)) {
+        let mut sorted = names.clone();
+        sorted.sort();
+        let mut available = sorted
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if sorted.len() > 20 {
+            available.push_str(&format!(", ... ({} in all)", sorted.len()));
         }
+        return Err(DownloadError::NoMember {
+            wheel: wheel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            pattern: p.to_string(),
+            available,
+        });
     }
     let mut out = Vec::new();
     for i in 0..archive.len() {
         let mut entry = archive.by_index(i).map_err(wheel_err)?;
-        if entry.is_dir() || !wanted(entry.name()) {
+        if entry.is_dir() || !globs.is_match(entry.name()) {
             continue;
         }
         let member = entry.name().to_string();

@@ -342,6 +342,8 @@ mod tests {
         assert_eq!(out.reports[0].removed[0].id, "dup");
         assert_eq!(out.reports[2].removed[0].id, "leak");
         assert_eq!(out.reports[3].removed[0].id, "bad");
+        let histogram = out.reports[3].histogram.as_ref().unwrap();
+        assert_eq!(histogram.counts.iter().sum::<usize>(), 3);
         assert_eq!(out.kept, vec![1, 4], "{:#?}", out.reports);
         let some = steps(serde_json::json!([
             {"step": "exact_dedup"},

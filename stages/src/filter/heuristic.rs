@@ -30,15 +30,15 @@
 //! scores high, lookup tables, Qt Designer output and bare scripts score low.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tree_sitter::{Node, Parser};
 
-use super::report::{FilterReport, Histogram};
-use super::stdlib::is_stdlib_module;
 use super::TextRecord;
+use crate::python::stdlib_modules::is_stdlib_module;
+use crate::python::{
+    docstring, has_syntax_error, imported_modules, top_level_module, ErrorScope, Node, PythonParser,
+};
 
 /// Feature weights of the heuristic score; normalised by their sum, so only ratios matter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,7 +171,7 @@ pub struct HeuristicScore {
 
 /// A parser-backed scorer. Holds a tree-sitter parser, so make one per thread.
 pub struct HeuristicScorer {
-    parser: Parser,
+    parser: PythonParser,
     options: HeuristicOptions,
 }
 
@@ -182,15 +182,7 @@ impl HeuristicScorer {
     /// Creates a scorer. Fails only if the bundled grammar is incompatible with the
     /// tree-sitter runtime, which would be a build problem.
     pub fn new(options: HeuristicOptions) -> super::Result<Self> {
-        let mut parser = Parser::new();
-        parser
-            .set_language(&tree_sitter_python::LANGUAGE.into())
-            .map_err(|e| {
-                super::FilterError::InvalidOptions(format!(
-                    "tree-sitter-python grammar does not match the tree-sitter runtime ({e}); \
-                     align the crate versions in Cargo.toml"
-                ))
-            })?;
+        let parser = PythonParser::new()?;
         Ok(Self { parser, options })
     }
 
@@ -201,19 +193,21 @@ impl HeuristicScorer {
             lines: text.lines().filter(|l| !l.trim().is_empty()).count(),
             ..Default::default()
         };
-        let tree = self.parser.parse(text, None);
+        let tree = self.parser.parse(text);
         let parses = match &tree {
             Some(tree) => {
                 let root = tree.root_node();
                 let mut imports = BTreeSet::new();
-                walk(root, text.as_bytes(), &mut stats, &mut imports);
-                stats.module_docstring = docstring_of(root).is_some();
+                walk(root, text, &mut stats, &mut imports);
+                stats.module_docstring = docstring(root).is_some();
                 stats.imports = imports.len();
                 stats.non_stdlib_imports = imports
                     .into_iter()
                     .filter(|m| m.starts_with('.') || !is_stdlib_module(m))
                     .collect();
-                if has_syntax_error(root) || stats.python2_statements > 0 {
+                if has_syntax_error(root, ErrorScope::OutsideStrings)
+                    || stats.python2_statements > 0
+                {
                     0.0
                 } else {
                     1.0
@@ -301,28 +295,6 @@ impl HeuristicScorer {
     }
 }
 
-/// Whether the tree has an error or missing node outside string literals.
-///
-/// Errors inside strings are ignored: tree-sitter-python misreads some valid f-string format
-/// specs (`f"{x:=^30}"` is taken for a walrus), while CPython accepts them.
-fn has_syntax_error(root: Node) -> bool {
-    if !root.has_error() {
-        return false;
-    }
-    let mut stack = vec![root];
-    while let Some(node) = stack.pop() {
-        if node.is_error() || node.is_missing() {
-            return true;
-        }
-        if matches!(node.kind(), "string" | "concatenated_string") || !node.has_error() {
-            continue;
-        }
-        let mut cursor = node.walk();
-        stack.extend(node.children(&mut cursor));
-    }
-    false
-}
-
 /// 0 at or below `lo`, 1 at or above `hi`, linear between.
 fn ramp(x: f64, lo: f64, hi: f64) -> f64 {
     if x <= lo {
@@ -334,27 +306,10 @@ fn ramp(x: f64, lo: f64, hi: f64) -> f64 {
     }
 }
 
-/// The docstring node of a module, class or function node, if its body starts with a string.
-fn docstring_of(node: Node) -> Option<Node> {
-    let body = match node.kind() {
-        "module" => node,
-        _ => node.child_by_field_name("body")?,
-    };
-    let mut cursor = body.walk();
-    let first = body
-        .named_children(&mut cursor)
-        .find(|c| c.kind() != "comment")?;
-    if first.kind() != "expression_statement" {
-        return None;
-    }
-    let expr = first.named_child(0)?;
-    matches!(expr.kind(), "string" | "concatenated_string").then_some(expr)
-}
-
 /// Iterative walk collecting counts; recursion could overflow on deeply nested generated code.
-fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeSet<String>) {
+fn walk(root: Node, src: &str, stats: &mut HeuristicStats, imports: &mut BTreeSet<String>) {
     let mut docstrings: BTreeSet<usize> = BTreeSet::new();
-    if let Some(d) = docstring_of(root) {
+    if let Some(d) = docstring(root) {
         docstrings.insert(d.id());
         stats.docstring_bytes += d.byte_range().len();
     }
@@ -367,7 +322,7 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
                 } else {
                     stats.classes += 1;
                 }
-                if let Some(d) = docstring_of(node) {
+                if let Some(d) = docstring(node) {
                     stats.documented += 1;
                     stats.docstring_bytes += d.byte_range().len();
                     docstrings.insert(d.id());
@@ -386,27 +341,12 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
                 let n = node.named_child_count();
                 stats.largest_collection = stats.largest_collection.max(n);
             }
-            "import_statement" => {
-                let mut c = node.walk();
-                for name in node.children_by_field_name("name", &mut c) {
-                    let dotted = if name.kind() == "aliased_import" {
-                        name.child_by_field_name("name")
-                    } else {
-                        Some(name)
-                    };
-                    if let Some(d) = dotted {
-                        imports.insert(top_module(d, src));
-                    }
-                }
-                continue;
-            }
-            "import_from_statement" => {
-                if let Some(m) = node.child_by_field_name("module_name") {
-                    if m.kind() == "relative_import" {
-                        imports.insert(format!(".{}", text_of(m, src).trim_start_matches('.')));
-                    } else {
-                        imports.insert(top_module(m, src));
-                    }
+            "import_statement" | "import_from_statement" => {
+                for module in imported_modules(node, src) {
+                    imports.insert(match module.strip_prefix('.') {
+                        Some(relative) => format!(".{}", relative.trim_start_matches('.')),
+                        None => top_level_module(module).to_string(),
+                    });
                 }
                 continue;
             }
@@ -415,15 +355,6 @@ fn walk(root: Node, src: &[u8], stats: &mut HeuristicStats, imports: &mut BTreeS
         let mut cursor = node.walk();
         stack.extend(node.children(&mut cursor));
     }
-}
-
-fn text_of<'a>(node: Node, src: &'a [u8]) -> &'a str {
-    node.utf8_text(src).unwrap_or("")
-}
-
-fn top_module(node: Node, src: &[u8]) -> String {
-    let t = text_of(node, src);
-    t.split('.').next().unwrap_or(t).trim().to_string()
 }
 
 /// Line-level signals that need no parse tree: long lines, blobs, generated headers.
@@ -461,25 +392,6 @@ fn scan_lines(text: &str, stats: &mut HeuristicStats) {
     }
 }
 
-/// Options of [`heuristic_filter`]: the scorer's options and the keep threshold.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HeuristicFilterOptions {
-    /// Scorer options.
-    pub scorer: HeuristicOptions,
-    /// Records scoring below this are removed.
-    pub threshold: f64,
-}
-
-impl Default for HeuristicFilterOptions {
-    fn default() -> Self {
-        Self {
-            scorer: HeuristicOptions::default(),
-            threshold: 0.5,
-        }
-    }
-}
-
 /// Scores every record in parallel (one parser per rayon worker), in input order.
 pub fn score_records<R: TextRecord + Sync>(
     records: &[R],
@@ -497,41 +409,6 @@ pub fn score_records<R: TextRecord + Sync>(
             },
         )
         .collect()
-}
-
-/// Scores records and keeps those at or above `threshold`; returns kept indices (in input
-/// order), all scores and a report with a score histogram.
-pub fn heuristic_filter<R: TextRecord + Sync>(
-    records: &[R],
-    options: &HeuristicFilterOptions,
-) -> super::Result<(Vec<usize>, Vec<HeuristicScore>, FilterReport)> {
-    let start = Instant::now();
-    let scores = score_records(records, &options.scorer)?;
-    let mut report = FilterReport::new("heuristic_score", records.len());
-    let mut kept = Vec::new();
-    for (i, (r, s)) in records.iter().zip(&scores).enumerate() {
-        if s.score >= options.threshold {
-            kept.push(i);
-        } else {
-            report.remove(
-                r.id(),
-                "below_threshold",
-                format!("score {:.3} < {:.3}", s.score, options.threshold),
-            );
-        }
-    }
-    report.histogram = Some(Histogram::new(
-        scores.iter().map(|s| s.score),
-        0.0,
-        1.0,
-        options.scorer.histogram_bins,
-    ));
-    report
-        .extra
-        .insert("threshold".to_string(), options.threshold);
-    let mean = scores.iter().map(|s| s.score).sum::<f64>() / scores.len().max(1) as f64;
-    report.extra.insert("mean_score".to_string(), mean);
-    Ok((kept, scores, report.finish(start)))
 }
 
 #[cfg(test)]
@@ -648,12 +525,10 @@ class Sieve[T]:
 
     #[test]
     fn weights_are_normalised_and_options_deserialise_with_defaults() {
-        let opts: HeuristicFilterOptions =
-            serde_json::from_str(r#"{"threshold": 0.7, "scorer": {"min_lines": 1}}"#).unwrap();
-        assert_eq!(opts.threshold, 0.7);
-        assert_eq!(opts.scorer.min_lines, 1);
-        assert_eq!(opts.scorer.weights, HeuristicWeights::default());
-        assert!(serde_json::from_str::<HeuristicFilterOptions>(r#"{"treshold": 1}"#).is_err());
+        let opts: HeuristicOptions = serde_json::from_str(r#"{"min_lines": 1}"#).unwrap();
+        assert_eq!(opts.min_lines, 1);
+        assert_eq!(opts.weights, HeuristicWeights::default());
+        assert!(serde_json::from_str::<HeuristicOptions>(r#"{"min_linez": 1}"#).is_err());
         let only_parses = HeuristicOptions {
             weights: HeuristicWeights {
                 parses: 3.0,
@@ -669,22 +544,5 @@ class Sieve[T]:
         let mut s = HeuristicScorer::new(only_parses).unwrap();
         assert_eq!(s.score("x = 1\n").score, 1.0);
         assert_eq!(s.score("x = = 1\n").score, 0.0);
-    }
-
-    #[test]
-    fn filter_keeps_by_threshold_in_order_with_report() {
-        let recs = vec![
-            ("good".to_string(), GOOD.to_string()),
-            ("bad".to_string(), "x = = 1".to_string()),
-            ("good2".to_string(), GOOD.to_string()),
-        ];
-        let (kept, scores, report) =
-            heuristic_filter(&recs, &HeuristicFilterOptions::default()).unwrap();
-        assert_eq!(kept, vec![0, 2]);
-        assert_eq!(scores.len(), 3);
-        assert_eq!(report.removed_by_reason["below_threshold"], 1);
-        assert_eq!(report.removed[0].id, "bad");
-        let h = report.histogram.unwrap();
-        assert_eq!(h.counts.iter().sum::<usize>(), 3);
     }
 }

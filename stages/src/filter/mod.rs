@@ -23,13 +23,10 @@ pub mod classifier;
 pub mod decontam;
 pub mod dedup;
 pub mod embed;
-mod embed_cpu;
 pub mod heuristic;
 pub mod learned;
 pub mod report;
 pub mod select;
-
-pub mod stdlib;
 pub mod text;
 
 use std::path::PathBuf;
@@ -99,6 +96,9 @@ pub enum FilterError {
     /// The embedding model files are missing or unusable.
     #[error("embedding model error: {0}")]
     Model(String),
+    /// The Python grammar cannot load (a build problem).
+    #[error(transparent)]
+    Grammar(#[from] crate::python::GrammarMismatch),
     /// A tensor operation in candle failed.
     #[error("tensor error in embedding model: {0}")]
     Candle(#[from] candle_core::Error),

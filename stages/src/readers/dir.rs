@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use miette::NamedSource;
 
-use super::glob::glob_match;
+use super::glob::PathGlobs;
 use super::{Flow, RawRecord, ReadError, ReadOptions};
 use crate::records::{Fields, Provenance};
 
@@ -48,8 +48,8 @@ pub(crate) fn walk(root: &Path) -> Result<Vec<(String, PathBuf)>, ReadError> {
 }
 
 /// Whether a relative path passes the `include` globs and `extensions` filter.
-fn selected(rel: &str, opts: &ReadOptions) -> bool {
-    let glob_ok = opts.include.is_empty() || opts.include.iter().any(|g| glob_match(g, rel));
+fn selected(rel: &str, include: &PathGlobs, opts: &ReadOptions) -> bool {
+    let glob_ok = include.is_match(rel);
     let ext_ok = opts.extensions.is_empty()
         || opts.extensions.iter().any(|e| {
             let e = e.trim_start_matches('.');
@@ -65,10 +65,11 @@ pub(super) fn read_dir(
     opts: &ReadOptions,
     emit: &mut dyn FnMut(Result<RawRecord, ReadError>) -> Result<Flow, ReadError>,
 ) -> Result<u64, ReadError> {
+    let include = PathGlobs::new(&opts.include)?;
     let mut files = 0;
     for (row, (rel, path)) in walk(root)?
         .into_iter()
-        .filter(|(rel, _)| selected(rel, opts))
+        .filter(|(rel, _)| selected(rel, &include, opts))
         .enumerate()
     {
         files += 1;

@@ -220,6 +220,10 @@ pub enum ReadError {
         /// What is wrong.
         message: String,
     },
+    /// An `include` pattern is not a valid glob.
+    #[error(transparent)]
+    #[diagnostic(transparent)]
+    Glob(#[from] glob::InvalidGlob),
     /// Writing the records artifact failed.
     #[error(transparent)]
     #[diagnostic(transparent)]

@@ -320,8 +320,9 @@ pub const STDLIB_MODULES: &[&str] = &[
 ///
 /// Only the first component is looked up, since submodules of a stdlib package are stdlib too.
 pub fn is_stdlib_module(module: &str) -> bool {
-    let top = module.split('.').next().unwrap_or(module).trim();
-    STDLIB_MODULES.binary_search(&top).is_ok()
+    STDLIB_MODULES
+        .binary_search(&super::top_level_module(module))
+        .is_ok()
 }
 
 #[cfg(test)]

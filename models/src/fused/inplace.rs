@@ -1,11 +1,17 @@
-//! In-place CPU kernels for the MiniLM encoder's elementwise work (inference only).
+//! In-place CPU kernels for an encoder's elementwise work (inference only, no backward): the
+//! MiniLM encoder ([`crate::encoders::minilm`]) runs on them.
 //!
 //! With candle's ops, each bias add, residual add, GELU and the masked soft-max is a pass that
 //! allocates a fresh tensor; on two cores these passes (and the page faults of their
 //! allocations) cost about as much as the matrix products. These kernels update the tensor
-//! the preceding matmul just produced, in one pass each, with branch-free `exp`/`erf` that
-//! the compiler vectorises (the libm `erff` behind candle's `gelu_erf` alone took 15% of the
-//! CPU time).
+//! the preceding matmul just produced, in one pass each, with branch-free `exp` ([`exp_f32`],
+//! shared with the training kernels) and `erf` that the compiler vectorises (the libm `erff`
+//! behind candle's `gelu_erf` alone took 15% of the CPU time).
+//!
+//! The layer norm and the soft-max here keep their own row loops rather than the training
+//! kernels' ([`super::norm`], [`super::softmax`]): these accumulate in f32 over eight lanes and
+//! mask keys without a bias tensor, the training ones accumulate in f64 or in order, and the
+//! encoder's numbers (checked against a numpy reference) come from these.
 //!
 //! Every op takes contiguous f32 CPU tensors; [`supported`] says whether a tensor qualifies,
 //! and the caller uses candle's composite ops otherwise (other devices, other dtypes).
@@ -13,33 +19,35 @@
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
+use super::{contiguous_slice, exp_f32};
+
 /// Whether the kernels can update `t` in place: a contiguous f32 tensor on the CPU.
-pub(super) fn supported(t: &Tensor) -> bool {
+pub(crate) fn supported(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()
 }
 
 /// `x += bias` (broadcast over rows), then GELU (exact erf form) when `gelu` is set.
-pub(super) fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<()> {
+pub(crate) fn bias_act(x: &Tensor, bias: &Tensor, gelu: bool) -> Result<()> {
     x.inplace_op2(bias, &BiasAct { gelu })
 }
 
 /// `x += bias + residual` (bias broadcast over rows): a dense layer's output plus its skip
 /// connection, ready for the layer norm.
-pub(super) fn bias_residual(x: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<()> {
+pub(crate) fn bias_residual(x: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<()> {
     x.inplace_op3(bias, residual, &BiasResidual)
 }
 
 /// Soft-max over the last dimension of attention scores `(batch, heads, len, len)`, keys
 /// whose `mask` `(batch, len)` entry is 0 getting weight 0 (the additive-mask convention of
 /// BERT, without materialising the mask).
-pub(super) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<()> {
+pub(crate) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> Result<()> {
     scores.inplace_op2(mask, &MaskedSoftmax)
 }
 
 /// Layer normalisation of each last-dimension row of `x`, in place: `(x - mean) /
 /// sqrt(var + eps) * weight + bias`, mean and (biased) variance in f32 as PyTorch computes
 /// them.
-pub(super) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<()> {
+pub(crate) fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<()> {
     x.inplace_op1(&LayerNormOp {
         weight: weight.clone(),
         bias: bias.clone(),
@@ -74,40 +82,17 @@ macro_rules! multiversion {
     };
 }
 
-/// `e^x` for f32 without branches or calls, so loops over it vectorise (Cephes `expf`:
-/// range reduction by ln 2, degree-6 polynomial; relative error below 2e-7). Inputs are
-/// clamped to [-87, 88], where the result stays a normal float.
-#[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
-    // 1.5 * 2^23: adding it rounds x*log2(e) to an integer n, which then sits in the low
-    // mantissa bits of `t`, so 2^n needs no float-to-int conversion.
-    const SHIFT: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let t = x * std::f32::consts::LOG2_E + SHIFT;
-    let n = t - SHIFT;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
-    let y = p * r * r + r + 1.0;
-    let pow2 = (t.to_bits().wrapping_sub(SHIFT.to_bits()).wrapping_add(127)) << 23;
-    y * f32::from_bits(pow2)
-}
-
 /// GELU `x Φ(x)` with Φ from erfc by Abramowitz & Stegun 7.1.26 (absolute error below
 /// 1.5e-7, i.e. about one f32 ulp of Φ near 1).
 #[inline(always)]
-pub(super) fn gelu(x: f32) -> f32 {
+fn gelu(x: f32) -> f32 {
     let z = x * std::f32::consts::FRAC_1_SQRT_2;
     let a = z.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let erfc = poly * exp(-a * a);
+    let erfc = poly * exp_f32(-a * a);
     let phi = if z >= 0.0 {
         1.0 - 0.5 * erfc
     } else {
@@ -159,7 +144,7 @@ multiversion! {
         // Multiplying by the 0/1 mask zeroes padded keys (exp is finite after its clamp,
         // so never 0 * inf).
         for (v, &keep) in s.iter_mut().zip(mask) {
-            *v = exp(*v - max) * keep;
+            *v = exp_f32(*v - max) * keep;
         }
         let sum = lane_sum(s, |v| v);
         // A row whose keys are all padding cannot occur ([CLS] is always real); keep it
@@ -183,16 +168,6 @@ multiversion! {
                 *v = (*v - mean) * r * w + b;
             }
         }
-    }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input must be contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => candle_core::bail!("{op}: f32 only"),
     }
 }
 
@@ -220,7 +195,7 @@ struct BiasAct {
 
 impl InplaceOp2 for BiasAct {
     fn name(&self) -> &'static str {
-        "minilm-bias-act"
+        "inplace-bias-act"
     }
 
     fn cpu_fwd(
@@ -230,7 +205,7 @@ impl InplaceOp2 for BiasAct {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let bias = slice(s2, l2, self.name())?;
+        let bias = contiguous_slice::<f32>(s2, l2)?;
         let x = slice_mut(s1, l1, self.name())?;
         let n = bias.len();
         if n == 0 || x.len() % n != 0 {
@@ -260,7 +235,7 @@ struct BiasResidual;
 
 impl InplaceOp3 for BiasResidual {
     fn name(&self) -> &'static str {
-        "minilm-bias-residual"
+        "inplace-bias-residual"
     }
 
     fn cpu_fwd(
@@ -272,8 +247,8 @@ impl InplaceOp3 for BiasResidual {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let bias = slice(s2, l2, self.name())?;
-        let res = slice(s3, l3, self.name())?;
+        let bias = contiguous_slice::<f32>(s2, l2)?;
+        let res = contiguous_slice::<f32>(s3, l3)?;
         let x = slice_mut(s1, l1, self.name())?;
         let n = bias.len();
         if n == 0 || x.len() % n != 0 || res.len() != x.len() {
@@ -297,7 +272,7 @@ struct MaskedSoftmax;
 
 impl InplaceOp2 for MaskedSoftmax {
     fn name(&self) -> &'static str {
-        "minilm-masked-softmax"
+        "inplace-masked-softmax"
     }
 
     fn cpu_fwd(
@@ -314,7 +289,7 @@ impl InplaceOp2 for MaskedSoftmax {
                 self.name()
             );
         };
-        let mask = slice(s2, l2, self.name())?;
+        let mask = contiguous_slice::<f32>(s2, l2)?;
         if mask.len() != b * k || k == 0 {
             candle_core::bail!(
                 "{}: mask has {} values for {b} x {k} keys",
@@ -341,7 +316,7 @@ struct LayerNormOp {
 
 impl InplaceOp1 for LayerNormOp {
     fn name(&self) -> &'static str {
-        "minilm-layer-norm"
+        "inplace-layer-norm"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
@@ -350,8 +325,8 @@ impl InplaceOp1 for LayerNormOp {
         let (candle_core::Storage::Cpu(w), candle_core::Storage::Cpu(b)) = (&*wg, &*bg) else {
             candle_core::bail!("{}: weight and bias must be on the CPU", self.name());
         };
-        let weight = slice(w, wl, self.name())?;
-        let bias = slice(b, bl, self.name())?;
+        let weight = contiguous_slice::<f32>(w, wl)?;
+        let bias = contiguous_slice::<f32>(b, bl)?;
         let x = slice_mut(storage, layout, self.name())?;
         let n = weight.len();
         if n == 0 || bias.len() != n || x.len() % n != 0 {
@@ -368,21 +343,6 @@ impl InplaceOp1 for LayerNormOp {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn exp_matches_std() {
-        let mut worst = 0f32;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
-            x += 0.0137;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        // Clamped, never 0 or inf, so a 0/1 mask can multiply it.
-        assert_eq!(exp(-1000.0), exp(-87.0));
-        assert!(exp(1000.0).is_finite());
-    }
 
     #[test]
     fn gelu_matches_erf_form() {
