@@ -120,7 +120,8 @@ impl Stage for Source {
     }
 }
 
-/// Concatenates its inputs, upper-cased if asked; can be told to fail.
+/// Concatenates its inputs, upper-cased if asked; can be told to fail. `pipeline run` points
+/// to its output file (as it does to a report).
 struct Concat;
 
 #[derive(Serialize, Deserialize)]
@@ -150,6 +151,9 @@ impl Stage for Concat {
     }
     fn outputs() -> &'static [OutputSlot] {
         TEXT_OUT
+    }
+    fn headline_files() -> &'static [&'static str] {
+        &["data"]
     }
     fn run(p: &ConcatParams, ctx: &mut StageContext) -> miette::Result<()> {
         if p.fail {

@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod download;
 pub mod evalsets;
 pub mod filter;
@@ -20,7 +21,7 @@ pub mod tokenize;
 
 use pipeline_engine::Registry;
 
-/// Every stage kind of the `pipeline` binary.
+/// Every stage kind (and kind-specific subcommand) of the `pipeline` binary.
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
     registry
@@ -35,6 +36,7 @@ pub fn registry() -> Registry {
         .register::<kinds::evalset::EvalSet>()
         .register::<kinds::generate::Generate>()
         .register::<kinds::grade::Grade>()
-        .register::<kinds::report::Report>();
+        .register::<kinds::report::Report>()
+        .register_command(cli::GradeCommand);
     registry
 }
