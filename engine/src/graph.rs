@@ -261,3 +261,51 @@ pub fn render(manifest: &Manifest, format: DagFormat) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dag(n: usize, edges: &[(usize, usize)]) -> Dag {
+        let mut dag = Dag::new(n);
+        for &(from, to) in edges {
+            dag.add_edge(from, to);
+        }
+        dag
+    }
+
+    #[test]
+    fn order_puts_producers_first_and_keeps_index_order_otherwise() {
+        // 3 -> 0 -> 2, 1 alone.
+        let g = dag(4, &[(3, 0), (0, 2)]);
+        assert_eq!(g.order(), [1, 3, 0, 2]);
+        assert_eq!(dag(3, &[]).order(), [0, 1, 2]);
+        assert!(g.cycles().is_empty());
+        assert_eq!(g.edges(), [(0, 2), (3, 0)]);
+    }
+
+    #[test]
+    fn cycles_are_found_with_their_members_and_left_out_of_the_order() {
+        // 0 -> 1 -> 2 -> 0, 3 -> 3, 4 after the cycle, 5 alone.
+        let g = dag(6, &[(0, 1), (1, 2), (2, 0), (3, 3), (2, 4)]);
+        let mut cycles = g.cycles();
+        cycles.sort();
+        assert_eq!(cycles, [vec![0, 1, 2], vec![3]]);
+        assert_eq!(g.order(), [5]);
+    }
+
+    #[test]
+    fn upstream_closure_follows_producers_only() {
+        // 0 -> 1 -> 3, 2 -> 3, 3 -> 4.
+        let g = dag(5, &[(0, 1), (1, 3), (2, 3), (3, 4)]);
+        assert_eq!(g.upstream_closure(&[1]), [true, true, false, false, false]);
+        assert_eq!(g.upstream_closure(&[3]), [true, true, true, true, false]);
+        let mut producers = g.producers(3);
+        producers.sort_unstable();
+        assert_eq!(producers, [1, 2]);
+        let mut twice = Dag::new(2);
+        twice.add_edge(0, 1);
+        twice.add_edge(0, 1);
+        assert_eq!(twice.edges().len(), 1);
+    }
+}
