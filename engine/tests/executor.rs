@@ -370,6 +370,45 @@ inputs = { after = ["wait"] }
 }
 
 #[test]
+fn a_stage_that_finishes_despite_the_interrupt_is_kept_but_nothing_new_starts() {
+    let s = Setup::new();
+    let text = r#"
+[slow]
+kind = "sleep"
+tag = "ignores-cancel"
+ms = 300
+
+[next]
+kind = "sleep"
+tag = "not-started"
+"#;
+    let m = s.manifest(text, &[]);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let options = RunOptions {
+        jobs: 1,
+        cancel: cancel.clone(),
+        ..RunOptions::default()
+    };
+    let report = std::thread::scope(|scope| {
+        let running = scope.spawn(|| s.run(&m, &options));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !has_started("ignores-cancel") {
+            assert!(Instant::now() < deadline, "the stage never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        cancel.store(true, Ordering::Relaxed);
+        running.join().expect("the run thread")
+    });
+    assert!(report.cancelled);
+    assert_eq!(outcome(&report, "slow"), &StageOutcome::Ran);
+    assert_eq!(
+        outcome(&report, "next"),
+        &StageOutcome::Skipped("interrupted before it started".into())
+    );
+    assert!(!has_started("not-started"));
+}
+
+#[test]
 fn stages_see_their_inputs_tree_table_and_labels() {
     let s = Setup::new();
     let text = r#"

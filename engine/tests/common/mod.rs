@@ -292,11 +292,11 @@ impl Stage for Sleep {
     }
     fn run(p: &SleepParams, ctx: &mut StageContext) -> miette::Result<()> {
         let start = Instant::now();
+        started()
+            .lock()
+            .map_err(|_| miette!("poisoned"))?
+            .insert(p.tag.clone());
         if p.until_cancelled {
-            started()
-                .lock()
-                .map_err(|_| miette!("poisoned"))?
-                .insert(p.tag.clone());
             while !ctx.is_cancelled() {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -319,7 +319,7 @@ fn started() -> &'static Mutex<BTreeSet<String>> {
     STARTED.get_or_init(Default::default)
 }
 
-/// Whether a `sleep` stage with `until_cancelled` and this tag has started.
+/// Whether a `sleep` stage with this tag has started.
 pub fn has_started(tag: &str) -> bool {
     started().lock().map(|s| s.contains(tag)).unwrap_or(false)
 }
