@@ -6,8 +6,8 @@
 //! leaves its consumers cached. On a failure or an interrupt no new stage starts, running ones
 //! finish (or notice the interrupt), and every finished result stays in the cache.
 //!
-//! Whether a stage is cached or runs, and why, is decided in one place ([`Env::assess`]) for
-//! both a run and a plan.
+//! Whether a stage is cached or runs, and why ([`Decision`]), is decided in one place for both
+//! a run and a plan.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;

@@ -24,11 +24,12 @@
 //! other keys are the kind's parameters, deserialised into its typed struct. Every problem found
 //! is reported at once, as a diagnostic pointing into the manifest.
 //!
-//! Reading a manifest goes through four phases, one module each: [`parse`](self) (TOML into
-//! raw tables and overrides), expand (matrices into instances, `${key}`), resolve (references
-//! into producer instances and outputs, table order and cycles through [`crate::graph::Dag`])
-//! and type-check (slots, artifact types, typed parameters). This module drives them per
-//! instance, producers first, so an instance's errors are reported together.
+//! Reading a manifest goes through four phases, one module each: parse (TOML into raw
+//! tables, `[experiment]` and `--set` overrides), expand (matrices into instances, `${key}`),
+//! resolve (references into producer instances and outputs; table order and cycles through
+//! [`crate::graph::Dag`]) and type-check (slots, artifact types, typed parameters). This module
+//! drives them per instance, producers first. Instances are named by [`InstanceName`];
+//! references are parsed once into [`StageRef`]s.
 
 mod error;
 mod expand;

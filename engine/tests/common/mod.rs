@@ -246,8 +246,11 @@ pub fn spans(tag: &str) -> Vec<(Instant, Instant)> {
         .unwrap_or_default()
 }
 
-fn spans_map() -> &'static Mutex<HashMap<String, Vec<(Instant, Instant)>>> {
-    static SPANS: OnceLock<Mutex<HashMap<String, Vec<(Instant, Instant)>>>> = OnceLock::new();
+/// Start and end of each run, by tag.
+type Spans = HashMap<String, Vec<(Instant, Instant)>>;
+
+fn spans_map() -> &'static Mutex<Spans> {
+    static SPANS: OnceLock<Mutex<Spans>> = OnceLock::new();
     SPANS.get_or_init(Default::default)
 }
 
