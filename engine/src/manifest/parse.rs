@@ -448,40 +448,29 @@ fn parse_matrix(
             );
             return None;
         };
-        let mut vals = Vec::new();
-        for item in items.iter() {
-            let v = match matrix_value(item.get_ref()) {
-                Ok(v) => v,
-                Err(message) => {
-                    errors.push(
+        let vals = match matrix_values(items.iter()) {
+            Ok(vals) => vals,
+            Err(bad) => {
+                let err = match bad {
+                    BadValues::Value { message, span } => {
                         ManifestError::new("manifest::matrix", message)
-                            .at(item.span(), "unsupported value"),
-                    );
-                    return None;
-                }
-            };
-            if vals.contains(&v) {
-                errors.push(
-                    ManifestError::new(
+                            .at(span, "unsupported value")
+                    }
+                    BadValues::Duplicate { value, span } => ManifestError::new(
                         "manifest::matrix",
-                        format!("matrix value `{v}` is listed twice"),
+                        format!("matrix value `{value}` is listed twice"),
                     )
-                    .at(item.span(), "duplicate"),
-                );
+                    .at(span, "duplicate"),
+                    BadValues::Empty => ManifestError::new(
+                        "manifest::matrix",
+                        format!("matrix `{}` is empty", key.get_ref()),
+                    )
+                    .at(values.span(), "no values"),
+                };
+                errors.push(err);
                 return None;
             }
-            vals.push(v);
-        }
-        if vals.is_empty() {
-            errors.push(
-                ManifestError::new(
-                    "manifest::matrix",
-                    format!("matrix `{}` is empty", key.get_ref()),
-                )
-                .at(values.span(), "no values"),
-            );
-            return None;
-        }
+        };
         out.push((key.get_ref().to_string(), vals));
     }
     Some(out)
@@ -539,28 +528,53 @@ fn apply_matrix_override(
         );
         return;
     };
-    let mut values = Vec::new();
-    for item in items.iter() {
-        match matrix_value(item.get_ref()) {
-            Ok(v) if values.contains(&v) => {
-                errors.push(fail(format!(
-                    "--set {}: matrix value `{v}` is listed twice",
-                    o.raw
-                )));
-                return;
-            }
-            Ok(v) => values.push(v),
-            Err(message) => {
-                errors.push(fail(format!("--set {}: {message}", o.raw)));
-                return;
-            }
+    let problem = match matrix_values(items.iter()) {
+        Ok(values) => {
+            slot.1 = values;
+            return;
         }
+        Err(BadValues::Value { message, .. }) => message,
+        Err(BadValues::Duplicate { value, .. }) => {
+            format!("matrix value `{value}` is listed twice")
+        }
+        Err(BadValues::Empty) => "the matrix cannot be empty".to_string(),
+    };
+    errors.push(fail(format!("--set {}: {problem}", o.raw)));
+}
+
+/// Why a list of matrix values is not a valid matrix key's values.
+enum BadValues {
+    /// A value cannot be part of an instance name.
+    Value { message: String, span: Range<usize> },
+    /// A value is listed twice.
+    Duplicate { value: String, span: Range<usize> },
+    /// There are none.
+    Empty,
+}
+
+/// The values of one matrix key (as written in the manifest or in `--set`): each usable in an
+/// instance name, none twice, at least one.
+fn matrix_values<'a, 's: 'a>(
+    items: impl Iterator<Item = &'a Spanned<DeValue<'s>>>,
+) -> Result<Vec<String>, BadValues> {
+    let mut values = Vec::new();
+    for item in items {
+        let value = matrix_value(item.get_ref()).map_err(|message| BadValues::Value {
+            message,
+            span: item.span(),
+        })?;
+        if values.contains(&value) {
+            return Err(BadValues::Duplicate {
+                value,
+                span: item.span(),
+            });
+        }
+        values.push(value);
     }
     if values.is_empty() {
-        errors.push(fail(format!("--set {}: the matrix cannot be empty", o.raw)));
-        return;
+        return Err(BadValues::Empty);
     }
-    slot.1 = values;
+    Ok(values)
 }
 
 /// A matrix value as it appears in stage names, or why it cannot be one.
