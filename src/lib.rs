@@ -216,12 +216,28 @@ const FORWARDED_ARGS: &str = "args";
 const HELP: &str = "help";
 const HELP_TOPIC: &str = "command";
 
+/// The registered commands the CLI offers: a built-in command of the same name wins.
+fn registered_commands(registry: &Registry) -> impl Iterator<Item = &dyn pipeline_engine::Command> {
+    let built_in = Cli::command();
+    registry
+        .commands()
+        .filter(move |c| c.name() != HELP && built_in.find_subcommand(c.name()).is_none())
+}
+
+/// The registered command called `name`.
+fn registered_command<'r>(
+    registry: &'r Registry,
+    name: &str,
+) -> Option<&'r dyn pipeline_engine::Command> {
+    registered_commands(registry).find(|c| c.name() == name)
+}
+
 /// The CLI's clap command: the built-in subcommands, every registered one, and `help`.
 fn command_line(registry: &Registry) -> clap::Command {
     // clap's own `help` subcommand would explain a registered command by its placeholder
     // arguments; this one asks the command itself.
     let cli = Cli::command().disable_help_subcommand(true);
-    let cli = registry.commands().fold(cli, |cli, command| {
+    let cli = registered_commands(registry).fold(cli, |cli, command| {
         cli.subcommand(
             clap::Command::new(command.name())
                 .about(command.about())
@@ -251,7 +267,10 @@ fn command_line(registry: &Registry) -> clap::Command {
 /// `pipeline help [COMMAND...]`: a registered command prints its own help; otherwise the
 /// CLI's help (or a built-in command's) is printed here and the process exits.
 fn help<'r>(mut cli: clap::Command, registry: &'r Registry, topic: &[String]) -> Invocation<'r> {
-    if let Some(command) = topic.first().and_then(|name| registry.command(name)) {
+    if let Some(command) = topic
+        .first()
+        .and_then(|name| registered_command(registry, name))
+    {
         return Invocation::Registered(command, vec![OsString::from("--help")]);
     }
     cli.build();
@@ -285,7 +304,7 @@ fn parse_command_line(registry: &Registry) -> (GlobalOptions, Invocation<'_>) {
                 .unwrap_or_default();
             return (global, help(cli, registry, &topic));
         }
-        if let Some(command) = registry.command(name) {
+        if let Some(command) = registered_command(registry, name) {
             let args: Vec<OsString> = sub
                 .get_many::<OsString>(FORWARDED_ARGS)
                 .map(|args| args.cloned().collect())
@@ -829,5 +848,66 @@ fn print_headline_files(manifest: &Manifest, store: &Store, report: &RunReport) 
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Named(&'static str);
+
+    impl pipeline_engine::Command for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn about(&self) -> &'static str {
+            "a test command"
+        }
+        fn run(&self, _args: Vec<OsString>) -> miette::Result<u8> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn registered_commands_never_shadow_built_in_ones() {
+        let mut registry = Registry::new();
+        registry
+            .register_command(Named("run"))
+            .register_command(Named("help"))
+            .register_command(Named("echo"));
+        let names: Vec<&str> = registered_commands(&registry).map(|c| c.name()).collect();
+        assert_eq!(names, ["echo"]);
+        assert!(registered_command(&registry, "run").is_none());
+        // clap rejects duplicate subcommands when it builds the command line.
+        let mut cli = command_line(&registry);
+        cli.build();
+        let subcommands: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(subcommands.iter().filter(|n| **n == "run").count(), 1);
+        assert!(subcommands.contains(&"echo") && subcommands.last() == Some(&"help"));
+    }
+
+    #[test]
+    fn global_options_are_taken_from_a_registered_commands_arguments() {
+        let cli = command_line(&Registry::new());
+        let mut global = GlobalOptions {
+            cache: None,
+            error_format: ErrorFormat::Human,
+        };
+        let args = [
+            "a",
+            "--error-format",
+            "json",
+            "--cache=c",
+            "b",
+            "--",
+            "--cache",
+            "x",
+        ];
+        let rest =
+            take_global_options(args.iter().map(OsString::from).collect(), &mut global, &cli);
+        assert_eq!(rest, ["a", "b", "--", "--cache", "x"]);
+        assert_eq!(global.error_format, ErrorFormat::Json);
+        assert_eq!(global.cache, Some(PathBuf::from("c")));
     }
 }

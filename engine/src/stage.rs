@@ -221,7 +221,8 @@ impl<S: Stage> DynStage for Kind<S> {
 ///
 /// The CLI lists it in `--help` and hands it every argument after its name, unparsed: it
 /// parses them itself (and prints its own `--help`). Errors it returns are printed like every
-/// other error of the CLI (`--error-format` applies).
+/// other error of the CLI (`--error-format` applies). A name the CLI's own commands use
+/// (`run`, `help`, ...) is not offered.
 pub trait Command: Send + Sync {
     /// The subcommand's name (`grade`).
     fn name(&self) -> &'static str;
@@ -275,11 +276,6 @@ impl Registry {
     /// The registered subcommands, in registration order.
     pub fn commands(&self) -> impl Iterator<Item = &dyn Command> + '_ {
         self.commands.iter().map(|c| &**c)
-    }
-
-    /// The subcommand called `name`.
-    pub fn command(&self, name: &str) -> Option<&dyn Command> {
-        self.commands().find(|c| c.name() == name)
     }
 }
 
