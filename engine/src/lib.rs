@@ -8,12 +8,14 @@
 //! * [`fingerprint`] computes each stage's cache key from its kind, kind version, canonical
 //!   parameters, the content of its inputs and anything else the kind declares, and explains
 //!   why a key differs from the last run (in the spirit of cargo's fingerprints).
+//! * [`decision`] is the typed answer to "cached or run, and why", shared by plans and runs.
 //! * [`executor`] runs what is not cached, in dependency order and in parallel.
 //! * [`stage`] is the contract a stage kind implements; the engine knows nothing else about it.
 //! * [`store`] is the content-addressed cache: objects, trees, action records, checkpoints.
 
 #![warn(missing_docs)]
 
+pub mod decision;
 pub mod executor;
 pub mod fingerprint;
 pub mod graph;
@@ -24,6 +26,6 @@ pub mod stage;
 pub mod store;
 
 pub use executor::{run, RunOptions, RunReport, StageOutcome};
-pub use manifest::{load_manifest, Manifest, ManifestOptions, StageInstance};
-pub use stage::{InputSlot, OutputSlot, Registry, Stage, StageContext};
+pub use manifest::{load_manifest, InstanceName, Manifest, ManifestOptions, StageInstance};
+pub use stage::{Command, InputArtifact, InputSlot, OutputSlot, Registry, Stage, StageContext};
 pub use store::Store;

@@ -82,6 +82,21 @@ pub trait Stage: Send + Sync + 'static {
         false
     }
 
+    /// Whether the output depends on which instances produced the inputs (their base names
+    /// and matrix labels, [`InputArtifact::base`] and [`InputArtifact::labels`]), e.g. a report
+    /// naming its variants. Producer names are not otherwise part of the key (identical work
+    /// is stored once); when this is true they are, so renaming a producer recomputes the
+    /// stage instead of leaving a cached output with the old names.
+    fn uses_input_labels(_params: &Self::Params) -> bool {
+        false
+    }
+
+    /// Files of this kind's outputs that `pipeline run` points the user to when they exist
+    /// (`report.html` of a report), by file name within an output directory.
+    fn headline_files() -> &'static [&'static str] {
+        &[]
+    }
+
     /// Adds whatever else determines the output to the key: external files (hashed by the
     /// engine through its stat cache), resolved revisions, tool versions.
     fn fingerprint(_params: &Self::Params, _fp: &mut Fingerprint) -> miette::Result<()> {
@@ -119,6 +134,8 @@ pub(crate) trait DynStage: Send + Sync {
     ) -> Result<ParsedParams, ParamError>;
     fn needs_gpu(&self, params: &ParsedParams) -> bool;
     fn uses_seed(&self, params: &ParsedParams) -> bool;
+    fn uses_input_labels(&self, params: &ParsedParams) -> bool;
+    fn headline_files(&self) -> &'static [&'static str];
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()>;
     fn run(&self, params: &ParsedParams, ctx: &mut StageContext) -> miette::Result<()>;
 }
@@ -185,6 +202,12 @@ impl<S: Stage> DynStage for Kind<S> {
     fn uses_seed(&self, params: &ParsedParams) -> bool {
         S::uses_seed(typed::<S>(params))
     }
+    fn uses_input_labels(&self, params: &ParsedParams) -> bool {
+        S::uses_input_labels(typed::<S>(params))
+    }
+    fn headline_files(&self) -> &'static [&'static str] {
+        S::headline_files()
+    }
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()> {
         S::fingerprint(typed::<S>(params), fp)
     }
@@ -193,10 +216,27 @@ impl<S: Stage> DynStage for Kind<S> {
     }
 }
 
-/// All stage kinds a `pipeline` binary knows.
+/// A subcommand that belongs to a kind rather than to the engine (`pipeline grade`, a drop-in
+/// for another tool's command line), registered with [`Registry::register_command`].
+///
+/// The CLI lists it in `--help` and hands it every argument after its name, unparsed: it
+/// parses them itself (and prints its own `--help`). Errors it returns are printed like every
+/// other error of the CLI (`--error-format` applies). A name the CLI's own commands use
+/// (`run`, `help`, ...) is not offered.
+pub trait Command: Send + Sync {
+    /// The subcommand's name (`grade`).
+    fn name(&self) -> &'static str;
+    /// One line for the CLI's `--help`.
+    fn about(&self) -> &'static str;
+    /// Runs it with the arguments after its name; returns the process exit code.
+    fn run(&self, args: Vec<std::ffi::OsString>) -> miette::Result<u8>;
+}
+
+/// All stage kinds (and kind-specific subcommands) a `pipeline` binary knows.
 #[derive(Default, Clone)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
+    commands: Vec<Arc<dyn Command>>,
 }
 
 impl Registry {
@@ -224,17 +264,39 @@ impl Registry {
     pub fn summary(&self, kind: &str) -> Option<&'static str> {
         self.kinds.get(kind).map(|k| k.summary())
     }
+
+    /// Adds a kind-specific subcommand. A later registration of the same name replaces the
+    /// earlier one.
+    pub fn register_command(&mut self, command: impl Command + 'static) -> &mut Self {
+        self.commands.retain(|c| c.name() != command.name());
+        self.commands.push(Arc::new(command));
+        self
+    }
+
+    /// The registered subcommands, in registration order.
+    pub fn commands(&self) -> impl Iterator<Item = &dyn Command> + '_ {
+        self.commands.iter().map(|c| &**c)
+    }
 }
 
 /// One artifact connected to an input slot.
 #[derive(Debug, Clone)]
 pub struct InputArtifact {
-    /// The producing stage instance.
+    /// The producing stage instance (`grade@messy,1`), for messages.
     pub stage: String,
     /// The producing output's name.
     pub output: String,
     /// Read-only directory holding the artifact's files.
     pub path: PathBuf,
+    /// The artifact's tree hash (its content address in the cache; empty when built by
+    /// [`StageContext::standalone`]).
+    pub tree: String,
+    /// The producing instance's manifest table (`grade`).
+    pub base: String,
+    /// The producing instance's matrix assignment, (key, value) in declaration order
+    /// (`[("data", "messy"), ("seed", "1")]`); empty without a matrix. A kind whose output
+    /// uses these declares [`Stage::uses_input_labels`].
+    pub labels: Vec<(String, String)>,
 }
 
 /// What a running stage may see and touch.
@@ -254,11 +316,41 @@ pub struct StageContext {
 
 impl StageContext {
     /// Builds a context by hand, for exercising a stage kind outside the engine (unit tests of a
-    /// kind). Inputs are given as `slot -> [directory]`; outputs as `name -> directory`.
+    /// kind). Inputs are given as `slot -> [directory]` (each artifact's producer is named
+    /// after its slot, output `out`, no tree hash, no labels); outputs as `name -> directory`.
     pub fn standalone(
         stage_name: &str,
         seed: u64,
         inputs: BTreeMap<String, Vec<PathBuf>>,
+        outputs: BTreeMap<String, PathBuf>,
+        checkpoint_dir: PathBuf,
+    ) -> Self {
+        let inputs = inputs
+            .into_iter()
+            .map(|(slot, paths)| {
+                let artifacts = paths
+                    .into_iter()
+                    .map(|path| InputArtifact {
+                        stage: slot.clone(),
+                        output: "out".into(),
+                        path,
+                        tree: String::new(),
+                        base: slot.clone(),
+                        labels: Vec::new(),
+                    })
+                    .collect();
+                (slot, artifacts)
+            })
+            .collect();
+        Self::standalone_with_artifacts(stage_name, seed, inputs, outputs, checkpoint_dir)
+    }
+
+    /// Like [`StageContext::standalone`], with every input artifact given in full (producer,
+    /// tree hash, labels), for kinds that name or cite their inputs.
+    pub fn standalone_with_artifacts(
+        stage_name: &str,
+        seed: u64,
+        inputs: BTreeMap<String, Vec<InputArtifact>>,
         outputs: BTreeMap<String, PathBuf>,
         checkpoint_dir: PathBuf,
     ) -> Self {
@@ -268,20 +360,7 @@ impl StageContext {
             key: String::new(),
             seed,
             base_dir: PathBuf::from("."),
-            inputs: inputs
-                .into_iter()
-                .map(|(slot, paths)| {
-                    let artifacts = paths
-                        .into_iter()
-                        .map(|path| InputArtifact {
-                            stage: slot.clone(),
-                            output: "out".into(),
-                            path,
-                        })
-                        .collect();
-                    (slot, artifacts)
-                })
-                .collect(),
+            inputs,
             outputs,
             checkpoint_dir,
             scratch_dir,

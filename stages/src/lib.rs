@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod artifacts;
+pub mod cli;
 pub mod download;
 pub mod evalsets;
 pub mod filter;
@@ -23,7 +24,7 @@ pub mod tokenize;
 
 use pipeline_engine::Registry;
 
-/// Every stage kind of the `pipeline` binary.
+/// Every stage kind (and kind-specific subcommand) of the `pipeline` binary.
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
     registry
@@ -38,6 +39,7 @@ pub fn registry() -> Registry {
         .register::<kinds::evalset::EvalSet>()
         .register::<kinds::generate::Generate>()
         .register::<kinds::grade::Grade>()
-        .register::<kinds::report::Report>();
+        .register::<kinds::report::Report>()
+        .register_command(cli::GradeCommand);
     registry
 }

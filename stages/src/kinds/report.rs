@@ -114,6 +114,10 @@ impl Stage for Report {
         OUTPUTS
     }
 
+    fn headline_files() -> &'static [&'static str] {
+        &["report.html", "report.md"]
+    }
+
     fn run(p: &ReportParams, ctx: &mut StageContext) -> miette::Result<()> {
         let mut data = ReportData {
             title: p.title.clone(),

@@ -1,0 +1,611 @@
+//! Phase 1, parse: TOML text into the `[experiment]` table, raw stage tables and `--set`
+//! overrides (matrix overrides are applied here, to the raw tables, so expansion sees the
+//! replaced values).
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use super::error::{did_you_mean, ManifestError};
+use super::names::{valid_name, Selector};
+use super::{Experiment, ManifestOptions};
+use crate::stage::{DynStage, Registry};
+
+/// Keys of a stage table that are not parameters of its kind.
+const RESERVED: [&str; 3] = ["kind", "inputs", "matrix"];
+
+/// A manifest after parsing: what expansion starts from.
+pub(super) struct Document<'s> {
+    /// The `[experiment]` table, if it is valid.
+    pub experiment: Option<Experiment>,
+    /// Stage tables that parsed, in manifest order.
+    pub stages: Vec<RawStage<'s>>,
+    /// `--set STAGE.PARAM=VALUE` overrides (matrix overrides are already applied).
+    pub overrides: Vec<Override<'s>>,
+    /// Tables that failed to parse: references to them are not reported again.
+    pub broken: BTreeSet<String>,
+}
+
+/// One `inputs` entry of a stage table, references not yet substituted.
+pub(super) struct RawInput {
+    /// Slot name.
+    pub slot: String,
+    /// Where the slot name is.
+    pub slot_span: Range<usize>,
+    /// References as written (they may contain `${key}`), with their places.
+    pub refs: Vec<(String, Range<usize>)>,
+}
+
+/// A stage table before matrix expansion.
+pub(super) struct RawStage<'s> {
+    /// Table name.
+    pub name: String,
+    /// Where the table name is.
+    pub span: Range<usize>,
+    /// Its kind.
+    pub kind: Arc<dyn DynStage>,
+    /// Its `inputs`.
+    pub inputs: Vec<RawInput>,
+    /// Its matrix: keys in declaration order, each with its values.
+    pub matrix: Vec<(String, Vec<String>)>,
+    /// Everything else: the kind's parameters.
+    pub params: Spanned<DeTable<'s>>,
+}
+
+/// One `--set STAGE.PARAM=VALUE`.
+pub(super) struct Override<'s> {
+    /// The table or instance it applies to.
+    pub target: Selector,
+    /// The parameter path (`["opt", "lr"]` for `opt.lr`).
+    pub path: Vec<String>,
+    /// The value (TOML, or a bare word as a string).
+    pub value: Spanned<DeValue<'s>>,
+    /// The override as given, for messages.
+    pub raw: &'s str,
+}
+
+/// Parses the manifest text and the overrides; `None` if the TOML itself is invalid.
+pub(super) fn parse_document<'s>(
+    source: &'s str,
+    registry: &Registry,
+    options: &'s ManifestOptions,
+    errors: &mut Vec<ManifestError>,
+) -> Option<Document<'s>> {
+    let (root, syntax) = DeTable::parse_recoverable(source);
+    if !syntax.is_empty() {
+        for e in syntax {
+            let mut err = ManifestError::new(
+                "manifest::syntax",
+                format!("TOML syntax error: {}", e.message().trim()),
+            );
+            if let Some(span) = e.span() {
+                err = err.at(span, "here");
+            }
+            errors.push(err.help("fix the TOML syntax; see https://toml.io"));
+        }
+        return None;
+    }
+    let root = root.into_inner();
+    let overrides = parse_overrides(options, errors);
+
+    let mut experiment = None;
+    let mut stages = Vec::new();
+    let mut broken = BTreeSet::new();
+    for (key, value) in root.iter() {
+        let name = key.get_ref().to_string();
+        let span = key.span();
+        if name == "experiment" {
+            experiment = parse_experiment(value, span, errors);
+            continue;
+        }
+        match parse_stage(&name, span, value, registry, errors) {
+            Some(raw) => stages.push(raw),
+            None => {
+                broken.insert(name);
+            }
+        }
+    }
+    if experiment.is_none() && !errors.iter().any(|e| e.code == "manifest::experiment") {
+        errors.push(
+            ManifestError::new(
+                "manifest::experiment",
+                "the manifest has no [experiment] table",
+            )
+            .at(0..0, "expected near the top")
+            .help("add `[experiment]` with at least `name = \"...\"`"),
+        );
+    }
+    check_override_targets(&overrides, &stages, &broken, errors);
+    let (matrix_overrides, overrides): (Vec<_>, Vec<_>) =
+        overrides.into_iter().partition(|o| o.path[0] == "matrix");
+    for o in &matrix_overrides {
+        apply_matrix_override(o, &mut stages, errors);
+    }
+    Some(Document {
+        experiment,
+        stages,
+        overrides,
+        broken,
+    })
+}
+
+fn parse_overrides<'s>(
+    options: &'s ManifestOptions,
+    errors: &mut Vec<ManifestError>,
+) -> Vec<Override<'s>> {
+    let mut out = Vec::new();
+    for raw in &options.overrides {
+        let Some((lhs, rhs)) = raw.split_once('=') else {
+            errors.push(ManifestError::new(
+                "manifest::override",
+                format!("--set {raw}: expected STAGE.PARAM=VALUE"),
+            ));
+            continue;
+        };
+        let Some((stage, path)) = lhs.trim().split_once('.') else {
+            errors.push(ManifestError::new(
+                "manifest::override",
+                format!("--set {raw}: expected STAGE.PARAM=VALUE (no `.` in `{lhs}`)"),
+            ));
+            continue;
+        };
+        let path: Vec<String> = path.split('.').map(|p| p.trim().to_string()).collect();
+        if path[0] == "matrix" && path.len() != 2 {
+            errors.push(
+                ManifestError::new(
+                    "manifest::override",
+                    format!("--set {raw}: a matrix override names one key"),
+                )
+                .help(
+                    "write `--set STAGE.matrix.KEY=[values]`, e.g. `--set train.matrix.seed=[1]`",
+                ),
+            );
+            continue;
+        }
+        if path[0] != "matrix" && RESERVED.contains(&path[0].as_str()) {
+            errors.push(ManifestError::new(
+                "manifest::override",
+                format!(
+                    "--set {raw}: `{}` is not a parameter and cannot be overridden",
+                    path[0]
+                ),
+            ));
+            continue;
+        }
+        // A value that is not valid TOML is taken as a plain string (`--set a.b=hello`).
+        let value = match DeValue::parse(rhs.trim()) {
+            Ok(v) => v.into_inner(),
+            Err(_) => DeValue::String(std::borrow::Cow::Borrowed(rhs.trim())),
+        };
+        out.push(Override {
+            target: Selector::parse(stage.trim()),
+            path,
+            value: Spanned::new(0..0, value),
+            raw,
+        });
+    }
+    out
+}
+
+/// Every override must name an existing table (a broken one has been reported already).
+fn check_override_targets(
+    overrides: &[Override<'_>],
+    stages: &[RawStage<'_>],
+    broken: &BTreeSet<String>,
+    errors: &mut Vec<ManifestError>,
+) {
+    for o in overrides {
+        let base = &o.target.base;
+        if !stages.iter().any(|s| s.name == *base) && !broken.contains(base) {
+            let mut err = ManifestError::new(
+                "manifest::override",
+                format!("--set {}: there is no stage `{}`", o.raw, o.target),
+            );
+            if let Some(m) = did_you_mean(
+                &o.target.to_string(),
+                stages.iter().map(|s| s.name.as_str()),
+            ) {
+                err = err.help(format!("did you mean `{m}`?"));
+            }
+            errors.push(err);
+        }
+    }
+}
+
+fn parse_experiment(
+    value: &Spanned<DeValue<'_>>,
+    key_span: Range<usize>,
+    errors: &mut Vec<ManifestError>,
+) -> Option<Experiment> {
+    let DeValue::Table(table) = value.get_ref() else {
+        errors.push(
+            ManifestError::new("manifest::experiment", "`experiment` must be a table")
+                .at(key_span, "not a table"),
+        );
+        return None;
+    };
+    use serde::de::IntoDeserializer;
+    match Experiment::deserialize(Spanned::new(value.span(), table.clone()).into_deserializer()) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            let span = e.span().unwrap_or(key_span);
+            errors.push(
+                ManifestError::new(
+                    "manifest::experiment",
+                    format!("invalid [experiment]: {}", e.message().trim()),
+                )
+                .at(span, "here")
+                .help("[experiment] takes name (required), seed, cache and description"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_stage<'s>(
+    name: &str,
+    span: Range<usize>,
+    value: &Spanned<DeValue<'s>>,
+    registry: &Registry,
+    errors: &mut Vec<ManifestError>,
+) -> Option<RawStage<'s>> {
+    let DeValue::Table(table) = value.get_ref() else {
+        errors.push(
+            ManifestError::new(
+                "manifest::not-a-table",
+                format!(
+                    "`{name}` is {}, but top-level keys must be stage tables",
+                    value_type(value.get_ref())
+                ),
+            )
+            .at(span, "expected a [table]")
+            .help(format!(
+                "write `[{name}]` with `kind = \"...\"` and the kind's parameters"
+            )),
+        );
+        return None;
+    };
+    if !valid_name(name) {
+        errors.push(
+            ManifestError::new("manifest::stage-name", format!("invalid stage name `{name}`"))
+                .at(span.clone(), "invalid name")
+                .help("stage names use letters, digits, `_` and `-` (`@` and `.` are reserved for variants and outputs)"),
+        );
+    }
+    let mut params = table.clone();
+    for r in RESERVED {
+        params.remove(r);
+    }
+    let kind = parse_kind(name, &span, table, registry, errors);
+    let inputs = parse_inputs(name, table, errors);
+    let matrix = parse_matrix(name, table, errors);
+    Some(RawStage {
+        name: name.to_string(),
+        span,
+        kind: kind?,
+        inputs: inputs?,
+        matrix: matrix?,
+        params: Spanned::new(value.span(), params),
+    })
+}
+
+fn parse_kind(
+    name: &str,
+    span: &Range<usize>,
+    table: &DeTable<'_>,
+    registry: &Registry,
+    errors: &mut Vec<ManifestError>,
+) -> Option<Arc<dyn DynStage>> {
+    let known = || registry.kind_names().collect::<Vec<_>>().join(", ");
+    match table.get("kind").map(|k| (k.get_ref(), k.span())) {
+        None => {
+            errors.push(
+                ManifestError::new(
+                    "manifest::missing-kind",
+                    format!("stage `{name}` has no `kind`"),
+                )
+                .at(span.clone(), "this stage")
+                .help(format!("add `kind = \"...\"`; known kinds: {}", known())),
+            );
+            None
+        }
+        Some((DeValue::String(k), kspan)) => match registry.get(k) {
+            Some(kind) => Some(kind.clone()),
+            None => {
+                let help = match did_you_mean(k, registry.kind_names()) {
+                    Some(m) => format!("did you mean `{m}`?"),
+                    None => format!("known kinds: {}", known()),
+                };
+                errors.push(
+                    ManifestError::new(
+                        "manifest::unknown-kind",
+                        format!("unknown stage kind `{k}`"),
+                    )
+                    .at(kspan, "unknown kind")
+                    .help(help),
+                );
+                None
+            }
+        },
+        Some((other, kspan)) => {
+            errors.push(
+                ManifestError::new(
+                    "manifest::kind-type",
+                    format!("`kind` must be a string, found {}", value_type(other)),
+                )
+                .at(kspan, "expected a string"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_inputs(
+    stage: &str,
+    table: &DeTable<'_>,
+    errors: &mut Vec<ManifestError>,
+) -> Option<Vec<RawInput>> {
+    let Some(inputs) = table.get("inputs") else {
+        return Some(Vec::new());
+    };
+    let DeValue::Table(inputs) = inputs.get_ref() else {
+        errors.push(
+            ManifestError::new(
+                "manifest::inputs",
+                format!("`inputs` of `{stage}` must be a table"),
+            )
+            .at(
+                inputs.span(),
+                format!("found {}", value_type(inputs.get_ref())),
+            )
+            .help("write `inputs = { slot = \"stage\" }`"),
+        );
+        return None;
+    };
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (slot, value) in inputs.iter() {
+        let refs = match value.get_ref() {
+            DeValue::String(s) => vec![(s.to_string(), value.span())],
+            DeValue::Array(items) => {
+                let mut refs = Vec::new();
+                for item in items.iter() {
+                    match item.get_ref() {
+                        DeValue::String(s) => refs.push((s.to_string(), item.span())),
+                        other => {
+                            ok = false;
+                            errors.push(
+                                ManifestError::new(
+                                    "manifest::inputs",
+                                    format!(
+                                        "input references must be strings, found {}",
+                                        value_type(other)
+                                    ),
+                                )
+                                .at(item.span(), "expected \"stage\" or \"stage.output\""),
+                            );
+                        }
+                    }
+                }
+                refs
+            }
+            other => {
+                ok = false;
+                errors.push(
+                    ManifestError::new(
+                        "manifest::inputs",
+                        format!(
+                            "input `{}` must be a stage name or a list of them, found {}",
+                            slot.get_ref(),
+                            value_type(other)
+                        ),
+                    )
+                    .at(value.span(), "expected \"stage\" or \"stage.output\""),
+                );
+                continue;
+            }
+        };
+        out.push(RawInput {
+            slot: slot.get_ref().to_string(),
+            slot_span: slot.span(),
+            refs,
+        });
+    }
+    ok.then_some(out)
+}
+
+fn parse_matrix(
+    stage: &str,
+    table: &DeTable<'_>,
+    errors: &mut Vec<ManifestError>,
+) -> Option<Vec<(String, Vec<String>)>> {
+    let Some(matrix) = table.get("matrix") else {
+        return Some(Vec::new());
+    };
+    let DeValue::Table(matrix) = matrix.get_ref() else {
+        errors.push(
+            ManifestError::new(
+                "manifest::matrix",
+                format!("`matrix` of `{stage}` must be a table"),
+            )
+            .at(matrix.span(), "expected `matrix.key = [values]`"),
+        );
+        return None;
+    };
+    let mut out = Vec::new();
+    for (key, values) in matrix.iter() {
+        let DeValue::Array(items) = values.get_ref() else {
+            errors.push(
+                ManifestError::new(
+                    "manifest::matrix",
+                    format!("matrix `{}` must be an array", key.get_ref()),
+                )
+                .at(values.span(), "expected an array of values"),
+            );
+            return None;
+        };
+        let vals = match matrix_values(items.iter()) {
+            Ok(vals) => vals,
+            Err(bad) => {
+                let err = match bad {
+                    BadValues::Value { message, span } => {
+                        ManifestError::new("manifest::matrix", message)
+                            .at(span, "unsupported value")
+                    }
+                    BadValues::Duplicate { value, span } => ManifestError::new(
+                        "manifest::matrix",
+                        format!("matrix value `{value}` is listed twice"),
+                    )
+                    .at(span, "duplicate"),
+                    BadValues::Empty => ManifestError::new(
+                        "manifest::matrix",
+                        format!("matrix `{}` is empty", key.get_ref()),
+                    )
+                    .at(values.span(), "no values"),
+                };
+                errors.push(err);
+                return None;
+            }
+        };
+        out.push((key.get_ref().to_string(), vals));
+    }
+    Some(out)
+}
+
+/// `--set STAGE.matrix.KEY=[values]`: replaces the values of one existing matrix key, so a
+/// run can take a cut of an experiment (fewer seeds, one benchmark) without editing it.
+fn apply_matrix_override(
+    o: &Override<'_>,
+    stages: &mut [RawStage<'_>],
+    errors: &mut Vec<ManifestError>,
+) {
+    let key = &o.path[1];
+    let fail = |message: String| ManifestError::new("manifest::override", message);
+    if o.target.variant.is_some() {
+        errors.push(
+            fail(format!(
+                "--set {}: a matrix belongs to a stage's base name",
+                o.raw
+            ))
+            .help(format!(
+                "write `--set {}.matrix.{key}=[...]`",
+                o.target.base
+            )),
+        );
+        return;
+    }
+    // A missing stage is reported with every other override's target.
+    let Some(stage) = stages.iter_mut().find(|s| s.name == o.target.base) else {
+        return;
+    };
+    let Some(slot) = stage.matrix.iter_mut().find(|(k, _)| k == key) else {
+        let keys: Vec<&str> = stage.matrix.iter().map(|(k, _)| k.as_str()).collect();
+        let help = if keys.is_empty() {
+            format!(
+                "`{}` has no matrix; a matrix override replaces existing values only",
+                o.target
+            )
+        } else {
+            format!("its matrix keys: {}", keys.join(", "))
+        };
+        errors.push(
+            fail(format!(
+                "--set {}: stage `{}` has no matrix key `{key}`",
+                o.raw, o.target
+            ))
+            .help(help),
+        );
+        return;
+    };
+    let DeValue::Array(items) = o.value.get_ref() else {
+        errors.push(
+            fail(format!("--set {}: matrix values must be an array", o.raw))
+                .help(format!("write `--set {}.matrix.{key}=[...]`", o.target)),
+        );
+        return;
+    };
+    let problem = match matrix_values(items.iter()) {
+        Ok(values) => {
+            slot.1 = values;
+            return;
+        }
+        Err(BadValues::Value { message, .. }) => message,
+        Err(BadValues::Duplicate { value, .. }) => {
+            format!("matrix value `{value}` is listed twice")
+        }
+        Err(BadValues::Empty) => "the matrix cannot be empty".to_string(),
+    };
+    errors.push(fail(format!("--set {}: {problem}", o.raw)));
+}
+
+/// Why a list of matrix values is not a valid matrix key's values.
+enum BadValues {
+    /// A value cannot be part of an instance name.
+    Value { message: String, span: Range<usize> },
+    /// A value is listed twice.
+    Duplicate { value: String, span: Range<usize> },
+    /// There are none.
+    Empty,
+}
+
+/// The values of one matrix key (as written in the manifest or in `--set`): each usable in an
+/// instance name, none twice, at least one.
+fn matrix_values<'a, 's: 'a>(
+    items: impl Iterator<Item = &'a Spanned<DeValue<'s>>>,
+) -> Result<Vec<String>, BadValues> {
+    let mut values = Vec::new();
+    for item in items {
+        let value = matrix_value(item.get_ref()).map_err(|message| BadValues::Value {
+            message,
+            span: item.span(),
+        })?;
+        if values.contains(&value) {
+            return Err(BadValues::Duplicate {
+                value,
+                span: item.span(),
+            });
+        }
+        values.push(value);
+    }
+    if values.is_empty() {
+        return Err(BadValues::Empty);
+    }
+    Ok(values)
+}
+
+/// A matrix value as it appears in stage names, or why it cannot be one.
+fn matrix_value(value: &DeValue<'_>) -> Result<String, String> {
+    let v = match value {
+        DeValue::String(s) => s.to_string(),
+        DeValue::Integer(i) => i.as_str().to_string(),
+        DeValue::Boolean(b) => b.to_string(),
+        other => {
+            return Err(format!(
+                "matrix values must be strings, integers or booleans, found {}",
+                value_type(other)
+            ))
+        }
+    };
+    if !valid_name(&v) {
+        return Err(format!(
+            "matrix value `{v}` cannot be part of a stage name (use letters, digits, `_` and `-`)"
+        ));
+    }
+    Ok(v)
+}
+
+fn value_type(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a datetime",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
