@@ -102,7 +102,10 @@ const OUTPUTS: &[OutputSlot] = &[OutputSlot {
 impl Stage for Report {
     type Params = ReportParams;
     const KIND: &'static str = "report";
-    const VERSION: &'static str = "2";
+    // 3: variants named from their producers' tables and matrix values as the engine hands
+    //    them over (which the key now includes), artifacts cited by their tree hash, the
+    //    problems by their producer; markdown escapes text with the one HTML escaper.
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 
@@ -112,6 +115,11 @@ impl Stage for Report {
 
     fn outputs() -> &'static [OutputSlot] {
         OUTPUTS
+    }
+
+    // The variants are named after their producers' tables and matrix values.
+    fn uses_input_labels(_: &ReportParams) -> bool {
+        true
     }
 
     fn headline_files() -> &'static [&'static str] {
@@ -129,11 +137,11 @@ impl Stage for Report {
             provenance.push(format!(
                 "{slot}: {} (artifact {})",
                 input.stage,
-                input.path_hash()
+                tree_of(input)
             ));
             CacheKey {
                 stage: input.stage.clone(),
-                key: input.path_hash(),
+                key: tree_of(input),
             }
         };
 
@@ -226,14 +234,11 @@ impl Stage for Report {
             }
         }
 
-        let problems: Vec<Problem> = match ctx.optional_input("problems") {
-            Some(dir) => {
-                data.cache_keys.push(CacheKey {
-                    stage: "problems".into(),
-                    key: hash_of(dir),
-                });
-                provenance.push(format!("problems: problems (artifact {})", hash_of(dir)));
-                ProblemsArtifact::read(dir)?
+        let problem_input = ctx.inputs("problems").first();
+        let problems: Vec<Problem> = match problem_input {
+            Some(input) => {
+                data.cache_keys.push(cite("problems", input));
+                ProblemsArtifact::read(&input.path)?
                     .iter()
                     .map(EvalProblem::display_problem)
                     .collect()
@@ -273,35 +278,24 @@ impl Stage for Report {
     }
 }
 
-/// What produced `input`: its stage's table and matrix values. (Until the engine hands these
-/// over typed, they are read back from the instance name `base@v1,v2`.)
+/// What produced `input`: its stage's manifest table and matrix values, as the engine says.
 fn producer(input: &InputArtifact) -> Producer {
-    match input.stage.split_once('@') {
-        None => Producer::plain(&input.stage),
-        Some((base, values)) => Producer {
-            base: base.to_string(),
-            labels: values
-                .split(',')
-                .enumerate()
-                .map(|(i, v)| (i.to_string(), v.to_string()))
-                .collect(),
-        },
+    Producer {
+        base: input.base.clone(),
+        labels: input.labels.clone(),
     }
 }
 
-/// The content hash an input artifact is stored under (its directory's name in the store).
-fn hash_of(path: &std::path::Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-trait PathHash {
-    fn path_hash(&self) -> String;
-}
-
-impl PathHash for InputArtifact {
-    fn path_hash(&self) -> String {
-        hash_of(&self.path)
+/// The content hash an input artifact is stored under, for the report's provenance (a
+/// standalone run without a store has none: the directory's name stands in).
+fn tree_of(input: &InputArtifact) -> String {
+    if input.tree.is_empty() {
+        input
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        input.tree.clone()
     }
 }
