@@ -145,7 +145,7 @@ impl StatCache {
             .unwrap_or_default();
         merged.extend(self.entries.iter().map(|(k, v)| (k.clone(), v.clone())));
         let bytes = serde_json::to_vec(&merged).map_err(io::Error::other)?;
-        crate::store::write_atomic(path, &bytes, false)?;
+        crate::atomic::write_atomic(path, &bytes, false)?;
         self.dirty = false;
         Ok(())
     }

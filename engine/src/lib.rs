@@ -15,6 +15,8 @@
 
 #![warn(missing_docs)]
 
+pub mod atomic;
+pub mod dag;
 pub mod decision;
 pub mod executor;
 pub mod fingerprint;

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -28,26 +28,8 @@ use std::time::{Duration, SystemTime};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::atomic::write_atomic;
 use crate::hashing::{hash_bytes, hash_file, walk_files, Digest};
-
-/// Writes `bytes` to `path` atomically: temp file in the same directory, then rename.
-/// With `durable`, the file and its directory are fsynced.
-pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::other("path has no parent directory"))?;
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    if durable {
-        tmp.as_file().sync_all()?;
-    }
-    tmp.persist(path).map_err(|e| e.error)?;
-    if durable {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
 
 /// One file of an artifact.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

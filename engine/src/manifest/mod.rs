@@ -27,12 +27,13 @@
 //! Reading a manifest goes through four phases, one module each: parse (TOML into raw
 //! tables, `[experiment]` and `--set` overrides), expand (matrices into instances, `${key}`),
 //! resolve (references into producer instances and outputs; table order and cycles through
-//! [`crate::graph::Dag`]) and type-check (slots, artifact types, typed parameters). This module
+//! [`crate::dag::Dag`]) and type-check (slots, artifact types, typed parameters). This module
 //! drives them per instance, producers first. Instances are named by [`InstanceName`];
 //! references are parsed once into [`StageRef`]s.
 
 mod error;
 mod expand;
+mod matrix;
 mod names;
 mod parse;
 mod resolve;
@@ -49,9 +50,10 @@ use serde::Deserialize;
 pub use error::{ManifestError, ManifestLoadError};
 pub use names::{InstanceName, Selector, StageRef};
 
-use expand::{Assignment, InstanceInput};
+use expand::InstanceInput;
+use matrix::Assignment;
+use names::Variants;
 use parse::{Document, Override, RawStage};
-use resolve::Variants;
 
 use crate::stage::{DynStage, InputSlot, ParsedParams, Registry};
 
@@ -231,12 +233,12 @@ fn build_instances(
     doc: &Document<'_>,
     errors: &mut Vec<ManifestError>,
 ) -> Option<Vec<StageInstance>> {
-    let key_order = expand::key_order(&doc.stages);
+    let key_order = matrix::key_order(&doc.stages);
     let Some(order) = resolve::table_order(&doc.stages, &doc.broken, errors) else {
         // The graph is broken, but parameters can still be checked, so that one pass reports
         // every problem.
         for s in &doc.stages {
-            if let Some(combo) = expand::assignments(&s.matrix, &key_order)
+            if let Some(combo) = matrix::assignments(&s.matrix, &key_order)
                 .into_iter()
                 .next()
             {
@@ -257,7 +259,7 @@ fn build_instances(
     for table in order {
         let s = &doc.stages[table];
         let mut made = Vec::new();
-        for own in expand::assignments(&s.matrix, &key_order) {
+        for own in matrix::assignments(&s.matrix, &key_order) {
             let inputs = expand::substitute_refs(s, &own, errors);
             for combo in expand::inherit(own, &inputs, s.kind.inputs(), &variants, &key_order) {
                 let connected = connect(s, &combo, &inputs, &tables, &variants, errors);

@@ -6,6 +6,7 @@
 //! (`--only train`, `--set train@messy.lr=...`, `inputs = { tokens = "tokens@messy.out" }`)
 //! is parsed once into a [`Selector`] or a [`StageRef`].
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::{Serialize, Serializer};
@@ -237,5 +238,21 @@ mod tests {
         );
         assert_eq!(r.output.as_deref(), Some("out"));
         assert_eq!(StageRef::parse("tokens").target.variant, None);
+    }
+}
+
+/// The instances made so far of each table (expansion runs producers first).
+#[derive(Default)]
+pub(super) struct Variants(HashMap<String, Vec<InstanceName>>);
+
+impl Variants {
+    /// The instances of table `base`, if it has been expanded.
+    pub fn of(&self, base: &str) -> Option<&[InstanceName]> {
+        self.0.get(base).map(Vec::as_slice)
+    }
+
+    /// Records the instances of table `base`.
+    pub fn insert(&mut self, base: &str, names: Vec<InstanceName>) {
+        self.0.insert(base.to_string(), names);
     }
 }

@@ -5,27 +5,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 
 use super::error::{did_you_mean, ManifestError};
-use super::expand::{compatible, subset, substitute_all};
-use super::names::{InstanceName, StageRef};
+use super::matrix::{compatible, subset, substitute_all};
+use super::names::{InstanceName, StageRef, Variants};
 use super::parse::RawStage;
-use crate::graph::Dag;
+use crate::dag::Dag;
 use crate::stage::{DynStage, OutputSlot};
-
-/// The instances made so far of each table (expansion runs producers first).
-#[derive(Default)]
-pub(super) struct Variants(HashMap<String, Vec<InstanceName>>);
-
-impl Variants {
-    /// The instances of table `base`, if it has been expanded.
-    pub fn of(&self, base: &str) -> Option<&[InstanceName]> {
-        self.0.get(base).map(Vec::as_slice)
-    }
-
-    /// Records the instances of table `base`.
-    pub fn insert(&mut self, base: &str, names: Vec<InstanceName>) {
-        self.0.insert(base.to_string(), names);
-    }
-}
 
 /// Orders tables so that producers come before their consumers (manifest order otherwise).
 /// Reports references to tables that do not exist and dependency cycles; `None` if there are

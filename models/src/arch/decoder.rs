@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::registry::Architecture;
+use super::spec::Architecture;
 use crate::causal_lm::{CausalLm, KvCache};
 use crate::linear::LinearLayer;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::registry::{hf_json, GgufModel};
+use super::spec::{hf_json, GgufModel};
 use super::{
     build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, Decoder,
     DecoderLayer, DecoderModel, GgufSupport, LinearFactory,

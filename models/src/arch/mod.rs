@@ -1,7 +1,8 @@
 //! Decoder-only architectures and what they share.
 //!
-//! * [`registry`]: which architectures exist ([`Architecture`], [`ARCHITECTURES`]) and how each
-//!   reads its config ([`ArchConfig`]). A new architecture is one file here plus one line there.
+//! * [`spec`]: what an architecture is ([`ArchitectureSpec`], [`ArchConfig`], the handle
+//!   [`Architecture`]); [`registry`]: which exist ([`ARCHITECTURES`]) and finding one by name.
+//!   A new architecture is one file here plus one line in the registry.
 //! * [`decoder`]: the [`Decoder`] trait every architecture implements and [`DecoderModel`],
 //!   the type code uses when the architecture is chosen at run time.
 //! * [`factory`]: the "linear factory" through which the caller picks, per projection, how it
@@ -16,12 +17,14 @@ pub mod factory;
 pub mod llama;
 pub mod phi;
 pub mod registry;
+pub mod spec;
 
 pub use decoder::{Decoder, DecoderModel};
 pub use factory::{DenseFactory, LinearFactory, LinearParts, LoraFactory};
 pub use llama::{Llama, LlamaConfig};
 pub use phi::{Phi, PhiConfig};
-pub use registry::{ArchConfig, Architecture, ArchitectureSpec, GgufSupport, ARCHITECTURES};
+pub use registry::ARCHITECTURES;
+pub use spec::{ArchConfig, Architecture, ArchitectureSpec, GgufSupport};
 
 pub(crate) use decoder::impl_causal_lm;
 

@@ -151,12 +151,12 @@ impl SamplesCheckpoint {
             let path = path.to_path_buf();
             move |e: std::io::Error| miette::miette!("cannot write {}: {e}", path.display())
         };
-        pipeline_engine::store::write_atomic(&self.path, text.as_bytes(), false)
+        pipeline_engine::atomic::write_atomic(&self.path, text.as_bytes(), false)
             .map_err(io(&self.path))?;
         self.stats = stats.clone();
         let stats_path = self.path.with_file_name(Self::STATS_FILE);
         let stats_text = serde_json::to_string(stats).map_err(|e| miette::miette!("{e}"))?;
-        pipeline_engine::store::write_atomic(&stats_path, stats_text.as_bytes(), false)
+        pipeline_engine::atomic::write_atomic(&stats_path, stats_text.as_bytes(), false)
             .map_err(io(&stats_path))
     }
 }
