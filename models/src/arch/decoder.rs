@@ -134,54 +134,6 @@ pub trait Decoder: CausalLm + Send + Sync {
     }
 }
 
-/// [`CausalLm`] for an architecture, from its [`Decoder`] methods and `layers`, `config` and
-/// `device` fields (a supertrait cannot be implemented generically from its subtrait).
-macro_rules! impl_causal_lm {
-    ($model:ty) => {
-        impl $crate::causal_lm::CausalLm for $model {
-            fn forward_cached(
-                &self,
-                input_ids: &candle_core::Tensor,
-                positions: &candle_core::Tensor,
-                key_mask: &candle_core::Tensor,
-                cache: &mut $crate::causal_lm::KvCache,
-            ) -> candle_core::Result<candle_core::Tensor> {
-                use $crate::arch::Decoder;
-                let mask = key_mask.to_dtype(candle_core::DType::U8)?;
-                self.logits(input_ids, positions, &mask, Some(cache), false)?
-                    .to_dtype(candle_core::DType::F32)
-            }
-
-            fn forward_cached_last(
-                &self,
-                input_ids: &candle_core::Tensor,
-                positions: &candle_core::Tensor,
-                key_mask: &candle_core::Tensor,
-                cache: &mut $crate::causal_lm::KvCache,
-            ) -> candle_core::Result<candle_core::Tensor> {
-                use $crate::arch::Decoder;
-                let mask = key_mask.to_dtype(candle_core::DType::U8)?;
-                self.logits(input_ids, positions, &mask, Some(cache), true)?
-                    .squeeze(1)?
-                    .to_dtype(candle_core::DType::F32)
-            }
-
-            fn new_cache(&self) -> $crate::causal_lm::KvCache {
-                $crate::causal_lm::KvCache::new(self.layers.len())
-            }
-
-            fn vocab_size(&self) -> usize {
-                self.config.vocab_size
-            }
-
-            fn device(&self) -> &candle_core::Device {
-                &self.device
-            }
-        }
-    };
-}
-pub(crate) use impl_causal_lm;
-
 /// A model whose architecture is chosen at run time (from a model artifact, a config file).
 pub struct DecoderModel(Box<dyn Decoder>);
 

@@ -2,7 +2,6 @@
 //! full rotary, optionally tied input/output embeddings.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -10,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::{hf_json, GgufModel};
 use super::{
-    build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, Decoder,
-    DecoderLayer, DecoderModel, GgufSupport, LinearFactory,
+    build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, DecoderLayer,
+    DecoderModel, Dims, Family, GgufSupport, LinearFactory, Transformer,
 };
 use crate::causal_lm::KvCache;
 use crate::layers::{
@@ -214,7 +213,9 @@ impl LlamaConfig {
     }
 }
 
-struct LlamaLayer {
+/// One Llama decoder layer (pre-norm attention, then pre-norm SwiGLU MLP); built by
+/// [`Llama::new`].
+pub struct LlamaLayer {
     input_norm: RmsNorm,
     attn: Attention,
     post_norm: RmsNorm,
@@ -255,20 +256,37 @@ impl DecoderLayer for LlamaLayer {
 }
 
 /// A Llama model with linear layers chosen by a [`LinearFactory`].
-pub struct Llama {
-    config: LlamaConfig,
-    embed: Embedding,
-    layers: Vec<Arc<LlamaLayer>>,
-    norm: RmsNorm,
-    lm_head: Box<dyn LinearLayer>,
-    device: Device,
-    dtype: DType,
-    checkpointing: AtomicBool,
+pub type Llama = Transformer<LlamaFamily>;
+
+/// Llama's part of a [`Transformer`]: its config, layer, final norm and projection names.
+pub struct LlamaFamily;
+
+impl Family for LlamaFamily {
+    type Config = LlamaConfig;
+    type Layer = LlamaLayer;
+    type Norm = RmsNorm;
+    const ARCHITECTURE: &'static ArchitectureSpec = &ARCHITECTURE;
+    const LAYER_LINEARS: &'static [&'static str] = &[
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+
+    fn dims(config: &LlamaConfig) -> Dims {
+        Dims {
+            hidden_act: config.hidden_act,
+            hidden_size: config.hidden_size,
+            num_layers: config.num_hidden_layers,
+            vocab_size: config.vocab_size,
+        }
+    }
 }
 
-const ATTN_NAMES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
-
-impl Llama {
+impl Transformer<LlamaFamily> {
     /// Builds the model from HF-named `weights`, computing in `dtype`; `factory` is called for
     /// every projection with its HF module path (`model.layers.N.self_attn.q_proj`, ...,
     /// `model.layers.N.mlp.down_proj`, `lm_head`). With tied embeddings `lm_head` is built
@@ -346,16 +364,15 @@ impl Llama {
             false,
             dtype,
         )?;
-        Ok(Self {
-            config: config.clone(),
+        Ok(Self::from_parts(
+            config.clone(),
             embed,
             layers,
             norm,
             lm_head,
-            device: weights.device().clone(),
+            weights.device().clone(),
             dtype,
-            checkpointing: AtomicBool::new(false),
-        })
+        ))
     }
 
     /// Loads a Hugging Face checkpoint directory (`config.json` plus `*.safetensors`).
@@ -386,83 +403,4 @@ impl Llama {
             factory,
         )
     }
-
-    /// The config.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
 }
-
-impl Decoder for Llama {
-    fn architecture(&self) -> Architecture {
-        Architecture::of(&ARCHITECTURE)
-    }
-
-    fn final_hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        key_mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let x = self.embed.forward(ids)?;
-        let x = super::run_layers(
-            &self.layers,
-            x,
-            positions,
-            key_mask,
-            cache,
-            self.config.hidden_act,
-            self.checkpointing.load(Ordering::Relaxed),
-        )?;
-        // Generation only needs the last position's logits (see `forward_cached_last`).
-        let x = if last_only {
-            let t = x.dim(1)?;
-            x.narrow(1, t.saturating_sub(1), 1)?
-        } else {
-            x
-        };
-        self.norm.forward(&x)
-    }
-
-    fn lm_head(&self) -> &dyn LinearLayer {
-        &*self.lm_head
-    }
-
-    fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
-                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
-            }
-            out.push((format!("model.layers.{l}.mlp.gate_proj"), &*layer.gate));
-            out.push((format!("model.layers.{l}.mlp.up_proj"), &*layer.up));
-            out.push((format!("model.layers.{l}.mlp.down_proj"), &*layer.down));
-        }
-        out.push(("lm_head".to_string(), &*self.lm_head));
-        out
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.config.num_hidden_layers
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    fn set_gradient_checkpointing(&self, on: bool) {
-        self.checkpointing.store(on, Ordering::Relaxed);
-    }
-
-    fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing.load(Ordering::Relaxed)
-    }
-}
-
-super::impl_causal_lm!(Llama);

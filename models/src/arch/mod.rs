@@ -7,6 +7,8 @@
 //!   the type code uses when the architecture is chosen at run time.
 //! * [`factory`]: the "linear factory" through which the caller picks, per projection, how it
 //!   is implemented (dense, quantized, LoRA-wrapped).
+//! * [`transformer`]: the model both architectures are (embeddings, decoder layers, final
+//!   norm, LM head), generic over what each contributes ([`Family`]).
 //! * [`llama`], [`phi`]: the architectures.
 //!
 //! This module itself holds the decoder-layer loop the architectures share (with gradient
@@ -18,6 +20,7 @@ pub mod llama;
 pub mod phi;
 pub mod registry;
 pub mod spec;
+pub mod transformer;
 
 pub use decoder::{Decoder, DecoderModel};
 pub use factory::{DenseFactory, LinearFactory, LinearParts, LoraFactory};
@@ -25,8 +28,7 @@ pub use llama::{Llama, LlamaConfig};
 pub use phi::{Phi, PhiConfig};
 pub use registry::ARCHITECTURES;
 pub use spec::{ArchConfig, Architecture, ArchitectureSpec, GgufSupport};
-
-pub(crate) use decoder::impl_causal_lm;
+pub use transformer::{Dims, Family, FinalNorm, Transformer};
 
 use std::sync::Arc;
 
@@ -38,7 +40,7 @@ use crate::layers::Activation;
 use crate::linear::LinearLayer;
 
 /// A decoder layer, as the layer loop shared by the architectures runs it.
-pub(crate) trait DecoderLayer: Send + Sync + 'static {
+pub trait DecoderLayer: Send + Sync + 'static {
     /// The layer on hidden states `x` `[b, t, hidden]`; with `cache`, attention reads and
     /// extends that layer's KV cache.
     fn forward(

@@ -2,7 +2,6 @@
 //! input LayerNorm, partial rotary, `gelu_new` MLP, LM head with bias.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -10,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::hf_json;
 use super::{
-    build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, Decoder,
-    DecoderLayer, DecoderModel, LinearFactory,
+    build_linear, read_json_config, ArchConfig, Architecture, ArchitectureSpec, DecoderLayer,
+    DecoderModel, Dims, Family, LinearFactory, Transformer,
 };
 use crate::causal_lm::KvCache;
 use crate::layers::{
@@ -171,7 +170,8 @@ impl PhiConfig {
     }
 }
 
-struct PhiLayer {
+/// One Phi decoder layer (the parallel attention + MLP block); built by [`Phi::new`].
+pub struct PhiLayer {
     norm: LayerNorm,
     attn: Attention,
     fc1: Box<dyn LinearLayer>,
@@ -208,20 +208,36 @@ impl DecoderLayer for PhiLayer {
 }
 
 /// A Phi model with linear layers chosen by a [`LinearFactory`].
-pub struct Phi {
-    config: PhiConfig,
-    embed: Embedding,
-    layers: Vec<Arc<PhiLayer>>,
-    final_norm: LayerNorm,
-    lm_head: Box<dyn LinearLayer>,
-    device: Device,
-    dtype: DType,
-    checkpointing: AtomicBool,
+pub type Phi = Transformer<PhiFamily>;
+
+/// Phi's part of a [`Transformer`]: its config, layer, final norm and projection names.
+pub struct PhiFamily;
+
+impl Family for PhiFamily {
+    type Config = PhiConfig;
+    type Layer = PhiLayer;
+    type Norm = LayerNorm;
+    const ARCHITECTURE: &'static ArchitectureSpec = &ARCHITECTURE;
+    const LAYER_LINEARS: &'static [&'static str] = &[
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.dense",
+        "mlp.fc1",
+        "mlp.fc2",
+    ];
+
+    fn dims(config: &PhiConfig) -> Dims {
+        Dims {
+            hidden_act: config.hidden_act,
+            hidden_size: config.hidden_size,
+            num_layers: config.num_hidden_layers,
+            vocab_size: config.vocab_size,
+        }
+    }
 }
 
-const ATTN_NAMES: [&str; 4] = ["q_proj", "k_proj", "v_proj", "dense"];
-
-impl Phi {
+impl Transformer<PhiFamily> {
     /// Builds the model from HF-named `weights`, computing in `dtype`; `factory` is called for
     /// every projection with its HF module path (`model.layers.N.self_attn.q_proj`, ...,
     /// `model.layers.N.mlp.fc1`, `lm_head`).
@@ -284,16 +300,15 @@ impl Phi {
         }
         let final_norm = norm("model.final_layernorm")?;
         let lm_head = build_linear(weights, factory, "lm_head", None, (vocab, h), true, dtype)?;
-        Ok(Self {
-            config: config.clone(),
+        Ok(Self::from_parts(
+            config.clone(),
             embed,
             layers,
             final_norm,
             lm_head,
-            device: weights.device().clone(),
+            weights.device().clone(),
             dtype,
-            checkpointing: AtomicBool::new(false),
-        })
+        ))
     }
 
     /// Loads a Hugging Face checkpoint directory (`config.json` plus `*.safetensors`).
@@ -307,82 +322,4 @@ impl Phi {
         let weights = Weights::from_safetensors(&safetensors_in_dir(dir)?, device)?;
         Self::new(&config, &weights, dtype, factory)
     }
-
-    /// The config.
-    pub fn config(&self) -> &PhiConfig {
-        &self.config
-    }
 }
-
-impl Decoder for Phi {
-    fn architecture(&self) -> Architecture {
-        Architecture::of(&ARCHITECTURE)
-    }
-
-    fn final_hidden(
-        &self,
-        ids: &Tensor,
-        positions: &Tensor,
-        key_mask: &Tensor,
-        cache: Option<&mut KvCache>,
-        last_only: bool,
-    ) -> Result<Tensor> {
-        let x = self.embed.forward(ids)?;
-        let x = super::run_layers(
-            &self.layers,
-            x,
-            positions,
-            key_mask,
-            cache,
-            self.config.hidden_act,
-            self.checkpointing.load(Ordering::Relaxed),
-        )?;
-        // Generation only needs the last position's logits (see `forward_cached_last`).
-        let x = if last_only {
-            let t = x.dim(1)?;
-            x.narrow(1, t.saturating_sub(1), 1)?
-        } else {
-            x
-        };
-        self.final_norm.forward(&x)
-    }
-
-    fn lm_head(&self) -> &dyn LinearLayer {
-        &*self.lm_head
-    }
-
-    fn linears(&self) -> Vec<(String, &dyn LinearLayer)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            for ((_, proj), name) in layer.attn.projections().into_iter().zip(ATTN_NAMES) {
-                out.push((format!("model.layers.{l}.self_attn.{name}"), proj));
-            }
-            out.push((format!("model.layers.{l}.mlp.fc1"), &*layer.fc1));
-            out.push((format!("model.layers.{l}.mlp.fc2"), &*layer.fc2));
-        }
-        out.push(("lm_head".to_string(), &*self.lm_head));
-        out
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.config.hidden_size
-    }
-
-    fn num_layers(&self) -> usize {
-        self.config.num_hidden_layers
-    }
-
-    fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    fn set_gradient_checkpointing(&self, on: bool) {
-        self.checkpointing.store(on, Ordering::Relaxed);
-    }
-
-    fn gradient_checkpointing(&self) -> bool {
-        self.checkpointing.load(Ordering::Relaxed)
-    }
-}
-
-super::impl_causal_lm!(Phi);
