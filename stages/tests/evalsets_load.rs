@@ -121,6 +121,26 @@ fn assert_common_fields(problems: &[EvalProblem], kind: EvalKind) {
     }
 }
 
+/// `(prompt, canonical_solution)` of every HumanEval task, straight from the shared file.
+fn raw_humaneval() -> Vec<(String, String)> {
+    use std::io::Read;
+    let dir = pipeline_stages::evalsets::shared_data_dir().expect("shared data");
+    let gz = std::fs::read(dir.join(pipeline_stages::evalsets::HUMANEVAL_FILE)).unwrap();
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&gz[..])
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["prompt"].as_str().unwrap().to_string(),
+                v["canonical_solution"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn evalsets_humaneval_loads_164_tasks() {
     let Some(problems) = load(EvalKind::HumanEval) else {
@@ -141,9 +161,27 @@ fn evalsets_humaneval_loads_164_tasks() {
             .test
             .trim_end()
             .ends_with(&format!("check({})", p.entry_point)));
-        assert_eq!(p.stop, vec!["\nclass", "\ndef", "\n#", "\nif", "\nprint"]);
+        assert_eq!(
+            p.stop,
+            vec!["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
+        );
+        // The prompt ends at its docstring, and the canonical solution starts with the
+        // newline and indentation it lost, so prompt + solution is the dataset's program.
+        assert_eq!(p.prompt, p.prompt.trim_end(), "{}", p.task_id);
+        let solution = p.canonical_solution.as_deref().unwrap();
+        assert!(solution.starts_with('\n'), "{}", p.task_id);
     }
     assert_eq!(problems[0].entry_point, "has_close_elements");
+    // Against the raw file: stripped prompt + rebased solution == raw prompt + raw solution.
+    let raw = raw_humaneval();
+    for (p, (prompt, solution)) in problems.iter().zip(&raw) {
+        assert_eq!(
+            format!("{}{}", p.prompt, p.canonical_solution.as_deref().unwrap()),
+            format!("{prompt}{solution}"),
+            "{}",
+            p.task_id
+        );
+    }
 }
 
 #[test]

@@ -4,8 +4,11 @@
 //! spelled by many token sequences, and can straddle the boundary between two tokens.
 
 /// The stop set used by OpenAI's HumanEval evaluation (and the Codex paper): stop when the model
-/// starts a new top-level statement after the function body.
-pub const HUMANEVAL_STOP_SEQUENCES: [&str; 5] = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"];
+/// starts a new top-level statement after the function body; plus the end of a Markdown code
+/// fence, which instruction-tuned models write after the code (bigcode-evaluation-harness stops
+/// there too).
+pub const HUMANEVAL_STOP_SEQUENCES: [&str; 6] =
+    ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"];
 
 /// [`HUMANEVAL_STOP_SEQUENCES`] as owned strings, ready for a generation request.
 pub fn humaneval_stop_sequences() -> Vec<String> {

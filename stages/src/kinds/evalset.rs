@@ -105,7 +105,9 @@ const OUTPUTS: &[OutputSlot] = &[OutputSlot {
 impl Stage for EvalSet {
     type Params = EvalSetParams;
     const KIND: &'static str = "evalset";
-    const VERSION: &'static str = "1";
+    // 2: HumanEval prompts end without their trailing whitespace (the canonical solution takes
+    //    it back), and a closing code fence is one more HumanEval stop sequence.
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "an evaluation problem set (HumanEval, MBPP, replication prompts) as problems.jsonl";
 
