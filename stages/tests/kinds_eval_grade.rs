@@ -211,3 +211,76 @@ fn canonical_solutions_of_real_sets_pass_through_evalset_and_grade() {
         assert_eq!(graded.metadata["pass@1"], 0.5, "{set}");
     }
 }
+
+/// Every HumanEval and sanitized-MBPP canonical solution, with the prompt and wrapped in a
+/// chatty answer (prose, a fenced block, a demo print, a `__main__` block), still passes once
+/// sanitized to the program `generate` records: the sanitizer keeps what the tests need
+/// (HumanEval/38's and /50's tests call the prompt's encoder) and drops the rest; a wrong body
+/// still fails.
+#[test]
+fn sanitized_programs_of_canonical_solutions_pass_and_wrong_ones_fail() {
+    let Some(data) = kinds_eval_support::shared_data() else {
+        eprintln!("SKIP: shared data not found; set PIPELINE_SHARED_DATA to the shared data dir");
+        return;
+    };
+    if !python_available() {
+        eprintln!("SKIP: python3 not found");
+        return;
+    }
+    use pipeline_stages::kinds::evalset::EvalSet;
+    use pipeline_stages::python::sanitize::sanitize;
+    let tmp = tempfile::tempdir().unwrap();
+    for set in ["humaneval", "mbpp_sanitized"] {
+        let ran = run_stage::<EvalSet>(
+            tmp.path(),
+            &format!("evalset-{set}"),
+            serde_json::json!({"set": set, "data_dir": data}),
+            &[],
+            0,
+        )
+        .unwrap();
+        let problems_dir = ran.outputs["problems"].clone();
+        let problems = ProblemsArtifact::read(&problems_dir).unwrap();
+        let samples_dir = tmp.path().join(format!("samples-{set}"));
+        std::fs::create_dir_all(&samples_dir).unwrap();
+        let chatty = |code: &str| {
+            format!(
+                "Here is my solution.\n\n```python\n{code}\n\nprint('demo')\n\nif __name__ == \"__main__\":\n    raise SystemExit(1)\n```\n\nIt works."
+            )
+        };
+        let lines: String = problems
+            .iter()
+            .flat_map(|p| {
+                let right = format!("{}{}", p.code_prefix, p.canonical_solution.clone().unwrap());
+                let wrong = format!("{}\n    raise NotImplementedError\n", p.code_prefix);
+                [right, wrong].map(|code| {
+                    let answer = chatty(&code);
+                    serde_json::json!({
+                        "task_id": p.task_id,
+                        "completion": answer,
+                        "program": sanitize(&answer, &p.entry_point, &p.test),
+                    })
+                })
+            })
+            .map(|v| v.to_string() + "\n")
+            .collect();
+        std::fs::write(samples_dir.join("samples.jsonl"), lines).unwrap();
+        let graded = run_stage::<Grade>(
+            tmp.path(),
+            &format!("grade-{set}"),
+            serde_json::json!({"ks": [1]}),
+            &[
+                ("samples", &[samples_dir.as_path()]),
+                ("problems", &[problems_dir.as_path()]),
+            ],
+            0,
+        )
+        .unwrap();
+        let results = read_jsonl(&graded.outputs["grades"].join("results.jsonl"));
+        assert_eq!(results.len(), 2 * problems.len());
+        for (i, r) in results.iter().enumerate() {
+            assert_eq!(r["passed"], i % 2 == 0, "{set}: {r:#?}");
+            assert!(r["raw_completion"].as_str().unwrap().starts_with("Here is"));
+        }
+    }
+}

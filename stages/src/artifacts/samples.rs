@@ -15,8 +15,13 @@ pub struct SamplesArtifact;
 pub struct SampleLine {
     /// Task id of the problem.
     pub task_id: String,
-    /// Generated text, cut before its stop sequence.
+    /// Generated text, cut before its stop sequence: the raw answer.
     pub completion: String,
+    /// The program that is graded: the problem's code prefix and the completion, sanitized
+    /// ([`crate::python::sanitize::sanitize`]: the fenced code, the entry point and what it
+    /// needs, without test code or prints).
+    #[serde(default)]
+    pub program: String,
     /// Index of this sample among the task's samples.
     pub sample_index: usize,
     /// `stop`, `eos` or `length`.

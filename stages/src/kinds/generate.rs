@@ -37,6 +37,7 @@ use crate::artifacts::{
     AdapterArtifact, FilesArtifact, ModelArtifact, ProblemsArtifact, SampleLine, SamplesArtifact,
 };
 use crate::evalsets::generation_requests;
+use crate::python::sanitize::sanitize;
 
 /// Parameters of [`Generate`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,7 +171,8 @@ impl Stage for Generate {
     // 2: no timings in the artifact; the fused CPU kernels change the last bits of the numbers.
     // 4: end-of-sequence and padding ids come from the model artifact's `model.json` (so the
     //    `model` stage's `extra_eos_tokens` apply), not from a hard-coded list of end tokens.
-    const VERSION: &'static str = "4";
+    // 5: every sample carries the sanitized program that is graded beside its raw completion.
+    const VERSION: &'static str = "5";
     const SUMMARY: &'static str =
         "sample completions of every problem from a model (+ optional LoRA adapter)";
 
@@ -288,8 +290,14 @@ impl Stage for Generate {
             let mut lines = Vec::with_capacity(chunk.len() * p.num_samples);
             for (&i, samples) in chunk.iter().zip(&out.completions) {
                 for (j, c) in samples.iter().enumerate() {
+                    let problem = &problems[i];
                     lines.push(SampleLine {
-                        task_id: problems[i].task_id.clone(),
+                        task_id: problem.task_id.clone(),
+                        program: sanitize(
+                            &format!("{}{}", problem.code_prefix, c.text),
+                            &problem.entry_point,
+                            &problem.test,
+                        ),
                         completion: c.text.clone(),
                         sample_index: j,
                         finish_reason: finish_name(c.finish_reason),

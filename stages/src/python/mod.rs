@@ -19,6 +19,7 @@
 //! Node kinds and field names are tree-sitter-python's (`function_definition`, `body`, ...).
 
 pub mod functions;
+pub mod sanitize;
 pub mod stdlib_corpus;
 pub mod stdlib_modules;
 
