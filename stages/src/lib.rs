@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod artifacts;
+pub mod chat;
 pub mod cli;
 pub mod download;
 pub mod evalsets;

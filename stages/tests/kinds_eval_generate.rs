@@ -362,3 +362,43 @@ fn missing_model_files_are_reported() {
         .unwrap_err()
         .contains("temperature"));
 }
+
+/// `prompt_style = "instruct"` asks through the model's chat template and records programs
+/// built from the opened fence; a model without a template is refused with what to do.
+#[test]
+fn instruct_prompts_go_through_the_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, problems) = fixtures(tmp.path(), 2);
+    let params = serde_json::json!({"max_new_tokens": 6, "prompt_style": "instruct"});
+    let inputs: &[(&str, &[&Path])] = &[
+        ("model", &[model.as_path()]),
+        ("problems", &[problems.as_path()]),
+    ];
+    let err = run_stage::<Generate>(tmp.path(), "no-template", params.clone(), inputs, 0)
+        .err()
+        .unwrap();
+    assert!(format!("{err:?}").contains("chat template"), "{err:?}");
+
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    config["chat_template"] = serde_json::json!(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let ran = run_stage::<Generate>(tmp.path(), "instruct", params, inputs, 0).unwrap();
+    let out = &ran.outputs["samples"];
+    let rows = read_jsonl(&out.join("samples.jsonl"));
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        // The graded program continues the opened fence: the answer's code, as written.
+        let completion = row["completion"].as_str().unwrap();
+        assert_eq!(row["program"].as_str().unwrap(), completion, "{row}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("generation.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["params"]["prompt_style"], "instruct");
+}

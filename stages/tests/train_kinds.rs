@@ -1369,3 +1369,76 @@ fn lora_train_lowers_training_and_held_out_loss_on_real_codealpaca_rows() {
         "first-step loss {first}, mean of the last five {last_five}, held-out {held_out}"
     );
 }
+
+/// Generation ends where the model says: the SmolLM2 model artifact carries the GGUF's chat
+/// template and its end token `<|im_end|>` (model.json), and a greedy answer to a chat prompt
+/// rendered through that template stops at it. The instruct prompt `generate` builds for a
+/// HumanEval problem renders through the same template.
+#[test]
+fn smollm2_chat_answers_end_at_im_end() {
+    use pipeline_models::generate::{
+        generate_batch, FinishReason, GenerateConfig, GenerateRequest, SamplingParams,
+    };
+    use pipeline_stages::artifacts::ModelArtifact;
+    use pipeline_stages::chat::{code_instruction, render_chat, Message};
+    let Some(gguf) = smollm2_gguf() else { return };
+    let dirs = Dirs::new();
+    let out = run_kind::<ModelKind>(&dirs, &model_params(Some(gguf)), &[], 0);
+    let chat = ModelArtifact::chat_template(&out)
+        .unwrap()
+        .expect("the GGUF has a chat template");
+    assert!(chat.template.contains("<|im_start|>"), "{}", chat.template);
+    let loaded = load_model(
+        &out,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::DecodeOnce,
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(&loaded.tokenizer_path, None, None).unwrap();
+    let im_end = tok.tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(loaded.info.eos_token_ids, vec![im_end]);
+
+    let prompt = render_chat(
+        &chat.template,
+        &[Message::user(
+            "What is the capital of France? Answer in one word.",
+        )],
+        true,
+        &chat.bos_token,
+        &chat.eos_token,
+    )
+    .unwrap();
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
+    let config = GenerateConfig {
+        max_new_tokens: 48,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        },
+        num_samples: 1,
+        eos_token_ids: loaded.info.eos_token_ids.clone(),
+        pad_token_id: loaded.info.pad_id(),
+        max_batch_rows: 1,
+        prefill_chunk: 128,
+        use_kv_cache: true,
+    };
+    let request = GenerateRequest {
+        prompt_ids: tok.encode(&prompt).unwrap(),
+        stop: Vec::new(),
+        seed: 0,
+    };
+    let decode = |ids: &[u32]| tok.decode(ids).unwrap_or_default();
+    let out_gen = generate_batch(&loaded.model, &[request], &config, decode).unwrap();
+    let answer = &out_gen.completions[0][0];
+    assert_eq!(answer.finish_reason, FinishReason::Eos, "{answer:?}");
+    assert!(answer.text.contains("Paris"), "{:?}", answer.text);
+
+    // A HumanEval instruct prompt renders through the same template.
+    let (instruction, opened) = code_instruction("def add(a, b):\n    \"\"\"Add.\"\"\"\n");
+    let asked = render_chat(&chat.template, &[Message::user(instruction)], true, "", "").unwrap();
+    assert!(asked.contains("<|im_start|>user\nPlease provide a self-contained Python script"));
+    assert!(opened.ends_with("```python\n"));
+}

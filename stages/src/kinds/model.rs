@@ -47,7 +47,8 @@ pub struct ModelParams {
 impl Stage for ModelKind {
     type Params = ModelParams;
     const KIND: &'static str = "model";
-    const VERSION: &'static str = "1";
+    // 2: a GGUF's chat template (`tokenizer.chat_template`) goes into tokenizer_config.json.
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "package downloaded weights (GGUF or HF safetensors) as a model artifact";
 
