@@ -5,6 +5,34 @@
 use minijinja::{context, Environment};
 use serde::Serialize;
 
+/// A model's chat template with the token texts it refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTemplate {
+    /// The Jinja template.
+    pub template: String,
+    /// The BOS token's text.
+    pub bos_token: String,
+    /// The EOS token's text.
+    pub eos_token: String,
+}
+
+impl ChatTemplate {
+    /// The instruct prompt for a code-completion problem `prompt`: [`code_instruction`] as the
+    /// user's message through the template, with the answer opened; and that opened answer,
+    /// which the generated code continues.
+    pub fn code_prompt(&self, prompt: &str) -> Result<(String, &'static str), ChatTemplateError> {
+        let (instruction, answer) = code_instruction(prompt);
+        let chat = render_chat(
+            &self.template,
+            &[Message::user(instruction)],
+            true,
+            &self.bos_token,
+            &self.eos_token,
+        )?;
+        Ok((format!("{chat}{answer}"), answer))
+    }
+}
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Message {

@@ -11,12 +11,12 @@ use kinds_eval_support::{
     read_jsonl, run_stage, write_problems, write_tiny_adapter, write_tiny_model, EOS,
 };
 use pipeline_models::arch::{DecoderModel, DenseFactory, Llama};
+use pipeline_models::artifact::load_for_inference;
 use pipeline_models::generate::{generate_batch, GenerateConfig, SamplingParams};
-use pipeline_models::train::ComputeDtype;
 use pipeline_stages::evalsets::{
     generation_requests, replication_problems, DEFAULT_INSTRUCTION_TEMPLATE,
 };
-use pipeline_stages::kinds::generate::{load_for_generation, Generate};
+use pipeline_stages::kinds::generate::Generate;
 
 fn fixtures(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
     let model = root.join("model");
@@ -171,8 +171,8 @@ fn adapter_tensors_are_copied_into_the_lora_vars() {
     let tensors = write_tiny_adapter(&adapter);
     let cfg = pipeline_models::peft::lora_config_of(&adapter).unwrap();
     assert_eq!((cfg.r, cfg.alpha, cfg.dropout), (2, 8.0, 0.05));
-    let model = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
-        .map(|(model, _, _)| model)
+    let model = load_for_inference(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+        .map(|loaded| loaded.model)
         .unwrap();
     let vars = model.trainable_vars();
     assert_eq!(vars.len(), 8);
@@ -253,8 +253,8 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         kinds_eval_support::random_tensor(&[16, 2], 1.0, 5),
     );
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let err = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
-        .map(|(model, _, _)| model)
+    let err = load_for_inference(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+        .map(|loaded| loaded.model)
         .err()
         .unwrap()
         .to_string();
@@ -266,8 +266,8 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
     // Missing tensor.
     tensors.remove(&key);
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let err = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
-        .map(|(model, _, _)| model)
+    let err = load_for_inference(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+        .map(|loaded| loaded.model)
         .err()
         .unwrap()
         .to_string();
@@ -283,8 +283,8 @@ fn adapter_mismatches_are_refused_with_the_tensor_name() {
         kinds_eval_support::random_tensor(&[2, 16], 1.0, 6),
     );
     candle_core::safetensors::save(&tensors, &path).unwrap();
-    let err = load_for_generation(&model_dir, Some(&adapter), &Device::Cpu, ComputeDtype::F32)
-        .map(|(model, _, _)| model)
+    let err = load_for_inference(&model_dir, Some(&adapter), &Device::Cpu, DType::F32)
+        .map(|loaded| loaded.model)
         .err()
         .unwrap()
         .to_string();

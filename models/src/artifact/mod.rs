@@ -422,6 +422,26 @@ pub fn load_model(
     })
 }
 
+/// Loads the model in `dir` for inference (generation, scoring): with the trained PEFT adapter
+/// in `adapter_dir` applied if given (adapter layers kept unmerged, dropout off), quantized
+/// projections decoded once at load ([`QuantizedWeights::DecodeOnce`]: the same numbers as
+/// decoding them inside every step, without paying for it at every new token), frozen (no
+/// backward graph is recorded).
+pub fn load_for_inference(
+    dir: &Path,
+    adapter_dir: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel> {
+    let adapters = match adapter_dir {
+        None => Adapters::None,
+        Some(peft_dir) => Adapters::Trained(peft_dir),
+    };
+    let loaded = load_model(dir, device, dtype, adapters, QuantizedWeights::DecodeOnce)?;
+    loaded.model.freeze();
+    Ok(loaded)
+}
+
 /// Loads `peft_dir`'s adapter weights into `model`'s LoRA variables. The model must have been
 /// loaded with the adapter's LoRA settings (see [`crate::peft::lora_config_of`]).
 pub fn apply_adapter(model: &DecoderModel, peft_dir: &Path) -> Result<()> {

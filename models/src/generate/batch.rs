@@ -74,6 +74,17 @@ pub enum FinishReason {
     Length,
 }
 
+impl FinishReason {
+    /// Its name as samples files write it (`stop`, `eos`, `length`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Eos => "eos",
+            Self::Length => "length",
+        }
+    }
+}
+
 /// One generated sample.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
@@ -114,6 +125,14 @@ pub struct GenerateStats {
 }
 
 impl GenerateStats {
+    /// Adds the counts and times of another run (a later chunk of the same generation).
+    pub fn add(&mut self, other: &GenerateStats) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.generated_tokens += other.generated_tokens;
+        self.prefill_secs += other.prefill_secs;
+        self.decode_secs += other.decode_secs;
+    }
+
     /// Generated tokens per second of decoding (0 when nothing was decoded).
     pub fn decode_tokens_per_second(&self) -> f64 {
         if self.decode_secs > 0.0 {

@@ -14,22 +14,12 @@ use pipeline_models::artifact::{
     TOKENIZER_CONFIG_JSON, TOKENIZER_JSON,
 };
 
+use crate::chat::ChatTemplate;
 use crate::json::{read_json, write_json};
 use crate::tokenize::TextTokenizer;
 
 /// The `model` artifact.
 pub struct ModelArtifact;
-
-/// A model's chat template with the token texts it refers to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatTemplate {
-    /// The Jinja template.
-    pub template: String,
-    /// The BOS token's text.
-    pub bos_token: String,
-    /// The EOS token's text.
-    pub eos_token: String,
-}
 
 impl ModelArtifact {
     /// Its type name.

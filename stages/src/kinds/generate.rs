@@ -23,13 +23,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use pipeline_models::artifact::{load_model, Adapters, QuantizedWeights};
+use pipeline_models::artifact::{load_for_inference, LoadedModel};
 use pipeline_models::device::DeviceChoice;
 use pipeline_models::generate::{
     generate_batch_with_progress, GenerateConfig, GenerateStats, SamplingParams,
 };
 use pipeline_models::train::ComputeDtype;
-use pipeline_models::DecoderModel;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -37,7 +36,6 @@ use crate::artifacts::samples::SamplesCheckpoint;
 use crate::artifacts::{
     AdapterArtifact, FilesArtifact, ModelArtifact, ProblemsArtifact, SampleLine, SamplesArtifact,
 };
-use crate::chat::{code_instruction, render_chat, Message};
 use crate::evalsets::{generation_requests, EvalProblem};
 use crate::python::sanitize::sanitize;
 
@@ -253,8 +251,15 @@ impl Stage for Generate {
         }
         let device = p.device.open()?;
         ctx.progress().set_message("loading model");
-        let (model, info, tokenizer_path) =
-            load_for_generation(&model_dir, adapter_dir.as_deref(), &device, p.dtype)?;
+        let LoadedModel {
+            model,
+            info,
+            tokenizer_path,
+        } = load_for_inference(&model_dir, adapter_dir.as_deref(), &device, p.dtype.dtype())
+            .map_err(|e| GenerateKindError::Load {
+                path: model_dir.clone(),
+                message: e.to_string(),
+            })?;
         if info.eos_token_ids.is_empty() {
             return Err(GenerateKindError::NoEos(model_dir).into());
         }
@@ -322,13 +327,13 @@ impl Stage for Generate {
                         ),
                         completion: c.text.clone(),
                         sample_index: j,
-                        finish_reason: finish_name(c.finish_reason),
+                        finish_reason: c.finish_reason.name().to_string(),
                         seed: c.seed,
                         generated_tokens: c.token_ids.len(),
                     });
                 }
             }
-            add_stats(&mut stats, &out.stats);
+            stats.add(&out.stats);
             checkpoint.append(&lines, &stats)?;
         }
         ctx.check_cancelled()?;
@@ -402,63 +407,12 @@ fn prompts(
     let mut asked = Vec::with_capacity(problems.len());
     let mut prefixes = Vec::with_capacity(problems.len());
     for problem in problems {
-        let (instruction, answer) = code_instruction(&problem.prompt);
-        let chat = render_chat(
-            &template.template,
-            &[Message::user(instruction)],
-            true,
-            &template.bos_token,
-            &template.eos_token,
-        )?;
+        let (prompt, answer) = template.code_prompt(&problem.prompt)?;
         asked.push(EvalProblem {
-            prompt: format!("{chat}{answer}"),
+            prompt,
             ..problem.clone()
         });
         prefixes.push(answer.to_string());
     }
     Ok((asked, prefixes))
-}
-
-fn finish_name(r: pipeline_models::generate::FinishReason) -> String {
-    serde_json::to_value(r)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{r:?}").to_lowercase())
-}
-
-fn add_stats(total: &mut GenerateStats, s: &GenerateStats) {
-    total.prompt_tokens += s.prompt_tokens;
-    total.generated_tokens += s.generated_tokens;
-    total.prefill_secs += s.prefill_secs;
-    total.decode_secs += s.decode_secs;
-}
-
-/// Loads the model in `model_dir` for generation, with the PEFT adapter in `adapter_dir`
-/// applied if given (adapter layers kept unmerged, dropout off), frozen. Quantized projections
-/// are decoded once, at load ([`QuantizedWeights::DecodeOnce`]): the same numbers as decoding
-/// them inside every step, without paying for it at every new token. Returns the model,
-/// `model.json` and the tokenizer's path.
-pub fn load_for_generation(
-    model_dir: &Path,
-    adapter_dir: Option<&Path>,
-    device: &candle_core::Device,
-    dtype: ComputeDtype,
-) -> Result<(DecoderModel, pipeline_models::artifact::ModelInfo, PathBuf), GenerateKindError> {
-    let adapters = match adapter_dir {
-        None => Adapters::None,
-        Some(dir) => Adapters::Trained(dir),
-    };
-    let loaded = load_model(
-        model_dir,
-        device,
-        dtype.dtype(),
-        adapters,
-        QuantizedWeights::DecodeOnce,
-    )
-    .map_err(|e| GenerateKindError::Load {
-        path: model_dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    loaded.model.freeze();
-    Ok((loaded.model, loaded.info, loaded.tokenizer_path))
 }
