@@ -352,6 +352,29 @@ impl IntoTuple for Batch {
 }
 
 #[test]
+fn a_non_finite_step_without_loss_scaling_is_an_error_and_changes_nothing() {
+    let model = TinyLm::new(0.0);
+    let dir = tempfile::tempdir().unwrap();
+    let train = data(4, 2, 6, 3);
+    let mut tr = Trainer::new(&model, config(10), Some(dir.path())).unwrap();
+    tr.train_step(&train).unwrap();
+    let before = weights(&model);
+    model.poison.set(true);
+    let err = tr.train_step(&train).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            pipeline_models::train::TrainError::Diverged { step: 2, .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("lower the learning rate"), "{err}");
+    assert_eq!(weights(&model), before, "the diverged step is not applied");
+    assert_eq!(tr.step(), 1);
+    assert_eq!(logged_steps(dir.path()).len(), 1, "nor logged");
+}
+
+#[test]
 fn overflowing_step_is_skipped_and_backs_off_the_scale() {
     let model = TinyLm::new(0.0);
     let mut cfg = config(10);

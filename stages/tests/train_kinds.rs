@@ -885,6 +885,31 @@ fn lora_train_rejects_bad_setups() {
     let mut p = train_params(2);
     p.r = 0;
     assert!(LoraTrainKind::validate(&p).is_err());
+    // Numbers that would train into NaN or nonsense are refused before anything runs.
+    for (what, set) in [
+        (
+            "alpha",
+            &(|p: &mut LoraTrainParams| p.alpha = f64::NAN) as &dyn Fn(&mut LoraTrainParams),
+        ),
+        ("alpha", &|p: &mut LoraTrainParams| p.alpha = -16.0),
+        ("weight_decay", &|p: &mut LoraTrainParams| {
+            p.weight_decay = -5.0
+        }),
+        ("clip", &|p: &mut LoraTrainParams| p.clip = Some(-1.0)),
+        ("dropout", &|p: &mut LoraTrainParams| p.dropout = f64::NAN),
+        ("lr", &|p: &mut LoraTrainParams| p.lr = f64::INFINITY),
+    ] {
+        let mut p = train_params(2);
+        set(&mut p);
+        let err = LoraTrainKind::validate(&p).unwrap_err();
+        assert!(err.contains(what), "{what}: {err}");
+    }
+    let mut off = train_params(2);
+    off.clip = Some(0.0);
+    assert!(
+        LoraTrainKind::validate(&off).is_ok(),
+        "clip = 0 turns clipping off"
+    );
     let p: Result<LoraTrainParams, _> = serde_json::from_str(r#"{"stepz": 3}"#);
     assert!(p.is_err(), "unknown keys are refused");
     // Tokens from another vocabulary are refused with advice.

@@ -63,6 +63,21 @@ pub enum TrainError {
         /// What is wrong and what to do.
         reason: String,
     },
+    /// The loss or the gradient became non-finite in a step without loss scaling; the step was
+    /// not applied.
+    #[error(
+        "training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; lower the \
+         learning rate or the LoRA alpha, keep gradient clipping on, or train in f32/bf16 \
+         (f16 needs loss_scaling = true)"
+    )]
+    Diverged {
+        /// The step that diverged (1-based).
+        step: u64,
+        /// Its mean loss.
+        loss: f64,
+        /// Its gradient norm.
+        grad_norm: f64,
+    },
     /// A JSON file could not be parsed or written.
     #[error("JSON in `{path}`: {source}")]
     Json {

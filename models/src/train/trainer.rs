@@ -402,6 +402,17 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
             .scaler
             .unscale(&mut grads, acc.tokens as f64 / acc.normalizer as f64)?;
         let lr = self.config.schedule.lr_at(self.step);
+        let loss = acc.loss_sum / acc.tokens as f64;
+        // Without loss scaling there is no scale to back off: a non-finite gradient means the
+        // run diverged, and skipping every step from here on would store an untrained (or NaN)
+        // adapter as if it were a result.
+        if found_inf && !self.scaler.is_enabled() {
+            return Err(TrainError::Diverged {
+                step: self.step + 1,
+                loss,
+                grad_norm: f64::NAN,
+            });
+        }
         let grad_norm = if found_inf {
             None
         } else {
@@ -409,6 +420,15 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
                 Some(max) => clip_grad_norm(&mut grads, max)?,
                 None => super::global_grad_norm(&grads)?,
             };
+            // Without loss scaling there is nothing to skip to: a non-finite loss or gradient
+            // would turn every weight into NaN, and a NaN adapter must never be stored.
+            if !(loss.is_finite() && norm.is_finite()) {
+                return Err(TrainError::Diverged {
+                    step: self.step + 1,
+                    loss,
+                    grad_norm: norm,
+                });
+            }
             self.optimizer.step(&grads, lr)?;
             Some(norm)
         };
@@ -417,7 +437,7 @@ impl<'m, M: TrainModel> Trainer<'m, M> {
         let secs = start.elapsed().as_secs_f64().max(1e-9);
         let record = StepRecord {
             step: self.step,
-            loss: acc.loss_sum / acc.tokens as f64,
+            loss,
             lr,
             scale,
             grad_norm,

@@ -227,6 +227,23 @@ impl Stage for LoraTrainKind {
         if !(p.lr.is_finite() && p.lr >= 0.0) {
             return Err("`lr` must be a finite number ≥ 0".into());
         }
+        if !(p.alpha.is_finite() && p.alpha > 0.0) {
+            return Err(format!(
+                "`alpha` must be a finite number > 0, got {}",
+                p.alpha
+            ));
+        }
+        if !(p.weight_decay.is_finite() && p.weight_decay >= 0.0) {
+            return Err(format!(
+                "`weight_decay` must be a finite number ≥ 0, got {}",
+                p.weight_decay
+            ));
+        }
+        if let Some(clip) = p.clip.filter(|c| !(c.is_finite() && *c >= 0.0)) {
+            return Err(format!(
+                "`clip` must be a finite number ≥ 0 (0 turns clipping off), got {clip}"
+            ));
+        }
         if p.max_length < 2 {
             return Err("`max_length` must be at least 2".into());
         }
