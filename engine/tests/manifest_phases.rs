@@ -314,6 +314,59 @@ kind = "join"
 }
 
 #[test]
+fn an_empty_list_does_not_connect_a_required_input() {
+    let errors = invalid(
+        r#"
+[j]
+kind = "join"
+inputs = { parts = [] }
+"#,
+        &[],
+    );
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].0, "manifest::missing-input");
+    assert!(errors[0].1.contains("lists no stage"), "{errors:#?}");
+}
+
+#[test]
+fn an_experiment_name_is_one_path_component() {
+    use pipeline_engine::manifest::{parse_manifest, ManifestOptions};
+    for bad in ["..", ".", "a/b", "", "x y"] {
+        let source = format!("[experiment]\nname = {bad:?}\n");
+        let err = parse_manifest(
+            std::path::Path::new("m.toml"),
+            source,
+            &common::registry(),
+            &ManifestOptions::default(),
+        )
+        .unwrap_err();
+        let errors = err.errors();
+        assert_eq!(
+            errors[0].code, "manifest::experiment",
+            "{bad:?}: {errors:#?}"
+        );
+        assert!(
+            errors[0].message.contains("invalid experiment name"),
+            "{bad:?}"
+        );
+        assert!(
+            errors[0].span.is_some(),
+            "{bad:?}: the error points at the name"
+        );
+    }
+    for good in ["demo", "phi15-quality", "run_2.1"] {
+        let source = format!("[experiment]\nname = {good:?}\n");
+        assert!(parse_manifest(
+            std::path::Path::new("m.toml"),
+            source,
+            &common::registry(),
+            &ManifestOptions::default(),
+        )
+        .is_ok());
+    }
+}
+
+#[test]
 fn errors_come_in_manifest_order_each_place_once() {
     let errors = invalid(
         r#"

@@ -230,6 +230,19 @@ fn parse_experiment(
     };
     use serde::de::IntoDeserializer;
     match Experiment::deserialize(Spanned::new(value.span(), table.clone()).into_deserializer()) {
+        // The name names files in the cache's index: it must be one path component.
+        Ok(e) if !valid_experiment_name(&e.name) => {
+            let span = table.get("name").map_or(key_span, |v| v.span());
+            errors.push(
+                ManifestError::new(
+                    "manifest::experiment",
+                    format!("invalid experiment name `{}`", e.name),
+                )
+                .at(span, "not usable as a name")
+                .help("use letters, digits, `_`, `-` and `.` (not `.` or `..` alone, no `/`)"),
+            );
+            None
+        }
         Ok(e) => Some(e),
         Err(e) => {
             let span = e.span().unwrap_or(key_span);
@@ -244,6 +257,16 @@ fn parse_experiment(
             None
         }
     }
+}
+
+/// Whether `name` is one harmless path component.
+fn valid_experiment_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 fn parse_stage<'s>(

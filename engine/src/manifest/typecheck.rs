@@ -107,7 +107,32 @@ pub(super) fn required_inputs(
 ) -> bool {
     let mut ok = true;
     for slot in s.kind.inputs().iter().filter(|sl| sl.required) {
-        if connected.contains_key(slot.name) || s.inputs.iter().any(|i| i.slot == slot.name) {
+        if let Some(raw) = s.inputs.iter().find(|i| i.slot == slot.name) {
+            // `grades = []` connects nothing: the stage would fail only at run time, after
+            // everything before it ran.
+            if raw.refs.is_empty() {
+                ok = false;
+                errors.push(
+                    ManifestError::new(
+                        "manifest::missing-input",
+                        format!(
+                            "input `{}` of stage `{}` lists no stage, but kind `{}` needs one",
+                            slot.name,
+                            s.name,
+                            s.kind.kind()
+                        ),
+                    )
+                    .at(raw.slot_span.clone(), "empty list")
+                    .help(format!(
+                        "list at least one stage: `{} = [\"<stage>\"]` (accepts: {})",
+                        slot.name,
+                        slot.accepts.join(", ")
+                    )),
+                );
+            }
+            continue;
+        }
+        if connected.contains_key(slot.name) {
             continue;
         }
         ok = false;
