@@ -116,6 +116,36 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
         assert!(html.contains(needle), "report lacks {needle}");
     }
     let reference_trees = trees(&reference, &first_output.stdout);
+    // The prompts end at their docstring (as bigcode-evaluation-harness gives them), so greedy
+    // answers continue the function instead of starting a new top-level statement: most
+    // completions are a body (12/12 for every variant on the development machine), and the
+    // graded program is the sanitized function.
+    for stage in ["generate-base", "generate@textbook", "generate@messy"] {
+        let path = reference
+            .join("views")
+            .join(&reference_trees[stage])
+            .join("samples.jsonl");
+        let rows: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 12, "{stage}");
+        let bodies = rows
+            .iter()
+            .filter(|r| !r["completion"].as_str().unwrap().trim_start().is_empty())
+            .count();
+        assert!(
+            bodies >= 10,
+            "{stage}: only {bodies} of 12 completions are non-empty"
+        );
+        for r in &rows {
+            assert!(
+                r["program"].as_str().unwrap().contains("def "),
+                "{stage}: {r}"
+            );
+        }
+    }
 
     // 2. A no-op rerun runs nothing.
     assert!(ran(&run_outcomes(&command(&reference, &[]).output().unwrap())).is_empty());

@@ -242,7 +242,14 @@ fn loss_curve_reads_metrics_jsonl() {
         "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.001}\n\n{\"step\": 2, \"eval_loss\": 2.0}\n{\"step\": 3, \"loss\": 1.5}\n",
     )
     .unwrap();
-    let c = AdapterArtifact::read_loss_curve(dir.path()).unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(
+        AdapterArtifact::read_loss_curve(empty.path()).unwrap(),
+        None
+    );
+    let c = AdapterArtifact::read_loss_curve(dir.path())
+        .unwrap()
+        .unwrap();
     assert_eq!(
         c,
         vec![

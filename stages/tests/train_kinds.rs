@@ -675,7 +675,7 @@ fn quantize_nf4_and_ggml_round_trip_with_small_error() {
 }
 
 fn train_summary(dir: &Path) -> TrainSummary {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap()
+    pipeline_stages::artifacts::AdapterArtifact::read_summary(dir).unwrap()
 }
 
 fn train_in(

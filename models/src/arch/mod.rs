@@ -145,13 +145,10 @@ pub(crate) fn build_linear(
 pub(crate) fn read_json_config<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
 ) -> std::result::Result<T, crate::weights::LoadError> {
+    use crate::io::JsonFileError;
     use crate::weights::LoadError;
-    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|source| LoadError::Config {
-        path: path.to_path_buf(),
-        source,
+    crate::io::read_json(path).map_err(|e| match e {
+        JsonFileError::Io { path, source } => LoadError::Io { path, source },
+        JsonFileError::Parse { path, source } => LoadError::Config { path, source },
     })
 }

@@ -129,20 +129,22 @@ impl AdapterArtifact {
         })
     }
 
-    /// The training loss curve of the artifact in `dir` (empty without metrics).
-    pub fn read_loss_curve(dir: &Path) -> miette::Result<Vec<LossPoint>> {
-        Ok(Self::read_metrics(dir)?
-            .map(|m| {
-                m.series("loss")
-                    .into_iter()
-                    .map(|(step, loss)| LossPoint { step, loss })
-                    .collect()
-            })
-            .unwrap_or_default())
+    /// The training loss curve of the artifact in `dir`, if it has metrics.
+    pub fn read_loss_curve(dir: &Path) -> miette::Result<Option<Vec<LossPoint>>> {
+        Ok(Self::read_metrics(dir)?.map(|m| curve(&m, "loss")))
     }
 
     /// `train.json` of the artifact in `dir`.
     pub fn read_summary(dir: &Path) -> Result<TrainSummary, JsonError> {
         read_json(&dir.join(Self::TRAIN_FILE))
     }
+}
+
+/// `(step, value)` of `field` in `metrics` as chart points.
+fn curve(metrics: &Metrics, field: &str) -> Vec<LossPoint> {
+    metrics
+        .series(field)
+        .into_iter()
+        .map(|(step, loss)| LossPoint { step, loss })
+        .collect()
 }

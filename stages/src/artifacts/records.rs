@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::json::{write_json, JsonError};
+use crate::json::write_json;
 use crate::records::{read_records, write_records, Record};
 
 /// The `records` artifact.
@@ -33,10 +33,5 @@ impl RecordsArtifact {
         let count = write_records(&dir.join(Self::RECORDS_FILE), records)?;
         write_json(&dir.join(Self::STATS_FILE), stats)?;
         Ok(count)
-    }
-
-    /// Reads the producing kind's `stats.json`.
-    pub fn read_stats(dir: &Path) -> Result<serde_json::Value, JsonError> {
-        crate::json::read_json(&dir.join(Self::STATS_FILE))
     }
 }

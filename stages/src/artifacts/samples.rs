@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::json::{read_jsonl, write_json, write_jsonl, JsonError};
+use crate::json::{write_json, write_jsonl, JsonError};
 
 /// The `samples` artifact.
 pub struct SamplesArtifact;
@@ -44,11 +44,6 @@ impl SamplesArtifact {
     /// file, keeping fields they do not know).
     pub fn samples_path(dir: &Path) -> std::path::PathBuf {
         dir.join(Self::SAMPLES_FILE)
-    }
-
-    /// The samples in `dir`.
-    pub fn read(dir: &Path) -> Result<Vec<SampleLine>, JsonError> {
-        read_jsonl(&Self::samples_path(dir))
     }
 
     /// Writes `lines` and the run's `summary` into `dir`.

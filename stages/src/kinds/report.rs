@@ -164,11 +164,8 @@ impl Stage for Report {
         let mut losses: Vec<(Producer, Vec<LossPoint>)> = Vec::new();
         for input in ctx.inputs("losses") {
             data.cache_keys.push(cite("losses", input));
-            match AdapterArtifact::read_metrics(&input.path)? {
-                Some(_) => losses.push((
-                    producer(input),
-                    AdapterArtifact::read_loss_curve(&input.path)?,
-                )),
+            match AdapterArtifact::read_loss_curve(&input.path)? {
+                Some(curve) => losses.push((producer(input), curve)),
                 None => notes.push(format!(
                     "{} has no metrics.jsonl; no loss curve",
                     input.stage
