@@ -116,10 +116,10 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
         assert!(html.contains(needle), "report lacks {needle}");
     }
     let reference_trees = trees(&reference, &first_output.stdout);
-    // The prompts end at their docstring (as bigcode-evaluation-harness gives them), so greedy
-    // answers continue the function instead of starting a new top-level statement: most
-    // completions are a body (12/12 for every variant on the development machine), and the
-    // graded program is the sanitized function.
+    // The prompts end at their docstring (as bigcode-evaluation-harness gives them), so the
+    // base model's greedy answers continue the function instead of starting a new top-level
+    // statement (which the stop sequences cut to nothing), and every sample carries the
+    // sanitized program that is graded.
     for stage in ["generate-base", "generate@textbook", "generate@messy"] {
         let path = reference
             .join("views")
@@ -130,20 +130,18 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(rows.len(), 12, "{stage}");
-        let bodies = rows
-            .iter()
-            .filter(|r| !r["completion"].as_str().unwrap().trim_start().is_empty())
-            .count();
-        assert!(
-            bodies >= 10,
-            "{stage}: only {bodies} of 12 completions are non-empty"
-        );
+        assert_eq!(rows.len(), 2, "{stage}: humaneval.limit=2");
         for r in &rows {
             assert!(
                 r["program"].as_str().unwrap().contains("def "),
                 "{stage}: {r}"
             );
+            if stage == "generate-base" {
+                assert!(
+                    !r["completion"].as_str().unwrap().trim().is_empty(),
+                    "{stage}: an empty completion: {r}"
+                );
+            }
         }
     }
 
