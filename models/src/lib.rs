@@ -31,6 +31,7 @@ pub mod fused;
 pub mod generate;
 pub mod io;
 pub mod layers;
+pub mod likelihood;
 pub mod linear;
 pub mod lora;
 pub mod peft;

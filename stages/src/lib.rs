@@ -39,6 +39,7 @@ pub fn registry() -> Registry {
         .register::<kinds::lora_train::LoraTrainKind>()
         .register::<kinds::evalset::EvalSet>()
         .register::<kinds::generate::Generate>()
+        .register::<kinds::likelihood::Likelihood>()
         .register::<kinds::grade::Grade>()
         .register::<kinds::report::Report>()
         .register_command(cli::GradeCommand);

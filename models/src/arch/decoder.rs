@@ -82,6 +82,23 @@ pub trait Decoder: CausalLm + Send + Sync {
         crate::train::masked_head_cross_entropy_sum(&hidden, self.lm_head(), input_ids, loss_mask)
     }
 
+    /// Per sequence of a batch, the summed negative log-likelihood (nats, f64) of the tokens
+    /// `loss_mask` selects, given everything before them: the training loss's positions
+    /// (see [`Decoder::loss_sum`]), split by row, without a backward graph.
+    fn sequence_nll(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        loss_mask: &Tensor,
+    ) -> Result<Vec<f64>> {
+        let (b, t, mask) = check_ids_mask(input_ids, attention_mask)?;
+        let positions = arange_positions(b, t, self.device())?;
+        let hidden = self
+            .final_hidden(input_ids, &positions, &mask, None, false)?
+            .detach();
+        crate::train::masked_head_nll_per_sequence(&hidden, self.lm_head(), input_ids, loss_mask)
+    }
+
     /// Logits of the final hidden states (the last position only with `last_only`), in the
     /// internal dtype (f32, or f64 for f64 models).
     fn logits(

@@ -178,3 +178,59 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) ->
     }
     sum.affine(1.0 / n as f64, 0.0)
 }
+
+/// Per sequence, the summed negative log-likelihood over masked positions of the logits
+/// `head(hidden)` (see [`masked_head_cross_entropy_sum`]: same positions, same fused CPU path),
+/// summed in f64. For scoring, not training: nothing here records a backward.
+pub fn masked_head_nll_per_sequence(
+    hidden: &Tensor,
+    head: &dyn LinearLayer,
+    targets: &Tensor,
+    mask: &Tensor,
+) -> Result<Vec<f64>> {
+    let (b, t) = check_next_token_shapes("hidden states", hidden, targets, mask)?;
+    let per_position: Vec<f32> = match (head.frozen_parts(), crate::fused::supported(hidden)) {
+        (Some(frozen), true) => {
+            let h = hidden.dim(2)?;
+            let rows = NextTokenRows::new(targets, mask)?;
+            crate::fused::linear_cross_entropy_rows(
+                &hidden.reshape((b * t, h))?,
+                frozen.weight,
+                frozen.bias,
+                &rows.targets,
+                &rows.weights,
+            )?
+            .to_dtype(DType::F32)?
+            .to_vec1()?
+        }
+        _ => {
+            // Row (i, j) of `[b, t]` holds the loss of predicting token j + 1; the last
+            // position of each row predicts nothing and is 0.
+            let logits = head
+                .forward(hidden)?
+                .narrow(1, 0, t - 1)?
+                .to_dtype(DType::F32)?;
+            let next = targets
+                .narrow(1, 1, t - 1)?
+                .to_dtype(DType::U32)?
+                .contiguous()?;
+            let keep = mask
+                .narrow(1, 1, t - 1)?
+                .to_dtype(DType::F32)?
+                .ne(0f32)?
+                .to_dtype(DType::F32)?;
+            let picked = log_softmax(&logits)?
+                .gather(&next.unsqueeze(2)?, 2)?
+                .squeeze(2)?;
+            let losses = (picked * keep)?.neg()?;
+            let zeros = Tensor::zeros((b, 1), DType::F32, losses.device())?;
+            Tensor::cat(&[&losses, &zeros], 1)?
+                .flatten_all()?
+                .to_vec1()?
+        }
+    };
+    Ok(per_position
+        .chunks(t)
+        .map(|row| row.iter().map(|&x| f64::from(x)).sum())
+        .collect())
+}

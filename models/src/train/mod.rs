@@ -23,7 +23,7 @@ pub use checkpoint::{Checkpoint, TrainerState};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use loss::{
     head_logit_rows, log_softmax, masked_cross_entropy, masked_cross_entropy_sum,
-    masked_head_cross_entropy_sum,
+    masked_head_cross_entropy_sum, masked_head_nll_per_sequence,
 };
 pub use memory::training_peak_estimate;
 pub use metrics::{EvalRecord, Metrics, MetricsParseError, MetricsWriter, StepRecord};

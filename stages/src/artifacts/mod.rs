@@ -16,13 +16,14 @@
 //! | [`ProblemsArtifact`] | `problems` | `problems.jsonl` | `evalset` |
 //! | [`SamplesArtifact`] | `samples` | `samples.jsonl` + `generation.json` | `generate` |
 //! | [`GradesArtifact`] | `grades` | `results.jsonl` + `summary.json` | `grade` |
+//! | [`LikelihoodArtifact`] | `likelihood` | `likelihood.jsonl` + `summary.json` | `likelihood` |
 //! | [`ReportArtifact`] | `report` | `report.md` + `report.html` + `report.json` | `report` |
 
 pub mod adapter;
 pub mod files;
 pub mod filter_report;
 pub mod grades;
-
+pub mod likelihood;
 pub mod model;
 pub mod problems;
 pub mod records;
@@ -35,6 +36,7 @@ pub use adapter::{AdapterArtifact, TrainSummary};
 pub use files::{ArtifactFile, DownloadMeta, FilesArtifact};
 pub use filter_report::FilterReportArtifact;
 pub use grades::GradesArtifact;
+pub use likelihood::{LikelihoodArtifact, LikelihoodSummary, TaskLikelihood};
 pub use model::ModelArtifact;
 pub use problems::ProblemsArtifact;
 pub use records::RecordsArtifact;

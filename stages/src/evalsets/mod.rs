@@ -15,6 +15,7 @@
 
 mod humaneval;
 mod mbpp;
+pub mod prompting;
 mod replication;
 
 use std::path::{Path, PathBuf};

@@ -36,21 +36,9 @@ use crate::artifacts::samples::SamplesCheckpoint;
 use crate::artifacts::{
     AdapterArtifact, FilesArtifact, ModelArtifact, ProblemsArtifact, SampleLine, SamplesArtifact,
 };
-use crate::evalsets::{generation_requests, EvalProblem};
+use crate::evalsets::generation_requests;
+use crate::evalsets::prompting::{pose, Posed, PromptStyle};
 use crate::python::sanitize::sanitize;
-
-/// How a problem is put to the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PromptStyle {
-    /// The problem's prompt as it is (code completion: a base model continues a signature).
-    #[default]
-    Completion,
-    /// An instruction asking for the solution, through the model's own chat template, with the
-    /// answer opened as a fenced Python block (EvalPlus' and bigcode's instruct prompts): for
-    /// instruction-tuned models.
-    Instruct,
-}
 
 /// Parameters of [`Generate`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,7 +259,11 @@ impl Stage for Generate {
 
         // What the model is asked, and the code its answer continues (the prompt's signature
         // in completion style, the opened fence in instruct style).
-        let (asked, answer_prefixes) = prompts(&problems, p.prompt_style, &model_dir)?;
+        let Posed {
+            asked,
+            answer_prefixes,
+            ..
+        } = pose(&problems, p.prompt_style, &model_dir)?;
         let seed = ctx.seed();
         let requests = generation_requests(&asked, seed, |text| {
             tokenizer
@@ -382,37 +374,4 @@ impl Stage for Generate {
         }
         Ok(())
     }
-}
-
-/// The problems as the model is asked them, and per problem the code its answer continues.
-fn prompts(
-    problems: &[EvalProblem],
-    style: PromptStyle,
-    model_dir: &Path,
-) -> miette::Result<(Vec<EvalProblem>, Vec<String>)> {
-    let template = match style {
-        PromptStyle::Completion => {
-            let prefixes = problems.iter().map(|p| p.code_prefix.clone()).collect();
-            return Ok((problems.to_vec(), prefixes));
-        }
-        PromptStyle::Instruct => ModelArtifact::chat_template(model_dir)?.ok_or_else(|| {
-            miette::miette!(
-                help = "use prompt_style = \"completion\", or a model whose tokenizer_config.json \
-                        (or GGUF metadata) has a chat_template",
-                "prompt_style = \"instruct\" needs the model's chat template, and {} has none",
-                model_dir.display()
-            )
-        })?,
-    };
-    let mut asked = Vec::with_capacity(problems.len());
-    let mut prefixes = Vec::with_capacity(problems.len());
-    for problem in problems {
-        let (prompt, answer) = template.code_prompt(&problem.prompt)?;
-        asked.push(EvalProblem {
-            prompt,
-            ..problem.clone()
-        });
-        prefixes.push(answer.to_string());
-    }
-    Ok((asked, prefixes))
 }

@@ -342,7 +342,18 @@ pub fn train(
         ));
     }
     let eval_batches = match ctx.optional_input("eval_tokens") {
-        Some(dir) => batches(dir)?.batches,
+        Some(dir) => {
+            let held_out = batches(dir)?.batches;
+            if held_out.is_empty() {
+                return Err(miette!(
+                    help = "set `held_out = N` on the tokenize stage whose `held_out` output \
+                            feeds `eval_tokens`, or disconnect `eval_tokens`",
+                    "the `eval_tokens` input ({}) holds no example with loss tokens",
+                    dir.display()
+                ));
+            }
+            held_out
+        }
         None => Vec::new(),
     };
     let train_batches = train.batches;

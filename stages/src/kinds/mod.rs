@@ -7,13 +7,15 @@
 //!
 //! Model side: [`model`] → [`quantize`] → [`lora_train`].
 //!
-//! Evaluation side: [`evalset`] → [`generate`] → [`grade`] → [`report`].
+//! Evaluation side: [`evalset`] → [`generate`] → [`grade`] → [`report`], and [`evalset`] →
+//! [`likelihood`] → [`report`].
 
 pub mod download;
 pub mod evalset;
 pub mod filter;
 pub mod generate;
 pub mod grade;
+pub mod likelihood;
 pub mod lora_train;
 pub mod model;
 pub mod python_stdlib;

@@ -7,7 +7,8 @@
 //!
 //! Parameters are [`TokenizeOptions`]: `template = { name = "instruction" | "code_snippet" |
 //! "custom", prompt, response }`, `max_length`, `loss_on = "response" | "all"`, `pack`,
-//! `add_bos`, `add_eos`, `shard_max_tokens`, `eos_token`, `bos_token`.
+//! `add_bos`, `add_eos`, `shard_max_tokens`, `eos_token`, `bos_token`, `held_out` (records
+//! set aside, by content hash, into the `held_out` output for a held-out loss).
 //!
 //! Artifact layout (`tokens`): the shard directory [`crate::tokenize::TokenShards::open`]
 //! reads (`index.json` + shard files) plus `stats.json`
@@ -19,7 +20,7 @@ use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use pipeline_models::artifact::TOKENIZER_JSON;
 
 use crate::artifacts::{ModelArtifact, RecordsArtifact, TokensArtifact};
-use crate::tokenize::{tokenize_records, TextTokenizer, TokenizeOptions};
+use crate::tokenize::{split_held_out, tokenize_records, TextTokenizer, TokenizeOptions};
 
 /// The `tokenize` stage kind.
 pub struct Tokenize;
@@ -41,17 +42,26 @@ const INPUTS: &[InputSlot] = &[
     },
 ];
 
-const OUTPUTS: &[OutputSlot] = &[OutputSlot {
-    name: "tokens",
-    artifact: TokensArtifact::TYPE,
-    doc: "token shards (index.json + shards) and stats.json",
-}];
+const OUTPUTS: &[OutputSlot] = &[
+    OutputSlot {
+        name: "tokens",
+        artifact: TokensArtifact::TYPE,
+        doc: "token shards (index.json + shards) and stats.json",
+    },
+    OutputSlot {
+        name: "held_out",
+        artifact: TokensArtifact::TYPE,
+        doc: "the `held_out` records, tokenized the same way, for a held-out loss (empty when \
+              `held_out = 0`)",
+    },
+];
 
 impl Stage for Tokenize {
     type Params = TokenizeOptions;
     const KIND: &'static str = "tokenize";
     // 2: `stats.json` ends in a newline (one JSON writer for every kind).
-    const VERSION: &'static str = "2";
+    // 3: the `held_out` output.
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str = "render records with a template and tokenize them into shards";
 
     fn inputs() -> &'static [InputSlot] {
@@ -104,11 +114,22 @@ impl Stage for Tokenize {
             }
         }
         let records = RecordsArtifact::read(ctx.input("records")?)?;
+        if records.is_empty() {
+            return Err(miette!(
+                help = "check the upstream stage's filters and limits",
+                "the `records` input holds no records to tokenize"
+            ));
+        }
+        let (train, held_out) = split_held_out(&records, p.held_out)?;
         ctx.check_cancelled()?;
         ctx.progress().start(records.len() as u64, "records");
         let out = ctx.output_dir("tokens")?.to_path_buf();
-        let stats = tokenize_records(&records, &tok, p, &out)?;
+        let stats = tokenize_records(&train, &tok, p, &out)?;
+        let held_out_dir = ctx.output_dir("held_out")?.to_path_buf();
+        let held_out_stats = tokenize_records(&held_out, &tok, p, &held_out_dir)?;
+        TokensArtifact::write_stats(&held_out_dir, &held_out_stats)?;
         ctx.progress().set_position(records.len() as u64);
+        ctx.set_metadata("held_out_examples", held_out_stats.examples);
         ctx.set_metadata("records", stats.records);
         ctx.set_metadata("examples", stats.examples);
         ctx.set_metadata("tokens", stats.tokens);

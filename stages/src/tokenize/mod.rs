@@ -58,6 +58,9 @@ pub struct TokenizeOptions {
     pub eos_token: Option<String>,
     /// BOS token (by text) overriding the tokenizer's own.
     pub bos_token: Option<String>,
+    /// Records set aside for a held-out loss (the `held_out` output), chosen by content hash
+    /// so the choice depends on the records, not their order; 0 holds none out.
+    pub held_out: usize,
 }
 
 impl Default for TokenizeOptions {
@@ -72,6 +75,7 @@ impl Default for TokenizeOptions {
             shard_max_tokens: 16 << 20,
             eos_token: None,
             bos_token: None,
+            held_out: 0,
         }
     }
 }
@@ -281,9 +285,6 @@ pub fn tokenize_records(
             opts.max_length
         )));
     }
-    if records.is_empty() {
-        return Err(TokenizeError::Options("no records to tokenize".into()));
-    }
     let examples = tokenize_all(records, tok, opts)?;
 
     let mut stats = TokenizeStats {
@@ -322,8 +323,16 @@ pub fn tokenize_records(
     }
     let shard_infos = writer.finish()?;
     stats.masked_tokens = stats.tokens - stats.loss_tokens;
-    stats.truncation_rate = stats.truncated as f64 / stats.records as f64;
-    stats.mean_record_tokens = total_full as f64 / stats.records as f64;
+    // An empty held-out set (`held_out = 0`) is a valid, empty artifact: rates of nothing are 0.
+    let per_record = |x: f64| {
+        if stats.records == 0 {
+            0.0
+        } else {
+            x / stats.records as f64
+        }
+    };
+    stats.truncation_rate = per_record(stats.truncated as f64);
+    stats.mean_record_tokens = per_record(total_full as f64);
     stats.shards = shard_infos.len() as u64;
     let index = ShardIndex {
         format: INDEX_FORMAT.into(),
@@ -341,4 +350,43 @@ pub fn tokenize_records(
         source: std::io::Error::other(e),
     })?;
     Ok(stats)
+}
+
+/// Splits `records` into (training, held-out): the `held_out` records with the smallest
+/// BLAKE3 hash of their fields, so the choice depends on what the records hold, not on their
+/// order or on a seed; both parts keep the input order. Errors when nothing would be left to
+/// train on.
+pub fn split_held_out(
+    records: &[Record],
+    held_out: usize,
+) -> Result<(Vec<Record>, Vec<Record>), TokenizeError> {
+    if held_out >= records.len() {
+        return Err(TokenizeError::Options(format!(
+            "held_out = {held_out} leaves nothing to train on: there are {} records",
+            records.len()
+        )));
+    }
+    let mut by_hash: Vec<(blake3::Hash, usize)> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            // Serialising a map of JSON values cannot fail.
+            let text = serde_json::to_vec(&r.fields).unwrap_or_default();
+            (blake3::hash(&text), i)
+        })
+        .collect();
+    by_hash.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(&b.1)));
+    let mut is_held = vec![false; records.len()];
+    for &(_, i) in by_hash.iter().take(held_out) {
+        is_held[i] = true;
+    }
+    let (held, train): (Vec<_>, Vec<_>) = records
+        .iter()
+        .cloned()
+        .zip(is_held)
+        .partition(|(_, held)| *held);
+    Ok((
+        train.into_iter().map(|(r, _)| r).collect(),
+        held.into_iter().map(|(r, _)| r).collect(),
+    ))
 }
