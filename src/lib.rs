@@ -826,15 +826,18 @@ fn print_run_table(report: &RunReport) {
     }
 }
 
-/// Prints where the run's headline files are (a report's `report.html`), so the user can open
-/// them: every existing file a stage's kind names in [`pipeline_engine::Stage::headline_files`].
+/// Prints what the run's headline stages say: the text of every summary file
+/// ([`pipeline_engine::Stage::summary_file`], a report's answer table), then where the headline
+/// files are ([`pipeline_engine::Stage::headline_files`], a report's `report.html`) so the user
+/// can open them.
 fn print_headline_files(manifest: &Manifest, store: &Store, report: &RunReport) {
     for s in &report.stages {
         let Some(instance) = manifest.stage(&s.stage) else {
             continue;
         };
         let files = instance.headline_files();
-        if files.is_empty() {
+        let summary = instance.summary_file();
+        if files.is_empty() && summary.is_none() {
             continue;
         }
         let Some(record) = s.key.as_ref().and_then(|k| store.action(k)) else {
@@ -842,6 +845,11 @@ fn print_headline_files(manifest: &Manifest, store: &Store, report: &RunReport) 
         };
         for out in record.outputs.values() {
             let view = store.view_path(&out.tree);
+            if let Some(text) =
+                summary.and_then(|name| std::fs::read_to_string(view.join(name)).ok())
+            {
+                println!("\n{}:\n{}", s.stage, text.trim_end());
+            }
             for path in files.iter().map(|name| view.join(name)) {
                 if path.exists() {
                     println!("report: {}", path.display());

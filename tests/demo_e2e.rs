@@ -18,6 +18,7 @@ const REDUCE: &[&str] = &[
     "train.steps=4",
     "train.checkpoint_every=1",
     "humaneval.limit=2",
+    "humaneval-40.limit=3",
     "generate.max_new_tokens=8",
     "generate-base.max_new_tokens=8",
 ];
@@ -109,11 +110,28 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
             "{first:?}"
         );
     }
-    assert_eq!(first.len(), 18);
+    assert_eq!(first.len(), 22);
     let report_html = reference_report(&reference);
     let html = std::fs::read_to_string(&report_html).unwrap();
-    for needle in ["textbook", "messy", "base", "pass@1"] {
+    for needle in [
+        "textbook",
+        "messy",
+        "base",
+        "pass@1",
+        "bits/byte",
+        "The answer",
+    ] {
         assert!(html.contains(needle), "report lacks {needle}");
+    }
+    // The answer `pipeline run` prints: every variant with its bits per byte and interval.
+    let answer = std::fs::read_to_string(report_html.with_file_name("answer.txt")).unwrap();
+    for variant in ["base", "textbook", "messy"] {
+        assert!(
+            answer
+                .lines()
+                .any(|l| l.trim_start().starts_with(variant) && l.contains(" [")),
+            "no row for {variant} in:\n{answer}"
+        );
     }
     let reference_trees = trees(&reference, &first_output.stdout);
     // The prompts end at their docstring (as bigcode-evaluation-harness gives them), so the

@@ -97,6 +97,12 @@ pub trait Stage: Send + Sync + 'static {
         &[]
     }
 
+    /// A plain-text file of this kind's outputs that `pipeline run` prints when the run ends
+    /// (a report's answer table), by file name within an output directory.
+    fn summary_file() -> Option<&'static str> {
+        None
+    }
+
     /// Adds whatever else determines the output to the key: external files (hashed by the
     /// engine through its stat cache), resolved revisions, tool versions.
     fn fingerprint(_params: &Self::Params, _fp: &mut Fingerprint) -> miette::Result<()> {
@@ -136,6 +142,7 @@ pub(crate) trait DynStage: Send + Sync {
     fn uses_seed(&self, params: &ParsedParams) -> bool;
     fn uses_input_labels(&self, params: &ParsedParams) -> bool;
     fn headline_files(&self) -> &'static [&'static str];
+    fn summary_file(&self) -> Option<&'static str>;
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()>;
     fn run(&self, params: &ParsedParams, ctx: &mut StageContext) -> miette::Result<()>;
 }
@@ -207,6 +214,9 @@ impl<S: Stage> DynStage for Kind<S> {
     }
     fn headline_files(&self) -> &'static [&'static str] {
         S::headline_files()
+    }
+    fn summary_file(&self) -> Option<&'static str> {
+        S::summary_file()
     }
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()> {
         S::fingerprint(typed::<S>(params), fp)

@@ -5,10 +5,15 @@
 
 use pipeline_stages::artifacts::AdapterArtifact;
 use pipeline_stages::grade::{compare_paired, CompareOptions, TaskCounts};
+use pipeline_stages::report::answer::{
+    answer_variant_names, build_answer, render_answer_text, Answer, AnswerKeys, Observation,
+};
+use pipeline_stages::report::variants::Producer;
 use pipeline_stages::report::{
     escape, render_html, render_markdown, svg, CacheKey, CompletionRow, FilterStats, Histogram,
     LossPoint, ReasonCount, ReportData, ScorePoint, VariantCompletion, VariantReport,
 };
+use pipeline_stages::stats::{Metric, StatsOptions, Verdict};
 
 const EVIL: &str = "<script>alert('x')</script> & \"quotes\"";
 
@@ -19,6 +24,127 @@ fn loss(start: f64, decay: f64) -> Vec<LossPoint> {
             loss: start * (-(i as f64) * decay).exp() + 0.6 + 0.03 * ((i * 7 % 5) as f64 - 2.0),
         })
         .collect()
+}
+
+/// Bits per byte of 60 tasks: `base` once, `clean <v>` with two training seeds each clearly
+/// below the base, `messy` with two seeds at the base's level.
+fn sample_answer() -> Answer {
+    let bpb = |task: usize, shift: f64| 0.5 + 0.01 * (task % 7) as f64 + shift;
+    let obs = |base: &str, labels: &[(&str, &str)], shift: f64| Observation {
+        producer: Producer::with_labels(base, labels),
+        metric: Metric::bits_per_byte(),
+        scores: (0..60)
+            .map(|t| {
+                (
+                    format!("HumanEval/{t}"),
+                    bpb(t, shift + 0.001 * (t % 3) as f64),
+                )
+            })
+            .collect(),
+    };
+    let observations = vec![
+        obs("likelihood-base", &[("bench", "humaneval")], 0.0),
+        obs(
+            "likelihood-clean",
+            &[("seed", "1"), ("bench", "humaneval")],
+            -0.05,
+        ),
+        obs(
+            "likelihood-clean",
+            &[("seed", "2"), ("bench", "humaneval")],
+            -0.04,
+        ),
+        obs(
+            "likelihood",
+            &[("data", "messy"), ("seed", "1"), ("bench", "humaneval")],
+            0.002,
+        ),
+        obs(
+            "likelihood",
+            &[("data", "messy"), ("seed", "2"), ("bench", "humaneval")],
+            -0.002,
+        ),
+    ];
+    let keys = AnswerKeys {
+        benchmark: "bench".into(),
+        pooled: vec!["seed".into()],
+        default_benchmark: "HumanEval".into(),
+    };
+    build_answer(&observations, &keys, None, &StatsOptions::default())
+}
+
+/// The answer pools seeds into one row per data variant, compares each with the base and
+/// with each other, and says which is better only where the interval and the test agree.
+#[test]
+fn the_answer_pools_seeds_and_gives_verdicts() {
+    let answer = sample_answer();
+    assert!(answer.notes.is_empty(), "{:?}", answer.notes);
+    let [table] = answer.benchmarks.as_slice() else {
+        panic!("one benchmark expected: {answer:?}")
+    };
+    assert_eq!(table.benchmark, "humaneval");
+    assert_eq!(table.baseline, "base");
+    let rows: Vec<(&str, usize)> = table
+        .rows
+        .iter()
+        .map(|r| (r.variant.as_str(), r.cells[0].as_ref().unwrap().seeds))
+        .collect();
+    assert_eq!(rows, [("base", 1), ("clean", 2), ("messy", 2)]);
+    let clean = table.rows[1].cells[0].as_ref().unwrap();
+    let base = table.rows[0].cells[0].as_ref().unwrap();
+    assert!(
+        (base.mean - clean.mean - 0.045).abs() < 1e-9,
+        "{base:?} {clean:?}"
+    );
+    assert!(clean.ci_low < clean.mean && clean.mean < clean.ci_high);
+    let verdict = |a: &str, b: &str| {
+        table
+            .comparisons
+            .iter()
+            .find(|c| c.a == a && c.b == b)
+            .map(|c| c.verdict)
+            .unwrap()
+    };
+    assert_eq!(verdict("base", "clean"), Verdict::Better);
+    assert_eq!(verdict("clean", "messy"), Verdict::Worse);
+    assert_eq!(verdict("base", "messy"), Verdict::NoDifference);
+
+    let text = render_answer_text(&answer);
+    assert!(
+        text.contains("bits/byte (lower is better; 60 tasks)"),
+        "{text}"
+    );
+    assert!(text.contains("clean beats base on bits/byte"), "{text}");
+    let data = ReportData {
+        answer,
+        ..Default::default()
+    };
+    let md = render_markdown(&data);
+    assert!(md.contains("## The answer: humaneval"), "{md}");
+    assert!(md.contains("| clean | 2 | 0."), "{md}");
+    assert!(render_html(&data).contains("<h2>The answer: humaneval</h2>"));
+}
+
+/// Variants are named alike across stage kinds that follow the manifests' naming, so one
+/// row gathers a variant's likelihood and pass@1.
+#[test]
+fn answer_variant_names_match_across_kinds() {
+    let producers = [
+        Producer::plain("grade-greedy-base"),
+        Producer::with_labels("grade-greedy-textbook", &[("seed", "1")]),
+        Producer::with_labels("grade-greedy", &[("data", "messy"), ("seed", "1")]),
+        Producer::with_labels("grade-base", &[("bench", "humaneval")]),
+        Producer::plain("likelihood-base"),
+        Producer::with_labels("likelihood-textbook", &[("seed", "2")]),
+        Producer::with_labels("likelihood", &[("data", "messy"), ("seed", "2")]),
+        Producer::plain("likelihood-nf4"),
+    ];
+    let dropped = ["seed".to_string(), "bench".to_string()];
+    let names = answer_variant_names(&producers, &dropped);
+    assert_eq!(
+        names,
+        ["base", "textbook", "messy", "base", "base", "textbook", "messy", "nf4"]
+    );
 }
 
 fn sample() -> ReportData {
@@ -36,6 +162,8 @@ fn sample() -> ReportData {
     let messy = tasks(&|i| (i % 9 == 0 || i % 31 == 0) as u64);
     let opts = CompareOptions::default();
     ReportData {
+        answer: sample_answer(),
+        completions_note: "1 of 164 tasks every variant answered; the 1 where the variants disagree (some passed, some failed) come first.".into(),
         title: "Textbooks replication: clean vs messy <data>".into(),
         summary: "SmolLM2-135M fine-tuned with QLoRA on 1,000 CodeAlpaca rows (clean) vs 5,000 GitHub files (messy).".into(),
         variants: vec![
@@ -91,13 +219,14 @@ fn sample() -> ReportData {
             task_id: "HumanEval/0".into(),
             prompt: "def has_close_elements(numbers, threshold):\n    \"\"\"Check if any two numbers are closer than threshold.\"\"\"\n".into(),
             completions: vec![
-                VariantCompletion { variant: "base".into(), completion: "    return False\n".into(), passed: Some(false) },
+                VariantCompletion { variant: "base".into(), completion: "    return False\n".into(), passed: Some(false), outcome: "AssertionError".into() },
                 VariantCompletion {
                     variant: "clean".into(),
                     completion: "    for i, a in enumerate(numbers):\n        for b in numbers[i + 1:]:\n            if abs(a - b) < threshold:\n                return True\n    return False\n".into(),
                     passed: Some(true),
+                    outcome: String::new(),
                 },
-                VariantCompletion { variant: EVIL.into(), completion: "    return 1 < 2 && </pre><img src=x onerror=alert(1)>\n".into(), passed: None },
+                VariantCompletion { variant: EVIL.into(), completion: "    return 1 < 2 && </pre><img src=x onerror=alert(1)>\n".into(), passed: None, outcome: String::new() },
             ],
         }],
         manifest: "[stage.grade]\nkind = \"grade\"\nsamples = \"<generate.clean>\"\n".into(),
@@ -351,9 +480,35 @@ fn variant_from_grade_has_cis_and_rows() {
             entry_point: format!("f{t}"),
         })
         .collect();
-    let rows = completion_rows(&problems, &[("a", &grade), ("b", &grade)], 2);
+    let (rows, note) = completion_rows(&problems, &[("a", &grade), ("b", &grade)], 2);
     assert_eq!(rows.len(), 2);
+    assert_eq!(note, "2 of 3 tasks every variant answered; the 0 where the variants disagree (some passed, some failed) come first.");
     assert_eq!(rows[1].completions.len(), 2);
     assert_eq!(rows[1].completions[1].variant, "b");
     assert_eq!(rows[1].completions[0].completion, "    return 0\n");
+
+    // Where the variants disagree comes first, with why the failing one failed.
+    let mut worse = grade.clone();
+    let first_of_t2 = worse
+        .results
+        .iter_mut()
+        .find(|r| r.task_id == "T/2")
+        .unwrap();
+    first_of_t2.passed = false;
+    first_of_t2.status = Status::Failed;
+    first_of_t2.error = Some("AssertionError: expected 2".into());
+    first_of_t2
+        .extra
+        .insert("finish_reason".into(), serde_json::json!("length"));
+    first_of_t2
+        .extra
+        .insert("generated_tokens".into(), serde_json::json!(256));
+    let (rows, note) = completion_rows(&problems, &[("a", &grade), ("b", &worse)], 2);
+    assert_eq!(rows[0].task_id, "T/2");
+    assert!(note.contains("the 1 where the variants disagree"), "{note}");
+    assert_eq!(rows[0].completions[0].outcome, "");
+    assert_eq!(
+        rows[0].completions[1].outcome,
+        "AssertionError; stopped after 256 tokens"
+    );
 }

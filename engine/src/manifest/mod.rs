@@ -139,6 +139,11 @@ impl StageInstance {
     pub fn headline_files(&self) -> &'static [&'static str] {
         self.stage.headline_files()
     }
+
+    /// The plain-text file of this kind's outputs that `pipeline run` prints at the end.
+    pub fn summary_file(&self) -> Option<&'static str> {
+        self.stage.summary_file()
+    }
 }
 
 impl std::fmt::Debug for StageInstance {

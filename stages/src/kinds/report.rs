@@ -1,4 +1,12 @@
-//! `report`: an experiment report over every graded variant.
+//! `report`: an experiment report over every graded and likelihood-scored variant, answer
+//! first.
+//!
+//! The answer ([`crate::report::answer`]): per benchmark (the `benchmark_key` matrix value), one
+//! table of variants with each metric (bits per byte from `likelihoods`; pass@1, and pass@10
+//! where there are 10 samples, from `grades`) pooled over training seeds (the `pool` matrix
+//! keys) with 95% intervals over tasks and seeds, and the verdicts in plain words: every variant
+//! against the baseline, then every other pair. `pipeline run` prints it at the end
+//! (`answer.txt`).
 //!
 //! Inputs:
 //! * `grades` (many, a [`GradesArtifact`] each): one per variant. A variant is named after what
@@ -7,12 +15,16 @@
 //! * `losses` (many, optional, [`AdapterArtifact`]s): training runs; the metrics of one give the
 //!   loss curve of the graded variants it produced (its matrix values are all among theirs:
 //!   `train@messy,1` → `grade@messy,1,humaneval`).
+//! * `likelihoods` (many, optional, [`LikelihoodArtifact`]s): per-task bits per byte of the
+//!   variants' reference solutions. A report needs `grades` or `likelihoods`.
 //! * `filters` (many, optional, [`FilterReportArtifact`]s).
 //! * `problems` (optional, a [`ProblemsArtifact`]): gives the prompts of the side-by-side
 //!   completions (the completions themselves come from the graded results).
 //!
 //! Parameters: `title`, `summary`, `benchmark` (label of the scores), `baseline` (variant or
-//! stage name every other variant is compared with; default the first), `max_completion_rows`.
+//! stage name every other variant is compared with; default the first, and for the answer a
+//! variant named `base`), `max_completion_rows`, `benchmark_key` (default `bench`), `pool`
+//! (default `["seed"]`).
 //!
 //! Output `report`: a [`ReportArtifact`]. The stage cannot see the manifest; the report lists the
 //! producing stage of every input and the content hash of its artifact instead.
@@ -23,13 +35,16 @@ use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{
-    AdapterArtifact, FilterReportArtifact, GradesArtifact, ProblemsArtifact, ReportArtifact,
+    AdapterArtifact, FilterReportArtifact, GradesArtifact, LikelihoodArtifact, ProblemsArtifact,
+    ReportArtifact,
 };
 use crate::evalsets::EvalProblem;
 use crate::grade::stats::StatsError;
-use crate::grade::{compare_paired, CompareOptions, GradeReport, Problem};
+use crate::grade::{compare_paired, pass_at_k, CompareOptions, GradeReport, Problem};
+use crate::report::answer::{answer_variant_names, build_answer, AnswerKeys, Observation};
 use crate::report::variants::{ancestor_of, variant_names, Producer};
 use crate::report::{completion_rows, CacheKey, FilterStats, LossPoint, ReportData, VariantReport};
+use crate::stats::{Metric, StatsOptions};
 
 /// The `report` stage kind.
 pub struct Report;
@@ -48,6 +63,11 @@ pub struct ReportParams {
     pub baseline: Option<String>,
     /// Most side-by-side completion rows.
     pub max_completion_rows: usize,
+    /// The matrix key whose value names the benchmark (one answer table per benchmark).
+    pub benchmark_key: String,
+    /// Matrix keys whose values are training seeds: a variant's score pools them (mean over
+    /// seeds; the interval resamples tasks and seeds).
+    pub pool: Vec<String>,
 }
 
 impl Default for ReportParams {
@@ -58,6 +78,8 @@ impl Default for ReportParams {
             benchmark: "pass@k".into(),
             baseline: None,
             max_completion_rows: 5,
+            benchmark_key: "bench".into(),
+            pool: vec!["seed".into()],
         }
     }
 }
@@ -66,9 +88,16 @@ const INPUTS: &[InputSlot] = &[
     InputSlot {
         name: "grades",
         accepts: &[GradesArtifact::TYPE],
-        required: true,
+        required: false,
         many: true,
         doc: "graded variants (one grade stage each)",
+    },
+    InputSlot {
+        name: "likelihoods",
+        accepts: &[LikelihoodArtifact::TYPE],
+        required: false,
+        many: true,
+        doc: "likelihood scores of the variants (one likelihood stage each)",
     },
     InputSlot {
         name: "losses",
@@ -105,7 +134,9 @@ impl Stage for Report {
     // 3: variants named from their producers' tables and matrix values as the engine hands
     //    them over (which the key now includes), artifacts cited by their tree hash, the
     //    problems by their producer; markdown escapes text with the one HTML escaper.
-    const VERSION: &'static str = "3";
+    // 4: the answer first (per benchmark, variants pooled over seeds with intervals, and
+    //    verdicts), likelihood inputs, `answer.txt`.
+    const VERSION: &'static str = "4";
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 
@@ -124,6 +155,10 @@ impl Stage for Report {
 
     fn headline_files() -> &'static [&'static str] {
         &["report.html", "report.md"]
+    }
+
+    fn summary_file() -> Option<&'static str> {
+        Some(ReportArtifact::ANSWER_FILE)
     }
 
     fn run(p: &ReportParams, ctx: &mut StageContext) -> miette::Result<()> {
@@ -146,9 +181,11 @@ impl Stage for Report {
         };
 
         let grade_inputs = ctx.inputs("grades");
-        if grade_inputs.is_empty() {
+        let likelihood_inputs = ctx.inputs("likelihoods");
+        if grade_inputs.is_empty() && likelihood_inputs.is_empty() {
             return Err(miette!(
-                "stage `{}` has no `grades` input connected",
+                help = "connect `grades` (grade stages) or `likelihoods` (likelihood stages)",
+                "stage `{}` has nothing to report: no `grades` and no `likelihoods` input",
                 ctx.stage_name()
             ));
         }
@@ -188,37 +225,86 @@ impl Stage for Report {
             }
         }
 
-        let base_idx = match &p.baseline {
-            None => 0,
-            Some(b) => grades
+        let mut observations: Vec<Observation> = Vec::new();
+        for input in likelihood_inputs {
+            data.cache_keys.push(cite("likelihoods", input));
+            let scores = LikelihoodArtifact::read(&input.path)?;
+            observations.push(Observation {
+                producer: producer(input),
+                metric: Metric::bits_per_byte(),
+                scores: scores
+                    .into_iter()
+                    .map(|t| (t.task_id, t.bits_per_byte))
+                    .collect(),
+            });
+        }
+        for (_, who, report) in &grades {
+            observations.extend(pass_at_k_observations(who, report));
+        }
+        // The answer's baseline: the variant the `baseline` parameter names, either directly
+        // (`base`) or through the graded stage it names (`grade-base@humaneval`).
+        let answer_baseline = p.baseline.as_ref().map(|b| {
+            let mut dropped = p.pool.clone();
+            dropped.push(p.benchmark_key.clone());
+            let producers: Vec<Producer> =
+                observations.iter().map(|o| o.producer.clone()).collect();
+            let names = answer_variant_names(&producers, &dropped);
+            producers
                 .iter()
-                .position(|(name, who, _)| name == b || who.instance_name() == *b)
-                .ok_or_else(|| {
-                    miette!(
-                        help = format!(
-                            "use one of: {}",
-                            grades
-                                .iter()
-                                .map(|g| g.0.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                        "baseline `{b}` is not one of the graded variants"
-                    )
-                })?,
+                .zip(names)
+                .find(|(who, _)| who.instance_name() == *b || who.base == *b)
+                .map(|(_, name)| name)
+                .unwrap_or_else(|| b.clone())
+        });
+        let keys = AnswerKeys {
+            benchmark: p.benchmark_key.clone(),
+            pooled: p.pool.clone(),
+            default_benchmark: p.benchmark.clone(),
         };
-        let (base_name, _, base) = &grades[base_idx];
         // A fixed seed (not the experiment's): the report kind does not use the seed, so its
         // output must not depend on it, or two seeds would share a key with different content.
+        data.answer = build_answer(
+            &observations,
+            &keys,
+            answer_baseline.as_deref(),
+            &StatsOptions::default(),
+        );
+
+        // The baseline of the per-stage comparisons: the graded variant `baseline` names
+        // (default the first). A baseline that names no graded variant must name a variant of
+        // the answer (a likelihood-only baseline); otherwise it is a typo worth an error.
+        let grade_base = match &p.baseline {
+            None => 0,
+            Some(b) => match grades
+                .iter()
+                .position(|(name, who, _)| name == b || who.instance_name() == *b || who.base == *b)
+            {
+                Some(i) => i,
+                None if data.answer.benchmarks.iter().any(|t| t.baseline == *b) => 0,
+                None => {
+                    let mut known: Vec<String> = grades.iter().map(|g| g.0.clone()).collect();
+                    for t in &data.answer.benchmarks {
+                        known.extend(t.rows.iter().map(|r| r.variant.clone()));
+                    }
+                    known.dedup();
+                    return Err(miette!(
+                        help = format!("use one of: {}", known.join(", ")),
+                        "baseline `{b}` is not one of the report's variants"
+                    ));
+                }
+            },
+        };
         let opts = CompareOptions::default();
-        for (i, (name, _, g)) in grades.iter().enumerate() {
-            if i == base_idx {
-                continue;
-            }
-            match compare_paired(base_name, &base.tasks, name, &g.tasks, &opts) {
-                Ok(c) => data.comparisons.push(c),
-                Err(e @ StatsError::NoSharedTasks { .. }) => notes.push(e.to_string()),
-                Err(e) => return Err(e.into()),
+        if let Some((base_name, _, base)) = grades.get(grade_base) {
+            for (i, (name, _, g)) in grades.iter().enumerate() {
+                if i == grade_base {
+                    continue;
+                }
+                match compare_paired(base_name, &base.tasks, name, &g.tasks, &opts) {
+                    Ok(c) => data.comparisons.push(c),
+                    Err(e @ StatsError::NoSharedTasks { .. }) => notes.push(e.to_string()),
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
 
@@ -232,8 +318,8 @@ impl Stage for Report {
         }
 
         let problem_input = ctx.inputs("problems").first();
-        let problems: Vec<Problem> = match problem_input {
-            Some(input) => {
+        let problems: Vec<Problem> = match (problem_input, grades.get(grade_base)) {
+            (Some(input), _) => {
                 data.cache_keys.push(cite("problems", input));
                 ProblemsArtifact::read(&input.path)?
                     .iter()
@@ -241,7 +327,7 @@ impl Stage for Report {
                     .collect()
             }
             // Without problems, rows follow the baseline's task order with empty prompts.
-            None => base
+            (None, Some((_, _, base))) => base
                 .tasks
                 .iter()
                 .map(|t| Problem {
@@ -251,10 +337,12 @@ impl Stage for Report {
                     entry_point: String::new(),
                 })
                 .collect(),
+            (None, None) => Vec::new(),
         };
         let named: Vec<(&str, &GradeReport)> =
             grades.iter().map(|(n, _, g)| (n.as_str(), g)).collect();
-        data.completions = completion_rows(&problems, &named, p.max_completion_rows);
+        (data.completions, data.completions_note) =
+            completion_rows(&problems, &named, p.max_completion_rows);
 
         if !notes.is_empty() {
             if !data.summary.is_empty() {
@@ -295,4 +383,35 @@ fn tree_of(input: &InputArtifact) -> String {
     } else {
         input.tree.clone()
     }
+}
+
+/// The pass@k scores of one graded variant as answer observations: per task `c / n` for
+/// pass@1, and the unbiased pass@k estimate for every larger k the samples allow (10 when
+/// there are at least 10 samples per task). The metric's name carries the sample count, so a
+/// greedy single sample and a sampled estimate are never pooled together.
+fn pass_at_k_observations(who: &Producer, report: &GradeReport) -> Vec<Observation> {
+    let Some(n) = report.tasks.iter().map(|t| t.n).min() else {
+        return Vec::new();
+    };
+    let samples = if n == 1 {
+        "1 sample".to_string()
+    } else {
+        format!("n={n}")
+    };
+    [1u64, 10]
+        .into_iter()
+        .filter(|&k| k <= n)
+        .map(|k| Observation {
+            producer: who.clone(),
+            metric: Metric {
+                name: format!("pass@{k} ({samples})"),
+                ..Metric::pass_at_1()
+            },
+            scores: report
+                .tasks
+                .iter()
+                .filter_map(|t| Some((t.task_id.clone(), pass_at_k(t.n, t.c, k)?)))
+                .collect(),
+        })
+        .collect()
 }

@@ -5,6 +5,7 @@
 
 use std::fmt::Write;
 
+use super::answer::{estimate_text, metric_header};
 use super::markdown::score_text;
 use super::svg;
 use super::{escape, pct, LossPoint, ReportData};
@@ -50,6 +51,49 @@ pub fn render_html(data: &ReportData) -> String {
     );
     if !data.summary.is_empty() {
         let _ = write!(out, "<p class=\"summary\">{}</p>", escape(&data.summary));
+    }
+
+    for table in &data.answer.benchmarks {
+        let title = &table.benchmark;
+        let _ = write!(
+            out,
+            "<section><h2>The answer: {}</h2><p>Pooled over training seeds; 95% bootstrap confidence intervals over tasks and seeds in brackets.</p><table><thead><tr><th>variant</th><th>seeds</th>",
+            escape(title)
+        );
+        for j in 0..table.metrics.len() {
+            let _ = write!(out, "<th>{}</th>", escape(&metric_header(table, j)));
+        }
+        out.push_str("</tr></thead><tbody>");
+        for row in &table.rows {
+            let seeds = row
+                .cells
+                .iter()
+                .flatten()
+                .map(|e| e.seeds)
+                .max()
+                .unwrap_or(0);
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td class=\"num\">{seeds}</td>",
+                escape(&row.variant)
+            );
+            for (c, m) in row.cells.iter().zip(&table.metrics) {
+                let text = c
+                    .as_ref()
+                    .map(|e| estimate_text(e, m.unit))
+                    .unwrap_or_else(|| "–".into());
+                let _ = write!(out, "<td class=\"num\">{}</td>", escape(&text));
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</tbody></table><ul>");
+        for c in &table.comparisons {
+            let _ = write!(out, "<li>{}</li>", escape(&c.sentence));
+        }
+        out.push_str("</ul></section>");
+    }
+    for note in &data.answer.notes {
+        let _ = write!(out, "<p class=\"note\">Note: {}</p>", escape(note));
     }
 
     if !data.variants.is_empty() {
@@ -182,6 +226,9 @@ pub fn render_html(data: &ReportData) -> String {
 
     if !data.completions.is_empty() {
         out.push_str("<section><h2>Completions</h2>");
+        if !data.completions_note.is_empty() {
+            let _ = write!(out, "<p>{}</p>", escape(&data.completions_note));
+        }
         for row in &data.completions {
             let cols = row.completions.len().max(1);
             let _ = write!(
@@ -192,9 +239,13 @@ pub fn render_html(data: &ReportData) -> String {
             );
             for c in &row.completions {
                 let mark = match c.passed {
-                    Some(true) => "<span class=\"pass\">✓ passed</span>",
-                    Some(false) => "<span class=\"fail\">✗ failed</span>",
-                    None => "",
+                    Some(true) => "<span class=\"pass\">✓ passed</span>".to_string(),
+                    Some(false) if !c.outcome.is_empty() => format!(
+                        "<span class=\"fail\">✗ failed: {}</span>",
+                        escape(&c.outcome)
+                    ),
+                    Some(false) => "<span class=\"fail\">✗ failed</span>".to_string(),
+                    None => String::new(),
                 };
                 let _ = write!(
                     out,

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::answer::{estimate_text, metric_header};
 use super::{escape, pct, ReportData, ScorePoint};
 
 /// Escapes text for a markdown table cell: HTML-escaped (markdown passes HTML through), pipes
@@ -49,6 +50,51 @@ pub fn render_markdown(data: &ReportData) -> String {
     let _ = writeln!(out, "# {}\n", cell(title));
     if !data.summary.is_empty() {
         let _ = writeln!(out, "{}\n", escape(&data.summary));
+    }
+
+    for table in &data.answer.benchmarks {
+        let title = &table.benchmark;
+        let _ = writeln!(
+            out,
+            "## The answer: {}\n\nPooled over training seeds; 95% bootstrap confidence intervals over tasks and seeds in brackets.\n",
+            cell(title)
+        );
+        out.push_str("| variant | seeds |");
+        for j in 0..table.metrics.len() {
+            let _ = write!(out, " {} |", cell(&metric_header(table, j)));
+        }
+        out.push_str("\n|---|---:|");
+        for _ in &table.metrics {
+            out.push_str("---|");
+        }
+        out.push('\n');
+        for row in &table.rows {
+            let seeds = row
+                .cells
+                .iter()
+                .flatten()
+                .map(|e| e.seeds)
+                .max()
+                .unwrap_or(0);
+            let _ = write!(out, "| {} | {seeds} |", cell(&row.variant));
+            for (c, m) in row.cells.iter().zip(&table.metrics) {
+                match c {
+                    Some(e) => {
+                        let _ = write!(out, " {} |", estimate_text(e, m.unit));
+                    }
+                    None => out.push_str(" – |"),
+                }
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+        for c in &table.comparisons {
+            let _ = writeln!(out, "- {}", escape(&c.sentence));
+        }
+        out.push('\n');
+    }
+    for note in &data.answer.notes {
+        let _ = writeln!(out, "Note: {}\n", escape(note));
     }
 
     if !data.variants.is_empty() {
@@ -171,14 +217,20 @@ pub fn render_markdown(data: &ReportData) -> String {
 
     if !data.completions.is_empty() {
         out.push_str("## Completions\n\n");
+        if !data.completions_note.is_empty() {
+            let _ = writeln!(out, "{}\n", escape(&data.completions_note));
+        }
         for row in &data.completions {
             let _ = writeln!(out, "### {}\n", cell(&row.task_id));
             code_block(&mut out, "python", &row.prompt);
             for c in &row.completions {
                 let mark = match c.passed {
-                    Some(true) => " — passed",
-                    Some(false) => " — failed",
-                    None => "",
+                    Some(true) => " — passed".to_string(),
+                    Some(false) if !c.outcome.is_empty() => {
+                        format!(" — failed: {}", cell(&c.outcome))
+                    }
+                    Some(false) => " — failed".to_string(),
+                    None => String::new(),
                 };
                 let _ = writeln!(out, "**{}**{mark}\n", cell(&c.variant));
                 code_block(&mut out, "python", &c.completion);

@@ -7,6 +7,7 @@
 //! completions, paired comparisons with verdicts, and the manifest and cache keys that
 //! produced the results.
 
+pub mod answer;
 mod html;
 mod markdown;
 pub mod svg;
@@ -28,14 +29,19 @@ pub struct ReportData {
     pub title: String,
     /// Free-text introduction (rendered as a paragraph).
     pub summary: String,
+    /// The answer: per benchmark, the variants' pooled scores with intervals and the verdicts.
+    pub answer: answer::Answer,
     /// One entry per model variant (e.g. base, clean, messy).
     pub variants: Vec<VariantReport>,
     /// Paired comparisons between variants.
     pub comparisons: Vec<PairedComparison>,
     /// Data-filter statistics per dataset.
     pub filters: Vec<FilterStats>,
-    /// Prompts with each variant's completion.
+    /// Prompts with each variant's completion: tasks where the variants disagree first.
     pub completions: Vec<CompletionRow>,
+    /// What the completions section shows, e.g. `5 of 164 tasks; the 3 where the variants
+    /// disagree come first`.
+    pub completions_note: String,
     /// The manifest text that produced the run.
     pub manifest: String,
     /// Cache keys of the stages that produced the results.
@@ -183,6 +189,9 @@ pub struct VariantCompletion {
     pub completion: String,
     /// Whether it passed the tests, if graded.
     pub passed: Option<bool>,
+    /// Why it failed, in a few words (`AssertionError`, `timed out`, `stopped after 256
+    /// tokens`); empty when it passed.
+    pub outcome: String,
 }
 
 /// The cache key of one stage.
@@ -263,18 +272,17 @@ impl VariantReport {
     }
 }
 
-/// Side-by-side rows for the first `max_rows` problems (in problem order) that every
-/// variant answered, showing each variant's first sample for the task.
+/// Side-by-side rows of at most `max_rows` problems that every variant answered, each
+/// variant's first sample for the task: first the tasks where the variants disagree (some
+/// passed, some failed), then the rest, each group in problem order. Returns the rows and a
+/// sentence saying what they are.
 pub fn completion_rows(
     problems: &[Problem],
     variants: &[(&str, &GradeReport)],
     max_rows: usize,
-) -> Vec<CompletionRow> {
-    let mut rows = Vec::new();
+) -> (Vec<CompletionRow>, String) {
+    let mut answered: Vec<CompletionRow> = Vec::new();
     for p in problems {
-        if rows.len() >= max_rows {
-            break;
-        }
         let completions: Option<Vec<VariantCompletion>> = variants
             .iter()
             .map(|(name, g)| {
@@ -285,18 +293,73 @@ pub fn completion_rows(
                         variant: name.to_string(),
                         completion: r.completion.clone(),
                         passed: Some(r.passed),
+                        outcome: failure_reason(r),
                     })
             })
             .collect();
         if let Some(completions) = completions {
-            rows.push(CompletionRow {
+            answered.push(CompletionRow {
                 task_id: p.task_id.clone(),
                 prompt: p.prompt.clone(),
                 completions,
             });
         }
     }
-    rows
+    let disagree = |row: &CompletionRow| {
+        let passed = row
+            .completions
+            .iter()
+            .filter(|c| c.passed == Some(true))
+            .count();
+        passed > 0 && passed < row.completions.len()
+    };
+    let disagreeing = answered.iter().filter(|r| disagree(r)).count();
+    let total = answered.len();
+    let (mut rows, rest): (Vec<_>, Vec<_>) = answered.into_iter().partition(|r| disagree(r));
+    rows.extend(rest);
+    rows.truncate(max_rows);
+    let note = format!(
+        "{} of {total} tasks every variant answered; the {disagreeing} where the variants disagree \
+         (some passed, some failed) come first.",
+        rows.len()
+    );
+    (rows, note)
+}
+
+/// Why a graded sample failed, in a few words: the error's first word (`AssertionError`,
+/// `SyntaxError`, `NameError`), `timed out`, or how the process ended; and `stopped after N
+/// tokens` when generation hit its token limit. Empty when it passed.
+pub fn failure_reason(r: &crate::grade::SampleResult) -> String {
+    use crate::grade::Status;
+    if r.passed {
+        return String::new();
+    }
+    let mut parts = Vec::new();
+    match r.status {
+        Status::TimedOut => parts.push("timed out".to_string()),
+        _ => {
+            let error = r.error.as_deref().unwrap_or(&r.result);
+            let error = error.trim().trim_start_matches("failed:").trim();
+            let kind = error
+                .split(|c: char| c == ':' || c.is_whitespace())
+                .next()
+                .unwrap_or("");
+            parts.push(if kind.is_empty() {
+                "failed".to_string()
+            } else {
+                kind.to_string()
+            });
+        }
+    }
+    if r.extra.get("finish_reason").and_then(|v| v.as_str()) == Some("length") {
+        let tokens = r
+            .extra
+            .get("generated_tokens")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        parts.push(format!("stopped after {tokens} tokens"));
+    }
+    parts.join("; ")
 }
 
 /// Escapes text for HTML/XML element content and attribute values.
