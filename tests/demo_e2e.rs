@@ -253,7 +253,14 @@ fn demo_runs_end_to_end_resumes_after_kill_and_reruns_only_what_changed() {
     assert!(rerun.contains(&"train@messy".to_string()), "{rerun:?}");
     for stage in &rerun {
         assert!(
-            ["generate@messy", "grade@messy", "report", "train@messy"].contains(&stage.as_str()),
+            [
+                "generate@messy",
+                "grade@messy",
+                "likelihood@messy",
+                "report",
+                "train@messy",
+            ]
+            .contains(&stage.as_str()),
             "{stage} reran but is not on the edited branch: {rerun:?}"
         );
     }

@@ -137,11 +137,27 @@ fn report_combines_variants_filters_losses_and_completions() {
     );
     assert_eq!(data.filters[0].histograms[0].threshold, Some(0.5));
     assert_eq!(data.completions.len(), 3);
-    assert_eq!(data.completions[0].prompt, problems[0].prompt);
-    assert_eq!(
-        data.completions[0].completions[1].completion,
-        "    return BETTER_MARK\n"
+    // Tasks where the variants disagree come first, and the report says how many it shows.
+    let disagree = |row: &pipeline_stages::report::CompletionRow| {
+        let passed = row
+            .completions
+            .iter()
+            .filter(|c| c.passed == Some(true))
+            .count();
+        passed > 0 && passed < row.completions.len()
+    };
+    assert!(disagree(&data.completions[0]), "{:?}", data.completions[0]);
+    assert!(
+        data.completions_note.starts_with("3 of "),
+        "{}",
+        data.completions_note
     );
+    // Problem 0 passes in both variants; problem 1 is the first where they disagree.
+    let first = &data.completions[0];
+    assert_eq!(first.task_id, problems[1].task_id);
+    assert_eq!(first.prompt, problems[1].prompt);
+    assert_eq!(first.completions[0].outcome, "AssertionError");
+    assert_eq!(first.completions[1].completion, "    return BETTER_MARK\n");
     // The loss curve's producer (`losses`) matches no variant: noted, not silently dropped.
     assert!(data.summary.contains("losses"), "{}", data.summary);
     assert!(data.manifest.contains("grades: grades"));

