@@ -173,8 +173,7 @@ fn sample() -> ReportData {
                 pass_at_k: vec![ScorePoint { k: 1, value: 0.1159, ci_low: Some(0.0671), ci_high: Some(0.1646) }],
                 tasks: 164,
                 samples: 164,
-                loss: vec![],
-            },
+                loss: vec![], held_out_loss: None },
             VariantReport {
                 name: "clean".into(),
                 benchmark: "HumanEval".into(),
@@ -184,16 +183,14 @@ fn sample() -> ReportData {
                 ],
                 tasks: 164,
                 samples: 1640,
-                loss: loss(1.4, 0.08),
-            },
+                loss: loss(1.4, 0.08), held_out_loss: None },
             VariantReport {
                 name: EVIL.into(),
                 benchmark: "HumanEval".into(),
                 pass_at_k: vec![ScorePoint { k: 1, value: 0.1402, ci_low: Some(0.0915), ci_high: Some(0.1951) }],
                 tasks: 164,
                 samples: 164,
-                loss: loss(1.9, 0.05),
-            },
+                loss: loss(1.9, 0.05), held_out_loss: None },
         ],
         comparisons: vec![
             compare_paired("base", &base, "clean", &clean, &opts).unwrap(),

@@ -198,11 +198,15 @@ impl Stage for Report {
         }
 
         let mut notes = Vec::new();
-        let mut losses: Vec<(Producer, Vec<LossPoint>)> = Vec::new();
+        let mut losses: Vec<(Producer, TrainingLoss)> = Vec::new();
         for input in ctx.inputs("losses") {
             data.cache_keys.push(cite("losses", input));
+            // A downloaded or older adapter may have no train.json: then no held-out loss.
+            let held_out = AdapterArtifact::read_summary(&input.path)
+                .ok()
+                .and_then(|s| s.final_eval_loss);
             match AdapterArtifact::read_loss_curve(&input.path)? {
-                Some(curve) => losses.push((producer(input), curve)),
+                Some(curve) => losses.push((producer(input), (curve, held_out))),
                 None => notes.push(format!(
                     "{} has no metrics.jsonl; no loss curve",
                     input.stage
@@ -210,11 +214,13 @@ impl Stage for Report {
             }
         }
         for (name, who, report) in &grades {
-            let loss = ancestor_of(who, &losses)
-                .map(|(_, curve)| curve.clone())
+            let (loss, held_out_loss) = ancestor_of(who, &losses)
+                .map(|(_, run)| run.clone())
                 .unwrap_or_default();
-            data.variants
-                .push(VariantReport::from_grade(name, &p.benchmark, report, loss));
+            data.variants.push(VariantReport {
+                held_out_loss,
+                ..VariantReport::from_grade(name, &p.benchmark, report, loss)
+            });
         }
         for (trained, _) in &losses {
             if !graded.iter().any(|g| trained.is_ancestor_of(g)) {
@@ -362,6 +368,9 @@ impl Stage for Report {
         Ok(())
     }
 }
+
+/// A training run's loss curve and its held-out loss at the end (if it had held-out records).
+type TrainingLoss = (Vec<LossPoint>, Option<f64>);
 
 /// What produced `input`: its stage's manifest table and matrix values, as the engine says.
 fn producer(input: &InputArtifact) -> Producer {

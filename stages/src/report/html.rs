@@ -181,7 +181,7 @@ pub fn render_html(data: &ReportData) -> String {
     if let Some(chart) = svg::loss_chart("training loss", &loss_series) {
         out.push_str("<section><h2>Training loss</h2><div class=\"chart\">");
         out.push_str(&chart);
-        out.push_str("</div><table><thead><tr><th>variant</th><th>steps</th><th>first</th><th>last</th><th>min</th></tr></thead><tbody>");
+        out.push_str("</div><table><thead><tr><th>variant</th><th>steps</th><th>first</th><th>last</th><th>min</th><th>held-out (end)</th></tr></thead><tbody>");
         for v in data.variants.iter().filter(|v| !v.loss.is_empty()) {
             let first = v.loss.first().map(|p| p.loss).unwrap_or(f64::NAN);
             let last = v.loss.last().map(|p| p.loss).unwrap_or(f64::NAN);
@@ -189,8 +189,11 @@ pub fn render_html(data: &ReportData) -> String {
             let steps = v.loss.last().map(|p| p.step).unwrap_or(0);
             let _ = write!(
                 out,
-                "<tr><td>{}</td><td class=\"num\">{steps}</td><td class=\"num\">{first:.4}</td><td class=\"num\">{last:.4}</td><td class=\"num\">{min:.4}</td></tr>",
-                escape(&v.name)
+                "<tr><td>{}</td><td class=\"num\">{steps}</td><td class=\"num\">{first:.4}</td><td class=\"num\">{last:.4}</td><td class=\"num\">{min:.4}</td><td class=\"num\">{}</td></tr>",
+                escape(&v.name),
+                v.held_out_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or_else(|| "–".into())
             );
         }
         out.push_str("</tbody></table></section>");

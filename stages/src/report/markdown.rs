@@ -165,7 +165,7 @@ pub fn render_markdown(data: &ReportData) -> String {
     }
 
     if data.variants.iter().any(|v| !v.loss.is_empty()) {
-        out.push_str("## Training loss\n\n| variant | steps | first | last | min |\n|---|---:|---:|---:|---:|\n");
+        out.push_str("## Training loss\n\nHeld-out: the loss at the end on records the training stage held out of its own data.\n\n| variant | steps | first | last | min | held-out |\n|---|---:|---:|---:|---:|---:|\n");
         for v in data.variants.iter().filter(|v| !v.loss.is_empty()) {
             let first = v.loss.first().map(|p| p.loss).unwrap_or(f64::NAN);
             let last = v.loss.last().map(|p| p.loss).unwrap_or(f64::NAN);
@@ -173,8 +173,11 @@ pub fn render_markdown(data: &ReportData) -> String {
             let steps = v.loss.last().map(|p| p.step).unwrap_or(0);
             let _ = writeln!(
                 out,
-                "| {} | {steps} | {first:.4} | {last:.4} | {min:.4} |",
-                cell(&v.name)
+                "| {} | {steps} | {first:.4} | {last:.4} | {min:.4} | {} |",
+                cell(&v.name),
+                v.held_out_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or_else(|| "–".into())
             );
         }
         out.push('\n');

@@ -64,6 +64,8 @@ pub struct VariantReport {
     pub samples: usize,
     /// Training loss curve (empty for untrained baselines).
     pub loss: Vec<LossPoint>,
+    /// Loss on the training stage's held-out records at the end, when it had some.
+    pub held_out_loss: Option<f64>,
 }
 
 /// pass@k for one k, with a confidence interval when known.
@@ -268,6 +270,7 @@ impl VariantReport {
             tasks: grade.tasks.len(),
             samples: grade.results.len(),
             loss,
+            held_out_loss: None,
         }
     }
 }
