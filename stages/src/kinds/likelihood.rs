@@ -143,7 +143,7 @@ impl Stage for Likelihood {
             })?;
         let tokenizer = TextTokenizer::load(&tokenizer_path, None, None)?;
 
-        let mut scored_tasks = Vec::new();
+        let mut scored_tasks: Vec<ScoredTask> = Vec::new();
         let mut examples: Vec<Example> = Vec::new();
         let mut skipped = 0;
         for (i, problem) in problems.iter().enumerate() {
@@ -152,11 +152,11 @@ impl Stage for Likelihood {
                 continue;
             };
             let example = solution_example(&tokenizer, &posed.asked[i].prompt, &solution)?;
-            scored_tasks.push((
-                problem.task_id.clone(),
-                solution.len(),
-                example.1.iter().filter(|&&m| m == 0).count(),
-            ));
+            scored_tasks.push(ScoredTask {
+                task_id: problem.task_id.clone(),
+                bytes: solution.len(),
+                prompt_tokens: example.1.iter().filter(|&&m| m == 0).count(),
+            });
             examples.push(example);
         }
         if examples.is_empty() {
@@ -166,11 +166,11 @@ impl Stage for Likelihood {
                 problems.len()
             ));
         }
-        if let Some((task, _, _)) = scored_tasks
+        if let Some(task) = scored_tasks
             .iter()
             .zip(&examples)
             .find(|(_, (_, mask))| !mask.contains(&1))
-            .map(|(t, _)| t)
+            .map(|(t, _)| &t.task_id)
         {
             return Err(miette::miette!(
                 "task {task}: its reference solution is empty, so there is nothing to score"
@@ -195,13 +195,13 @@ impl Stage for Likelihood {
         let rows: Vec<TaskLikelihood> = scored_tasks
             .into_iter()
             .zip(&scores)
-            .map(|((task_id, bytes, prompt_tokens), s)| TaskLikelihood {
-                task_id,
+            .map(|(task, s)| TaskLikelihood {
+                task_id: task.task_id,
                 nll: s.nll,
                 tokens: s.tokens,
-                bytes,
-                bits_per_byte: bits_per_byte(s.nll, bytes),
-                prompt_tokens,
+                bytes: task.bytes,
+                bits_per_byte: bits_per_byte(s.nll, task.bytes),
+                prompt_tokens: task.prompt_tokens,
             })
             .collect();
         if let Some(bad) = rows.iter().find(|r| !r.nll.is_finite()) {
@@ -235,6 +235,14 @@ impl Stage for Likelihood {
         ctx.set_metadata("tokens", total_tokens as u64);
         Ok(())
     }
+}
+
+/// A task whose reference solution is scored: its id, the solution's UTF-8 bytes and the
+/// prompt's tokens.
+struct ScoredTask {
+    task_id: String,
+    bytes: usize,
+    prompt_tokens: usize,
 }
 
 /// `nll` nats over `bytes` bytes, in bits per byte.
