@@ -20,8 +20,6 @@ pub mod python;
 pub mod readers;
 pub mod records;
 pub mod report;
-/// Pooled estimates and paired comparisons over tasks and training seeds (bootstrap CIs,
-/// sign-flip tests, verdict sentences).
 pub mod stats;
 pub mod templates;
 pub mod tokenize;
