@@ -136,7 +136,10 @@ impl Stage for Report {
     //    problems by their producer; markdown escapes text with the one HTML escaper.
     // 4: the answer first (per benchmark, variants pooled over seeds with intervals, and
     //    verdicts), likelihood inputs, `answer.txt`.
-    const VERSION: &'static str = "4";
+    // 5: variants named alike across kinds (`grade-greedy-base` and `likelihood-base` are both
+    //    `base`), instances without a benchmark value join the default benchmark's table,
+    //    held-out losses, disagreeing completions first with why they failed.
+    const VERSION: &'static str = "5";
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 

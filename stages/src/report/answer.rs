@@ -162,7 +162,11 @@ pub fn build_answer(
     let mut tables: BTreeMap<String, Table> = BTreeMap::new();
     let mut answer = Answer::default();
     for (o, name) in observations.iter().zip(&names) {
-        let bench = label(&o.producer, &keys.benchmark);
+        // An instance without the benchmark key (a stage that took one benchmark's instance,
+        // `evals@humaneval`) belongs to the default benchmark's table.
+        let bench = Some(label(&o.producer, &keys.benchmark))
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| keys.default_benchmark.clone());
         let seed: Vec<String> = keys.pooled.iter().map(|k| label(&o.producer, k)).collect();
         let Table {
             variants,
@@ -206,11 +210,6 @@ pub fn build_answer(
         },
     ) in tables
     {
-        let bench = if bench.is_empty() {
-            keys.default_benchmark.clone()
-        } else {
-            bench
-        };
         let baseline = baseline
             .filter(|b| variants.iter().any(|v| v == b))
             .map(str::to_string)
