@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::grade::stats::{format_p, sign_flip_p};
+use crate::grade::stats::{format_p, quantile, sign_flip_p};
 
 /// Differences within this of zero are ties (and count as zero in the sign-flip test).
 const TIE: f64 = 1e-12;
@@ -516,13 +516,6 @@ fn percentile_ci(mut boot: Vec<f64>, confidence: f64) -> (f64, f64) {
     boot.sort_by(f64::total_cmp);
     let tail = (1.0 - confidence) / 2.0;
     (quantile(&boot, tail), quantile(&boot, 1.0 - tail))
-}
-
-/// Linear-interpolated quantile of sorted data.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let pos = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
 #[cfg(test)]

@@ -109,6 +109,34 @@ fn the_answer_pools_seeds_and_gives_verdicts() {
     assert_eq!(verdict("clean", "messy"), Verdict::Worse);
     assert_eq!(verdict("base", "messy"), Verdict::NoDifference);
 
+    // A baseline named through the stage that produced it resolves to its variant.
+    let observations_baseline = {
+        let keys = AnswerKeys {
+            benchmark: "bench".into(),
+            pooled: vec!["seed".into()],
+            default_benchmark: "HumanEval".into(),
+        };
+        let obs = vec![
+            Observation {
+                producer: Producer::plain("likelihood-base"),
+                metric: Metric::bits_per_byte(),
+                scores: vec![("t".into(), 0.5)],
+            },
+            Observation {
+                producer: Producer::with_labels("likelihood-clean", &[("seed", "1")]),
+                metric: Metric::bits_per_byte(),
+                scores: vec![("t".into(), 0.4)],
+            },
+        ];
+        build_answer(
+            &obs,
+            &keys,
+            Some("likelihood-clean@1"),
+            &StatsOptions::default(),
+        )
+    };
+    assert_eq!(observations_baseline.benchmarks[0].baseline, "clean");
+
     let text = render_answer_text(&answer);
     assert!(
         text.contains("bits/byte (lower is better; 60 tasks)"),

@@ -249,7 +249,7 @@ pub fn format_p(p: f64) -> String {
 }
 
 /// Linear-interpolated quantile of sorted data.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     let pos = q * (sorted.len() - 1) as f64;
     let lo = pos.floor() as usize;
     let hi = pos.ceil() as usize;

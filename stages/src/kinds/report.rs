@@ -41,7 +41,7 @@ use crate::artifacts::{
 use crate::evalsets::EvalProblem;
 use crate::grade::stats::StatsError;
 use crate::grade::{compare_paired, pass_at_k, CompareOptions, GradeReport, Problem};
-use crate::report::answer::{answer_variant_names, build_answer, AnswerKeys, Observation};
+use crate::report::answer::{build_answer, AnswerKeys, Observation};
 use crate::report::variants::{ancestor_of, variant_names, Producer};
 use crate::report::{completion_rows, CacheKey, FilterStats, LossPoint, ReportData, VariantReport};
 use crate::stats::{Metric, StatsOptions};
@@ -250,21 +250,6 @@ impl Stage for Report {
         for (_, who, report) in &grades {
             observations.extend(pass_at_k_observations(who, report));
         }
-        // The answer's baseline: the variant the `baseline` parameter names, either directly
-        // (`base`) or through the graded stage it names (`grade-base@humaneval`).
-        let answer_baseline = p.baseline.as_ref().map(|b| {
-            let mut dropped = p.pool.clone();
-            dropped.push(p.benchmark_key.clone());
-            let producers: Vec<Producer> =
-                observations.iter().map(|o| o.producer.clone()).collect();
-            let names = answer_variant_names(&producers, &dropped);
-            producers
-                .iter()
-                .zip(names)
-                .find(|(who, _)| who.instance_name() == *b || who.base == *b)
-                .map(|(_, name)| name)
-                .unwrap_or_else(|| b.clone())
-        });
         let keys = AnswerKeys {
             benchmark: p.benchmark_key.clone(),
             pooled: p.pool.clone(),
@@ -275,7 +260,7 @@ impl Stage for Report {
         data.answer = build_answer(
             &observations,
             &keys,
-            answer_baseline.as_deref(),
+            p.baseline.as_deref(),
             &StatsOptions::default(),
         );
 

@@ -76,6 +76,18 @@ pub struct AnswerRow {
     pub cells: Vec<Option<Estimate>>,
 }
 
+impl AnswerRow {
+    /// Training seeds behind the row: the most any of its metrics pooled.
+    pub fn seeds(&self) -> usize {
+        self.cells
+            .iter()
+            .flatten()
+            .map(|e| e.seeds)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// Names the variants of `producers` for the answer: matrix values under `dropped` keys are
 /// left out (the benchmark, seeds), and so are the words of each table name that say what
 /// stage it is rather than which variant: the first word (the manifests name tables
@@ -139,8 +151,9 @@ struct Table {
     cells: BTreeMap<String, BTreeMap<String, Vec<SeedRow>>>,
 }
 
-/// Builds the answer from `observations`. `baseline` names the baseline variant (default: a
-/// variant named `base` if there is one, else the first).
+/// Builds the answer from `observations`. `baseline` names the baseline variant, directly
+/// (`base`) or through a stage that produced it (`grade-base`, `grade-base@humaneval`);
+/// default: a variant named `base` if there is one, else the first.
 pub fn build_answer(
     observations: &[Observation],
     keys: &AnswerKeys,
@@ -151,6 +164,13 @@ pub fn build_answer(
     dropped.push(keys.benchmark.clone());
     let producers: Vec<Producer> = observations.iter().map(|o| o.producer.clone()).collect();
     let names = answer_variant_names(&producers, &dropped);
+    let baseline: Option<String> = baseline.map(|b| {
+        producers
+            .iter()
+            .zip(&names)
+            .find(|(who, _)| who.instance_name() == b || who.base == b)
+            .map_or_else(|| b.to_string(), |(_, name)| name.clone())
+    });
     let label = |p: &Producer, key: &str| {
         p.labels
             .iter()
@@ -211,8 +231,9 @@ pub fn build_answer(
     ) in tables
     {
         let baseline = baseline
-            .filter(|b| variants.iter().any(|v| v == b))
-            .map(str::to_string)
+            .as_ref()
+            .filter(|b| variants.contains(b))
+            .cloned()
             .or_else(|| variants.iter().find(|v| *v == "base").cloned())
             .unwrap_or_else(|| variants[0].clone());
         let mut ordered = vec![baseline.clone()];
@@ -341,13 +362,7 @@ pub fn render_answer_text(answer: &Answer) -> String {
             .chain(std::iter::once("seeds".to_string()))
             .collect()];
         for row in &table.rows {
-            let seeds = row
-                .cells
-                .iter()
-                .flatten()
-                .map(|e| e.seeds)
-                .max()
-                .unwrap_or(0);
+            let seeds = row.seeds();
             grid.push(
                 std::iter::once(row.variant.clone())
                     .chain(row.cells.iter().zip(&table.metrics).map(|(c, m)| match c {

@@ -65,13 +65,7 @@ pub fn render_html(data: &ReportData) -> String {
         }
         out.push_str("</tr></thead><tbody>");
         for row in &table.rows {
-            let seeds = row
-                .cells
-                .iter()
-                .flatten()
-                .map(|e| e.seeds)
-                .max()
-                .unwrap_or(0);
+            let seeds = row.seeds();
             let _ = write!(
                 out,
                 "<tr><td>{}</td><td class=\"num\">{seeds}</td>",

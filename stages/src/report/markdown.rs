@@ -69,13 +69,7 @@ pub fn render_markdown(data: &ReportData) -> String {
         }
         out.push('\n');
         for row in &table.rows {
-            let seeds = row
-                .cells
-                .iter()
-                .flatten()
-                .map(|e| e.seeds)
-                .max()
-                .unwrap_or(0);
+            let seeds = row.seeds();
             let _ = write!(out, "| {} | {seeds} |", cell(&row.variant));
             for (c, m) in row.cells.iter().zip(&table.metrics) {
                 match c {
