@@ -99,6 +99,16 @@ impl Metric {
         }
     }
 
+    /// Bits per byte with the problems framed in a training template instead of the
+    /// benchmark's prompt (`bits/byte (instruction template)`): its own metric, never pooled
+    /// or compared with the benchmark-framed one or another template's.
+    pub fn bits_per_byte_in_template(template: &str) -> Self {
+        Self {
+            name: format!("bits/byte ({template} template)"),
+            ..Self::bits_per_byte()
+        }
+    }
+
     /// pass@1: higher is better, in percentage points.
     pub fn pass_at_1() -> Self {
         Self {

@@ -45,6 +45,22 @@ impl Default for TemplateSpec {
     }
 }
 
+impl TemplateSpec {
+    /// A short name of the template for people, e.g. in a report's column header: the
+    /// template's name, and for `custom` also its prompt and response patterns (two custom
+    /// templates are two different framings).
+    pub fn label(&self) -> String {
+        match (self.name.as_str(), &self.prompt, &self.response) {
+            ("custom", prompt, response) => format!(
+                "custom {:?} + {:?}",
+                prompt.as_deref().unwrap_or_default(),
+                response.as_deref().unwrap_or_default()
+            ),
+            (name, _, _) => name.to_string(),
+        }
+    }
+}
+
 /// A record rendered by a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
@@ -291,6 +307,22 @@ mod tests {
             .unwrap();
         assert_eq!(r.prompt, "Q: why {literal}\nA:");
         assert_eq!(r.response, " because");
+    }
+
+    #[test]
+    fn labels_name_the_template() {
+        let named = TemplateSpec {
+            name: "code_snippet".into(),
+            ..Default::default()
+        };
+        assert_eq!(named.label(), "code_snippet");
+        assert_eq!(TemplateSpec::default().label(), "instruction");
+        let custom = TemplateSpec {
+            name: "custom".into(),
+            prompt: Some("Q: {prompt}\n".into()),
+            response: Some("{solution}".into()),
+        };
+        assert_eq!(custom.label(), "custom \"Q: {prompt}\\n\" + \"{solution}\"");
     }
 
     #[test]

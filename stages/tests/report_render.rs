@@ -166,13 +166,202 @@ fn answer_variant_names_match_across_kinds() {
         Producer::with_labels("likelihood-textbook", &[("seed", "2")]),
         Producer::with_labels("likelihood", &[("data", "messy"), ("seed", "2")]),
         Producer::plain("likelihood-nf4"),
+        // Scored under training templates (smollm2-quality.toml's names).
+        Producer::plain("likelihood-instruction-base"),
+        Producer::with_labels("likelihood-instruction-textbook", &[("seed", "1")]),
+        Producer::plain("likelihood-snippet-base"),
+        Producer::with_labels("likelihood-snippet", &[("data", "filtered"), ("seed", "1")]),
     ];
     let dropped = ["seed".to_string(), "bench".to_string()];
     let names = answer_variant_names(&producers, &dropped);
     assert_eq!(
         names,
-        ["base", "textbook", "messy", "base", "base", "textbook", "messy", "nf4"]
+        [
+            "base", "textbook", "messy", "base", "base", "textbook", "messy", "nf4", "base",
+            "textbook", "base", "filtered"
+        ]
     );
+}
+
+/// Likelihoods of problems framed in a training template are a metric of their own: the
+/// report kind names the column after the template (from the likelihood summary), puts each
+/// score in the row of the same variant as its benchmark-framed score (`likelihood-snippet-base`
+/// and `likelihood-base` are both `base`), and compares variants only within a column: the
+/// textbook adapter with the base under the `instruction` template, the raw-code adapter with
+/// the base under `code_snippet`.
+#[test]
+fn template_framed_likelihoods_are_their_own_labeled_column() {
+    use std::collections::BTreeMap;
+
+    use pipeline_engine::stage::InputArtifact;
+    use pipeline_engine::{Stage, StageContext};
+    use pipeline_stages::artifacts::{
+        LikelihoodArtifact, LikelihoodSummary, ReportArtifact, TaskLikelihood,
+    };
+    use pipeline_stages::kinds::report::{Report, ReportParams};
+    use pipeline_stages::templates::TemplateSpec;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let scores = |base: &str, labels: &[(&str, &str)], template: Option<&str>, shift: f64| {
+        let dir = tmp.path().join(format!("{base}{}", labels.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows: Vec<TaskLikelihood> = (0..40)
+            .map(|t| {
+                let bpb = 0.5 + 0.01 * (t % 7) as f64 + 0.001 * (t % 3) as f64 + shift;
+                TaskLikelihood {
+                    task_id: format!("HumanEval/{t}"),
+                    nll: bpb * std::f64::consts::LN_2 * 100.0,
+                    tokens: 30,
+                    bytes: 100,
+                    bits_per_byte: bpb,
+                    prompt_tokens: 20,
+                }
+            })
+            .collect();
+        let summary = LikelihoodSummary {
+            prompt_style: if template.is_some() {
+                "template"
+            } else {
+                "completion"
+            }
+            .into(),
+            template: template.map(|name| TemplateSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+            adapter: !base.ends_with("base"),
+            tasks: rows.len(),
+            skipped_without_solution: 0,
+            mean_bits_per_byte: 0.5,
+            pooled_bits_per_byte: 0.5,
+            nats_per_token: 1.0,
+            tokens: 30 * rows.len(),
+        };
+        LikelihoodArtifact::write(&dir, &rows, &summary).unwrap();
+        let producer = Producer::with_labels(base, labels);
+        InputArtifact {
+            stage: producer.instance_name(),
+            output: "scores".into(),
+            path: dir,
+            tree: String::new(),
+            base: base.into(),
+            labels: producer.labels,
+        }
+    };
+    let bench = ("bench", "humaneval");
+    let likelihoods = vec![
+        scores("likelihood-base", &[bench], None, 0.0),
+        scores("likelihood-textbook", &[("seed", "1"), bench], None, -0.01),
+        scores(
+            "likelihood",
+            &[("data", "messy"), ("seed", "1"), bench],
+            None,
+            -0.02,
+        ),
+        // Scored on `evals@humaneval`: no benchmark value, so the report's benchmark.
+        scores("likelihood-instruction-base", &[], Some("instruction"), 0.1),
+        scores(
+            "likelihood-instruction-textbook",
+            &[("seed", "1")],
+            Some("instruction"),
+            0.05,
+        ),
+        scores("likelihood-snippet-base", &[], Some("code_snippet"), 0.03),
+        scores(
+            "likelihood-snippet",
+            &[("data", "messy"), ("seed", "1")],
+            Some("code_snippet"),
+            0.01,
+        ),
+    ];
+    let out = tmp.path().join("report");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut ctx = StageContext::standalone_with_artifacts(
+        "report",
+        0,
+        BTreeMap::from([("likelihoods".to_string(), likelihoods)]),
+        BTreeMap::from([("report".to_string(), out.clone())]),
+        tmp.path().join("ckpt"),
+    );
+    let params = ReportParams {
+        benchmark: "humaneval".into(),
+        baseline: Some("base".into()),
+        ..Default::default()
+    };
+    Report::run(&params, &mut ctx).unwrap();
+
+    let data: ReportData = serde_json::from_str(
+        &std::fs::read_to_string(out.join(ReportArtifact::DATA_FILE)).unwrap(),
+    )
+    .unwrap();
+    let answer = &data.answer;
+    assert!(answer.notes.is_empty(), "{:?}", answer.notes);
+    let [table] = answer.benchmarks.as_slice() else {
+        panic!("one benchmark expected: {answer:?}")
+    };
+    assert_eq!(table.benchmark, "humaneval");
+    let metrics: Vec<&str> = table.metrics.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        metrics,
+        [
+            "bits/byte",
+            "bits/byte (instruction template)",
+            "bits/byte (code_snippet template)"
+        ]
+    );
+    let rows: Vec<(&str, Vec<bool>)> = table
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r.variant.as_str(),
+                r.cells.iter().map(Option::is_some).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("base", vec![true, true, true]),
+            ("textbook", vec![true, true, false]),
+            ("messy", vec![true, false, true]),
+        ]
+    );
+    let pairs = |metric: &str| -> Vec<(&str, &str)> {
+        table
+            .comparisons
+            .iter()
+            .filter(|c| c.metric.name == metric)
+            .map(|c| (c.a.as_str(), c.b.as_str()))
+            .collect()
+    };
+    assert_eq!(pairs("bits/byte").len(), 3);
+    assert_eq!(
+        pairs("bits/byte (instruction template)"),
+        [("base", "textbook")]
+    );
+    assert_eq!(
+        pairs("bits/byte (code_snippet template)"),
+        [("base", "messy")]
+    );
+    let base_instruction = table.rows[0].cells[1].as_ref().unwrap();
+    assert!((base_instruction.mean - (0.5 + 0.03 + 0.001 + 0.1)).abs() < 0.01);
+
+    let text = std::fs::read_to_string(out.join(ReportArtifact::ANSWER_FILE)).unwrap();
+    assert!(
+        text.contains("bits/byte (instruction template) (lower is better; 40 tasks)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("textbook beats base on bits/byte (instruction template)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("messy beats base on bits/byte (code_snippet template)"),
+        "{text}"
+    );
+    let md = std::fs::read_to_string(out.join(ReportArtifact::MARKDOWN_FILE)).unwrap();
+    assert!(md.contains("bits/byte (code_snippet template)"), "{md}");
 }
 
 fn sample() -> ReportData {

@@ -1496,14 +1496,27 @@ fn likelihood_of(
     Vec<pipeline_stages::artifacts::TaskLikelihood>,
     pipeline_stages::artifacts::LikelihoodSummary,
 ) {
-    use pipeline_stages::artifacts::{LikelihoodArtifact, ProblemsArtifact};
-    use pipeline_stages::kinds::likelihood::{Likelihood, LikelihoodParams};
-    let problems_dir = dirs.fresh("problems");
-    ProblemsArtifact::write(&problems_dir, problems).unwrap();
-    let params = LikelihoodParams {
+    let params = pipeline_stages::kinds::likelihood::LikelihoodParams {
         batch_tokens,
         ..Default::default()
     };
+    likelihood_with(dirs, model, problems, &params).unwrap()
+}
+
+/// Runs the `likelihood` kind with `params` on `problems`.
+fn likelihood_with(
+    dirs: &Dirs,
+    model: &Path,
+    problems: &[pipeline_stages::evalsets::EvalProblem],
+    params: &pipeline_stages::kinds::likelihood::LikelihoodParams,
+) -> miette::Result<(
+    Vec<pipeline_stages::artifacts::TaskLikelihood>,
+    pipeline_stages::artifacts::LikelihoodSummary,
+)> {
+    use pipeline_stages::artifacts::{LikelihoodArtifact, ProblemsArtifact};
+    use pipeline_stages::kinds::likelihood::Likelihood;
+    let problems_dir = dirs.fresh("problems");
+    ProblemsArtifact::write(&problems_dir, problems).unwrap();
     let out = dirs.fresh("scores");
     let inputs = BTreeMap::from([
         ("model".to_string(), vec![model.to_path_buf()]),
@@ -1511,11 +1524,11 @@ fn likelihood_of(
     ]);
     let outputs = BTreeMap::from([("scores".to_string(), out.clone())]);
     let mut ctx = StageContext::standalone("test", 0, inputs, outputs, dirs.fresh("ckpt"));
-    Likelihood::run(&params, &mut ctx).unwrap();
-    (
+    Likelihood::run(params, &mut ctx)?;
+    Ok((
         LikelihoodArtifact::read(&out).unwrap(),
         LikelihoodArtifact::read_summary(&out).unwrap(),
-    )
+    ))
 }
 
 /// The `likelihood` kind scores each reference solution exactly as the training loss counts
@@ -1596,6 +1609,183 @@ fn likelihood_scores_solutions_alone_or_batched_as_the_training_loss_counts_them
             scored.nll
         );
     }
+}
+
+/// Under a training template, the `likelihood` kind scores the reference solution inside the
+/// text training renders: a training record holding the problem's code and its solution, put
+/// through the same template and tokenized as `tokenize` does, gives the same token sequence,
+/// and the likelihood's NLL is that example's training loss over exactly the tokens that end
+/// in the solution (a token straddling into it counts, as in training); the bytes are the
+/// solution's, as without a template. A custom template that reproduces the completion prompt
+/// gives the completion-style numbers; one whose response does not end with the solution, or a
+/// template together with `prompt_style = "instruct"`, is refused.
+#[test]
+fn likelihood_under_a_training_template_scores_the_solution_inside_the_training_text() {
+    use pipeline_stages::kinds::likelihood::{Likelihood, LikelihoodParams};
+    use pipeline_stages::templates::{Template, TemplateSpec};
+
+    let dirs = Dirs::new();
+    let gguf = gguf_model(&dirs.fresh("gguf"));
+    let model = run_kind::<ModelKind>(&dirs, &model_params(Some(gguf)), &[], 0);
+    let problems = vec![
+        scored_problem("t/0", "\ndef f(x):", Some("\n    return x + 1\n")),
+        // ` tt` is one token: the code's trailing space and the solution's first `tt` make a
+        // token that straddles the boundary, and counts as the solution's.
+        scored_problem("t/1", "tt ", Some("tt t tt")),
+        scored_problem("t/2", "no solution here", None),
+    ];
+    let (plain, plain_summary) = likelihood_of(&dirs, &model, &problems, 4096);
+    assert_eq!(plain_summary.template, None);
+    assert_eq!(plain_summary.framing(), None);
+
+    let loaded = load_model(
+        &model,
+        &Device::Cpu,
+        DType::F32,
+        Adapters::None,
+        QuantizedWeights::DecodeOnce,
+    )
+    .unwrap();
+    let tok = TextTokenizer::load(&loaded.tokenizer_path, None, None).unwrap();
+    let spec = |name: &str| TemplateSpec {
+        name: name.into(),
+        ..Default::default()
+    };
+    // The training records such a fine-tune would have seen for the two problems with a
+    // solution: the problem's code (without its leading blank line) and the solution, in the
+    // template's fields.
+    let training_record = |template: &str, code: &str, solution: &str| {
+        let program = format!("{code}{solution}");
+        let fields: Vec<(&str, String)> = match template {
+            "instruction" => vec![
+                ("instruction", code.trim().to_string()),
+                ("output", program),
+            ],
+            _ => vec![("content", program)],
+        };
+        Record::new(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            Provenance::default(),
+        )
+    };
+    for template in ["instruction", "code_snippet"] {
+        let params = LikelihoodParams {
+            template: Some(spec(template)),
+            ..Default::default()
+        };
+        let (scores, summary) = likelihood_with(&dirs, &model, &problems, &params).unwrap();
+        assert_eq!(summary.template, Some(spec(template)));
+        assert_eq!(summary.framing().as_deref(), Some(template));
+        assert_eq!(summary.prompt_style, "template");
+        assert_eq!((summary.tasks, summary.skipped_without_solution), (2, 1));
+        let opts = TokenizeOptions {
+            template: spec(template),
+            add_eos: false,
+            ..Default::default()
+        };
+        for ((code, solution), (scored, plain)) in
+            [("def f(x):", "\n    return x + 1\n"), ("tt ", "tt t tt")]
+                .into_iter()
+                .zip(scores.iter().zip(&plain))
+        {
+            let rendered = Template::from_spec(&opts.template)
+                .unwrap()
+                .render(&training_record(template, code, solution))
+                .unwrap();
+            assert!(rendered.response.ends_with(solution));
+            let ex = pipeline_stages::tokenize::tokenize_example(
+                &tok,
+                &rendered.prompt,
+                &rendered.response,
+                &opts,
+            )
+            .unwrap();
+            let n = ex.ids.len();
+            assert_eq!(scored.prompt_tokens + scored.tokens, n, "{template}");
+            // The solution's tokens: those ending past the text before the solution.
+            let before = rendered.text().len() - solution.len();
+            let (_, offsets) = tok.encode_with_offsets(&rendered.text()).unwrap();
+            let solution_mask: Vec<u8> = offsets
+                .iter()
+                .map(|&(_, end)| u8::from(end > before))
+                .collect();
+            let count = solution_mask.iter().filter(|&&m| m == 1).count();
+            assert_eq!(scored.tokens, count, "{template} {}", scored.task_id);
+            // They are the last tokens of the training example's loss mask.
+            assert!(ex.mask[n - count..].iter().all(|&m| m == 1));
+            assert_eq!(scored.bytes, solution.len());
+            assert_eq!(scored.bytes, plain.bytes);
+            if scored.task_id == "t/0" {
+                assert_eq!(scored.tokens, solution.len(), "one token per byte here");
+            } else {
+                // ` tt` (straddling), ` t`, ` tt`.
+                assert_eq!(scored.tokens, 3);
+            }
+            let ids = Tensor::from_vec(ex.ids.clone(), (1, n), &Device::Cpu).unwrap();
+            let attention = Tensor::ones((1, n), DType::U8, &Device::Cpu).unwrap();
+            let mask = Tensor::from_vec(solution_mask, (1, n), &Device::Cpu).unwrap();
+            let (sum, loss_count) = loaded
+                .model
+                .loss_sum(&ids, &attention, &mask, false)
+                .unwrap();
+            let sum = f64::from(sum.to_scalar::<f32>().unwrap());
+            assert_eq!(loss_count, scored.tokens);
+            assert!(
+                (sum - scored.nll).abs() <= 1e-4 * sum.abs().max(1.0),
+                "{template} {}: training loss {sum}, likelihood {}",
+                scored.task_id,
+                scored.nll
+            );
+            // A different text before the solution: a different score of the same bytes.
+            assert!((scored.nll - plain.nll).abs() > 1e-6, "{template}");
+        }
+    }
+
+    // A custom template putting the problem's code before the solution is the completion prompt.
+    let custom = |prompt: &str, response: &str| LikelihoodParams {
+        template: Some(TemplateSpec {
+            name: "custom".into(),
+            prompt: Some(prompt.into()),
+            response: Some(response.into()),
+        }),
+        ..Default::default()
+    };
+    let (same, summary) = likelihood_with(
+        &dirs,
+        &model,
+        &problems,
+        &custom("{code_prefix}", "{solution}"),
+    )
+    .unwrap();
+    assert!(summary.framing().unwrap().starts_with("custom"));
+    for (a, b) in same.iter().zip(&plain) {
+        assert_eq!(
+            (a.tokens, a.prompt_tokens, a.bytes),
+            (b.tokens, b.prompt_tokens, b.bytes)
+        );
+        assert!((a.nll - b.nll).abs() <= 1e-5 * b.nll.abs().max(1.0));
+    }
+    let err =
+        likelihood_with(&dirs, &model, &problems, &custom("{prompt}", "{solution}!")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not end with the reference solution"),
+        "{err:?}"
+    );
+    let instruct = LikelihoodParams {
+        prompt_style: pipeline_stages::evalsets::prompting::PromptStyle::Instruct,
+        ..custom("{prompt}", "{solution}")
+    };
+    assert!(Likelihood::validate(&instruct).is_err());
+    assert!(Likelihood::validate(&custom("{unclosed", "{solution}")).is_err());
+    assert!(Likelihood::validate(&LikelihoodParams {
+        template: Some(spec("nope")),
+        ..Default::default()
+    })
+    .is_err());
 }
 
 /// Per-task NLL of the reference solutions equals Hugging Face transformers' on the same

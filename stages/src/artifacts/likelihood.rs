@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
+use crate::templates::TemplateSpec;
 
 /// The `likelihood` artifact.
 pub struct LikelihoodArtifact;
@@ -30,8 +31,13 @@ pub struct TaskLikelihood {
 /// What a likelihood run scored, in total.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LikelihoodSummary {
-    /// How the prompt was put (`completion` or `instruct`).
+    /// How the prompt was put: `completion` or `instruct`, or `template` when a training
+    /// template framed it (then `template` says which).
     pub prompt_style: String,
+    /// The training template the problems were framed through, if any (absent from the file
+    /// otherwise, so summaries of benchmark-framed runs read and write as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateSpec>,
     /// Whether an adapter was applied.
     pub adapter: bool,
     /// Tasks scored.
@@ -46,6 +52,14 @@ pub struct LikelihoodSummary {
     pub nats_per_token: f64,
     /// Solution tokens scored.
     pub tokens: usize,
+}
+
+impl LikelihoodSummary {
+    /// How the problems were framed, for people: `None` for the benchmark's own prompt (either
+    /// style), else the training template's [`TemplateSpec::label`] (`instruction`).
+    pub fn framing(&self) -> Option<String> {
+        self.template.as_ref().map(TemplateSpec::label)
+    }
 }
 
 impl LikelihoodArtifact {

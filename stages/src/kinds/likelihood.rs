@@ -17,7 +17,31 @@
 //! back in front), the solution its reference completion. `"instruct"`: the instruction
 //! through the model's chat template, the solution the whole program after the opened fence.
 //!
-//! Parameters: `prompt_style`, `device`, `dtype`, `batch_tokens` (most positions per forward).
+//! `template = { name = "instruction" }` (any `tokenize` template, [`TemplateSpec`]) replaces
+//! the benchmark's prompt with a fine-tune's training format, so that a variant can be scored
+//! in the format it was trained on as well as the benchmark's
+//! ([`crate::evalsets::prompting::frame_in_template`]): the problem becomes a record whose
+//! whole reference program (the problem's code, then the reference completion) is the
+//! template's response, and the text is the template's rendering of it, exactly as `tokenize`
+//! renders training records (without the end token it appends). Scored are still only the
+//! tokens of the reference completion, the same text `"completion"` scores, so bits per byte
+//! under every template and under `"completion"` divide by the same bytes; what differs is the
+//! text before it:
+//!
+//! | framing | text before the scored completion (HumanEval) |
+//! |---|---|
+//! | `prompt_style = "completion"` | the signature and docstring |
+//! | `template = { name = "code_snippet" }` | `### Code Snippet:\n`, the signature and docstring |
+//! | `template = { name = "instruction" }` | `### Instruction:\n`, the signature and docstring, `\n\n### Response:\n`, the signature and docstring again |
+//!
+//! (The problem's code loses its leading blank lines under a template, as a training file's
+//! first line follows the header directly.) The summary records the template, and the report
+//! names the metric after it (`bits/byte (instruction template)`), so differently framed
+//! scores are never pooled or compared. A `custom` template's response must end with `{solution}` (or `{output}` /
+//! `{content}`, the whole program).
+//!
+//! Parameters: `prompt_style`, `template` (optional; with it, `prompt_style` must stay
+//! `completion`), `device`, `dtype`, `batch_tokens` (most positions per forward).
 //!
 //! Output `scores`: a [`LikelihoodArtifact`].
 
@@ -34,7 +58,9 @@ use crate::artifacts::{
     AdapterArtifact, FilesArtifact, LikelihoodArtifact, LikelihoodSummary, ModelArtifact,
     ProblemsArtifact, TaskLikelihood,
 };
-use crate::evalsets::prompting::{pose, PromptStyle};
+use crate::evalsets::prompting::{frame_in_template, pose, PromptStyle};
+use crate::evalsets::EvalProblem;
+use crate::templates::{Template, TemplateSpec};
 use crate::tokenize::{tokenize_example, TextTokenizer, TokenizeOptions};
 
 /// Parameters of [`Likelihood`].
@@ -43,6 +69,11 @@ use crate::tokenize::{tokenize_example, TextTokenizer, TokenizeOptions};
 pub struct LikelihoodParams {
     /// `completion` (the prompt as it is) or `instruct` (through the model's chat template).
     pub prompt_style: PromptStyle,
+    /// A training template to frame every problem in instead of the benchmark's prompt (see the
+    /// module docs). Left out of the canonical parameters when unset, so stages without it
+    /// keep their keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateSpec>,
     /// `cpu` or `cuda`.
     pub device: DeviceChoice,
     /// `f32`, `bf16` or `f16`.
@@ -55,6 +86,7 @@ impl Default for LikelihoodParams {
     fn default() -> Self {
         Self {
             prompt_style: PromptStyle::Completion,
+            template: None,
             device: DeviceChoice::Cpu,
             dtype: ComputeDtype::F32,
             batch_tokens: 4096,
@@ -114,6 +146,21 @@ impl Stage for Likelihood {
         if p.batch_tokens == 0 {
             return Err("`batch_tokens` must be at least 1".into());
         }
+        if let Some(spec) = &p.template {
+            Template::from_spec(spec).map_err(|e| {
+                let help = miette::Diagnostic::help(&e)
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                format!("`template`: {e}{help}")
+            })?;
+            if p.prompt_style != PromptStyle::Completion {
+                return Err(format!(
+                    "`template` replaces the benchmark's prompt, so `prompt_style = \"{}\"` \
+                     has no effect with it; leave `prompt_style` out",
+                    p.prompt_style.name()
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -125,7 +172,7 @@ impl Stage for Likelihood {
         let model_dir = ctx.input("model")?.to_path_buf();
         let problems = ProblemsArtifact::read(ctx.input("problems")?)?;
         let adapter_dir = ctx.optional_input("adapter").map(Path::to_path_buf);
-        let posed = pose(&problems, p.prompt_style, &model_dir)?;
+        let framed = frame(&problems, p, &model_dir)?;
         let device = p.device.open()?;
         ctx.progress().set_message("loading model");
         let LoadedModel {
@@ -146,12 +193,12 @@ impl Stage for Likelihood {
         let mut scored_tasks: Vec<ScoredTask> = Vec::new();
         let mut examples: Vec<Example> = Vec::new();
         let mut skipped = 0;
-        for (i, problem) in problems.iter().enumerate() {
-            let Some(solution) = posed.reference_answer(i) else {
+        for (problem, framed) in problems.iter().zip(framed) {
+            let Some((context, solution)) = framed else {
                 skipped += 1;
                 continue;
             };
-            let example = solution_example(&tokenizer, &posed.asked[i].prompt, &solution)?;
+            let example = solution_example(&tokenizer, &context, &solution)?;
             scored_tasks.push(ScoredTask {
                 task_id: problem.task_id.clone(),
                 bytes: solution.len(),
@@ -217,7 +264,11 @@ impl Stage for Likelihood {
         let total_bytes: usize = rows.iter().map(|r| r.bytes).sum();
         let total_tokens: usize = rows.iter().map(|r| r.tokens).sum();
         let summary = LikelihoodSummary {
-            prompt_style: p.prompt_style.name().to_string(),
+            prompt_style: match p.template {
+                Some(_) => "template".to_string(),
+                None => p.prompt_style.name().to_string(),
+            },
+            template: p.template.clone(),
             adapter: adapter_dir.is_some(),
             tasks: rows.len(),
             skipped_without_solution: skipped,
@@ -245,6 +296,34 @@ struct ScoredTask {
     prompt_tokens: usize,
 }
 
+/// Per problem, the text before its reference solution and the solution, framed by
+/// `p.template` if set, else posed in `p.prompt_style`; `None` for a problem without a
+/// reference solution.
+fn frame(
+    problems: &[EvalProblem],
+    p: &LikelihoodParams,
+    model_dir: &Path,
+) -> miette::Result<Vec<Option<(String, String)>>> {
+    if let Some(spec) = &p.template {
+        let template = Template::from_spec(spec)?;
+        return problems
+            .iter()
+            .map(|problem| {
+                frame_in_template(&template, problem)
+                    .map(|framed| framed.map(|f| (f.context, f.solution)))
+            })
+            .collect();
+    }
+    let posed = pose(problems, p.prompt_style, model_dir)?;
+    Ok((0..problems.len())
+        .map(|i| {
+            posed
+                .reference_answer(i)
+                .map(|solution| (posed.asked[i].prompt.clone(), solution))
+        })
+        .collect())
+}
+
 /// `nll` nats over `bytes` bytes, in bits per byte.
 fn bits_per_byte(nll: f64, bytes: usize) -> f64 {
     nll / std::f64::consts::LN_2 / bytes.max(1) as f64
@@ -265,4 +344,30 @@ fn solution_example(
     };
     let example = tokenize_example(tokenizer, prompt, solution, &opts)?;
     Ok((example.ids, example.mask))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stage keys hash the parameters re-serialised: without a template they serialise as
+    /// before the parameter existed, so existing likelihood stages keep their keys.
+    #[test]
+    fn an_unset_template_leaves_the_canonical_parameters_as_they_were() {
+        let value = serde_json::to_value(LikelihoodParams::default()).unwrap();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["batch_tokens", "device", "dtype", "prompt_style"]);
+        let with: LikelihoodParams =
+            serde_json::from_str(r#"{"template": {"name": "code_snippet"}}"#).unwrap();
+        assert_eq!(
+            serde_json::to_value(&with).unwrap()["template"]["name"],
+            "code_snippet"
+        );
+    }
 }

@@ -16,7 +16,12 @@
 //!   loss curve of the graded variants it produced (its matrix values are all among theirs:
 //!   `train@messy,1` → `grade@messy,1,humaneval`).
 //! * `likelihoods` (many, optional, [`LikelihoodArtifact`]s): per-task bits per byte of the
-//!   variants' reference solutions. A report needs `grades` or `likelihoods`.
+//!   variants' reference solutions. Scores of problems framed in a training template (the
+//!   summary's `template`) are their own metric, a column named after the template
+//!   (`bits/byte (code_snippet template)`), beside the benchmark-framed `bits/byte`; a variant
+//!   scored under its training template joins its row when the stage's name leaves the same
+//!   variant name (`likelihood-snippet-base` and `likelihood-base` are both `base`). A report
+//!   needs `grades` or `likelihoods`.
 //! * `filters` (many, optional, [`FilterReportArtifact`]s).
 //! * `problems` (optional, a [`ProblemsArtifact`]): gives the prompts of the side-by-side
 //!   completions (the completions themselves come from the graded results).
@@ -238,9 +243,14 @@ impl Stage for Report {
         for input in likelihood_inputs {
             data.cache_keys.push(cite("likelihoods", input));
             let scores = LikelihoodArtifact::read(&input.path)?;
+            // Scores framed in a training template are a metric of their own, named after it.
+            let metric = match LikelihoodArtifact::read_summary(&input.path)?.framing() {
+                Some(template) => Metric::bits_per_byte_in_template(&template),
+                None => Metric::bits_per_byte(),
+            };
             observations.push(Observation {
                 producer: producer(input),
-                metric: Metric::bits_per_byte(),
+                metric,
                 scores: scores
                     .into_iter()
                     .map(|t| (t.task_id, t.bits_per_byte))
