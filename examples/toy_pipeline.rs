@@ -74,6 +74,17 @@ impl Stage for Write_ {
                 .unwrap_or(0.0)
         };
         ctx.set_metadata("start", now());
+        // Which (fake) GPU a Slurm job was given: the cluster tests check two never share one.
+        // With device isolation every job sees its GPU as device 0; SLURM_JOB_GPUS is the
+        // node's index.
+        for (var, field) in [
+            ("CUDA_VISIBLE_DEVICES", "cuda_visible_devices"),
+            ("SLURM_JOB_GPUS", "slurm_job_gpus"),
+        ] {
+            if let Ok(value) = std::env::var(var) {
+                ctx.set_metadata(field, value);
+            }
+        }
         let mut file =
             std::fs::File::create(ctx.output_dir("out")?.join("data")).into_diagnostic()?;
         for _ in 0..p.repeat {

@@ -17,9 +17,12 @@ use std::sync::Arc;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use indicatif::HumanBytes;
 use miette::{Diagnostic, IntoDiagnostic, Report};
-use pipeline_engine::executor::{plan, Action, PlanEntry, StageOutcome};
+use pipeline_engine::executor::{plan, Action, PlanEntry, StageOutcome, WorkerTarget};
 use pipeline_engine::graph::{render, DagFormat};
 use pipeline_engine::manifest::{load_manifest, Manifest, ManifestLoadError, ManifestOptions};
+use pipeline_engine::slurm::{
+    ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand, EXIT_KEY_BUSY, SLURM_DIR,
+};
 use pipeline_engine::{Registry, RunOptions, RunReport, Store};
 
 /// Exit code for an invalid manifest or command line.
@@ -107,6 +110,32 @@ pub struct RunArgs {
     /// Print the closing table as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Where stages run: here, or as Slurm jobs (default: the manifest's
+    /// `experiment.executor`, else local).
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorArg>,
+    /// Worker mode (Slurm jobs run this): compute the one `--only` stage, whose key must be
+    /// KEY, from producers already in the cache.
+    #[arg(long, value_name = "KEY", requires = "only")]
+    pub expect_key: Option<String>,
+}
+
+/// `--executor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    /// Threads of this process.
+    Local,
+    /// Slurm jobs (`sbatch`), this process coordinating.
+    Slurm,
+}
+
+impl From<ExecutorArg> for ExecutorKind {
+    fn from(arg: ExecutorArg) -> Self {
+        match arg {
+            ExecutorArg::Local => ExecutorKind::Local,
+            ExecutorArg::Slurm => ExecutorKind::Slurm,
+        }
+    }
 }
 
 /// `pipeline plan`.
@@ -121,6 +150,9 @@ pub struct PlanArgs {
     /// JSON array of {"stage", "action", "reason"}.
     #[arg(long)]
     pub json: bool,
+    /// Show how stages would be launched (with `slurm`: each job's `sbatch` line).
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorArg>,
 }
 
 /// `pipeline status`.
@@ -553,16 +585,31 @@ fn dispatch(command: Command, context: &Context<'_>) -> Result<u8, Failure> {
 fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     let manifest = context.load(&args.manifest)?;
     check_selection(&manifest, &args.selection)?;
+    let worker = match &args.expect_key {
+        Some(key) => Some(worker_target(&manifest, &args.selection, key, context)?),
+        None => None,
+    };
     let store = context.open_store(Some(&manifest))?;
     let cancel = Arc::new(AtomicBool::new(false));
     install_interrupt_handler(cancel.clone());
+    let executor = executor_of(args.executor, &manifest);
     let mut options = RunOptions {
         only: args.selection.only.clone(),
         force: args.selection.force.clone(),
         cancel,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        // A worker computes its stage here, whatever the manifest's executor.
+        executor: if worker.is_some() {
+            ExecutorKind::Local
+        } else {
+            executor
+        },
+        worker,
         ..RunOptions::default()
     };
+    if options.executor == ExecutorKind::Slurm {
+        options.worker_command = Some(Arc::new(CliWorker::new(&manifest, &store, args)?));
+    }
     if let Some(jobs) = args.jobs {
         options.jobs = jobs;
     }
@@ -573,11 +620,116 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
         print_run_table(&report);
         print_headline_files(&manifest, &store, &report);
     }
+    if report.key_busy {
+        return Ok(EXIT_KEY_BUSY);
+    }
     if report.cancelled {
         eprintln!("interrupted: finished stages are cached; rerun the same command to resume");
         return Ok(EXIT_INTERRUPTED);
     }
     Ok(if report.success() { 0 } else { EXIT_FAILED })
+}
+
+/// `--executor`, else the manifest's `experiment.executor`, else local.
+fn executor_of(arg: Option<ExecutorArg>, manifest: &Manifest) -> ExecutorKind {
+    arg.map(ExecutorKind::from)
+        .or(manifest.experiment.executor)
+        .unwrap_or_default()
+}
+
+/// The stage a worker (`--expect-key`) computes; the cache must be the coordinator's (its
+/// `slurm/` directory exists), else this node does not see it.
+fn worker_target(
+    manifest: &Manifest,
+    selection: &SelectionArgs,
+    key: &str,
+    context: &Context<'_>,
+) -> Result<WorkerTarget, Failure> {
+    let [only] = selection.only.as_slice() else {
+        return Err(usage(miette::miette!(
+            "--expect-key computes exactly one stage: give one --only STAGE"
+        )));
+    };
+    let selected = manifest.select(only);
+    let [stage] = selected.as_slice() else {
+        return Err(usage(miette::miette!(
+            "--expect-key needs one stage instance, but `{only}` selects several"
+        )));
+    };
+    let cache = context.cache.clone().ok_or_else(|| {
+        usage(miette::miette!(
+            "--expect-key needs --cache (the coordinator's cache)"
+        ))
+    })?;
+    if !cache.join(SLURM_DIR).is_dir() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "this node".into());
+        return Err(fail(miette::miette!(
+            help = "put the cache on a filesystem every node mounts at the same path (not /tmp \
+                    or a node-local disk), or pass --cache with such a path",
+            "the cache {} is not visible on {host}: it has no {SLURM_DIR}/ directory, which the \
+             coordinator creates",
+            cache.display()
+        )));
+    }
+    Ok(WorkerTarget {
+        stage: stage.name.to_string(),
+        key: key.to_string(),
+    })
+}
+
+/// How a Slurm job runs a stage: this binary, in worker mode, with the coordinator's cache,
+/// manifest and overrides.
+struct CliWorker {
+    binary: PathBuf,
+    manifest: PathBuf,
+    cache: PathBuf,
+    overrides: Vec<String>,
+    workdir: PathBuf,
+}
+
+impl CliWorker {
+    fn new(manifest: &Manifest, store: &Store, args: &RunArgs) -> Result<Self, Failure> {
+        let io = |what: &str, e: std::io::Error| fail(miette::miette!("cannot find {what}: {e}"));
+        Ok(Self {
+            binary: std::env::current_exe().map_err(|e| io("this program's path", e))?,
+            manifest: std::path::absolute(&manifest.path)
+                .map_err(|e| io("the manifest's absolute path", e))?,
+            cache: store.root().to_path_buf(),
+            overrides: args.manifest.set.clone(),
+            workdir: std::env::current_dir().map_err(|e| io("the current directory", e))?,
+        })
+    }
+}
+
+impl WorkerCommand for CliWorker {
+    fn argv(&self, stage: &str, key: &str, forced: bool) -> Vec<String> {
+        let mut argv = vec![
+            self.binary.display().to_string(),
+            "--cache".into(),
+            self.cache.display().to_string(),
+            "run".into(),
+            self.manifest.display().to_string(),
+            "--only".into(),
+            stage.into(),
+            "--expect-key".into(),
+            key.into(),
+            "--jobs".into(),
+            "1".into(),
+        ];
+        if forced {
+            argv.extend(["--force".into(), stage.into()]);
+        }
+        for o in &self.overrides {
+            argv.extend(["--set".into(), o.clone()]);
+        }
+        argv
+    }
+
+    fn workdir(&self) -> PathBuf {
+        self.workdir.clone()
+    }
 }
 
 fn plan_command(args: &PlanArgs, context: &Context<'_>) -> Result<u8, Failure> {
@@ -594,10 +746,51 @@ fn plan_command(args: &PlanArgs, context: &Context<'_>) -> Result<u8, Failure> {
         print_json(&entries)?;
         return Ok(0);
     }
+    let executor = executor_of(args.executor, &manifest);
     let width = stage_width(&entries);
+    let client = SlurmClient::new();
+    let launcher = match executor {
+        ExecutorKind::Slurm => {
+            let run_args = RunArgs {
+                manifest: args.manifest.clone(),
+                selection: args.selection.clone(),
+                jobs: None,
+                json: false,
+                executor: args.executor,
+                expect_key: None,
+            };
+            let worker = CliWorker::new(&manifest, &store, &run_args)?;
+            Some(SlurmLauncher::new(
+                &store,
+                &manifest.experiment.name,
+                manifest.experiment.slurm.clone(),
+                Arc::new(worker),
+                &client,
+            ))
+        }
+        ExecutorKind::Local => None,
+    };
     for e in &entries {
         let action = e.decision.action().to_string();
         println!("{:<width$}  {action:<6}  {}", e.stage, reason_text(e));
+        let (Some(launcher), Action::Run) = (&launcher, e.decision.action()) else {
+            continue;
+        };
+        let Some(stage) = manifest.stage(&e.stage) else {
+            continue;
+        };
+        if !stage.launches_on_cluster(executor) {
+            println!("{:<width$}          runs on the coordinator", "");
+            continue;
+        }
+        let forced = args
+            .selection
+            .force
+            .iter()
+            .any(|f| stage.name.selected_by(f));
+        let key = e.key.as_deref().unwrap_or("KEY");
+        let (_, sbatch) = launcher.job(stage, key, forced);
+        println!("{:<width$}          sbatch {}", "", sbatch.join(" "));
     }
     let runs = entries
         .iter()

@@ -24,7 +24,8 @@ use crate::fingerprint::{explain, Fingerprint, InputPart, KeyParts};
 use crate::graph::StageGraph;
 use crate::hashing::StatCache;
 use crate::manifest::{InputRef, InstanceName, Manifest, StageInstance};
-use crate::progress::RunProgress;
+use crate::progress::{RunProgress, StageProgress};
+use crate::slurm::{ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand};
 use crate::stage::{InputArtifact, StageContext};
 use crate::store::{ActionRecord, LastRun, OutputRecord, Store};
 
@@ -41,6 +42,22 @@ pub struct RunOptions {
     pub cancel: Arc<AtomicBool>,
     /// Draw progress bars (on a terminal).
     pub progress: bool,
+    /// Where stages run: here, or as Slurm jobs (see [`crate::slurm`]).
+    pub executor: ExecutorKind,
+    /// How a Slurm job runs a stage (the CLI's worker command line); needed when `executor`
+    /// is Slurm and a stage launches on the cluster.
+    pub worker_command: Option<Arc<dyn WorkerCommand>>,
+    /// Set in a worker: the one stage it computes and the key the coordinator expects.
+    pub worker: Option<WorkerTarget>,
+}
+
+/// What a worker was sent to compute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerTarget {
+    /// The stage instance.
+    pub stage: String,
+    /// The key the coordinator computed for it; computing another is an error.
+    pub key: String,
 }
 
 impl Default for RunOptions {
@@ -53,6 +70,9 @@ impl Default for RunOptions {
             force: Vec::new(),
             cancel: Arc::new(AtomicBool::new(false)),
             progress: false,
+            executor: ExecutorKind::Local,
+            worker_command: None,
+            worker: None,
         }
     }
 }
@@ -99,6 +119,13 @@ pub struct RunReport {
     pub stages: Vec<StageResult>,
     /// Whether the run was interrupted.
     pub cancelled: bool,
+    /// Set when this run was a worker whose key another process holds: it did nothing, and
+    /// the process exits with [`crate::slurm::EXIT_KEY_BUSY`].
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub key_busy: bool,
+    /// Slurm commands called (`sbatch`, `squeue`, `scancel`), when stages ran on Slurm.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slurm_calls: Option<usize>,
 }
 
 impl RunReport {
@@ -432,7 +459,23 @@ enum Done {
         outputs: BTreeMap<String, String>,
         result: StageResult,
     },
-    Failed(StageResult),
+    Failed {
+        result: StageResult,
+        /// A worker found its key locked by another process.
+        key_busy: bool,
+    },
+}
+
+/// How one stage is to be executed.
+struct How<'a> {
+    /// Recompute although cached.
+    forced: bool,
+    /// Set to stop.
+    cancel: Arc<AtomicBool>,
+    /// Run it as a Slurm job through this launcher.
+    launcher: Option<&'a SlurmLauncher<'a>>,
+    /// This process is a worker sent to compute this target only.
+    worker: Option<&'a WorkerTarget>,
 }
 
 /// Runs the manifest against the store.
@@ -446,6 +489,13 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
     let selected = selected(manifest, &graph, &options.only);
     let progress = RunProgress::new(options.progress);
     let n = manifest.stages.len();
+    let on_cluster: Vec<bool> = manifest
+        .stages
+        .iter()
+        .map(|s| s.launches_on_cluster(options.executor))
+        .collect();
+    let client = SlurmClient::new();
+    let launcher = cluster_launcher(manifest, store, options, &client, &selected, &on_cluster)?;
 
     #[derive(Clone, PartialEq)]
     enum State {
@@ -458,11 +508,15 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
     let mut results: Vec<Option<StageResult>> = vec![None; n];
     let mut outputs = Outputs::new();
     let mut stop = false;
+    let mut key_busy = false;
     let jobs = options.jobs.max(1);
 
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel::<(usize, Done)>();
-        let mut running = 0usize;
+        // Stages running here count against `jobs`; cluster jobs are Slurm's to schedule (and
+        // so is keeping two GPU stages apart).
+        let mut running_here = 0usize;
+        let mut running_on_cluster = 0usize;
         let mut gpu_busy = false;
         loop {
             if options.cancel.load(Ordering::Relaxed) {
@@ -470,40 +524,57 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
             }
             if !stop {
                 for &i in &order {
-                    if running >= jobs {
-                        break;
-                    }
                     let stage = &manifest.stages[i];
                     let ready = selected[i]
                         && state[i] == State::Waiting
                         && graph.producers(i).iter().all(|&p| state[p] == State::Done);
-                    if !ready || (stage.needs_gpu && gpu_busy) {
+                    if !ready {
+                        continue;
+                    }
+                    let cluster = on_cluster[i] && launcher.is_some();
+                    if !cluster && (running_here >= jobs || (stage.needs_gpu && gpu_busy)) {
                         continue;
                     }
                     state[i] = State::Running;
-                    running += 1;
-                    gpu_busy |= stage.needs_gpu;
+                    if cluster {
+                        running_on_cluster += 1;
+                    } else {
+                        running_here += 1;
+                        gpu_busy |= stage.needs_gpu;
+                    }
                     let tx = tx.clone();
                     let env = &env;
                     let outputs = outputs.clone();
                     let progress = progress.clone();
                     let forced = is_forced(stage, &options.force);
                     let cancel = options.cancel.clone();
+                    let launcher = launcher.as_ref().filter(|_| cluster);
+                    let worker = options.worker.as_ref();
                     scope.spawn(move || {
-                        let done = execute(env, stage, &outputs, forced, &progress, cancel);
+                        let how = How {
+                            forced,
+                            cancel,
+                            launcher,
+                            worker,
+                        };
+                        let done = execute(env, stage, &outputs, &how, &progress);
                         let _ = tx.send((i, done));
                     });
                 }
             }
-            if running == 0 {
+            if running_here + running_on_cluster == 0 {
                 break;
             }
             let Ok((i, done)) = rx.recv_timeout(Duration::from_millis(100)) else {
                 continue;
             };
-            running -= 1;
-            if manifest.stages[i].needs_gpu {
-                gpu_busy = false;
+            if on_cluster[i] && launcher.is_some() {
+                running_on_cluster -= 1;
+            } else {
+                running_here -= 1;
+                if manifest.stages[i].needs_gpu {
+                    gpu_busy = false;
+                }
             }
             match done {
                 Done::Finished {
@@ -514,7 +585,11 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                     state[i] = State::Done;
                     results[i] = Some(result);
                 }
-                Done::Failed(result) => {
+                Done::Failed {
+                    result,
+                    key_busy: busy,
+                } => {
+                    key_busy |= busy;
                     state[i] = State::Failed;
                     stop = true;
                     if let StageOutcome::Failed(msg) = &result.outcome {
@@ -551,7 +626,46 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
             })
         })
         .collect();
-    Ok(RunReport { stages, cancelled })
+    Ok(RunReport {
+        stages,
+        cancelled,
+        key_busy,
+        slurm_calls: launcher.is_some().then(|| client.calls()),
+    })
+}
+
+/// The Slurm launcher, when the executor is Slurm and a selected stage launches there.
+fn cluster_launcher<'a>(
+    manifest: &Manifest,
+    store: &'a Store,
+    options: &RunOptions,
+    client: &'a SlurmClient,
+    selected: &[bool],
+    on_cluster: &[bool],
+) -> miette::Result<Option<SlurmLauncher<'a>>> {
+    let needed = selected.iter().zip(on_cluster).any(|(s, c)| *s && *c);
+    if !needed || options.worker.is_some() {
+        return Ok(None);
+    }
+    let Some(worker) = options.worker_command.clone() else {
+        return Err(miette::miette!(
+            "internal: the Slurm executor needs the worker's command line"
+        ));
+    };
+    let launcher = SlurmLauncher::new(
+        store,
+        &manifest.experiment.name,
+        manifest.experiment.slurm.clone(),
+        worker,
+        client,
+    );
+    launcher.prepare().map_err(|e| {
+        miette::miette!(
+            "cannot create the Slurm directories of the cache {}: {e}",
+            store.root().display()
+        )
+    })?;
+    Ok(Some(launcher))
 }
 
 fn failed(
@@ -561,14 +675,27 @@ fn failed(
     msg: String,
     reason: Option<RunReason>,
 ) -> Done {
-    Done::Failed(StageResult {
+    Done::Failed {
+        result: failure(stage, key, started, msg, reason),
+        key_busy: false,
+    }
+}
+
+fn failure(
+    stage: &StageInstance,
+    key: Option<String>,
+    started: Instant,
+    msg: String,
+    reason: Option<RunReason>,
+) -> StageResult {
+    StageResult {
         stage: stage.name.to_string(),
         outcome: StageOutcome::Failed(msg),
         key,
         wall_s: started.elapsed().as_secs_f64(),
         bytes: 0,
         reason,
-    })
+    }
 }
 
 fn outputs_of(record: &ActionRecord) -> BTreeMap<String, String> {
@@ -583,12 +710,29 @@ fn execute(
     env: &Env<'_>,
     stage: &StageInstance,
     upstream: &Outputs,
-    forced: bool,
+    how: &How<'_>,
     progress: &RunProgress,
-    cancel: Arc<AtomicBool>,
 ) -> Done {
     let started = Instant::now();
-    let (reason, parts) = match env.assess(stage, upstream, forced) {
+    let forced = how.forced;
+    let target = how.worker.filter(|w| stage.name == w.stage.as_str());
+    let assessment = env.assess(stage, upstream, forced);
+    // A worker computes its own stage only: every producer must be cached here already.
+    if let (Some(_), None, Assessment::Run { reason, .. }) = (how.worker, target, &assessment) {
+        return failed(
+            stage,
+            assessment.key(),
+            started,
+            format!(
+                "this worker computes one stage, but its producer `{}` is not in the cache it \
+                 sees ({reason}); the coordinator runs producers first, so the cache on this \
+                 node differs from the coordinator's: is it on a filesystem every node shares?",
+                stage.name
+            ),
+            None,
+        );
+    }
+    let (reason, parts) = match assessment {
         Assessment::Cached { parts, record } => return env.cached(stage, &parts, record, started),
         Assessment::Run {
             reason: RunReason::KeyNotComputable(e),
@@ -605,9 +749,45 @@ fn execute(
         } => return failed(stage, None, started, format!("internal: {reason}"), None),
     };
     let key = parts.key();
-    // Another process may be computing the same key: wait for it, then take its result.
-    let _key_lock = match env.store.lock_key(&key) {
+    if let Some(target) = target.filter(|t| t.key != key) {
+        return failed(
+            stage,
+            Some(key.clone()),
+            started,
+            format!(
+                "this node computes key {key} for `{}`, but the coordinator expected {}: the \
+                 `pipeline` binary, the manifest or an input file differs between the two \
+                 machines (install the same build everywhere, keep inputs on the shared \
+                 filesystem)",
+                stage.name, target.key
+            ),
+            Some(reason),
+        );
+    }
+    if let Some(launcher) = how.launcher {
+        return launch_on_cluster(env, stage, launcher, &parts, reason, how, progress, started);
+    }
+    // Another process may be computing the same key: wait for it, then take its result. A
+    // worker does not wait: it says so, and the coordinator decides.
+    let key_lock = if target.is_some() {
+        env.store.try_lock_key(&key).and_then(|lock| {
+            lock.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::WouldBlock, "busy"))
+        })
+    } else {
+        env.store.lock_key(&key)
+    };
+    let _key_lock = match key_lock {
         Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let msg = format!(
+                "another process holds the lock of key {key}: it is computing `{}` already",
+                stage.name
+            );
+            return Done::Failed {
+                result: failure(stage, Some(key), started, msg, Some(reason)),
+                key_busy: true,
+            };
+        }
         Err(e) => {
             return failed(
                 stage,
@@ -623,9 +803,31 @@ fn execute(
             return env.cached(stage, &parts, record, started);
         }
     }
-    match attempt(env, stage, &key, &parts, upstream, progress, cancel) {
+    let attempted = attempt(
+        env,
+        stage,
+        &key,
+        &parts,
+        upstream,
+        progress,
+        how.cancel.clone(),
+    );
+    finish(env, stage, &parts, reason, attempted, started)
+}
+
+/// The outcome of a stage computed now (here or as a job).
+fn finish(
+    env: &Env<'_>,
+    stage: &StageInstance,
+    parts: &KeyParts,
+    reason: RunReason,
+    attempted: Result<ActionRecord, String>,
+    started: Instant,
+) -> Done {
+    let key = parts.key();
+    match attempted {
         Ok(record) => {
-            env.record(stage, &parts);
+            env.record(stage, parts);
             Done::Finished {
                 outputs: outputs_of(&record),
                 result: StageResult {
@@ -640,6 +842,31 @@ fn execute(
         }
         Err(msg) => failed(stage, Some(key), started, msg, Some(reason)),
     }
+}
+
+/// Runs `stage` as a Slurm job. The coordinator takes no key lock (the worker does, on its
+/// node); it is the only one that dispatches the key.
+#[allow(clippy::too_many_arguments)]
+fn launch_on_cluster(
+    env: &Env<'_>,
+    stage: &StageInstance,
+    launcher: &SlurmLauncher<'_>,
+    parts: &KeyParts,
+    reason: RunReason,
+    how: &How<'_>,
+    progress: &RunProgress,
+    started: Instant,
+) -> Done {
+    let key = parts.key();
+    if !how.forced {
+        if let Some(record) = env.store.action(&key) {
+            return env.cached(stage, parts, record, started);
+        }
+    }
+    let bar: StageProgress = progress.stage(&stage.name.to_string());
+    let attempted = launcher.run_stage(stage, &key, how.forced, &how.cancel, &bar);
+    bar.finish();
+    finish(env, stage, parts, reason, attempted, started)
 }
 
 fn attempt(

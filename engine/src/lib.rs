@@ -24,6 +24,7 @@ pub mod graph;
 pub mod hashing;
 pub mod manifest;
 pub mod progress;
+pub mod slurm;
 pub mod stage;
 pub mod store;
 

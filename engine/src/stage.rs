@@ -82,6 +82,13 @@ pub trait Stage: Send + Sync + 'static {
         false
     }
 
+    /// Whether, under a cluster executor, this stage runs on the coordinator rather than as a
+    /// job: cheap stages (seconds, little memory), and stages that need the network (compute
+    /// nodes often have none). A stage table's `launch` overrides it.
+    fn runs_on_coordinator(_params: &Self::Params) -> bool {
+        false
+    }
+
     /// Whether the output depends on which instances produced the inputs (their base names
     /// and matrix labels, [`InputArtifact::base`] and [`InputArtifact::labels`]), e.g. a report
     /// naming its variants. Producer names are not otherwise part of the key (identical work
@@ -140,6 +147,7 @@ pub(crate) trait DynStage: Send + Sync {
     ) -> Result<ParsedParams, ParamError>;
     fn needs_gpu(&self, params: &ParsedParams) -> bool;
     fn uses_seed(&self, params: &ParsedParams) -> bool;
+    fn runs_on_coordinator(&self, params: &ParsedParams) -> bool;
     fn uses_input_labels(&self, params: &ParsedParams) -> bool;
     fn headline_files(&self) -> &'static [&'static str];
     fn summary_file(&self) -> Option<&'static str>;
@@ -208,6 +216,9 @@ impl<S: Stage> DynStage for Kind<S> {
     }
     fn uses_seed(&self, params: &ParsedParams) -> bool {
         S::uses_seed(typed::<S>(params))
+    }
+    fn runs_on_coordinator(&self, params: &ParsedParams) -> bool {
+        S::runs_on_coordinator(typed::<S>(params))
     }
     fn uses_input_labels(&self, params: &ParsedParams) -> bool {
         S::uses_input_labels(typed::<S>(params))

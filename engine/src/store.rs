@@ -213,6 +213,20 @@ impl Store {
         Ok(file)
     }
 
+    /// Takes the execution lock of `key` if it is free: `None` when another process holds it.
+    pub fn try_lock_key(&self, key: &str) -> io::Result<Option<File>> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("locks").join(format!("{key}.lock")))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
     fn object_path(&self, hash: &str) -> PathBuf {
         let (a, b) = shard(hash);
         self.root.join("objects").join(a).join(b)

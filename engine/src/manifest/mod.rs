@@ -20,8 +20,9 @@
 //! ```
 //!
 //! Every table except `[experiment]` is a stage. Reserved keys in a stage table are `kind`,
-//! `inputs` (slot = "stage" or "stage.output", or an array for fan-in slots) and `matrix`; all
-//! other keys are the kind's parameters, deserialised into its typed struct. Every problem found
+//! `inputs` (slot = "stage" or "stage.output", or an array for fan-in slots), `matrix`, and for
+//! cluster runs `launch` and `slurm` (see [`crate::slurm`]); all other keys are the kind's
+//! parameters, deserialised into its typed struct. Every problem found
 //! is reported at once, as a diagnostic pointing into the manifest.
 //!
 //! Reading a manifest goes through four phases, one module each: parse (TOML into raw
@@ -55,6 +56,7 @@ use matrix::Assignment;
 use names::Variants;
 use parse::{Document, Override, RawStage};
 
+use crate::slurm::{ExecutorKind, Launch, SlurmOptions};
 use crate::stage::{DynStage, InputSlot, ParsedParams, Registry};
 
 /// The `[experiment]` table.
@@ -72,6 +74,12 @@ pub struct Experiment {
     /// Free text shown in reports.
     #[serde(default)]
     pub description: String,
+    /// Where stages run (`local` or `slurm`); `pipeline run --executor` wins.
+    #[serde(default)]
+    pub executor: Option<ExecutorKind>,
+    /// Cluster defaults for every stage and the scheduling knobs (`[experiment.slurm]`).
+    #[serde(default)]
+    pub slurm: SlurmOptions,
 }
 
 /// Options that change how a manifest is read.
@@ -111,6 +119,13 @@ pub struct StageInstance {
     pub uses_seed: bool,
     /// Whether its inputs' producer names and matrix labels go into its key.
     pub uses_input_labels: bool,
+    /// Where it runs under a cluster executor, as its table says (`launch`); `None` leaves it
+    /// to the kind ([`crate::Stage::runs_on_coordinator`]).
+    pub launch: Option<Launch>,
+    /// Whether its kind prefers the coordinator (cheap, or needs the network).
+    pub runs_on_coordinator: bool,
+    /// Its cluster resources as its table gives them (`[STAGE.slurm]`, without the defaults).
+    pub slurm: SlurmOptions,
     pub(crate) stage: Arc<dyn DynStage>,
 }
 
@@ -128,6 +143,9 @@ impl StageInstance {
             needs_gpu: kind.needs_gpu(&params),
             uses_seed: kind.uses_seed(&params),
             uses_input_labels: kind.uses_input_labels(&params),
+            runs_on_coordinator: kind.runs_on_coordinator(&params),
+            launch: None,
+            slurm: SlurmOptions::default(),
             outputs: kind.outputs().iter().map(|o| o.name).collect(),
             params,
             inputs,
@@ -143,6 +161,17 @@ impl StageInstance {
     /// The plain-text file of this kind's outputs that `pipeline run` prints at the end.
     pub fn summary_file(&self) -> Option<&'static str> {
         self.stage.summary_file()
+    }
+
+    /// Whether it runs as a cluster job under `executor`: the table's `launch` if given, else
+    /// as a job unless its kind prefers the coordinator.
+    pub fn launches_on_cluster(&self, executor: ExecutorKind) -> bool {
+        executor == ExecutorKind::Slurm
+            && match self.launch {
+                Some(Launch::Slurm) => true,
+                Some(Launch::Local) => false,
+                None => !self.runs_on_coordinator,
+            }
     }
 }
 
@@ -275,10 +304,10 @@ fn build_instances(
         for (name, connected) in made {
             let params = instance_params(s, &name, &doc.overrides, errors);
             if let (Some(params), Some(inputs)) = (params, connected) {
-                instances.push((
-                    table,
-                    StageInstance::new(name.clone(), s.kind.clone(), params, inputs),
-                ));
+                let mut instance = StageInstance::new(name.clone(), s.kind.clone(), params, inputs);
+                instance.launch = s.launch;
+                instance.slurm = s.slurm.clone();
+                instances.push((table, instance));
             }
             names.push(name);
         }

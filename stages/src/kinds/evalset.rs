@@ -111,6 +111,10 @@ impl Stage for EvalSet {
     const SUMMARY: &'static str =
         "an evaluation problem set (HumanEval, MBPP, replication prompts) as problems.jsonl";
 
+    /// Seconds of reading a problem set: not worth a cluster job.
+    fn runs_on_coordinator(_: &EvalSetParams) -> bool {
+        true
+    }
     fn inputs() -> &'static [InputSlot] {
         INPUTS
     }

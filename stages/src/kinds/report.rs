@@ -148,6 +148,10 @@ impl Stage for Report {
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 
+    /// Seconds of rendering: not worth a cluster job.
+    fn runs_on_coordinator(_: &ReportParams) -> bool {
+        true
+    }
     fn inputs() -> &'static [InputSlot] {
         INPUTS
     }

@@ -1,0 +1,163 @@
+//! A stage's job: its script (the worker's command line) and its `sbatch` command line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::SlurmOptions;
+
+/// Everything `sbatch` needs for one stage.
+#[derive(Debug, Clone)]
+pub struct JobSpec<'a> {
+    /// `--job-name`.
+    pub name: String,
+    /// The job script.
+    pub script: &'a Path,
+    /// `--output` (appended to across requeues).
+    pub log: &'a Path,
+    /// `--chdir`: where the coordinator runs, so relative paths mean the same on the node.
+    pub workdir: &'a Path,
+    /// The stage's resources (defaults merged in).
+    pub resources: &'a SlurmOptions,
+    /// Whether the stage needs a GPU.
+    pub gpu: bool,
+}
+
+/// Quotes `word` for a POSIX shell.
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word.chars().all(|c| {
+            c.is_ascii_alphanumeric()
+                || matches!(c, '-' | '_' | '.' | '/' | '=' | ':' | '@' | ',' | '+')
+        });
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The job script: the worker's command line, run with `exec` so that Slurm's signals
+/// (preemption, the time-limit warning) reach the worker itself.
+pub fn script_text(stage: &str, key: &str, worker: &[String]) -> String {
+    let command = worker
+        .iter()
+        .map(|w| shell_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "#!/bin/sh\n\
+         # pipeline worker for stage `{stage}`, key {key}.\n\
+         # Written by the coordinator; the worker refuses any other key and any producer that\n\
+         # is not cached, and checkpoints on SIGTERM (preemption, time limit).\n\
+         echo \"pipeline: job ${{SLURM_JOB_ID:-?}} on $(hostname), attempt ${{SLURM_RESTART_COUNT:-0}}\"\n\
+         exec {command}\n"
+    )
+}
+
+/// `sbatch`'s arguments (without the program name) for `spec`, `--parsable` first.
+pub fn sbatch_args(spec: &JobSpec<'_>, signal_before: Duration) -> Vec<String> {
+    let r = spec.resources;
+    let mut args = vec![
+        "--parsable".to_string(),
+        format!("--job-name={}", spec.name),
+        format!("--output={}", spec.log.display()),
+        "--open-mode=append".to_string(),
+        format!("--chdir={}", spec.workdir.display()),
+        // Preempted jobs come back (resuming from their checkpoint) instead of failing.
+        "--requeue".to_string(),
+        // SIGTERM to the batch shell, which `exec` made the worker, ahead of the time limit.
+        format!("--signal=B:TERM@{}", signal_before.as_secs().max(1)),
+    ];
+    let mut opt = |flag: &str, value: &Option<String>| {
+        if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+            args.push(format!("--{flag}={v}"));
+        }
+    };
+    opt("partition", &r.partition);
+    opt("time", &r.time_limit());
+    opt("cpus-per-task", &r.cpus.map(|c| c.to_string()));
+    opt("mem", &r.mem);
+    let gres = match (&r.gres, &r.gpus) {
+        (Some(g), _) => Some(g.clone()),
+        (None, None) if spec.gpu => Some("gpu:1".to_string()),
+        (None, _) => None,
+    };
+    opt("gres", &gres);
+    opt("gpus", &r.gpus);
+    opt("account", &r.account);
+    opt("qos", &r.qos);
+    args.extend(r.sbatch.iter().cloned());
+    args.push(spec.script.display().to_string());
+    args
+}
+
+/// A job name Slurm shows in `squeue`: `pipeline:<experiment>:<stage>`, without characters
+/// that job names should not hold.
+pub fn job_name(experiment: &str, stage: &str) -> String {
+    format!("pipeline:{experiment}:{stage}")
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '\'' || c == '"' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn quoting_survives_spaces_and_quotes() {
+        assert_eq!(shell_quote("train@messy,1"), "train@messy,1");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn gpu_stages_ask_for_one_gpu_unless_told_otherwise() {
+        let script = PathBuf::from("/c/slurm/jobs/k.sh");
+        let log = PathBuf::from("/c/slurm/logs/k.log");
+        let dir = PathBuf::from("/work");
+        let args = |resources: &SlurmOptions, gpu: bool| {
+            sbatch_args(
+                &JobSpec {
+                    name: "n".into(),
+                    script: &script,
+                    log: &log,
+                    workdir: &dir,
+                    resources,
+                    gpu,
+                },
+                Duration::from_secs(120),
+            )
+        };
+        let plain = SlurmOptions::default();
+        assert!(args(&plain, true).contains(&"--gres=gpu:1".to_string()));
+        assert!(!args(&plain, false).iter().any(|a| a.starts_with("--gres")));
+        let counted = SlurmOptions {
+            gpus: Some("1".into()),
+            ..SlurmOptions::default()
+        };
+        let a = args(&counted, true);
+        assert!(a.contains(&"--gpus=1".to_string()));
+        assert!(!a.iter().any(|a| a.starts_with("--gres")));
+        let none = SlurmOptions {
+            gres: Some(String::new()),
+            sbatch: vec!["--constraint=a100".into()],
+            time: Some("2h".into()),
+            ..SlurmOptions::default()
+        };
+        let a = args(&none, true);
+        assert!(!a.iter().any(|a| a.starts_with("--gres")));
+        assert!(a.contains(&"--time=120".to_string()));
+        assert!(a.contains(&"--signal=B:TERM@120".to_string()));
+        assert_eq!(a[a.len() - 2], "--constraint=a100");
+        assert_eq!(a[a.len() - 1], "/c/slurm/jobs/k.sh");
+    }
+}

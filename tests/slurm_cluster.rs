@@ -1,0 +1,533 @@
+//! The Slurm executor against a real Slurm: the one-node cluster that `scripts/slurm-up.sh`
+//! starts (two fake GPUs by gres, a preemptible `low` partition under `high`). CI starts it and
+//! sets `PIPELINE_REQUIRE_SLURM=1`, so that a missing cluster fails there instead of skipping.
+//! Tests that need no cluster (worker refusals, plans, manifest errors) always run.
+//!
+//! The stages are the ML-free kinds of `examples/toy_pipeline.rs`; jobs run that binary in
+//! worker mode on the node, which is this machine, so the cache in a temporary directory is
+//! "shared".
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+mod common;
+use common::{action_records, ran, run_outcomes};
+
+/// Cluster tests share two CPUs and two GPUs: one at a time.
+static CLUSTER: Mutex<()> = Mutex::new(());
+
+fn toy_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let path = profile_dir.join("examples").join("toy_pipeline");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test`",
+        path.display()
+    );
+    path
+}
+
+fn toy_command(cache: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(toy_binary());
+    c.arg("--cache")
+        .arg(cache)
+        .args(args)
+        .env_remove("PIPELINE_CACHE");
+    c
+}
+
+fn toy(cache: &Path, args: &[&str]) -> Output {
+    toy_command(cache, args).output().expect("run toy_pipeline")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Whether a cluster answers; panics when CI requires one and it does not.
+fn cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let up = Command::new("sinfo")
+        .args(["--noheader", "--format=%T"])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+    if !up {
+        assert!(
+            std::env::var_os("PIPELINE_REQUIRE_SLURM").is_none(),
+            "PIPELINE_REQUIRE_SLURM is set but no Slurm cluster answers: run scripts/slurm-up.sh"
+        );
+        eprintln!("skipped: no Slurm cluster (scripts/slurm-up.sh starts one)");
+        return None;
+    }
+    Some(CLUSTER.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+fn manifest(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("m.toml");
+    let head = "[experiment]\nname = \"cluster\"\nexecutor = \"slurm\"\n\n\
+                [experiment.slurm]\npoll = \"1s\"\nrecord_wait = \"5s\"\n\n";
+    std::fs::write(&path, format!("{head}{body}")).expect("write manifest");
+    path
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The saved job records (`slurm/jobs/<key>.json`).
+fn job_records(cache: &Path) -> Vec<Value> {
+    let Ok(dir) = std::fs::read_dir(cache.join("slurm").join("jobs")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
+}
+
+fn job_state(id: &str) -> String {
+    let out = Command::new("squeue")
+        .args([
+            "--noheader",
+            "--states=all",
+            "--format=%T|%r",
+            &format!("--jobs={id}"),
+        ])
+        .output()
+        .expect("squeue");
+    text(&out.stdout).trim().to_string()
+}
+
+fn wait_running(cache: &Path) -> (String, String) {
+    wait_for("a running job", Duration::from_secs(60), || {
+        let record = job_records(cache).into_iter().next()?;
+        let id = record["job_id"].as_str()?.to_string();
+        job_state(&id)
+            .starts_with("RUNNING")
+            .then(|| (id, record["key"].as_str().unwrap_or("").to_string()))
+    })
+}
+
+fn finish(child: Child) -> Output {
+    child.wait_with_output().expect("coordinator output")
+}
+
+fn spawn_run(cache: &Path, m: &Path, extra: &[&str]) -> Child {
+    let mut args = vec!["run", m.to_str().expect("utf-8 path"), "--json"];
+    args.extend_from_slice(extra);
+    toy_command(cache, &args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator")
+}
+
+/// The output file of `stage`'s action record.
+fn output_of(cache: &Path, stage: &str) -> String {
+    let record = action_records(cache)
+        .into_iter()
+        .find(|r| r["stage"] == stage)
+        .unwrap_or_else(|| panic!("no record of {stage}"));
+    let tree = record["outputs"]["out"]["tree"].as_str().expect("tree");
+    std::fs::read_to_string(cache.join("views").join(tree).join("data")).expect("output data")
+}
+
+#[test]
+fn a_matrix_of_gpu_stages_runs_as_jobs_and_two_never_share_a_gpu() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = manifest(
+        dir.path(),
+        r#"
+[gen]
+kind = "write"
+matrix.n = ["a", "b", "c"]
+text = "${n}"
+repeat = 8
+delay_ms = 250
+gpu = true
+
+[all]
+kind = "concat"
+inputs = { parts = "gen" }
+launch = "local"
+"#,
+    );
+    let out = toy(&cache, &["run", m.to_str().unwrap(), "--json"]);
+    let outcomes = run_outcomes(&out);
+    assert_eq!(ran(&outcomes), ["all", "gen@a", "gen@b", "gen@c"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["slurm_calls"].as_u64().unwrap_or(0) >= 3, "{report}");
+
+    // Every GPU stage ran as a job, on one fake GPU; overlapping ones on different GPUs.
+    assert_eq!(
+        job_records(&cache).len(),
+        3,
+        "one job per GPU stage, none for `all`"
+    );
+    let gpu_runs: Vec<(f64, f64, String)> = action_records(&cache)
+        .into_iter()
+        .filter(|r| r["kind"] == "write")
+        .map(|r| {
+            let m = &r["metadata"];
+            assert!(
+                m["cuda_visible_devices"].is_string(),
+                "a job given a GPU sees CUDA_VISIBLE_DEVICES: {m}"
+            );
+            (
+                m["start"].as_f64().unwrap(),
+                m["end"].as_f64().unwrap(),
+                m["slurm_job_gpus"]
+                    .as_str()
+                    .expect("a job given a GPU has SLURM_JOB_GPUS")
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(gpu_runs.len(), 3);
+    for (i, a) in gpu_runs.iter().enumerate() {
+        assert!(!a.2.contains(','), "one GPU per stage, got {}", a.2);
+        for b in &gpu_runs[i + 1..] {
+            let overlap = a.0 < b.1 && b.0 < a.1;
+            assert!(
+                !(overlap && a.2 == b.2),
+                "two stages shared GPU {}: {a:?} {b:?}",
+                a.2
+            );
+        }
+    }
+    // The cluster computed what a local run computes.
+    let local = dir.path().join("local");
+    run_outcomes(&toy(
+        &local,
+        &["run", m.to_str().unwrap(), "--json", "--executor", "local"],
+    ));
+    assert_eq!(output_of(&cache, "all"), output_of(&local, "all"));
+    // Everything cached now: no job is submitted.
+    let again = toy(&cache, &["run", m.to_str().unwrap(), "--json"]);
+    assert!(ran(&run_outcomes(&again)).is_empty());
+}
+
+#[test]
+fn a_job_cancelled_with_scancel_fails_the_stage_with_its_log() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = manifest(
+        dir.path(),
+        "[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 200\ndelay_ms = 100\n",
+    );
+    let child = spawn_run(&cache, &m, &[]);
+    let (id, _) = wait_running(&cache);
+    let cancelled = Command::new("scancel").arg(&id).status().expect("scancel");
+    assert!(cancelled.success());
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("Slurm job {id} ended CANCELLED")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("last lines of the log"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("job {id} on")),
+        "the log's tail is shown: {stderr}"
+    );
+}
+
+#[test]
+fn a_worker_killed_with_sigkill_is_detected() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = manifest(
+        dir.path(),
+        "[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 200\ndelay_ms = 100\n",
+    );
+    let child = spawn_run(&cache, &m, &[]);
+    let (id, key) = wait_running(&cache);
+    // The worker dies without a word: no signal handler runs, nothing is written. (The job
+    // is RUNNING a moment before its script has started the worker.)
+    let pattern = format!("expect-key {key}");
+    wait_for("the worker process", Duration::from_secs(30), || {
+        let found = Command::new("pgrep").args(["-f", &pattern]).output().ok()?;
+        found.status.success().then_some(())
+    });
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", &pattern])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "the worker process was found");
+    let out = finish(child);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("Slurm job {id} ended FAILED")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_restarted_coordinator_reattaches_to_its_running_job() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = manifest(
+        dir.path(),
+        "[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 40\ndelay_ms = 100\n",
+    );
+    let mut first = spawn_run(&cache, &m, &[]);
+    let (id, _) = wait_running(&cache);
+    // The login node kills the coordinator; the job goes on.
+    first.kill().expect("kill coordinator");
+    let _ = first.wait();
+    assert!(
+        job_state(&id).starts_with("RUNNING"),
+        "the job outlives its coordinator"
+    );
+    let out = toy(&cache, &["run", m.to_str().unwrap(), "--json"]);
+    assert_eq!(ran(&run_outcomes(&out)), ["slow"]);
+    let records = job_records(&cache);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0]["job_id"],
+        id.as_str(),
+        "re-attached, not resubmitted"
+    );
+}
+
+#[test]
+fn a_preempted_worker_is_requeued_and_resumes_from_its_checkpoint() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // Both CPUs of the node, in the preemptible partition.
+    let body = "[count]\nkind = \"count\"\nsteps = 60\ndelay_ms = 150\n\n\
+                [count.slurm]\npartition = \"low\"\ncpus = 2\n";
+    let m = manifest(dir.path(), body);
+    let child = spawn_run(&cache, &m, &[]);
+    let (id, key) = wait_running(&cache);
+    let state = cache.join("checkpoints").join(&key).join("state");
+    wait_for("a checkpoint of 10 steps", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&state).ok()?;
+        let step: u64 = text.split_whitespace().next()?.parse().ok()?;
+        (step >= 10).then_some(())
+    });
+    // A job of the higher partition needs a CPU: Slurm preempts ours (SIGTERM, requeue).
+    let high = Command::new("sbatch")
+        .args([
+            "--parsable",
+            "--partition=high",
+            "--cpus-per-task=1",
+            "--output=/dev/null",
+        ])
+        .args(["--wrap", "sleep 1"])
+        .output()
+        .expect("sbatch");
+    assert!(high.status.success(), "{}", text(&high.stderr));
+    // A requeued job is held ~120 s (BeginTime); release it as an impatient admin would.
+    wait_for("the requeued job", Duration::from_secs(60), || {
+        let s = job_state(&id);
+        (s.starts_with("PENDING") && s.contains("BeginTime")).then_some(())
+    });
+    let released = Command::new("scontrol")
+        .args(["update", &format!("JobId={id}"), "StartTime=now"])
+        .status()
+        .expect("scontrol");
+    assert!(released.success());
+    let out = finish(child);
+    assert_eq!(ran(&run_outcomes(&out)), ["count"]);
+
+    let record = action_records(&cache)
+        .into_iter()
+        .find(|r| r["stage"] == "count")
+        .expect("count's record");
+    let resumed = record["metadata"]["resumed_from_step"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        resumed >= 10,
+        "resumed from its checkpoint, not from 0: {resumed}"
+    );
+    let log = std::fs::read_to_string(cache.join("slurm/logs").join(format!("{key}.log"))).unwrap();
+    assert!(
+        log.contains("attempt 0") && log.contains("attempt 1"),
+        "{log}"
+    );
+    // Byte-identical to an uninterrupted local run.
+    let local = dir.path().join("local");
+    run_outcomes(&toy(
+        &local,
+        &["run", m.to_str().unwrap(), "--json", "--executor", "local"],
+    ));
+    assert_eq!(output_of(&cache, "count"), output_of(&local, "count"));
+}
+
+// --- No cluster needed -------------------------------------------------------------------
+
+fn local_manifest(dir: &Path) -> PathBuf {
+    let path = dir.join("m.toml");
+    std::fs::write(
+        &path,
+        "[experiment]\nname = \"w\"\n\n[a]\nkind = \"write\"\ntext = \"x\"\n\n\
+         [b]\nkind = \"concat\"\ninputs = { parts = \"a\" }\n\n\
+         [b.slurm]\ntime = \"2h\"\nsbatch = [\"--constraint=fast\"]\n",
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn a_worker_refuses_a_key_other_than_the_coordinators() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = local_manifest(dir.path());
+    std::fs::create_dir_all(cache.join("slurm")).unwrap();
+    run_outcomes(&toy(
+        &cache,
+        &["run", m.to_str().unwrap(), "--json", "--only", "a"],
+    ));
+    let out = toy(
+        &cache,
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--only",
+            "b",
+            "--expect-key",
+            "0123abcd",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("but the coordinator expected 0123abcd"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("this node computes key"), "{stderr}");
+}
+
+#[test]
+fn a_worker_refuses_to_compute_a_producer_that_is_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = local_manifest(dir.path());
+    std::fs::create_dir_all(cache.join("slurm")).unwrap();
+    let out = toy(
+        &cache,
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--only",
+            "b",
+            "--expect-key",
+            "0123abcd",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("its producer `a` is not in the cache"),
+        "{stderr}"
+    );
+    assert!(
+        action_records(&cache).is_empty(),
+        "the worker computed nothing"
+    );
+}
+
+#[test]
+fn a_worker_that_cannot_see_the_cache_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = local_manifest(dir.path());
+    let missing = dir.path().join("not-shared");
+    let out = toy(
+        &missing,
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--only",
+            "a",
+            "--expect-key",
+            "0123",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("is not visible on"), "{stderr}");
+    assert!(stderr.contains("filesystem every node mounts"), "{stderr}");
+    assert!(
+        !missing.exists(),
+        "a worker never creates a cache of its own"
+    );
+}
+
+#[test]
+fn plan_shows_each_jobs_sbatch_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = local_manifest(dir.path());
+    let out = toy(
+        &cache,
+        &["plan", m.to_str().unwrap(), "--executor", "slurm"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("sbatch --parsable --job-name=pipeline:w:a"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("--requeue") && stdout.contains("--signal=B:TERM@120"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("--time=120") && stdout.contains("--constraint=fast"),
+        "{stdout}"
+    );
+    assert!(
+        !cache.join("slurm").exists(),
+        "a plan submits and writes nothing"
+    );
+}
+
+#[test]
+fn slurm_tables_are_checked_with_their_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.toml");
+    std::fs::write(
+        &path,
+        "[experiment]\nname = \"w\"\n\n[a]\nkind = \"write\"\ntext = \"x\"\nlaunch = \"cloud\"\n\n\
+         [a.slurm]\npoll = \"1s\"\n\n[b]\nkind = \"write\"\ntext = \"y\"\n\n\
+         [b.slurm]\nmemory = \"4G\"\n",
+    )
+    .unwrap();
+    let out = toy(&dir.path().join("cache"), &["plan", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("`launch` of `a`"), "{stderr}");
+    assert!(
+        stderr.contains("`poll` is a setting of the whole run"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`slurm` of `b`") && stderr.contains("memory"),
+        "{stderr}"
+    );
+}
