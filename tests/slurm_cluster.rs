@@ -17,8 +17,16 @@ use serde_json::Value;
 mod common;
 use common::{action_records, ran, run_outcomes};
 
-/// Cluster tests share two CPUs and two GPUs: one at a time.
+/// Cluster tests share two CPUs and two GPUs: one at a time, in this process and across
+/// processes (a benchmark on the same cluster takes the same file lock).
 static CLUSTER: Mutex<()> = Mutex::new(());
+const CLUSTER_LOCK_FILE: &str = "/tmp/pipeline-slurm-cluster.lock";
+
+/// Holds the cluster for one test.
+struct ClusterGuard {
+    _thread: std::sync::MutexGuard<'static, ()>,
+    _file: std::fs::File,
+}
 
 fn toy_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -53,7 +61,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Whether a cluster answers; panics when CI requires one and it does not.
-fn cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
+fn cluster() -> Option<ClusterGuard> {
     let up = Command::new("sinfo")
         .args(["--noheader", "--format=%T"])
         .output()
@@ -66,7 +74,13 @@ fn cluster() -> Option<std::sync::MutexGuard<'static, ()>> {
         eprintln!("skipped: no Slurm cluster (scripts/slurm-up.sh starts one)");
         return None;
     }
-    Some(CLUSTER.lock().unwrap_or_else(|e| e.into_inner()))
+    let thread = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let file = std::fs::File::create(CLUSTER_LOCK_FILE).expect("cluster lock file");
+    file.lock().expect("lock the cluster");
+    Some(ClusterGuard {
+        _thread: thread,
+        _file: file,
+    })
 }
 
 fn manifest(dir: &Path, body: &str) -> PathBuf {

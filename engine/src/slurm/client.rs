@@ -82,6 +82,21 @@ impl SlurmClient {
         Ok(parse_squeue(&String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// `MaxArraySize` from `scontrol show config` (Slurm's default, 1001, if it cannot be read).
+    pub fn max_array_size(&self) -> usize {
+        const SLURM_DEFAULT: usize = 1001;
+        let Ok(out) = self.call("scontrol", &["show".into(), "config".into()]) else {
+            return SLURM_DEFAULT;
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once('=')?;
+                (name.trim() == "MaxArraySize").then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(SLURM_DEFAULT)
+    }
+
     /// Cancels `ids` (SIGTERM first, so workers checkpoint).
     pub fn scancel(&self, ids: &[String]) -> Result<(), String> {
         if ids.is_empty() {
@@ -99,25 +114,54 @@ impl SlurmClient {
     }
 }
 
-/// `id|STATE|reason` lines into states by job id.
+/// `id|STATE|reason` lines into states by job id. Pending tasks of an array come as one line
+/// (`58_[0,2-4%2]`): each task gets its own entry (`58_0`, `58_2`, ...).
 pub fn parse_squeue(text: &str) -> HashMap<String, JobStatus> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.trim().splitn(3, '|');
-            let id = fields.next()?.trim();
-            let state = fields.next()?.trim();
-            let reason = fields.next().unwrap_or("").trim();
-            (!id.is_empty() && !state.is_empty()).then(|| {
-                (
-                    id.to_string(),
-                    JobStatus {
-                        state: state.to_string(),
-                        reason: reason.to_string(),
-                    },
-                )
-            })
-        })
-        .collect()
+    let mut states = HashMap::new();
+    for line in text.lines() {
+        let mut fields = line.trim().splitn(3, '|');
+        let (Some(id), Some(state)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let (id, state) = (id.trim(), state.trim());
+        if id.is_empty() || state.is_empty() {
+            continue;
+        }
+        let status = JobStatus {
+            state: state.to_string(),
+            reason: fields.next().unwrap_or("").trim().to_string(),
+        };
+        for id in expand_array_tasks(id) {
+            states.insert(id, status.clone());
+        }
+    }
+    states
+}
+
+/// `58_[0,2-4%2]` into `58_0`, `58_2`, `58_3`, `58_4`; any other id as it is.
+fn expand_array_tasks(id: &str) -> Vec<String> {
+    let Some((job, rest)) = id.split_once("_[") else {
+        return vec![id.to_string()];
+    };
+    let Some(list) = rest.strip_suffix(']') else {
+        return vec![id.to_string()];
+    };
+    let list = list.split('%').next().unwrap_or("");
+    let mut ids = Vec::new();
+    for part in list.split(',') {
+        let bounds = match part.split_once('-') {
+            Some((a, b)) => a.parse::<u64>().ok().zip(b.parse::<u64>().ok()),
+            None => part.parse::<u64>().ok().map(|a| (a, a)),
+        };
+        match bounds {
+            // A malformed or absurd range is kept as written rather than expanded.
+            Some((a, b)) if a <= b && b - a < 100_000 => {
+                ids.extend((a..=b).map(|i| format!("{job}_{i}")))
+            }
+            _ => return vec![id.to_string()],
+        }
+    }
+    ids
 }
 
 #[cfg(test)]
@@ -130,5 +174,15 @@ mod tests {
         assert_eq!(states.len(), 2);
         assert_eq!(states["12"].state, "RUNNING");
         assert_eq!(states["13_2"].reason, "Resources");
+    }
+
+    #[test]
+    fn pending_array_tasks_are_listed_one_by_one() {
+        let states = parse_squeue("58_[0,2-4%2]|PENDING|Resources\n58_1|RUNNING|None\n");
+        let mut ids: Vec<&String> = states.keys().collect();
+        ids.sort();
+        assert_eq!(ids, ["58_0", "58_1", "58_2", "58_3", "58_4"]);
+        assert_eq!(states["58_3"].state, "PENDING");
+        assert_eq!(states["58_1"].state, "RUNNING");
     }
 }

@@ -5,14 +5,14 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use super::client::SlurmClient;
 use super::queue::{phase, Phase, Queue, Seen};
-use super::sbatch::{job_name, sbatch_args, script_text, JobSpec};
+use super::sbatch::{array_script_text, job_name, sbatch_args, script_text, JobSpec};
 use super::{SlurmOptions, SLURM_DIR};
 use crate::manifest::StageInstance;
 use crate::progress::StageProgress;
@@ -65,7 +65,25 @@ pub struct SlurmLauncher<'a> {
     client: &'a SlurmClient,
     queue: Queue<'a>,
     in_flight: Mutex<BTreeSet<String>>,
+    batch: Mutex<Vec<(Submission, mpsc::Sender<Result<JobRecord, String>>)>>,
+    max_array_size: OnceLock<usize>,
 }
+
+/// One stage ready to be submitted.
+struct Submission {
+    key: String,
+    stage: String,
+    /// Stages of one table with equal resources share a group (and can share an array).
+    group: String,
+    job_name: String,
+    argv: Vec<String>,
+    resources: SlurmOptions,
+    gpu: bool,
+}
+
+/// How long the first stage ready waits for its siblings before submitting: matrix siblings
+/// become ready together, within milliseconds of each other.
+const BATCH_WINDOW: Duration = Duration::from_millis(500);
 
 impl<'a> SlurmLauncher<'a> {
     /// A launcher for `experiment`'s stages with the experiment-level `settings`.
@@ -85,6 +103,8 @@ impl<'a> SlurmLauncher<'a> {
             client,
             queue,
             in_flight: Mutex::new(BTreeSet::new()),
+            batch: Mutex::new(Vec::new()),
+            max_array_size: OnceLock::new(),
         }
     }
 
@@ -114,56 +134,197 @@ impl<'a> SlurmLauncher<'a> {
         job_log_path(self.store.root(), key)
     }
 
-    /// The job script and `sbatch` arguments `stage` would be submitted with.
-    pub fn job(&self, stage: &StageInstance, key: &str, forced: bool) -> (String, Vec<String>) {
-        let script = self.script_path(key);
-        let log = self.log_path(key);
-        let workdir = self.worker.workdir();
+    /// What submitting `stage` (key `key`) takes.
+    fn submission(&self, stage: &StageInstance, key: &str, forced: bool) -> Submission {
+        let name = stage.name.to_string();
         let resources = stage.slurm.over(&self.settings);
-        let args = sbatch_args(
-            &JobSpec {
-                name: job_name(&self.experiment, &stage.name.to_string()),
-                script: &script,
-                log: &log,
-                workdir: &workdir,
-                resources: &resources,
-                gpu: stage.needs_gpu,
-            },
-            self.settings.signal_before_time(),
-        );
-        let text = script_text(
-            &stage.name.to_string(),
-            key,
-            &self.worker.argv(&stage.name.to_string(), key, forced),
-        );
-        (text, args)
+        Submission {
+            key: key.to_string(),
+            argv: self.worker.argv(&name, key, forced),
+            group: format!(
+                "{}|{}|{}",
+                stage.name.base,
+                stage.needs_gpu,
+                serde_json::to_string(&resources).unwrap_or_default()
+            ),
+            job_name: job_name(&self.experiment, &stage.name.base),
+            stage: name,
+            resources,
+            gpu: stage.needs_gpu,
+        }
     }
 
-    fn submit(
+    fn sbatch_args(
         &self,
-        stage: &StageInstance,
-        key: &str,
-        forced: bool,
-        resubmits: u32,
-    ) -> Result<JobRecord, String> {
-        let (text, args) = self.job(stage, key, forced);
-        let script = self.script_path(key);
-        crate::atomic::write_atomic(&script, text.as_bytes(), true)
-            .map_err(|e| format!("cannot write job script {}: {e}", script.display()))?;
-        set_executable(&script)?;
-        let job_id = self.client.sbatch(&args)?;
+        s: &Submission,
+        script: &Path,
+        log: &Path,
+        array: Option<String>,
+    ) -> Vec<String> {
+        let workdir = self.worker.workdir();
+        sbatch_args(
+            &JobSpec {
+                name: s.job_name.clone(),
+                script,
+                log,
+                workdir: &workdir,
+                resources: &s.resources,
+                gpu: s.gpu,
+                array,
+            },
+            self.settings.signal_before_time(),
+        )
+    }
+
+    /// The job script and `sbatch` arguments `stage` would be submitted with alone.
+    pub fn job(&self, stage: &StageInstance, key: &str, forced: bool) -> (String, Vec<String>) {
+        let s = self.submission(stage, key, forced);
+        let args = self.sbatch_args(&s, &self.script_path(key), &self.log_path(key), None);
+        (script_text(&s.stage, key, &s.argv), args)
+    }
+
+    fn save(&self, record: &JobRecord) -> Result<(), String> {
+        let path = self.record_path(&record.key);
+        let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
+        crate::atomic::write_atomic(&path, &json, true)
+            .map_err(|e| format!("cannot save job record {}: {e}", path.display()))
+    }
+
+    fn write_script(&self, path: &Path, text: &str) -> Result<(), String> {
+        crate::atomic::write_atomic(path, text.as_bytes(), true)
+            .map_err(|e| format!("cannot write job script {}: {e}", path.display()))?;
+        set_executable(path)
+    }
+
+    /// Submits one stage as its own job.
+    fn submit_single(&self, s: &Submission, resubmits: u32) -> Result<JobRecord, String> {
+        let script = self.script_path(&s.key);
+        self.write_script(&script, &script_text(&s.stage, &s.key, &s.argv))?;
+        let args = self.sbatch_args(s, &script, &self.log_path(&s.key), None);
         let record = JobRecord {
-            key: key.to_string(),
-            stage: stage.name.to_string(),
-            job_id,
+            key: s.key.clone(),
+            stage: s.stage.clone(),
+            job_id: self.client.sbatch(&args)?,
             submitted_unix: unix_now(),
             resubmits,
         };
-        let path = self.record_path(key);
-        let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
-        crate::atomic::write_atomic(&path, &json, true)
-            .map_err(|e| format!("cannot save job record {}: {e}", path.display()))?;
+        self.save(&record)?;
         Ok(record)
+    }
+
+    /// Submits stages of one table with equal resources as one job array (task `i` computes
+    /// the `i`-th); their job ids are `ARRAY_i`.
+    fn submit_array(&self, group: &[Submission]) -> Result<Vec<JobRecord>, String> {
+        let first = &group[0];
+        let name = blake3::hash(
+            group
+                .iter()
+                .map(|s| s.key.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+                .as_bytes(),
+        )
+        .to_hex();
+        let jobs = self.store.root().join(SLURM_DIR).join("jobs");
+        let script = jobs.join(format!("array-{}.sh", &name[..16]));
+        let tasks: Vec<(String, String, Vec<String>)> = group
+            .iter()
+            .map(|s| (s.stage.clone(), s.key.clone(), s.argv.clone()))
+            .collect();
+        let logs: Vec<PathBuf> = group.iter().map(|s| self.log_path(&s.key)).collect();
+        self.write_script(&script, &array_script_text(&tasks, &logs))?;
+        // Slurm's own messages about a task (cancelled, time limit) go to a file per task.
+        let slurm_log = self
+            .store
+            .root()
+            .join(SLURM_DIR)
+            .join("logs")
+            .join("array-%A_%a.log");
+        let mut range = format!("0-{}", group.len() - 1);
+        if let Some(p) = self.settings.array_parallelism.filter(|p| *p > 0) {
+            range.push_str(&format!("%{p}"));
+        }
+        let args = self.sbatch_args(first, &script, &slurm_log, Some(range));
+        let array = self.client.sbatch(&args)?;
+        let submitted_unix = unix_now();
+        let records: Vec<JobRecord> = group
+            .iter()
+            .enumerate()
+            .map(|(i, s)| JobRecord {
+                key: s.key.clone(),
+                stage: s.stage.clone(),
+                job_id: format!("{array}_{i}"),
+                submitted_unix,
+                resubmits: 0,
+            })
+            .collect();
+        for r in &records {
+            self.save(r)?;
+        }
+        Ok(records)
+    }
+
+    /// Submits `s`, together with the submissions that arrive within a short window: those of
+    /// the same table with equal resources go as one job array (matrix siblings ready
+    /// together), at most `MaxArraySize` tasks per array.
+    fn submit_batched(&self, s: Submission) -> Result<JobRecord, String> {
+        let (reply, answer) = mpsc::channel();
+        let leader = {
+            let mut batch = self
+                .batch
+                .lock()
+                .map_err(|_| "internal: submission batch lock poisoned".to_string())?;
+            batch.push((s, reply));
+            batch.len() == 1
+        };
+        if leader {
+            std::thread::sleep(BATCH_WINDOW);
+            let requests = match self.batch.lock() {
+                Ok(mut batch) => std::mem::take(&mut *batch),
+                Err(_) => return Err("internal: submission batch lock poisoned".into()),
+            };
+            self.submit_requests(requests);
+        }
+        answer
+            .recv()
+            .map_err(|_| "internal: the submission of this stage was lost".to_string())?
+    }
+
+    fn submit_requests(
+        &self,
+        requests: Vec<(Submission, mpsc::Sender<Result<JobRecord, String>>)>,
+    ) {
+        let mut groups: Vec<Vec<(Submission, mpsc::Sender<Result<JobRecord, String>>)>> =
+            Vec::new();
+        for request in requests {
+            match groups.iter_mut().find(|g| g[0].0.group == request.0.group) {
+                Some(g) => g.push(request),
+                None => groups.push(vec![request]),
+            }
+        }
+        let max_tasks = self
+            .max_array_size
+            .get_or_init(|| self.client.max_array_size())
+            .saturating_sub(1)
+            .max(1);
+        for group in groups {
+            let mut rest = group;
+            while !rest.is_empty() {
+                let chunk: Vec<_> = rest.drain(..rest.len().min(max_tasks)).collect();
+                let (subs, replies): (Vec<Submission>, Vec<_>) = chunk.into_iter().unzip();
+                let results: Vec<Result<JobRecord, String>> = if subs.len() == 1 {
+                    vec![self.submit_single(&subs[0], 0)]
+                } else {
+                    match self.submit_array(&subs) {
+                        Ok(records) => records.into_iter().map(Ok).collect(),
+                        Err(e) => vec![Err(e); subs.len()],
+                    }
+                };
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+        }
     }
 
     /// A job saved for `key` that Slurm still runs or queues: re-attach to it.
@@ -198,7 +359,7 @@ impl<'a> SlurmLauncher<'a> {
                 job
             }
             None => {
-                let job = self.submit(stage, key, forced, 0)?;
+                let job = self.submit_batched(self.submission(stage, key, forced))?;
                 bar.set_message(format!("submitted job {}", job.job_id));
                 job
             }
@@ -282,7 +443,8 @@ impl<'a> SlurmLauncher<'a> {
                     Phase::TimedOut if job.resubmits < self.settings.resubmits() => {
                         let old = job.job_id.clone();
                         self.untrack(&old);
-                        *job = self.submit(stage, key, forced, job.resubmits + 1)?;
+                        let again = self.submission(stage, key, forced);
+                        *job = self.submit_single(&again, job.resubmits + 1)?;
                         self.track(&job.job_id);
                         tracing::warn!(stage = %stage.name, old = %old, new = %job.job_id, "job hit its time limit: resubmitted, resuming from its checkpoint");
                         bar.set_message(format!(
@@ -329,6 +491,22 @@ impl<'a> SlurmLauncher<'a> {
         );
         if !tail.is_empty() {
             msg.push_str(&format!("\n--- last lines of the log ---\n{tail}"));
+        }
+        // An array task's own log holds what Slurm said about it (cancelled, time limit).
+        if job.job_id.contains('_') {
+            let slurm_log = self
+                .store
+                .root()
+                .join(SLURM_DIR)
+                .join("logs")
+                .join(format!("array-{}.log", job.job_id));
+            let said = log_tail(&slurm_log, 5);
+            if !said.is_empty() {
+                msg.push_str(&format!(
+                    "\n--- Slurm's notes ({}) ---\n{said}",
+                    slurm_log.display()
+                ));
+            }
         }
         msg
     }

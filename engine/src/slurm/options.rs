@@ -94,6 +94,9 @@ pub struct SlurmOptions {
     /// How long before its time limit a job gets SIGTERM to checkpoint; experiment level only.
     /// Default 120 s.
     pub signal_before: Option<String>,
+    /// How many tasks of one job array run at once (`--array=0-N%P`); experiment level only.
+    /// Default: as many as Slurm allows.
+    pub array_parallelism: Option<u32>,
 }
 
 /// A problem with the Slurm options of a manifest.
@@ -148,6 +151,7 @@ impl SlurmOptions {
             ("record_wait", self.record_wait.is_some()),
             ("max_resubmits", self.max_resubmits.is_some()),
             ("signal_before", self.signal_before.is_some()),
+            ("array_parallelism", self.array_parallelism.is_some()),
         ];
         if let Some((name, _)) = knobs.iter().find(|(_, set)| *set) {
             return Err(SlurmOptionsError::KnobInStage(name));
@@ -196,6 +200,7 @@ impl SlurmOptions {
             record_wait: defaults.record_wait.clone(),
             max_resubmits: defaults.max_resubmits,
             signal_before: defaults.signal_before.clone(),
+            array_parallelism: defaults.array_parallelism,
         }
     }
 

@@ -1,6 +1,6 @@
 //! A stage's job: its script (the worker's command line) and its `sbatch` command line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::SlurmOptions;
@@ -20,6 +20,8 @@ pub struct JobSpec<'a> {
     pub resources: &'a SlurmOptions,
     /// Whether the stage needs a GPU.
     pub gpu: bool,
+    /// `--array`, for a job array (`0-N`, with `%P` to cap how many run at once).
+    pub array: Option<String>,
 }
 
 /// Quotes `word` for a POSIX shell.
@@ -54,6 +56,34 @@ pub fn script_text(stage: &str, key: &str, worker: &[String]) -> String {
     )
 }
 
+/// The script of a job array whose task `i` runs the `i`-th worker: `(stage, key, command
+/// line)` per task. Each task writes its output to its stage's own log, `logs[i]`.
+pub fn array_script_text(tasks: &[(String, String, Vec<String>)], logs: &[PathBuf]) -> String {
+    let mut text = String::from(
+        "#!/bin/sh\n\
+         # pipeline workers, one stage per array task. Written by the coordinator; each worker\n\
+         # refuses any other key and any producer that is not cached, and checkpoints on SIGTERM.\n\
+         case \"${SLURM_ARRAY_TASK_ID:-}\" in\n",
+    );
+    for (i, ((stage, key, worker), log)) in tasks.iter().zip(logs).enumerate() {
+        let command = worker
+            .iter()
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let log = shell_quote(&log.display().to_string());
+        text.push_str(&format!(
+            "  {i})  # stage `{stage}`, key {key}\n    exec >>{log} 2>&1\n    \
+             echo \"pipeline: job ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} on $(hostname), attempt ${{SLURM_RESTART_COUNT:-0}}\"\n    \
+             exec {command} ;;\n"
+        ));
+    }
+    text.push_str(
+        "  *) echo \"pipeline: no stage for array task ${SLURM_ARRAY_TASK_ID:-?}\" >&2; exit 2 ;;\nesac\n",
+    );
+    text
+}
+
 /// `sbatch`'s arguments (without the program name) for `spec`, `--parsable` first.
 pub fn sbatch_args(spec: &JobSpec<'_>, signal_before: Duration) -> Vec<String> {
     let r = spec.resources;
@@ -68,6 +98,9 @@ pub fn sbatch_args(spec: &JobSpec<'_>, signal_before: Duration) -> Vec<String> {
         // SIGTERM to the batch shell, which `exec` made the worker, ahead of the time limit.
         format!("--signal=B:TERM@{}", signal_before.as_secs().max(1)),
     ];
+    if let Some(range) = &spec.array {
+        args.push(format!("--array={range}"));
+    }
     let mut opt = |flag: &str, value: &Option<String>| {
         if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
             args.push(format!("--{flag}={v}"));
@@ -109,7 +142,6 @@ pub fn job_name(experiment: &str, stage: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     #[test]
     fn quoting_survives_spaces_and_quotes() {
@@ -133,6 +165,7 @@ mod tests {
                     workdir: &dir,
                     resources,
                     gpu,
+                    array: None,
                 },
                 Duration::from_secs(120),
             )
