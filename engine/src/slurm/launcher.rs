@@ -65,9 +65,12 @@ pub struct SlurmLauncher<'a> {
     client: &'a SlurmClient,
     queue: Queue<'a>,
     in_flight: Mutex<BTreeSet<String>>,
-    batch: Mutex<Vec<(Submission, mpsc::Sender<Result<JobRecord, String>>)>>,
+    batch: Mutex<Vec<Request>>,
     max_array_size: OnceLock<usize>,
 }
+
+/// A stage waiting in the submission batch, with where its job record goes.
+type Request = (Submission, mpsc::Sender<Result<JobRecord, String>>);
 
 /// One stage ready to be submitted.
 struct Submission {
@@ -290,12 +293,8 @@ impl<'a> SlurmLauncher<'a> {
             .map_err(|_| "internal: the submission of this stage was lost".to_string())?
     }
 
-    fn submit_requests(
-        &self,
-        requests: Vec<(Submission, mpsc::Sender<Result<JobRecord, String>>)>,
-    ) {
-        let mut groups: Vec<Vec<(Submission, mpsc::Sender<Result<JobRecord, String>>)>> =
-            Vec::new();
+    fn submit_requests(&self, requests: Vec<Request>) {
+        let mut groups: Vec<Vec<Request>> = Vec::new();
         for request in requests {
             match groups.iter_mut().find(|g| g[0].0.group == request.0.group) {
                 Some(g) => g.push(request),
