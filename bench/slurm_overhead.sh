@@ -147,8 +147,8 @@ EOF
   echo "$(python3 -c "print($t1-$t0)") $(coord_calls "$d/calls.log") $(job_calls "$d/calls.log") $own"
 }
 
-run_peer() {
-  local d=$1 t0 t1
+run_peer() {  # $2: extra snakemake options
+  local d=$1 t0 t1 extra=${2:-}
   mkdir -p "$d"
   cat > "$d/Snakefile" <<EOF
 N = $STAGES
@@ -171,7 +171,7 @@ EOF
       --slurm-status-command squeue \
       --seconds-between-status-checks "$POLL" \
       --slurm-init-seconds-before-status-checks "$POLL" \
-      --slurm-no-account --default-resources mem_mb=0 slurm_partition=low \
+      --slurm-no-account --default-resources mem_mb=0 slurm_partition=low $extra \
       > "$d/run.out" 2>&1) || { echo "snakemake failed: $(tail -30 "$d/run.out")" >&2; exit 1; }
   t1=$(now)
   [ "$(wc -l < "$d/final.txt")" -eq "$STAGES" ] || { echo "peer: missing outputs" >&2; exit 1; }
@@ -179,10 +179,13 @@ EOF
   echo "$(python3 -c "print($t1-$t0)") $(coord_calls "$d/calls.log") $(job_calls "$d/calls.log") -"
 }
 
+# Snakemake submitting the N stage jobs as one job array, as ours does by default.
+run_peer_array() { run_peer "$1" --slurm-array-jobs=all; }
+
 # One run under the cluster lock, on an idle cluster.
 locked() {  # $1: function, $2: directory
   local tmp="$2.result"
-  flock "$LOCK" bash -c "set -euo pipefail; $(declare -f "$1" now coord_calls job_calls breakdown wait_idle); \
+  flock "$LOCK" bash -c "set -euo pipefail; $(declare -f "$1" run_peer now coord_calls job_calls breakdown wait_idle); \
     STAGES=$STAGES POLL=$POLL WORK=$WORK TOY=$TOY SMK_VENV=$SMK_VENV; wait_idle; $1 $2" > "$tmp"
   tail -n 1 "$tmp"
 }
@@ -194,7 +197,7 @@ locked() {  # $1: function, $2: directory
 results="$WORK/results.txt"
 : > "$results"
 for rep in $(seq 1 "$REPS"); do
-  for tool in baseline ours peer; do
+  for tool in baseline ours peer peer_array; do
     line=$(locked "run_$tool" "$WORK/$tool-$rep")
     echo "rep $rep $tool: wall_s coordinator_calls job_calls own_count = $line" >&2
     echo "$tool $line" >> "$results"
@@ -224,6 +227,7 @@ def summary(tool):
         "in_job_slurm_calls": med([r[2] for r in runs[tool]]),
     }
 ours, peer = summary("ours"), summary("peer")
+peer_array = summary("peer_array") if "peer_array" in runs else None
 ours["own_count"] = [r[3] for r in runs["ours"]]
 def version(pkg):
     try:
@@ -239,7 +243,7 @@ notes = {
     "poll_settings": f"ours: [experiment.slurm] poll = \"{poll}s\" (store checked for results every 0.5 s); snakemake: --seconds-between-status-checks {poll} --slurm-init-seconds-before-status-checks {poll} (the plugin adds 10 s after each status round in which no job finished, up to 180 s) --slurm-status-command squeue",
     "baseline_wall_s": round(base, 2),
     "baseline_walls_s": [round(r[0], 2) for r in runs["baseline"]],
-    "ours": ours, "peer": peer,
+    "ours": ours, "peer": peer, "peer_with_arrays": peer_array,
     "repetitions": len(runs["ours"]), "statistic": "median over repetitions",
     "versions": {"snakemake": version("snakemake"), "snakemake-executor-plugin-slurm": version("snakemake-executor-plugin-slurm"),
                  "snakemake-executor-plugin-slurm-jobstep": version("snakemake-executor-plugin-slurm-jobstep"), "slurm": slurm},

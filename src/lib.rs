@@ -7,7 +7,7 @@
 
 #![warn(missing_docs)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +20,7 @@ use miette::{Diagnostic, IntoDiagnostic, Report};
 use pipeline_engine::executor::{plan, Action, PlanEntry, StageOutcome, WorkerTarget};
 use pipeline_engine::graph::{render, DagFormat};
 use pipeline_engine::manifest::{load_manifest, Manifest, ManifestLoadError, ManifestOptions};
+use pipeline_engine::slurm::detach::{read_detached_run, submit_detached, DetachedJob};
 use pipeline_engine::slurm::{
     ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand, EXIT_KEY_BUSY, SLURM_DIR,
 };
@@ -118,6 +119,14 @@ pub struct RunArgs {
     /// KEY, from producers already in the cache.
     #[arg(long, value_name = "KEY", requires = "only")]
     pub expect_key: Option<String>,
+    /// Worker mode without a known key (jobs of a detached run): compute the one `--only`
+    /// stage from producers already in the cache.
+    #[arg(long, requires = "only")]
+    pub worker: bool,
+    /// With `--executor slurm`: submit every stage as a job that waits for its producers'
+    /// jobs (`afterok`), and exit; `pipeline status M` shows how they are doing.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// `--executor`.
@@ -585,9 +594,15 @@ fn dispatch(command: Command, context: &Context<'_>) -> Result<u8, Failure> {
 fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     let manifest = context.load(&args.manifest)?;
     check_selection(&manifest, &args.selection)?;
-    let worker = match &args.expect_key {
-        Some(key) => Some(worker_target(&manifest, &args.selection, key, context)?),
-        None => None,
+    let worker = if args.worker || args.expect_key.is_some() {
+        Some(worker_target(
+            &manifest,
+            &args.selection,
+            args.expect_key.clone(),
+            context,
+        )?)
+    } else {
+        None
     };
     let store = context.open_store(Some(&manifest))?;
     let cancel = Arc::new(AtomicBool::new(false));
@@ -609,6 +624,9 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     };
     if options.executor == ExecutorKind::Slurm {
         options.worker_command = Some(Arc::new(CliWorker::new(&manifest, &store, args)?));
+    }
+    if args.detach {
+        return detach(&manifest, &store, &options, args);
     }
     if let Some(jobs) = args.jobs {
         options.jobs = jobs;
@@ -642,7 +660,7 @@ fn executor_of(arg: Option<ExecutorArg>, manifest: &Manifest) -> ExecutorKind {
 fn worker_target(
     manifest: &Manifest,
     selection: &SelectionArgs,
-    key: &str,
+    key: Option<String>,
     context: &Context<'_>,
 ) -> Result<WorkerTarget, Failure> {
     let [only] = selection.only.as_slice() else {
@@ -675,8 +693,70 @@ fn worker_target(
     }
     Ok(WorkerTarget {
         stage: stage.name.to_string(),
-        key: key.to_string(),
+        key,
     })
+}
+
+/// `run --detach`: submits every stage that would run as a job after its producers' jobs, and
+/// returns.
+fn detach(
+    manifest: &Manifest,
+    store: &Store,
+    options: &RunOptions,
+    args: &RunArgs,
+) -> Result<u8, Failure> {
+    let Some(worker) = options.worker_command.clone() else {
+        return Err(usage(miette::miette!(
+            help = "add --executor slurm, or `executor = \"slurm\"` under [experiment]",
+            "--detach submits the run to Slurm, but the executor is local"
+        )));
+    };
+    let entries = plan(manifest, store, options).map_err(fail)?;
+    let client = SlurmClient::new();
+    let launcher = SlurmLauncher::new(
+        store,
+        &manifest.experiment.name,
+        manifest.experiment.slurm.clone(),
+        worker,
+        &client,
+    );
+    launcher.prepare().map_err(|e| {
+        fail(miette::miette!(
+            "cannot create the Slurm directories of the cache {}: {e}",
+            store.root().display()
+        ))
+    })?;
+    let forced = |name: &str| {
+        manifest
+            .stage(name)
+            .is_some_and(|s| args.selection.force.iter().any(|f| s.name.selected_by(f)))
+    };
+    let run = submit_detached(manifest, &entries, &launcher, forced)
+        .map_err(|e| fail(miette::miette!("{e}")))?;
+    if args.json {
+        print_json(&run)?;
+        return Ok(0);
+    }
+    if run.jobs.is_empty() {
+        println!("every stage is cached: nothing to submit");
+        return Ok(0);
+    }
+    let width = run
+        .jobs
+        .iter()
+        .map(|j| j.stage.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    for j in &run.jobs {
+        println!("{:<width$}  job {}", j.stage, j.job_id);
+    }
+    println!(
+        "\nsubmitted {} jobs; `pipeline status {}` shows how they are doing",
+        run.jobs.len(),
+        args.manifest.manifest.display()
+    );
+    Ok(0)
 }
 
 /// How a Slurm job runs a stage: this binary, in worker mode, with the coordinator's cache,
@@ -704,7 +784,7 @@ impl CliWorker {
 }
 
 impl WorkerCommand for CliWorker {
-    fn argv(&self, stage: &str, key: &str, forced: bool) -> Vec<String> {
+    fn argv(&self, stage: &str, key: Option<&str>, forced: bool) -> Vec<String> {
         let mut argv = vec![
             self.binary.display().to_string(),
             "--cache".into(),
@@ -713,11 +793,13 @@ impl WorkerCommand for CliWorker {
             self.manifest.display().to_string(),
             "--only".into(),
             stage.into(),
-            "--expect-key".into(),
-            key.into(),
             "--jobs".into(),
             "1".into(),
         ];
+        match key {
+            Some(key) => argv.extend(["--expect-key".into(), key.into()]),
+            None => argv.push("--worker".into()),
+        }
         if forced {
             argv.extend(["--force".into(), stage.into()]);
         }
@@ -758,6 +840,8 @@ fn plan_command(args: &PlanArgs, context: &Context<'_>) -> Result<u8, Failure> {
                 json: false,
                 executor: args.executor,
                 expect_key: None,
+                worker: false,
+                detach: false,
             };
             let worker = CliWorker::new(&manifest, &store, &run_args)?;
             Some(SlurmLauncher::new(
@@ -818,6 +902,26 @@ fn status(args: &StatusArgs, context: &Context<'_>) -> Result<u8, Failure> {
     let store = context.open_store(Some(&manifest))?;
     let entries = plan(&manifest, &store, &RunOptions::default()).map_err(fail)?;
     let width = stage_width(&entries);
+    // A detached run's jobs, asked about in one `squeue` call.
+    let detached = read_detached_run(store.root(), &manifest.experiment.name);
+    let jobs: HashMap<&str, &DetachedJob> = detached
+        .iter()
+        .flat_map(|run| &run.jobs)
+        .map(|j| (j.stage.as_str(), j))
+        .collect();
+    let pending_ids: Vec<String> = entries
+        .iter()
+        .filter(|e| e.decision.action() == Action::Run)
+        .filter_map(|e| jobs.get(e.stage.as_str()).map(|j| j.job_id.clone()))
+        .collect();
+    let states = if pending_ids.is_empty() {
+        HashMap::new()
+    } else {
+        SlurmClient::new().squeue(&pending_ids).unwrap_or_else(|e| {
+            eprintln!("warning: cannot ask Slurm about the detached jobs: {e}");
+            HashMap::new()
+        })
+    };
     for e in &entries {
         let record = e.key.as_ref().and_then(|k| store.action(k));
         let detail = match record {
@@ -826,13 +930,49 @@ fn status(args: &StatusArgs, context: &Context<'_>) -> Result<u8, Failure> {
                 r.duration_s,
                 HumanBytes(r.outputs.values().map(|o| o.bytes).sum())
             ),
-            None => reason_text(e),
+            None => match jobs.get(e.stage.as_str()) {
+                Some(job) => {
+                    let state = states.get(&job.job_id).map_or_else(
+                        || "no longer in Slurm's queue".to_string(),
+                        |s| match s.reason.as_str() {
+                            "" | "None" => s.state.clone(),
+                            r => format!("{} ({r})", s.state),
+                        },
+                    );
+                    format!("job {} {state}; log {}", job.job_id, job.log.display())
+                }
+                None => reason_text(e),
+            },
         };
         let state = match e.decision.action() {
             Action::Cached => "cached",
             Action::Run => "pending",
         };
         println!("{:<width$}  {state:<7}  {detail}", e.stage);
+    }
+    if detached.is_some()
+        && entries
+            .iter()
+            .all(|e| e.decision.action() == Action::Cached)
+    {
+        println!("\nthe detached run is done: every stage is cached");
+        let report = RunReport {
+            stages: entries
+                .iter()
+                .map(|e| pipeline_engine::executor::StageResult {
+                    stage: e.stage.clone(),
+                    outcome: StageOutcome::Cached,
+                    key: e.key.clone(),
+                    wall_s: 0.0,
+                    bytes: 0,
+                    reason: None,
+                })
+                .collect(),
+            cancelled: false,
+            key_busy: false,
+            slurm_calls: None,
+        };
+        print_headline_files(&manifest, &store, &report);
     }
     Ok(0)
 }

@@ -102,6 +102,29 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
     }
 }
 
+/// The job ids each stage log names (`pipeline: job ID on HOST, attempt N`), by log file.
+fn logged_job_ids(cache: &Path) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut ids = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(cache.join("slurm").join("logs")) else {
+        return ids;
+    };
+    for entry in dir.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("array-") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let jobs = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("pipeline: job "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        ids.insert(name, jobs);
+    }
+    ids
+}
+
 /// The saved job records (`slurm/jobs/<key>.json`).
 fn job_records(cache: &Path) -> Vec<Value> {
     let Ok(dir) = std::fs::read_dir(cache.join("slurm").join("jobs")) else {
@@ -189,12 +212,21 @@ launch = "local"
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["slurm_calls"].as_u64().unwrap_or(0) >= 3, "{report}");
 
-    // Every GPU stage ran as a job, on one fake GPU; overlapping ones on different GPUs.
+    // The matrix went as one job array, a task per stage; `all` ran on the coordinator.
+    // (Job records are removed once their stage is stored; the logs stay.)
+    assert!(job_records(&cache).is_empty());
+    let ids: Vec<String> = logged_job_ids(&cache).into_values().flatten().collect();
     assert_eq!(
-        job_records(&cache).len(),
+        ids.len(),
         3,
-        "one job per GPU stage, none for `all`"
+        "one task per GPU stage, none for `all`: {ids:?}"
     );
+    let arrays: std::collections::BTreeSet<&str> = ids
+        .iter()
+        .filter_map(|id| id.split_once('_').map(|(array, _)| array))
+        .collect();
+    assert_eq!(arrays.len(), 1, "one job array: {ids:?}");
+    // Every GPU stage ran on one fake GPU; overlapping ones on different GPUs.
     let gpu_runs: Vec<(f64, f64, String)> = action_records(&cache)
         .into_iter()
         .filter(|r| r["kind"] == "write")
@@ -249,6 +281,15 @@ fn a_job_cancelled_with_scancel_fails_the_stage_with_its_log() {
     );
     let child = spawn_run(&cache, &m, &[]);
     let (id, _) = wait_running(&cache);
+    // The job is RUNNING a moment before its script has written its first line.
+    wait_for("the job's first log line", Duration::from_secs(30), || {
+        (!logged_job_ids(&cache)
+            .into_values()
+            .flatten()
+            .collect::<Vec<_>>()
+            .is_empty())
+        .then_some(())
+    });
     let cancelled = Command::new("scancel").arg(&id).status().expect("scancel");
     assert!(cancelled.success());
     let out = finish(child);
@@ -317,13 +358,8 @@ fn a_restarted_coordinator_reattaches_to_its_running_job() {
     );
     let out = toy(&cache, &["run", m.to_str().unwrap(), "--json"]);
     assert_eq!(ran(&run_outcomes(&out)), ["slow"]);
-    let records = job_records(&cache);
-    assert_eq!(records.len(), 1);
-    assert_eq!(
-        records[0]["job_id"],
-        id.as_str(),
-        "re-attached, not resubmitted"
-    );
+    let logged: Vec<String> = logged_job_ids(&cache).into_values().flatten().collect();
+    assert_eq!(logged, [id], "re-attached, not resubmitted");
 }
 
 #[test]
@@ -391,6 +427,63 @@ fn a_preempted_worker_is_requeued_and_resumes_from_its_checkpoint() {
         &["run", m.to_str().unwrap(), "--json", "--executor", "local"],
     ));
     assert_eq!(output_of(&cache, "count"), output_of(&local, "count"));
+}
+
+#[test]
+fn a_detached_run_submits_the_dag_and_status_collects_it() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = manifest(
+        dir.path(),
+        "[a]\nkind = \"write\"\ntext = \"x\"\nrepeat = 20\ndelay_ms = 100\n\n\
+         [b]\nkind = \"concat\"\ninputs = { parts = \"a\" }\nupper = true\n",
+    );
+    let started = Instant::now();
+    let out = toy(&cache, &["run", m.to_str().unwrap(), "--detach"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500),
+        "detaching returns at once"
+    );
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("submitted 2 jobs"), "{stdout}");
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(cache.join("slurm/detached/cluster.json"))
+            .expect("the detached run is recorded"),
+    )
+    .unwrap();
+    let jobs = record["jobs"].as_array().unwrap();
+    assert_eq!(jobs[0]["stage"], "a");
+    assert!(
+        jobs[0]["key"].is_string(),
+        "a's producers are cached: its key is known"
+    );
+    assert!(jobs[1]["key"].is_null(), "b's key depends on a's output");
+    let b_job = jobs[1]["job_id"].as_str().unwrap().to_string();
+    // While it runs, status names the jobs.
+    let status = toy(&cache, &["status", m.to_str().unwrap()]);
+    let shown = text(&status.stdout);
+    assert!(shown.contains(&format!("job {b_job}")), "{shown}");
+    let done = wait_for(
+        "the detached run to finish",
+        Duration::from_secs(90),
+        || {
+            let status = toy(&cache, &["status", m.to_str().unwrap()]);
+            let shown = text(&status.stdout);
+            shown.contains("the detached run is done").then_some(shown)
+        },
+    );
+    assert!(
+        done.contains("report: "),
+        "the results are pointed to: {done}"
+    );
+    let local = dir.path().join("local");
+    run_outcomes(&toy(
+        &local,
+        &["run", m.to_str().unwrap(), "--json", "--executor", "local"],
+    ));
+    assert_eq!(output_of(&cache, "b"), output_of(&local, "b"));
 }
 
 // --- No cluster needed -------------------------------------------------------------------

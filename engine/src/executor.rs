@@ -56,8 +56,9 @@ pub struct RunOptions {
 pub struct WorkerTarget {
     /// The stage instance.
     pub stage: String,
-    /// The key the coordinator computed for it; computing another is an error.
-    pub key: String,
+    /// The key the coordinator computed for it, if it could (a detached run submits stages
+    /// before their producers ran); computing another is an error.
+    pub key: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -749,7 +750,7 @@ fn execute(
         } => return failed(stage, None, started, format!("internal: {reason}"), None),
     };
     let key = parts.key();
-    if let Some(target) = target.filter(|t| t.key != key) {
+    if let Some(expected) = target.and_then(|t| t.key.as_ref()).filter(|k| **k != key) {
         return failed(
             stage,
             Some(key.clone()),
@@ -759,7 +760,7 @@ fn execute(
                  `pipeline` binary, the manifest or an input file differs between the two \
                  machines (install the same build everywhere, keep inputs on the shared \
                  filesystem)",
-                stage.name, target.key
+                stage.name, expected
             ),
             Some(reason),
         );

@@ -20,10 +20,11 @@ use crate::store::{ActionRecord, Store};
 
 /// The worker's command line: the CLI knows its own flags, the launcher only asks for them.
 pub trait WorkerCommand: Send + Sync {
-    /// The program and arguments that compute `stage` (an instance name) whose key the
-    /// coordinator computed as `key`, refusing anything else; `forced` when the stage is to be
-    /// recomputed although cached.
-    fn argv(&self, stage: &str, key: &str, forced: bool) -> Vec<String>;
+    /// The program and arguments that compute `stage` (an instance name) from producers
+    /// already cached, refusing anything else: a key other than `key` when the coordinator
+    /// knows it (a detached run submits stages whose producers have not run yet, so it does
+    /// not); `forced` when the stage is to be recomputed although cached.
+    fn argv(&self, stage: &str, key: Option<&str>, forced: bool) -> Vec<String>;
     /// The directory the job starts in (where the coordinator runs).
     fn workdir(&self) -> PathBuf;
 }
@@ -132,6 +133,11 @@ impl<'a> SlurmLauncher<'a> {
             .join(format!("{key}.sh"))
     }
 
+    /// The cache root.
+    pub fn cache(&self) -> &Path {
+        self.store.root()
+    }
+
     /// The log of `key`'s jobs.
     pub fn log_path(&self, key: &str) -> PathBuf {
         job_log_path(self.store.root(), key)
@@ -143,7 +149,7 @@ impl<'a> SlurmLauncher<'a> {
         let resources = stage.slurm.over(&self.settings);
         Submission {
             key: key.to_string(),
-            argv: self.worker.argv(&name, key, forced),
+            argv: self.worker.argv(&name, Some(key), forced),
             group: format!(
                 "{}|{}|{}",
                 stage.name.base,
@@ -164,6 +170,17 @@ impl<'a> SlurmLauncher<'a> {
         log: &Path,
         array: Option<String>,
     ) -> Vec<String> {
+        self.sbatch_args_after(s, script, log, array, Vec::new())
+    }
+
+    fn sbatch_args_after(
+        &self,
+        s: &Submission,
+        script: &Path,
+        log: &Path,
+        array: Option<String>,
+        after: Vec<String>,
+    ) -> Vec<String> {
         let workdir = self.worker.workdir();
         sbatch_args(
             &JobSpec {
@@ -174,6 +191,7 @@ impl<'a> SlurmLauncher<'a> {
                 resources: &s.resources,
                 gpu: s.gpu,
                 array,
+                after,
             },
             self.settings.signal_before_time(),
         )
@@ -197,6 +215,36 @@ impl<'a> SlurmLauncher<'a> {
         crate::atomic::write_atomic(path, text.as_bytes(), true)
             .map_err(|e| format!("cannot write job script {}: {e}", path.display()))?;
         set_executable(path)
+    }
+
+    /// Submits `stage` for a detached run: after the jobs `after` succeed, a worker computes it
+    /// from the cache (checking `key` when it is known now). Returns the job id and its log.
+    pub fn submit_detached(
+        &self,
+        stage: &StageInstance,
+        key: Option<&str>,
+        forced: bool,
+        after: Vec<String>,
+    ) -> Result<(String, PathBuf), String> {
+        let name = stage.name.to_string();
+        let mut s = self.submission(stage, key.unwrap_or(""), forced);
+        s.argv = self.worker.argv(&name, key, forced);
+        let file = match key {
+            Some(key) => key.to_string(),
+            None => format!("detached-{}", stage.name.file_stem()),
+        };
+        let script = self.script_path(&file);
+        let log = self.log_path(&file);
+        self.write_script(
+            &script,
+            &script_text(
+                &name,
+                key.unwrap_or("(known once its producers finish)"),
+                &s.argv,
+            ),
+        )?;
+        let args = self.sbatch_args_after(&s, &script, &log, None, after);
+        Ok((self.client.sbatch(&args)?, log))
     }
 
     /// Submits one stage as its own job.
@@ -366,6 +414,14 @@ impl<'a> SlurmLauncher<'a> {
         self.track(&job.job_id);
         let result = self.wait(stage, key, forced, cancel, bar, &mut job);
         self.untrack(&job.job_id);
+        if result.is_ok() {
+            // Done: nothing to re-attach to. The log stays (gc prunes it with its key).
+            for path in [self.record_path(key), self.script_path(key)] {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::debug!("cannot remove {}: {e}", path.display());
+                }
+            }
+        }
         result
     }
 

@@ -19,6 +19,8 @@
 //! again. Every job logs to `slurm/logs/<key>.log` (appended across requeues); its tail is shown
 //! when the job fails.
 //!
+//! A detached run ([`detach`]) submits the whole DAG with `afterok` dependencies and exits.
+//!
 //! Modules: `options` (what a manifest says: resources and scheduling knobs), [`sbatch`] (the
 //! job script and its `sbatch` command line), [`queue`] (job states from `squeue`, batched),
 //! [`launcher`] (submitting a stage, re-attaching, waiting for its record).
@@ -26,6 +28,7 @@
 mod client;
 mod options;
 
+pub mod detach;
 pub mod launcher;
 pub mod queue;
 pub mod sbatch;

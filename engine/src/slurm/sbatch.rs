@@ -22,6 +22,9 @@ pub struct JobSpec<'a> {
     pub gpu: bool,
     /// `--array`, for a job array (`0-N`, with `%P` to cap how many run at once).
     pub array: Option<String>,
+    /// Jobs that must succeed first (`--dependency=afterok:...`, detached runs); a job whose
+    /// dependency failed is removed instead of pending forever (`--kill-on-invalid-dep=yes`).
+    pub after: Vec<String>,
 }
 
 /// Quotes `word` for a POSIX shell.
@@ -101,6 +104,10 @@ pub fn sbatch_args(spec: &JobSpec<'_>, signal_before: Duration) -> Vec<String> {
     if let Some(range) = &spec.array {
         args.push(format!("--array={range}"));
     }
+    if !spec.after.is_empty() {
+        args.push(format!("--dependency=afterok:{}", spec.after.join(":")));
+        args.push("--kill-on-invalid-dep=yes".to_string());
+    }
     let mut opt = |flag: &str, value: &Option<String>| {
         if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
             args.push(format!("--{flag}={v}"));
@@ -166,6 +173,7 @@ mod tests {
                     resources,
                     gpu,
                     array: None,
+                    after: Vec::new(),
                 },
                 Duration::from_secs(120),
             )
