@@ -18,6 +18,10 @@
 #               --seconds-between-status-checks <POLL> --slurm-init-seconds-before-status-checks
 #               <POLL>` (the same poll interval as ours; the plugin's default status command,
 #               `sacct`, cannot work on a cluster without accounting such as this one).
+#     peer_array the same Snakemake run with `--slurm-array-jobs=all`: the N stage jobs go as
+#               one job array, as ours submits matrix siblings that are ready together by
+#               default (reported in notes.peer_with_arrays; the headline peer is Snakemake's
+#               default, one sbatch per job).
 #   For each: the wall time of the whole run (from launching the tool to its exit) and the
 #   Slurm commands it called. Calls are counted by wrapper scripts named sbatch, squeue,
 #   sacct, scancel, scontrol, sinfo, sacctmgr, sshare and srun put first on PATH; each logs one
@@ -71,7 +75,8 @@ for cmd in sbatch squeue sacct scancel scontrol sinfo sacctmgr sshare srun; do
 #!/bin/sh
 # Counts a call of $cmd (inside a job or not), then runs the real one.
 if [ -n "\$SLURM_CALLS_LOG" ]; then
-  printf '%s %s\n' "\${SLURM_JOB_ID:+job}\${SLURM_JOB_ID:-coordinator}" "$cmd" >> "\$SLURM_CALLS_LOG"
+  if [ -n "\$SLURM_JOB_ID" ]; then who=job; else who=coordinator; fi
+  printf '%s %s\n' "\$who" "$cmd" >> "\$SLURM_CALLS_LOG"
 fi
 exec /usr/bin/$cmd "\$@"
 EOF

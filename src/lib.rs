@@ -21,6 +21,7 @@ use pipeline_engine::executor::{plan, Action, PlanEntry, StageOutcome, WorkerTar
 use pipeline_engine::graph::{render, DagFormat};
 use pipeline_engine::manifest::{load_manifest, Manifest, ManifestLoadError, ManifestOptions};
 use pipeline_engine::slurm::detach::{read_detached_run, submit_detached, DetachedJob};
+use pipeline_engine::slurm::housekeeping::{jobs_in_flight, prune};
 use pipeline_engine::slurm::{
     ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand, EXIT_KEY_BUSY, SLURM_DIR,
 };
@@ -1056,7 +1057,19 @@ fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
         keep.extend(entries.into_iter().filter_map(|e| e.key));
     }
     let store = open_store(store_root, None)?;
+    // Jobs of a detached run (or of a coordinator that died) write into the cache.
+    let in_flight = jobs_in_flight(store.root(), &SlurmClient::new())
+        .map_err(|e| fail(miette::miette!(help = "if you are sure no job of this cache runs, remove its slurm/jobs and slurm/detached records", "{e}")))?;
+    if !in_flight.is_empty() {
+        return Err(fail(miette::miette!(
+            help = "wait for them (`pipeline status M`) or cancel them (`scancel ID`), then run gc again",
+            "{} Slurm jobs of this cache are still queued or running ({}): gc would remove what they read and write",
+            in_flight.len(),
+            in_flight.join(", ")
+        )));
+    }
     let report = store.gc(&keep, age).into_diagnostic().map_err(fail)?;
+    let pruned = prune(&store, age).into_diagnostic().map_err(fail)?;
     println!(
         "kept {} cached results, removed {}; removed {} objects ({})",
         report.kept_actions,
@@ -1064,6 +1077,12 @@ fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
         report.removed_objects,
         HumanBytes(report.freed_bytes)
     );
+    if pruned.logs + pruned.records > 0 {
+        println!(
+            "removed {} Slurm job logs and {} job records",
+            pruned.logs, pruned.records
+        );
+    }
     Ok(0)
 }
 

@@ -478,12 +478,35 @@ fn a_detached_run_submits_the_dag_and_status_collects_it() {
         done.contains("report: "),
         "the results are pointed to: {done}"
     );
+    // Done: gc runs, and prunes the logs with their keys.
+    let logs = cache.join("slurm").join("logs");
+    let kept = toy(
+        &cache,
+        &["gc", m.to_str().unwrap(), "--keep-younger-than", "0s"],
+    );
+    assert!(kept.status.success(), "{}", text(&kept.stderr));
+    assert_eq!(
+        std::fs::read_dir(&logs).unwrap().count(),
+        1,
+        "a's log stays with its result"
+    );
+    assert!(
+        !cache.join("slurm/detached/cluster.json").exists(),
+        "the finished run's record goes"
+    );
     let local = dir.path().join("local");
     run_outcomes(&toy(
         &local,
         &["run", m.to_str().unwrap(), "--json", "--executor", "local"],
     ));
     assert_eq!(output_of(&cache, "b"), output_of(&local, "b"));
+    let all = toy(&cache, &["gc", "--keep-younger-than", "0s"]);
+    assert!(all.status.success(), "{}", text(&all.stderr));
+    assert_eq!(
+        std::fs::read_dir(&logs).unwrap().count(),
+        0,
+        "the logs go with their keys"
+    );
 }
 
 // --- No cluster needed -------------------------------------------------------------------

@@ -42,11 +42,14 @@ pub struct DetachedRun {
     pub jobs: Vec<DetachedJob>,
 }
 
+/// The directory of detached-run records under the cache's `slurm/`.
+pub const DETACHED_DIR: &str = "detached";
+
 /// Where a detached run of `experiment` is recorded.
 pub fn detached_run_path(cache: &Path, experiment: &str) -> PathBuf {
     cache
         .join(SLURM_DIR)
-        .join("detached")
+        .join(DETACHED_DIR)
         .join(format!("{experiment}.json"))
 }
 

@@ -29,6 +29,7 @@ mod client;
 mod options;
 
 pub mod detach;
+pub mod housekeeping;
 pub mod launcher;
 pub mod queue;
 pub mod sbatch;
