@@ -661,3 +661,44 @@ fn slurm_tables_are_checked_with_their_place() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_worker_leaves_a_key_leased_by_another_node_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = local_manifest(dir.path());
+    let plan = toy(&cache, &["plan", m.to_str().unwrap(), "--json"]);
+    let entries: Value = serde_json::from_slice(&plan.stdout).expect("plan JSON");
+    let key = entries[0]["key"].as_str().expect("a's key").to_string();
+    std::fs::create_dir_all(cache.join("slurm")).unwrap();
+    // A worker on another node holds the key, with a fresh heartbeat.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let lease =
+        serde_json::json!({"host": "other-node", "pid": 1, "job": "7", "heartbeat_unix": now});
+    std::fs::write(
+        cache.join("locks").join(format!("{key}.lease")),
+        lease.to_string(),
+    )
+    .unwrap();
+    let out = toy(
+        &cache,
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--only",
+            "a",
+            "--expect-key",
+            &key,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(75), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("leased by process 1 on other-node (Slurm job 7)"),
+        "{stderr}"
+    );
+    assert!(action_records(&cache).is_empty());
+}

@@ -23,6 +23,7 @@ pub use crate::decision::{Action, Decision, RunReason};
 use crate::fingerprint::{explain, Fingerprint, InputPart, KeyParts};
 use crate::graph::StageGraph;
 use crate::hashing::StatCache;
+use crate::lease::{Lease, LeaseError};
 use crate::manifest::{InputRef, InstanceName, Manifest, StageInstance};
 use crate::progress::{RunProgress, StageProgress};
 use crate::slurm::{ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand};
@@ -804,6 +805,24 @@ fn execute(
             return env.cached(stage, &parts, record, started);
         }
     }
+    // The lock above may be node-local on a shared filesystem: the lease is not.
+    let _lease = match Lease::take(&env.store.lease_path(&key)) {
+        Ok(lease) => lease,
+        Err(LeaseError::Held(owner)) => {
+            let msg = format!(
+                "key {key} (`{}`) is leased by {owner}: it is computing it already",
+                stage.name
+            );
+            return Done::Failed {
+                result: failure(stage, Some(key), started, msg, Some(reason)),
+                key_busy: true,
+            };
+        }
+        Err(e) => {
+            let msg = format!("cannot take the lease of key {key}: {e}");
+            return failed(stage, Some(key), started, msg, Some(reason));
+        }
+    };
     let attempted = attempt(
         env,
         stage,

@@ -22,6 +22,7 @@ pub mod executor;
 pub mod fingerprint;
 pub mod graph;
 pub mod hashing;
+pub mod lease;
 pub mod manifest;
 pub mod progress;
 pub mod slurm;

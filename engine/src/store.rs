@@ -254,6 +254,11 @@ impl Store {
         Ok(dir)
     }
 
+    /// The lease file naming who computes `key` now, beside its lock (see [`crate::lease`]).
+    pub fn lease_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lease"))
+    }
+
     /// Removes the checkpoint directory of a key that finished.
     pub fn remove_checkpoint(&self, key: &str) -> io::Result<()> {
         let dir = self.root.join("checkpoints").join(key);
