@@ -608,6 +608,17 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     let store = context.open_store(Some(&manifest))?;
     let cancel = Arc::new(AtomicBool::new(false));
     install_interrupt_handler(cancel.clone());
+    // A worker told that its time limit is near (SIGUSR1) stops at a safe point like on
+    // Ctrl-C, then requeues its own job, which resumes from the checkpoint.
+    let time_up = Arc::new(AtomicBool::new(false));
+    if worker.is_some() {
+        for flag in [&cancel, &time_up] {
+            if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGUSR1, flag.clone())
+            {
+                tracing::warn!("cannot handle SIGUSR1 (the time-limit warning): {e}");
+            }
+        }
+    }
     let executor = executor_of(args.executor, &manifest);
     let mut options = RunOptions {
         only: args.selection.only.clone(),
@@ -642,11 +653,37 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     if report.key_busy {
         return Ok(EXIT_KEY_BUSY);
     }
+    if report.cancelled && time_up.load(Ordering::SeqCst) {
+        requeue_own_job();
+        return Ok(EXIT_INTERRUPTED);
+    }
     if report.cancelled {
         eprintln!("interrupted: finished stages are cached; rerun the same command to resume");
         return Ok(EXIT_INTERRUPTED);
     }
     Ok(if report.success() { 0 } else { EXIT_FAILED })
+}
+
+/// Puts this Slurm job back in the queue (`scontrol requeue`): a worker does so after
+/// checkpointing on the time-limit warning, so that the job resumes with a fresh allowance.
+fn requeue_own_job() {
+    let Ok(job) = std::env::var("SLURM_JOB_ID") else {
+        eprintln!("time limit near, checkpointed; not a Slurm job, so nothing to requeue");
+        return;
+    };
+    eprintln!("time limit near: checkpointed; requeueing job {job} to resume from the checkpoint");
+    match std::process::Command::new("scontrol")
+        .args(["requeue", &job])
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        Ok(s) => eprintln!(
+            "scontrol requeue {job} failed ({s}); the coordinator resubmits after the time limit"
+        ),
+        Err(e) => {
+            eprintln!("cannot run scontrol ({e}); the coordinator resubmits after the time limit")
+        }
+    }
 }
 
 /// `--executor`, else the manifest's `experiment.executor`, else local.

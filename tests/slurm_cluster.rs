@@ -480,10 +480,14 @@ fn a_detached_run_submits_the_dag_and_status_collects_it() {
     );
     // Done: gc runs, and prunes the logs with their keys.
     let logs = cache.join("slurm").join("logs");
-    let kept = toy(
-        &cache,
-        &["gc", m.to_str().unwrap(), "--keep-younger-than", "0s"],
-    );
+    // (A job whose result is stored may still be leaving the queue a moment longer.)
+    let kept = wait_for("gc to be allowed", Duration::from_secs(60), || {
+        let out = toy(
+            &cache,
+            &["gc", m.to_str().unwrap(), "--keep-younger-than", "0s"],
+        );
+        out.status.success().then_some(out)
+    });
     assert!(kept.status.success(), "{}", text(&kept.stderr));
     assert_eq!(
         std::fs::read_dir(&logs).unwrap().count(),
@@ -507,6 +511,81 @@ fn a_detached_run_submits_the_dag_and_status_collects_it() {
         0,
         "the logs go with their keys"
     );
+}
+
+#[test]
+fn a_job_near_its_time_limit_checkpoints_requeues_itself_and_resumes() {
+    let Some(_cluster) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // A one-minute limit (Slurm's smallest) with the warning 50 s ahead: the worker hears
+    // SIGUSR1 within seconds (Slurm's timer may send it up to a minute early).
+    let m = manifest(
+        dir.path(),
+        "[count]\nkind = \"count\"\nsteps = 400\ndelay_ms = 100\n\n\
+         [count.slurm]\ntime = \"1m\"\n",
+    );
+    std::fs::write(
+        &m,
+        std::fs::read_to_string(&m).unwrap().replace(
+            "record_wait = \"5s\"",
+            "record_wait = \"5s\"\nsignal_before = \"50s\"",
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_run(&cache, &m, &[]);
+    let (id, key) = wait_running(&cache);
+    // Release every requeue at once (Slurm holds a requeued job ~120 s) until the run ends.
+    let mut released = 0;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("coordinator") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "the run did not end"
+        );
+        let s = job_state(&id);
+        if s.starts_with("PENDING") && s.contains("BeginTime") {
+            let ok = Command::new("scontrol")
+                .args(["update", &format!("JobId={id}"), "StartTime=now"])
+                .status()
+                .expect("scontrol");
+            assert!(ok.success());
+            released += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let out = finish(child);
+    assert!(status.success(), "{}", text(&out.stderr));
+    assert_eq!(ran(&run_outcomes(&out)), ["count"]);
+    assert!(released >= 1, "the job requeued itself at least once");
+    let log = std::fs::read_to_string(cache.join("slurm/logs").join(format!("{key}.log"))).unwrap();
+    assert!(
+        log.contains("time limit near: checkpointed; requeueing job"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("DUE TO TIME LIMIT"),
+        "it never ran out of time: {log}"
+    );
+    let record = action_records(&cache)
+        .into_iter()
+        .find(|r| r["stage"] == "count")
+        .expect("count's record");
+    assert!(
+        record["metadata"]["resumed_from_step"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
+    let local = dir.path().join("local");
+    run_outcomes(&toy(
+        &local,
+        &["run", m.to_str().unwrap(), "--json", "--executor", "local"],
+    ));
+    assert_eq!(output_of(&cache, "count"), output_of(&local, "count"));
 }
 
 // --- No cluster needed -------------------------------------------------------------------
@@ -624,7 +703,7 @@ fn plan_shows_each_jobs_sbatch_line() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("--requeue") && stdout.contains("--signal=B:TERM@120"),
+        stdout.contains("--requeue") && stdout.contains("--signal=B:USR1@120"),
         "{stdout}"
     );
     assert!(

@@ -125,7 +125,8 @@ pub struct RunReport {
     /// the process exits with [`crate::slurm::EXIT_KEY_BUSY`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub key_busy: bool,
-    /// Slurm commands called (`sbatch`, `squeue`, `scancel`), when stages ran on Slurm.
+    /// Slurm commands called (`sbatch`, `squeue`, `scancel`, `scontrol`), when stages ran on
+    /// Slurm.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slurm_calls: Option<usize>,
 }
@@ -476,6 +477,8 @@ struct How<'a> {
     cancel: Arc<AtomicBool>,
     /// Run it as a Slurm job through this launcher.
     launcher: Option<&'a SlurmLauncher<'a>>,
+    /// Other instances of its table became ready with it (they may share a job array).
+    siblings: bool,
     /// This process is a worker sent to compute this target only.
     worker: Option<&'a WorkerTarget>,
 }
@@ -525,15 +528,28 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                 stop = true;
             }
             if !stop {
-                for &i in &order {
+                let ready: Vec<usize> = order
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        selected[i]
+                            && state[i] == State::Waiting
+                            && graph.producers(i).iter().all(|&p| state[p] == State::Done)
+                    })
+                    .collect();
+                // Cluster stages of one table ready together may share a job array.
+                let mut ready_per_table: HashMap<&str, usize> = HashMap::new();
+                for &i in ready.iter().filter(|&&i| on_cluster[i]) {
+                    *ready_per_table
+                        .entry(manifest.stages[i].name.base.as_str())
+                        .or_default() += 1;
+                }
+                for i in ready {
                     let stage = &manifest.stages[i];
-                    let ready = selected[i]
-                        && state[i] == State::Waiting
-                        && graph.producers(i).iter().all(|&p| state[p] == State::Done);
-                    if !ready {
-                        continue;
-                    }
                     let cluster = on_cluster[i] && launcher.is_some();
+                    let siblings = ready_per_table
+                        .get(stage.name.base.as_str())
+                        .is_some_and(|n| *n > 1);
                     if !cluster && (running_here >= jobs || (stage.needs_gpu && gpu_busy)) {
                         continue;
                     }
@@ -557,6 +573,7 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                             forced,
                             cancel,
                             launcher,
+                            siblings,
                             worker,
                         };
                         let done = execute(env, stage, &outputs, &how, &progress);
@@ -884,7 +901,7 @@ fn launch_on_cluster(
         }
     }
     let bar: StageProgress = progress.stage(&stage.name.to_string());
-    let attempted = launcher.run_stage(stage, &key, how.forced, &how.cancel, &bar);
+    let attempted = launcher.run_stage(stage, &key, how.forced, how.siblings, &how.cancel, &bar);
     bar.finish();
     finish(env, stage, parts, reason, attempted, started)
 }

@@ -1,7 +1,7 @@
 //! Submitting a stage as a Slurm job, re-attaching to one already submitted, and waiting for
 //! its result.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::client::SlurmClient;
+use super::client::{JobStatus, SlurmClient};
 use super::queue::{phase, Phase, Queue, Seen};
 use super::sbatch::{array_script_text, job_name, sbatch_args, script_text, JobSpec};
 use super::{SlurmOptions, SLURM_DIR};
@@ -68,6 +68,8 @@ pub struct SlurmLauncher<'a> {
     in_flight: Mutex<BTreeSet<String>>,
     batch: Mutex<Vec<Request>>,
     max_array_size: OnceLock<usize>,
+    /// What Slurm said, when first asked, about the jobs the cache remembers.
+    remembered: OnceLock<HashMap<String, JobStatus>>,
 }
 
 /// A stage waiting in the submission batch, with where its job record goes.
@@ -109,6 +111,7 @@ impl<'a> SlurmLauncher<'a> {
             in_flight: Mutex::new(BTreeSet::new()),
             batch: Mutex::new(Vec::new()),
             max_array_size: OnceLock::new(),
+            remembered: OnceLock::new(),
         }
     }
 
@@ -374,16 +377,21 @@ impl<'a> SlurmLauncher<'a> {
         }
     }
 
-    /// A job saved for `key` that Slurm still runs or queues: re-attach to it.
+    /// A job saved for `key` that Slurm still runs or queues: re-attach to it. Slurm is asked
+    /// once per coordinator about every job the cache remembers (a restarted coordinator with
+    /// fifty jobs in flight makes one `squeue` call, not fifty).
     fn reattach(&self, key: &str) -> Option<JobRecord> {
         let record: JobRecord = std::fs::read(self.record_path(key))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())?;
-        let states = self
-            .client
-            .squeue(std::slice::from_ref(&record.job_id))
-            .ok()?;
-        let status = states.get(&record.job_id)?;
+        let remembered = self.remembered.get_or_init(|| {
+            let ids = super::housekeeping::remembered_jobs(self.store.root());
+            self.client.squeue(&ids).unwrap_or_else(|e| {
+                tracing::warn!("cannot ask Slurm about the jobs on record: {e}");
+                HashMap::new()
+            })
+        });
+        let status = remembered.get(&record.job_id)?;
         (phase(&status.state) == Phase::Active).then_some(record)
     }
 
@@ -391,11 +399,15 @@ impl<'a> SlurmLauncher<'a> {
     /// queued or running, else submits one; waits until its action record exists, resubmitting
     /// after a time limit; on `cancel`, cancels the job. The error says what Slurm reported
     /// and shows the end of the job's log.
+    ///
+    /// `siblings` says that other instances of the stage's table became ready with it: only
+    /// then is its submission held back a moment to go as one job array with theirs.
     pub fn run_stage(
         &self,
         stage: &StageInstance,
         key: &str,
         forced: bool,
+        siblings: bool,
         cancel: &AtomicBool,
         bar: &StageProgress,
     ) -> Result<ActionRecord, String> {
@@ -406,7 +418,12 @@ impl<'a> SlurmLauncher<'a> {
                 job
             }
             None => {
-                let job = self.submit_batched(self.submission(stage, key, forced))?;
+                let submission = self.submission(stage, key, forced);
+                let job = if siblings {
+                    self.submit_batched(submission)?
+                } else {
+                    self.submit_single(&submission, 0)?
+                };
                 bar.set_message(format!("submitted job {}", job.job_id));
                 job
             }

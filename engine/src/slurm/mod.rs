@@ -11,10 +11,11 @@
 //! The store is the truth: a stage is done when its action record exists. Slurm is asked in
 //! one batched `squeue` per poll interval (never one call per job) only to notice jobs that
 //! ended without a record (failed, cancelled, out of memory, node failure, time limit).
-//! Preempted and requeued jobs count as running: the worker checkpoints on SIGTERM (sent
-//! [`SlurmOptions::signal_before`] ahead of the time limit, and on preemption) and the requeued
-//! job resumes from `checkpoints/<key>/`. A job that hit its time limit is resubmitted, a
-//! bounded number of times. Job ids are saved in the cache (`slurm/jobs/<key>.json`), so a
+//! Preempted and requeued jobs count as running: on preemption the worker gets SIGTERM,
+//! checkpoints and exits, and the requeued job resumes from `checkpoints/<key>/`; ahead of the
+//! time limit ([`SlurmOptions::signal_before`]) it gets SIGUSR1, checkpoints and requeues its
+//! own job. A job that hit its time limit all the same is resubmitted, a bounded number of
+//! times. Job ids are saved in the cache (`slurm/jobs/<key>.json`), so a
 //! restarted coordinator re-attaches to jobs still queued or running instead of submitting them
 //! again. Every job logs to `slurm/logs/<key>.log` (appended across requeues); its tail is shown
 //! when the job fails.

@@ -91,7 +91,8 @@ pub struct SlurmOptions {
     /// How many times a stage that hit its time limit is resubmitted; experiment level only.
     /// Default 2.
     pub max_resubmits: Option<u32>,
-    /// How long before its time limit a job gets SIGTERM to checkpoint; experiment level only.
+    /// How long before its time limit a job gets SIGUSR1 to checkpoint and requeue itself;
+    /// experiment level only.
     /// Default 120 s.
     pub signal_before: Option<String>,
     /// How many tasks of one job array run at once (`--array=0-N%P`); experiment level only.

@@ -53,7 +53,8 @@ pub fn script_text(stage: &str, key: &str, worker: &[String]) -> String {
         "#!/bin/sh\n\
          # pipeline worker for stage `{stage}`, key {key}.\n\
          # Written by the coordinator; the worker refuses any other key and any producer that\n\
-         # is not cached, and checkpoints on SIGTERM (preemption, time limit).\n\
+         # is not cached, checkpoints on SIGTERM (preemption), and checkpoints and requeues its\n\
+         # job on SIGUSR1 (the time limit is near).\n\
          echo \"pipeline: job ${{SLURM_JOB_ID:-?}} on $(hostname), attempt ${{SLURM_RESTART_COUNT:-0}}\"\n\
          exec {command}\n"
     )
@@ -65,7 +66,8 @@ pub fn array_script_text(tasks: &[(String, String, Vec<String>)], logs: &[PathBu
     let mut text = String::from(
         "#!/bin/sh\n\
          # pipeline workers, one stage per array task. Written by the coordinator; each worker\n\
-         # refuses any other key and any producer that is not cached, and checkpoints on SIGTERM.\n\
+         # refuses any other key and any producer that is not cached, checkpoints on SIGTERM\n\
+         # (preemption), and checkpoints and requeues its task on SIGUSR1 (time limit near).\n\
          case \"${SLURM_ARRAY_TASK_ID:-}\" in\n",
     );
     for (i, ((stage, key, worker), log)) in tasks.iter().zip(logs).enumerate() {
@@ -98,8 +100,9 @@ pub fn sbatch_args(spec: &JobSpec<'_>, signal_before: Duration) -> Vec<String> {
         format!("--chdir={}", spec.workdir.display()),
         // Preempted jobs come back (resuming from their checkpoint) instead of failing.
         "--requeue".to_string(),
-        // SIGTERM to the batch shell, which `exec` made the worker, ahead of the time limit.
-        format!("--signal=B:TERM@{}", signal_before.as_secs().max(1)),
+        // SIGUSR1 to the batch shell, which `exec` made the worker, ahead of the time limit: it
+        // checkpoints and requeues its own job. (SIGTERM means preemption or scancel.)
+        format!("--signal=B:USR1@{}", signal_before.as_secs().max(1)),
     ];
     if let Some(range) = &spec.array {
         args.push(format!("--array={range}"));
@@ -197,7 +200,7 @@ mod tests {
         let a = args(&none, true);
         assert!(!a.iter().any(|a| a.starts_with("--gres")));
         assert!(a.contains(&"--time=120".to_string()));
-        assert!(a.contains(&"--signal=B:TERM@120".to_string()));
+        assert!(a.contains(&"--signal=B:USR1@120".to_string()));
         assert_eq!(a[a.len() - 2], "--constraint=a100");
         assert_eq!(a[a.len() - 1], "/c/slurm/jobs/k.sh");
     }
