@@ -48,7 +48,7 @@ max_length = 48
 [train]
 kind = "lora-train"
 inputs = { model = "model", tokens = "tokens" }
-steps = 24
+steps = 60
 batch_size = 1
 max_length = 48
 checkpoint_every = 1
@@ -195,7 +195,7 @@ fn training_preempted_on_slurm_resumes_to_the_same_adapter_as_a_local_run() {
                 })
             })
     });
-    let checkpoints = cache.join("checkpoints").join(&key);
+    let checkpoints = cache.join("checkpoints").join(&key).join("trainer");
     wait_for("training to pass step 4", Duration::from_secs(300), || {
         newest_checkpoint(&checkpoints).filter(|s| *s >= 4)
     });
