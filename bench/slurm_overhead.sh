@@ -282,12 +282,12 @@ notes = {
     "cluster": "one-node Slurm (scripts/slurm/up.sh): 2 CPUs, so at most 2 jobs run at once; no accounting (sacct disabled)",
 }
 result = {
-    "name": f"slurm coordinator overhead per stage ({n}-stage fan-in, poll {poll} s)",
+    "name": "slurm_overhead",
     "machine": f"2-core {cpu} VM (KVM), 24 GiB",
     "date": datetime.date.today().isoformat(),
     "ours": ours["overhead_per_stage_s"],
     "peer": peer["overhead_per_stage_s"],
-    "unit": "s/stage",
+    "unit": f"s of coordinator overhead per stage, {n}-stage fan-in on Slurm, poll {poll:g} s (lower is better)",
     "ratio": round(peer["overhead_per_stage_s"] / ours["overhead_per_stage_s"], 2) if ours["overhead_per_stage_s"] > 0 else None,
     "notes": notes,
 }
