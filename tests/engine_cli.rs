@@ -9,23 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{action_records, ran, run_outcomes};
-
-fn toy_binary() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; cargo builds examples next door.
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile directory");
-    let path = profile_dir.join("examples").join("toy_pipeline");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test` (which builds examples), not a single test binary",
-        path.display()
-    );
-    path
-}
+use common::{action_records, ran, run_outcomes, toy_binary};
 
 fn toy(cache: &Path, args: &[&str]) -> Output {
     Command::new(toy_binary())

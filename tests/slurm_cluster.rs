@@ -9,39 +9,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod common;
-use common::{action_records, ran, run_outcomes};
-
-/// Cluster tests share two CPUs and two GPUs: one at a time, in this process and across
-/// processes (a benchmark on the same cluster takes the same file lock).
-static CLUSTER: Mutex<()> = Mutex::new(());
-const CLUSTER_LOCK_FILE: &str = "/tmp/pipeline-slurm-cluster.lock";
-
-/// Holds the cluster for one test.
-struct ClusterGuard {
-    _thread: std::sync::MutexGuard<'static, ()>,
-    _file: std::fs::File,
-}
-
-fn toy_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile directory");
-    let path = profile_dir.join("examples").join("toy_pipeline");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test`",
-        path.display()
-    );
-    path
-}
+use common::slurm::{cluster, job_state, preempt_with_high_priority_job, release};
+use common::{action_records, ran, run_outcomes, text, toy_binary, wait_for};
 
 fn toy_command(cache: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(toy_binary());
@@ -56,50 +30,12 @@ fn toy(cache: &Path, args: &[&str]) -> Output {
     toy_command(cache, args).output().expect("run toy_pipeline")
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Whether a cluster answers; panics when CI requires one and it does not.
-fn cluster() -> Option<ClusterGuard> {
-    let up = Command::new("sinfo")
-        .args(["--noheader", "--format=%T"])
-        .output()
-        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
-    if !up {
-        assert!(
-            std::env::var_os("PIPELINE_REQUIRE_SLURM").is_none(),
-            "PIPELINE_REQUIRE_SLURM is set but no Slurm cluster answers: run scripts/slurm-up.sh"
-        );
-        eprintln!("skipped: no Slurm cluster (scripts/slurm-up.sh starts one)");
-        return None;
-    }
-    let thread = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
-    let file = std::fs::File::create(CLUSTER_LOCK_FILE).expect("cluster lock file");
-    file.lock().expect("lock the cluster");
-    Some(ClusterGuard {
-        _thread: thread,
-        _file: file,
-    })
-}
-
 fn manifest(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("m.toml");
     let head = "[experiment]\nname = \"cluster\"\nexecutor = \"slurm\"\n\n\
                 [experiment.slurm]\npoll = \"1s\"\nrecord_wait = \"5s\"\n\n";
     std::fs::write(&path, format!("{head}{body}")).expect("write manifest");
     path
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The job ids each stage log names (`pipeline: job ID on HOST, attempt N`), by log file.
@@ -135,19 +71,6 @@ fn job_records(cache: &Path) -> Vec<Value> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
         .collect()
-}
-
-fn job_state(id: &str) -> String {
-    let out = Command::new("squeue")
-        .args([
-            "--noheader",
-            "--states=all",
-            "--format=%T|%r",
-            &format!("--jobs={id}"),
-        ])
-        .output()
-        .expect("squeue");
-    text(&out.stdout).trim().to_string()
 }
 
 fn wait_running(cache: &Path) -> (String, String) {
@@ -270,17 +193,24 @@ launch = "local"
     assert!(ran(&run_outcomes(&again)).is_empty());
 }
 
+/// A coordinator running one slow stage (`repeat` tenths of a second) as a job, once the job
+/// runs: the cache, the manifest, the coordinator, the job id and the stage's key.
+fn slow_run(dir: &Path, repeat: u32) -> (PathBuf, PathBuf, Child, String, String) {
+    let cache = dir.join("cache");
+    let m = manifest(
+        dir,
+        &format!("[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = {repeat}\ndelay_ms = 100\n"),
+    );
+    let child = spawn_run(&cache, &m, &[]);
+    let (id, key) = wait_running(&cache);
+    (cache, m, child, id, key)
+}
+
 #[test]
 fn a_job_cancelled_with_scancel_fails_the_stage_with_its_log() {
     let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let m = manifest(
-        dir.path(),
-        "[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 200\ndelay_ms = 100\n",
-    );
-    let child = spawn_run(&cache, &m, &[]);
-    let (id, _) = wait_running(&cache);
+    let (cache, _, child, id, _) = slow_run(dir.path(), 200);
     // The job is RUNNING a moment before its script has written its first line.
     wait_for("the job's first log line", Duration::from_secs(30), || {
         (!logged_job_ids(&cache)
@@ -310,13 +240,7 @@ fn a_job_cancelled_with_scancel_fails_the_stage_with_its_log() {
 fn a_worker_killed_with_sigkill_is_detected() {
     let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let m = manifest(
-        dir.path(),
-        "[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 200\ndelay_ms = 100\n",
-    );
-    let child = spawn_run(&cache, &m, &[]);
-    let (id, key) = wait_running(&cache);
+    let (_, _, child, id, key) = slow_run(dir.path(), 200);
     // The worker dies without a word: no signal handler runs, nothing is written. (The job
     // is RUNNING a moment before its script has started the worker.)
     let pattern = format!("expect-key {key}");
@@ -342,13 +266,7 @@ fn a_worker_killed_with_sigkill_is_detected() {
 fn a_restarted_coordinator_reattaches_to_its_running_job() {
     let Some(_cluster) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("cache");
-    let m = manifest(
-        dir.path(),
-        "[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 40\ndelay_ms = 100\n",
-    );
-    let mut first = spawn_run(&cache, &m, &[]);
-    let (id, _) = wait_running(&cache);
+    let (cache, m, mut first, id, _) = slow_run(dir.path(), 40);
     // The login node kills the coordinator; the job goes on.
     first.kill().expect("kill coordinator");
     let _ = first.wait();
@@ -380,27 +298,13 @@ fn a_preempted_worker_is_requeued_and_resumes_from_its_checkpoint() {
         (step >= 10).then_some(())
     });
     // A job of the higher partition needs a CPU: Slurm preempts ours (SIGTERM, requeue).
-    let high = Command::new("sbatch")
-        .args([
-            "--parsable",
-            "--partition=high",
-            "--cpus-per-task=1",
-            "--output=/dev/null",
-        ])
-        .args(["--wrap", "sleep 1"])
-        .output()
-        .expect("sbatch");
-    assert!(high.status.success(), "{}", text(&high.stderr));
+    preempt_with_high_priority_job();
     // A requeued job is held ~120 s (BeginTime); release it as an impatient admin would.
     wait_for("the requeued job", Duration::from_secs(60), || {
         let s = job_state(&id);
         (s.starts_with("PENDING") && s.contains("BeginTime")).then_some(())
     });
-    let released = Command::new("scontrol")
-        .args(["update", &format!("JobId={id}"), "StartTime=now"])
-        .status()
-        .expect("scontrol");
-    assert!(released.success());
+    release(&id);
     let out = finish(child);
     assert_eq!(ran(&run_outcomes(&out)), ["count"]);
 
@@ -548,11 +452,7 @@ fn a_job_near_its_time_limit_checkpoints_requeues_itself_and_resumes() {
         );
         let s = job_state(&id);
         if s.starts_with("PENDING") && s.contains("BeginTime") {
-            let ok = Command::new("scontrol")
-                .args(["update", &format!("JobId={id}"), "StartTime=now"])
-                .status()
-                .expect("scontrol");
-            assert!(ok.success());
+            release(&id);
             released += 1;
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -602,6 +502,22 @@ fn local_manifest(dir: &Path) -> PathBuf {
     path
 }
 
+/// A worker's run of `stage` expecting `key`: its exit code and stderr.
+fn worker(cache: &Path, m: &Path, stage: &str, key: &str) -> (Option<i32>, String) {
+    let out = toy(
+        cache,
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--only",
+            stage,
+            "--expect-key",
+            key,
+        ],
+    );
+    (out.status.code(), text(&out.stderr))
+}
+
 #[test]
 fn a_worker_refuses_a_key_other_than_the_coordinators() {
     let dir = tempfile::tempdir().unwrap();
@@ -612,19 +528,8 @@ fn a_worker_refuses_a_key_other_than_the_coordinators() {
         &cache,
         &["run", m.to_str().unwrap(), "--json", "--only", "a"],
     ));
-    let out = toy(
-        &cache,
-        &[
-            "run",
-            m.to_str().unwrap(),
-            "--only",
-            "b",
-            "--expect-key",
-            "0123abcd",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    let (code, stderr) = worker(&cache, &m, "b", "0123abcd");
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains("but the coordinator expected 0123abcd"),
         "{stderr}"
@@ -638,19 +543,8 @@ fn a_worker_refuses_to_compute_a_producer_that_is_not_cached() {
     let cache = dir.path().join("cache");
     let m = local_manifest(dir.path());
     std::fs::create_dir_all(cache.join("slurm")).unwrap();
-    let out = toy(
-        &cache,
-        &[
-            "run",
-            m.to_str().unwrap(),
-            "--only",
-            "b",
-            "--expect-key",
-            "0123abcd",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    let (code, stderr) = worker(&cache, &m, "b", "0123abcd");
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains("its producer `a` is not in the cache"),
         "{stderr}"
@@ -666,19 +560,8 @@ fn a_worker_that_cannot_see_the_cache_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let m = local_manifest(dir.path());
     let missing = dir.path().join("not-shared");
-    let out = toy(
-        &missing,
-        &[
-            "run",
-            m.to_str().unwrap(),
-            "--only",
-            "a",
-            "--expect-key",
-            "0123",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = text(&out.stderr);
+    let (code, stderr) = worker(&missing, &m, "a", "0123");
+    assert_eq!(code, Some(1));
     assert!(stderr.contains("is not visible on"), "{stderr}");
     assert!(stderr.contains("filesystem every node mounts"), "{stderr}");
     assert!(

@@ -6,14 +6,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod common;
-use common::{action_records, ran, run_outcomes};
-
-const CLUSTER_LOCK_FILE: &str = "/tmp/pipeline-slurm-cluster.lock";
+use common::slurm::{cluster, job_state, preempt_with_high_priority_job, release};
+use common::{action_records, ran, run_outcomes, text, wait_for};
 
 const MANIFEST: &str = r#"
 [experiment]
@@ -58,10 +57,6 @@ partition = "low"
 cpus = 2
 "#;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn pipeline(cache: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pipeline"));
     c.arg("--cache")
@@ -69,30 +64,6 @@ fn pipeline(cache: &Path, args: &[&str]) -> Command {
         .args(args)
         .env_remove("PIPELINE_CACHE");
     c
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn squeue(id: &str) -> String {
-    let out = Command::new("squeue")
-        .args([
-            "--noheader",
-            "--states=all",
-            "--format=%T|%r",
-            &format!("--jobs={id}"),
-        ])
-        .output()
-        .expect("squeue");
-    text(&out.stdout).trim().to_string()
 }
 
 /// The newest checkpoint step under `dir` (`checkpoint-000000005`).
@@ -138,18 +109,8 @@ fn tree_of(cache: &Path, run: &Output, stage: &str) -> String {
 
 #[test]
 fn training_preempted_on_slurm_resumes_to_the_same_adapter_as_a_local_run() {
-    let up = Command::new("sinfo")
-        .args(["--noheader", "--format=%T"])
-        .output()
-        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
-    if !up {
-        assert!(
-            std::env::var_os("PIPELINE_REQUIRE_SLURM").is_none(),
-            "PIPELINE_REQUIRE_SLURM is set but no Slurm cluster answers: run scripts/slurm/up.sh"
-        );
-        eprintln!("skipped: no Slurm cluster (scripts/slurm/up.sh starts one)");
-        return;
-    }
+    // The cluster's two CPUs are this test's alone.
+    let Some(_cluster) = cluster() else { return };
     let pip = Command::new("python3")
         .args(["-m", "pip", "--version"])
         .output()
@@ -158,9 +119,6 @@ fn training_preempted_on_slurm_resumes_to_the_same_adapter_as_a_local_run() {
         eprintln!("skipped: python3 -m pip is not available (the model comes through it)");
         return;
     }
-    // The cluster's two CPUs are this test's alone.
-    let lock = std::fs::File::create(CLUSTER_LOCK_FILE).expect("cluster lock file");
-    lock.lock().expect("lock the cluster");
 
     let dir = tempfile::tempdir().unwrap();
     let m: PathBuf = dir.path().join("m.toml");
@@ -201,27 +159,13 @@ fn training_preempted_on_slurm_resumes_to_the_same_adapter_as_a_local_run() {
     });
     // A job of the higher partition needs a CPU: Slurm preempts the training (SIGTERM: the
     // worker checkpoints and exits; the job is requeued).
-    let high = Command::new("sbatch")
-        .args([
-            "--parsable",
-            "--partition=high",
-            "--cpus-per-task=1",
-            "--output=/dev/null",
-        ])
-        .args(["--wrap", "sleep 1"])
-        .output()
-        .expect("sbatch");
-    assert!(high.status.success(), "{}", text(&high.stderr));
+    preempt_with_high_priority_job();
     wait_for("the requeued job", Duration::from_secs(120), || {
-        let s = squeue(&id);
+        let s = job_state(&id);
         (s.starts_with("PENDING") && s.contains("BeginTime")).then_some(())
     });
     let stopped_at = newest_checkpoint(&checkpoints).expect("a checkpoint survives");
-    let released = Command::new("scontrol")
-        .args(["update", &format!("JobId={id}"), "StartTime=now"])
-        .status()
-        .expect("scontrol");
-    assert!(released.success());
+    release(&id);
     let out = child.wait_with_output().expect("coordinator");
     assert_eq!(ran(&run_outcomes(&out)), ["train"], "{}", text(&out.stderr));
     let record = action_records(&cache)

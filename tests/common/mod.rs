@@ -1,7 +1,13 @@
 //! Helpers shared by the CLI end-to-end tests.
 
-use std::path::Path;
+// Each test binary uses a subset of the helpers.
+#![allow(dead_code)]
+
+pub mod slurm;
+
+use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -60,4 +66,38 @@ pub fn action_records(cache: &Path) -> Vec<Value> {
         }
     }
     out
+}
+
+/// The `toy_pipeline` example binary (the CLI over ML-free kinds).
+pub fn toy_binary() -> PathBuf {
+    // Integration tests live in target/<profile>/deps; cargo builds examples next door.
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let path = profile_dir.join("examples").join("toy_pipeline");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test` (which builds examples), not a single test binary",
+        path.display()
+    );
+    path
+}
+
+/// Polls `probe` until it gives a value; panics after `timeout`, naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Lossy UTF-8 of a process's output.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
