@@ -640,6 +640,9 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     if args.detach {
         return detach(&manifest, &store, &options, args);
     }
+    if options.worker.is_none() {
+        check_keys_up_front(&manifest, &store, &options)?;
+    }
     if let Some(jobs) = args.jobs {
         options.jobs = jobs;
     }
@@ -684,6 +687,36 @@ fn requeue_own_job() {
             eprintln!("cannot run scontrol ({e}); the coordinator resubmits after the time limit")
         }
     }
+}
+
+/// Stops a run before anything runs when a stage's key cannot be computed from what exists
+/// now (a path that is missing, a device or a FIFO): every such stage is named at once, instead
+/// of the run failing at that stage after the others ran.
+fn check_keys_up_front(
+    manifest: &Manifest,
+    store: &Store,
+    options: &RunOptions,
+) -> Result<(), Failure> {
+    let entries = plan(manifest, store, options).map_err(fail)?;
+    let broken: Vec<String> = entries
+        .iter()
+        .filter_map(|e| match e.decision.reason() {
+            Some(reason @ pipeline_engine::executor::RunReason::KeyNotComputable(_)) => {
+                Some(format!("stage `{}`: {reason}", e.stage))
+            }
+            _ => None,
+        })
+        .collect();
+    if broken.is_empty() {
+        return Ok(());
+    }
+    Err(usage(miette::miette!(
+        help = "fix these inputs; nothing has run",
+        "{} stage{} cannot start:\n{}",
+        broken.len(),
+        if broken.len() == 1 { "" } else { "s" },
+        broken.join("\n")
+    )))
 }
 
 /// `--executor`, else the manifest's `experiment.executor`, else local.

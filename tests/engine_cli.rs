@@ -865,3 +865,63 @@ fn gc_ages_are_humantime_durations() {
         stderr(&out)
     );
 }
+
+#[test]
+fn paths_that_are_not_files_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // As the manifest: refused at once instead of read forever.
+    let out = toy(&cache, &["run", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    // A binary file as the manifest: said so, with where.
+    let binary = dir.path().join("model.bin");
+    std::fs::write(&binary, [0x7f, b'E', b'L', b'F', 0xff, 0xfe]).unwrap();
+    let out = toy(&cache, &["plan", binary.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("not UTF-8 text (invalid byte at offset 4)"),
+        "{}",
+        stderr(&out)
+    );
+    // As a stage's input: the run stops before any stage, naming every one that cannot start.
+    let fifo = dir.path().join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let m = write(
+        dir.path(),
+        "m.toml",
+        &format!(
+            "[experiment]\nname = \"p\"\n\n[first]\nkind = \"write\"\ntext = \"x\"\n\n\
+             [zero]\nkind = \"source\"\npath = \"/dev/zero\"\n\n\
+             [pipe]\nkind = \"source\"\npath = \"{}\"\n",
+            fifo.display()
+        ),
+    );
+    let started = Instant::now();
+    // (JSON errors: the human format wraps long lines.)
+    let out = toy(
+        &cache,
+        &["--error-format", "json", "run", m.to_str().unwrap()],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "nothing blocks on the FIFO"
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.contains("2 stages cannot start"), "{said}");
+    assert!(
+        said.contains("stage `zero`") && said.contains("stage `pipe`"),
+        "{said}"
+    );
+    assert!(said.contains("not a regular file or directory"), "{said}");
+    assert!(
+        action_records(&cache).is_empty(),
+        "`first` did not run either"
+    );
+}

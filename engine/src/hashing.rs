@@ -120,6 +120,13 @@ impl StatCache {
         if meta.is_file() {
             return self.hash_file(path);
         }
+        // A device, FIFO or socket would be read forever (or block): refuse it up front.
+        if !meta.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or directory (a device, FIFO or socket)",
+            ));
+        }
         let mut files = Vec::new();
         walk_files(path, path, &mut files)?;
         let mut listing = String::new();

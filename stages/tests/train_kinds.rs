@@ -898,6 +898,15 @@ fn lora_train_rejects_bad_setups() {
         ("clip", &|p: &mut LoraTrainParams| p.clip = Some(-1.0)),
         ("dropout", &|p: &mut LoraTrainParams| p.dropout = f64::NAN),
         ("lr", &|p: &mut LoraTrainParams| p.lr = f64::INFINITY),
+        // Sizes no machine holds, which used to abort on allocation.
+        ("batch_size", &|p: &mut LoraTrainParams| {
+            p.batch_size = 9_223_372_036_854_775_807
+        }),
+        ("batch_size", &|p: &mut LoraTrainParams| {
+            p.batch_size = 65_536;
+            p.max_length = 65_536
+        }),
+        ("r", &|p: &mut LoraTrainParams| p.r = usize::MAX),
     ] {
         let mut p = train_params(2);
         set(&mut p);

@@ -112,7 +112,9 @@ impl Diagnostic for ManifestLoadError {
     }
     fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
         match self {
-            Self::Io { .. } => Some(Box::new("check the path; manifests live in manifests/")),
+            Self::Io { .. } => Some(Box::new(
+                "give the path of a TOML manifest file (this project's are in manifests/)",
+            )),
             Self::Invalid { .. } => None,
         }
     }

@@ -221,12 +221,42 @@ pub fn load_manifest(
     registry: &Registry,
     options: &ManifestOptions,
 ) -> Result<Manifest, ManifestLoadError> {
-    let source = std::fs::read_to_string(path).map_err(|source| ManifestLoadError::Io {
+    let io = |source: std::io::Error| ManifestLoadError::Io {
         path: path.to_path_buf(),
         source,
+    };
+    // A device or FIFO would be read forever, a huge file into memory: check first.
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes of TOML",
+                meta.len()
+            ),
+        )));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    let source = String::from_utf8(bytes).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "not UTF-8 text (invalid byte at offset {}): is it a TOML manifest?",
+                e.utf8_error().valid_up_to()
+            ),
+        ))
     })?;
     parse_manifest(path, source, registry, options)
 }
+
+/// The largest manifest read (a real one is a few kilobytes).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 
 /// Validates and expands a manifest given as text (`path` is used for messages and relative
 /// paths only).
@@ -290,6 +320,7 @@ fn build_instances(
         doc.stages.iter().map(|s| (s.name.as_str(), s)).collect();
     let mut variants = Variants::default();
     let mut instances: Vec<(usize, StageInstance)> = Vec::new();
+    let mut total = 0usize;
     for table in order {
         let s = &doc.stages[table];
         let mut made = Vec::new();
@@ -299,6 +330,23 @@ fn build_instances(
                 let connected = connect(s, &combo, &inputs, &tables, &variants, errors);
                 made.push((InstanceName::new(&s.name, combo), connected));
             }
+        }
+        total += made.len();
+        if total > parse::MAX_INSTANCES {
+            errors.push(
+                ManifestError::new(
+                    "manifest::too-many-instances",
+                    format!(
+                        "the manifest expands into more than {} stage instances (at `{}`, \
+                         which inherits its producers' variants)",
+                        parse::MAX_INSTANCES,
+                        s.name
+                    ),
+                )
+                .at(s.span.clone(), "here")
+                .help("split the experiment into several manifests, or use fewer values"),
+            );
+            return None;
         }
         let mut names = Vec::new();
         for (name, connected) in made {

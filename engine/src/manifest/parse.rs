@@ -511,6 +511,7 @@ fn parse_matrix(
     let Some(matrix) = table.get("matrix") else {
         return Some(Vec::new());
     };
+    let matrix_span = matrix.span();
     let DeValue::Table(matrix) = matrix.get_ref() else {
         errors.push(
             ManifestError::new(
@@ -558,8 +559,33 @@ fn parse_matrix(
         };
         out.push((key.get_ref().to_string(), vals));
     }
-    Some(out)
+    // Checked before expansion: a product of a few keys can exhaust memory.
+    let count = out
+        .iter()
+        .try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()));
+    match count {
+        Some(n) if n <= MAX_INSTANCES => Some(out),
+        _ => {
+            let count = count.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
+            errors.push(
+                ManifestError::new(
+                    "manifest::too-many-instances",
+                    format!(
+                        "the matrix of `{stage}` expands into {count} instances; a manifest may \
+                         have at most {MAX_INSTANCES}"
+                    ),
+                )
+                .at(matrix_span, "this matrix")
+                .help("split the experiment into several manifests, or use fewer values"),
+            );
+            None
+        }
+    }
 }
+
+/// The most stage instances a manifest may expand into: far beyond any real experiment, far
+/// below what exhausts memory while planning.
+pub(super) const MAX_INSTANCES: usize = 10_000;
 
 /// `--set STAGE.matrix.KEY=[values]`: replaces the values of one existing matrix key, so a
 /// run can take a cut of an experiment (fewer seeds, one benchmark) without editing it.

@@ -209,6 +209,9 @@ impl Stage for LoraTrainKind {
     }
 
     fn validate(p: &LoraTrainParams) -> Result<(), String> {
+        const MAX_RANK: usize = 65_536;
+        const MAX_LENGTH: usize = 1 << 20;
+        const MAX_BATCH_TOKENS: usize = 1 << 24;
         if p.r == 0 {
             return Err("`r` must be at least 1".into());
         }
@@ -246,6 +249,20 @@ impl Stage for LoraTrainKind {
         }
         if p.max_length < 2 {
             return Err("`max_length` must be at least 2".into());
+        }
+        // Far beyond what any machine trains, far below what overflows a size computation.
+        if p.r > MAX_RANK || p.max_length > MAX_LENGTH || p.batch_size > MAX_BATCH_TOKENS {
+            return Err(format!(
+                "`r` is at most {MAX_RANK}, `max_length` at most {MAX_LENGTH} and `batch_size` \
+                 at most {MAX_BATCH_TOKENS}"
+            ));
+        }
+        if p.batch_size.saturating_mul(p.max_length) > MAX_BATCH_TOKENS {
+            return Err(format!(
+                "`batch_size` x `max_length` = {} tokens per step; at most {MAX_BATCH_TOKENS} \
+                 (use `grad_accum` for larger effective batches)",
+                p.batch_size.saturating_mul(p.max_length)
+            ));
         }
         if p.target_modules.as_ref().is_some_and(Vec::is_empty) {
             return Err(
