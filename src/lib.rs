@@ -1138,6 +1138,7 @@ fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
             in_flight.join(", ")
         )));
     }
+    wait_notice(&store, "gc");
     let report = store.gc(&keep, age).into_diagnostic().map_err(fail)?;
     let pruned = prune(&store, age).into_diagnostic().map_err(fail)?;
     println!(
@@ -1158,6 +1159,7 @@ fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
 
 fn verify(context: &Context<'_>) -> Result<u8, Failure> {
     let store = context.open_store(None)?;
+    wait_notice(&store, "verify");
     let report = store.verify().into_diagnostic().map_err(fail)?;
     println!(
         "checked {} objects: {} corrupt",
@@ -1184,6 +1186,17 @@ fn verify(context: &Context<'_>) -> Result<u8, Failure> {
     } else {
         EXIT_FAILED
     })
+}
+
+/// Says so when `command` is about to wait for runs that hold the cache (it needs the cache
+/// alone), instead of seeming to hang.
+fn wait_notice(store: &Store, command: &str) {
+    if !store.is_idle() {
+        eprintln!(
+            "{command}: waiting for the runs using {} to finish (it needs the cache alone)...",
+            store.root().display()
+        );
+    }
 }
 
 fn kinds(registry: &Registry) -> Result<u8, Failure> {

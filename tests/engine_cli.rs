@@ -925,3 +925,43 @@ fn paths_that_are_not_files_are_refused_before_anything_runs() {
         "`first` did not run either"
     );
 }
+
+#[test]
+fn gc_says_it_waits_for_a_run_that_holds_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let m = write(
+        dir.path(),
+        "m.toml",
+        "[experiment]\nname = \"w\"\n\n[slow]\nkind = \"write\"\ntext = \"x\"\nrepeat = 30\ndelay_ms = 100\n",
+    );
+    let mut run = Command::new(toy_binary())
+        .arg("--cache")
+        .arg(&cache)
+        .args(["run", m.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start run");
+    // The run holds the cache once its stage has started writing.
+    let started = Instant::now();
+    while !cache
+        .join("tmp")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the run never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = toy(&cache, &["gc", "--keep-younger-than", "0s"]);
+    assert!(run.wait().expect("run").success());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("gc: waiting for the runs using"),
+        "gc says why it waits: {}",
+        stderr(&out)
+    );
+}

@@ -202,6 +202,20 @@ impl Store {
         Ok(file)
     }
 
+    /// Whether the cache-wide lock could be taken exclusively now (nothing else runs on this
+    /// cache); `gc` and `verify` say they wait when it cannot.
+    pub fn is_idle(&self) -> bool {
+        let Ok(file) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.root.join("lock"))
+        else {
+            return false;
+        };
+        file.try_lock().is_ok()
+    }
+
     /// Takes the execution lock of `key` (blocking); released when the file is dropped.
     pub fn lock_key(&self, key: &str) -> io::Result<File> {
         let file = File::options()

@@ -11,9 +11,10 @@
 # Stop it with scripts/slurm/down.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-if ! command -v slurmctld >/dev/null; then
+# procps: the cluster tests find worker processes with pgrep/pkill.
+if ! command -v slurmctld >/dev/null || ! command -v pgrep >/dev/null; then
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge procps >/dev/null
 fi
 install -m 644 "$here/slurm.conf" /etc/slurm/slurm.conf
 fake=/var/lib/slurm/fakegpu
