@@ -1169,6 +1169,9 @@ fn verify(context: &Context<'_>) -> Result<u8, Failure> {
     for h in &report.corrupt_objects {
         println!("  corrupt object {h} (moved to quarantine/)");
     }
+    for m in &report.missing {
+        println!("  missing {m}");
+    }
     if !report.dropped_actions.is_empty() {
         println!(
             "{} cached results dropped; the next run recomputes them",
@@ -1181,11 +1184,13 @@ fn verify(context: &Context<'_>) -> Result<u8, Failure> {
             report.repaired_views
         );
     }
-    Ok(if report.corrupt_objects.is_empty() {
-        0
-    } else {
-        EXIT_FAILED
-    })
+    Ok(
+        if report.corrupt_objects.is_empty() && report.missing.is_empty() {
+            0
+        } else {
+            EXIT_FAILED
+        },
+    )
 }
 
 /// Says so when `command` is about to wait for runs that hold the cache (it needs the cache

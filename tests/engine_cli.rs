@@ -740,6 +740,23 @@ fn corrupted_object_is_found_and_recomputed() {
     );
     assert_eq!(ran(&run_json(&cache, &manifest, &[])), ["counter"]);
     assert!(toy(&cache, &["verify"]).status.success());
+
+    // A missing object is named, with the file and stage it belonged to, and verify fails.
+    let object_hash = tree_json["files"][0]["hash"].as_str().unwrap();
+    let object = cache
+        .join("objects")
+        .join(&object_hash[..2])
+        .join(&object_hash[2..]);
+    std::fs::remove_file(&object).unwrap();
+    let verify = toy(&cache, &["verify"]);
+    assert_eq!(verify.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        text.contains(&format!("missing object {object_hash} (data of counter)")),
+        "{text}"
+    );
+    assert_eq!(ran(&run_json(&cache, &manifest, &[])), ["counter"]);
+    assert!(toy(&cache, &["verify"]).status.success());
 }
 
 #[test]

@@ -123,6 +123,9 @@ pub struct VerifyReport {
     pub dropped_actions: Vec<String>,
     /// Views rebuilt because a file in them differed from its object.
     pub repaired_views: usize,
+    /// What a result needed and the store no longer has: `object HASH (FILE of STAGE)` or
+    /// `tree HASH (of STAGE)`.
+    pub missing: Vec<String>,
 }
 
 /// Result of [`Store::gc`].
@@ -502,19 +505,35 @@ impl Store {
             };
             let mut ok = true;
             for out in record.outputs.values() {
-                match self.tree(&out.tree) {
-                    Ok(tree)
-                        if tree
-                            .files
-                            .iter()
-                            .all(|f| self.object_path(&f.hash).is_file()) =>
-                    {
-                        report.repaired_views += self.check_view(&out.tree, &tree)?;
-                    }
-                    _ => {
+                let tree = match self.tree(&out.tree) {
+                    Ok(tree) => tree,
+                    Err(_) => {
+                        report
+                            .missing
+                            .push(format!("tree {} (of {})", out.tree, record.stage));
                         ok = false;
                         bad_trees.insert(out.tree.clone());
+                        continue;
                     }
+                };
+                let absent: Vec<&TreeEntry> = tree
+                    .files
+                    .iter()
+                    .filter(|f| !self.object_path(&f.hash).is_file())
+                    .collect();
+                // A corrupt object was moved to quarantine: reported as corrupt, not missing.
+                let quarantined = |f: &&TreeEntry| report.corrupt_objects.contains(&f.hash);
+                for f in absent.iter().filter(|f| !quarantined(f)) {
+                    report.missing.push(format!(
+                        "object {} ({} of {})",
+                        f.hash, f.path, record.stage
+                    ));
+                }
+                if absent.is_empty() {
+                    report.repaired_views += self.check_view(&out.tree, &tree)?;
+                } else {
+                    ok = false;
+                    bad_trees.insert(out.tree.clone());
                 }
             }
             if !ok {
