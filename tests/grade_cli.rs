@@ -135,3 +135,30 @@ fn grade_writes_results_and_prints_pass_at_k() {
         ])
     );
 }
+
+#[test]
+fn a_samples_line_that_is_not_utf8_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("p.jsonl"), PROBLEMS).unwrap();
+    let mut samples = SAMPLES.as_bytes().to_vec();
+    // Line 4: a completion with a byte that is not UTF-8 at byte column 37.
+    samples.extend_from_slice(b"{\"task_id\": \"t/1\", \"completion\": \"  \xff\"}\n");
+    std::fs::write(tmp.path().join("s.jsonl"), samples).unwrap();
+    let out = pipeline(
+        tmp.path(),
+        &[
+            "--error-format",
+            "json",
+            "grade",
+            "s.jsonl",
+            "--problems",
+            "p.jsonl",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let json: Value = serde_json::from_str(stderr(&out).trim()).expect("JSON error");
+    assert_eq!(
+        json["message"], "s.jsonl:4: not UTF-8 text (invalid byte at column 37)",
+        "{json}"
+    );
+}

@@ -30,6 +30,17 @@ pub enum JsonError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// A line of a JSON Lines file is not UTF-8 text.
+    #[error("{}:{line}: not UTF-8 text (invalid byte at column {column})", path.display())]
+    #[diagnostic(help("JSON Lines files are UTF-8; re-encode the file or fix that line"))]
+    NotUtf8 {
+        /// File being read.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// 1-based byte column of the first invalid byte.
+        column: usize,
+    },
     /// The content is not the JSON expected (`line` is 1-based; 0 for a whole-file JSON).
     #[error("{}{}: {source}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
     #[diagnostic(help(
@@ -96,8 +107,18 @@ pub fn write_jsonl<T: Serialize>(
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, JsonError> {
     let reader = open_maybe_gz(path)?;
     let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(read_err(path))?;
+    // Lines as bytes, so that a line that is not UTF-8 is named (`lines()` would only say that
+    // the stream is not).
+    for (i, bytes) in reader.split(b'\n').enumerate() {
+        let mut bytes = bytes.map_err(read_err(path))?;
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+        let line = String::from_utf8(bytes).map_err(|e| JsonError::NotUtf8 {
+            path: path.to_path_buf(),
+            line: i + 1,
+            column: e.utf8_error().valid_up_to() + 1,
+        })?;
         if line.trim().is_empty() {
             continue;
         }

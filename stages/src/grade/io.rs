@@ -77,6 +77,19 @@ pub enum IoError {
         /// Underlying error.
         source: serde_json::Error,
     },
+    /// A line is not UTF-8 text.
+    #[error("{path}:{line}: not UTF-8 text (invalid byte at column {column})")]
+    #[diagnostic(help(
+        "samples and problems files are UTF-8 JSON Lines; fix or re-encode that line"
+    ))]
+    NotUtf8 {
+        /// File being parsed.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// 1-based byte column of the first invalid byte.
+        column: usize,
+    },
     /// Two problems share a task id.
     #[error("{path}: duplicate task_id {task_id:?}")]
     #[diagnostic(help("task ids must be unique within a problems file"))]
@@ -95,6 +108,7 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>,
             IoError::Read { path, source }
         }
         JsonError::Parse { path, line, source } => IoError::Parse { path, line, source },
+        JsonError::NotUtf8 { path, line, column } => IoError::NotUtf8 { path, line, column },
     })
 }
 
@@ -127,6 +141,11 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), IoError>
         JsonError::Parse { path, source, .. } => IoError::Write {
             path,
             source: std::io::Error::other(source),
+        },
+        // Writing never decodes text.
+        JsonError::NotUtf8 { path, .. } => IoError::Write {
+            path,
+            source: std::io::Error::other("not UTF-8"),
         },
     })
 }
