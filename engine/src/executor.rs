@@ -121,8 +121,9 @@ pub struct RunReport {
     pub stages: Vec<StageResult>,
     /// Whether the run was interrupted.
     pub cancelled: bool,
-    /// Set when this run was a worker whose key another process holds: it did nothing, and
-    /// the process exits with [`crate::slurm::EXIT_KEY_BUSY`].
+    /// Set when a stage was left alone because another process computes its key (its lock,
+    /// which only a worker does not wait for, or its lease, held on another machine); the
+    /// process exits with [`crate::slurm::EXIT_KEY_BUSY`].
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub key_busy: bool,
     /// Slurm commands called (`sbatch`, `squeue`, `scancel`, `scontrol`), when stages ran on
@@ -501,6 +502,12 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
         .collect();
     let client = SlurmClient::new();
     let launcher = cluster_launcher(manifest, store, options, &client, &selected, &on_cluster)?;
+    // Without a launcher (a worker, or no selected stage on the cluster) everything runs here.
+    let on_cluster = if launcher.is_some() {
+        on_cluster
+    } else {
+        vec![false; n]
+    };
 
     #[derive(Clone, PartialEq)]
     enum State {
@@ -546,7 +553,7 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                 }
                 for i in ready {
                     let stage = &manifest.stages[i];
-                    let cluster = on_cluster[i] && launcher.is_some();
+                    let cluster = on_cluster[i];
                     let siblings = ready_per_table
                         .get(stage.name.base.as_str())
                         .is_some_and(|n| *n > 1);
@@ -587,7 +594,7 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
             let Ok((i, done)) = rx.recv_timeout(Duration::from_millis(100)) else {
                 continue;
             };
-            if on_cluster[i] && launcher.is_some() {
+            if on_cluster[i] {
                 running_on_cluster -= 1;
             } else {
                 running_here -= 1;
@@ -700,6 +707,20 @@ fn failed(
     }
 }
 
+/// A stage left alone because another process computes its key.
+fn busy(
+    stage: &StageInstance,
+    key: String,
+    started: Instant,
+    msg: String,
+    reason: RunReason,
+) -> Done {
+    Done::Failed {
+        result: failure(stage, Some(key), started, msg, Some(reason)),
+        key_busy: true,
+    }
+}
+
 fn failure(
     stage: &StageInstance,
     key: Option<String>,
@@ -802,10 +823,7 @@ fn execute(
                 "another process holds the lock of key {key}: it is computing `{}` already",
                 stage.name
             );
-            return Done::Failed {
-                result: failure(stage, Some(key), started, msg, Some(reason)),
-                key_busy: true,
-            };
+            return busy(stage, key, started, msg, reason);
         }
         Err(e) => {
             return failed(
@@ -830,10 +848,7 @@ fn execute(
                 "key {key} (`{}`) is leased by {owner}: it is computing it already",
                 stage.name
             );
-            return Done::Failed {
-                result: failure(stage, Some(key), started, msg, Some(reason)),
-                key_busy: true,
-            };
+            return busy(stage, key, started, msg, reason);
         }
         Err(e) => {
             let msg = format!("cannot take the lease of key {key}: {e}");

@@ -192,11 +192,7 @@ impl Store {
 
     /// Takes the cache-wide lock: shared for runs, exclusive for gc and verify.
     pub fn lock(&self, exclusive: bool) -> io::Result<File> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("lock"))?;
+        let file = open_lock_file(&self.root.join("lock"))?;
         if exclusive {
             file.lock()?;
         } else {
@@ -208,35 +204,19 @@ impl Store {
     /// Whether the cache-wide lock could be taken exclusively now (nothing else runs on this
     /// cache); `gc` and `verify` say they wait when it cannot.
     pub fn is_idle(&self) -> bool {
-        let Ok(file) = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("lock"))
-        else {
-            return false;
-        };
-        file.try_lock().is_ok()
+        open_lock_file(&self.root.join("lock")).is_ok_and(|file| file.try_lock().is_ok())
     }
 
     /// Takes the execution lock of `key` (blocking); released when the file is dropped.
     pub fn lock_key(&self, key: &str) -> io::Result<File> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("locks").join(format!("{key}.lock")))?;
+        let file = open_lock_file(&self.key_lock_path(key))?;
         file.lock()?;
         Ok(file)
     }
 
     /// Takes the execution lock of `key` if it is free: `None` when another process holds it.
     pub fn try_lock_key(&self, key: &str) -> io::Result<Option<File>> {
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("locks").join(format!("{key}.lock")))?;
+        let file = open_lock_file(&self.key_lock_path(key))?;
         match file.try_lock() {
             Ok(()) => Ok(Some(file)),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -269,6 +249,10 @@ impl Store {
         let dir = self.root.join("checkpoints").join(key);
         fs::create_dir_all(&dir)?;
         Ok(dir)
+    }
+
+    fn key_lock_path(&self, key: &str) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
     }
 
     /// The lease file naming who computes `key` now, beside its lock (see [`crate::lease`]).
@@ -696,6 +680,15 @@ impl Store {
             checkpoints: fs::read_dir(self.root.join("checkpoints"))?.count(),
         })
     }
+}
+
+/// Opens (creating) a file that is only ever locked, never written.
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
 }
 
 /// Read-only files in a directory tree block nothing for root but do for other users; make a

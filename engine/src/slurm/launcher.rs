@@ -77,6 +77,8 @@ type Request = (Submission, mpsc::Sender<Result<JobRecord, String>>);
 
 /// One stage ready to be submitted.
 struct Submission {
+    /// Its key, which names its script, log and record; for a detached stage whose key is
+    /// not known yet, `detached-<stage>`.
     key: String,
     stage: String,
     /// Stages of one table with equal resources share a group (and can share an array).
@@ -147,12 +149,17 @@ impl<'a> SlurmLauncher<'a> {
     }
 
     /// What submitting `stage` (key `key`) takes.
-    fn submission(&self, stage: &StageInstance, key: &str, forced: bool) -> Submission {
+    /// What submitting `stage` takes; `key` is `None` for a detached stage whose key is not
+    /// known yet (its files are then named after the stage).
+    fn submission(&self, stage: &StageInstance, key: Option<&str>, forced: bool) -> Submission {
         let name = stage.name.to_string();
         let resources = stage.slurm.over(&self.settings);
         Submission {
-            key: key.to_string(),
-            argv: self.worker.argv(&name, Some(key), forced),
+            key: key.map_or_else(
+                || format!("detached-{}", stage.name.file_stem()),
+                str::to_string,
+            ),
+            argv: self.worker.argv(&name, key, forced),
             group: format!(
                 "{}|{}|{}",
                 stage.name.base,
@@ -202,7 +209,7 @@ impl<'a> SlurmLauncher<'a> {
 
     /// The job script and `sbatch` arguments `stage` would be submitted with alone.
     pub fn job(&self, stage: &StageInstance, key: &str, forced: bool) -> (String, Vec<String>) {
-        let s = self.submission(stage, key, forced);
+        let s = self.submission(stage, Some(key), forced);
         let args = self.sbatch_args(&s, &self.script_path(key), &self.log_path(key), None);
         (script_text(&s.stage, key, &s.argv), args)
     }
@@ -229,19 +236,13 @@ impl<'a> SlurmLauncher<'a> {
         forced: bool,
         after: Vec<String>,
     ) -> Result<(String, PathBuf), String> {
-        let name = stage.name.to_string();
-        let mut s = self.submission(stage, key.unwrap_or(""), forced);
-        s.argv = self.worker.argv(&name, key, forced);
-        let file = match key {
-            Some(key) => key.to_string(),
-            None => format!("detached-{}", stage.name.file_stem()),
-        };
-        let script = self.script_path(&file);
-        let log = self.log_path(&file);
+        let s = self.submission(stage, key, forced);
+        let script = self.script_path(&s.key);
+        let log = self.log_path(&s.key);
         self.write_script(
             &script,
             &script_text(
-                &name,
+                &s.stage,
                 key.unwrap_or("(known once its producers finish)"),
                 &s.argv,
             ),
@@ -418,7 +419,7 @@ impl<'a> SlurmLauncher<'a> {
                 job
             }
             None => {
-                let submission = self.submission(stage, key, forced);
+                let submission = self.submission(stage, Some(key), forced);
                 let job = if siblings {
                     self.submit_batched(submission)?
                 } else {
@@ -515,7 +516,7 @@ impl<'a> SlurmLauncher<'a> {
                     Phase::TimedOut if job.resubmits < self.settings.resubmits() => {
                         let old = job.job_id.clone();
                         self.untrack(&old);
-                        let again = self.submission(stage, key, forced);
+                        let again = self.submission(stage, Some(key), forced);
                         *job = self.submit_single(&again, job.resubmits + 1)?;
                         self.track(&job.job_id);
                         tracing::warn!(stage = %stage.name, old = %old, new = %job.job_id, "job hit its time limit: resubmitted, resuming from its checkpoint");
