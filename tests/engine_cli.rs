@@ -982,3 +982,78 @@ fn gc_says_it_waits_for_a_run_that_holds_the_cache() {
         stderr(&out)
     );
 }
+
+/// Runs `toy_pipeline --cache CACHE run MANIFEST` with the cache on a fresh tmpfs of `size`
+/// in a private mount namespace (root and util-linux's `unshare` needed; `None` without
+/// them). With `first`, a run of that manifest fills the cache and the tmpfs is remounted
+/// read-only before the run of `manifest`.
+fn run_on_small_tmpfs(
+    cache: &Path,
+    size: &str,
+    first: Option<&Path>,
+    manifest: &Path,
+) -> Option<Output> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let unshare = Command::new("unshare").arg("--version").output();
+    if !root || !unshare.is_ok_and(|o| o.status.success()) {
+        return None;
+    }
+    std::fs::create_dir_all(cache).unwrap();
+    let script = if first.is_some() {
+        r#"mount -t tmpfs -o "size=$1" none "$2" && "$3" --cache "$2" run "$5" >/dev/null && mount -o remount,ro "$2" && exec "$3" --cache "$2" run "$4""#
+    } else {
+        r#"mount -t tmpfs -o "size=$1" none "$2" && exec "$3" --cache "$2" run "$4""#
+    };
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", script, "sh", size])
+        .arg(cache)
+        .arg(toy_binary())
+        .arg(manifest)
+        .args(first)
+        .output()
+        .unwrap();
+    Some(out)
+}
+
+#[test]
+fn a_full_or_read_only_cache_is_named_in_the_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = write(
+        tmp.path(),
+        "big.toml",
+        "[experiment]\nname = \"full\"\n\n[w]\nkind = \"write\"\ntext = \"0123456789abcdef\"\nrepeat = 200000\n",
+    );
+    let cache = tmp.path().join("cache");
+    let Some(out) = run_on_small_tmpfs(&cache, "256k", None, &big) else {
+        eprintln!("SKIP: needs root and unshare to mount a small tmpfs");
+        return;
+    };
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains(&cache.display().to_string()),
+        "the cache is not named: {err}"
+    );
+
+    let small = write(
+        tmp.path(),
+        "small.toml",
+        "[experiment]\nname = \"ro\"\n\n[w]\nkind = \"write\"\ntext = \"a\"\n",
+    );
+    let changed = write(
+        tmp.path(),
+        "changed.toml",
+        "[experiment]\nname = \"ro\"\n\n[w]\nkind = \"write\"\ntext = \"b\"\n",
+    );
+    let cache = tmp.path().join("cache-ro");
+    let out = run_on_small_tmpfs(&cache, "1m", Some(&small), &changed).unwrap();
+    let err = stderr(&out);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(
+        err.contains(&cache.display().to_string()),
+        "no path named: {err}"
+    );
+}

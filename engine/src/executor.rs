@@ -990,7 +990,11 @@ fn attempt(
     bar.finish();
     match result {
         Ok(Ok(())) => {}
-        Ok(Err(report)) => return Err(format!("{report:?}")),
+        Ok(Err(report)) => {
+            let message = format!("{report:?}");
+            let hint = storage_hint(&message, store.root()).unwrap_or_default();
+            return Err(format!("{message}{hint}"));
+        }
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<String>()
@@ -1035,4 +1039,22 @@ fn attempt(
         tracing::warn!("cannot remove checkpoint of {}: {e}", stage.name);
     }
     Ok(record)
+}
+
+/// What a stage's error says when a write failed for lack of space or a read-only file
+/// system: the OS message names no path, and a stage writes only under the cache (its
+/// outputs, scratch and checkpoints), so the hint names the cache.
+fn storage_hint(message: &str, cache_root: &Path) -> Option<String> {
+    let what = if message.contains("os error 28") || message.contains("No space left on device") {
+        "is full"
+    } else if message.contains("os error 30") || message.contains("Read-only file system") {
+        "is read-only"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "\n(the stage writes its outputs, scratch files and checkpoints under the cache {}, \
+         whose file system {what}: free space there or choose another cache with --cache)",
+        cache_root.display()
+    ))
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::write_atomic;
+use crate::atomic::{with_path, write_atomic};
 use crate::hashing::{hash_bytes, hash_file, walk_files, Digest};
 
 /// One file of an artifact.
@@ -178,7 +178,8 @@ impl Store {
             "locks",
             "quarantine",
         ] {
-            fs::create_dir_all(root.join(sub))?;
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(with_path(&dir))?;
         }
         Ok(Self {
             root: std::path::absolute(root)?,
@@ -192,7 +193,8 @@ impl Store {
 
     /// Takes the cache-wide lock: shared for runs, exclusive for gc and verify.
     pub fn lock(&self, exclusive: bool) -> io::Result<File> {
-        let file = open_lock_file(&self.root.join("lock"))?;
+        let path = self.root.join("lock");
+        let file = open_lock_file(&path).map_err(with_path(&path))?;
         if exclusive {
             file.lock()?;
         } else {
@@ -247,7 +249,7 @@ impl Store {
     /// The per-key checkpoint directory (created).
     pub fn checkpoint_dir(&self, key: &str) -> io::Result<PathBuf> {
         let dir = self.root.join("checkpoints").join(key);
-        fs::create_dir_all(&dir)?;
+        fs::create_dir_all(&dir).map_err(with_path(&dir))?;
         Ok(dir)
     }
 
@@ -271,9 +273,11 @@ impl Store {
 
     /// A fresh directory under tmp/ for one attempt; removed when dropped.
     pub fn attempt_dir(&self, label: &str) -> io::Result<tempfile::TempDir> {
+        let tmp = self.root.join("tmp");
         tempfile::Builder::new()
             .prefix(&format!("{label}-"))
-            .tempdir_in(self.root.join("tmp"))
+            .tempdir_in(&tmp)
+            .map_err(with_path(&tmp))
     }
 
     /// Moves every file under `dir` into the object store and records the tree.
@@ -286,7 +290,8 @@ impl Store {
                 let src = dir.join(rel);
                 let size = fs::metadata(&src)?.len();
                 let hash = hash_file(&src)?;
-                self.insert_object(&src, &hash)?;
+                self.insert_object(&src, &hash)
+                    .map_err(with_path(&self.object_path(&hash)))?;
                 let path = rel
                     .components()
                     .map(|c| c.as_os_str().to_string_lossy())
@@ -302,7 +307,8 @@ impl Store {
             let bytes = serde_json::to_vec(&tree).map_err(io::Error::other)?;
             write_atomic(&path, &bytes, true)?;
         }
-        self.ensure_view(&hash, &tree)?;
+        self.ensure_view(&hash, &tree)
+            .map_err(with_path(&self.view_path(&hash)))?;
         Ok((tree, hash))
     }
 

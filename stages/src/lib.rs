@@ -20,6 +20,7 @@ pub mod python;
 pub mod readers;
 pub mod records;
 pub mod report;
+pub mod snippet;
 pub mod stats;
 pub mod templates;
 pub mod tokenize;

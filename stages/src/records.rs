@@ -12,7 +12,9 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use miette::{Diagnostic, NamedSource, SourceSpan};
+use miette::{Diagnostic, SourceSpan};
+
+use crate::snippet::LineSource;
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -217,7 +219,7 @@ pub enum RecordsError {
         message: String,
         /// The offending line.
         #[source_code]
-        src: NamedSource<String>,
+        src: LineSource,
         /// Where on the line.
         #[label("here")]
         span: SourceSpan,
@@ -335,7 +337,11 @@ impl Iterator for RecordReader {
                     path: self.path.clone(),
                     line: self.line_no,
                     message: e.to_string(),
-                    src: NamedSource::new(self.path.display().to_string(), line.clone()),
+                    src: LineSource::new(
+                        self.path.display().to_string(),
+                        line.clone(),
+                        self.line_no,
+                    ),
                     span: (offset, 0).into(),
                 }
             }));

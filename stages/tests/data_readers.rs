@@ -154,6 +154,12 @@ fn malformed_line_fails_or_is_skipped() {
         }
         e => panic!("unexpected {e:?}"),
     }
+    // The rendered snippet is numbered as in the file, not as line 1 of the snippet.
+    let mut rendered = String::new();
+    miette::GraphicalReportHandler::new_themed(miette::GraphicalTheme::unicode_nocolor())
+        .render_report(&mut rendered, &err)
+        .unwrap();
+    assert!(rendered.contains("bad.jsonl:2:7"), "{rendered}");
     let opts = ReadOptions {
         on_error: ErrorPolicy::Skip,
         ..Default::default()

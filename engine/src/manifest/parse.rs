@@ -73,6 +73,35 @@ pub(super) struct Override<'s> {
     pub raw: &'s str,
 }
 
+/// The byte range of the line that nests deepest: dots of a dotted key (outside quotes) plus
+/// open brackets and braces, counted from the line's start (a rough measure, enough to point
+/// at the line that hit the parser's limit).
+fn deepest_line(source: &str) -> Range<usize> {
+    let mut best = (0, 0..0);
+    let mut start = 0;
+    for line in source.split_inclusive('\n') {
+        let (mut depth, mut deepest, mut quote) = (0usize, 0usize, None);
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '.' | '[' | '{') => depth += 1,
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            deepest = deepest.max(depth);
+        }
+        let end = start + line.trim_end().len();
+        if deepest > best.0 {
+            best = (deepest, start..end);
+        }
+        start += line.len();
+    }
+    best.1
+}
+
 /// Parses the manifest text and the overrides; `None` if the TOML itself is invalid.
 pub(super) fn parse_document<'s>(
     source: &'s str,
@@ -87,8 +116,17 @@ pub(super) fn parse_document<'s>(
                 "manifest::syntax",
                 format!("TOML syntax error: {}", e.message().trim()),
             );
-            if let Some(span) = e.span() {
-                err = err.at(span, "here");
+            match e.span() {
+                Some(span) => err = err.at(span, "here"),
+                // The parser's nesting limit comes without a place: name the deepest line.
+                None if e.message().contains("recursion") => {
+                    err = err
+                        .at(deepest_line(source), "nested too deeply")
+                        .help("flatten this key or value: TOML parsers stop at a few dozen levels");
+                    errors.push(err);
+                    continue;
+                }
+                None => {}
             }
             errors.push(err.help("fix the TOML syntax; see https://toml.io"));
         }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use miette::NamedSource;
+use crate::snippet::LineSource;
 
 use super::glob::PathGlobs;
 use super::{Flow, RawRecord, ReadError, ReadOptions};
@@ -107,9 +107,10 @@ pub(super) fn read_dir(
                 Err(ReadError::NotUtf8 {
                     location: format!("{}:{line}", path.display()),
                     byte_offset: off as u64,
-                    src: NamedSource::new(
+                    src: LineSource::new(
                         path.display().to_string(),
                         String::from_utf8_lossy(&bytes[start..end]).into_owned(),
+                        line as u64,
                     ),
                     span: (off - start, 1).into(),
                 })

@@ -3,7 +3,7 @@
 use std::io::{BufRead, Read};
 use std::path::Path;
 
-use miette::NamedSource;
+use crate::snippet::LineSource;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{Flow, RawRecord, ReadError};
@@ -128,7 +128,11 @@ pub(super) fn read_jsonl(
             Err(e) => Err(ReadError::NotUtf8 {
                 location: prov.to_string(),
                 byte_offset: e.valid_up_to() as u64,
-                src: NamedSource::new(name.clone(), String::from_utf8_lossy(&buf).into_owned()),
+                src: LineSource::new(
+                    name.clone(),
+                    String::from_utf8_lossy(&buf).into_owned(),
+                    line_no,
+                ),
                 span: (e.valid_up_to(), 1).into(),
             }),
             Ok(line) if line.trim().is_empty() => continue,
@@ -140,13 +144,13 @@ pub(super) fn read_jsonl(
                 Ok(Element::Other(kind)) => Err(ReadError::Malformed {
                     location: prov.to_string(),
                     message: format!("expected a JSON object, found {kind}"),
-                    src: NamedSource::new(name.clone(), line.to_string()),
+                    src: LineSource::new(name.clone(), line, line_no),
                     span: (0, line.len()).into(),
                 }),
                 Err(e) => Err(ReadError::Malformed {
                     location: prov.to_string(),
                     message: e.to_string(),
-                    src: NamedSource::new(name.clone(), line.to_string()),
+                    src: LineSource::new(name.clone(), line, line_no),
                     span: (column_offset(line, e.column()), 0).into(),
                 }),
             },
@@ -192,7 +196,7 @@ pub(super) fn read_json_array(
             return Err(ReadError::NotUtf8 {
                 location: format!("{name}:{line}"),
                 byte_offset: off as u64,
-                src: NamedSource::new(name, String::from_utf8_lossy(snippet).into_owned()),
+                src: LineSource::new(name, String::from_utf8_lossy(snippet).into_owned(), line),
                 span: (off - start, 1).into(),
             });
         }
@@ -203,7 +207,7 @@ pub(super) fn read_json_array(
         ReadError::Json {
             location: format!("{name}:{}:{}", e.line(), e.column()),
             message: e.to_string(),
-            src: NamedSource::new(name.clone(), line_text.to_string()),
+            src: LineSource::new(name.clone(), line_text, e.line() as u64),
             span: (column_offset(line_text, e.column()), 0).into(),
         }
     })?;
@@ -221,7 +225,7 @@ pub(super) fn read_json_array(
             Element::Other(kind) => Err(ReadError::Malformed {
                 location: prov.to_string(),
                 message: format!("expected a JSON object, found {kind}"),
-                src: NamedSource::new(name.clone(), String::new()),
+                src: LineSource::new(name.clone(), String::new(), 1),
                 span: (0, 0).into(),
             }),
         };

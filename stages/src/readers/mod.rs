@@ -18,7 +18,9 @@ mod parquet;
 
 use std::path::{Path, PathBuf};
 
-use miette::{Diagnostic, NamedSource, SourceSpan};
+use miette::{Diagnostic, SourceSpan};
+
+use crate::snippet::LineSource;
 use serde::{Deserialize, Serialize};
 
 use crate::records::{Fields, Provenance, Record, RecordsError};
@@ -140,7 +142,7 @@ pub enum ReadError {
         message: String,
         /// The offending line.
         #[source_code]
-        src: NamedSource<String>,
+        src: LineSource,
         /// Where on it.
         #[label("here")]
         span: SourceSpan,
@@ -158,7 +160,7 @@ pub enum ReadError {
         message: String,
         /// The offending line.
         #[source_code]
-        src: NamedSource<String>,
+        src: LineSource,
         /// Where on it.
         #[label("here")]
         span: SourceSpan,
@@ -176,7 +178,7 @@ pub enum ReadError {
         byte_offset: u64,
         /// The offending line, lossily decoded.
         #[source_code]
-        src: NamedSource<String>,
+        src: LineSource,
         /// The bad byte.
         #[label("invalid UTF-8")]
         span: SourceSpan,

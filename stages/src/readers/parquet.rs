@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use miette::NamedSource;
+use crate::snippet::LineSource;
 use parquet::file::reader::FileReader;
 use parquet::file::serialized_reader::SerializedFileReader;
 use parquet::record::Field;
@@ -56,7 +56,7 @@ pub(super) fn read_parquet(
                     Some((col, off)) => Err(ReadError::NotUtf8 {
                         location: format!("{prov} column `{col}`"),
                         byte_offset: off as u64,
-                        src: NamedSource::new(name.clone(), String::new()),
+                        src: LineSource::new(name.clone(), String::new(), 1),
                         span: (0, 0).into(),
                     }),
                 }
