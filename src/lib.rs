@@ -20,6 +20,7 @@ use miette::{Diagnostic, IntoDiagnostic, Report};
 use pipeline_engine::executor::{plan, Action, PlanEntry, StageOutcome, WorkerTarget};
 use pipeline_engine::graph::{render, DagFormat};
 use pipeline_engine::manifest::{load_manifest, Manifest, ManifestLoadError, ManifestOptions};
+use pipeline_engine::progress::ProgressMode;
 use pipeline_engine::slurm::detach::{read_detached_run, submit_detached, DetachedJob};
 use pipeline_engine::slurm::housekeeping::{jobs_in_flight, prune};
 use pipeline_engine::slurm::{
@@ -201,6 +202,12 @@ pub struct GcArgs {
     /// Keep anything written more recently than this (e.g. 30s, 12h, 7d, 1h 30m).
     #[arg(long, default_value = "7d")]
     pub keep_younger_than: String,
+    /// Say what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation (asked only when stdin is a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 /// `pipeline hash`.
@@ -410,17 +417,19 @@ fn take_global_options(
 /// Runs the CLI with `registry`'s stage kinds and commands; returns the process exit code.
 pub fn main_with(registry: Registry) -> ExitCode {
     let (global, invocation) = parse_command_line(&registry);
+    let color = stderr_wants_color();
     if global.error_format == ErrorFormat::Human {
-        let _ = miette::set_hook(Box::new(|_| {
+        let _ = miette::set_hook(Box::new(move |_| {
             Box::new(
                 miette::MietteHandlerOpts::new()
                     .terminal_links(false)
+                    .color(color)
                     .context_lines(2)
                     .build(),
             )
         }));
     }
-    init_tracing();
+    init_tracing(color);
     let context = Context {
         cache: global.cache,
         registry: &registry,
@@ -438,11 +447,19 @@ pub fn main_with(registry: Registry) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Colour only on a terminal, and never with `NO_COLOR` set (https://no-color.org): a log
+/// file or a CI page gets plain text.
+fn stderr_wants_color() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+fn init_tracing(color: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PIPELINE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(color)
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
@@ -624,7 +641,11 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
         only: args.selection.only.clone(),
         force: args.selection.force.clone(),
         cancel,
-        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress: if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressMode::Bars
+        } else {
+            ProgressMode::Lines
+        },
         // A worker computes its stage here, whatever the manifest's executor.
         executor: if worker.is_some() {
             ExecutorKind::Local
@@ -1139,10 +1160,43 @@ fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
         )));
     }
     wait_notice(&store, "gc");
-    let report = store.gc(&keep, age).into_diagnostic().map_err(fail)?;
-    let pruned = prune(&store, age).into_diagnostic().map_err(fail)?;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    if args.dry_run || (interactive && !args.yes) {
+        let report = store.gc(&keep, age, true).into_diagnostic().map_err(fail)?;
+        let pruned = prune(&store, age, true).into_diagnostic().map_err(fail)?;
+        print_gc_summary(&report, &pruned, "would remove");
+        if args.dry_run {
+            return Ok(0);
+        }
+        if report.removed_actions + report.removed_objects + pruned.logs + pruned.records == 0 {
+            return Ok(0);
+        }
+        eprint!("remove them? [y/N] ");
+        let mut answer = String::new();
+        let _ = std::io::stdin().read_line(&mut answer);
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing removed");
+            return Ok(0);
+        }
+    }
+    let report = store
+        .gc(&keep, age, false)
+        .into_diagnostic()
+        .map_err(fail)?;
+    let pruned = prune(&store, age, false).into_diagnostic().map_err(fail)?;
+    print_gc_summary(&report, &pruned, "removed");
+    Ok(0)
+}
+
+/// `gc`'s one-line account (and one for Slurm leftovers, if any); `verb` is "removed" or
+/// "would remove".
+fn print_gc_summary(
+    report: &pipeline_engine::store::GcReport,
+    pruned: &pipeline_engine::slurm::housekeeping::Pruned,
+    verb: &str,
+) {
     println!(
-        "kept {} cached results, removed {}; removed {} objects ({})",
+        "kept {} cached results, {verb} {}; {verb} {} objects ({})",
         report.kept_actions,
         report.removed_actions,
         report.removed_objects,
@@ -1150,11 +1204,10 @@ fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {
     );
     if pruned.logs + pruned.records > 0 {
         println!(
-            "removed {} Slurm job logs and {} job records",
+            "{verb} {} Slurm job logs and {} job records",
             pruned.logs, pruned.records
         );
     }
-    Ok(0)
 }
 
 fn verify(context: &Context<'_>) -> Result<u8, Failure> {

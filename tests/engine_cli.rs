@@ -482,7 +482,16 @@ upper = true
     let cache = tmp.path().join("c");
     let out = toy(&cache, &["run", manifest.to_str().unwrap(), "--jobs", "1"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("told to fail"), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("told to fail"), "{err}");
+    // Not a terminal: a line per stage instead of bars, and no colour codes.
+    assert!(err.contains("  running a\n"), "{err}");
+    assert!(err.contains(" finished a in "), "{err}");
+    assert!(err.contains("  running bad\n"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a redirected stderr: {err:?}"
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("FAILED") && table.contains("skipped"),
@@ -767,6 +776,27 @@ fn gc_keeps_what_manifests_use() {
     let cache = tmp.path().join("c");
     run_json(&cache, &manifest, &[]);
     run_json(&cache, &manifest, &["--set", "counter.steps=9"]);
+    // A dry run says what would go and removes nothing.
+    let dry = toy(
+        &cache,
+        &[
+            "gc",
+            manifest.to_str().unwrap(),
+            "--keep-younger-than",
+            "0s",
+            "--dry-run",
+        ],
+    );
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("kept 7 cached results, would remove 1"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert!(
+        ran(&run_json(&cache, &manifest, &["--set", "counter.steps=9"])).is_empty(),
+        "a dry run removed a result"
+    );
     let out = toy(
         &cache,
         &[

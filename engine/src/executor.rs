@@ -25,7 +25,7 @@ use crate::graph::StageGraph;
 use crate::hashing::StatCache;
 use crate::lease::{Lease, LeaseError};
 use crate::manifest::{InputRef, InstanceName, Manifest, StageInstance};
-use crate::progress::{RunProgress, StageProgress};
+use crate::progress::{ProgressMode, RunProgress, StageProgress};
 use crate::slurm::{ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand};
 use crate::stage::{InputArtifact, StageContext};
 use crate::store::{ActionRecord, LastRun, OutputRecord, Store};
@@ -41,8 +41,8 @@ pub struct RunOptions {
     pub force: Vec<String>,
     /// Set to stop: no new stage starts and running stages are asked to stop.
     pub cancel: Arc<AtomicBool>,
-    /// Draw progress bars (on a terminal).
-    pub progress: bool,
+    /// How progress is shown (bars on a terminal, lines in a log, nothing).
+    pub progress: ProgressMode,
     /// Where stages run: here, or as Slurm jobs (see [`crate::slurm`]).
     pub executor: ExecutorKind,
     /// How a Slurm job runs a stage (the CLI's worker command line); needed when `executor`
@@ -71,7 +71,7 @@ impl Default for RunOptions {
             only: Vec::new(),
             force: Vec::new(),
             cancel: Arc::new(AtomicBool::new(false)),
-            progress: false,
+            progress: ProgressMode::Quiet,
             executor: ExecutorKind::Local,
             worker_command: None,
             worker: None,
@@ -608,6 +608,9 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                     result,
                 } => {
                     outputs.insert(manifest.stages[i].name.clone(), outs);
+                    if result.outcome == StageOutcome::Ran {
+                        progress.finished(&result.stage, result.wall_s);
+                    }
                     state[i] = State::Done;
                     results[i] = Some(result);
                 }

@@ -1,29 +1,55 @@
-//! Progress bars: one per running stage, drawn only on a terminal.
+//! How a run shows its progress on stderr: bars on a terminal (one per running stage), a line
+//! per stage start and finish otherwise (a log file or CI page, as cargo prints
+//! `Compiling ...`), or nothing.
 
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// The set of bars of one run.
+/// How a run shows its progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProgressMode {
+    /// Nothing (library use, tests).
+    #[default]
+    Quiet,
+    /// A line on stderr when a stage starts computing and when it finishes.
+    Lines,
+    /// Progress bars on stderr (a terminal).
+    Bars,
+}
+
+/// The progress display of one run.
 #[derive(Clone)]
 pub struct RunProgress {
     multi: MultiProgress,
+    lines: bool,
 }
 
 impl RunProgress {
-    /// Bars on stderr when it is a terminal and `enabled`; hidden otherwise.
-    pub fn new(enabled: bool) -> Self {
-        let target = if enabled {
+    /// The display for `mode`.
+    pub fn new(mode: ProgressMode) -> Self {
+        let target = if mode == ProgressMode::Bars {
             ProgressDrawTarget::stderr()
         } else {
             ProgressDrawTarget::hidden()
         };
         Self {
             multi: MultiProgress::with_draw_target(target),
+            lines: mode == ProgressMode::Lines,
+        }
+    }
+
+    /// Says that a stage finished computing (in lines mode).
+    pub(crate) fn finished(&self, name: &str, wall_s: f64) {
+        if self.lines {
+            eprintln!("{:>9} {name} in {wall_s:.1} s", "finished");
         }
     }
 
     pub(crate) fn stage(&self, name: &str) -> StageProgress {
+        if self.lines {
+            eprintln!("{:>9} {name}", "running");
+        }
         let bar = self.multi.add(ProgressBar::new_spinner());
         bar.set_style(spinner_style());
         bar.set_prefix(name.to_string());

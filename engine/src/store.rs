@@ -565,9 +565,28 @@ impl Store {
     }
 
     /// Removes everything not reachable from the action records in `keep` or written less than
-    /// `keep_younger_than` ago; clears tmp/ and quarantine/.
-    pub fn gc(&self, keep: &BTreeSet<String>, keep_younger_than: Duration) -> io::Result<GcReport> {
+    /// `keep_younger_than` ago; clears tmp/ and quarantine/. With `dry_run`, only counts what
+    /// it would remove.
+    pub fn gc(
+        &self,
+        keep: &BTreeSet<String>,
+        keep_younger_than: Duration,
+        dry_run: bool,
+    ) -> io::Result<GcReport> {
         let _lock = self.lock(true)?;
+        // With `dry_run`, everything is counted and nothing removed.
+        let remove_file = |p: &Path| if dry_run { Ok(()) } else { fs::remove_file(p) };
+        let remove_tree = |p: &Path| {
+            if dry_run {
+                return Ok(());
+            }
+            make_writable(p)?;
+            if p.is_dir() {
+                fs::remove_dir_all(p)
+            } else {
+                fs::remove_file(p)
+            }
+        };
         let now = SystemTime::now();
         let young = |p: &Path| {
             fs::metadata(p)
@@ -588,7 +607,7 @@ impl Store {
                     live_trees.extend(r.outputs.values().map(|o| o.tree.clone()));
                 }
                 _ => {
-                    fs::remove_file(&path)?;
+                    remove_file(&path)?;
                     report.removed_actions += 1;
                 }
             }
@@ -611,15 +630,14 @@ impl Store {
                     .unwrap_or_default();
                 let hash = format!("{prefix}{}", name.trim_end_matches(".json"));
                 if !live_trees.contains(&hash) {
-                    fs::remove_file(f.path())?;
+                    remove_file(&f.path())?;
                 }
             }
         }
         for v in fs::read_dir(self.root.join("views"))? {
             let v = v?;
             if !live_trees.contains(&*v.file_name().to_string_lossy()) {
-                make_writable(&v.path())?;
-                fs::remove_dir_all(v.path())?;
+                remove_tree(&v.path())?;
             }
         }
         // Temp files of writes that a killed process never renamed into place.
@@ -641,7 +659,7 @@ impl Store {
                         !name.ends_with(".json")
                     };
                     if stray {
-                        fs::remove_file(&p)?;
+                        remove_file(&p)?;
                     }
                 }
             }
@@ -649,25 +667,19 @@ impl Store {
         for (hash, path) in self.object_files()? {
             if !live_objects.contains(&hash) {
                 report.freed_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(&path)?;
+                remove_file(&path)?;
                 report.removed_objects += 1;
             }
         }
         for dir in ["tmp", "quarantine"] {
             for e in fs::read_dir(self.root.join(dir))? {
-                let p = e?.path();
-                make_writable(&p)?;
-                if p.is_dir() {
-                    fs::remove_dir_all(&p)?;
-                } else {
-                    fs::remove_file(&p)?;
-                }
+                remove_tree(&e?.path())?;
             }
         }
         for c in fs::read_dir(self.root.join("checkpoints"))? {
             let p = c?.path();
             if !young(&p) {
-                fs::remove_dir_all(&p)?;
+                remove_tree(&p)?;
             }
         }
         Ok(report)

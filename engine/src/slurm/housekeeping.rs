@@ -64,7 +64,14 @@ pub struct Pruned {
 /// Removes, when older than `keep_younger_than`: the logs of keys without a result (a result
 /// `gc` removed takes its log with it; a result kept keeps it), Slurm's notes of array tasks,
 /// the scripts and records of jobs no longer in flight. Call it with no job in flight.
-pub fn prune(store: &Store, keep_younger_than: Duration) -> std::io::Result<Pruned> {
+pub fn prune(store: &Store, keep_younger_than: Duration, dry_run: bool) -> std::io::Result<Pruned> {
+    let remove = |p: &Path| {
+        if dry_run {
+            Ok(())
+        } else {
+            std::fs::remove_file(p)
+        }
+    };
     let slurm = store.root().join(SLURM_DIR);
     let mut pruned = Pruned::default();
     let old = |p: &Path| {
@@ -81,14 +88,14 @@ pub fn prune(store: &Store, keep_younger_than: Duration) -> std::io::Result<Prun
             .unwrap_or_default();
         let has_result = is_key(&stem) && store.action(&stem).is_some();
         if !has_result && old(&path) {
-            std::fs::remove_file(&path)?;
+            remove(&path)?;
             pruned.logs += 1;
         }
     }
     for dir in [slurm.join("jobs"), slurm.join(DETACHED_DIR)] {
         for path in files(&dir) {
             if old(&path) {
-                std::fs::remove_file(&path)?;
+                remove(&path)?;
                 pruned.records += 1;
             }
         }
