@@ -554,11 +554,19 @@ fn stage_names(manifest: &Manifest) -> String {
         .join(", ")
 }
 
+/// The help of an error about a stage name that names nothing: a likely intended name first.
+fn unknown_stage_help(manifest: &Manifest, name: &str) -> String {
+    match manifest.closest_name(name) {
+        Some(close) => format!("did you mean `{close}`? stages: {}", stage_names(manifest)),
+        None => format!("stages: {}", stage_names(manifest)),
+    }
+}
+
 fn check_names(manifest: &Manifest, names: &[String], flag: &str) -> Result<(), Failure> {
     match names.iter().find(|name| manifest.select(name).is_empty()) {
         None => Ok(()),
         Some(name) => Err(usage(miette::miette!(
-            help = format!("stages: {}", stage_names(manifest)),
+            help = unknown_stage_help(manifest, name),
             "{flag} {name}: no such stage"
         ))),
     }
@@ -1084,19 +1092,34 @@ fn dag(args: &DagArgs, context: &Context<'_>) -> Result<u8, Failure> {
 fn show(args: &ShowArgs, context: &Context<'_>) -> Result<u8, Failure> {
     let manifest = context.load(&args.manifest)?;
     let stage = &args.stage;
-    let instance = manifest.stage(stage).ok_or_else(|| {
-        usage(miette::miette!(
-            help = format!("stages: {}", stage_names(&manifest)),
+    // A table name shows each of its instances, as `--only` selects them all.
+    let instances = manifest.select(stage);
+    if instances.is_empty() {
+        return Err(usage(miette::miette!(
+            help = unknown_stage_help(&manifest, stage),
             "no stage `{stage}`"
-        ))
-    })?;
+        )));
+    }
     let store = context.open_store(Some(&manifest))?;
     let only = RunOptions {
         only: vec![stage.clone()],
         ..RunOptions::default()
     };
     let entries = plan(&manifest, &store, &only).map_err(fail)?;
-    let entry = entries.iter().find(|e| e.stage == *stage);
+    for (i, instance) in instances.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        show_instance(instance, &entries, &store);
+    }
+    Ok(0)
+}
+
+/// `show`'s account of one instance: kind, parameters, key, state, outputs, metadata.
+fn show_instance(instance: &pipeline_engine::StageInstance, entries: &[PlanEntry], store: &Store) {
+    let entry = entries
+        .iter()
+        .find(|e| e.stage == instance.name.to_string());
     let reason = entry.map(reason_text).unwrap_or_default();
     println!(
         "stage:   {} (kind `{}` v{})",
@@ -1105,12 +1128,12 @@ fn show(args: &ShowArgs, context: &Context<'_>) -> Result<u8, Failure> {
     println!("params:  {}", instance.params.canonical);
     let Some(key) = entry.and_then(|e| e.key.clone()) else {
         println!("key:     not computable yet ({reason})");
-        return Ok(0);
+        return;
     };
     println!("key:     {key}");
     let Some(record) = store.action(&key) else {
         println!("state:   not cached ({reason})");
-        return Ok(0);
+        return;
     };
     println!("state:   cached (ran {:.2}s)", record.duration_s);
     for (name, out) in &record.outputs {
@@ -1127,7 +1150,6 @@ fn show(args: &ShowArgs, context: &Context<'_>) -> Result<u8, Failure> {
             serde_json::to_string_pretty(&record.metadata).unwrap_or_default()
         );
     }
-    Ok(0)
 }
 
 fn gc(args: &GcArgs, context: &Context<'_>) -> Result<u8, Failure> {

@@ -452,6 +452,37 @@ inputs = { parts = ["prep"] }
         edges.contains(&serde_json::json!(["prep@textbook", "report"])),
         "fan-in slots gather all variants"
     );
+    // `show` takes a table name as `--only` does (each instance), and a typo gets a suggestion.
+    let show = toy(
+        &tmp.path().join("c"),
+        &["show", manifest.to_str().unwrap(), "train"],
+    );
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success(), "{}", stderr(&show));
+    assert!(
+        text.contains("stage:   train@textbook") && text.contains("stage:   train@messy"),
+        "{text}"
+    );
+    let typo = toy(
+        &tmp.path().join("c"),
+        &["show", manifest.to_str().unwrap(), "trian"],
+    );
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(
+        stderr(&typo).contains("did you mean `train`?"),
+        "{}",
+        stderr(&typo)
+    );
+    let typo = toy(
+        &tmp.path().join("c"),
+        &["plan", manifest.to_str().unwrap(), "--force", "prep@mesy"],
+    );
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(
+        stderr(&typo).contains("did you mean `prep@messy`?"),
+        "{}",
+        stderr(&typo)
+    );
 }
 
 #[test]

@@ -139,7 +139,7 @@ impl ManifestLoadError {
 }
 
 /// The candidate closest to `word`, if it is close enough to be a likely typo.
-pub(super) fn did_you_mean<'c>(
+pub(crate) fn did_you_mean<'c>(
     word: &str,
     candidates: impl IntoIterator<Item = &'c str>,
 ) -> Option<&'c str> {

@@ -205,6 +205,16 @@ impl Manifest {
         self.stages.iter().find(|s| s.name == name)
     }
 
+    /// The instance or table name closest to `name`, when `name` names none and looks like a
+    /// typo of one (for "did you mean").
+    pub fn closest_name(&self, name: &str) -> Option<String> {
+        let mut names: Vec<String> = self.stages.iter().map(|s| s.name.to_string()).collect();
+        names.extend(self.stages.iter().map(|s| s.name.base.clone()));
+        names.sort();
+        names.dedup();
+        error::did_you_mean(name, names.iter().map(String::as_str)).map(str::to_string)
+    }
+
     /// Instances whose name or base name is `name` (so `train` selects every `train@…`).
     pub fn select(&self, name: &str) -> Vec<&StageInstance> {
         let selector = Selector::parse(name);
