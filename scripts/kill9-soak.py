@@ -82,6 +82,10 @@ def main():
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
+    # The commit the binary was built from is the one checked out when the soak starts.
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     work = Path(args.work or tempfile.mkdtemp(prefix="kill9-soak-"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -126,9 +130,6 @@ def main():
         print(f"trial {trial}: kill at {kill_at:.1f} s (killed: {killed}): {outcome}", flush=True)
         shutil.rmtree(cache, ignore_errors=True)
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
     cpu = next(
         (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
         platform.processor(),
