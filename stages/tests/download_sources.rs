@@ -220,6 +220,7 @@ fn hf_opts(cache: &Path) -> HfOptions {
         offline: true,
         cache_dir: Some(cache.to_path_buf()),
         endpoint: None,
+        token: None,
     }
 }
 
@@ -425,6 +426,7 @@ fn fake_hub(
                 continue;
             }
             let mut range = None;
+            let mut auth = None;
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
@@ -433,9 +435,17 @@ fn fake_hub(
                 if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
                     range = Some(v.trim().to_string());
                 }
+                if let Some(v) = h
+                    .strip_prefix("authorization: ")
+                    .or(h.strip_prefix("Authorization: "))
+                {
+                    auth = Some(v.trim().to_string());
+                }
             }
             let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
-            log2.lock().unwrap().push(format!("{path} {range:?}"));
+            log2.lock()
+                .unwrap()
+                .push(format!("{path} {range:?} auth={auth:?}"));
             let (status, headers, body): (&str, Vec<(String, String)>, Vec<u8>) =
                 if path == "/api/models/org/tiny/revision/main" {
                     let body = format!(r#"{{"sha": "{SHA}", "siblings": []}}"#).into_bytes();
@@ -500,6 +510,7 @@ fn online_download_fills_the_cache_with_progress() {
         offline: false,
         cache_dir: Some(d.path().to_path_buf()),
         endpoint: Some(endpoint),
+        token: Some("hf_test_token".into()),
     };
     assert_eq!(hf_resolve(&opts).unwrap(), SHA);
     let mut last = std::collections::HashMap::new();
@@ -522,6 +533,15 @@ fn online_download_fills_the_cache_with_progress() {
     assert!(got.files[0]
         .path
         .starts_with(repo_dir.join("snapshots").join(SHA)));
+    // Every request carried the token, as the Python tools send HF_TOKEN.
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .all(|l| l.ends_with("auth=Some(\"Bearer hf_test_token\")")),
+        "{:?}",
+        log.lock().unwrap()
+    );
     // Downloads were pinned to the resolved commit.
     assert!(log
         .lock()
@@ -547,4 +567,18 @@ fn online_download_fills_the_cache_with_progress() {
         DownloadError::Hub { message, .. } => assert!(message.contains("nope.bin"), "{message}"),
         e => panic!("unexpected {e:?}"),
     }
+}
+
+#[test]
+fn the_token_comes_from_hf_token_then_the_token_file() {
+    use pipeline_stages::download::hf::token_from;
+    assert_eq!(
+        token_from(Some("hf_var".into()), Some("hf_file".into())).as_deref(),
+        Some("hf_var")
+    );
+    assert_eq!(
+        token_from(Some("  ".into()), Some("hf_file\n".into())).as_deref(),
+        Some("hf_file")
+    );
+    assert_eq!(token_from(None, None), None);
 }

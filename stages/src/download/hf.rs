@@ -48,6 +48,10 @@ pub struct HfOptions {
     /// The hub endpoint; default from `HF_ENDPOINT`, else hf-hub's default.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// The access token sent to the hub; default [`hub_token`] (`HF_TOKEN`, else the token
+    /// file `huggingface-cli login` writes). Never part of a key or a record.
+    #[serde(skip)]
+    pub token: Option<String>,
 }
 
 /// A file available in the cache.
@@ -153,10 +157,40 @@ fn hub_err(opts: &HfOptions, message: impl std::fmt::Display) -> DownloadError {
     }
 }
 
+/// The token the Python tools would send: `HF_TOKEN` if set and not empty, else the token file
+/// under `HF_HOME` (`~/.cache/huggingface/token`), as `huggingface_hub` reads them.
+pub fn hub_token() -> Option<String> {
+    token_from(
+        std::env::var("HF_TOKEN").ok(),
+        hf_hub::Cache::from_env().token(),
+    )
+}
+
+/// [`hub_token`]'s precedence: the variable, then the file (blank values count as unset).
+pub fn token_from(variable: Option<String>, file: Option<String>) -> Option<String> {
+    [variable, file]
+        .into_iter()
+        .flatten()
+        .map(|t| t.trim().to_string())
+        .find(|t| !t.is_empty())
+}
+
+/// Whether `HF_HUB_OFFLINE` asks for the cache only (`1`, `true`, `yes` or `on`), as the
+/// Python tools read it.
+pub fn hub_offline_from_env() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
+}
+
 fn api(opts: &HfOptions) -> Result<hf_hub::api::sync::Api, DownloadError> {
     let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let mut b = ApiBuilder::from_env()
         .with_cache_dir(cache)
+        .with_token(opts.token.clone().or_else(hub_token))
         .with_progress(false);
     if let Some(e) = &opts.endpoint {
         b = b.with_endpoint(e.clone());

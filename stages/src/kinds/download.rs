@@ -69,9 +69,11 @@ impl DownloadParams {
             kind,
             revision: revision.to_string(),
             files: self.files.clone(),
-            offline: self.offline,
+            // HF_HUB_OFFLINE=1 means the cache only, as for the Python tools (plan included).
+            offline: self.offline || crate::download::hf::hub_offline_from_env(),
             cache_dir: self.cache_dir.clone(),
             endpoint: None,
+            token: None,
         }
     }
 }
