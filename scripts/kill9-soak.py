@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -30,19 +31,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "manifests" / "demo.toml"
-# The reductions of tests/demo_e2e.rs.
-REDUCE = [
-    "textbook.limit=24",
-    "messy.limit=120",
-    "tokens.max_length=64",
-    "train.max_length=64",
-    "train.steps=4",
-    "train.checkpoint_every=1",
-    "humaneval.limit=2",
-    "humaneval-40.limit=3",
-    "generate.max_new_tokens=8",
-    "generate-base.max_new_tokens=8",
-]
+
+
+def demo_reductions():
+    """The `--set` reductions of tests/demo_e2e.rs (its `REDUCE`), read from there so that the
+    soak and the test always run the same reduced demo."""
+    source = (ROOT / "tests" / "demo_e2e.rs").read_text()
+    block = re.search(r"const REDUCE: &\[&str\] = &\[(.*?)\];", source, re.S)
+    if block is None:
+        sys.exit("cannot find REDUCE in tests/demo_e2e.rs")
+    return re.findall(r'"([^"]+)"', block.group(1))
+
+
+REDUCE = demo_reductions()
 
 
 def command(binary, cache):

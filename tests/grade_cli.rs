@@ -107,13 +107,10 @@ fn grade_errors_follow_the_error_format() {
 
 #[test]
 fn grade_writes_results_and_prints_pass_at_k() {
-    let python = Command::new("python3").arg("--version").output();
-    if !python.is_ok_and(|o| o.status.success()) {
+    let Some(tmp) = dir_with_problems() else {
         eprintln!("SKIP: grading executes samples with python3");
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
+    };
     std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
     let python = sandbox_python();
     let args = [
@@ -239,6 +236,17 @@ fn an_interpreter_the_sandbox_user_cannot_run_is_refused() {
     assert!(!tmp.path().join("samples.jsonl_results.jsonl").exists());
 }
 
+/// A temporary directory holding `problems.jsonl` ([`PROBLEMS`]); `None` without python3.
+fn dir_with_problems() -> Option<tempfile::TempDir> {
+    let python = Command::new("python3").arg("--version").output();
+    if !python.is_ok_and(|o| o.status.success()) {
+        return None;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
+    Some(tmp)
+}
+
 /// An interpreter the sandbox's unprivileged uid can run (as root, `python3` on PATH may
 /// live under a private home).
 fn sandbox_python() -> String {
@@ -312,13 +320,10 @@ fn run_dirs_of_grader(grader_pid: u32) -> Vec<PathBuf> {
 
 #[test]
 fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
-    let python = Command::new("python3").arg("--version").output();
-    if !python.is_ok_and(|o| o.status.success()) {
+    let Some(tmp) = dir_with_problems() else {
         eprintln!("SKIP: grading executes samples with python3");
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
+    };
     // Each sample starts a `sleep` (in its process group) and, as root (where each run has
     // its own uid), a second one that leaves the group with setsid; then sleeps itself.
     // SAFETY: geteuid has no preconditions.

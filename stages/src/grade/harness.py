@@ -178,7 +178,7 @@ class _CappedStream:
 
 def _main(
     entry_point,
-    after_fork=None,
+    drop_privileges=None,
     output_cap=1 << 20,
     builtins=builtins,
     write=os.write,
@@ -275,8 +275,8 @@ def _main(
         close(nonce_fd)
         close(calls_w)
         close(replies_r)
-        if after_fork is not None:
-            after_fork()
+        if drop_privileges is not None:
+            drop_privileges()
         sys.stdout = sys.stderr = _CappedStream(output_cap)
         _serve_sample(
             entry_point, program_src, test_src, calls_r, replies_w, send_msg, recv_msg, describe
@@ -284,6 +284,8 @@ def _main(
         exit(0)
     close(calls_r)
     close(replies_w)
+    if drop_privileges is not None:
+        drop_privileges()
 
     # The checker: read the nonce only now, so the sample's memory never held it.
     chunks = []

@@ -36,7 +36,10 @@
 //!    (ignored for root) bounds fork bombs per run, and after the run every process of
 //!    that uid is killed by a helper that becomes that uid and calls `kill(-1, SIGKILL)`,
 //!    which also catches processes that escaped the process group with `setsid`.
-//!    `PR_SET_NO_NEW_PRIVS` forbids regaining privileges through setuid binaries.
+//!    `PR_SET_NO_NEW_PRIVS` forbids regaining privileges through setuid binaries. This last
+//!    step is taken by each of the two processes of the verdict protocol below, after the
+//!    harness splits them as root: `RLIMIT_NPROC` does not hold root back, so a uid whose
+//!    killed processes are not yet reaped cannot make the split fail.
 //!
 //! The grader learns the child's pid from the fork server, watches it through a pidfd
 //! (polling `/proc` where pidfds are unavailable), kills its process group at the

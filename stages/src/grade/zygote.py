@@ -103,21 +103,6 @@ def _isolate(req, res_w, nonce_r, out_w, zygote_pid):
     os.closerange(5, 1 << 20)
     for which, value in req["limits"]:
         resource.setrlimit(which, (value, value))
-    if uid is not None:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        if os.getuid() != uid or os.geteuid() != uid:
-            raise OSError("the uid switch did not take")
-        # A change of uid clears the parent-death signal: set it again, and check that the
-        # zygote did not die in between.
-        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
-        if os.getppid() != zygote_pid:
-            raise OSError("the zygote died before the sample started")
-    # Not dumpable: the sample process the harness forks from here (same uid) can neither
-    # ptrace this one nor read its memory or descriptors through /proc.
-    _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")
-    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     line = "ISO net=%d mnt=%d uid=%d\n" % (net, mnt, uid is not None)
     if os.write(3, line.encode()) != len(line):
         raise OSError("short write of the isolation line")
@@ -136,18 +121,42 @@ def _child(ctrl, req, fds, zygote_pid):
         finally:
             os._exit(127)
     sys.argv = ["-c", req["entry_point"]]
-
-    def die_with_the_checker():
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
     try:
         _main(
             req["entry_point"],
-            after_fork=die_with_the_checker,
+            drop_privileges=lambda: _drop_privileges(req["uid"]),
             output_cap=req["output_cap"],
         )
     finally:
         os._exit(1)
+
+
+def _drop_privileges(uid):
+    """The last isolation steps, taken by each of the two processes the harness forks (the
+    fork itself happens before them, as root: `RLIMIT_NPROC` does not hold root back, so a
+    uid whose killed processes are not reaped yet cannot make the split fail)."""
+    try:
+        parent = os.getppid()
+        if uid is not None:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            if os.getuid() != uid or os.geteuid() != uid:
+                raise OSError("the uid switch did not take")
+        # A change of uid clears the parent-death signal (and a fork never inherits it): set
+        # it, and check that the parent did not die in between.
+        _check(_libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+        if os.getppid() != parent:
+            raise OSError("the parent died before the sample started")
+        _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+        # Not dumpable: a process of the same uid can neither ptrace the checker nor read
+        # its memory or descriptors through /proc.
+        _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")
+    except BaseException as e:
+        try:
+            os.write(1, ("sandbox setup failed: %r\n" % (e,)).encode())
+        finally:
+            os._exit(127)
 
 
 def _kill_uid(uid):
