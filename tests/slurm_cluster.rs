@@ -441,6 +441,7 @@ fn a_job_near_its_time_limit_checkpoints_requeues_itself_and_resumes() {
     let (id, key) = wait_running(&cache);
     // Release every requeue at once (Slurm holds a requeued job ~120 s) until the run ends.
     let mut released = 0;
+    let mut held_since: Option<Instant> = None;
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("coordinator") {
@@ -451,9 +452,19 @@ fn a_job_near_its_time_limit_checkpoints_requeues_itself_and_resumes() {
             "the run did not end"
         );
         let s = job_state(&id);
+        // Released only once the previous attempt is cleaned up on the node (its worker gone,
+        // and a few seconds for slurmd): a real cluster holds a requeued job ~120 s, and a job
+        // started again while its last instance is still being cleaned up is killed ("Job
+        // credential revoked").
         if s.starts_with("PENDING") && s.contains("BeginTime") {
-            release(&id);
-            released += 1;
+            let since = *held_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(5) && !worker_running(&key) {
+                release(&id);
+                released += 1;
+                held_since = None;
+            }
+        } else {
+            held_since = None;
         }
         std::thread::sleep(Duration::from_millis(300));
     };
@@ -663,4 +674,17 @@ fn a_worker_leaves_a_key_leased_by_another_node_alone() {
         "{stderr}"
     );
     assert!(action_records(&cache).is_empty());
+}
+
+/// Whether a worker computing `key` (`--expect-key KEY` on its command line) is running here.
+fn worker_running(key: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|cmdline| {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains("--expect-key") && cmdline.contains(key)
+        })
 }
