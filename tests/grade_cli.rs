@@ -218,22 +218,27 @@ fn an_interpreter_the_sandbox_user_cannot_run_is_refused() {
     .unwrap();
     std::fs::write(tmp.path().join("problems.jsonl"), PROBLEMS).unwrap();
     std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
-    let out = pipeline(
-        tmp.path(),
+    let out = grade_with(tmp.path(), python.to_str().unwrap());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot run"), "{err}");
+    assert!(err.contains("--python"), "{err}");
+    assert!(!tmp.path().join("samples.jsonl_results.jsonl").exists());
+}
+
+/// `pipeline grade samples.jsonl --problems problems.jsonl --python PYTHON` in `dir`.
+fn grade_with(dir: &Path, python: &str) -> Output {
+    pipeline(
+        dir,
         &[
             "grade",
             "samples.jsonl",
             "--problems",
             "problems.jsonl",
             "--python",
-            python.to_str().unwrap(),
+            python,
         ],
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("cannot run"), "{err}");
-    assert!(err.contains("--python"), "{err}");
-    assert!(!tmp.path().join("samples.jsonl_results.jsonl").exists());
+    )
 }
 
 /// A temporary directory holding `problems.jsonl` ([`PROBLEMS`]); `None` without python3.
@@ -384,18 +389,7 @@ fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
     }
     // The next run starts clean and grades as usual.
     std::fs::write(tmp.path().join("samples.jsonl"), SAMPLES).unwrap();
-    let python = sandbox_python();
-    let out = pipeline(
-        tmp.path(),
-        &[
-            "grade",
-            "samples.jsonl",
-            "--problems",
-            "problems.jsonl",
-            "--python",
-            &python,
-        ],
-    );
+    let out = grade_with(tmp.path(), &sandbox_python());
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "{'pass@1': 0.25}\n");
 }
