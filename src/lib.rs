@@ -433,6 +433,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let context = Context {
         cache: global.cache,
         registry: &registry,
+        error_format: global.error_format,
     };
     let result = match invocation {
         Invocation::BuiltIn(command) => dispatch(command, &context),
@@ -469,13 +470,8 @@ fn print_report(report: &Report, format: ErrorFormat) {
     match format {
         ErrorFormat::Human => eprintln!("{report:?}"),
         ErrorFormat::Json => {
-            let mut out = String::new();
-            let handler = miette::JSONReportHandler::new();
-            if handler.render_report(&mut out, report.as_ref()).is_ok() {
-                eprintln!("{out}");
-            } else {
-                eprintln!("{report}");
-            }
+            let json = pipeline_engine::diagnostic::JsonDiagnostic::of(report.as_ref());
+            eprintln!("{}", json.to_line());
         }
     }
 }
@@ -511,6 +507,8 @@ struct Context<'r> {
     /// `--cache` / `PIPELINE_CACHE`.
     cache: Option<PathBuf>,
     registry: &'r Registry,
+    /// `--error-format`: stage failures during a run are reported in it too.
+    error_format: ErrorFormat,
 }
 
 impl Context<'_> {
@@ -661,6 +659,7 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
             executor
         },
         worker,
+        json_errors: context.error_format == ErrorFormat::Json,
         ..RunOptions::default()
     };
     if options.executor == ExecutorKind::Slurm {

@@ -146,8 +146,17 @@ fn bad_manifests_are_rejected_with_code_message_and_span() {
             let found: Vec<String> = labels
                 .iter()
                 .map(|l| {
-                    let offset = l["span"]["offset"].as_u64().unwrap() as usize;
-                    let len = l["span"]["length"].as_u64().unwrap() as usize;
+                    let offset = l["offset"].as_u64().unwrap() as usize;
+                    let len = l["length"].as_u64().unwrap() as usize;
+                    // Line and column (1-based, in characters) name the same place.
+                    let before = &source[..offset];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                    assert_eq!(
+                        (l["line"].as_u64(), l["column"].as_u64()),
+                        (Some(line as u64), Some(column as u64)),
+                        "{name}: line/column of {l}"
+                    );
                     source[offset..offset + len].to_string()
                 })
                 .collect();
@@ -299,7 +308,7 @@ fn reruns_only_what_changed() {
     assert_eq!(ran(&outcomes), ["left", "source"]);
     assert!(outcomes
         .iter()
-        .any(|(s, o)| s == "counter" && o == "notselected"));
+        .any(|(s, o)| s == "counter" && o == "not_selected"));
     // Forcing `words` reruns it; `both` and `counter` also run because `left` changed above
     // while they were not selected.
     assert_eq!(
@@ -528,6 +537,54 @@ upper = true
         table.contains("FAILED") && table.contains("skipped"),
         "{table}"
     );
+    // As data: the failure is a JSON line on stderr, and every outcome of `run --json` has
+    // one shape, the failure's diagnostic included.
+    let out = toy(
+        &cache,
+        &[
+            "--error-format",
+            "json",
+            "run",
+            manifest.to_str().unwrap(),
+            "--jobs",
+            "1",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON line in {err}"));
+    let diag: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(diag["stage"], "bad");
+    assert!(
+        diag["message"].as_str().unwrap().contains("told to fail"),
+        "{diag}"
+    );
+    assert!(
+        !err.contains('╭') && !err.contains("×"),
+        "a human box in JSON mode: {err}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for s in report["stages"].as_array().unwrap() {
+        let o = s["outcome"].as_object().unwrap();
+        let mut keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(keys, ["error", "status", "why"], "{s}");
+        match o["status"].as_str().unwrap() {
+            "failed" => assert!(
+                o["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("told to fail"),
+                "{s}"
+            ),
+            "skipped" => assert!(o["why"].is_string() && o["error"].is_null(), "{s}"),
+            _ => assert!(o["why"].is_null() && o["error"].is_null(), "{s}"),
+        }
+    }
     // Fix it: `a` comes from the cache.
     std::fs::write(
         &manifest,

@@ -20,6 +20,7 @@ use serde::{Serialize, Serializer};
 
 use crate::decision::serialize_reason_lines;
 pub use crate::decision::{Action, Decision, RunReason};
+use crate::diagnostic::JsonDiagnostic;
 use crate::fingerprint::{explain, Fingerprint, InputPart, KeyParts};
 use crate::graph::StageGraph;
 use crate::hashing::StatCache;
@@ -50,6 +51,9 @@ pub struct RunOptions {
     pub worker_command: Option<Arc<dyn WorkerCommand>>,
     /// Set in a worker: the one stage it computes and the key the coordinator expects.
     pub worker: Option<WorkerTarget>,
+    /// Report a failing stage as one JSON line ([`JsonDiagnostic`] plus `stage`) rather than
+    /// as text (`--error-format json`).
+    pub json_errors: bool,
 }
 
 /// What a worker was sent to compute.
@@ -75,24 +79,102 @@ impl Default for RunOptions {
             executor: ExecutorKind::Local,
             worker_command: None,
             worker: None,
+            json_errors: false,
         }
     }
 }
 
-/// What happened to one stage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Why a stage failed: the text a person reads and the same diagnostic as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageFailure {
+    /// The rendered report (miette's box, with the help).
+    pub message: String,
+    /// The diagnostic for `--error-format json` and `run --json` (boxed: results carry it).
+    pub diagnostic: Box<JsonDiagnostic>,
+}
+
+impl StageFailure {
+    /// A failure the engine itself describes in one message.
+    pub fn plain(message: impl Into<String>) -> StageFailure {
+        let message = message.into();
+        StageFailure {
+            diagnostic: Box::new(JsonDiagnostic {
+                message: message.clone(),
+                code: None,
+                severity: "error",
+                help: None,
+                causes: Vec::new(),
+                labels: Vec::new(),
+                related: Vec::new(),
+            }),
+            message,
+        }
+    }
+
+    /// A stage's own error report, with `hint` (what the engine adds) after its help.
+    fn report(report: &miette::Report, hint: Option<String>) -> StageFailure {
+        let mut diagnostic = Box::new(JsonDiagnostic::of(report.as_ref()));
+        let mut message = format!("{report:?}");
+        if let Some(hint) = hint {
+            message.push_str(&hint);
+            let hint = hint.trim().to_string();
+            diagnostic.help = Some(match diagnostic.help.take() {
+                Some(h) => format!("{h}\n{hint}"),
+                None => hint,
+            });
+        }
+        StageFailure {
+            message,
+            diagnostic,
+        }
+    }
+}
+
+impl From<String> for StageFailure {
+    fn from(message: String) -> StageFailure {
+        StageFailure::plain(message)
+    }
+}
+
+impl std::fmt::Display for StageFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// What happened to one stage. In JSON every outcome has one shape:
+/// `{"status": "cached" | "ran" | "failed" | "skipped" | "not_selected", "why": .., "error": ..}`,
+/// `why` set for a skipped stage and `error` (a [`JsonDiagnostic`]) for a failed one.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StageOutcome {
     /// Result taken from the cache.
     Cached,
     /// Computed now.
     Ran,
-    /// The stage failed; the message says why.
-    Failed(String),
+    /// The stage failed; the failure says why.
+    Failed(StageFailure),
     /// Not started (an upstream stage failed, or the run was interrupted).
     Skipped(String),
     /// Not selected by `--only`.
     NotSelected,
+}
+
+impl Serialize for StageOutcome {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let (status, why, error) = match self {
+            StageOutcome::Cached => ("cached", None, None),
+            StageOutcome::Ran => ("ran", None, None),
+            StageOutcome::Failed(f) => ("failed", None, Some(&f.diagnostic)),
+            StageOutcome::Skipped(why) => ("skipped", Some(why), None),
+            StageOutcome::NotSelected => ("not_selected", None, None),
+        };
+        let mut map = s.serialize_map(Some(3))?;
+        map.serialize_entry("status", status)?;
+        map.serialize_entry("why", &why)?;
+        map.serialize_entry("error", &error)?;
+        map.end()
+    }
 }
 
 /// Result of one stage in a run.
@@ -621,8 +703,15 @@ pub fn run(manifest: &Manifest, store: &Store, options: &RunOptions) -> miette::
                     key_busy |= busy;
                     state[i] = State::Failed;
                     stop = true;
-                    if let StageOutcome::Failed(msg) = &result.outcome {
-                        progress.println(&format!("stage `{}` failed:\n{msg}", result.stage));
+                    if let StageOutcome::Failed(failure) = &result.outcome {
+                        if options.json_errors {
+                            progress.println(&stage_failure_line(&result.stage, failure));
+                        } else {
+                            progress.println(&format!(
+                                "stage `{}` failed:\n{}",
+                                result.stage, failure.message
+                            ));
+                        }
                     }
                     results[i] = Some(result);
                 }
@@ -697,11 +786,20 @@ fn cluster_launcher<'a>(
     Ok(Some(launcher))
 }
 
+/// A failed stage as one JSON line: its diagnostic with the stage's name added.
+fn stage_failure_line(stage: &str, failure: &StageFailure) -> String {
+    let mut value = serde_json::to_value(&failure.diagnostic).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.insert("stage".into(), serde_json::Value::String(stage.to_string()));
+    }
+    value.to_string()
+}
+
 fn failed(
     stage: &StageInstance,
     key: Option<String>,
     started: Instant,
-    msg: String,
+    msg: impl Into<StageFailure>,
     reason: Option<RunReason>,
 ) -> Done {
     Done::Failed {
@@ -728,12 +826,12 @@ fn failure(
     stage: &StageInstance,
     key: Option<String>,
     started: Instant,
-    msg: String,
+    msg: impl Into<StageFailure>,
     reason: Option<RunReason>,
 ) -> StageResult {
     StageResult {
         stage: stage.name.to_string(),
-        outcome: StageOutcome::Failed(msg),
+        outcome: StageOutcome::Failed(msg.into()),
         key,
         wall_s: started.elapsed().as_secs_f64(),
         bytes: 0,
@@ -780,7 +878,15 @@ fn execute(
         Assessment::Run {
             reason: RunReason::KeyNotComputable(e),
             ..
-        } => return failed(stage, None, started, format!("{e:?}"), None),
+        } => {
+            return failed(
+                stage,
+                None,
+                started,
+                StageFailure::report(e.as_ref(), None),
+                None,
+            )
+        }
         Assessment::Run {
             reason,
             parts: Some(parts),
@@ -876,7 +982,7 @@ fn finish(
     stage: &StageInstance,
     parts: &KeyParts,
     reason: RunReason,
-    attempted: Result<ActionRecord, String>,
+    attempted: Result<ActionRecord, StageFailure>,
     started: Instant,
 ) -> Done {
     let key = parts.key();
@@ -919,7 +1025,9 @@ fn launch_on_cluster(
         }
     }
     let bar: StageProgress = progress.stage(&stage.name.to_string());
-    let attempted = launcher.run_stage(stage, &key, how.forced, how.siblings, &how.cancel, &bar);
+    let attempted = launcher
+        .run_stage(stage, &key, how.forced, how.siblings, &how.cancel, &bar)
+        .map_err(StageFailure::from);
     bar.finish();
     finish(env, stage, parts, reason, attempted, started)
 }
@@ -932,7 +1040,7 @@ fn attempt(
     upstream: &Outputs,
     progress: &RunProgress,
     cancel: Arc<AtomicBool>,
-) -> Result<ActionRecord, String> {
+) -> Result<ActionRecord, StageFailure> {
     let store = env.store;
     let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
     let dir = store
@@ -994,9 +1102,8 @@ fn attempt(
     match result {
         Ok(Ok(())) => {}
         Ok(Err(report)) => {
-            let message = format!("{report:?}");
-            let hint = storage_hint(&message, store.root()).unwrap_or_default();
-            return Err(format!("{message}{hint}"));
+            let hint = storage_hint(&format!("{report:?}"), store.root());
+            return Err(StageFailure::report(&report, hint));
         }
         Err(panic) => {
             let msg = panic
@@ -1004,10 +1111,10 @@ fn attempt(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            return Err(format!(
+            return Err(StageFailure::plain(format!(
                 "the stage panicked (a bug in kind `{}`): {msg}",
                 stage.kind
-            ));
+            )));
         }
     }
     let duration_s = started.elapsed().as_secs_f64();

@@ -8,6 +8,7 @@
 //! * [`fingerprint`] computes each stage's cache key from its kind, kind version, canonical
 //!   parameters, the content of its inputs and anything else the kind declares, and explains
 //!   why a key differs from the last run (in the spirit of cargo's fingerprints).
+//! * [`diagnostic`] turns any error into one JSON shape, with lines and columns.
 //! * [`decision`] is the typed answer to "cached or run, and why", shared by plans and runs.
 //! * [`executor`] runs what is not cached, in dependency order and in parallel.
 //! * [`stage`] is the contract a stage kind implements; the engine knows nothing else about it.
@@ -18,6 +19,7 @@
 pub mod atomic;
 pub mod dag;
 pub mod decision;
+pub mod diagnostic;
 pub mod executor;
 pub mod fingerprint;
 pub mod graph;

@@ -313,7 +313,9 @@ text = "independent, but after the failure in manifest order"
     assert!(!report.success());
     assert_eq!(outcome(&report, "w"), &StageOutcome::Ran);
     match outcome(&report, "bad") {
-        StageOutcome::Failed(message) => assert!(message.contains("told to fail"), "{message}"),
+        StageOutcome::Failed(failure) => {
+            assert!(failure.message.contains("told to fail"), "{failure}")
+        }
         other => panic!("bad: {other:?}"),
     }
     for stage in ["after", "later"] {
@@ -359,7 +361,9 @@ inputs = { after = ["wait"] }
     assert!(report.cancelled);
     assert!(!report.success());
     match outcome(&report, "wait") {
-        StageOutcome::Failed(message) => assert!(message.contains("interrupted"), "{message}"),
+        StageOutcome::Failed(failure) => {
+            assert!(failure.message.contains("interrupted"), "{failure}")
+        }
         other => panic!("wait: {other:?}"),
     }
     assert_eq!(

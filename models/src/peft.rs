@@ -92,7 +92,9 @@ pub struct PeftConfig {
     pub revision: Option<String>,
     /// LoRA rank.
     pub r: usize,
-    /// LoRA alpha (scaling numerator).
+    /// LoRA alpha (scaling numerator). Written as an integer when it is one: PEFT's
+    /// `LoraConfig.lora_alpha` is an `int`.
+    #[serde(serialize_with = "integer_if_whole")]
     pub lora_alpha: f64,
     /// Dropout on the adapter input during training.
     #[serde(default)]
@@ -148,6 +150,14 @@ pub struct PeftConfig {
     /// PEFT internals, written as PEFT writes them.
     #[serde(default)]
     pub layer_replication: Option<serde_json::Value>,
+}
+
+fn integer_if_whole<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 2f64.powi(53) {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
 }
 
 fn default_bias() -> String {

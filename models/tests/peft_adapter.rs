@@ -71,7 +71,7 @@ fn saves_peft_keys_metadata_and_config() {
         ("peft_type", serde_json::json!("LORA")),
         ("task_type", serde_json::json!("CAUSAL_LM")),
         ("r", serde_json::json!(2)),
-        ("lora_alpha", serde_json::json!(16.0)),
+        ("lora_alpha", serde_json::json!(16)),
         ("lora_dropout", serde_json::json!(0.05)),
         ("bias", serde_json::json!("none")),
         ("fan_in_fan_out", serde_json::json!(false)),
@@ -206,4 +206,90 @@ fn reads_configs_written_by_newer_peft_with_extra_fields() {
     std::fs::write(&p, serde_json::to_string(&cfg).unwrap()).unwrap();
     let a = PeftAdapter::load(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(a.config.r, 2);
+}
+
+/// PEFT's own sources (the `peft` wheel, unpacked by scripts/fetch-test-assets.sh), located by
+/// PIPELINE_PEFT_SRC. PEFT itself cannot be imported here (it needs torch), so the test reads
+/// the `LoraConfig` dataclass the way Python would build it: its annotated fields.
+fn peft_src() -> Option<std::path::PathBuf> {
+    match std::env::var_os("PIPELINE_PEFT_SRC").map(std::path::PathBuf::from) {
+        Some(p) if p.join("peft/tuners/lora/config.py").is_file() => Some(p),
+        other => {
+            eprintln!(
+                "skipping: PEFT sources not found ({other:?}); run scripts/fetch-test-assets.sh"
+            );
+            None
+        }
+    }
+}
+
+/// Every key we write is a field of PEFT's `LoraConfig` (an unknown one makes
+/// `PeftConfig.from_pretrained` warn "Unexpected keyword arguments ... ignored"), with the
+/// JSON type its annotation asks for (`lora_alpha: int`, which `16.0` was not).
+#[test]
+fn adapter_config_holds_only_fields_peft_declares_with_their_types() {
+    let Some(src) = peft_src() else { return };
+    let script = r#"
+import ast, json, sys
+root = sys.argv[1]
+def fields(path, name):
+    tree = ast.parse(open(f"{root}/{path}").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body
+                    if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+    raise SystemExit(f"{name} not found in {path}")
+out = {}
+for path, name in [("peft/config.py", "PeftConfigMixin"), ("peft/config.py", "PeftConfig"),
+                   ("peft/tuners/lora/config.py", "LoraConfig")]:
+    out.update(fields(path, name))
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let declared: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        declared.contains_key("lora_alpha") && declared.len() > 20,
+        "{declared:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    PeftAdapter::from_vars(config(), &vars())
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
+    let written: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap())
+            .unwrap();
+    for (key, value) in &written {
+        let Some(annotation) = declared.get(key).and_then(|a| a.as_str()) else {
+            panic!("`{key}` is not a field of PEFT's LoraConfig: PEFT would warn and ignore it");
+        };
+        let ok = match annotation {
+            "int" => value.is_i64() || value.is_u64(),
+            "float" => value.is_number(),
+            "bool" => value.is_boolean(),
+            // Optional[...], unions, literals: any JSON value PEFT's dataclass takes as is.
+            _ => true,
+        };
+        assert!(ok, "`{key}` = {value} does not fit PEFT's `{annotation}`");
+    }
+    assert_eq!(written["lora_alpha"], serde_json::json!(16));
+    // A fractional alpha stays a number PEFT accepts (its dataclass does not enforce int).
+    let mut frac = config();
+    frac.lora_alpha = 0.5;
+    assert_eq!(
+        serde_json::to_value(&frac).unwrap()["lora_alpha"],
+        serde_json::json!(0.5)
+    );
 }

@@ -217,6 +217,8 @@ fn hf_opts(cache: &Path) -> HfOptions {
         kind: RepoKind::Model,
         revision: "main".into(),
         files: vec!["config.json".into(), "sub/tokenizer.json".into()],
+        allow_patterns: vec![],
+        ignore_patterns: vec![],
         offline: true,
         cache_dir: Some(cache.to_path_buf()),
         endpoint: None,
@@ -407,111 +409,277 @@ fn local_reference_and_copy_hash_content() {
     ));
 }
 
-/// A minimal stand-in for the hub's HTTP API on loopback: repo info and file resolve
-/// with the headers hf-hub reads (etag, x-repo-commit, content-range).
-fn fake_hub(
-    files: Vec<(&'static str, Vec<u8>)>,
-) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log2 = log.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request = String::new();
-            if reader.read_line(&mut request).is_err() {
-                continue;
-            }
-            let mut range = None;
-            let mut auth = None;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    range = Some(v.trim().to_string());
-                }
-                if let Some(v) = h
-                    .strip_prefix("authorization: ")
-                    .or(h.strip_prefix("Authorization: "))
-                {
-                    auth = Some(v.trim().to_string());
-                }
-            }
-            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
-            log2.lock()
-                .unwrap()
-                .push(format!("{path} {range:?} auth={auth:?}"));
-            let (status, headers, body): (&str, Vec<(String, String)>, Vec<u8>) =
-                if path == "/api/models/org/tiny/revision/main" {
-                    let body = format!(r#"{{"sha": "{SHA}", "siblings": []}}"#).into_bytes();
-                    ("200 OK", vec![], body)
-                } else if let Some((_, data)) = files
-                    .iter()
-                    .find(|(name, _)| path == format!("/org/tiny/resolve/{SHA}/{name}"))
-                {
-                    let start: usize = range
-                        .as_deref()
-                        .and_then(|r| r.split('-').next())
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    let end = if range.as_deref() == Some("0-0") {
-                        1
-                    } else {
-                        data.len()
-                    };
-                    let hdrs = vec![
-                        (
-                            "etag".into(),
-                            format!("\"{}\"", blake3::hash(data).to_hex()),
-                        ),
-                        ("x-repo-commit".into(), SHA.into()),
-                        (
-                            "content-range".into(),
-                            format!("bytes {start}-{}/{}", end.max(1) - 1, data.len()),
-                        ),
-                    ];
-                    ("206 Partial Content", hdrs, data[start..end].to_vec())
-                } else {
-                    ("404 Not Found", vec![], b"not found".to_vec())
-                };
-            let mut resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-                body.len()
-            );
-            for (k, v) in headers {
-                resp.push_str(&format!("{k}: {v}\r\n"));
-            }
-            resp.push_str("\r\n");
-            let _ = stream.write_all(resp.as_bytes());
-            let _ = stream.write_all(&body);
-        }
-    });
-    (format!("http://{addr}"), log)
+/// One file of the fake hub's repository.
+#[derive(Clone)]
+struct HubFile {
+    name: &'static str,
+    data: Vec<u8>,
+    /// LFS files are served as the hub serves them: a 302 to a CDN (another origin here) with
+    /// `X-Linked-Etag` = their sha256 and `X-Linked-Size`; git files directly with an `ETag`.
+    lfs: bool,
 }
 
-#[test]
-fn online_download_fills_the_cache_with_progress() {
-    let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
-    let (endpoint, log) = fake_hub(vec![
-        ("model.bin", body.clone()),
-        ("config.json", b"{}".to_vec()),
-    ]);
-    let d = tempfile::tempdir().unwrap();
-    let opts = HfOptions {
+impl HubFile {
+    fn etag(&self) -> String {
+        if self.lfs {
+            use sha2::Digest;
+            format!("{:x}", sha2::Sha256::digest(&self.data))
+        } else {
+            // A git blob id is a sha1 (40 hex); any stable 40-hex name will do here.
+            blake3::hash(&self.data).to_hex()[..40].to_string()
+        }
+    }
+}
+
+/// Faults the next content request suffers.
+#[derive(Default)]
+struct Faults {
+    /// Send only this many bytes of the next body, then close the connection.
+    cut_after: Option<usize>,
+    /// Flip a byte of every LFS body from now on.
+    corrupt: bool,
+}
+
+/// A stand-in for the hub's HTTP API on loopback (the replies real clients read: repo info with
+/// siblings; `HEAD`/`GET` resolve with `X-Repo-Commit`, etags, sizes and LFS redirects; ranges)
+/// and a CDN on a second port. Every request is logged as `METHOD PATH range=.. auth=..`.
+struct FakeHub {
+    endpoint: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    faults: std::sync::Arc<std::sync::Mutex<Faults>>,
+}
+
+impl FakeHub {
+    fn start(files: Vec<HubFile>) -> FakeHub {
+        use std::sync::{Arc, Mutex};
+        let hub = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let cdn = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", hub.local_addr().unwrap());
+        let cdn_origin = format!("http://{}", cdn.local_addr().unwrap());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let faults = Arc::new(Mutex::new(Faults::default()));
+        let files = Arc::new(files);
+        for listener in [hub, cdn] {
+            let (log, faults, files, cdn_origin) = (
+                log.clone(),
+                faults.clone(),
+                files.clone(),
+                cdn_origin.clone(),
+            );
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    serve(stream, &files, &cdn_origin, &log, &faults);
+                }
+            });
+        }
+        FakeHub {
+            endpoint,
+            log,
+            faults,
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn serve(
+    mut stream: std::net::TcpStream,
+    files: &[HubFile],
+    cdn_origin: &str,
+    log: &std::sync::Mutex<Vec<String>>,
+    faults: &std::sync::Mutex<Faults>,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    let (mut range, mut auth) = (None, None);
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        let (name, value) = h.split_once(':').unwrap_or((&h, ""));
+        match name.to_ascii_lowercase().as_str() {
+            "range" => range = value.trim().strip_prefix("bytes=").map(str::to_string),
+            "authorization" => auth = Some(value.trim().to_string()),
+            _ => {}
+        }
+    }
+    let mut parts = request.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    log.lock()
+        .unwrap()
+        .push(format!("{method} {path} range={range:?} auth={auth:?}"));
+    let head = method == "HEAD";
+    let mut headers: Vec<(String, String)> = vec![];
+    let body_of = |data: &[u8]| -> (String, Vec<u8>, Vec<(String, String)>) {
+        let start: usize = range
+            .as_deref()
+            .and_then(|r| r.split('-').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+            .min(data.len());
+        let status = if range.is_some() {
+            "206 Partial Content"
+        } else {
+            "200 OK"
+        };
+        let hdrs = vec![(
+            "Content-Range".to_string(),
+            format!("bytes {start}-{}/{}", data.len().max(1) - 1, data.len()),
+        )];
+        (status.to_string(), data[start..].to_vec(), hdrs)
+    };
+    let revision_ok = |rev: &str| rev == "main" || rev == SHA;
+    let (status, body): (String, Vec<u8>) =
+        if let Some(rev) = path.strip_prefix("/api/models/org/tiny/revision/") {
+            if revision_ok(rev) {
+                let siblings: Vec<String> = files
+                    .iter()
+                    .map(|f| format!(r#"{{"rfilename": "{}"}}"#, f.name))
+                    .collect();
+                let body = format!(
+                    r#"{{"id": "org/tiny", "sha": "{SHA}", "siblings": [{}]}}"#,
+                    siblings.join(", ")
+                );
+                ("200 OK".into(), body.into_bytes())
+            } else {
+                (
+                    "404 Not Found".into(),
+                    b"{\"error\": \"Revision not found\"}".to_vec(),
+                )
+            }
+        } else if let Some(rest) = path.strip_prefix("/org/tiny/resolve/") {
+            let (rev, name) = rest.split_once('/').unwrap_or((rest, ""));
+            match files.iter().find(|f| f.name == name) {
+                Some(f) if revision_ok(rev) => {
+                    headers.push(("X-Repo-Commit".into(), SHA.into()));
+                    if f.lfs {
+                        headers.push(("X-Linked-Etag".into(), format!("\"{}\"", f.etag())));
+                        headers.push(("X-Linked-Size".into(), f.data.len().to_string()));
+                        headers.push(("Location".into(), format!("{cdn_origin}/cdn/{}", f.etag())));
+                        ("302 Found".into(), vec![])
+                    } else {
+                        headers.push(("ETag".into(), format!("\"{}\"", f.etag())));
+                        let (status, body, hdrs) = body_of(&f.data);
+                        headers.extend(hdrs);
+                        (status, body)
+                    }
+                }
+                _ => {
+                    headers.push(("X-Error-Code".into(), "EntryNotFound".into()));
+                    ("404 Not Found".into(), b"Entry not found".to_vec())
+                }
+            }
+        } else if let Some(etag) = path.strip_prefix("/cdn/") {
+            match files.iter().find(|f| f.lfs && f.etag() == etag) {
+                Some(f) => {
+                    let mut data = f.data.clone();
+                    if faults.lock().unwrap().corrupt {
+                        data[0] ^= 0xff;
+                    }
+                    let (status, body, hdrs) = body_of(&data);
+                    headers.extend(hdrs);
+                    (status, body)
+                }
+                None => ("404 Not Found".into(), b"no such blob".to_vec()),
+            }
+        } else {
+            ("404 Not Found".into(), b"not found".to_vec())
+        };
+    let mut reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        reply.push_str(&format!("{k}: {v}\r\n"));
+    }
+    reply.push_str("\r\n");
+    let _ = stream.write_all(reply.as_bytes());
+    if !head {
+        let cut = if body.len() > 1000 {
+            faults.lock().unwrap().cut_after.take()
+        } else {
+            None
+        };
+        let _ = stream.write_all(&body[..cut.unwrap_or(body.len()).min(body.len())]);
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+fn big_body() -> Vec<u8> {
+    (0..50_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+fn hub_files() -> Vec<HubFile> {
+    vec![
+        HubFile {
+            name: "model.bin",
+            data: big_body(),
+            lfs: true,
+        },
+        HubFile {
+            name: "config.json",
+            data: b"{}".to_vec(),
+            lfs: false,
+        },
+        HubFile {
+            name: "sub/tokenizer.json",
+            data: b"{\"t\": 1}".to_vec(),
+            lfs: false,
+        },
+        HubFile {
+            name: "sub/skip.txt",
+            data: b"skip".to_vec(),
+            lfs: false,
+        },
+    ]
+}
+
+fn online_opts(hub: &FakeHub, cache: &Path, files: &[&str]) -> HfOptions {
+    HfOptions {
         repo: "org/tiny".into(),
         kind: RepoKind::Model,
         revision: "main".into(),
-        files: vec!["model.bin".into(), "config.json".into()],
+        files: files.iter().map(|f| f.to_string()).collect(),
+        allow_patterns: vec![],
+        ignore_patterns: vec![],
         offline: false,
-        cache_dir: Some(d.path().to_path_buf()),
-        endpoint: Some(endpoint),
+        cache_dir: Some(cache.to_path_buf()),
+        endpoint: Some(hub.endpoint.clone()),
         token: Some("hf_test_token".into()),
-    };
+    }
+}
+
+/// Every path under `dir`, relative, sorted (symlinks not followed).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn online_download_fills_the_cache_as_huggingface_hub_does() {
+    let hub = FakeHub::start(hub_files());
+    let d = tempfile::tempdir().unwrap();
+    let opts = online_opts(&hub, d.path(), &["model.bin", "config.json"]);
     assert_eq!(hf_resolve(&opts).unwrap(), SHA);
     let mut last = std::collections::HashMap::new();
     let mut cb = |e: pipeline_stages::download::hf::ProgressEvent| {
@@ -519,35 +687,55 @@ fn online_download_fills_the_cache_with_progress() {
     };
     let got = hf_download(&opts, Some(&mut cb)).unwrap();
     assert_eq!(got.commit, SHA);
-    assert_eq!(std::fs::read(&got.files[0].path).unwrap(), body);
+    assert_eq!(std::fs::read(&got.files[0].path).unwrap(), big_body());
     assert_eq!(got.files[0].size, 50_000);
     assert_eq!(last["model.bin"], (50_000, 50_000));
-    // Standard layout: refs/main -> commit, snapshot entry under snapshots/<commit>.
+
+    // The layout huggingface_hub writes: blobs named by etag (sha256 for LFS), relative
+    // symlinks from the snapshot, refs/main only, locks under .locks/, nothing else.
+    let files = hub_files();
+    let (lfs_etag, git_etag) = (files[0].etag(), files[1].etag());
     let repo_dir = d.path().join("models--org--tiny");
     assert_eq!(
-        std::fs::read_to_string(repo_dir.join("refs/main"))
-            .unwrap()
-            .trim(),
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
         SHA
     );
-    assert!(got.files[0]
-        .path
-        .starts_with(repo_dir.join("snapshots").join(SHA)));
-    // Every request carried the token, as the Python tools send HF_TOKEN.
-    assert!(
-        log.lock()
-            .unwrap()
-            .iter()
-            .all(|l| l.ends_with("auth=Some(\"Bearer hf_test_token\")")),
-        "{:?}",
-        log.lock().unwrap()
+    assert_eq!(
+        std::fs::read_link(repo_dir.join(format!("snapshots/{SHA}/model.bin"))).unwrap(),
+        PathBuf::from(format!("../../blobs/{lfs_etag}"))
     );
+    let mut expected = vec![
+        ".locks".to_string(),
+        ".locks/models--org--tiny".into(),
+        format!(".locks/models--org--tiny/{lfs_etag}.lock"),
+        format!(".locks/models--org--tiny/{git_etag}.lock"),
+        "models--org--tiny".into(),
+        "models--org--tiny/blobs".into(),
+        format!("models--org--tiny/blobs/{lfs_etag}"),
+        format!("models--org--tiny/blobs/{git_etag}"),
+        "models--org--tiny/refs".into(),
+        "models--org--tiny/refs/main".into(),
+        "models--org--tiny/snapshots".into(),
+        format!("models--org--tiny/snapshots/{SHA}"),
+        format!("models--org--tiny/snapshots/{SHA}/config.json"),
+        format!("models--org--tiny/snapshots/{SHA}/model.bin"),
+    ];
+    expected.sort();
+    assert_eq!(tree(d.path()), expected);
+
+    let requests = hub.requests();
+    // Every request to the hub carried the token; the CDN never saw it.
+    for r in &requests {
+        if r.contains(" /cdn/") {
+            assert!(r.ends_with("auth=None"), "token sent to the CDN: {r}");
+        } else {
+            assert!(r.ends_with("auth=Some(\"Bearer hf_test_token\")"), "{r}");
+        }
+    }
     // Downloads were pinned to the resolved commit.
-    assert!(log
-        .lock()
-        .unwrap()
+    assert!(requests
         .iter()
-        .any(|l| l.contains(&format!("resolve/{SHA}/model.bin"))));
+        .any(|l| l.starts_with(&format!("HEAD /org/tiny/resolve/{SHA}/model.bin"))));
 
     // Now the same request works offline, from the cache alone.
     let offline = HfOptions {
@@ -558,15 +746,160 @@ fn online_download_fills_the_cache_with_progress() {
     let again = hf_download(&offline, None).unwrap();
     assert_eq!(again.files, got.files);
 
-    // A file the hub does not have fails with the file named.
-    let missing = HfOptions {
-        files: vec!["nope.bin".into()],
-        ..opts
-    };
+    // A file the hub does not have fails with the file named and what to check.
+    let missing = online_opts(&hub, d.path(), &["nope.bin"]);
     match hf_download(&missing, None).unwrap_err() {
-        DownloadError::Hub { message, .. } => assert!(message.contains("nope.bin"), "{message}"),
+        DownloadError::Hub { message, .. } => {
+            assert!(
+                message.contains("nope.bin") && message.contains("404"),
+                "{message}"
+            )
+        }
         e => panic!("unexpected {e:?}"),
     }
+}
+
+#[test]
+fn a_pinned_commit_writes_no_ref() {
+    let hub = FakeHub::start(hub_files());
+    let d = tempfile::tempdir().unwrap();
+    let opts = HfOptions {
+        revision: SHA.into(),
+        ..online_opts(&hub, d.path(), &["config.json"])
+    };
+    hf_download(&opts, None).unwrap();
+    // huggingface_hub.scan_cache_dir would list a `refs/<sha>` file as a ref named by the sha.
+    assert!(!d.path().join("models--org--tiny/refs").exists());
+}
+
+#[test]
+fn an_interrupted_transfer_resumes_where_it_stopped() {
+    let hub = FakeHub::start(hub_files());
+    let d = tempfile::tempdir().unwrap();
+    let opts = online_opts(&hub, d.path(), &["model.bin"]);
+    hub.faults.lock().unwrap().cut_after = Some(20_000);
+    let message = match hf_download(&opts, None).unwrap_err() {
+        DownloadError::Hub { message, .. } => message,
+        e => panic!("unexpected {e:?}"),
+    };
+    assert!(message.contains("run again"), "{message}");
+    let etag = hub_files()[0].etag();
+    let incomplete = d
+        .path()
+        .join(format!("models--org--tiny/blobs/{etag}.incomplete"));
+    assert_eq!(std::fs::metadata(&incomplete).unwrap().len(), 20_000);
+    assert!(!d
+        .path()
+        .join(format!("models--org--tiny/snapshots/{SHA}/model.bin"))
+        .exists());
+
+    let got = hf_download(&opts, None).unwrap();
+    assert_eq!(std::fs::read(&got.files[0].path).unwrap(), big_body());
+    assert!(!incomplete.exists());
+    assert!(
+        hub.requests()
+            .iter()
+            .any(|r| r.contains("/cdn/") && r.contains("range=Some(\"20000-\")")),
+        "{:?}",
+        hub.requests()
+    );
+}
+
+#[test]
+fn corrupted_content_is_discarded_not_cached() {
+    let hub = FakeHub::start(hub_files());
+    let d = tempfile::tempdir().unwrap();
+    hub.faults.lock().unwrap().corrupt = true;
+    let opts = online_opts(&hub, d.path(), &["model.bin"]);
+    match hf_download(&opts, None).unwrap_err() {
+        DownloadError::Hub { message, .. } => assert!(message.contains("sha256"), "{message}"),
+        e => panic!("unexpected {e:?}"),
+    }
+    let blobs = tree(&d.path().join("models--org--tiny/blobs"));
+    assert!(blobs.is_empty(), "{blobs:?}");
+    hub.faults.lock().unwrap().corrupt = false;
+    let got = hf_download(&opts, None).unwrap();
+    assert_eq!(std::fs::read(&got.files[0].path).unwrap(), big_body());
+}
+
+#[test]
+fn patterns_select_files_of_the_snapshot_online_and_offline() {
+    let hub = FakeHub::start(hub_files());
+    let d = tempfile::tempdir().unwrap();
+    let opts = HfOptions {
+        allow_patterns: vec!["*.json".into(), "sub/".into()],
+        ignore_patterns: vec!["sub/skip*".into()],
+        ..online_opts(&hub, d.path(), &[])
+    };
+    let names = |got: &pipeline_stages::download::hf::HfDownload| {
+        got.files.iter().map(|f| f.name.clone()).collect::<Vec<_>>()
+    };
+    let got = hf_download(&opts, None).unwrap();
+    // `*.json` crosses `/` as fnmatch does; `sub/` covers the folder; the ignore wins.
+    assert_eq!(names(&got), ["config.json", "sub/tokenizer.json"]);
+    let offline = HfOptions {
+        offline: true,
+        ..opts.clone()
+    };
+    assert_eq!(names(&hf_download(&offline, None).unwrap()), names(&got));
+    // No pattern: the whole snapshot.
+    let all = hf_download(&online_opts(&hub, d.path(), &[]), None).unwrap();
+    assert_eq!(
+        names(&all),
+        [
+            "config.json",
+            "model.bin",
+            "sub/skip.txt",
+            "sub/tokenizer.json"
+        ]
+    );
+    // A pattern that matches nothing says what there is.
+    let none = HfOptions {
+        allow_patterns: vec!["*.safetensors".into()],
+        ..opts.clone()
+    };
+    match hf_download(&none, None).unwrap_err() {
+        DownloadError::Hub { message, .. } => {
+            assert!(
+                message.contains("*.safetensors") && message.contains("model.bin"),
+                "{message}"
+            )
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    // Files and patterns together are refused before anything is fetched.
+    let both = HfOptions {
+        files: vec!["config.json".into()],
+        ..opts
+    };
+    assert!(hf_download(&both, None).is_err());
+}
+
+#[test]
+fn a_download_waits_for_another_process_holding_the_blob_lock() {
+    use std::os::unix::io::AsRawFd;
+    let hub = FakeHub::start(hub_files());
+    let d = tempfile::tempdir().unwrap();
+    let etag = hub_files()[0].etag();
+    let lock_path = d
+        .path()
+        .join(format!(".locks/models--org--tiny/{etag}.lock"));
+    std::fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
+    let holder = std::fs::File::create(&lock_path).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = released.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(holder);
+    });
+    let opts = online_opts(&hub, d.path(), &["model.bin"]);
+    hf_download(&opts, None).unwrap();
+    // Had the lock been ignored, the download would have finished long before the release.
+    assert!(released.load(std::sync::atomic::Ordering::SeqCst));
+    releaser.join().unwrap();
 }
 
 #[test]
@@ -581,4 +914,190 @@ fn the_token_comes_from_hf_token_then_the_token_file() {
         Some("hf_file")
     );
     assert_eq!(token_from(None, None), None);
+}
+
+/// Python with `huggingface_hub` (a venv made by scripts/fetch-test-assets.sh), located by
+/// PIPELINE_HF_PYTHON.
+fn hf_python() -> Option<PathBuf> {
+    match std::env::var_os("PIPELINE_HF_PYTHON").map(PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            eprintln!(
+                "skipping: no Python with huggingface_hub at {other:?}; run scripts/fetch-test-assets.sh \
+                 or point PIPELINE_HF_PYTHON at a python that can `import huggingface_hub`"
+            );
+            None
+        }
+    }
+}
+
+/// Runs `script` under `python` with `args`, returning stdout; fails the test with stderr.
+fn run_python(python: &Path, script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("HF_HUB_DISABLE_TELEMETRY", "1")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The cache is one cache: `huggingface_hub` reads what we wrote without a warning, we read
+/// what it wrote, and a download by either waits for the other's lock on the same blob.
+#[test]
+fn huggingface_hub_and_pipeline_share_one_cache() {
+    let Some(python) = hf_python() else { return };
+    let hub = FakeHub::start(hub_files());
+    let names = ["model.bin", "config.json", "sub/tokenizer.json"];
+
+    // 1. We write; huggingface_hub reads.
+    let ours = tempfile::tempdir().unwrap();
+    let got = hf_download(&online_opts(&hub, ours.path(), &names), None).unwrap();
+    let report = run_python(
+        &python,
+        r#"
+import json, os, sys
+from huggingface_hub import scan_cache_dir, hf_hub_download, try_to_load_from_cache
+cache = sys.argv[1]
+info = scan_cache_dir(cache)
+repos = list(info.repos)
+out = {
+    "warnings": [str(w) for w in info.warnings],
+    "repos": [r.repo_id for r in repos],
+    "refs": sorted(repos[0].refs) if repos else [],
+    "revisions": [r.commit_hash for r in repos[0].revisions] if repos else [],
+    "files": sorted(f.file_name for r in repos for rev in r.revisions for f in rev.files),
+    "paths": {n: hf_hub_download("org/tiny", n, cache_dir=cache, local_files_only=True)
+              for n in sys.argv[2:]},
+    "try": try_to_load_from_cache("org/tiny", "model.bin", cache_dir=cache),
+}
+print(json.dumps(out))
+"#,
+        &[
+            ours.path().to_str().unwrap(),
+            "model.bin",
+            "config.json",
+            "sub/tokenizer.json",
+        ],
+        &[],
+    );
+    let report: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(report["warnings"], serde_json::json!([]), "{report}");
+    assert_eq!(report["repos"], serde_json::json!(["org/tiny"]));
+    assert_eq!(
+        report["refs"],
+        serde_json::json!(["main"]),
+        "no stray refs: {report}"
+    );
+    assert_eq!(report["revisions"], serde_json::json!([SHA]));
+    assert_eq!(
+        report["files"],
+        serde_json::json!(["config.json", "model.bin", "tokenizer.json"])
+    );
+    for f in &got.files {
+        assert_eq!(
+            report["paths"][&f.name].as_str().map(PathBuf::from),
+            Some(f.path.clone()),
+            "{report}"
+        );
+    }
+    assert_eq!(
+        report["try"].as_str().map(PathBuf::from),
+        Some(got.files[0].path.clone())
+    );
+
+    // 2. huggingface_hub writes (from the same hub); we read it offline, exactly and by pattern.
+    let theirs = tempfile::tempdir().unwrap();
+    run_python(
+        &python,
+        r#"
+import sys
+from huggingface_hub import hf_hub_download
+for n in sys.argv[2:]:
+    hf_hub_download("org/tiny", n, cache_dir=sys.argv[1])
+"#,
+        &[
+            theirs.path().to_str().unwrap(),
+            "model.bin",
+            "config.json",
+            "sub/tokenizer.json",
+        ],
+        &[
+            ("HF_ENDPOINT", &hub.endpoint),
+            ("HF_TOKEN", "hf_test_token"),
+        ],
+    );
+    let offline = HfOptions {
+        offline: true,
+        endpoint: Some("http://127.0.0.1:9".into()),
+        ..online_opts(&hub, theirs.path(), &names)
+    };
+    let read = hf_download(&offline, None).unwrap();
+    assert_eq!(read.commit, SHA);
+    for (a, b) in read.files.iter().zip(&got.files) {
+        assert_eq!(
+            std::fs::read(&a.path).unwrap(),
+            std::fs::read(&b.path).unwrap()
+        );
+    }
+    let by_pattern = HfOptions {
+        files: vec![],
+        allow_patterns: vec!["sub/".into()],
+        ..offline
+    };
+    let picked: Vec<String> = hf_download(&by_pattern, None)
+        .unwrap()
+        .files
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(picked, ["sub/tokenizer.json"]);
+
+    // 3. huggingface_hub holds the blob's lock (its FileLock on .locks/...): we wait for it.
+    let shared = tempfile::tempdir().unwrap();
+    let etag = hub_files()[0].etag();
+    let lock_path = shared
+        .path()
+        .join(format!(".locks/models--org--tiny/{etag}.lock"));
+    let marker = shared.path().join("released");
+    let mut holder = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(
+            r#"
+import os, sys, time
+from filelock import FileLock
+os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+with FileLock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(1.0)
+    open(sys.argv[2], "w").close()
+"#,
+        )
+        .arg(&lock_path)
+        .arg(&marker)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    hf_download(&online_opts(&hub, shared.path(), &["model.bin"]), None).unwrap();
+    assert!(
+        marker.exists(),
+        "finished while huggingface_hub held the lock"
+    );
+    assert!(holder.wait().unwrap().success());
 }

@@ -294,7 +294,8 @@ max_new_tokens = 16
     );
 
     match &stage("broken").outcome {
-        StageOutcome::Failed(message) => {
+        StageOutcome::Failed(failure) => {
+            let message = &failure.message;
             assert!(message.contains("adapter_config.json"), "{message}")
         }
         other => panic!("a download without adapter_config.json must fail generate: {other:?}"),

@@ -285,6 +285,7 @@ fn model_params(local: Option<PathBuf>) -> ModelParams {
         path: None,
         local,
         extra_eos_tokens: vec![],
+        hub_id: None,
     }
 }
 
@@ -463,6 +464,7 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
         path: Some("nope.gguf".into()),
         local: None,
         extra_eos_tokens: vec![],
+        hub_id: None,
     };
     let err = run_kind_in::<ModelKind>(
         &p,
@@ -477,7 +479,8 @@ fn model_kind_packages_hf_llama_and_phi_and_the_loader_matches_direct_loading() 
     assert!(ModelKind::validate(&ModelParams {
         path: Some("a".into()),
         local: Some("b".into()),
-        extra_eos_tokens: vec![]
+        extra_eos_tokens: vec![],
+        hub_id: None,
     })
     .is_err());
 }
@@ -493,6 +496,7 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
         path: None,
         local: None,
         extra_eos_tokens: vec!["Ġt".into()],
+        hub_id: None,
     };
     let out = run_kind::<ModelKind>(&dirs, &p, &[("files", &files)], 0);
     assert!(out.join("model.gguf").is_file());
@@ -540,6 +544,7 @@ fn model_kind_packages_gguf_keeping_weights_quantized() {
             path: None,
             local: None,
             extra_eos_tokens: vec!["<nope>".into()],
+            hub_id: None,
         },
         &[("files", &files)],
         0,

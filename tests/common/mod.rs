@@ -25,12 +25,11 @@ pub fn run_outcomes(out: &Output) -> Vec<(String, String)> {
         .expect("a `stages` array")
         .iter()
         .map(|s| {
-            // Unit outcomes serialise as strings, outcomes with a message as {"failed": "..."}.
-            let outcome = match &s["outcome"] {
-                Value::String(o) => o.clone(),
-                Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-                other => other.to_string(),
-            };
+            // Every outcome has one shape: {"status": .., "why": .., "error": ..}.
+            let outcome = s["outcome"]["status"]
+                .as_str()
+                .unwrap_or_else(|| panic!("an outcome without a status: {s}"))
+                .to_string();
             (
                 s["stage"].as_str().expect("stage name").to_string(),
                 outcome,

@@ -172,6 +172,13 @@ pub struct ModelInfo {
     pub pad_token_id: Option<u32>,
     /// Where the weights came from (file name inside the download, or a description).
     pub source: String,
+    /// The Hugging Face repository these weights are (a conversion of), when known: adapters
+    /// trained on them name it as their base (`base_model_name_or_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_id: Option<String>,
+    /// The commit of [`ModelInfo::hub_id`] the weights came from, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_revision: Option<String>,
 }
 
 impl ModelInfo {

@@ -176,6 +176,8 @@ fn package_gguf(
         eos_token_ids: eos,
         pad_token_id: pad,
         source: label.to_string(),
+        hub_id: None,
+        hub_revision: None,
     };
     info.save(out)?;
     Ok(info)
@@ -262,6 +264,8 @@ fn package_hf(
         eos_token_ids: eos,
         pad_token_id: pad,
         source: label.to_string(),
+        hub_id: None,
+        hub_revision: None,
     };
     info.save(out)?;
     Ok(info)

@@ -1,12 +1,15 @@
-//! Hugging Face hub repositories through hf-hub's sync API, sharing the standard HF cache
-//! (`<cache>/models--org--name/{refs,snapshots,blobs}`) with every other HF tool.
+//! Hugging Face hub repositories, sharing the standard HF cache
+//! (`<cache>/models--org--name/{refs,snapshots,blobs}`, locks in `<cache>/.locks/`) with every
+//! other HF tool: hf-hub names the repositories and reads their info; [`super::hf_fetch`]
+//! moves the bytes the way `huggingface_hub` does.
 
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 use serde::{Deserialize, Serialize};
 
+use super::hf_fetch::{self, fetch_into_cache, write_ref, CachePaths, FetchError, HubClient};
 use super::DownloadError;
 
 /// What kind of hub repository.
@@ -36,9 +39,17 @@ pub struct HfOptions {
     /// Branch, tag or full commit sha.
     #[serde(default = "default_revision")]
     pub revision: String,
-    /// Files within the repository to fetch.
+    /// Files within the repository to fetch. Empty: the whole snapshot, narrowed by
+    /// `allow_patterns` and `ignore_patterns`.
     #[serde(default)]
     pub files: Vec<String>,
+    /// With `files` empty: fetch only repository paths matching one of these (fnmatch-style,
+    /// `*` crosses `/`, a trailing `/` means everything below; as `snapshot_download`).
+    #[serde(default)]
+    pub allow_patterns: Vec<String>,
+    /// With `files` empty: skip repository paths matching one of these.
+    #[serde(default)]
+    pub ignore_patterns: Vec<String>,
     /// Use only the local cache; never touch the network.
     #[serde(default)]
     pub offline: bool,
@@ -228,34 +239,111 @@ pub fn hf_resolve(opts: &HfOptions) -> Result<String, DownloadError> {
     Ok(info.sha)
 }
 
-struct ProgressAdapter<'a> {
-    file: String,
-    downloaded: u64,
-    total: u64,
-    callback: &'a mut dyn FnMut(ProgressEvent),
+fn fetch_err(opts: &HfOptions, e: FetchError) -> DownloadError {
+    match e {
+        FetchError::Io { path, source } => DownloadError::Io { path, source },
+        hub @ FetchError::Hub { .. } => hub_err(opts, hub),
+    }
 }
 
-impl hf_hub::api::Progress for ProgressAdapter<'_> {
-    fn init(&mut self, size: usize, _filename: &str) {
-        self.total = size as u64;
-        self.downloaded = 0;
-        self.emit();
+/// A pattern list as one matcher, with `huggingface_hub`'s conventions: `*` crosses `/` (as
+/// fnmatch) and a pattern ending in `/` covers everything below that folder.
+fn pattern_set(patterns: &[String]) -> Result<globset::GlobSet, String> {
+    let mut set = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let p = if p.ends_with('/') {
+            format!("{p}*")
+        } else {
+            p.clone()
+        };
+        let glob = globset::GlobBuilder::new(&p)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| format!("`{p}` is not a valid pattern: {e}"))?;
+        set.add(glob);
     }
-    fn update(&mut self, size: usize) {
-        self.downloaded += size as u64;
-        self.emit();
-    }
-    fn finish(&mut self) {}
+    set.build().map_err(|e| e.to_string())
 }
 
-impl ProgressAdapter<'_> {
-    fn emit(&mut self) {
-        (self.callback)(ProgressEvent {
-            file: self.file.clone(),
-            downloaded: self.downloaded,
-            total: self.total,
-        });
+/// Checks the file selection of `opts` before anything is fetched.
+pub fn check_selection(opts: &HfOptions) -> Result<(), String> {
+    let has_patterns = !opts.allow_patterns.is_empty() || !opts.ignore_patterns.is_empty();
+    if !opts.files.is_empty() && has_patterns {
+        return Err(
+            "give either `files` (exact paths) or `allow_patterns`/`ignore_patterns` (a filtered snapshot), not both".into(),
+        );
     }
+    for f in &opts.files {
+        hf_fetch::check_repo_path(f)?;
+    }
+    pattern_set(&opts.allow_patterns)?;
+    pattern_set(&opts.ignore_patterns)?;
+    Ok(())
+}
+
+/// Every file path of the snapshot below `dir` (the offline listing of a snapshot).
+fn list_snapshot(dir: &Path) -> Result<Vec<String>, DownloadError> {
+    let mut names = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(super::io_err(&d)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(super::io_err(&d))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(dir) {
+                names.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The repository paths to fetch: `files` as given, else the snapshot's listing (the hub's
+/// at `commit`, or offline the cache's) filtered by the patterns.
+fn selected_files(opts: &HfOptions, commit: &str) -> Result<Vec<String>, DownloadError> {
+    if !opts.files.is_empty() {
+        return Ok(opts.files.clone());
+    }
+    let listing = if opts.offline {
+        list_snapshot(&repo_folder(opts).join("snapshots").join(commit))?
+    } else {
+        let repo = Repo::with_revision(opts.repo.clone(), repo_type(opts.kind), commit.to_string());
+        let info = api(opts)?
+            .repo(repo)
+            .info()
+            .map_err(|e| hub_err(opts, format!("listing the repository: {e}")))?;
+        let mut names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+        names.sort();
+        names
+    };
+    let allow = pattern_set(&opts.allow_patterns).map_err(|e| hub_err(opts, e))?;
+    let ignore = pattern_set(&opts.ignore_patterns).map_err(|e| hub_err(opts, e))?;
+    let chosen: Vec<String> = listing
+        .iter()
+        .filter(|n| opts.allow_patterns.is_empty() || allow.is_match(n.as_str()))
+        .filter(|n| !ignore.is_match(n.as_str()))
+        .cloned()
+        .collect();
+    if chosen.is_empty() {
+        let shown: Vec<&str> = listing.iter().take(20).map(String::as_str).collect();
+        return Err(hub_err(
+            opts,
+            format!(
+                "no file of commit {commit} matches allow_patterns {:?} / ignore_patterns {:?}; the snapshot{} holds: {}",
+                opts.allow_patterns,
+                opts.ignore_patterns,
+                if opts.offline { " in the cache" } else { "" },
+                if shown.is_empty() { "nothing".to_string() } else { shown.join(", ") }
+            ),
+        ));
+    }
+    Ok(chosen)
 }
 
 fn file_entry(name: &str, path: PathBuf) -> Result<HfFile, DownloadError> {
@@ -270,20 +358,25 @@ fn file_entry(name: &str, path: PathBuf) -> Result<HfFile, DownloadError> {
     })
 }
 
-/// Makes `opts.files` of the resolved commit available in the HF cache and returns their
-/// paths. Offline, only the cache is used and every missing file is listed in the error.
-/// `progress` receives byte counts for files actually downloaded.
+/// Makes the selected files of the resolved commit available in the HF cache and returns
+/// their paths, writing the cache as `huggingface_hub` does (see [`hf_fetch`]). Offline, only
+/// the cache is used and every missing file is listed in the error. `progress` receives byte
+/// counts for files actually downloaded, starting with a zero count per file.
 pub fn hf_download(
     opts: &HfOptions,
     mut progress: Option<&mut dyn FnMut(ProgressEvent)>,
 ) -> Result<HfDownload, DownloadError> {
+    check_selection(opts).map_err(|e| hub_err(opts, e))?;
     let commit = hf_resolve(opts)?;
-    let snapshot = repo_folder(opts).join("snapshots").join(&commit);
+    let names = selected_files(opts, &commit)?;
+    let cache = opts.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let repo_id = Repo::with_revision(opts.repo.clone(), repo_type(opts.kind), commit.clone());
+    let paths = CachePaths::new(&cache, &repo_id.folder_name());
     let mut files = Vec::new();
     let mut missing = Vec::new();
-    let mut api_repo = None;
-    for name in &opts.files {
-        let cached = snapshot.join(name);
+    let mut online: Option<(HubClient, hf_hub::api::sync::ApiRepo)> = None;
+    for name in &names {
+        let cached = paths.pointer(&commit, name);
         if cached.is_file() {
             files.push(file_entry(name, cached)?);
             continue;
@@ -292,27 +385,36 @@ pub fn hf_download(
             missing.push(name.clone());
             continue;
         }
-        if api_repo.is_none() {
-            // Pin downloads to the resolved commit so that a branch moving mid-run
+        if online.is_none() {
+            // Downloads are pinned to the resolved commit so that a branch moving mid-run
             // cannot mix files from two commits.
-            let repo = Repo::with_revision(opts.repo.clone(), repo_type(opts.kind), commit.clone());
-            api_repo = Some(api(opts)?.repo(repo));
+            online = Some((
+                HubClient::new(opts.token.clone().or_else(hub_token)),
+                api(opts)?.repo(repo_id.clone()),
+            ));
         }
-        let Some(r) = api_repo.as_ref() else { continue };
+        let Some((client, api_repo)) = online.as_ref() else {
+            continue;
+        };
+        let meta = client
+            .metadata(&api_repo.url(name), name)
+            .map_err(|e| fetch_err(opts, e))?;
+        if meta.commit != commit {
+            return Err(hub_err(
+                opts,
+                format!(
+                    "{name}: the hub served commit {} when asked for {commit}",
+                    meta.commit
+                ),
+            ));
+        }
         let mut noop = |_: ProgressEvent| {};
         let callback: &mut dyn FnMut(ProgressEvent) = match progress.as_mut() {
             Some(cb) => &mut **cb,
             None => &mut noop,
         };
-        let adapter = ProgressAdapter {
-            file: name.clone(),
-            downloaded: 0,
-            total: 0,
-            callback,
-        };
-        let path = r
-            .download_with_progress(name, adapter)
-            .map_err(|e| hub_err(opts, format!("{name}: {e}")))?;
+        let path = fetch_into_cache(client, &paths, name, &meta, callback)
+            .map_err(|e| fetch_err(opts, e))?;
         files.push(file_entry(name, path)?);
     }
     if !missing.is_empty() {
@@ -324,16 +426,7 @@ pub fn hf_download(
     }
     if !opts.offline && !is_commit(&opts.revision) {
         // Record branch -> commit like the Python tools do, so a later offline run resolves it.
-        let cache = Cache::new(opts.cache_dir.clone().unwrap_or_else(default_cache_dir));
-        let repo = Repo::with_revision(
-            opts.repo.clone(),
-            repo_type(opts.kind),
-            opts.revision.clone(),
-        );
-        cache
-            .repo(repo)
-            .create_ref(&commit)
-            .map_err(super::io_err(repo_folder(opts).join("refs")))?;
+        write_ref(&paths.repo_dir, &opts.revision, &commit).map_err(|e| fetch_err(opts, e))?;
     }
     Ok(HfDownload {
         repo: opts.repo.clone(),

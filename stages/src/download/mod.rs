@@ -3,6 +3,7 @@
 //! each with the metadata (hashes, resolved commits) the engine needs for cache keys.
 
 pub mod hf;
+pub mod hf_fetch;
 pub mod local;
 pub mod pip;
 pub mod source;

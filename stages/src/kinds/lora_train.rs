@@ -170,7 +170,9 @@ impl Stage for LoraTrainKind {
     // 6: the scaled loss is the first micro-batch's mean, as GradScaler scales it, not the sum
     //    (the same gradients after unscaling, other rounding; f16 skips far fewer steps).
     // 7: the artifact gains loss_curve.svg; train.json's memory estimate is recalibrated.
-    const VERSION: &'static str = "7";
+    // 8: adapter_config.json as PEFT loads it cleanly: `lora_alpha` an integer when whole,
+    //    `base_model_name_or_path` the hub repository when the model knows it.
+    const VERSION: &'static str = "8";
     const SUMMARY: &'static str =
         "train LoRA adapters (QLoRA over a quantized base) with resumable checkpoints";
 
@@ -440,7 +442,10 @@ pub fn train(
         dtype: p.compute_dtype(),
         device: p.device,
     };
-    let peft = PeftConfig::lora(info.source.clone(), p.r, p.alpha, p.dropout, target_modules);
+    // The base as PEFT's AutoPeftModel resolves it: the hub repository when the model knows it.
+    let base = info.hub_id.clone().unwrap_or_else(|| info.source.clone());
+    let mut peft = PeftConfig::lora(base, p.r, p.alpha, p.dropout, target_modules);
+    peft.revision = info.hub_revision.clone();
     let adapter = PeftAdapter::from_vars(peft, trainer.vars()).into_diagnostic()?;
     AdapterArtifact::write(ctx.output_dir("out")?, &adapter, &metrics, &summary)?;
     ctx.set_metadata("final_loss", summary.final_loss);

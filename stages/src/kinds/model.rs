@@ -42,13 +42,21 @@ pub struct ModelParams {
     /// instruct model whose own EOS is `<|im_end|>`.
     #[serde(default)]
     pub extra_eos_tokens: Vec<String>,
+    /// The Hugging Face repository the weights are (a conversion of), e.g.
+    /// `HuggingFaceTB/SmolLM2-135M-Instruct` for its GGUF: adapters trained on this model
+    /// name it as `base_model_name_or_path`, so PEFT's `AutoPeftModelForCausalLM` can load
+    /// them. Default: the repository of an `hf:model:` download, else none (the adapter then
+    /// names the weights' file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_id: Option<String>,
 }
 
 impl Stage for ModelKind {
     type Params = ModelParams;
     const KIND: &'static str = "model";
     // 2: a GGUF's chat template (`tokenizer.chat_template`) goes into tokenizer_config.json.
-    const VERSION: &'static str = "2";
+    // 3: model.json names the hub repository of an `hf:model:` download (`hub_id`).
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str =
         "package downloaded weights (GGUF or HF safetensors) as a model artifact";
 
@@ -101,14 +109,39 @@ impl Stage for ModelKind {
             }
         };
         let out = ctx.output_dir("out")?.to_path_buf();
-        let info =
+        let mut info =
             ModelArtifact::write_from(&source, &out, from_store, &label, &p.extra_eos_tokens)?;
+        let downloaded = match (&p.local, ctx.optional_input("files")) {
+            (None, Some(root)) => hub_origin(root),
+            _ => None,
+        };
+        (info.hub_id, info.hub_revision) = match (&p.hub_id, downloaded) {
+            (Some(id), _) => (Some(id.clone()), None),
+            (None, Some((id, commit))) => (Some(id), Some(commit)),
+            (None, None) => (None, None),
+        };
+        if info.hub_id.is_some() {
+            info.save(&out).into_diagnostic()?;
+        }
         ctx.set_metadata(
             "architecture",
             serde_json::to_value(info.architecture).into_diagnostic()?,
         );
         ctx.set_metadata("source", label);
         Ok(())
+    }
+}
+
+/// The hub repository and commit of an `hf:model:` download (from its `download.json`).
+fn hub_origin(files_root: &Path) -> Option<(String, String)> {
+    let meta = FilesArtifact::read_meta(files_root).ok()?;
+    match crate::download::source::parse_source(&meta.source).ok()? {
+        crate::download::source::Source::Hf {
+            kind: crate::download::hf::RepoKind::Model,
+            repo,
+            ..
+        } => Some((repo, meta.resolved_revision)),
+        _ => None,
     }
 }
 
