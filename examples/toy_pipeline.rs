@@ -29,7 +29,7 @@ const NUMBER_OUT: &[OutputSlot] = &[OutputSlot {
 /// Writes `text` repeated, in chunks, slowly enough to be interrupted mid-write.
 struct Write_;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct WriteParams {
     text: String,
@@ -101,7 +101,7 @@ impl Stage for Write_ {
 /// Reads an external file (keyed by its content).
 struct Source;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SourceParams {
     path: PathBuf,
@@ -135,7 +135,7 @@ impl Stage for Source {
 /// to its output file (as it does to a report).
 struct Concat;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ConcatParams {
     #[serde(default)]
@@ -192,7 +192,7 @@ impl Stage for Concat {
 /// where it stopped and ends with the same output as an uninterrupted one.
 struct Count;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct CountParams {
     steps: u64,

@@ -210,6 +210,16 @@ pub struct GcArgs {
     pub yes: bool,
 }
 
+/// `pipeline kinds`.
+#[derive(clap::Args, Debug)]
+pub struct KindsArgs {
+    /// A kind to describe in full (inputs, outputs, every parameter).
+    pub kind: Option<String>,
+    /// Print JSON (with each kind's parameter schema) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `pipeline hash`.
 #[derive(clap::Args, Debug)]
 pub struct HashArgs {
@@ -234,8 +244,9 @@ pub enum Command {
     Gc(GcArgs),
     /// Rehash every object; quarantine corrupt ones so the next run recomputes them.
     Verify,
-    /// List the stage kinds this binary knows.
-    Kinds,
+    /// List the stage kinds this binary knows; with a kind, its inputs, outputs and every
+    /// parameter (type, default, documentation).
+    Kinds(KindsArgs),
     /// Print the blake3 hash of a file (as the cache computes it; `b3sum`-compatible).
     Hash(HashArgs),
 }
@@ -610,7 +621,7 @@ fn dispatch(command: Command, context: &Context<'_>) -> Result<u8, Failure> {
         Command::Show(args) => show(&args, context),
         Command::Gc(args) => gc(&args, context),
         Command::Verify => verify(context),
-        Command::Kinds => kinds(context.registry),
+        Command::Kinds(args) => kinds(&args, context.registry),
         Command::Hash(args) => hash(&args),
     }
 }
@@ -1278,11 +1289,89 @@ fn wait_notice(store: &Store, command: &str) {
     }
 }
 
-fn kinds(registry: &Registry) -> Result<u8, Failure> {
-    for kind in registry.kind_names() {
-        println!("{kind:<14} {}", registry.summary(kind).unwrap_or(""));
+fn kinds(args: &KindsArgs, registry: &Registry) -> Result<u8, Failure> {
+    let Some(kind) = &args.kind else {
+        if args.json {
+            let all: Vec<_> = registry
+                .kind_names()
+                .filter_map(|k| registry.describe(k))
+                .collect();
+            return print_json(&all).map(|()| 0);
+        }
+        for kind in registry.kind_names() {
+            println!("{kind:<14} {}", registry.summary(kind).unwrap_or(""));
+        }
+        println!("\n`pipeline kinds KIND` shows a kind's inputs, outputs and parameters.");
+        return Ok(0);
+    };
+    let Some(doc) = registry.describe(kind) else {
+        let names: Vec<&str> = registry.kind_names().collect();
+        let close = pipeline_engine::params::did_you_mean(kind, names.iter().copied())
+            .map(|n| format!("did you mean `{n}`? "));
+        return Err(usage(miette::miette!(
+            help = format!(
+                "{}the kinds are: {}",
+                close.unwrap_or_default(),
+                names.join(", ")
+            ),
+            "unknown stage kind `{kind}`"
+        )));
+    };
+    if args.json {
+        return print_json(&doc).map(|()| 0);
     }
+    print!("{}", kind_text(&doc));
     Ok(0)
+}
+
+/// `pipeline kinds KIND` as text: summary, slots, then each parameter with its doc.
+fn kind_text(doc: &pipeline_engine::KindDoc) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} (version {}): {}",
+        doc.kind, doc.version, doc.summary
+    );
+    let _ = writeln!(out, "\ninputs:");
+    if doc.inputs.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for i in doc.inputs {
+        let how = match (i.required, i.many) {
+            (true, true) => "required, one or more",
+            (true, false) => "required",
+            (false, true) => "optional, one or more",
+            (false, false) => "optional",
+        };
+        let _ = writeln!(
+            out,
+            "  {:<10} {} ({how}): {}",
+            i.name,
+            i.accepts.join(" | "),
+            i.doc
+        );
+    }
+    let _ = writeln!(out, "\noutputs:");
+    for o in doc.outputs {
+        let _ = writeln!(out, "  {:<10} {}: {}", o.name, o.artifact, o.doc);
+    }
+    let _ = writeln!(out, "\nparameters:");
+    if doc.params.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for p in &doc.params {
+        let default = match (&p.default, p.required) {
+            (_, true) => "required".to_string(),
+            (Some(d), false) => format!("default {d}"),
+            (None, false) => "optional".to_string(),
+        };
+        let _ = writeln!(out, "  {}: {}; {default}", p.name, p.type_text);
+        for line in p.doc.as_deref().unwrap_or("(undocumented)").lines() {
+            let _ = writeln!(out, "      {line}");
+        }
+    }
+    out
 }
 
 fn hash(args: &HashArgs) -> Result<u8, Failure> {

@@ -176,7 +176,10 @@ fn bad_overrides_are_usage_errors() {
     let cache = tmp.path().join("cache");
     for (set, needle) in [
         ("nostage.x=1", "there is no stage `nostage`"),
-        ("counter.steps=\"many\"", "expected u64"),
+        (
+            "counter.steps=\"many\"",
+            "the value came from --set counter.steps",
+        ),
         ("counter=3", "expected STAGE.PARAM=VALUE"),
         ("counter.kind=\"x\"", "cannot be overridden"),
         ("words.matrix.nokey=[1]", "has no matrix key `nokey`"),

@@ -11,6 +11,7 @@
 //! * [`diagnostic`] turns any error into one JSON shape, with lines and columns.
 //! * [`decision`] is the typed answer to "cached or run, and why", shared by plans and runs.
 //! * [`executor`] runs what is not cached, in dependency order and in parallel.
+//! * [`params`] describes and checks a kind's parameters from their schema.
 //! * [`stage`] is the contract a stage kind implements; the engine knows nothing else about it.
 //! * [`store`] is the content-addressed cache: objects, trees, action records, checkpoints.
 
@@ -26,6 +27,7 @@ pub mod graph;
 pub mod hashing;
 pub mod lease;
 pub mod manifest;
+pub mod params;
 pub mod progress;
 pub mod slurm;
 pub mod stage;
@@ -33,5 +35,7 @@ pub mod store;
 
 pub use executor::{run, RunOptions, RunReport, StageOutcome};
 pub use manifest::{load_manifest, InstanceName, Manifest, ManifestOptions, StageInstance};
-pub use stage::{Command, InputArtifact, InputSlot, OutputSlot, Registry, Stage, StageContext};
+pub use stage::{
+    Command, InputArtifact, InputSlot, KindDoc, OutputSlot, Registry, Stage, StageContext,
+};
 pub use store::Store;

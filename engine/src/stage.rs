@@ -21,7 +21,7 @@ use crate::fingerprint::Fingerprint;
 use crate::progress::StageProgress;
 
 /// An input a stage kind accepts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct InputSlot {
     /// Name used in the manifest's `inputs` table.
     pub name: &'static str,
@@ -36,7 +36,7 @@ pub struct InputSlot {
 }
 
 /// An output a stage kind produces: a directory of files.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct OutputSlot {
     /// Name used to reference it as `stage.output`; the first output is the default.
     pub name: &'static str,
@@ -52,8 +52,10 @@ pub struct OutputSlot {
 pub trait Stage: Send + Sync + 'static {
     /// Parameters as written in the manifest. Use `#[serde(deny_unknown_fields)]` and defaults:
     /// the canonical serialisation of the parsed struct goes into the cache key, so writing a
-    /// default explicitly does not change the key.
-    type Params: DeserializeOwned + Serialize + Send + Sync + 'static;
+    /// default explicitly does not change the key. Derive `schemars::JsonSchema` too: the doc
+    /// comments of its fields are what `pipeline kinds KIND` shows, and its schema lets a
+    /// manifest's bad parameters be reported all at once, in words.
+    type Params: DeserializeOwned + Serialize + schemars::JsonSchema + Send + Sync + 'static;
 
     /// Kind name used in manifests (`kind = "..."`).
     const KIND: &'static str;
@@ -151,6 +153,7 @@ pub(crate) trait DynStage: Send + Sync {
     fn uses_input_labels(&self, params: &ParsedParams) -> bool;
     fn headline_files(&self) -> &'static [&'static str];
     fn summary_file(&self) -> Option<&'static str>;
+    fn params_schema(&self) -> serde_json::Value;
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()>;
     fn run(&self, params: &ParsedParams, ctx: &mut StageContext) -> miette::Result<()>;
 }
@@ -165,6 +168,8 @@ pub(crate) enum ParamError {
     },
     /// [`Stage::validate`] rejected the values.
     Invalid(String),
+    /// The deserializer rejected the table and its schema names every problem.
+    Problems(Vec<crate::params::ParamProblem>),
 }
 
 struct Kind<S>(PhantomData<fn() -> S>);
@@ -198,10 +203,19 @@ impl<S: Stage> DynStage for Kind<S> {
         table: toml::Spanned<toml::de::DeTable<'_>>,
     ) -> Result<ParsedParams, ParamError> {
         use serde::de::IntoDeserializer;
+        let kept = table.get_ref().clone();
         let value = <S::Params as serde::Deserialize>::deserialize(table.into_deserializer())
-            .map_err(|e| ParamError::Deserialize {
-                message: e.message().to_string(),
-                span: e.span(),
+            .map_err(|e| {
+                // Explain the rejection with every problem the schema can name, at once.
+                let problems = crate::params::problems(&self.params_schema(), &kept, &[]);
+                if problems.is_empty() {
+                    ParamError::Deserialize {
+                        message: e.message().to_string(),
+                        span: e.span(),
+                    }
+                } else {
+                    ParamError::Problems(problems)
+                }
             })?;
         S::validate(&value).map_err(ParamError::Invalid)?;
         let canonical = serde_json::to_value(&value)
@@ -229,6 +243,11 @@ impl<S: Stage> DynStage for Kind<S> {
     fn summary_file(&self) -> Option<&'static str> {
         S::summary_file()
     }
+    fn params_schema(&self) -> serde_json::Value {
+        schemars::SchemaGenerator::new(schemars::generate::SchemaSettings::draft2020_12())
+            .into_root_schema_for::<S::Params>()
+            .to_value()
+    }
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()> {
         S::fingerprint(typed::<S>(params), fp)
     }
@@ -251,6 +270,25 @@ pub trait Command: Send + Sync {
     fn about(&self) -> &'static str;
     /// Runs it with the arguments after its name; returns the process exit code.
     fn run(&self, args: Vec<std::ffi::OsString>) -> miette::Result<u8>;
+}
+
+/// A kind described for people and tools (`pipeline kinds KIND [--json]`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KindDoc {
+    /// Its name in manifests.
+    pub kind: &'static str,
+    /// Its implementation version.
+    pub version: &'static str,
+    /// One line on what it does.
+    pub summary: &'static str,
+    /// Its input slots.
+    pub inputs: &'static [InputSlot],
+    /// Its output slots.
+    pub outputs: &'static [OutputSlot],
+    /// Its parameters, from the params type's schema and docs.
+    pub params: Vec<crate::params::ParamDoc>,
+    /// The params type's JSON schema (draft 2020-12).
+    pub schema: serde_json::Value,
 }
 
 /// All stage kinds (and kind-specific subcommands) a `pipeline` binary knows.
@@ -284,6 +322,21 @@ impl Registry {
     /// The one-line summary of a kind.
     pub fn summary(&self, kind: &str) -> Option<&'static str> {
         self.kinds.get(kind).map(|k| k.summary())
+    }
+
+    /// Everything `pipeline kinds KIND` shows about a kind.
+    pub fn describe(&self, kind: &str) -> Option<KindDoc> {
+        let k = self.kinds.get(kind)?;
+        let schema = k.params_schema();
+        Some(KindDoc {
+            kind: k.kind(),
+            version: k.version(),
+            summary: k.summary(),
+            inputs: k.inputs(),
+            outputs: k.outputs(),
+            params: crate::params::param_docs(&schema),
+            schema,
+        })
     }
 
     /// Adds a kind-specific subcommand. A later registration of the same name replaces the

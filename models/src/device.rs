@@ -4,7 +4,9 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 /// `cpu` or `cuda`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// The host.

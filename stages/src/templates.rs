@@ -21,7 +21,7 @@ fn default_name() -> String {
 }
 
 /// A template choice as written in a manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     /// `instruction`, `code_snippet` or `custom`.
@@ -81,7 +81,7 @@ impl Rendered {
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum TemplateError {
     /// Unknown template name.
-    #[error("unknown template `{0}`")]
+    #[error("unknown template `{0}`; the templates are `instruction`, `code_snippet` and `custom` (with `prompt` and `response`)")]
     #[diagnostic(
         code(pipeline::template::unknown),
         help("use `instruction`, `code_snippet`, or `custom` with `prompt` and `response`")

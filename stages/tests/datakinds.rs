@@ -611,7 +611,7 @@ fn tokenize_uses_the_model_eos_and_masks_the_prompt() {
 /// a prepared directory.
 struct TinyModel;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct TinyModelParams {
     dir: PathBuf,

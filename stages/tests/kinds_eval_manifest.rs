@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// Test-only producer of a `model` artifact: copies a local directory.
 struct LocalModel;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LocalModelParams {
     dir: PathBuf,
@@ -58,7 +58,7 @@ impl Stage for LocalModel {
 /// Test-only producer of an `adapter` artifact holding only a loss curve.
 struct LocalMetrics;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct LocalMetricsParams {
     final_loss: String,

@@ -941,7 +941,7 @@ fn lora_train_rejects_bad_setups() {
 /// (the real `tokenize` kind lives in another module).
 struct FixtureTokens;
 
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct FixtureTokensParams {
     n: usize,

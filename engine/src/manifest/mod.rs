@@ -32,7 +32,7 @@
 //! drives them per instance, producers first. Instances are named by [`InstanceName`];
 //! references are parsed once into [`StageRef`]s.
 
-mod error;
+pub(crate) mod error;
 mod expand;
 mod matrix;
 mod names;

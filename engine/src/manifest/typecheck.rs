@@ -192,10 +192,43 @@ pub(super) fn params(
                 ))
             } else {
                 err.help(format!(
-                    "see the parameters of `{}` with `pipeline kinds`",
+                    "see the parameters of `{0}` with `pipeline kinds {0}`",
                     s.kind.kind()
                 ))
             });
+            None
+        }
+        Err(ParamError::Problems(problems)) => {
+            for p in problems {
+                // An overridden value has no place of its own in the file: it is given the
+                // stage's span.
+                let placed = p.span.filter(|sp| !sp.is_empty());
+                let from_override =
+                    !applied.is_empty() && placed.as_ref().is_none_or(|sp| *sp == s.span);
+                let err = invalid(&p.message);
+                let err = match placed {
+                    Some(span) => err.at(span, "here"),
+                    None => err.at(s.span.clone(), "in this stage"),
+                };
+                let help = if from_override {
+                    Some(format!(
+                        "the value came from {}",
+                        applied
+                            .iter()
+                            .map(|a| format!("--set {a}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                } else {
+                    p.help
+                };
+                errors.push(err.help(help.unwrap_or_else(|| {
+                    format!(
+                        "see the parameters of `{0}` with `pipeline kinds {0}`",
+                        s.kind.kind()
+                    )
+                })));
+            }
             None
         }
         Err(ParamError::Invalid(message)) => {

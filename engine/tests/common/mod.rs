@@ -36,7 +36,7 @@ fn read_inputs(ctx: &StageContext, slot: &str) -> miette::Result<String> {
 /// Writes `text`; `second` is a second output (of another artifact type).
 pub struct Emit;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmitParams {
     pub text: String,
@@ -79,7 +79,7 @@ impl Stage for Emit {
 /// Joins every input of its fan-in slot `parts`; can be told to fail.
 pub struct Join;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinParams {
     #[serde(default)]
@@ -121,7 +121,7 @@ impl Stage for Join {
 /// Upper-cases its single input `src`, optionally mixing in the seed.
 pub struct Upper;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpperParams {
     #[serde(default)]
@@ -204,14 +204,14 @@ impl Stage for Labels {
     }
 }
 
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmptyParams {}
 
 /// Copies an external file (keyed by its content).
 pub struct Source;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SourceParams {
     pub path: std::path::PathBuf,
@@ -258,7 +258,7 @@ fn spans_map() -> &'static Mutex<Spans> {
 /// the run to be cancelled, then fails as an interrupted stage does.
 pub struct Sleep;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SleepParams {
     pub tag: String,

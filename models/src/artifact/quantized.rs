@@ -40,7 +40,7 @@ pub fn is_quantized(dir: &Path) -> bool {
 }
 
 /// A storage format of quantized projections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum QuantFormat {
     /// 4-bit NormalFloat, blocks of 64 (QLoRA).

@@ -16,7 +16,9 @@ use crate::records::{Provenance, Record};
 use crate::templates::Template;
 
 /// How a problem is put to the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptStyle {
     /// The problem's prompt as it is (code completion: a base model continues a signature).

@@ -18,7 +18,7 @@ use super::{FilterError, Result};
 use crate::records::FieldSelection;
 
 /// How a scoring step keeps records: at most one of the three (default `threshold = 0.5`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeuristicStep {
     /// Options of the parser-based scorer.
@@ -32,7 +32,7 @@ pub struct HeuristicStep {
 }
 
 /// The `learned` step: phi-1's MiniLM + logistic-regression scorer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LearnedStep {
     /// Keep records with P(high quality) at least this.
@@ -70,7 +70,7 @@ impl Default for LearnedStep {
 }
 
 /// The `sample` step: `n` records drawn with the experiment seed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SampleStep {
     /// How many records to keep (all when fewer).
@@ -78,7 +78,7 @@ pub struct SampleStep {
 }
 
 /// One filter step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
     /// Exact duplicates (blake3 of normalised text).

@@ -37,7 +37,7 @@ pub struct LogisticRegression {
 }
 
 /// Options for fitting (manifest parameters).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainOptions {
     /// L2 penalty on the weights; must be positive.

@@ -37,7 +37,7 @@ pub struct EvalItem {
 }
 
 /// Options of [`decontaminate`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DecontamOptions {
     /// n-gram length in word tokens.

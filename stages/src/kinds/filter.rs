@@ -65,7 +65,7 @@ fn default_eval_id_field() -> String {
 }
 
 /// Parameters of the `filter` kind.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FilterParams {
     /// The steps, run in order.

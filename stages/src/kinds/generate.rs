@@ -41,7 +41,7 @@ use crate::evalsets::prompting::{pose, Posed, PromptStyle};
 use crate::python::sanitize::sanitize;
 
 /// Parameters of [`Generate`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerateParams {
     /// Most tokens generated per sample.

@@ -64,7 +64,7 @@ use crate::templates::{Template, TemplateSpec};
 use crate::tokenize::{tokenize_example, TextTokenizer, TokenizeOptions};
 
 /// Parameters of [`Likelihood`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LikelihoodParams {
     /// `completion` (the prompt as it is) or `instruct` (through the model's chat template).

@@ -42,7 +42,7 @@ use crate::artifacts::{AdapterArtifact, ModelArtifact, TokensArtifact, TrainSumm
 pub struct LoraTrainKind;
 
 /// Parameters of [`LoraTrainKind`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraTrainParams {
     /// LoRA rank.

@@ -28,7 +28,7 @@ use crate::artifacts::{FilesArtifact, ModelArtifact};
 pub struct ModelKind;
 
 /// Parameters of [`ModelKind`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelParams {
     /// Path inside the connected `files` artifact: a `.gguf` file or a Hugging Face model

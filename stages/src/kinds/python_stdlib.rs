@@ -44,7 +44,9 @@ use crate::records::Record;
 pub struct PythonStdlib;
 
 /// What to cut the standard library into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum StdlibMode {
     /// Documented, self-contained functions and methods ("textbook" data).
@@ -55,7 +57,7 @@ pub enum StdlibMode {
 }
 
 /// Parameters of `python-stdlib`; a field left out takes its [`Default`] value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PythonStdlibParams {
     /// The Python interpreter whose standard library is read (`python3`).

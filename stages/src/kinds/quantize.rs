@@ -36,7 +36,7 @@ fn default_true() -> bool {
 }
 
 /// Parameters of [`QuantizeKind`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeParams {
     /// The format.

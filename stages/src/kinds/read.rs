@@ -42,7 +42,7 @@ fn default_path_field() -> String {
 }
 
 /// Parameters of the `read` kind: [`ReadOptions`] plus `path`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReadParams {
     /// A file or directory inside the `files` input, or an external one when no input is

@@ -55,7 +55,7 @@ use crate::stats::{Metric, StatsOptions};
 pub struct Report;
 
 /// Parameters of [`Report`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReportParams {
     /// Page title.

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use crate::records::{Fields, Provenance, Record, RecordsError};
 
 /// Which reader to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Format {
     /// A directory is read as source files; a `.parquet` file as Parquet; any other file
@@ -45,7 +47,9 @@ pub enum Format {
 
 /// What to do with a record that cannot be read (malformed JSON, not an object, not UTF-8,
 /// lacking a mapped field).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorPolicy {
     /// Stop with an error naming the file and line/row.

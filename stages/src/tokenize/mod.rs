@@ -23,7 +23,9 @@ use crate::records::Record;
 use crate::templates::{Template, TemplateError, TemplateSpec};
 
 /// Which tokens are loss targets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LossOn {
     /// Only the response part (and EOS).
@@ -34,7 +36,7 @@ pub enum LossOn {
 }
 
 /// Options for [`tokenize_records`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenizeOptions {
     /// The template that turns records into text.
