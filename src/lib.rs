@@ -63,7 +63,7 @@ pub struct GlobalOptions {
 pub enum ErrorFormat {
     /// miette's graphical report.
     Human,
-    /// miette's JSON report.
+    /// One JSON object per error: message, code, help, causes, labels with file, line and column.
     Json,
 }
 

@@ -1178,3 +1178,70 @@ fn a_full_or_read_only_cache_is_named_in_the_error() {
         "no path named: {err}"
     );
 }
+
+/// A matrix value can be a table: its `name` names the instances, its other fields are
+/// `${key.field}` wherever the value reaches, including stages that inherit it.
+#[test]
+fn table_valued_matrix_values_carry_their_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = write(
+        tmp.path(),
+        "m.toml",
+        r#"
+[experiment]
+name = "tables"
+
+[src]
+kind = "write"
+matrix.data = [{ name = "a", text = "alpha", src = "src@a" }, { name = "b", text = "beta", src = "src@b" }]
+text = "${data.text}"
+
+[joined]
+kind = "concat"
+matrix.data = [{ name = "a", text = "alpha", src = "src@a" }, { name = "b", text = "beta", src = "src@b" }]
+inputs = { parts = ["${data.src}"] }
+upper = true
+"#,
+    );
+    let cache = tmp.path().join("c");
+    let outcomes = run_outcomes(&toy(&cache, &["run", manifest.to_str().unwrap(), "--json"]));
+    let names: Vec<&str> = outcomes.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(names, ["src@a", "src@b", "joined@a", "joined@b"]);
+    let show = toy(&cache, &["show", manifest.to_str().unwrap(), "src@b"]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains(r#""text":"beta""#));
+
+    // One value means one thing everywhere: other fields elsewhere are an error, at the place.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let last = text.rfind("\"beta\"").unwrap();
+    let conflicting = format!("{}\"BETA\"{}", &text[..last], &text[last + 6..]);
+    std::fs::write(&manifest, conflicting).unwrap();
+    let out = toy(&cache, &["plan", manifest.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out)
+            .contains("matrix value `b` of `data` has other fields in `joined` than in `src`"),
+        "{}",
+        stderr(&out)
+    );
+    // Tables and plain values do not mix in one key, and a table needs a name.
+    for (matrix, said) in [
+        (
+            r#"[{ name = "a", text = "x" }, "b"]"#,
+            "mixes tables and plain values",
+        ),
+        (r#"[{ text = "x" }]"#, "has no `name`"),
+        (
+            r#"[{ name = "a", text = "x" }, { name = "b" }]"#,
+            "has fields",
+        ),
+    ] {
+        std::fs::write(
+            &manifest,
+            format!("[experiment]\nname = \"t\"\n\n[src]\nkind = \"write\"\nmatrix.data = {matrix}\ntext = \"${{data}}\"\n"),
+        )
+        .unwrap();
+        let out = toy(&cache, &["plan", manifest.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{matrix}");
+        assert!(stderr(&out).contains(said), "{matrix}: {}", stderr(&out));
+    }
+}

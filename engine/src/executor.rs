@@ -407,7 +407,11 @@ impl<'m> Env<'m> {
                         output: r.output.clone(),
                         tree: tree.clone(),
                         base: r.stage.base.clone(),
-                        labels: r.stage.matrix.clone(),
+                        labels: r
+                            .stage
+                            .labels()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
                     })
                     .collect();
                 (slot.clone(), parts)
@@ -1067,7 +1071,11 @@ fn attempt(
                 path,
                 tree: tree.clone(),
                 base: r.stage.base.clone(),
-                labels: r.stage.matrix.clone(),
+                labels: r
+                    .stage
+                    .labels()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             });
         }
         inputs.insert(slot.clone(), list);

@@ -90,12 +90,7 @@ pub fn render(manifest: &Manifest, format: DagFormat) -> String {
                     name: name(i),
                     kind: s.kind,
                     base: &s.name.base,
-                    matrix: s
-                        .name
-                        .matrix
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect(),
+                    matrix: s.name.labels().collect(),
                 })
                 .collect();
             let edges: Vec<[&str; 2]> = edges.iter().map(|&(a, b)| [name(a), name(b)]).collect();

@@ -274,7 +274,7 @@ text = 3
             ),
             (
                 "manifest::param",
-                "invalid parameters for stage `words` (kind `emit`): invalid type: integer `3`, expected a string".to_string()
+                "invalid parameters for stage `words` (kind `emit`): `text` must be a string, got an integer".to_string()
             ),
         ]
     );
@@ -382,7 +382,10 @@ count = "many"
 "#,
         &[],
     );
-    assert_eq!(errors.len(), 2, "{errors:#?}");
+    // `b`: an unknown parameter and the missing one it misspells; `a`: once, though its matrix
+    // makes two instances.
+    assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(errors[0].1.contains("stage `b`"), "{errors:#?}");
-    assert!(errors[1].1.contains("stage `a`"), "{errors:#?}");
+    assert!(errors[1].1.contains("stage `b`"), "{errors:#?}");
+    assert!(errors[2].1.contains("stage `a`"), "{errors:#?}");
 }

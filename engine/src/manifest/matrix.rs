@@ -4,22 +4,87 @@
 use super::parse::RawStage;
 
 /// A matrix assignment: (key, value) pairs, keys in the manifest's key order.
+///
+/// A table-valued entry (`matrix.data = [{name = "textbook", records = "codealpaca"}]`) is the
+/// pair `(data, textbook)` followed by one derived pair per field, `(data.records,
+/// codealpaca)`: derived pairs travel with their value through inheritance and serve `${key.field}`
+/// substitution, and are left out of instance names (see [`is_derived`]).
 pub(super) type Assignment = Vec<(String, String)>;
 
-/// The order of matrix keys across the manifest: order of first declaration.
+/// The fields of table-valued matrix values: `(key, value name, [(field, text)])`.
+pub(super) type MatrixFields = Vec<(String, String, Vec<(String, String)>)>;
+
+/// Whether an assignment key is a table value's field (`data.records`) rather than a key.
+pub fn is_derived(key: &str) -> bool {
+    key.contains('.')
+}
+
+/// The order of matrix keys across the manifest: order of first declaration, each key's
+/// fields right after it.
 pub(super) fn key_order(stages: &[RawStage<'_>]) -> Vec<String> {
     let mut order: Vec<String> = Vec::new();
-    for (key, _) in stages.iter().flat_map(|s| &s.matrix) {
-        if !order.contains(key) {
-            order.push(key.clone());
+    for s in stages {
+        for (key, _) in &s.matrix {
+            if !order.contains(key) {
+                order.push(key.clone());
+            }
+            for (k, _, fields) in &s.matrix_fields {
+                for (field, _) in fields.iter().filter(|_| k == key) {
+                    let derived = format!("{key}.{field}");
+                    if !order.contains(&derived) {
+                        order.push(derived);
+                    }
+                }
+            }
         }
     }
     order
 }
 
-/// Every assignment of `matrix` (its cartesian product), keys sorted by `key_order`.
+/// `assignment` with the derived pairs of its table-valued entries appended.
+fn with_fields(mut assignment: Assignment, fields: &MatrixFields) -> Assignment {
+    let mut derived = Vec::new();
+    for (key, value) in &assignment {
+        for (k, v, fs) in fields {
+            if k == key && v == value {
+                derived.extend(fs.iter().map(|(f, t)| (format!("{key}.{f}"), t.clone())));
+            }
+        }
+    }
+    assignment.extend(derived);
+    assignment
+}
+
+/// Where two tables give one matrix value different fields (`(key, value, first table,
+/// other table)`): a value must mean the same everywhere, or inheritance would silently pair
+/// the wrong instances.
+pub(super) fn conflicting_fields(stages: &[RawStage<'_>]) -> Vec<(String, String, String, String)> {
+    /// (key, value, its fields, the table that declared it first)
+    type Declared<'a> = (&'a str, &'a str, &'a [(String, String)], &'a str);
+    let mut seen: Vec<Declared<'_>> = Vec::new();
+    let mut out = Vec::new();
+    for s in stages {
+        for (key, value, fields) in &s.matrix_fields {
+            match seen.iter().find(|(k, v, _, _)| k == key && v == value) {
+                Some((_, _, f, first)) if *f != fields.as_slice() => out.push((
+                    key.clone(),
+                    value.clone(),
+                    first.to_string(),
+                    s.name.clone(),
+                )),
+                Some(_) => {}
+                None => seen.push((key, value, fields, &s.name)),
+            }
+        }
+    }
+    out
+}
+
+/// Every assignment of `matrix` (its cartesian product) with the fields of its table values,
+/// keys sorted by `key_order`.
 pub(super) fn assignments(
     matrix: &[(String, Vec<String>)],
+    fields: &MatrixFields,
     key_order: &[String],
 ) -> Vec<Assignment> {
     let mut combos = vec![Vec::new()];
@@ -34,10 +99,14 @@ pub(super) fn assignments(
         }
         combos = next;
     }
-    for c in &mut combos {
-        sort_keys(c, key_order);
-    }
     combos
+        .into_iter()
+        .map(|c| {
+            let mut c = with_fields(c, fields);
+            sort_keys(&mut c, key_order);
+            c
+        })
+        .collect()
 }
 
 pub(super) fn sort_keys(assignment: &mut Assignment, key_order: &[String]) {
@@ -94,8 +163,12 @@ pub(super) fn substitute(text: &str, combo: &[(String, String)]) -> Result<Strin
 }
 
 /// Every resolution of `text` over a table's own matrix (to find what it may depend on).
-pub(super) fn substitute_all(text: &str, matrix: &[(String, Vec<String>)]) -> Vec<String> {
-    let mut out: Vec<String> = assignments(matrix, &[])
+pub(super) fn substitute_all(
+    text: &str,
+    matrix: &[(String, Vec<String>)],
+    fields: &MatrixFields,
+) -> Vec<String> {
+    let mut out: Vec<String> = assignments(matrix, fields, &[])
         .iter()
         .filter_map(|c| substitute(text, c).ok())
         .collect();
@@ -126,12 +199,12 @@ mod tests {
     fn assignments_are_the_cartesian_product_in_key_order() {
         let m = matrix(&[("seed", &["1", "2"]), ("data", &["a", "b"])]);
         let order = vec!["data".to_string(), "seed".to_string()];
-        let all = assignments(&m, &order);
+        let all = assignments(&m, &Vec::new(), &order);
         assert_eq!(all.len(), 4);
         assert_eq!(all[0], pairs(&[("data", "a"), ("seed", "1")]));
         assert_eq!(all[1], pairs(&[("data", "b"), ("seed", "1")]));
         assert_eq!(all[3], pairs(&[("data", "b"), ("seed", "2")]));
-        assert_eq!(assignments(&[], &order), vec![Vec::new()]);
+        assert_eq!(assignments(&[], &Vec::new(), &order), vec![Vec::new()]);
     }
 
     #[test]
@@ -145,8 +218,8 @@ mod tests {
         assert_eq!(substitute("${data", &combo).as_deref(), Ok("${data"));
         assert_eq!(substitute("plain", &combo).as_deref(), Ok("plain"));
         let m = matrix(&[("data", &["a", "b"])]);
-        assert_eq!(substitute_all("${data}", &m), ["a", "b"]);
-        assert_eq!(substitute_all("${other}", &m), ["${other}"]);
+        assert_eq!(substitute_all("${data}", &m, &Vec::new()), ["a", "b"]);
+        assert_eq!(substitute_all("${other}", &m, &Vec::new()), ["${other}"]);
     }
 
     #[test]

@@ -307,12 +307,33 @@ fn build_instances(
     doc: &Document<'_>,
     errors: &mut Vec<ManifestError>,
 ) -> Option<Vec<StageInstance>> {
+    let conflicts = matrix::conflicting_fields(&doc.stages);
+    for (key, value, first, other) in &conflicts {
+        let span = doc
+            .stages
+            .iter()
+            .find(|s| s.name == *other)
+            .map_or(0..0, |s| s.span.clone());
+        errors.push(
+            ManifestError::new(
+                "manifest::matrix",
+                format!(
+                    "matrix value `{value}` of `{key}` has other fields in `{other}` than in `{first}`"
+                ),
+            )
+            .at(span, "here")
+            .help("a value names one variant everywhere: give it the same fields in every table"),
+        );
+    }
+    if !conflicts.is_empty() {
+        return None;
+    }
     let key_order = matrix::key_order(&doc.stages);
     let Some(order) = resolve::table_order(&doc.stages, &doc.broken, errors) else {
         // The graph is broken, but parameters can still be checked, so that one pass reports
         // every problem.
         for s in &doc.stages {
-            if let Some(combo) = matrix::assignments(&s.matrix, &key_order)
+            if let Some(combo) = matrix::assignments(&s.matrix, &s.matrix_fields, &key_order)
                 .into_iter()
                 .next()
             {
@@ -334,7 +355,7 @@ fn build_instances(
     for table in order {
         let s = &doc.stages[table];
         let mut made = Vec::new();
-        for own in matrix::assignments(&s.matrix, &key_order) {
+        for own in matrix::assignments(&s.matrix, &s.matrix_fields, &key_order) {
             let inputs = expand::substitute_refs(s, &own, errors);
             for combo in expand::inherit(own, &inputs, s.kind.inputs(), &variants, &key_order) {
                 let connected = connect(s, &combo, &inputs, &tables, &variants, errors);

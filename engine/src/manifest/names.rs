@@ -36,9 +36,18 @@ impl InstanceName {
         Self::new(base, Vec::new())
     }
 
-    /// The matrix values, in declaration order (what the text form shows after `@`).
+    /// The matrix values, in declaration order (what the text form shows after `@`); a table
+    /// value's fields (`data.records`) are not among them.
     pub fn values(&self) -> impl Iterator<Item = &str> + '_ {
-        self.matrix.iter().map(|(_, v)| v.as_str())
+        self.labels().map(|(_, v)| v)
+    }
+
+    /// The (key, value) pairs that name this instance: its assignment without table fields.
+    pub fn labels(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.matrix
+            .iter()
+            .filter(|(k, _)| !super::matrix::is_derived(k))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// Whether `text` (a base name or a full instance name, as given to `--only`, `--force`
@@ -72,7 +81,7 @@ impl PartialEq<str> for InstanceName {
         let Some(rest) = text.strip_prefix(self.base.as_str()) else {
             return false;
         };
-        if self.matrix.is_empty() {
+        if self.values().next().is_none() {
             return rest.is_empty();
         }
         rest.strip_prefix('@')

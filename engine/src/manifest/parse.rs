@@ -11,6 +11,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::error::{did_you_mean, ManifestError};
+use super::matrix::MatrixFields;
 use super::names::{valid_name, Selector};
 use super::{Experiment, ManifestOptions};
 use crate::slurm::{Launch, SlurmOptions};
@@ -53,6 +54,8 @@ pub(super) struct RawStage<'s> {
     pub inputs: Vec<RawInput>,
     /// Its matrix: keys in declaration order, each with its values.
     pub matrix: Vec<(String, Vec<String>)>,
+    /// The fields of its table-valued matrix values (`matrix.data = [{name = "a", x = "1"}]`).
+    pub matrix_fields: MatrixFields,
     /// Where it runs under a cluster executor, if the table says (`launch`).
     pub launch: Option<Launch>,
     /// Its cluster resources (`[STAGE.slurm]`).
@@ -378,7 +381,8 @@ fn parse_stage<'s>(
         span,
         kind: kind?,
         inputs: inputs?,
-        matrix: matrix?,
+        matrix: matrix.as_ref()?.0.clone(),
+        matrix_fields: matrix?.1,
         launch: launch?,
         slurm: slurm?,
         params: Spanned::new(value.span(), params),
@@ -541,13 +545,16 @@ fn parse_inputs(
     ok.then_some(out)
 }
 
+/// A stage's matrix: keys with their values, and the fields of table-valued values.
+type ParsedMatrix = (Vec<(String, Vec<String>)>, MatrixFields);
+
 fn parse_matrix(
     stage: &str,
     table: &DeTable<'_>,
     errors: &mut Vec<ManifestError>,
-) -> Option<Vec<(String, Vec<String>)>> {
+) -> Option<ParsedMatrix> {
     let Some(matrix) = table.get("matrix") else {
-        return Some(Vec::new());
+        return Some((Vec::new(), Vec::new()));
     };
     let matrix_span = matrix.span();
     let DeValue::Table(matrix) = matrix.get_ref() else {
@@ -561,7 +568,19 @@ fn parse_matrix(
         return None;
     };
     let mut out = Vec::new();
+    let mut fields = Vec::new();
     for (key, values) in matrix.iter() {
+        if !valid_name(key.get_ref()) {
+            errors.push(
+                ManifestError::new(
+                    "manifest::matrix",
+                    format!("matrix key `{}` is not a plain name", key.get_ref()),
+                )
+                .at(key.span(), "here")
+                .help("use letters, digits, `_` and `-` (a `.` reaches a table value's field: `${key.field}`)"),
+            );
+            return None;
+        }
         let DeValue::Array(items) = values.get_ref() else {
             errors.push(
                 ManifestError::new(
@@ -572,6 +591,20 @@ fn parse_matrix(
             );
             return None;
         };
+        match table_values(key.get_ref(), items) {
+            Ok(None) => {}
+            Ok(Some(tables)) => {
+                fields.extend(tables);
+            }
+            Err((message, span)) => {
+                errors.push(
+                    ManifestError::new("manifest::matrix", message)
+                        .at(span, "here")
+                        .help("every value of a key is a table with a `name` (used in stage names) and the same other fields, e.g. `matrix.data = [{name = \"a\", records = \"x\"}, {name = \"b\", records = \"y\"}]`"),
+                );
+                return None;
+            }
+        }
         let vals = match matrix_values(items.iter()) {
             Ok(vals) => vals,
             Err(bad) => {
@@ -602,7 +635,7 @@ fn parse_matrix(
         .iter()
         .try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()));
     match count {
-        Some(n) if n <= MAX_INSTANCES => Some(out),
+        Some(n) if n <= MAX_INSTANCES => Some((out, fields)),
         _ => {
             let count = count.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string());
             errors.push(
@@ -679,8 +712,29 @@ fn apply_matrix_override(
     };
     let problem = match matrix_values(items.iter()) {
         Ok(values) => {
-            slot.1 = values;
-            return;
+            let declared: Vec<&str> = stage
+                .matrix_fields
+                .iter()
+                .filter(|(k, _, _)| k == key)
+                .map(|(_, v, _)| v.as_str())
+                .collect();
+            let undeclared: Vec<&String> = values
+                .iter()
+                .filter(|v| !declared.is_empty() && !declared.contains(&v.as_str()))
+                .collect();
+            if undeclared.is_empty() {
+                slot.1 = values;
+                return;
+            }
+            format!(
+                "{} not among the tables of matrix `{key}` ({}); an override picks from them by name",
+                undeclared
+                    .iter()
+                    .map(|v| format!("`{v}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                declared.join(", ")
+            )
         }
         Err(BadValues::Value { message, .. }) => message,
         Err(BadValues::Duplicate { value, .. }) => {
@@ -726,9 +780,83 @@ fn matrix_values<'a, 's: 'a>(
     Ok(values)
 }
 
+/// The fields of a key whose values are tables (`None` when they are plain values), or why
+/// they are not usable: each needs a `name`, the same other fields, and scalar field values.
+fn table_values(
+    key: &str,
+    items: &[Spanned<DeValue<'_>>],
+) -> Result<Option<MatrixFields>, (String, Range<usize>)> {
+    let tables = items.iter().filter(|i| i.get_ref().is_table()).count();
+    if tables == 0 {
+        return Ok(None);
+    }
+    let mut out: MatrixFields = Vec::new();
+    let mut first_fields: Option<Vec<String>> = None;
+    for item in items {
+        let DeValue::Table(t) = item.get_ref() else {
+            return Err((
+                format!("matrix `{key}` mixes tables and plain values"),
+                item.span(),
+            ));
+        };
+        let Some(name) = t.get("name") else {
+            return Err((
+                format!("a table value of matrix `{key}` has no `name`"),
+                item.span(),
+            ));
+        };
+        let name = matrix_value(name.get_ref()).map_err(|m| (m, name.span()))?;
+        let mut fs = Vec::new();
+        for (field, value) in t.iter() {
+            let field = field.get_ref().to_string();
+            if field == "name" {
+                continue;
+            }
+            let text = match value.get_ref() {
+                DeValue::String(s) => s.to_string(),
+                DeValue::Integer(i) => i.as_str().to_string(),
+                DeValue::Float(f) => f.as_str().to_string(),
+                DeValue::Boolean(b) => b.to_string(),
+                other => {
+                    return Err((
+                        format!(
+                            "field `{field}` of matrix value `{name}` must be a string, number or boolean, found {}",
+                            value_type(other)
+                        ),
+                        value.span(),
+                    ))
+                }
+            };
+            fs.push((field, text));
+        }
+        let names: Vec<String> = fs.iter().map(|(f, _)| f.clone()).collect();
+        match &first_fields {
+            None => first_fields = Some(names),
+            Some(first) if *first != names => {
+                return Err((
+                    format!(
+                        "matrix value `{name}` of `{key}` has fields {names:?}, the first has {first:?}"
+                    ),
+                    item.span(),
+                ))
+            }
+            Some(_) => {}
+        }
+        out.push((key.to_string(), name, fs));
+    }
+    Ok(Some(out))
+}
+
 /// A matrix value as it appears in stage names, or why it cannot be one.
 fn matrix_value(value: &DeValue<'_>) -> Result<String, String> {
     let v = match value {
+        // A table value is named by its `name` (its other fields are reached as `${key.field}`).
+        DeValue::Table(t) => {
+            return match t.get("name") {
+                Some(name) => matrix_value(name.get_ref()),
+                None => Err("a table matrix value needs a `name`".into()),
+            }
+        }
         DeValue::String(s) => s.to_string(),
         DeValue::Integer(i) => i.as_str().to_string(),
         DeValue::Boolean(b) => b.to_string(),

@@ -28,7 +28,7 @@ pub(super) fn table_order(
     let mut ok = true;
     for (consumer, s) in stages.iter().enumerate() {
         for (reference, span) in s.inputs.iter().flat_map(|input| &input.refs) {
-            for resolved in substitute_all(reference, &s.matrix) {
+            for resolved in substitute_all(reference, &s.matrix, &s.matrix_fields) {
                 let base = StageRef::parse(&resolved).target.base;
                 match by_name.get(base.as_str()) {
                     Some(&producer) => dag.add_edge(producer, consumer),
