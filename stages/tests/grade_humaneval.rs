@@ -147,3 +147,77 @@ fn mbpp_reference_solutions_pass() {
     assert!(failed.is_empty(), "{}", failed.join("\n"));
     assert!(!report.results[tasks.len()].passed);
 }
+
+/// A user's own JSONL problems (`evalset set = "jsonl"`): both test styles grade like the
+/// built-in sets (the references pass, a wrong answer fails), and a bad file names its line.
+#[test]
+fn custom_jsonl_problems_grade_like_the_builtin_sets() {
+    use pipeline_stages::evalsets::{load_problems_jsonl, EvalSetError};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mine.jsonl");
+    let lines = [
+        serde_json::json!({
+            "task_id": "mine/add",
+            "prompt": "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\"\n",
+            "entry_point": "add",
+            "canonical_solution": "    return a + b\n",
+            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+        }),
+        serde_json::json!({
+            "task_id": "mine/rev",
+            "prompt": "def rev(s):\n",
+            "entry_point": "rev",
+            "canonical_solution": "    return s[::-1]\n",
+            "test": "assert rev('abc') == 'cba'\nassert rev('') == ''\n",
+        }),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, &text).unwrap();
+    let tasks = load_problems_jsonl(&path).unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(
+        tasks[0].prompt,
+        "def add(a, b):\n    \"\"\"Sum of a and b.\"\"\""
+    );
+    let problems: Vec<_> = tasks.iter().map(|t| t.grader_problem()).collect();
+    let mut samples: Vec<Sample> = tasks
+        .iter()
+        .map(|t| Sample {
+            task_id: t.task_id.clone(),
+            completion: t.canonical_solution.clone().unwrap(),
+            extra: Default::default(),
+        })
+        .collect();
+    for t in &tasks {
+        samples.push(Sample {
+            task_id: t.task_id.clone(),
+            completion: "\n    return None\n".into(),
+            extra: Default::default(),
+        });
+    }
+    let report = grade_samples(&problems, &samples, &GradeOptions::default()).unwrap();
+    let passed: Vec<bool> = report.results.iter().map(|r| r.passed).collect();
+    assert_eq!(passed, [true, true, false, false], "{:#?}", report.results);
+
+    // A duplicated id, a missing field, and an empty file are refused with the line.
+    for (bad, said) in [
+        (
+            format!("{text}{}\n", lines[0]),
+            "line 3: task_id `mine/add` appears twice",
+        ),
+        (
+            "{\"task_id\": \"x\", \"prompt\": \"def f():\\n\", \"test\": \"assert True\"}\n"
+                .to_string(),
+            "line 1: missing field `entry_point`",
+        ),
+        ("\n\n".to_string(), "holds no problems"),
+    ] {
+        std::fs::write(&path, bad).unwrap();
+        match load_problems_jsonl(&path) {
+            Err(e @ EvalSetError::Malformed { .. }) => {
+                assert!(e.to_string().contains(said), "{e}")
+            }
+            other => panic!("{said}: {other:?}"),
+        }
+    }
+}

@@ -14,6 +14,7 @@
 //! Data files are read in place from the shared data directory (see [`shared_data_dir`]).
 
 mod humaneval;
+mod jsonl;
 mod mbpp;
 pub mod prompting;
 mod replication;
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use pipeline_models::generate::{seed_for_key, GenerateRequest};
 
 pub use humaneval::{load_humaneval, HUMANEVAL_FILE};
+pub use jsonl::load_problems_jsonl;
 pub use mbpp::{
     load_mbpp_sanitized, load_mbpp_test, mbpp_prompt, MBPP_FILE, MBPP_SANITIZED_FILE,
     MBPP_STOP_SEQUENCES, MBPP_TEST_IDS,
@@ -48,15 +50,18 @@ pub enum EvalKind {
     MbppTest,
     /// The replication's 10 instruction prompts, answered in an instruction template.
     Replication,
+    /// A user's own problems: HumanEval-format JSON Lines at a given path.
+    Jsonl,
 }
 
 impl EvalKind {
     /// Every set, in a fixed order.
-    pub const ALL: [EvalKind; 4] = [
+    pub const ALL: [EvalKind; 5] = [
         EvalKind::HumanEval,
         EvalKind::MbppSanitized,
         EvalKind::MbppTest,
         EvalKind::Replication,
+        EvalKind::Jsonl,
     ];
 
     /// Short stable name (`humaneval`, `mbpp_sanitized`, `mbpp_test`, `replication`).
@@ -66,6 +71,7 @@ impl EvalKind {
             EvalKind::MbppSanitized => "mbpp_sanitized",
             EvalKind::MbppTest => "mbpp_test",
             EvalKind::Replication => "replication",
+            EvalKind::Jsonl => "jsonl",
         }
     }
 }
@@ -163,7 +169,7 @@ pub enum EvalSetError {
     },
     /// An eval set name that is not one of [`EvalKind::ALL`].
     #[error(
-        "unknown eval set {0:?}; use one of: humaneval, mbpp_sanitized, mbpp_test, replication"
+        "unknown eval set {0:?}; use one of: humaneval, mbpp_sanitized, mbpp_test, replication, jsonl (your own problems at `path`)"
     )]
     UnknownSet(String),
     /// The instruction template has no `{instruction}` placeholder.
@@ -196,6 +202,11 @@ pub fn load_eval_set(
         EvalKind::MbppSanitized => load_mbpp_sanitized(&data_dir.join(MBPP_SANITIZED_FILE)),
         EvalKind::MbppTest => load_mbpp_test(&data_dir.join(MBPP_FILE)),
         EvalKind::Replication => replication_problems(instruction_template),
+        EvalKind::Jsonl => Err(EvalSetError::Malformed {
+            path: data_dir.to_path_buf(),
+            record: 0,
+            message: "set `jsonl` is read from its own file: give `path`".into(),
+        }),
     }
 }
 

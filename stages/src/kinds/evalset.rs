@@ -1,7 +1,11 @@
 //! `evalset`: an evaluation problem set as a `problems` artifact.
 //!
 //! Parameters:
-//! * `set`: `humaneval`, `mbpp_sanitized`, `mbpp_test` or `replication`.
+//! * `set`: `humaneval`, `mbpp_sanitized`, `mbpp_test`, `replication`, or `jsonl`: your own
+//!   problems, HumanEval-format JSON Lines (`task_id`, `prompt`, `entry_point`, `test`,
+//!   optional `canonical_solution`; see [`crate::evalsets::load_problems_jsonl`]) at `path`.
+//! * `path`: for `jsonl`, the file (relative to the manifest; its content is in the key), or
+//!   `source_file` inside a connected `files` input.
 //! * `data_dir`: the shared data directory holding `humaneval/` and `mbpp/` (relative paths
 //!   start at the manifest's directory). Required for the file-backed sets unless
 //!   `source_file` is used; there is deliberately no default, so a manifest always says
@@ -24,8 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{FilesArtifact, ProblemsArtifact};
 use crate::evalsets::{
-    load_eval_set, load_humaneval, load_mbpp_sanitized, load_mbpp_test, replication_problems,
-    EvalKind, DEFAULT_INSTRUCTION_TEMPLATE, HUMANEVAL_FILE, MBPP_FILE, MBPP_SANITIZED_FILE,
+    load_eval_set, load_humaneval, load_mbpp_sanitized, load_mbpp_test, load_problems_jsonl,
+    replication_problems, EvalKind, DEFAULT_INSTRUCTION_TEMPLATE, HUMANEVAL_FILE, MBPP_FILE,
+    MBPP_SANITIZED_FILE,
 };
 
 /// The `evalset` stage kind.
@@ -40,6 +45,10 @@ pub struct EvalSetParams {
     /// Shared data directory (holds `humaneval/` and `mbpp/`).
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// For `set = "jsonl"`: the problems file (HumanEval-format JSON Lines, optionally
+    /// gzip'd), relative to the manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
     /// A file inside the `files` input to read the set from instead of `data_dir`.
     #[serde(default)]
     pub source_file: Option<PathBuf>,
@@ -69,7 +78,7 @@ fn data_file(kind: EvalKind) -> Option<&'static str> {
         EvalKind::HumanEval => Some(HUMANEVAL_FILE),
         EvalKind::MbppSanitized => Some(MBPP_SANITIZED_FILE),
         EvalKind::MbppTest => Some(MBPP_FILE),
-        EvalKind::Replication => None,
+        EvalKind::Replication | EvalKind::Jsonl => None,
     }
 }
 
@@ -84,6 +93,7 @@ fn load_from_file(
         EvalKind::MbppSanitized => load_mbpp_sanitized(path),
         EvalKind::MbppTest => load_mbpp_test(path),
         EvalKind::Replication => replication_problems(template),
+        EvalKind::Jsonl => load_problems_jsonl(path),
     };
     loaded.map_err(|e| miette!("{e}"))
 }
@@ -148,6 +158,16 @@ impl Stage for EvalSet {
                 ));
             }
         }
+        if kind == EvalKind::Jsonl {
+            if p.data_dir.is_some() || p.path.is_some() == p.source_file.is_some() {
+                return Err("set `jsonl` reads your own file: give `path` (relative to the manifest), or `source_file` with an input `files`".into());
+            }
+        } else if p.path.is_some() {
+            return Err(format!(
+                "`path` is for `set = \"jsonl\"`; set `{}` is read from `data_dir` or `source_file`",
+                kind.name()
+            ));
+        }
         if data_file(kind).is_some() && p.data_dir.is_none() && p.source_file.is_none() {
             return Err(format!(
                 "set `{}` is read from files: give `data_dir` (the shared data directory) or \
@@ -166,6 +186,9 @@ impl Stage for EvalSet {
                 fp.file("data", &dir.join(file))?;
             }
         }
+        if let Some(path) = &p.path {
+            fp.file("path", path)?;
+        }
         Ok(())
     }
 
@@ -179,6 +202,13 @@ impl Stage for EvalSet {
             ));
         }
         let mut problems = match (&p.source_file, &p.data_dir) {
+            (None, _) if kind == EvalKind::Jsonl => {
+                let path = p
+                    .path
+                    .as_ref()
+                    .ok_or_else(|| miette!("set `jsonl` needs `path`"))?;
+                load_problems_jsonl(&ctx.resolve(path)).map_err(|e| miette!("{e}"))?
+            }
             (Some(file), _) => {
                 let dir = ctx.optional_input("files").ok_or_else(|| {
                     miette!(
