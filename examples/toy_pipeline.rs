@@ -205,6 +205,9 @@ impl Stage for Count {
     const KIND: &'static str = "count";
     const VERSION: &'static str = "1";
     const SUMMARY: &'static str = "a resumable loop over the input";
+    fn headline_metrics() -> &'static [&'static str] {
+        &["last_digits"]
+    }
     fn inputs() -> &'static [InputSlot] {
         &[InputSlot {
             name: "seed",
@@ -253,6 +256,7 @@ impl Stage for Count {
         std::fs::write(ctx.output_dir("out")?.join("data"), format!("{acc}\n"))
             .into_diagnostic()?;
         ctx.set_metadata("resumed_from_step", resumed_from);
+        ctx.set_metadata("last_digits", acc % 1000);
         Ok(())
     }
 }

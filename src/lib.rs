@@ -210,6 +210,22 @@ pub struct GcArgs {
     pub yes: bool,
 }
 
+/// `pipeline runs`.
+#[derive(clap::Args, Debug)]
+pub struct RunsArgs {
+    /// The experiment manifest (TOML) whose runs to compare.
+    pub manifest: PathBuf,
+    /// Only the last N runs.
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// Print the run records as JSON.
+    #[arg(long, conflicts_with = "markdown")]
+    pub json: bool,
+    /// Print the table as Markdown.
+    #[arg(long)]
+    pub markdown: bool,
+}
+
 /// `pipeline kinds`.
 #[derive(clap::Args, Debug)]
 pub struct KindsArgs {
@@ -242,6 +258,9 @@ pub enum Command {
     Show(ShowArgs),
     /// Remove cache entries not used by the given manifests and older than --keep-younger-than.
     Gc(GcArgs),
+    /// Every recorded run of a manifest side by side: when, commit, what changed, headline
+    /// metrics.
+    Runs(RunsArgs),
     /// Rehash every object; quarantine corrupt ones so the next run recomputes them.
     Verify,
     /// List the stage kinds this binary knows; with a kind, its inputs, outputs and every
@@ -621,6 +640,7 @@ fn dispatch(command: Command, context: &Context<'_>) -> Result<u8, Failure> {
         Command::Show(args) => show(&args, context),
         Command::Gc(args) => gc(&args, context),
         Command::Verify => verify(context),
+        Command::Runs(args) => runs(&args, context),
         Command::Kinds(args) => kinds(&args, context.registry),
         Command::Hash(args) => hash(&args),
     }
@@ -685,7 +705,11 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
     if let Some(jobs) = args.jobs {
         options.jobs = jobs;
     }
+    let started = unix_now();
     let report = pipeline_engine::run(&manifest, &store, &options).map_err(fail)?;
+    if options.worker.is_none() {
+        record_run(&manifest, &store, &report, args, started);
+    }
     if args.json {
         print_json(&report)?;
     } else {
@@ -704,6 +728,146 @@ fn run(args: &RunArgs, context: &Context<'_>) -> Result<u8, Failure> {
         return Ok(EXIT_INTERRUPTED);
     }
     Ok(if report.success() { 0 } else { EXIT_FAILED })
+}
+
+fn runs(args: &RunsArgs, context: &Context<'_>) -> Result<u8, Failure> {
+    let manifest = context.load(&ManifestArgs::plain(&args.manifest))?;
+    let store = context.open_store(Some(&manifest))?;
+    let (mut records, unreadable) =
+        pipeline_engine::runs::load(store.root(), &manifest.experiment.name);
+    for path in unreadable {
+        eprintln!("warning: skipping unreadable run record {}", path.display());
+    }
+    if let Some(n) = args.last {
+        let skip = records.len().saturating_sub(n);
+        records.drain(..skip);
+    }
+    if args.json {
+        return print_json(&records).map(|()| 0);
+    }
+    if records.is_empty() {
+        eprintln!(
+            "no runs of `{}` recorded in {} yet: `pipeline run {}` records one",
+            manifest.experiment.name,
+            store.root().display(),
+            args.manifest.display()
+        );
+        return Ok(0);
+    }
+    let table = pipeline_engine::runs::RunsTable::new(&records);
+    print!(
+        "{}",
+        if args.markdown {
+            table.markdown()
+        } else {
+            table.text()
+        }
+    );
+    Ok(0)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Leaves this run's record in the cache for `pipeline runs` (a failure to write it is a
+/// warning: the run itself is done).
+fn record_run(
+    manifest: &Manifest,
+    store: &Store,
+    report: &RunReport,
+    args: &RunArgs,
+    started: f64,
+) {
+    use pipeline_engine::runs::{is_headline, save, RunRecord, RunStage};
+    let stages = report
+        .stages
+        .iter()
+        .filter_map(|s| {
+            let instance = manifest.stage(&s.stage)?;
+            let status = serde_json::to_value(&s.outcome)
+                .ok()
+                .and_then(|o| o["status"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            let patterns = instance.headline_metrics();
+            let metrics = s
+                .key
+                .as_ref()
+                .filter(|_| !patterns.is_empty())
+                .and_then(|k| store.action(k))
+                .map(|record| {
+                    record
+                        .metadata
+                        .iter()
+                        .filter(|(k, _)| is_headline(k, patterns))
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(RunStage {
+                stage: s.stage.clone(),
+                kind: instance.kind.to_string(),
+                key: s.key.clone(),
+                status,
+                params: instance.params.canonical.clone(),
+                metrics,
+            })
+        })
+        .collect();
+    let (commit, dirty) = git_state(&manifest.path);
+    let record = RunRecord {
+        experiment: manifest.experiment.name.clone(),
+        manifest: manifest.path.clone(),
+        started_unix: started,
+        finished_unix: unix_now(),
+        commit,
+        dirty,
+        overrides: args.manifest.set.clone(),
+        only: args.selection.only.clone(),
+        status: if report.cancelled {
+            "interrupted"
+        } else if report.success() {
+            "ok"
+        } else {
+            "failed"
+        }
+        .into(),
+        stages,
+    };
+    if let Err(e) = save(store.root(), &record) {
+        tracing::warn!("cannot record this run for `pipeline runs`: {e}");
+    }
+}
+
+/// The commit checked out where `manifest` lives, and whether the manifest differs from it
+/// (both `None` outside a git repository or without git).
+fn git_state(manifest: &std::path::Path) -> (Option<String>, Option<bool>) {
+    let dir = manifest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(commit) = git(&["rev-parse", "HEAD"]) else {
+        return (None, None);
+    };
+    let name = manifest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let dirty =
+        name.and_then(|n: String| git(&["status", "--porcelain", "--", &n]).map(|s| !s.is_empty()));
+    (Some(commit), dirty)
 }
 
 /// Puts this Slurm job back in the queue (`scontrol requeue`): a worker does so after

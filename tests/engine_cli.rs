@@ -1245,3 +1245,62 @@ upper = true
         assert!(stderr(&out).contains(said), "{matrix}: {}", stderr(&out));
     }
 }
+
+/// Every run leaves a record; `pipeline runs` lines them up: what changed, headline metrics.
+#[test]
+fn runs_are_recorded_and_compared() {
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = write(tmp.path(), "m.toml", DIAMOND);
+    write(tmp.path(), "input.txt", "x");
+    let cache = tmp.path().join("cache");
+    let m = manifest.to_str().unwrap();
+    let out = toy(&cache, &["runs", m]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("no runs of"), "{}", stderr(&out));
+    run_outcomes(&toy(&cache, &["run", m, "--json"]));
+    run_outcomes(&toy(
+        &cache,
+        &["run", m, "--json", "--set", "counter.steps=9"],
+    ));
+    let out = toy(&cache, &["runs", m, "--json"]);
+    let records: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records[1]["overrides"],
+        serde_json::json!(["counter.steps=9"])
+    );
+    assert_eq!(records[0]["status"], "ok");
+    let counter = |r: &Value| {
+        r["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == "counter")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(counter(&records[1])["params"]["steps"], 9);
+    let digits = |r: &Value| counter(r)["metrics"]["last_digits"].as_f64().unwrap();
+    assert_ne!(
+        digits(&records[0]),
+        digits(&records[1]),
+        "the metric follows the run"
+    );
+
+    let table = String::from_utf8(toy(&cache, &["runs", m]).stdout).unwrap();
+    let changed = table.lines().find(|l| l.starts_with("changed")).unwrap();
+    assert!(changed.contains("counter.steps: "), "{table}");
+    assert!(changed.contains(" -> 9"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("counter.last_digits")),
+        "{table}"
+    );
+    let md =
+        String::from_utf8(toy(&cache, &["runs", m, "--markdown", "--last", "1"]).stdout).unwrap();
+    assert!(md.starts_with("| | #1 |\n|---|---|\n"), "{md}");
+    // gc leaves the history alone.
+    assert_eq!(toy(&cache, &["gc", m, "--yes"]).status.code(), Some(0));
+    let again: Value = serde_json::from_slice(&toy(&cache, &["runs", m, "--json"]).stdout).unwrap();
+    assert_eq!(again.as_array().unwrap().len(), 2);
+}

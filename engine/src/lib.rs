@@ -12,6 +12,7 @@
 //! * [`decision`] is the typed answer to "cached or run, and why", shared by plans and runs.
 //! * [`executor`] runs what is not cached, in dependency order and in parallel.
 //! * [`params`] describes and checks a kind's parameters from their schema.
+//! * [`runs`] keeps every run's record in the cache and lines runs up side by side.
 //! * [`stage`] is the contract a stage kind implements; the engine knows nothing else about it.
 //! * [`store`] is the content-addressed cache: objects, trees, action records, checkpoints.
 
@@ -29,6 +30,7 @@ pub mod lease;
 pub mod manifest;
 pub mod params;
 pub mod progress;
+pub mod runs;
 pub mod slurm;
 pub mod stage;
 pub mod store;

@@ -112,6 +112,13 @@ pub trait Stage: Send + Sync + 'static {
         None
     }
 
+    /// Numeric metadata keys (set with [`StageContext::set_metadata`]) that measure the result
+    /// rather than the work (`final_loss`, `mean_bits_per_byte`; a trailing `*` matches a
+    /// prefix, `pass@*`): `pipeline runs` compares them across runs.
+    fn headline_metrics() -> &'static [&'static str] {
+        &[]
+    }
+
     /// Adds whatever else determines the output to the key: external files (hashed by the
     /// engine through its stat cache), resolved revisions, tool versions.
     fn fingerprint(_params: &Self::Params, _fp: &mut Fingerprint) -> miette::Result<()> {
@@ -153,6 +160,7 @@ pub(crate) trait DynStage: Send + Sync {
     fn uses_input_labels(&self, params: &ParsedParams) -> bool;
     fn headline_files(&self) -> &'static [&'static str];
     fn summary_file(&self) -> Option<&'static str>;
+    fn headline_metrics(&self) -> &'static [&'static str];
     fn params_schema(&self) -> serde_json::Value;
     fn fingerprint(&self, params: &ParsedParams, fp: &mut Fingerprint) -> miette::Result<()>;
     fn run(&self, params: &ParsedParams, ctx: &mut StageContext) -> miette::Result<()>;
@@ -242,6 +250,9 @@ impl<S: Stage> DynStage for Kind<S> {
     }
     fn summary_file(&self) -> Option<&'static str> {
         S::summary_file()
+    }
+    fn headline_metrics(&self) -> &'static [&'static str] {
+        S::headline_metrics()
     }
     fn params_schema(&self) -> serde_json::Value {
         schemars::SchemaGenerator::new(schemars::generate::SchemaSettings::draft2020_12())

@@ -163,6 +163,11 @@ impl StageInstance {
         self.stage.summary_file()
     }
 
+    /// The metadata keys of its kind that measure results ([`crate::Stage::headline_metrics`]).
+    pub fn headline_metrics(&self) -> &'static [&'static str] {
+        self.stage.headline_metrics()
+    }
+
     /// Whether it runs as a cluster job under `executor`: the table's `launch` if given, else
     /// as a job unless its kind prefers the coordinator.
     pub fn launches_on_cluster(&self, executor: ExecutorKind) -> bool {

@@ -153,6 +153,10 @@ impl Stage for Filter {
     const SUMMARY: &'static str =
         "dedup, decontaminate, score (heuristic or learned) and sample records";
 
+    fn headline_metrics() -> &'static [&'static str] {
+        &["kept"]
+    }
+
     fn inputs() -> &'static [InputSlot] {
         INPUTS
     }

@@ -50,6 +50,10 @@ impl Stage for Grade {
     const VERSION: &'static str = "3";
     const SUMMARY: &'static str = "grade samples by sandboxed execution; pass@k";
 
+    fn headline_metrics() -> &'static [&'static str] {
+        &["pass@*"]
+    }
+
     fn inputs() -> &'static [InputSlot] {
         INPUTS
     }

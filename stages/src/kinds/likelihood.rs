@@ -134,6 +134,10 @@ impl Stage for Likelihood {
     const SUMMARY: &'static str =
         "score every problem's reference solution given its prompt: NLL and bits per byte";
 
+    fn headline_metrics() -> &'static [&'static str] {
+        &["mean_bits_per_byte"]
+    }
+
     fn inputs() -> &'static [InputSlot] {
         INPUTS
     }

@@ -176,6 +176,10 @@ impl Stage for LoraTrainKind {
     const SUMMARY: &'static str =
         "train LoRA adapters (QLoRA over a quantized base) with resumable checkpoints";
 
+    fn headline_metrics() -> &'static [&'static str] {
+        &["final_loss", "final_eval_loss"]
+    }
+
     fn inputs() -> &'static [InputSlot] {
         &[
             InputSlot {
