@@ -1865,3 +1865,51 @@ fn smollm2_likelihood_matches_transformers() {
     }
     eprintln!("largest relative NLL difference to transformers: {worst:.2e}");
 }
+
+/// A model from an `hf:model:` download knows its hub repository and commit (adapters trained
+/// on it name them as PEFT's `base_model_name_or_path` and `revision`); `hub_id` in the
+/// manifest says it for weights from elsewhere (a GGUF of a hub model); a local model has none.
+#[test]
+fn model_knows_its_hub_repository() {
+    let dirs = Dirs::new();
+    let files = hf_model(&dirs.root, LLAMA);
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::write(
+        files.join("download.json"),
+        serde_json::json!({
+            "source": "hf:model:org/tiny@main",
+            "type": "hf",
+            "resolved_revision": commit,
+            "files": [],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let from_hub = run_kind::<ModelKind>(&dirs, &model_params(None), &[("files", &files)], 0);
+    let info = ModelInfo::load(&from_hub).unwrap();
+    assert_eq!(info.hub_id.as_deref(), Some("org/tiny"));
+    assert_eq!(info.hub_revision.as_deref(), Some(commit));
+
+    let named = ModelParams {
+        hub_id: Some("HuggingFaceTB/SmolLM2-135M-Instruct".into()),
+        ..model_params(Some(hf_model(&dirs.root, LLAMA)))
+    };
+    let info = ModelInfo::load(&run_kind::<ModelKind>(&dirs, &named, &[], 0)).unwrap();
+    assert_eq!(
+        info.hub_id.as_deref(),
+        Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+    );
+    assert_eq!(info.hub_revision, None);
+
+    let local = run_kind::<ModelKind>(
+        &dirs,
+        &model_params(Some(hf_model(&dirs.root, LLAMA))),
+        &[],
+        0,
+    );
+    let info = ModelInfo::load(&local).unwrap();
+    assert_eq!((info.hub_id, info.hub_revision), (None, None));
+    // And model.json of a model without one is as before (no null fields).
+    let text = std::fs::read_to_string(local.join("model.json")).unwrap();
+    assert!(!text.contains("hub_id"), "{text}");
+}
