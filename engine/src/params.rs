@@ -61,7 +61,8 @@ pub fn param_docs(schema: &Value) -> Vec<ParamDoc> {
                 .get("description")
                 .or_else(|| resolve(prop, schema).get("description"))
                 .and_then(Value::as_str)
-                .map(str::to_string),
+                // Rustdoc links (`[`Name`]`) read as plain code to a manifest's author.
+                .map(|d| d.replace("[`", "`").replace("`]", "`")),
         })
         .collect()
 }

@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod chat;
 pub mod cli;
+pub mod corpus_stats;
 pub mod download;
 pub mod evalsets;
 pub mod filter;

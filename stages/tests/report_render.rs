@@ -183,6 +183,42 @@ fn answer_variant_names_match_across_kinds() {
     );
 }
 
+/// smollm2-quality.toml with one chain for every data variant (a table-valued `matrix.data`):
+/// the variants keep the names they had as separate `-textbook` tables.
+#[test]
+fn one_chain_for_all_variants_keeps_the_variant_names() {
+    let producers = [
+        Producer::plain("grade-greedy-base"),
+        Producer::with_labels("grade-greedy", &[("data", "textbook"), ("seed", "1")]),
+        Producer::with_labels("grade-greedy", &[("data", "messy"), ("seed", "1")]),
+        Producer::with_labels("likelihood-base", &[("bench", "humaneval")]),
+        Producer::with_labels(
+            "likelihood",
+            &[("data", "textbook"), ("seed", "2"), ("bench", "humaneval")],
+        ),
+        Producer::with_labels(
+            "likelihood",
+            &[("data", "filtered"), ("seed", "2"), ("bench", "humaneval")],
+        ),
+        Producer::plain("likelihood-nf4"),
+        Producer::plain("likelihood-instruction-base"),
+        Producer::with_labels(
+            "likelihood-instruction",
+            &[("data", "textbook"), ("seed", "1")],
+        ),
+        Producer::plain("likelihood-snippet-base"),
+        Producer::with_labels("likelihood-snippet", &[("data", "messy"), ("seed", "1")]),
+    ];
+    let dropped = ["seed".to_string(), "bench".to_string()];
+    assert_eq!(
+        answer_variant_names(&producers, &dropped),
+        [
+            "base", "textbook", "messy", "base", "textbook", "filtered", "nf4", "base", "textbook",
+            "base", "messy"
+        ]
+    );
+}
+
 /// Likelihoods of problems framed in a training template are a metric of their own: the
 /// report kind names the column after the template (from the likelihood summary), puts each
 /// score in the row of the same variant as its benchmark-framed score (`likelihood-snippet-base`

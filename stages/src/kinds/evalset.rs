@@ -40,7 +40,8 @@ pub struct EvalSet;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSetParams {
-    /// Set name (see [`EvalKind::name`]).
+    /// The set: `humaneval`, `mbpp_sanitized`, `mbpp_test`, `replication`, or `jsonl` (your
+    /// own HumanEval-format problems at `path`).
     pub set: String,
     /// Shared data directory (holds `humaneval/` and `mbpp/`).
     #[serde(default)]
@@ -119,7 +120,7 @@ impl Stage for EvalSet {
     //    it back), and a closing code fence is one more HumanEval stop sequence.
     const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
-        "an evaluation problem set (HumanEval, MBPP, replication prompts) as problems.jsonl";
+        "an evaluation problem set (HumanEval, MBPP, replication prompts, your own JSONL) as problems.jsonl";
 
     /// Seconds of reading a problem set: not worth a cluster job.
     fn runs_on_coordinator(_: &EvalSetParams) -> bool {

@@ -56,7 +56,8 @@ pub struct TokenizeOptions {
     /// Start a new shard once a shard would exceed this many tokens.
     pub shard_max_tokens: u64,
     /// EOS token (by text) overriding the tokenizer's own; needed for a tokenizer.json
-    /// without one of [`EOS_CANDIDATES`].
+    /// without one of `<|endoftext|>`, `</s>`, `<eos>`, `<|end_of_text|>`
+    /// ([`EOS_CANDIDATES`]).
     pub eos_token: Option<String>,
     /// BOS token (by text) overriding the tokenizer's own.
     pub bos_token: Option<String>,

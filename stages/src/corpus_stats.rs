@@ -1,0 +1,231 @@
+//! What a data variant is made of, measured the same way for every variant so they can be
+//! compared side by side: size, length distribution, lexical diversity (distinct-n),
+//! redundancy (compression ratio, exact and near duplicates).
+//!
+//! - **distinct-n**: distinct word n-grams over all n-grams, for n = 1..4 (Li et al., 2016); a
+//!   corpus that repeats itself scores low at every n.
+//! - **compression ratio**: raw bytes over gzip'd bytes (level 6) of the texts joined with
+//!   newlines, as datatrove's stats report it; higher means more repetition.
+//! - **exact duplicates**: records whose whitespace-normalised text occurred before.
+//! - **near duplicates**: records the near-dedup filter step would remove (MinHash + LSH with
+//!   Jaccard verification, its default settings), so the rate is what that step would cut.
+
+use std::collections::HashSet;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::filter::dedup::{exact_dedup, near_dedup, ExactDedupOptions, NearDedupOptions};
+
+/// A length distribution.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lengths {
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Lengths {
+    /// The distribution of `values` (all zero when empty).
+    pub fn of(values: &[f64]) -> Lengths {
+        if values.is_empty() {
+            return Lengths::default();
+        }
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        Lengths {
+            mean: sorted.iter().sum::<f64>() / sorted.len() as f64,
+            p50: at(0.5),
+            p90: at(0.9),
+            max: at(1.0),
+        }
+    }
+}
+
+/// The statistics of one corpus.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CorpusStats {
+    /// Records.
+    pub records: usize,
+    /// Total UTF-8 bytes of their texts.
+    pub bytes: u64,
+    /// Words (whitespace-separated) per record.
+    pub words: Lengths,
+    /// Model tokens per record, when a tokenizer was given.
+    pub tokens: Option<Lengths>,
+    /// Distinct word n-grams over all n-grams, n = 1..4.
+    pub distinct_n: [f64; 4],
+    /// Raw bytes over gzip'd bytes.
+    pub compression_ratio: f64,
+    /// Fraction of records repeating an earlier record's normalised text.
+    pub exact_duplicate_rate: f64,
+    /// Fraction of records the near-dedup step would remove.
+    pub near_duplicate_rate: f64,
+}
+
+/// Measures `texts` (`(id, text)` pairs); `count_tokens` gives a text's model tokens, if known.
+pub fn corpus_stats(
+    texts: &[(String, String)],
+    count_tokens: Option<&dyn Fn(&str) -> Result<usize, String>>,
+) -> Result<CorpusStats, String> {
+    let records = texts.len();
+    let bytes = texts.iter().map(|(_, t)| t.len() as u64).sum();
+    let words: Vec<f64> = texts
+        .iter()
+        .map(|(_, t)| t.split_whitespace().count() as f64)
+        .collect();
+    let tokens = match count_tokens {
+        Some(count) => {
+            let mut lengths = Vec::with_capacity(records);
+            for (_, t) in texts {
+                lengths.push(count(t)? as f64);
+            }
+            Some(Lengths::of(&lengths))
+        }
+        None => None,
+    };
+    let mut distinct_n = [0.0; 4];
+    for (i, d) in distinct_n.iter_mut().enumerate() {
+        *d = distinct(texts, i + 1);
+    }
+    let (exact_kept, _) = exact_dedup(texts, &ExactDedupOptions::default());
+    let (near_kept, _) =
+        near_dedup(texts, &NearDedupOptions::default()).map_err(|e| e.to_string())?;
+    let rate = |removed: usize| {
+        if records == 0 {
+            0.0
+        } else {
+            removed as f64 / records as f64
+        }
+    };
+    Ok(CorpusStats {
+        records,
+        bytes,
+        words: Lengths::of(&words),
+        tokens,
+        distinct_n,
+        compression_ratio: compression_ratio(texts),
+        exact_duplicate_rate: rate(records - exact_kept.len()),
+        near_duplicate_rate: rate(records - near_kept.len()),
+    })
+}
+
+/// Distinct word n-grams over all word n-grams (1 when there are none).
+fn distinct(texts: &[(String, String)], n: usize) -> f64 {
+    let mut seen: HashSet<Vec<&str>> = HashSet::new();
+    let mut total = 0usize;
+    for (_, t) in texts {
+        let words: Vec<&str> = t.split_whitespace().collect();
+        for gram in words.windows(n) {
+            total += 1;
+            seen.insert(gram.to_vec());
+        }
+    }
+    if total == 0 {
+        1.0
+    } else {
+        seen.len() as f64 / total as f64
+    }
+}
+
+fn compression_ratio(texts: &[(String, String)]) -> f64 {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    let mut raw = 0usize;
+    for (_, t) in texts {
+        // Writing into memory cannot fail.
+        let _ = gz.write_all(t.as_bytes());
+        let _ = gz.write_all(b"\n");
+        raw += t.len() + 1;
+    }
+    let packed = gz.finish().map(|v| v.len()).unwrap_or(0);
+    if packed == 0 {
+        1.0
+    } else {
+        raw as f64 / packed as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(texts: &[String]) -> Vec<(String, String)> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i.to_string(), t.clone()))
+            .collect()
+    }
+
+    /// Distinct, varied code against the same amount of one snippet repeated.
+    #[test]
+    fn a_repeated_corpus_is_less_diverse_and_more_redundant() {
+        let varied: Vec<String> = (0..200)
+            .map(|i| {
+                format!(
+                    "def f{i}(x{i}, y):\n    total_{i} = x{i} * {} + y - {}\n    return total_{i} // {}\n",
+                    i * 7 + 3,
+                    i % 13,
+                    i % 5 + 1
+                )
+            })
+            .collect();
+        let repeated: Vec<String> = (0..200).map(|_| varied[0].clone()).collect();
+        let a = corpus_stats(&corpus(&varied), None).unwrap_or_default();
+        let b = corpus_stats(&corpus(&repeated), None).unwrap_or_default();
+        assert_eq!((a.records, b.records), (200, 200));
+        for n in 0..4 {
+            assert!(
+                a.distinct_n[n] > 5.0 * b.distinct_n[n],
+                "n={}: {a:?} {b:?}",
+                n + 1
+            );
+        }
+        assert!(b.distinct_n[0] < 0.01, "{b:?}");
+        assert!(
+            b.compression_ratio > 3.0 * a.compression_ratio,
+            "{a:?} {b:?}"
+        );
+        assert_eq!(a.exact_duplicate_rate, 0.0);
+        assert!(
+            (b.exact_duplicate_rate - 199.0 / 200.0).abs() < 1e-9,
+            "{b:?}"
+        );
+        assert!(a.near_duplicate_rate < 0.05, "{a:?}");
+    }
+
+    /// Near copies (one word changed) are counted by the near-duplicate rate, not the exact one.
+    #[test]
+    fn near_copies_are_found() {
+        let base = "the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door";
+        let mut texts: Vec<String> = (0..20)
+            .map(|i| {
+                format!(
+                    "unrelated record number {i} talks about {} things entirely",
+                    i * 31
+                )
+            })
+            .collect();
+        texts.push(base.to_string());
+        texts.push(base.replace("door", "window"));
+        let s = corpus_stats(&corpus(&texts), None).unwrap_or_default();
+        assert_eq!(s.exact_duplicate_rate, 0.0);
+        assert!((s.near_duplicate_rate - 1.0 / 22.0).abs() < 1e-9, "{s:?}");
+        let counted =
+            corpus_stats(&corpus(&texts), Some(&|t: &str| Ok(t.len()))).unwrap_or_default();
+        assert_eq!(counted.tokens.map(|t| t.max), Some(base.len() as f64 + 2.0));
+    }
+
+    #[test]
+    fn lengths_of_nothing_are_zero() {
+        assert_eq!(Lengths::of(&[]), Lengths::default());
+        let l = Lengths::of(&[1.0, 2.0, 3.0, 4.0, 100.0]);
+        assert_eq!((l.p50, l.max, l.mean), (3.0, 100.0, 22.0));
+    }
+}
