@@ -69,10 +69,13 @@ pub struct CorpusStats {
     pub near_duplicate_rate: f64,
 }
 
+/// Counts a text's model tokens (or says why it cannot).
+pub type TokenCounter<'a> = &'a dyn Fn(&str) -> Result<usize, String>;
+
 /// Measures `texts` (`(id, text)` pairs); `count_tokens` gives a text's model tokens, if known.
 pub fn corpus_stats(
     texts: &[(String, String)],
-    count_tokens: Option<&dyn Fn(&str) -> Result<usize, String>>,
+    count_tokens: Option<TokenCounter<'_>>,
 ) -> Result<CorpusStats, String> {
     let records = texts.len();
     let bytes = texts.iter().map(|(_, t)| t.len() as u64).sum();
