@@ -36,6 +36,7 @@ pub fn registry() -> Registry {
         .register::<kinds::read::Read>()
         .register::<kinds::python_stdlib::PythonStdlib>()
         .register::<kinds::filter::Filter>()
+        .register::<kinds::data_stats::DataStatsKind>()
         .register::<kinds::tokenize::Tokenize>()
         .register::<kinds::model::ModelKind>()
         .register::<kinds::quantize::QuantizeKind>()

@@ -449,6 +449,7 @@ fn sample() -> ReportData {
             compare_paired("base", &base, "clean", &clean, &opts).unwrap(),
             compare_paired("base", &base, "messy", &messy, &opts).unwrap(),
         ],
+        data: vec![],
         filters: vec![FilterStats {
             dataset: "messy GitHub files".into(),
             total: 5000,
@@ -761,4 +762,128 @@ fn variant_from_grade_has_cis_and_rows() {
         rows[0].completions[1].outcome,
         "AssertionError; stopped after 256 tokens"
     );
+}
+
+/// `data-stats` measures each variant on the text its template renders, and a report given
+/// them as `data` shows the variants side by side: a corpus of one repeated record has low
+/// distinct-n, a high compression ratio and duplicate rates where a varied one has none.
+#[test]
+fn data_variants_are_measured_and_shown_side_by_side() {
+    use std::collections::BTreeMap;
+
+    use pipeline_engine::stage::InputArtifact;
+    use pipeline_engine::{Stage, StageContext};
+    use pipeline_stages::artifacts::{DataStatsArtifact, RecordsArtifact, ReportArtifact};
+    use pipeline_stages::kinds::data_stats::{DataStatsKind, DataStatsParams};
+    use pipeline_stages::kinds::report::{Report, ReportParams};
+    use pipeline_stages::records::{Provenance, Record};
+    use pipeline_stages::templates::TemplateSpec;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let artifact = |name: &str, path: std::path::PathBuf, labels: &[(&str, &str)]| InputArtifact {
+        stage: name.into(),
+        output: "out".into(),
+        path,
+        tree: String::new(),
+        base: name.split('@').next().unwrap_or(name).into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let mut stats_inputs = Vec::new();
+    for (variant, varied) in [("varied", true), ("repeated", false)] {
+        let records: Vec<Record> = (0..60)
+            .map(|i| {
+                let i = if varied { i } else { 0 };
+                Record::new(
+                    [(
+                        "content",
+                        format!(
+                            "def f{i}(a{i}):\n    return a{i} * {} + {}\n",
+                            i * 3 + 1,
+                            i % 7
+                        ),
+                    )]
+                    .into_iter()
+                    .collect(),
+                    Provenance::default(),
+                )
+            })
+            .collect();
+        let rec_dir = tmp.path().join(format!("records-{variant}"));
+        std::fs::create_dir_all(&rec_dir).unwrap();
+        RecordsArtifact::write(&rec_dir, &records, &serde_json::json!({})).unwrap();
+        let out = tmp.path().join(format!("stats-{variant}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut ctx = StageContext::standalone_with_artifacts(
+            "data-stats",
+            0,
+            BTreeMap::from([(
+                "records".to_string(),
+                vec![artifact("records", rec_dir, &[])],
+            )]),
+            BTreeMap::from([("stats".to_string(), out.clone())]),
+            tmp.path().join("ckpt"),
+        );
+        let params = DataStatsParams {
+            template: TemplateSpec {
+                name: "code_snippet".into(),
+                ..Default::default()
+            },
+        };
+        DataStatsKind::run(&params, &mut ctx).unwrap();
+        let stats = DataStatsArtifact::read(&out).unwrap();
+        assert_eq!(stats.stats.records, 60);
+        assert!(
+            stats.rendered_as.contains("code_snippet"),
+            "{}",
+            stats.rendered_as
+        );
+        stats_inputs.push(artifact(
+            &format!("data-stats@{variant}"),
+            out,
+            &[("data", variant)],
+        ));
+    }
+    let varied = DataStatsArtifact::read(&stats_inputs[0].path)
+        .unwrap()
+        .stats;
+    let repeated = DataStatsArtifact::read(&stats_inputs[1].path)
+        .unwrap()
+        .stats;
+    assert!(
+        varied.distinct_n[3] > 0.5 && repeated.distinct_n[3] < 0.05,
+        "{varied:?} {repeated:?}"
+    );
+    assert!(repeated.compression_ratio > 3.0 * varied.compression_ratio);
+    assert_eq!(varied.exact_duplicate_rate, 0.0);
+    assert!(repeated.exact_duplicate_rate > 0.95);
+
+    let out = tmp.path().join("report");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut ctx = StageContext::standalone_with_artifacts(
+        "report",
+        0,
+        BTreeMap::from([("data".to_string(), stats_inputs)]),
+        BTreeMap::from([("report".to_string(), out.clone())]),
+        tmp.path().join("ckpt2"),
+    );
+    Report::run(&ReportParams::default(), &mut ctx).unwrap();
+    let md = std::fs::read_to_string(out.join(ReportArtifact::MARKDOWN_FILE)).unwrap();
+    assert!(md.contains("## The data"), "{md}");
+    let row = |variant: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {variant} |")))
+            .unwrap_or_else(|| panic!("no row for {variant}: {md}"))
+            .to_string()
+    };
+    assert!(row("varied").contains("| 60 |"), "{md}");
+    assert!(
+        row("repeated").ends_with("| 98.3% | 98.3% |"),
+        "{}",
+        row("repeated")
+    );
+    let html = std::fs::read_to_string(out.join(ReportArtifact::HTML_FILE)).unwrap();
+    assert!(html.contains("<h2>The data</h2>"));
 }

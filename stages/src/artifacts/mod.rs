@@ -20,6 +20,7 @@
 //! | [`ReportArtifact`] | `report` | `report.md` + `report.html` + `report.json` | `report` |
 
 pub mod adapter;
+pub mod data_stats;
 pub mod files;
 pub mod filter_report;
 pub mod grades;
@@ -33,6 +34,7 @@ pub mod tokens;
 
 pub use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
 pub use adapter::{AdapterArtifact, TrainSummary};
+pub use data_stats::{DataStats, DataStatsArtifact};
 pub use files::{ArtifactFile, DownloadMeta, FilesArtifact};
 pub use filter_report::FilterReportArtifact;
 pub use grades::GradesArtifact;

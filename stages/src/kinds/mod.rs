@@ -3,13 +3,15 @@
 //! report progress. A kind reads and writes artifacts only through [`crate::artifacts`], never
 //! through another kind's module.
 //!
-//! Data side: [`download`] → [`read`] / [`python_stdlib`] → [`filter`] → [`tokenize`].
+//! Data side: [`download`] → [`read`] / [`python_stdlib`] → [`filter`] → [`tokenize`], and
+//! [`data_stats`] measuring each variant for the report.
 //!
 //! Model side: [`model`] → [`quantize`] → [`lora_train`].
 //!
 //! Evaluation side: [`evalset`] → [`generate`] → [`grade`] → [`report`], and [`evalset`] →
 //! [`likelihood`] → [`report`].
 
+pub mod data_stats;
 pub mod download;
 pub mod evalset;
 pub mod filter;

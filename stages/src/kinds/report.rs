@@ -21,8 +21,10 @@
 //!   (`bits/byte (code_snippet template)`), beside the benchmark-framed `bits/byte`; a variant
 //!   scored under its training template joins its row when the stage's name leaves the same
 //!   variant name (`likelihood-snippet-base` and `likelihood-base` are both `base`). A report
-//!   needs `grades` or `likelihoods`.
+//!   needs `grades`, `likelihoods` or `data`.
 //! * `filters` (many, optional, [`FilterReportArtifact`]s).
+//! * `data` (many, optional, [`DataStatsArtifact`]s): what each data variant is made of, shown
+//!   side by side (records, token lengths, distinct-n, compression, duplicates).
 //! * `problems` (optional, a [`ProblemsArtifact`]): gives the prompts of the side-by-side
 //!   completions (the completions themselves come from the graded results).
 //!
@@ -40,15 +42,17 @@ use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{
-    AdapterArtifact, FilterReportArtifact, GradesArtifact, LikelihoodArtifact, ProblemsArtifact,
-    ReportArtifact,
+    AdapterArtifact, DataStatsArtifact, FilterReportArtifact, GradesArtifact, LikelihoodArtifact,
+    ProblemsArtifact, ReportArtifact,
 };
 use crate::evalsets::EvalProblem;
 use crate::grade::stats::StatsError;
 use crate::grade::{compare_paired, pass_at_k, CompareOptions, GradeReport, Problem};
 use crate::report::answer::{build_answer, AnswerKeys, Observation};
 use crate::report::variants::{ancestor_of, variant_names, Producer};
-use crate::report::{completion_rows, CacheKey, FilterStats, LossPoint, ReportData, VariantReport};
+use crate::report::{
+    completion_rows, CacheKey, DataRow, FilterStats, LossPoint, ReportData, VariantReport,
+};
 use crate::stats::{Metric, StatsOptions};
 
 /// The `report` stage kind.
@@ -117,6 +121,13 @@ const INPUTS: &[InputSlot] = &[
         required: false,
         many: true,
         doc: "data-filter reports (report.json)",
+    },
+    InputSlot {
+        name: "data",
+        accepts: &[DataStatsArtifact::TYPE],
+        required: false,
+        many: true,
+        doc: "statistics of the data variants (one data-stats stage each)",
     },
     InputSlot {
         name: "problems",
@@ -194,10 +205,11 @@ impl Stage for Report {
 
         let grade_inputs = ctx.inputs("grades");
         let likelihood_inputs = ctx.inputs("likelihoods");
-        if grade_inputs.is_empty() && likelihood_inputs.is_empty() {
+        if grade_inputs.is_empty() && likelihood_inputs.is_empty() && ctx.inputs("data").is_empty()
+        {
             return Err(miette!(
-                help = "connect `grades` (grade stages) or `likelihoods` (likelihood stages)",
-                "stage `{}` has nothing to report: no `grades` and no `likelihoods` input",
+                help = "connect `grades` (grade stages), `likelihoods` (likelihood stages) or `data` (data-stats stages)",
+                "stage `{}` has nothing to report: no `grades`, `likelihoods` or `data` input",
                 ctx.stage_name()
             ));
         }
@@ -314,6 +326,16 @@ impl Stage for Report {
                     Err(e) => return Err(e.into()),
                 }
             }
+        }
+
+        let data_inputs = ctx.inputs("data");
+        let data_producers: Vec<Producer> = data_inputs.iter().map(producer).collect();
+        for (input, variant) in data_inputs.iter().zip(variant_names(&data_producers)) {
+            data.cache_keys.push(cite("data", input));
+            data.data.push(DataRow {
+                variant,
+                stats: DataStatsArtifact::read(&input.path)?,
+            });
         }
 
         for input in ctx.inputs("filters") {

@@ -193,6 +193,31 @@ pub fn render_html(data: &ReportData) -> String {
         out.push_str("</tbody></table></section>");
     }
 
+    if !data.data.is_empty() {
+        out.push_str("<section><h2>The data</h2><p>Each variant's records as its training template renders them. distinct-n: distinct word n-grams over all; compression: raw over gzip'd bytes (higher repeats more); near duplicates: what the near-dedup step would remove.</p><table><thead><tr><th>variant</th><th>records</th><th>tokens p50 / p90 / max</th><th>words p50</th><th>distinct-1</th><th>distinct-2</th><th>distinct-4</th><th>compression</th><th>exact dup</th><th>near dup</th></tr></thead><tbody>");
+        for r in &data.data {
+            let s = &r.stats.stats;
+            let tokens = s.tokens.as_ref().map_or_else(
+                || "–".to_string(),
+                |t| format!("{:.0} / {:.0} / {:.0}", t.p50, t.p90, t.max),
+            );
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{tokens}</td><td>{:.0}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+                escape(&r.variant),
+                s.records,
+                s.words.p50,
+                s.distinct_n[0],
+                s.distinct_n[1],
+                s.distinct_n[3],
+                s.compression_ratio,
+                pct(s.exact_duplicate_rate),
+                pct(s.near_duplicate_rate),
+            );
+        }
+        out.push_str("</tbody></table></section>");
+    }
+
     if !data.filters.is_empty() {
         out.push_str("<section><h2>Data filters</h2>");
         for f in &data.filters {

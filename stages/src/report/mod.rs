@@ -37,6 +37,9 @@ pub struct ReportData {
     pub comparisons: Vec<PairedComparison>,
     /// Data-filter statistics per dataset.
     pub filters: Vec<FilterStats>,
+    /// What each data variant is made of (from `data-stats` stages), side by side.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<DataRow>,
     /// Prompts with each variant's completion: tasks where the variants disagree first.
     pub completions: Vec<CompletionRow>,
     /// What the completions section shows, e.g. `5 of 164 tasks; the 3 where the variants
@@ -89,6 +92,16 @@ pub struct LossPoint {
     pub step: u64,
     /// Training loss at that step.
     pub loss: f64,
+}
+
+/// One data variant's statistics, as the report names the variant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataRow {
+    /// Variant name.
+    pub variant: String,
+    /// Its statistics.
+    pub stats: crate::artifacts::DataStats,
 }
 
 /// What a data filter kept and dropped.
