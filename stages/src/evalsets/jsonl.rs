@@ -6,12 +6,11 @@
 //! `prompt`, prompted and graded exactly as HumanEval's are.
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::Path;
 
 use pipeline_models::generate::HUMANEVAL_STOP_SEQUENCES;
 
-use super::{read_bytes, EvalKind, EvalProblem, EvalSetError};
+use super::{read_text, EvalKind, EvalProblem, EvalSetError};
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,24 +25,12 @@ struct Record {
 
 /// Loads problems from `path`; every malformed line is an error naming its line number.
 pub fn load_problems_jsonl(path: &Path) -> Result<Vec<EvalProblem>, EvalSetError> {
-    let raw = read_bytes(path)?;
     let malformed = |record: usize, message: String| EvalSetError::Malformed {
         path: path.to_path_buf(),
         record,
         message,
     };
-    let text = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_string(&mut s)
-            .map_err(|source| EvalSetError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        s
-    } else {
-        String::from_utf8(raw).map_err(|e| malformed(0, format!("not UTF-8: {e}")))?
-    };
+    let text = read_text(path)?;
     let mut seen = HashSet::new();
     let mut problems = Vec::new();
     for (i, line) in text.lines().enumerate() {

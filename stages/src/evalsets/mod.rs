@@ -229,6 +229,26 @@ pub fn generation_requests<E>(
         .collect()
 }
 
+/// The text of `path`, gunzipped when it is gzip'd (`.jsonl.gz` or plain `.jsonl` alike).
+fn read_text(path: &Path) -> Result<String, EvalSetError> {
+    let raw = read_bytes(path)?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&raw[..]), &mut s)
+            .map_err(|source| EvalSetError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(s)
+    } else {
+        String::from_utf8(raw).map_err(|e| EvalSetError::Malformed {
+            path: path.to_path_buf(),
+            record: 0,
+            message: format!("not UTF-8: {e}"),
+        })
+    }
+}
+
 fn read_bytes(path: &Path) -> Result<Vec<u8>, EvalSetError> {
     std::fs::read(path).map_err(|source| EvalSetError::Io {
         path: path.to_path_buf(),
