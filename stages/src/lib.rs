@@ -21,6 +21,7 @@ pub mod python;
 pub mod readers;
 pub mod records;
 pub mod report;
+pub mod similarity;
 pub mod snippet;
 pub mod stats;
 pub mod templates;
@@ -37,6 +38,7 @@ pub fn registry() -> Registry {
         .register::<kinds::python_stdlib::PythonStdlib>()
         .register::<kinds::filter::Filter>()
         .register::<kinds::data_stats::DataStatsKind>()
+        .register::<kinds::eval_similarity::EvalSimilarityKind>()
         .register::<kinds::tokenize::Tokenize>()
         .register::<kinds::model::ModelKind>()
         .register::<kinds::quantize::QuantizeKind>()

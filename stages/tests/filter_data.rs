@@ -163,6 +163,7 @@ fn full_chain_on_messy_with_eval_sets() {
             eval: &eval,
             seed: 0,
             learned: None,
+            embedder: None,
             on_step: &mut |_| Ok(()),
         },
     )

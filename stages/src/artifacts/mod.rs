@@ -17,6 +17,8 @@
 //! | [`SamplesArtifact`] | `samples` | `samples.jsonl` + `generation.json` | `generate` |
 //! | [`GradesArtifact`] | `grades` | `results.jsonl` + `summary.json` | `grade` |
 //! | [`LikelihoodArtifact`] | `likelihood` | `likelihood.jsonl` + `summary.json` | `likelihood` |
+//! | [`DataStatsArtifact`] | `data-stats` | `stats.json` | `data-stats` |
+//! | [`SimilarityArtifact`] | `similarity` | `similarity.json` | `eval-similarity` |
 //! | [`ReportArtifact`] | `report` | `report.md` + `report.html` + `report.json` | `report` |
 
 pub mod adapter;
@@ -30,6 +32,7 @@ pub mod problems;
 pub mod records;
 pub mod report;
 pub mod samples;
+pub mod similarity;
 pub mod tokens;
 
 pub use crate::json::{read_json, read_jsonl, write_json, write_jsonl, JsonError};
@@ -44,4 +47,5 @@ pub use problems::ProblemsArtifact;
 pub use records::RecordsArtifact;
 pub use report::ReportArtifact;
 pub use samples::{SampleLine, SamplesArtifact};
+pub use similarity::{EvalSimilarity, SimilarityArtifact, TaskSimilarity};
 pub use tokens::TokensArtifact;

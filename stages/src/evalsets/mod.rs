@@ -111,6 +111,18 @@ pub struct EvalProblem {
 }
 
 impl EvalProblem {
+    /// The task's reference code, for comparing training data with it: the code before the
+    /// completion and the reference solution (HumanEval's prompt + canonical solution), the
+    /// prompt alone when the set has no solution.
+    pub fn reference_code(&self) -> String {
+        let head = if self.code_prefix.is_empty() && self.canonical_solution.is_none() {
+            &self.prompt
+        } else {
+            &self.code_prefix
+        };
+        format!("{head}{}", self.canonical_solution.as_deref().unwrap_or(""))
+    }
+
     /// The grader's view of the problem.
     ///
     /// The grader runs `prompt + completion + "\n"`, then `test`, then `check(entry_point)`.

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::classifier::{LogisticRegression, TrainOptions, TrainReport};
-use super::decontam::{decontaminate, load_humaneval, load_mbpp, DecontamOptions, EvalItem};
+use super::decontam::{
+    decontaminate, decontaminate_by_ast, decontaminate_by_embedding, load_humaneval, load_mbpp,
+    DecontamOptions, EvalItem,
+};
 use super::dedup::{exact_dedup, near_dedup, ExactDedupOptions, NearDedupOptions};
 use super::embed::{EmbedOptions, MiniLmEmbedder};
 use super::heuristic::{score_records, HeuristicOptions};
@@ -16,6 +19,7 @@ use super::report::FilterReport;
 use super::select::{keep_by_score, sample, KeepOptions, KeepRule, SampleOptions};
 use super::{FilterError, Result};
 use crate::records::FieldSelection;
+use crate::similarity::ast::AstOptions;
 
 /// How a scoring step keeps records: at most one of the three (default `threshold = 0.5`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
@@ -69,6 +73,54 @@ impl Default for LearnedStep {
     }
 }
 
+/// The `decontaminate_embedding` step: phi-1's embedding check, removing records whose MiniLM
+/// embedding has cosine similarity at least `threshold` with an eval task's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddingDecontamStep {
+    /// Remove records with cosine at least this with some eval task.
+    pub threshold: f64,
+    /// MiniLM folder (or unpacked wheel root), when no `embedder` input is connected.
+    pub model_dir: Option<PathBuf>,
+    /// Tokens per text.
+    pub max_len: usize,
+    /// Texts per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for EmbeddingDecontamStep {
+    fn default() -> Self {
+        let e = EmbedOptions::default();
+        Self {
+            threshold: 0.9,
+            model_dir: None,
+            max_len: e.max_len,
+            batch_size: e.batch_size,
+        }
+    }
+}
+
+/// The `decontaminate_ast` step: removes records containing at least `threshold` of an eval
+/// task's syntax subtrees, names and constants normalized
+/// ([`crate::similarity::ast`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AstDecontamStep {
+    /// Remove records whose AST match rate with some eval task is at least this.
+    pub threshold: f64,
+    /// Smallest subtree (named nodes) that counts.
+    pub min_nodes: usize,
+}
+
+impl Default for AstDecontamStep {
+    fn default() -> Self {
+        Self {
+            threshold: 0.8,
+            min_nodes: AstOptions::default().min_nodes,
+        }
+    }
+}
+
 /// The `sample` step: `n` records drawn with the experiment seed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +139,10 @@ pub enum Step {
     NearDedup(NearDedupOptions),
     /// n-gram overlap with the eval sets.
     Decontaminate(DecontamOptions),
+    /// Embedding similarity to the eval sets.
+    DecontaminateEmbedding(EmbeddingDecontamStep),
+    /// Syntax-tree similarity to the eval sets.
+    DecontaminateAst(AstDecontamStep),
     /// Parser-based quality score.
     Heuristic(HeuristicStep),
     /// Learned quality score.
@@ -102,9 +158,29 @@ impl Step {
             Self::ExactDedup(_) => "exact_dedup",
             Self::NearDedup(_) => "near_dedup",
             Self::Decontaminate(_) => "decontaminate",
+            Self::DecontaminateEmbedding(_) => "decontaminate_embedding",
+            Self::DecontaminateAst(_) => "decontaminate_ast",
             Self::Heuristic(_) => "heuristic",
             Self::Learned(_) => "learned",
             Self::Sample(_) => "sample",
+        }
+    }
+
+    /// Whether the step compares records with the eval sets.
+    pub fn needs_eval(&self) -> bool {
+        matches!(
+            self,
+            Self::Decontaminate(_) | Self::DecontaminateEmbedding(_) | Self::DecontaminateAst(_)
+        )
+    }
+
+    /// Whether the step embeds texts with MiniLM, and the step's own model folder if it names
+    /// one.
+    pub fn embedder(&self) -> Option<Option<&Path>> {
+        match self {
+            Self::Learned(l) => Some(l.model_dir.as_deref()),
+            Self::DecontaminateEmbedding(e) => Some(e.model_dir.as_deref()),
+            _ => None,
         }
     }
 }
@@ -125,14 +201,18 @@ pub fn keep_rule(
     }
 }
 
-/// What the `learned` step trains on and embeds with.
+/// What the `learned` step trains on.
 pub struct LearnedInputs {
     /// High-quality example texts.
     pub positives: Vec<String>,
     /// Low-quality example texts.
     pub negatives: Vec<String>,
+}
+
+/// The MiniLM model of the steps that embed (`learned`, `decontaminate_embedding`).
+pub struct EmbedderSource {
     /// The MiniLM model folder.
-    pub embedder_dir: PathBuf,
+    pub dir: PathBuf,
     /// Where to embed.
     pub device: candle_core::Device,
 }
@@ -147,6 +227,8 @@ pub struct ChainInputs<'a> {
     pub seed: u64,
     /// Data of the `learned` step, loaded by the caller when the chain has one.
     pub learned: Option<LearnedInputs>,
+    /// The embedding model, when a step embeds.
+    pub embedder: Option<EmbedderSource>,
     /// Called before each step with a short description.
     pub on_step: &'a mut dyn FnMut(&str) -> Result<()>,
 }
@@ -176,13 +258,39 @@ pub fn run_steps(
         let (local, report) = match step {
             Step::ExactDedup(o) => exact_dedup(&view, o),
             Step::NearDedup(o) => near_dedup(&view, o)?,
-            Step::Decontaminate(o) => {
-                if inputs.eval.is_empty() {
-                    return Err(FilterError::InvalidOptions(
-                        "the `decontaminate` step has no eval sets".into(),
-                    ));
-                }
-                decontaminate(&view, inputs.eval, o)?
+            Step::Decontaminate(_) | Step::DecontaminateEmbedding(_) | Step::DecontaminateAst(_)
+                if inputs.eval.is_empty() =>
+            {
+                return Err(FilterError::InvalidOptions(format!(
+                    "the `{}` step has no eval sets",
+                    step.name()
+                )));
+            }
+            Step::Decontaminate(o) => decontaminate(&view, inputs.eval, o)?,
+            Step::DecontaminateAst(a) => decontaminate_by_ast(
+                &view,
+                inputs.eval,
+                a.threshold,
+                &AstOptions {
+                    min_nodes: a.min_nodes,
+                },
+            )?,
+            Step::DecontaminateEmbedding(e) => {
+                let source = inputs.embedder.as_ref().ok_or_else(no_embedder)?;
+                (inputs.on_step)("loading MiniLM")?;
+                let embedder = load_embedder(source, e.max_len, e.batch_size)?;
+                (inputs.on_step)("embedding")?;
+                let texts: Vec<&str> = view.iter().map(|r| r.1.as_str()).collect();
+                let record_emb = embedder.embed(&texts)?;
+                let eval_texts: Vec<&str> = inputs.eval.iter().map(|e| e.text.as_str()).collect();
+                let eval_emb = embedder.embed(&eval_texts)?;
+                decontaminate_by_embedding(
+                    &view,
+                    &record_emb,
+                    inputs.eval,
+                    &eval_emb,
+                    e.threshold as f32,
+                )?
             }
             Step::Heuristic(h) => {
                 let scores: Vec<f64> = score_records(&view, &h.scorer)?
@@ -203,11 +311,11 @@ pub fn run_steps(
             }
             Step::Learned(l) => {
                 let data = inputs.learned.as_ref().ok_or_else(|| {
-                    FilterError::InvalidOptions(
-                        "the `learned` step has no labelled examples or embedder".into(),
-                    )
+                    FilterError::InvalidOptions("the `learned` step has no labelled examples".into())
                 })?;
-                let (kept, report, trained) = run_learned(l, data, &view, inputs.on_step)?;
+                let source = inputs.embedder.as_ref().ok_or_else(no_embedder)?;
+                let (kept, report, trained) =
+                    run_learned(l, data, source, &view, inputs.on_step)?;
                 classifier = Some(trained);
                 (kept, report)
             }
@@ -229,23 +337,36 @@ pub fn run_steps(
     })
 }
 
+fn no_embedder() -> FilterError {
+    FilterError::Model("a step embeds texts but the chain has no embedding model".into())
+}
+
+fn load_embedder(
+    source: &EmbedderSource,
+    max_len: usize,
+    batch_size: usize,
+) -> Result<MiniLmEmbedder> {
+    MiniLmEmbedder::load(
+        &EmbedOptions {
+            model_dir: Some(source.dir.clone()),
+            max_len,
+            batch_size,
+        },
+        &source.device,
+    )
+}
+
 /// phi-1's learned scorer: train the classifier on the labelled examples, score the view,
 /// keep by the step's rule. The report gains the classifier's accuracies.
 fn run_learned(
     l: &LearnedStep,
     data: &LearnedInputs,
+    source: &EmbedderSource,
     view: &[&(String, String)],
     on_step: &mut dyn FnMut(&str) -> Result<()>,
 ) -> Result<(Vec<usize>, FilterReport, (LogisticRegression, TrainReport))> {
     on_step("loading MiniLM")?;
-    let embedder = MiniLmEmbedder::load(
-        &EmbedOptions {
-            model_dir: Some(data.embedder_dir.clone()),
-            max_len: l.max_len,
-            batch_size: l.batch_size,
-        },
-        &data.device,
-    )?;
+    let embedder = load_embedder(source, l.max_len, l.batch_size)?;
     on_step("training classifier")?;
     let pos: Vec<&str> = data.positives.iter().map(String::as_str).collect();
     let neg: Vec<&str> = data.negatives.iter().map(String::as_str).collect();
@@ -300,6 +421,7 @@ mod tests {
                 eval,
                 seed: 3,
                 learned: None,
+                embedder: None,
                 on_step: &mut on_step,
             },
         )
@@ -365,6 +487,7 @@ mod tests {
                 eval: &[],
                 seed: 0,
                 learned: None,
+                embedder: None,
                 on_step: &mut |_| Ok(()),
             },
         )

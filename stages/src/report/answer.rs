@@ -138,7 +138,7 @@ pub fn answer_variant_names(producers: &[Producer], dropped: &[String]) -> Vec<S
 }
 
 /// One seed's per-task scores: the seed's matrix values, and `(task, score)`.
-type SeedRow = (String, Vec<(String, f64)>);
+pub(crate) type SeedRow = (String, Vec<(String, f64)>);
 
 /// One benchmark's observations while the answer is built.
 #[derive(Default)]
@@ -289,7 +289,7 @@ pub fn build_answer(
 }
 
 /// Seed rows as [`SeededScores`] over the tasks every seed scored, in the first seed's order.
-fn seeded_scores(rows: &[SeedRow]) -> SeededScores {
+pub(crate) fn seeded_scores(rows: &[SeedRow]) -> SeededScores {
     let maps: Vec<BTreeMap<&str, f64>> = rows
         .iter()
         .map(|(_, s)| s.iter().map(|(t, v)| (t.as_str(), *v)).collect())

@@ -193,6 +193,10 @@ pub fn render_html(data: &ReportData) -> String {
         out.push_str("</tbody></table></section>");
     }
 
+    if !data.contamination.is_empty() || !data.nearest.is_empty() {
+        out.push_str(&contamination_html(data));
+    }
+
     if !data.data.is_empty() {
         out.push_str("<section><h2>The data</h2><p>Each variant's records as its training template renders them. distinct-n: distinct word n-grams over all; compression: raw over gzip'd bytes (higher repeats more); near duplicates: what the near-dedup step would remove.</p><table><thead><tr><th>variant</th><th>records</th><th>tokens p50 / p90 / max</th><th>words p50</th><th>distinct-1</th><th>distinct-2</th><th>distinct-4</th><th>compression</th><th>exact dup</th><th>near dup</th></tr></thead><tbody>");
         for r in &data.data {
@@ -305,5 +309,50 @@ pub fn render_html(data: &ReportData) -> String {
         out.push_str("</section>");
     }
     out.push_str("</main></body></html>\n");
+    out
+}
+
+/// The contamination tables and the most resembled eval tasks, with the nearest records'
+/// excerpts.
+fn contamination_html(data: &ReportData) -> String {
+    use super::contamination::{
+        caption, cells, nearest_cells, COLUMNS, HEADING, INTRO, NEAREST_COLUMNS,
+    };
+    let head = |cols: &[&str]| {
+        let th: String = cols.iter().map(|c| format!("<th>{}</th>", escape(c))).collect();
+        format!("<table><thead><tr>{th}</tr></thead><tbody>")
+    };
+    let mut out = format!(
+        "<section><h2>{}</h2><p>{}</p>",
+        escape(HEADING),
+        escape(INTRO)
+    );
+    for table in &data.contamination {
+        let _ = write!(out, "<h3>{}</h3>", escape(&caption(table)));
+        out.push_str(&head(&COLUMNS));
+        for row in &table.rows {
+            out.push_str("<tr>");
+            for c in cells(row) {
+                let _ = write!(out, "<td>{}</td>", escape(&c));
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</tbody></table>");
+    }
+    if !data.nearest.is_empty() {
+        out.push_str("<h3>The most resembled eval tasks</h3>");
+        let mut cols = NEAREST_COLUMNS.to_vec();
+        cols.push("excerpt");
+        out.push_str(&head(&cols));
+        for e in &data.nearest {
+            out.push_str("<tr>");
+            for c in nearest_cells(e) {
+                let _ = write!(out, "<td>{}</td>", escape(&c));
+            }
+            let _ = write!(out, "<td><pre>{}</pre></td></tr>", escape(&e.excerpt));
+        }
+        out.push_str("</tbody></table>");
+    }
+    out.push_str("</section>");
     out
 }

@@ -181,6 +181,10 @@ pub fn render_markdown(data: &ReportData) -> String {
         out.push_str(&data_table_markdown(&data.data));
     }
 
+    if !data.contamination.is_empty() || !data.nearest.is_empty() {
+        out.push_str(&contamination_markdown(data));
+    }
+
     if !data.filters.is_empty() {
         out.push_str("## Data filters\n\n");
         for f in &data.filters {
@@ -257,6 +261,38 @@ pub fn render_markdown(data: &ReportData) -> String {
             out.push_str("Manifest:\n\n");
             code_block(&mut out, "toml", &data.manifest);
         }
+    }
+    out
+}
+
+/// The contamination tables and the most resembled eval tasks.
+fn contamination_markdown(data: &ReportData) -> String {
+    use super::contamination::{caption, cells, nearest_cells, COLUMNS, HEADING, INTRO, NEAREST_COLUMNS};
+    let mut out = format!("## {HEADING}\n\n{}\n\n", escape(INTRO));
+    let header = |cols: &[&str]| {
+        format!(
+            "| {} |\n|{}\n",
+            cols.join(" | "),
+            "---|".repeat(cols.len())
+        )
+    };
+    for table in &data.contamination {
+        let _ = writeln!(out, "### {}\n", cell(&caption(table)));
+        out.push_str(&header(&COLUMNS));
+        for row in &table.rows {
+            let c = cells(row).map(|c| cell(&c));
+            let _ = writeln!(out, "| {} |", c.join(" | "));
+        }
+        out.push('\n');
+    }
+    if !data.nearest.is_empty() {
+        out.push_str("### The most resembled eval tasks\n\n");
+        out.push_str(&header(&NEAREST_COLUMNS));
+        for e in &data.nearest {
+            let c = nearest_cells(e).map(|c| cell(&c));
+            let _ = writeln!(out, "| {} |", c.join(" | "));
+        }
+        out.push('\n');
     }
     out
 }

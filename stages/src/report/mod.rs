@@ -8,6 +8,7 @@
 //! produced the results.
 
 pub mod answer;
+pub mod contamination;
 mod html;
 mod markdown;
 pub mod svg;
@@ -40,6 +41,12 @@ pub struct ReportData {
     /// What each data variant is made of (from `data-stats` stages), side by side.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub data: Vec<DataRow>,
+    /// Each trained variant's scores on the eval tasks its data resembles and on the rest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub contamination: Vec<contamination::ContaminationTable>,
+    /// The eval tasks most resembled by each variant's data, with the nearest record.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nearest: Vec<contamination::NearestExample>,
     /// Prompts with each variant's completion: tasks where the variants disagree first.
     pub completions: Vec<CompletionRow>,
     /// What the completions section shows, e.g. `5 of 164 tasks; the 3 where the variants
