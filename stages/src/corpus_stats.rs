@@ -9,6 +9,12 @@
 //! - **exact duplicates**: records whose whitespace-normalised text occurred before.
 //! - **near duplicates**: records the near-dedup filter step would remove (MinHash + LSH with
 //!   Jaccard verification, its default settings), so the rate is what that step would cut.
+//! - **embedding dispersion** ([`embedding_dispersion`], when an embedder is given): on a
+//!   sample chosen by content hash (the same texts every run, no seed), the mean pairwise
+//!   cosine distance of MiniLM embeddings (higher: more spread in meaning) and the number of
+//!   clusters that linking every pair at cosine `>= threshold` leaves (single linkage; a
+//!   corpus of paraphrases collapses into few clusters, a diverse one stays near the sample
+//!   size).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -67,6 +73,77 @@ pub struct CorpusStats {
     pub exact_duplicate_rate: f64,
     /// Fraction of records the near-dedup step would remove.
     pub near_duplicate_rate: f64,
+    /// Spread of the records' embeddings, when an embedder was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingDispersion>,
+}
+
+/// How spread out a corpus is in embedding space.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingDispersion {
+    /// Records in the sample.
+    pub sample: usize,
+    /// Mean of `1 - cosine` over all pairs of the sample.
+    pub mean_cosine_distance: f64,
+    /// Cosine at or above which two records are linked.
+    pub cluster_threshold: f64,
+    /// Clusters (connected groups under that linking, singletons included).
+    pub clusters: usize,
+}
+
+/// Indices of at most `n` of `texts`, chosen by the smallest blake3 hashes of their text: a
+/// fixed, content-determined sample (a corpus with added records keeps most of it).
+pub fn hash_sample(texts: &[(String, String)], n: usize) -> Vec<usize> {
+    let mut keyed: Vec<([u8; 32], usize)> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| (*blake3::hash(t.as_bytes()).as_bytes(), i))
+        .collect();
+    keyed.sort_unstable();
+    let mut picked: Vec<usize> = keyed.into_iter().take(n).map(|(_, i)| i).collect();
+    picked.sort_unstable();
+    picked
+}
+
+/// Dispersion of L2-normalised `vectors`: mean pairwise cosine distance and the clusters left
+/// by linking pairs at cosine `>= threshold`.
+pub fn embedding_dispersion(vectors: &[Vec<f32>], threshold: f64) -> EmbeddingDispersion {
+    let n = vectors.len();
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    let mut distance_sum = 0.0f64;
+    for i in 0..n {
+        for j in i + 1..n {
+            let cos: f64 = vectors[i]
+                .iter()
+                .zip(&vectors[j])
+                .map(|(a, b)| (a * b) as f64)
+                .sum();
+            distance_sum += 1.0 - cos;
+            if cos >= threshold {
+                let (a, b) = (root(&mut parent, i), root(&mut parent, j));
+                parent[a] = b;
+            }
+        }
+    }
+    let pairs = n * n.saturating_sub(1) / 2;
+    let clusters = (0..n).filter(|&i| root(&mut parent, i) == i).count();
+    EmbeddingDispersion {
+        sample: n,
+        mean_cosine_distance: if pairs == 0 {
+            0.0
+        } else {
+            distance_sum / pairs as f64
+        },
+        cluster_threshold: threshold,
+        clusters,
+    }
 }
 
 /// Counts a text's model tokens (or says why it cannot).
@@ -116,6 +193,7 @@ pub fn corpus_stats(
         compression_ratio: compression_ratio(texts),
         exact_duplicate_rate: rate(records - exact_kept.len()),
         near_duplicate_rate: rate(records - near_kept.len()),
+        embedding: None,
     })
 }
 
@@ -223,6 +301,29 @@ mod tests {
         let counted =
             corpus_stats(&corpus(&texts), Some(&|t: &str| Ok(t.len()))).unwrap_or_default();
         assert_eq!(counted.tokens.map(|t| t.max), Some(base.len() as f64 + 2.0));
+    }
+
+    #[test]
+    fn dispersion_of_copies_collapses_and_of_orthogonal_vectors_does_not() {
+        let same = vec![vec![1.0, 0.0]; 4];
+        let d = embedding_dispersion(&same, 0.9);
+        assert_eq!((d.sample, d.clusters), (4, 1));
+        assert!(d.mean_cosine_distance.abs() < 1e-9);
+        let spread = vec![
+            vec![1.0, 0.0, 0.0],
+            vec![0.0, 1.0, 0.0],
+            vec![0.0, 0.0, 1.0],
+        ];
+        let d = embedding_dispersion(&spread, 0.9);
+        assert_eq!(d.clusters, 3);
+        assert!((d.mean_cosine_distance - 1.0).abs() < 1e-9);
+        let texts: Vec<(String, String)> = (0..10)
+            .map(|i| (i.to_string(), format!("text {i}")))
+            .collect();
+        let a = hash_sample(&texts, 4);
+        assert_eq!(a.len(), 4);
+        assert_eq!(a, hash_sample(&texts, 4), "content-determined");
+        assert_eq!(hash_sample(&texts, 20).len(), 10);
     }
 
     #[test]

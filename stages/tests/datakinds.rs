@@ -871,3 +871,156 @@ fn tokenize_codealpaca_with_the_smollm2_tokenizer() {
     let text = tok.decode(&examples[0].0).unwrap();
     assert!(text.starts_with("### Instruction:\n"), "{text}");
 }
+
+/// phi-1's contamination analysis on constructed data where the answer is known: among
+/// unrelated code, a planted near-copy of HumanEval/0's solution and a copy with every name
+/// changed. The near-copy is nearest to HumanEval/0 under both measures; the renamed copy
+/// under the AST measure (it shares no 13-gram, so the n-gram step misses it); the pruning
+/// steps remove what their measure finds, naming the task.
+#[test]
+fn planted_copies_of_a_humaneval_solution_are_found_and_pruned() {
+    use pipeline_stages::artifacts::{ProblemsArtifact, SimilarityArtifact};
+    use pipeline_stages::evalsets::{load_eval_set, shared_data_dir, EvalKind};
+    use pipeline_stages::kinds::eval_similarity::EvalSimilarityKind;
+
+    let data = shared_data_dir().expect("the shared data folder (../shared/data)");
+    let problems = load_eval_set(EvalKind::HumanEval, &data, "").unwrap();
+    let task = &problems[0];
+    assert_eq!(task.task_id, "HumanEval/0");
+    let solution = task.reference_code();
+    // A near-copy: the docstring reworded, one comparison flipped, inside other code.
+    let near = format!(
+        "import math\n\n\n{}\n\n\nif __name__ == '__main__':\n    print(has_close_elements([1.0, 2.0], 0.5))\n",
+        solution
+            .replace("Check if in given list of numbers", "Tell whether, in the list of numbers,")
+            .replace("distance < threshold", "threshold > distance")
+    );
+    // Every name changed and the docstring reworded (a string is a string to the AST measure).
+    let open = solution.find("\"\"\"").unwrap() + 3;
+    let close = open + solution[open..].find("\"\"\"").unwrap();
+    let reworded = format!(
+        "{}Whether two of the values lie within limit of each other.{}",
+        &solution[..open],
+        &solution[close..]
+    );
+    let renamed = reworded
+        .replace("has_close_elements", "any_pair_within")
+        .replace("numbers", "values")
+        .replace("threshold", "limit")
+        .replace("idx2", "j")
+        .replace("idx", "i")
+        .replace("elem2", "b")
+        .replace("elem", "a")
+        .replace("distance", "gap");
+    let mut rows = vec![
+        serde_json::json!({"content": near}),
+        serde_json::json!({"content": renamed}),
+    ];
+    for i in 0..6 {
+        rows.push(serde_json::json!({"content": format!(
+            "import json\n\n\ndef load_{i}(path):\n    with open(path) as f:\n        return json.load(f)[{i}]\n\n\nclass Store{i}:\n    def __init__(self):\n        self.items = {{}}\n\n    def put(self, key, value):\n        self.items[key] = value\n"
+        )}));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let records = write_records_file(&tmp.path().join("recs"), &rows);
+    let problem_dir = tmp.path().join("problems");
+    std::fs::create_dir_all(&problem_dir).unwrap();
+    ProblemsArtifact::write(&problem_dir, &problems[..20]).unwrap();
+    let minilm = std::env::var_os("PIPELINE_MINILM_DIR")
+        .map(PathBuf::from)
+        .expect("PIPELINE_MINILM_DIR (scripts/fetch-test-assets.sh fetches the model)");
+
+    let (out, ctx) = run_kind::<EvalSimilarityKind>(
+        tmp.path(),
+        "sim",
+        serde_json::json!({"template": {"name": "code_snippet"}, "model_dir": minilm, "top_k": 2}),
+        &[
+            ("records", vec![records.clone()]),
+            ("problems", vec![problem_dir]),
+        ],
+    )
+    .unwrap();
+    let sim = SimilarityArtifact::read(&out["similarity"]).unwrap();
+    assert_eq!(sim.tasks.len(), 20);
+    assert_eq!(sim.records, 8);
+    let he0 = &sim.tasks[0];
+    let ast = he0.ast.as_ref().unwrap();
+    let ids: Vec<&str> = ast.nearest.iter().map(|n| n.record.as_str()).collect();
+    // The renamed copy is a full match; the near-copy loses the subtrees around the flipped
+    // comparison but is still far above any unrelated record.
+    assert_eq!(ids, ["fixture.jsonl:2", "fixture.jsonl:1"], "{ast:?}");
+    assert_eq!(ast.nearest[0].score, 1.0);
+    assert!(ast.nearest[1].score > 0.5, "{ast:?}");
+    let mut parser = pipeline_stages::python::PythonParser::new().unwrap();
+    for row in &rows[2..] {
+        let unrelated = pipeline_stages::similarity::ast::ast_match_rate(
+            &mut parser,
+            &solution,
+            row["content"].as_str().unwrap(),
+            &Default::default(),
+        );
+        assert!(unrelated < 0.2, "unrelated code matches {unrelated}");
+    }
+    let emb = he0.embedding.as_ref().unwrap();
+    assert_eq!(emb.nearest[0].record, "fixture.jsonl:1", "{emb:?}");
+    assert!(emb.best > 0.9, "the near-copy embeds close: {}", emb.best);
+    // No other task has a record this close.
+    for t in &sim.tasks[1..] {
+        assert!(
+            t.ast.as_ref().unwrap().best < 0.8,
+            "{}: {:?}",
+            t.task_id,
+            t.ast
+        );
+    }
+    assert_eq!(ctx.metadata()["tasks_with_ast_match_0.8"], 1);
+
+    // Pruning: the 13-gram step finds only the near-copy; the AST step the renamed copy at its
+    // default 0.8 and both at 0.5; the embedding step the near-copy; every removal names
+    // HumanEval/0.
+    let eval_dir = write_records_file(
+        &tmp.path().join("eval"),
+        &problems[..20]
+            .iter()
+            .map(|p| serde_json::json!({"task_id": p.task_id, "code": p.reference_code()}))
+            .collect::<Vec<_>>(),
+    );
+    for (step, removed) in [
+        (
+            serde_json::json!({"step": "decontaminate"}),
+            vec!["fixture.jsonl:1"],
+        ),
+        (
+            serde_json::json!({"step": "decontaminate_ast"}),
+            vec!["fixture.jsonl:2"],
+        ),
+        (
+            serde_json::json!({"step": "decontaminate_ast", "threshold": 0.5}),
+            vec!["fixture.jsonl:1", "fixture.jsonl:2"],
+        ),
+        (
+            serde_json::json!({"step": "decontaminate_embedding", "model_dir": minilm}),
+            vec!["fixture.jsonl:1"],
+        ),
+    ] {
+        let name = format!("{}-{}", step["step"].as_str().unwrap(), removed.len());
+        let (out, _) = run_kind::<Filter>(
+            tmp.path(),
+            &name,
+            serde_json::json!({"steps": [step], "text_field": "content", "eval_text_fields": ["code"]}),
+            &[("records", vec![records.clone()]), ("eval", vec![eval_dir.clone()])],
+        )
+        .unwrap();
+        let report = json(&out["report"].join("report.json"));
+        let got: Vec<&str> = report[0]["removed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, removed, "{name}: {report}");
+        for r in report[0]["removed"].as_array().unwrap() {
+            assert_eq!(r["matched"], "HumanEval/0", "{name}: {r}");
+        }
+    }
+}

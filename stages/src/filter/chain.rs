@@ -258,7 +258,9 @@ pub fn run_steps(
         let (local, report) = match step {
             Step::ExactDedup(o) => exact_dedup(&view, o),
             Step::NearDedup(o) => near_dedup(&view, o)?,
-            Step::Decontaminate(_) | Step::DecontaminateEmbedding(_) | Step::DecontaminateAst(_)
+            Step::Decontaminate(_)
+            | Step::DecontaminateEmbedding(_)
+            | Step::DecontaminateAst(_)
                 if inputs.eval.is_empty() =>
             {
                 return Err(FilterError::InvalidOptions(format!(
@@ -311,11 +313,12 @@ pub fn run_steps(
             }
             Step::Learned(l) => {
                 let data = inputs.learned.as_ref().ok_or_else(|| {
-                    FilterError::InvalidOptions("the `learned` step has no labelled examples".into())
+                    FilterError::InvalidOptions(
+                        "the `learned` step has no labelled examples".into(),
+                    )
                 })?;
                 let source = inputs.embedder.as_ref().ok_or_else(no_embedder)?;
-                let (kept, report, trained) =
-                    run_learned(l, data, source, &view, inputs.on_step)?;
+                let (kept, report, trained) = run_learned(l, data, source, &view, inputs.on_step)?;
                 classifier = Some(trained);
                 (kept, report)
             }

@@ -26,10 +26,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::report::FilterReport;
-use crate::similarity::ast::{AstIndex, AstOptions};
-use crate::similarity::{best_task_per_record, cosine_scores};
 use super::text::{ngram_hashes, word_tokens};
 use super::{FilterError, Result, TextRecord};
+use crate::similarity::ast::{AstIndex, AstOptions};
+use crate::similarity::{best_task_per_record, cosine_scores};
 
 /// One evaluation task as decontamination sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -226,10 +226,13 @@ pub fn decontaminate_by_ast<R: TextRecord + Sync>(
         "AST match rate",
     );
     report.extra.insert("threshold".into(), threshold);
-    report.extra.insert("min_nodes".into(), options.min_nodes as f64);
     report
         .extra
-        .insert("eval_items_without_subtrees".into(), index.empty_tasks() as f64);
+        .insert("min_nodes".into(), options.min_nodes as f64);
+    report.extra.insert(
+        "eval_items_without_subtrees".into(),
+        index.empty_tasks() as f64,
+    );
     Ok((kept_below(&best, threshold), report.finish(start)))
 }
 

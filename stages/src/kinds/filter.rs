@@ -55,7 +55,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{FilesArtifact, FilterReportArtifact, RecordsArtifact};
 use crate::filter::chain::{
-    keep_rule, load_eval_sets, run_steps, ChainInputs, EmbedderSource, LearnedInputs, LearnedStep, Step,
+    keep_rule, load_eval_sets, run_steps, ChainInputs, EmbedderSource, LearnedInputs, LearnedStep,
+    Step,
 };
 use crate::filter::decontam::{eval_items, EvalItem};
 use crate::filter::FilterError;
@@ -249,7 +250,11 @@ impl Stage for Filter {
         };
         let embedder = match p.steps.iter().find_map(Step::embedder) {
             Some(model_dir) => Some(EmbedderSource {
-                dir: super::minilm_dir(ctx, model_dir, "the `learned` or `decontaminate_embedding` step")?,
+                dir: super::minilm_dir(
+                    ctx,
+                    model_dir,
+                    "the `learned` or `decontaminate_embedding` step",
+                )?,
                 device: p.device.open()?,
             }),
             None => None,

@@ -176,8 +176,7 @@ pub fn contamination_tables(
                 for (metric, rows) in metrics.values() {
                     let scores = seeded_scores(rows);
                     for &threshold in thresholds.of(measure) {
-                        let is_similar =
-                            |t: &str| best.get(t).is_some_and(|&b| b >= threshold);
+                        let is_similar = |t: &str| best.get(t).is_some_and(|&b| b >= threshold);
                         let mut part = |similar: bool| {
                             let picked = subset(&scores, |t| is_similar(t) == similar);
                             let estimate = match estimate(variant, &picked, opts) {
@@ -236,8 +235,11 @@ fn similarity_of(
         .iter()
         .enumerate()
         .filter(|(_, (who, similarity))| {
-            let data: Vec<&(String, String)> =
-                who.labels.iter().filter(|(k, _)| k != benchmark_key).collect();
+            let data: Vec<&(String, String)> = who
+                .labels
+                .iter()
+                .filter(|(k, _)| k != benchmark_key)
+                .collect();
             !data.is_empty()
                 && data.iter().all(|kv| producer.labels.contains(kv))
                 && !scores.is_empty()
@@ -264,14 +266,19 @@ pub fn nearest_examples(
                 .filter_map(|t| Some((t, t.under(measure)?.nearest.first()?)))
                 .collect();
             tasks.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
-            out.extend(tasks.into_iter().take(per_measure).map(|(t, n)| NearestExample {
-                source: who.instance_name(),
-                measure,
-                task_id: t.task_id.clone(),
-                record: n.record.clone(),
-                score: n.score,
-                excerpt: n.excerpt.clone(),
-            }));
+            out.extend(
+                tasks
+                    .into_iter()
+                    .take(per_measure)
+                    .map(|(t, n)| NearestExample {
+                        source: who.instance_name(),
+                        measure,
+                        task_id: t.task_id.clone(),
+                        record: n.record.clone(),
+                        score: n.score,
+                        excerpt: n.excerpt.clone(),
+                    }),
+            );
         }
     }
     out
@@ -290,7 +297,13 @@ pub const INTRO: &str = "phi-1's contamination check (its Table 3): each trained
     nodes, names and constants normalized) found in the record.";
 
 /// Column headings of a contamination table.
-pub const COLUMNS: [&str; 5] = ["variant", "metric", "threshold", "similar tasks", "other tasks"];
+pub const COLUMNS: [&str; 5] = [
+    "variant",
+    "metric",
+    "threshold",
+    "similar tasks",
+    "other tasks",
+];
 
 /// A table's caption, e.g. `HumanEval, split by AST match rate`.
 pub fn caption(table: &ContaminationTable) -> String {
@@ -372,7 +385,10 @@ mod tests {
                 similarity(&[0.9, 0.95, 1.0, 0.85, 0.1, 0.2, 0.0, 0.3]),
             ),
             (
-                Producer::with_labels("similarity", &[("data", "textbook"), ("bench", "humaneval")]),
+                Producer::with_labels(
+                    "similarity",
+                    &[("data", "textbook"), ("bench", "humaneval")],
+                ),
                 similarity(&[0.0; 8]),
             ),
         ];
@@ -400,7 +416,10 @@ mod tests {
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(tables.len(), 1);
         let t = &tables[0];
-        assert_eq!((t.benchmark.as_str(), t.measure), ("HumanEval", Measure::Ast));
+        assert_eq!(
+            (t.benchmark.as_str(), t.measure),
+            ("HumanEval", Measure::Ast)
+        );
         let messy = t.rows.iter().find(|r| r.variant == "messy").unwrap();
         assert_eq!((messy.similar.tasks, messy.other.tasks), (4, 4));
         assert_eq!(messy.similar.estimate.as_ref().unwrap().mean, 1.0);

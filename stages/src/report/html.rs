@@ -198,7 +198,7 @@ pub fn render_html(data: &ReportData) -> String {
     }
 
     if !data.data.is_empty() {
-        out.push_str("<section><h2>The data</h2><p>Each variant's records as its training template renders them. distinct-n: distinct word n-grams over all; compression: raw over gzip'd bytes (higher repeats more); near duplicates: what the near-dedup step would remove.</p><table><thead><tr><th>variant</th><th>records</th><th>tokens p50 / p90 / max</th><th>words p50</th><th>distinct-1</th><th>distinct-2</th><th>distinct-4</th><th>compression</th><th>exact dup</th><th>near dup</th></tr></thead><tbody>");
+        out.push_str("<section><h2>The data</h2><p>Each variant's records as its training template renders them. distinct-n: distinct word n-grams over all; compression: raw over gzip'd bytes (higher repeats more); near duplicates: what the near-dedup step would remove; spread: mean pairwise cosine distance of MiniLM embeddings and clusters at cosine 0.9 on a sample (with an embedder).</p><table><thead><tr><th>variant</th><th>records</th><th>tokens p50 / p90 / max</th><th>words p50</th><th>distinct-1</th><th>distinct-2</th><th>distinct-4</th><th>compression</th><th>exact dup</th><th>near dup</th><th>spread (clusters / sample)</th></tr></thead><tbody>");
         for r in &data.data {
             let s = &r.stats.stats;
             let tokens = s.tokens.as_ref().map_or_else(
@@ -207,7 +207,7 @@ pub fn render_html(data: &ReportData) -> String {
             );
             let _ = write!(
                 out,
-                "<tr><td>{}</td><td>{}</td><td>{tokens}</td><td>{:.0}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.2}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{tokens}</td><td>{:.0}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&r.variant),
                 s.records,
                 s.words.p50,
@@ -217,6 +217,7 @@ pub fn render_html(data: &ReportData) -> String {
                 s.compression_ratio,
                 pct(s.exact_duplicate_rate),
                 pct(s.near_duplicate_rate),
+            super::spread_text(s),
             );
         }
         out.push_str("</tbody></table></section>");
@@ -319,7 +320,10 @@ fn contamination_html(data: &ReportData) -> String {
         caption, cells, nearest_cells, COLUMNS, HEADING, INTRO, NEAREST_COLUMNS,
     };
     let head = |cols: &[&str]| {
-        let th: String = cols.iter().map(|c| format!("<th>{}</th>", escape(c))).collect();
+        let th: String = cols
+            .iter()
+            .map(|c| format!("<th>{}</th>", escape(c)))
+            .collect();
         format!("<table><thead><tr>{th}</tr></thead><tbody>")
     };
     let mut out = format!(

@@ -267,15 +267,12 @@ pub fn render_markdown(data: &ReportData) -> String {
 
 /// The contamination tables and the most resembled eval tasks.
 fn contamination_markdown(data: &ReportData) -> String {
-    use super::contamination::{caption, cells, nearest_cells, COLUMNS, HEADING, INTRO, NEAREST_COLUMNS};
-    let mut out = format!("## {HEADING}\n\n{}\n\n", escape(INTRO));
-    let header = |cols: &[&str]| {
-        format!(
-            "| {} |\n|{}\n",
-            cols.join(" | "),
-            "---|".repeat(cols.len())
-        )
+    use super::contamination::{
+        caption, cells, nearest_cells, COLUMNS, HEADING, INTRO, NEAREST_COLUMNS,
     };
+    let mut out = format!("## {HEADING}\n\n{}\n\n", escape(INTRO));
+    let header =
+        |cols: &[&str]| format!("| {} |\n|{}\n", cols.join(" | "), "---|".repeat(cols.len()));
     for table in &data.contamination {
         let _ = writeln!(out, "### {}\n", cell(&caption(table)));
         out.push_str(&header(&COLUMNS));
@@ -302,9 +299,9 @@ fn data_table_markdown(rows: &[super::DataRow]) -> String {
     let mut out = String::from(
         "## The data\n\nEach variant's records as its training template renders them. distinct-n: \
          distinct word n-grams over all; compression: raw over gzip'd bytes (higher repeats more); \
-         near duplicates: what the near-dedup step would remove.\n\n\
-         | variant | records | tokens p50 / p90 / max | words p50 | distinct-1 | distinct-2 | distinct-4 | compression | exact dup | near dup |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         near duplicates: what the near-dedup step would remove; spread: mean pairwise cosine distance of MiniLM embeddings and clusters at cosine 0.9 on a sample (with an embedder).\n\n\
+         | variant | records | tokens p50 / p90 / max | words p50 | distinct-1 | distinct-2 | distinct-4 | compression | exact dup | near dup | spread (clusters / sample) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let s = &r.stats.stats;
@@ -314,7 +311,7 @@ fn data_table_markdown(rows: &[super::DataRow]) -> String {
         );
         let _ = writeln!(
             out,
-            "| {} | {} | {tokens} | {:.0} | {:.3} | {:.3} | {:.3} | {:.2} | {} | {} |",
+            "| {} | {} | {tokens} | {:.0} | {:.3} | {:.3} | {:.3} | {:.2} | {} | {} | {} |",
             cell(&r.variant),
             s.records,
             s.words.p50,
@@ -324,6 +321,7 @@ fn data_table_markdown(rows: &[super::DataRow]) -> String {
             s.compression_ratio,
             pct(s.exact_duplicate_rate),
             pct(s.near_duplicate_rate),
+            super::spread_text(s),
         );
     }
     out.push('\n');

@@ -409,3 +409,16 @@ pub fn escape(s: &str) -> String {
 pub(crate) fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
+
+/// A corpus's embedding spread for the data table: `0.712 (480 / 500)`, or `–` without one.
+fn spread_text(s: &crate::corpus_stats::CorpusStats) -> String {
+    s.embedding.as_ref().map_or_else(
+        || "–".to_string(),
+        |e| {
+            format!(
+                "{:.3} ({} / {})",
+                e.mean_cosine_distance, e.clusters, e.sample
+            )
+        },
+    )
+}

@@ -169,7 +169,10 @@ pub struct AstIndex {
 
 impl AstIndex {
     /// Indexes the code of each task (in order; task `i` of the scores is `codes[i]`).
-    pub fn new(codes: &[&str], options: &AstOptions) -> Result<Self, crate::python::GrammarMismatch> {
+    pub fn new(
+        codes: &[&str],
+        options: &AstOptions,
+    ) -> Result<Self, crate::python::GrammarMismatch> {
         PythonParser::new()?;
         let sets: Vec<Vec<u64>> = codes
             .par_iter()
@@ -263,21 +266,36 @@ mod tests {
         let partial = rate(SOLUTION, &changed);
         assert!(partial > 0.2 && partial < 0.5, "{partial}");
         let unrelated = "import json\n\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n\n\ndef main():\n    data = load('x.json')\n    print(sorted(data.items(), key=lambda kv: kv[1]))\n";
-        assert!(rate(SOLUTION, unrelated) < 0.1, "{}", rate(SOLUTION, unrelated));
+        assert!(
+            rate(SOLUTION, unrelated) < 0.1,
+            "{}",
+            rate(SOLUTION, unrelated)
+        );
         assert_eq!(rate(SOLUTION, "this is prose, not code at all"), 0.0);
-        assert_eq!(rate("x.y", SOLUTION), 0.0, "eval code without a large subtree");
+        assert_eq!(
+            rate("x.y", SOLUTION),
+            0.0,
+            "eval code without a large subtree"
+        );
     }
 
     #[test]
     fn index_agrees_with_the_pairwise_rate() {
-        let tasks = [SOLUTION, "def add(a, b):\n    \"\"\"Sum.\"\"\"\n    total = a + b\n    return total * 1\n"];
+        let tasks = [
+            SOLUTION,
+            "def add(a, b):\n    \"\"\"Sum.\"\"\"\n    total = a + b\n    return total * 1\n",
+        ];
         let index = AstIndex::new(&tasks, &AstOptions::default()).unwrap();
         assert_eq!(index.tasks(), 2);
-        let record = format!("{SOLUTION}\n\ndef other():\n    return [i * i for i in range(10) if i % 2]\n");
+        let record =
+            format!("{SOLUTION}\n\ndef other():\n    return [i * i for i in range(10) if i % 2]\n");
         let rates = index.match_rates_all(&[record.as_str()]);
         let mut p = PythonParser::new().unwrap();
         for &(t, r) in &rates[0] {
-            assert!((r - ast_match_rate(&mut p, tasks[t], &record, &AstOptions::default())).abs() < 1e-12);
+            assert!(
+                (r - ast_match_rate(&mut p, tasks[t], &record, &AstOptions::default())).abs()
+                    < 1e-12
+            );
         }
         assert_eq!(rates[0].first(), Some(&(0, 1.0)));
     }

@@ -20,7 +20,17 @@ use serde::{Deserialize, Serialize};
 /// A similarity measure between a training record and an eval task, in `[0, 1]` for the AST
 /// match rate and `[-1, 1]` for cosine (MiniLM's cosines of code are almost always positive).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Measure {
@@ -148,7 +158,8 @@ mod tests {
 
     #[test]
     fn nearest_ranks_by_score_then_record_order() {
-        let records: Vec<(String, String)> = (0..4).map(|i| (format!("r{i}"), "x".repeat(400))).collect();
+        let records: Vec<(String, String)> =
+            (0..4).map(|i| (format!("r{i}"), "x".repeat(400))).collect();
         let scores: SparseScores = vec![
             vec![(0, 0.5), (1, 0.9)],
             vec![(0, 0.7)],
@@ -164,7 +175,10 @@ mod tests {
         assert_eq!(n[2].best, 0.0);
         assert!(n[2].nearest.is_empty());
         let best = best_task_per_record(&scores);
-        assert_eq!(best, vec![Some((1, 0.9)), Some((0, 0.7)), None, Some((0, 0.7))]);
+        assert_eq!(
+            best,
+            vec![Some((1, 0.9)), Some((0, 0.7)), None, Some((0, 0.7))]
+        );
     }
 
     #[test]
