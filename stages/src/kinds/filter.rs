@@ -186,10 +186,8 @@ impl Stage for Filter {
                         return Err("`batch_size` and `max_len` must be positive".into());
                     }
                 }
-                Step::DecontaminateEmbedding(e) => {
-                    if e.batch_size == 0 || e.max_len == 0 {
-                        return Err("`batch_size` and `max_len` must be positive".into());
-                    }
+                Step::DecontaminateEmbedding(e) if e.batch_size == 0 || e.max_len == 0 => {
+                    return Err("`batch_size` and `max_len` must be positive".into());
                 }
                 Step::DecontaminateAst(a) if !(a.threshold > 0.0 && a.threshold <= 1.0) => {
                     return Err(format!(
