@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Direct use: `data_bench TASK [--reps N] [--warmup N] [--limit N] [--batch-size N] [--out DIR]` with TASK one
-//! of `tokenize`, `dedup`, `heuristic`, `embed`. Each run loads its inputs (untimed), runs
+//! of `tokenize`, `dedup`, `heuristic`, `embed`, `ast_similarity`. Each run loads its inputs (untimed), runs
 //! `--warmup` untimed passes and `--reps` timed ones over the whole input, and prints one JSON
 //! object: `{"task", "seconds": [...], "records", ...}`; the outputs that the driver compares
 //! with the peer's (token ids, removed records, scores, embeddings) go under `--out`.
@@ -302,6 +302,47 @@ fn bench_embed(args: &Args) -> Res<Value> {
     }))
 }
 
+/// The AST match rate search of the `eval-similarity` kind: index the reference code of all
+/// 164 HumanEval and 427 sanitized-MBPP tasks, score every messy file against every task,
+/// keep each task's 3 nearest files. Writes each task's best score (`ast_best.json`).
+fn bench_ast_similarity(args: &Args) -> Res<Value> {
+    use pipeline_stages::evalsets::{load_eval_set, EvalKind};
+    use pipeline_stages::similarity::ast::{AstIndex, AstOptions};
+    use pipeline_stages::similarity::nearest;
+
+    let recs = messy_texts(args.limit)?;
+    let data = shared_data_dir().ok_or("no shared data folder")?;
+    let mut codes: Vec<String> = Vec::new();
+    for kind in [EvalKind::HumanEval, EvalKind::MbppSanitized] {
+        codes.extend(
+            load_eval_set(kind, &data, "")?
+                .iter()
+                .map(|p| p.reference_code()),
+        );
+    }
+    // The peer scores the same code (it cannot load the eval sets the way we pose them).
+    std::fs::write(args.out.join("ast_codes.json"), serde_json::to_vec(&codes)?)?;
+    let opts = AstOptions::default();
+    let (seconds, best) = repeat(args.warmup, args.reps, || {
+        timed(|| {
+            let refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+            let index = AstIndex::new(&refs, &opts)?;
+            let texts: Vec<&str> = recs.iter().map(|(_, t)| t.as_str()).collect();
+            let scores = index.match_rates_all(&texts);
+            Ok(nearest(codes.len(), &recs, &scores, 3))
+        })
+    })?;
+    let best: Vec<f64> = best.iter().map(|n| n.best).collect();
+    std::fs::write(args.out.join("ast_best.json"), serde_json::to_vec(&best)?)?;
+    Ok(json!({
+        "seconds": seconds,
+        "records": recs.len(),
+        "tasks": codes.len(),
+        "min_nodes": opts.min_nodes,
+        "tasks_at_0.5": best.iter().filter(|&&b| b >= 0.5).count(),
+    }))
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("data_bench: {e}");
@@ -317,6 +358,7 @@ fn run() -> Res<()> {
         "dedup" => bench_dedup(&args)?,
         "heuristic" => bench_heuristic(&args)?,
         "embed" => bench_embed(&args)?,
+        "ast_similarity" => bench_ast_similarity(&args)?,
         other => return Err(format!("unknown task `{other}`").into()),
     };
     out["task"] = json!(args.task);
