@@ -53,3 +53,24 @@ fn every_manifest_plans_offline() {
         }
     }
 }
+
+/// The README's cheaper commands narrow the matrix with `--set`; every report of the flagship
+/// manifest names stages, not instances, so the manifest still plans.
+#[test]
+fn smollm2_plans_with_one_seed_and_one_benchmark() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/smollm2-quality.toml");
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .arg("--cache")
+        .arg(cache.path())
+        .args(["plan", manifest.to_str().unwrap(), "--only", "report-data"])
+        .args(["--set", "train.matrix.seed=[1]", "--set", "evals.matrix.bench=[\"humaneval\"]"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for wanted in ["similarity@messy,humaneval", "likelihood@filtered,1,humaneval", "report-data"] {
+        assert!(text.contains(wanted), "{wanted} missing:\n{text}");
+    }
+    assert!(!text.contains("train@messy,2"), "{text}");
+}
