@@ -457,7 +457,7 @@ fn sample() -> ReportData {
                 variant: EVIL.into(),
                 metric: pipeline_stages::stats::Metric::pass_at_1(),
                 threshold: 0.8,
-                similar: pipeline_stages::report::contamination::Bucket { tasks: 0, estimate: None },
+                similar: pipeline_stages::report::contamination::Bucket { tasks: 0, estimate: None, vs_baseline: None },
                 other: pipeline_stages::report::contamination::Bucket {
                     tasks: 164,
                     estimate: Some(pipeline_stages::stats::Estimate {
@@ -469,6 +469,7 @@ fn sample() -> ReportData {
                         seeds: 1,
                         per_seed_means: vec![0.1402],
                     }),
+                    vs_baseline: None,
                 },
             }],
         }],
@@ -590,7 +591,7 @@ fn html_is_escaped_and_well_formed() {
         "{md}"
     );
     assert!(
-        md.contains("| ≥ 0.8 | – (n=0) | 14.0% [9.2%, 19.5%] (n=164) |"),
+        md.contains("| ≥ 0.8 | – (n=0) | – | 14.0% [9.2%, 19.5%] (n=164) | – |"),
         "{md}"
     );
 }

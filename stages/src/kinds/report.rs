@@ -321,10 +321,17 @@ impl Stage for Report {
             data.cache_keys.push(cite("similarity", input));
             similarities.push((producer(input), SimilarityArtifact::read(&input.path)?));
         }
+        let baselines = data
+            .answer
+            .benchmarks
+            .iter()
+            .map(|t| (t.benchmark.clone(), t.baseline.clone()))
+            .collect();
         let (tables, contamination_notes) = contamination_tables(
             &observations,
             &similarities,
             &keys,
+            &baselines,
             &p.contamination,
             &StatsOptions::default(),
         );

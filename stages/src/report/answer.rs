@@ -171,23 +171,16 @@ pub fn build_answer(
             .find(|(who, _)| who.instance_name() == b || who.base == b)
             .map_or_else(|| b.to_string(), |(_, name)| name.clone())
     });
-    let label = |p: &Producer, key: &str| {
-        p.labels
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
 
     let mut tables: BTreeMap<String, Table> = BTreeMap::new();
     let mut answer = Answer::default();
     for (o, name) in observations.iter().zip(&names) {
         // An instance without the benchmark key (a stage that took one benchmark's instance,
         // `evals@humaneval`) belongs to the default benchmark's table.
-        let bench = Some(label(&o.producer, &keys.benchmark))
+        let bench = Some(o.producer.label(&keys.benchmark))
             .filter(|b| !b.is_empty())
             .unwrap_or_else(|| keys.default_benchmark.clone());
-        let seed: Vec<String> = keys.pooled.iter().map(|k| label(&o.producer, k)).collect();
+        let seed: Vec<String> = keys.pooled.iter().map(|k| o.producer.label(k)).collect();
         let Table {
             variants,
             metrics,

@@ -20,7 +20,7 @@ use super::answer::{
 use super::variants::Producer;
 use crate::artifacts::EvalSimilarity;
 use crate::similarity::Measure;
-use crate::stats::{estimate, Estimate, Metric, SeededScores, StatsOptions};
+use crate::stats::{compare, estimate, Comparison, Estimate, Metric, SeededScores, StatsOptions};
 
 /// Similarity thresholds per measure: each threshold gives one split of the eval tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -58,6 +58,10 @@ pub struct Bucket {
     pub tasks: usize,
     /// The pooled score with its interval (none when the part is empty).
     pub estimate: Option<Estimate>,
+    /// The variant against the benchmark's baseline (the answer's, e.g. the base model) on
+    /// the same tasks, paired: the gain on this part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vs_baseline: Option<Comparison>,
 }
 
 /// One variant's score split at one threshold.
@@ -104,11 +108,14 @@ pub struct NearestExample {
 }
 
 /// Splits of all observations that have a similarity artifact, plus notes on what could not
-/// be split. `similarities` are the report's `similarity` inputs with their producers.
+/// be split. `similarities` are the report's `similarity` inputs with their producers;
+/// `baselines` maps a benchmark to its baseline variant (the answer's), whose scores on the
+/// same parts each split variant is compared with.
 pub fn contamination_tables(
     observations: &[Observation],
     similarities: &[(Producer, EvalSimilarity)],
     keys: &AnswerKeys,
+    baselines: &BTreeMap<String, String>,
     thresholds: &ContaminationThresholds,
     opts: &StatsOptions,
 ) -> (Vec<ContaminationTable>, Vec<String>) {
@@ -120,25 +127,28 @@ pub fn contamination_tables(
     dropped.push(keys.benchmark.clone());
     let producers: Vec<Producer> = observations.iter().map(|o| o.producer.clone()).collect();
     let names = answer_variant_names(&producers, &dropped);
-    let label = |p: &Producer, key: &str| {
-        p.labels
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
 
     // (benchmark, similarity index) -> variant -> metric name -> (metric, seed rows).
     type Cells = BTreeMap<String, BTreeMap<String, (Metric, Vec<SeedRow>)>>;
     let mut groups: BTreeMap<(String, usize), Cells> = BTreeMap::new();
+    // Every observation by benchmark, variant and metric: where the baselines' scores are.
+    let mut all: BTreeMap<String, Cells> = BTreeMap::new();
     for (o, name) in observations.iter().zip(&names) {
+        let bench = Some(o.producer.label(&keys.benchmark))
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| keys.default_benchmark.clone());
+        let seed: Vec<String> = keys.pooled.iter().map(|k| o.producer.label(k)).collect();
+        all.entry(bench.clone())
+            .or_default()
+            .entry(name.clone())
+            .or_default()
+            .entry(o.metric.name.clone())
+            .or_insert_with(|| (o.metric.clone(), Vec::new()))
+            .1
+            .push((seed.join(","), o.scores.clone()));
         let Some(s) = similarity_of(&o.producer, &o.scores, similarities, &keys.benchmark) else {
             continue;
         };
-        let bench = Some(label(&o.producer, &keys.benchmark))
-            .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| keys.default_benchmark.clone());
-        let seed: Vec<String> = keys.pooled.iter().map(|k| label(&o.producer, k)).collect();
         let (_, rows) = groups
             .entry((bench, s))
             .or_default()
@@ -172,9 +182,14 @@ pub fn contamination_tables(
                     tables.len() - 1
                 }
             };
+            let baseline = baselines.get(&bench);
             for (variant, metrics) in &variants {
                 for (metric, rows) in metrics.values() {
                     let scores = seeded_scores(rows);
+                    let base_scores = baseline
+                        .filter(|b| *b != variant)
+                        .and_then(|b| Some((b, all.get(&bench)?.get(b)?.get(&metric.name)?)))
+                        .map(|(b, (_, rows))| (b, seeded_scores(rows)));
                     for &threshold in thresholds.of(measure) {
                         let is_similar = |t: &str| best.get(t).is_some_and(|&b| b >= threshold);
                         let mut part = |similar: bool| {
@@ -187,9 +202,17 @@ pub fn contamination_tables(
                                     None
                                 }
                             };
+                            let vs_baseline = match &base_scores {
+                                Some((b, base)) if !picked.tasks.is_empty() => {
+                                    let base = subset(base, |t| is_similar(t) == similar);
+                                    compare(b, &base, variant, &picked, metric, opts).ok()
+                                }
+                                _ => None,
+                            };
                             Bucket {
                                 tasks: picked.tasks.len(),
                                 estimate,
+                                vs_baseline,
                             }
                         };
                         tables[i].rows.push(ContaminationRow {
@@ -291,18 +314,20 @@ pub const HEADING: &str = "Is the gain in the tasks the data resembles?";
 pub const INTRO: &str = "phi-1's contamination check (its Table 3): each trained variant's \
     scores on the eval tasks its own training data resembles (best similarity of any training \
     record at or above the threshold) and on the other tasks, with 95% intervals and the task \
-    counts. A gain that lives only in the similar tasks points at the data resembling the test, \
-    not at better learning. Embedding cosine: MiniLM sentence embeddings of the record and the \
+    counts, and the gain over the baseline on each part (paired, same tasks). A gain that lives \
+    only in the similar tasks points at the data resembling the test, not at better learning. Embedding cosine: MiniLM sentence embeddings of the record and the \
     task's reference code. AST match rate: the share of the task's syntax subtrees (at least 4 \
     nodes, names and constants normalized) found in the record.";
 
 /// Column headings of a contamination table.
-pub const COLUMNS: [&str; 5] = [
+pub const COLUMNS: [&str; 7] = [
     "variant",
     "metric",
     "threshold",
     "similar tasks",
+    "gain there",
     "other tasks",
+    "gain there",
 ];
 
 /// A table's caption, e.g. `HumanEval, split by AST match rate`.
@@ -310,18 +335,32 @@ pub fn caption(table: &ContaminationTable) -> String {
     format!("{}, split by {}", table.benchmark, table.measure.title())
 }
 
-/// A row's cells in [`COLUMNS`] order, as text.
-pub fn cells(row: &ContaminationRow) -> [String; 5] {
+/// A row's cells in [`COLUMNS`] order, as text. A gain is the variant minus the baseline on
+/// the same tasks, in the metric's unit, with its interval (for bits/byte, negative is better).
+pub fn cells(row: &ContaminationRow) -> [String; 7] {
+    let unit = row.metric.unit;
     let bucket = |b: &Bucket| match &b.estimate {
-        Some(e) => format!("{} (n={})", estimate_text(e, row.metric.unit), b.tasks),
+        Some(e) => format!("{} (n={})", estimate_text(e, unit), b.tasks),
         None => format!("– (n={})", b.tasks),
+    };
+    let gain = |b: &Bucket| match &b.vs_baseline {
+        Some(c) => format!(
+            "{} [{}, {}] vs {}",
+            unit.format_diff(c.diff),
+            unit.format_diff(c.ci_low),
+            unit.format_diff(c.ci_high),
+            c.a
+        ),
+        None => "–".to_string(),
     };
     [
         row.variant.clone(),
         row.metric.name.clone(),
         format!("≥ {}", row.threshold),
         bucket(&row.similar),
+        gain(&row.similar),
         bucket(&row.other),
+        gain(&row.other),
     ]
 }
 
@@ -412,7 +451,9 @@ mod tests {
             bootstrap_resamples: 200,
             ..Default::default()
         };
-        let (tables, notes) = contamination_tables(&obs, &sims, &keys, &thresholds, &opts);
+        let baselines = BTreeMap::from([("HumanEval".to_string(), "base".to_string())]);
+        let (tables, notes) =
+            contamination_tables(&obs, &sims, &keys, &baselines, &thresholds, &opts);
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(tables.len(), 1);
         let t = &tables[0];
@@ -425,6 +466,10 @@ mod tests {
         assert_eq!(messy.similar.estimate.as_ref().unwrap().mean, 1.0);
         assert_eq!(messy.similar.estimate.as_ref().unwrap().seeds, 2);
         assert_eq!(messy.other.estimate.as_ref().unwrap().mean, 0.0);
+        // The whole gain over the base is in the similar tasks.
+        let gain = messy.similar.vs_baseline.as_ref().unwrap();
+        assert_eq!((gain.a.as_str(), gain.diff, gain.tasks), ("base", 1.0, 4));
+        assert_eq!(messy.other.vs_baseline.as_ref().unwrap().diff, 0.0);
         let textbook = t.rows.iter().find(|r| r.variant == "textbook").unwrap();
         assert_eq!((textbook.similar.tasks, textbook.other.tasks), (0, 8));
         assert!(textbook.similar.estimate.is_none());

@@ -270,7 +270,8 @@ fn contamination_markdown(data: &ReportData) -> String {
     use super::contamination::{
         caption, cells, nearest_cells, COLUMNS, HEADING, INTRO, NEAREST_COLUMNS,
     };
-    let mut out = format!("## {HEADING}\n\n{}\n\n", escape(INTRO));
+    // INTRO is our own text, not data: no escaping (markdown would show `&#39;`).
+    let mut out = format!("## {HEADING}\n\n{INTRO}\n\n");
     let header =
         |cols: &[&str]| format!("| {} |\n|{}\n", cols.join(" | "), "---|".repeat(cols.len()));
     for table in &data.contamination {

@@ -41,6 +41,15 @@ impl Producer {
         }
     }
 
+    /// The instance's value of matrix key `key` (empty when it has none).
+    pub fn label(&self, key: &str) -> String {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
     /// Whether every matrix value of `self` is one of `other`'s (and `self` has some): the
     /// training run `train@messy,1` produced the graded variant `grade@messy,1,humaneval`.
     pub fn is_ancestor_of(&self, other: &Producer) -> bool {
