@@ -64,12 +64,25 @@ fn smollm2_plans_with_one_seed_and_one_benchmark() {
         .arg("--cache")
         .arg(cache.path())
         .args(["plan", manifest.to_str().unwrap(), "--only", "report-data"])
-        .args(["--set", "train.matrix.seed=[1]", "--set", "evals.matrix.bench=[\"humaneval\"]"])
+        .args([
+            "--set",
+            "train.matrix.seed=[1]",
+            "--set",
+            "evals.matrix.bench=[\"humaneval\"]",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for wanted in ["similarity@messy,humaneval", "likelihood@filtered,1,humaneval", "report-data"] {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for wanted in [
+        "similarity@messy,humaneval",
+        "likelihood@filtered,1,humaneval",
+        "report-data",
+    ] {
         assert!(text.contains(wanted), "{wanted} missing:\n{text}");
     }
     assert!(!text.contains("train@messy,2"), "{text}");
