@@ -79,7 +79,7 @@ fn smollm2_plans_with_one_seed_and_one_benchmark() {
         String::from_utf8_lossy(&out.stderr)
     );
     for wanted in [
-        "similarity@messy,humaneval",
+        "similarity@messy",
         "likelihood@filtered,1,humaneval",
         "report-data",
     ] {

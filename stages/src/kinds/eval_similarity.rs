@@ -8,12 +8,13 @@
 //! ```toml
 //! [similarity]
 //! kind = "eval-similarity"
-//! inputs = { records = "${data.records}", problems = "evals@humaneval", embedder = "minilm" }
+//! inputs = { records = "${data.records}", problems = "evals", embedder = "minilm" }
 //! template = { name = "${data.template}" }   # compare the text the variant trains on
 //! measures = ["embedding", "ast"]
 //! ```
 //!
-//! Records are rendered through the variant's template (as `tokenize` renders them) and cut to
+//! `problems` gathers every eval set connected (`evals` with a benchmark matrix gives all of
+//! them), so the records are embedded once for all. Records are rendered through the variant's template (as `tokenize` renders them) and cut to
 //! `max_len` MiniLM tokens for the embedding (the AST measure reads the whole text).
 
 use std::path::PathBuf;
@@ -86,8 +87,8 @@ const INPUTS: &[InputSlot] = &[
         name: "problems",
         accepts: &[ProblemsArtifact::TYPE],
         required: true,
-        many: false,
-        doc: "the eval set (an evalset stage)",
+        many: true,
+        doc: "the eval sets (evalset stages); the records are embedded once for all of them",
     },
     InputSlot {
         name: "embedder",
@@ -158,10 +159,13 @@ impl Stage for EvalSimilarityKind {
         for r in &records {
             texts.push((r.provenance.to_string(), template.render(r)?.text()));
         }
-        let problems = ProblemsArtifact::read(ctx.input("problems")?)?;
+        let mut problems = Vec::new();
+        for input in ctx.inputs("problems") {
+            problems.extend(ProblemsArtifact::read(&input.path)?);
+        }
         if problems.is_empty() {
             return Err(miette!(
-                "the eval set of `{}` has no tasks",
+                "the eval sets of `{}` have no tasks",
                 ctx.stage_name()
             ));
         }
