@@ -24,6 +24,7 @@ pub mod report;
 pub mod similarity;
 pub mod snippet;
 pub mod stats;
+pub mod synth;
 pub mod templates;
 pub mod tokenize;
 
@@ -36,6 +37,7 @@ pub fn registry() -> Registry {
         .register::<kinds::download::Download>()
         .register::<kinds::read::Read>()
         .register::<kinds::python_stdlib::PythonStdlib>()
+        .register::<kinds::synthesize::Synthesize>()
         .register::<kinds::filter::Filter>()
         .register::<kinds::data_stats::DataStatsKind>()
         .register::<kinds::eval_similarity::EvalSimilarityKind>()

@@ -3,9 +3,9 @@
 //! report progress. A kind reads and writes artifacts only through [`crate::artifacts`], never
 //! through another kind's module.
 //!
-//! Data side: [`download`] → [`read`] / [`python_stdlib`] → [`filter`] → [`tokenize`], and
-//! [`data_stats`] measuring each variant for the report, [`eval_similarity`] comparing it with
-//! the eval sets.
+//! Data side: [`download`] → [`read`] / [`python_stdlib`] / [`synthesize`] → [`filter`] →
+//! [`tokenize`], and [`data_stats`] measuring each variant for the report, [`eval_similarity`]
+//! comparing it with the eval sets.
 //!
 //! Model side: [`model`] → [`quantize`] → [`lora_train`].
 //!
@@ -26,6 +26,7 @@ pub mod python_stdlib;
 pub mod quantize;
 pub mod read;
 pub mod report;
+pub mod synthesize;
 pub mod tokenize;
 
 use std::path::{Path, PathBuf};

@@ -11,9 +11,9 @@ use tree_sitter::Node;
 use super::functions::unwrap_decorated;
 use super::{import_bindings, node_text, PythonParser};
 
-/// The code of a Markdown answer: the fenced block that defines `def entry_point(`, else the
-/// longest fenced block, else (no fence) the whole text. An unclosed last fence runs to the end.
-pub fn fenced_code<'a>(text: &'a str, entry_point: &str) -> &'a str {
+/// The bodies of a Markdown text's fenced code blocks, in order (the info string after the
+/// opening fence is not part of a body). An unclosed last fence runs to the end of the text.
+pub fn fenced_blocks(text: &str) -> Vec<&str> {
     let mut blocks: Vec<&str> = Vec::new();
     let mut rest = text;
     while let Some(open) = rest.find("```") {
@@ -32,6 +32,13 @@ pub fn fenced_code<'a>(text: &'a str, entry_point: &str) -> &'a str {
             }
         }
     }
+    blocks
+}
+
+/// The code of a Markdown answer: the fenced block that defines `def entry_point(`, else the
+/// longest fenced block, else (no fence) the whole text. An unclosed last fence runs to the end.
+pub fn fenced_code<'a>(text: &'a str, entry_point: &str) -> &'a str {
+    let blocks = fenced_blocks(text);
     if blocks.is_empty() {
         return text;
     }
