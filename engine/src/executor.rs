@@ -427,7 +427,7 @@ impl<'m> Env<'m> {
         Ok(KeyParts {
             kind: stage.kind.to_string(),
             version: stage.kind_version.to_string(),
-            params: stage.params.canonical.clone(),
+            params: stage.params.keyed.clone(),
             seed: stage.uses_seed.then_some(self.manifest.experiment.seed),
             inputs,
             extras,

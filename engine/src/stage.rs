@@ -119,6 +119,11 @@ pub trait Stage: Send + Sync + 'static {
         &[]
     }
 
+    /// Parameters that tune how the work is done but not what it produces (dotted paths into
+    /// the parameters, e.g. `openai.concurrency`): left out of the key, so changing them
+    /// reuses the cached output, and a resumable stage's checkpoint.
+    const NOT_IN_KEY: &'static [&'static str] = &[];
+
     /// Adds whatever else determines the output to the key: external files (hashed by the
     /// engine through its stat cache), resolved revisions, tool versions.
     fn fingerprint(_params: &Self::Params, _fp: &mut Fingerprint) -> miette::Result<()> {
@@ -132,14 +137,35 @@ pub trait Stage: Send + Sync + 'static {
 
 /// Parameters after parsing: the typed value and its canonical JSON form.
 pub struct ParsedParams {
-    /// Canonical JSON (object keys sorted) of the typed parameters; hashed into the key.
+    /// Canonical JSON (object keys sorted) of the typed parameters.
     pub canonical: serde_json::Value,
+    /// What of them goes into the key: `canonical` without the kind's [`Stage::NOT_IN_KEY`].
+    pub keyed: serde_json::Value,
     pub(crate) value: Box<dyn Any + Send + Sync>,
 }
 
 impl std::fmt::Debug for ParsedParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.canonical)
+    }
+}
+
+/// Removes the value at dotted `path` (`openai.concurrency`) from a JSON object, if present.
+fn remove_dotted(value: &mut serde_json::Value, path: &str) {
+    let mut parts = path.split('.').peekable();
+    let mut at = value;
+    while let Some(part) = parts.next() {
+        let Some(object) = at.as_object_mut() else {
+            return;
+        };
+        if parts.peek().is_none() {
+            object.remove(part);
+            return;
+        }
+        match object.get_mut(part) {
+            Some(next) => at = next,
+            None => return,
+        }
     }
 }
 
@@ -228,8 +254,13 @@ impl<S: Stage> DynStage for Kind<S> {
         S::validate(&value).map_err(ParamError::Invalid)?;
         let canonical = serde_json::to_value(&value)
             .map_err(|e| ParamError::Invalid(format!("parameters cannot be serialised: {e}")))?;
+        let mut keyed = canonical.clone();
+        for path in S::NOT_IN_KEY {
+            remove_dotted(&mut keyed, path);
+        }
         Ok(ParsedParams {
             canonical,
+            keyed,
             value: Box::new(value),
         })
     }
@@ -554,5 +585,19 @@ impl StageContext {
     /// Metadata recorded so far.
     pub fn metadata(&self) -> &serde_json::Map<String, serde_json::Value> {
         &self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_dotted;
+
+    #[test]
+    fn dotted_paths_remove_nested_values_and_ignore_missing_ones() {
+        let mut v = serde_json::json!({"a": 1, "openai": {"concurrency": 4, "model": "m"}});
+        remove_dotted(&mut v, "openai.concurrency");
+        remove_dotted(&mut v, "openai.nothing.here");
+        remove_dotted(&mut v, "absent");
+        assert_eq!(v, serde_json::json!({"a": 1, "openai": {"model": "m"}}));
     }
 }

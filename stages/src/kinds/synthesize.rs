@@ -215,6 +215,10 @@ impl Stage for Synthesize {
     const SUMMARY: &'static str =
         "synthetic textbooks or exercises from randomized topics, audiences and styles (exercises verified by execution)";
 
+    // How fast a server is asked does not change its answers (each request carries its seed).
+    const NOT_IN_KEY: &'static [&'static str] =
+        &["openai.concurrency", "openai.retries", "openai.timeout_s"];
+
     fn inputs() -> &'static [InputSlot] {
         INPUTS
     }

@@ -17,7 +17,7 @@
 use serde::{Deserialize, Serialize};
 use tree_sitter::Node;
 
-use crate::grade::{Sandbox, Status};
+use crate::grade::{Execution, Sandbox, Status};
 use crate::python::functions::unwrap_decorated;
 use crate::python::sanitize::fenced_blocks;
 use crate::python::{docstring, has_syntax_error, node_text, ErrorScope, PythonParser};
@@ -337,7 +337,8 @@ fn indent_code(code: &str, indent: &str) -> String {
 pub struct Verdict {
     /// `None` when the exercise is kept.
     pub rejection: Option<Rejection>,
-    /// What the sandbox said about the solution (`passed`, `failed: AssertionError`, ...).
+    /// What the sandbox said about the solution (`passed`, `timed out`, or the failure's last
+    /// traceback line such as `AssertionError`).
     pub solution: String,
     /// What it said about the stub, when the stub was run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -353,14 +354,14 @@ pub fn verify(exercise: &Exercise, sandbox: &Sandbox) -> Verdict {
         Status::TimedOut => {
             return Verdict {
                 rejection: Some(Rejection::TimedOut),
-                solution: solution.result,
+                solution: said(&solution),
                 stub: None,
             }
         }
         Status::Failed | Status::Error => {
             return Verdict {
                 rejection: Some(Rejection::SolutionFails),
-                solution: solution.result,
+                solution: said(&solution),
                 stub: None,
             }
         }
@@ -368,8 +369,21 @@ pub fn verify(exercise: &Exercise, sandbox: &Sandbox) -> Verdict {
     let stub = sandbox.run(&exercise.stub, &exercise.test, &exercise.entry_point);
     Verdict {
         rejection: (stub.status == Status::Passed).then_some(Rejection::VacuousTests),
-        solution: solution.result,
-        stub: Some(stub.result),
+        solution: said(&solution),
+        stub: Some(said(&stub)),
+    }
+}
+
+/// The sandbox's verdict in a few words: the error's last traceback line when there is one.
+fn said(execution: &Execution) -> String {
+    match &execution.error {
+        Some(error) if execution.status != Status::Passed => {
+            format!(
+                "{}: {error}",
+                execution.result.split(':').next().unwrap_or("failed")
+            )
+        }
+        _ => execution.result.clone(),
     }
 }
 
