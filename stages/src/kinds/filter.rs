@@ -1,6 +1,7 @@
 //! The `filter` kind: data-quality filtering of a `records` artifact, step by step.
 //!
-//! `steps` is a list run in the order written ([`crate::filter::chain`]); each later step sees
+//! `records` may list several artifacts: they are filtered as one set, concatenated in the order
+//! listed. `steps` is a list run in the order written ([`crate::filter::chain`]); each later step sees
 //! only what earlier ones kept:
 //!
 //! ```toml
@@ -100,8 +101,8 @@ const INPUTS: &[InputSlot] = &[
         name: "records",
         accepts: &[RecordsArtifact::TYPE],
         required: true,
-        many: false,
-        doc: "the records to filter",
+        many: true,
+        doc: "the records to filter (several are concatenated in the order listed)",
     },
     InputSlot {
         name: "eval",
@@ -229,7 +230,11 @@ impl Stage for Filter {
     }
 
     fn run(p: &FilterParams, ctx: &mut StageContext) -> miette::Result<()> {
-        let records = RecordsArtifact::read(ctx.input("records")?)?;
+        // Several inputs (a synthetic textbook and its exercises) are one set, in the order listed.
+        let mut records = Vec::new();
+        for input in ctx.inputs("records") {
+            records.extend(RecordsArtifact::read(&input.path)?);
+        }
         let items: Vec<(String, String)> = records
             .iter()
             .map(|r| Ok((record_id(r, p.id_field.as_deref()), p.text_field.text(r)?)))
