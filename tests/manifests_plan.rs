@@ -39,7 +39,10 @@ fn every_manifest_plans_offline() {
     }
     planned.sort();
     let names: Vec<&str> = planned.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["demo", "phi15-quality", "smollm2-quality", "synthetic"]);
+    assert_eq!(
+        names,
+        ["demo", "phi15-quality", "smollm2-quality", "synthetic"]
+    );
     for (name, text) in &planned {
         let stages: Vec<&str> = text
             .lines()

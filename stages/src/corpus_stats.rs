@@ -16,7 +16,7 @@
 //!   corpus of paraphrases collapses into few clusters, a diverse one stays near the sample
 //!   size).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
@@ -236,6 +236,21 @@ fn compression_ratio(texts: &[(String, String)]) -> f64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn coverage_is_even_for_balanced_values_and_low_when_one_dominates() {
+        let even = field_coverage([Some("a"), Some("b"), Some("a"), Some("b"), None]).unwrap();
+        assert_eq!(
+            (even.records, even.values(), even.min_max()),
+            (4, 2, (2, 2))
+        );
+        assert!((even.evenness - 1.0).abs() < 1e-12);
+        let mut skewed = vec![Some("a"); 98];
+        skewed.extend([Some("b"), Some("c")]);
+        let skewed = field_coverage(skewed).unwrap();
+        assert!(skewed.evenness < 0.2, "{}", skewed.evenness);
+        assert_eq!(field_coverage([None, None]), None);
+    }
+
     fn corpus(texts: &[String]) -> Vec<(String, String)> {
         texts
             .iter()
@@ -332,4 +347,64 @@ mod tests {
         let l = Lengths::of(&[1.0, 2.0, 3.0, 4.0, 100.0]);
         assert_eq!((l.p50, l.max, l.mean), (3.0, 100.0, 22.0));
     }
+}
+
+/// How evenly a corpus covers the values of one field (a synthetic set's `topic`, `audience`,
+/// `style`): what phi-1 randomized to make its textbooks diverse.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FieldCoverage {
+    /// Records that have the field.
+    pub records: usize,
+    /// Records per value.
+    pub counts: BTreeMap<String, usize>,
+    /// Pielou's evenness: the entropy of the value shares over its maximum, ln(values); 1 when
+    /// every value has as many records, towards 0 as one dominates (1 for a single value).
+    pub evenness: f64,
+}
+
+impl FieldCoverage {
+    /// Distinct values.
+    pub fn values(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Fewest and most records of any value.
+    pub fn min_max(&self) -> (usize, usize) {
+        let min = self.counts.values().copied().min().unwrap_or(0);
+        let max = self.counts.values().copied().max().unwrap_or(0);
+        (min, max)
+    }
+}
+
+/// The coverage of `field` over `values` (each record's value of the field, `None` when it has
+/// none); `None` when no record has it.
+pub fn field_coverage<'a>(
+    values: impl IntoIterator<Item = Option<&'a str>>,
+) -> Option<FieldCoverage> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for v in values.into_iter().flatten() {
+        *counts.entry(v.to_string()).or_default() += 1;
+    }
+    let records: usize = counts.values().sum();
+    if records == 0 {
+        return None;
+    }
+    let k = counts.len();
+    let evenness = if k <= 1 {
+        1.0
+    } else {
+        let entropy: f64 = counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / records as f64;
+                -p * p.ln()
+            })
+            .sum();
+        entropy / (k as f64).ln()
+    };
+    Some(FieldCoverage {
+        records,
+        counts,
+        evenness,
+    })
 }

@@ -845,14 +845,18 @@ fn data_variants_are_measured_and_shown_side_by_side() {
             .map(|i| {
                 let i = if varied { i } else { 0 };
                 Record::new(
-                    [(
-                        "content",
-                        format!(
-                            "def f{i}(a{i}):\n    return a{i} * {} + {}\n",
-                            i * 3 + 1,
-                            i % 7
+                    [
+                        (
+                            "content",
+                            format!(
+                                "def f{i}(a{i}):\n    return a{i} * {} + {}\n",
+                                i * 3 + 1,
+                                i % 7
+                            ),
                         ),
-                    )]
+                        // As synthesize records its draws: three topics evenly, or one.
+                        ("topic", ["loops", "recursion", "sets"][i % 3].to_string()),
+                    ]
                     .into_iter()
                     .collect(),
                     Provenance::default(),
@@ -883,6 +887,7 @@ fn data_variants_are_measured_and_shown_side_by_side() {
             cluster_threshold: 0.9,
             // The embedding dispersion, with the real MiniLM (scripts/fetch-test-assets.sh).
             model_dir: std::env::var_os("PIPELINE_MINILM_DIR").map(std::path::PathBuf::from),
+            coverage_fields: vec!["topic".into(), "audience".into()],
         };
         DataStatsKind::run(&params, &mut ctx).unwrap();
         let stats = DataStatsArtifact::read(&out).unwrap();
@@ -952,6 +957,17 @@ fn data_variants_are_measured_and_shown_side_by_side() {
         "{}",
         row("repeated")
     );
+    // Coverage of the records' topics (no record names an audience: no row for it).
+    assert!(
+        md.contains("| varied | topic | 3 | 20 to 20 | 1.00 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| repeated | topic | 1 | 60 to 60 | 1.00 |"),
+        "{md}"
+    );
+    assert!(!md.contains("| audience |"), "{md}");
     let html = std::fs::read_to_string(out.join(ReportArtifact::HTML_FILE)).unwrap();
     assert!(html.contains("<h2>The data</h2>"));
+    assert!(html.contains("<td>topic</td><td>3</td>"), "{html}");
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::corpus_stats::CorpusStats;
+use crate::corpus_stats::{CorpusStats, FieldCoverage};
 use crate::json::{read_json, write_json, JsonError};
 
 /// What `stats.json` holds.
@@ -16,6 +16,10 @@ pub struct DataStats {
     /// The measurements.
     #[serde(flatten)]
     pub stats: CorpusStats,
+    /// Coverage of the descriptive fields the records carry (a synthetic set's `topic`,
+    /// `audience`, `style`), by field; empty when they carry none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub coverage: std::collections::BTreeMap<String, FieldCoverage>,
 }
 
 /// The `data-stats` artifact.

@@ -10,6 +10,9 @@
 //! template = { name = "${data.template}" }
 //! ```
 //!
+//! Records that carry `coverage_fields` (default `topic`, `audience`, `style`: what `synthesize`
+//! records) also get their coverage: records per value and how even the spread is.
+//!
 //! With an `embedder` (MiniLM), also the spread of the variant in meaning: on
 //! `dispersion_sample` records chosen by content hash, the mean pairwise cosine distance and
 //! the clusters left by linking pairs at cosine >= `cluster_threshold`.
@@ -21,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::artifacts::data_stats::{DataStats, DataStatsArtifact};
 use crate::artifacts::{FilesArtifact, ModelArtifact, RecordsArtifact};
-use crate::corpus_stats::{corpus_stats, embedding_dispersion, hash_sample};
+use crate::corpus_stats::{corpus_stats, embedding_dispersion, field_coverage, hash_sample};
 use crate::filter::embed::{EmbedOptions, MiniLmEmbedder};
 use crate::templates::{Template, TemplateSpec};
 use crate::tokenize::TextTokenizer;
@@ -47,6 +50,14 @@ pub struct DataStatsParams {
     /// dispersion is wanted.
     #[serde(default)]
     pub model_dir: Option<std::path::PathBuf>,
+    /// Fields whose values' coverage is measured when records carry them (a synthetic set's
+    /// draws).
+    #[serde(default = "default_coverage_fields")]
+    pub coverage_fields: Vec<String>,
+}
+
+fn default_coverage_fields() -> Vec<String> {
+    ["topic", "audience", "style"].map(String::from).to_vec()
 }
 
 fn default_dispersion_sample() -> usize {
@@ -91,7 +102,8 @@ impl Stage for DataStatsKind {
     type Params = DataStatsParams;
     const KIND: &'static str = "data-stats";
     // 2: embedding dispersion (with an embedder).
-    const VERSION: &'static str = "2";
+    // 3: coverage of `coverage_fields`.
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str =
         "measure a data variant: size, token lengths, distinct-n, compression, duplicates";
 
@@ -183,9 +195,21 @@ impl Stage for DataStatsKind {
         }
         ctx.set_metadata("near_duplicate_rate", stats.near_duplicate_rate);
         ctx.set_metadata("records", stats.records as u64);
+        let coverage: std::collections::BTreeMap<String, _> = p
+            .coverage_fields
+            .iter()
+            .filter_map(|field| {
+                field_coverage(records.iter().map(|r| r.get(field))).map(|c| (field.clone(), c))
+            })
+            .collect();
+        for (field, c) in &coverage {
+            ctx.set_metadata(&format!("{field}_values"), c.values() as u64);
+            ctx.set_metadata(&format!("{field}_evenness"), c.evenness);
+        }
         let out = DataStats {
             rendered_as: p.template.label(),
             stats,
+            coverage,
         };
         DataStatsArtifact::write(ctx.output_dir("stats")?, &out).into_diagnostic()?;
         Ok(())

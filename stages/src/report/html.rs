@@ -220,7 +220,28 @@ pub fn render_html(data: &ReportData) -> String {
             super::spread_text(s),
             );
         }
-        out.push_str("</tbody></table></section>");
+        out.push_str("</tbody></table>");
+        let coverage = super::coverage_rows(&data.data);
+        if !coverage.is_empty() {
+            let _ = write!(
+                out,
+                "<p>{}</p><table><thead><tr>",
+                escape(super::COVERAGE_INTRO)
+            );
+            for c in super::COVERAGE_COLUMNS {
+                let _ = write!(out, "<th>{c}</th>");
+            }
+            out.push_str("</tr></thead><tbody>");
+            for row in coverage {
+                out.push_str("<tr>");
+                for c in &row {
+                    let _ = write!(out, "<td>{}</td>", escape(c));
+                }
+                out.push_str("</tr>");
+            }
+            out.push_str("</tbody></table>");
+        }
+        out.push_str("</section>");
     }
 
     if !data.filters.is_empty() {

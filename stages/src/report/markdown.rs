@@ -326,5 +326,16 @@ fn data_table_markdown(rows: &[super::DataRow]) -> String {
         );
     }
     out.push('\n');
+    let coverage = super::coverage_rows(rows);
+    if !coverage.is_empty() {
+        let _ = writeln!(out, "{}\n", super::COVERAGE_INTRO);
+        let _ = writeln!(out, "| {} |", super::COVERAGE_COLUMNS.join(" | "));
+        out.push_str("|---|---|---:|---:|---:|\n");
+        for row in coverage {
+            let cells: Vec<String> = row.iter().map(|c| cell(c)).collect();
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+        out.push('\n');
+    }
     out
 }

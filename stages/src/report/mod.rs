@@ -410,6 +410,35 @@ pub(crate) fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
+/// The coverage table's rows (variant, field, values, records per value, evenness), for the
+/// variants whose records carry descriptive fields (a synthetic set's topics and audiences).
+fn coverage_rows(rows: &[DataRow]) -> Vec<[String; 5]> {
+    let mut out = Vec::new();
+    for r in rows {
+        for (field, c) in &r.stats.coverage {
+            let (min, max) = c.min_max();
+            out.push([
+                r.variant.clone(),
+                field.clone(),
+                c.values().to_string(),
+                format!("{min} to {max}"),
+                format!("{:.2}", c.evenness),
+            ]);
+        }
+    }
+    out
+}
+
+/// The header and introduction of the coverage table.
+const COVERAGE_INTRO: &str = "What the data covers: for records that say which topic, audience or style they were written for (synthetic data), the values present after every data step, the records per value, and the evenness of the spread (1 when every value has as many records).";
+const COVERAGE_COLUMNS: [&str; 5] = [
+    "variant",
+    "field",
+    "values",
+    "records per value",
+    "evenness",
+];
+
 /// A corpus's embedding spread for the data table: `0.712 (480 / 500)`, or `–` without one.
 fn spread_text(s: &crate::corpus_stats::CorpusStats) -> String {
     s.embedding.as_ref().map_or_else(
