@@ -211,7 +211,9 @@ struct DropExample {
 impl Stage for Synthesize {
     type Params = SynthesizeParams;
     const KIND: &'static str = "synthesize";
-    const VERSION: &'static str = "1";
+    // 2: chats tokenized without added special tokens (the template has them); stray Markdown
+    //    fences no longer hide an exercise's code.
+    const VERSION: &'static str = "2";
     const SUMMARY: &'static str =
         "synthetic textbooks or exercises from randomized topics, audiences and styles (exercises verified by execution)";
 

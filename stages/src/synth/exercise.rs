@@ -86,12 +86,20 @@ impl Rejection {
     }
 }
 
-/// The code of an answer: its fenced blocks joined by blank lines, or the whole text when it
-/// has no fence.
+/// The code of an answer: its non-empty fenced blocks joined by blank lines; when it has none
+/// (no fence, or stray fences that pair up around nothing, as small models write), the whole
+/// text without its fence lines.
 pub fn answer_code(answer: &str) -> String {
-    let blocks = fenced_blocks(answer);
+    let blocks: Vec<&str> = fenced_blocks(answer)
+        .into_iter()
+        .filter(|b| !b.trim().is_empty())
+        .collect();
     if blocks.is_empty() {
-        answer.to_string()
+        answer
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("```"))
+            .collect::<Vec<_>>()
+            .join("\n")
     } else {
         blocks.join("\n\n")
     }
@@ -455,6 +463,17 @@ mod tests {
     fn multi_line_strings_keep_their_text_when_indented() {
         let code = "s = '''a\nb'''\nassert s\n";
         assert_eq!(indent_code(code, "  "), "  s = '''a\nb'''\n  assert s\n");
+    }
+
+    #[test]
+    fn stray_fences_do_not_hide_the_code() {
+        // A closing fence with no opening one: the code is the text before it.
+        let answer =
+            "def f(x):\n    \"\"\"Twice.\"\"\"\n    return 2 * x\n\nassert f(1) == 2\n```\n";
+        assert_eq!(parse_exercise(answer).unwrap().entry_point, "f");
+        // An empty fenced pair before the code.
+        let answer = "```\n```\ndef g(x):\n    '''Id.'''\n    return x\nassert g(3) == 3\n";
+        assert_eq!(parse_exercise(answer).unwrap().entry_point, "g");
     }
 
     #[test]

@@ -96,8 +96,10 @@ impl LocalGenerator {
             &self.template.bos_token,
             &self.template.eos_token,
         )?;
+        // The rendered template already holds every special token the model expects (as
+        // Hugging Face's apply_chat_template tokenizes it): adding them again would double a BOS.
         self.tokenizer
-            .encode(text, true)
+            .encode(text, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| miette::miette!("cannot encode prompt {}: {e}", request.id))
     }
