@@ -378,7 +378,7 @@ fn stage_subcommand(command: &dyn StageCommand) -> clap::Command {
         )
         .arg(
             clap::Arg::new(FORWARDED_ARGS)
-                .value_name("OPTIONS")
+                .value_name("ARGS")
                 .num_args(0..)
                 .trailing_var_arg(true)
                 .allow_hyphen_values(true)
