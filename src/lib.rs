@@ -324,12 +324,17 @@ fn registered_stage_commands(registry: &Registry) -> impl Iterator<Item = &dyn S
     let taken: BTreeSet<&str> = registered_commands(registry).map(|c| c.name()).collect();
     let built_in = Cli::command();
     registry.stage_commands().filter(move |c| {
-        c.name() != HELP && built_in.find_subcommand(c.name()).is_none() && !taken.contains(c.name())
+        c.name() != HELP
+            && built_in.find_subcommand(c.name()).is_none()
+            && !taken.contains(c.name())
     })
 }
 
 /// The registered stage command called `name`.
-fn registered_stage_command<'r>(registry: &'r Registry, name: &str) -> Option<&'r dyn StageCommand> {
+fn registered_stage_command<'r>(
+    registry: &'r Registry,
+    name: &str,
+) -> Option<&'r dyn StageCommand> {
     registered_stage_commands(registry).find(|c| c.name() == name)
 }
 
@@ -415,8 +420,9 @@ fn command_line(registry: &Registry) -> clap::Command {
                 ),
         )
     });
-    let cli = registered_stage_commands(registry)
-        .fold(cli, |cli, command| cli.subcommand(stage_subcommand(command)));
+    let cli = registered_stage_commands(registry).fold(cli, |cli, command| {
+        cli.subcommand(stage_subcommand(command))
+    });
     cli.subcommand(
         clap::Command::new(HELP)
             .about("Print this message or the help of the given subcommand(s)")
@@ -484,7 +490,11 @@ fn parse_command_line(registry: &Registry) -> (GlobalOptions, Invocation<'_>) {
                 .unwrap_or_default();
             let rest = take_global_options(rest, &mut global, &cli);
             let (mut set, rest) = take_set_options(rest, &cli);
-            if rest.iter().take_while(|a| *a != "--").any(|a| a == "--help" || a == "-h") {
+            if rest
+                .iter()
+                .take_while(|a| *a != "--")
+                .any(|a| a == "--help" || a == "-h")
+            {
                 if let Some(sub) = cli.find_subcommand_mut(name) {
                     let printed = sub.print_long_help();
                     std::process::exit(if printed.is_ok() { 0 } else { 1 });
@@ -503,7 +513,10 @@ fn parse_command_line(registry: &Registry) -> (GlobalOptions, Invocation<'_>) {
                         .unwrap_or_default(),
                     set: manifest_set,
                 },
-                stage: sub.get_one::<String>(STAGE_NAME).cloned().unwrap_or_default(),
+                stage: sub
+                    .get_one::<String>(STAGE_NAME)
+                    .cloned()
+                    .unwrap_or_default(),
                 rest,
             };
             return (global, Invocation::OnStage(command, args));
@@ -578,7 +591,8 @@ fn take_set_options(args: Vec<OsString>, cli: &clap::Command) -> (Vec<String>, V
             set.push(value.to_string());
         } else if text == "--set" {
             let Some(value) = args.next() else {
-                let message = "a value is required for '--set <STAGE.PARAM=VALUE>' but none was supplied";
+                let message =
+                    "a value is required for '--set <STAGE.PARAM=VALUE>' but none was supplied";
                 cli.clone()
                     .error(clap::error::ErrorKind::InvalidValue, message)
                     .exit();
@@ -825,8 +839,8 @@ fn on_stage(
         )));
     }
     let store = context.open_store(Some(&manifest))?;
-    let cached = pipeline_engine::executor::cached_stage(&manifest, &store, &instance.name)
-        .map_err(fail)?;
+    let cached =
+        pipeline_engine::executor::cached_stage(&manifest, &store, &instance.name).map_err(fail)?;
     let cached = cached.map_err(|reason| {
         fail(miette::miette!(
             help = format!(
@@ -842,9 +856,15 @@ fn on_stage(
 
 /// The `pipeline run` command line that caches `stage` of the manifest read with `args`.
 fn rerun_line(args: &ManifestArgs, stage: &str, context: &Context<'_>) -> String {
-    let mut line = format!("pipeline run {}", shell_word(&args.manifest.to_string_lossy()));
+    let mut line = format!(
+        "pipeline run {}",
+        shell_word(&args.manifest.to_string_lossy())
+    );
     if let Some(cache) = &context.cache {
-        line.push_str(&format!(" --cache {}", shell_word(&cache.to_string_lossy())));
+        line.push_str(&format!(
+            " --cache {}",
+            shell_word(&cache.to_string_lossy())
+        ));
     }
     for set in &args.set {
         line.push_str(&format!(" --set {}", shell_word(set)));
@@ -1895,6 +1915,116 @@ mod tests {
         let subcommands: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
         assert_eq!(subcommands.iter().filter(|n| **n == "run").count(), 1);
         assert!(subcommands.contains(&"echo") && subcommands.last() == Some(&"help"));
+    }
+
+    struct OnStage(&'static str);
+
+    impl StageCommand for OnStage {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn about(&self) -> &'static str {
+            "a test stage command"
+        }
+        fn kinds(&self) -> &'static [&'static str] {
+            &["emit"]
+        }
+        fn options_help(&self) -> String {
+            "      --port <PORT>  where".into()
+        }
+        fn run(
+            &self,
+            _stage: &pipeline_engine::CachedStage,
+            _args: Vec<OsString>,
+        ) -> miette::Result<u8> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn stage_commands_never_shadow_built_in_or_registered_ones() {
+        let mut registry = Registry::new();
+        registry
+            .register_command(Named("echo"))
+            .register_stage_command(OnStage("show"))
+            .register_stage_command(OnStage("echo"))
+            .register_stage_command(OnStage("serve"));
+        let names: Vec<&str> = registered_stage_commands(&registry)
+            .map(|c| c.name())
+            .collect();
+        assert_eq!(names, ["serve"]);
+        let mut cli = command_line(&registry);
+        cli.build();
+        let serve = cli.find_subcommand("serve").expect("serve is offered");
+        let help = serve.clone().render_long_help().to_string();
+        assert!(help.contains("--port <PORT>  where"), "{help}");
+        assert!(help.contains("`emit`"), "{help}");
+        // The manifest, the stage, then the command's own options, hyphens and all.
+        let matches = cli
+            .clone()
+            .try_get_matches_from([
+                "pipeline", "serve", "m.toml", "train@a", "--set", "a.b=1", "--port", "0",
+            ])
+            .expect("parses");
+        let (_, sub) = matches.subcommand().expect("a subcommand");
+        assert_eq!(
+            sub.get_one::<PathBuf>(STAGE_MANIFEST),
+            Some(&PathBuf::from("m.toml"))
+        );
+        assert_eq!(
+            sub.get_one::<String>(STAGE_NAME).map(String::as_str),
+            Some("train@a")
+        );
+        let set: Vec<&String> = sub.get_many::<String>(STAGE_SET).unwrap().collect();
+        assert_eq!(set, ["a.b=1"]);
+        let rest: Vec<&OsString> = sub.get_many::<OsString>(FORWARDED_ARGS).unwrap().collect();
+        assert_eq!(rest, ["--port", "0"]);
+        // After the command's first option, `--set` is among its arguments
+        // (`take_set_options` takes it back out).
+        let matches = cli
+            .try_get_matches_from([
+                "pipeline", "serve", "m.toml", "s", "--port", "0", "--set", "a.b=1",
+            ])
+            .expect("parses");
+        let (_, sub) = matches.subcommand().expect("a subcommand");
+        let rest: Vec<&OsString> = sub.get_many::<OsString>(FORWARDED_ARGS).unwrap().collect();
+        assert_eq!(rest, ["--port", "0", "--set", "a.b=1"]);
+    }
+
+    #[test]
+    fn set_options_are_taken_from_a_stage_commands_arguments() {
+        let cli = command_line(&Registry::new());
+        let args = [
+            "--port",
+            "0",
+            "--set",
+            "a.b=1",
+            "--set=c.d=x y",
+            "--",
+            "--set",
+            "e",
+        ];
+        let (set, rest) = take_set_options(args.iter().map(OsString::from).collect(), &cli);
+        assert_eq!(set, ["a.b=1", "c.d=x y"]);
+        assert_eq!(rest, ["--port", "0", "--", "--set", "e"]);
+    }
+
+    #[test]
+    fn the_rerun_line_quotes_what_a_shell_would_split() {
+        let context = Context {
+            cache: Some(PathBuf::from("/tmp/my cache")),
+            registry: &Registry::new(),
+            error_format: ErrorFormat::Human,
+        };
+        let args = ManifestArgs {
+            manifest: PathBuf::from("m.toml"),
+            set: vec!["train.lr=0.1".into(), "train.name=it's".into()],
+        };
+        assert_eq!(
+            rerun_line(&args, "train@a,b", &context),
+            "pipeline run m.toml --cache '/tmp/my cache' --set train.lr=0.1 \
+             --set 'train.name=it'\\''s' --only train@a,b"
+        );
     }
 
     #[test]

@@ -157,7 +157,9 @@ fn serve(s: &Setup, stage: &str) -> Server {
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx.recv_timeout(Duration::from_secs(300)).unwrap_or_default();
+    let line = rx
+        .recv_timeout(Duration::from_secs(300))
+        .unwrap_or_default();
     let prefix = format!("serving {stage} at ");
     let Some(base) = line.trim_end().strip_prefix(&prefix).map(str::to_string) else {
         let _ = child.kill();
@@ -167,7 +169,10 @@ fn serve(s: &Setup, stage: &str) -> Server {
         }
         panic!("no `{prefix}URL` line: {line:?}\nstderr:\n{err}");
     };
-    assert!(base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"), "{base}");
+    assert!(
+        base.starts_with("http://127.0.0.1:") && base.ends_with("/v1"),
+        "{base}"
+    );
     Server { child, base }
 }
 
@@ -253,7 +258,12 @@ impl Reference {
     }
 
     fn completion(&self, prompt: &str, max_new_tokens: usize) -> (String, usize) {
-        let ids = self.tokenizer.encode(prompt, true).unwrap().get_ids().to_vec();
+        let ids = self
+            .tokenizer
+            .encode(prompt, true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         self.greedy(ids, max_new_tokens)
     }
 
@@ -269,7 +279,12 @@ impl Reference {
             &template.eos_token,
         )
         .unwrap();
-        let ids = self.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        let ids = self
+            .tokenizer
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         self.greedy(ids, max_new_tokens)
     }
 }
@@ -291,8 +306,7 @@ fn greedy_answers(base: &str, model: &str) -> (String, usize, String, usize) {
     let (status, completion) = post(
         base,
         "/completions",
-        &json!({"model": model, "prompt": PROMPT, "temperature": 0, "max_tokens": 40})
-            .to_string(),
+        &json!({"model": model, "prompt": PROMPT, "temperature": 0, "max_tokens": 40}).to_string(),
     );
     assert_eq!(status, 200, "{completion}");
     let tokens = |v: &Value| v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
@@ -302,7 +316,10 @@ fn greedy_answers(base: &str, model: &str) -> (String, usize, String, usize) {
             .unwrap()
             .to_string(),
         tokens(&chat),
-        completion["choices"][0]["text"].as_str().unwrap().to_string(),
+        completion["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string(),
         tokens(&completion),
     )
 }
@@ -321,8 +338,14 @@ fn serve_answers_a_model_stage_as_our_generation_does_and_as_openai_clients_expe
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("stage `model` is not in the cache (never run)"), "{err}");
-    assert!(err.contains("pipeline run") && err.contains("--only model"), "{err}");
+    assert!(
+        err.contains("stage `model` is not in the cache (never run)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pipeline run") && err.contains("--only model"),
+        "{err}"
+    );
     // A stage of another kind, and a typo, are usage errors.
     let out = pipeline(&s.cache)
         .args(["serve".as_ref(), s.manifest.as_os_str(), "tokens".as_ref()])
@@ -410,8 +433,7 @@ fn serve_puts_a_lora_train_stages_adapter_over_its_base_model() {
     let base_dir = stage.input("model").unwrap();
     let adapter_dir = stage.output("out").unwrap();
     let tuned = Reference::load(base_dir, Some(adapter_dir));
-    let (chat, chat_tokens, completion, completion_tokens) =
-        greedy_answers(&server.base, "train");
+    let (chat, chat_tokens, completion, completion_tokens) = greedy_answers(&server.base, "train");
     assert_eq!((chat, chat_tokens), tuned.chat(USER, 32));
     let want = tuned.completion(PROMPT, 40);
     assert_eq!((completion.clone(), completion_tokens), want);

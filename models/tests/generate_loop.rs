@@ -373,7 +373,10 @@ fn generate_streaming_reports_every_sample_token_in_order_and_can_stop() {
         |tokens: &[NewToken]| {
             steps += 1;
             for t in tokens {
-                streamed.entry((t.request, t.sample)).or_default().push(t.token);
+                streamed
+                    .entry((t.request, t.sample))
+                    .or_default()
+                    .push(t.token);
             }
             std::ops::ControlFlow::Continue(())
         },

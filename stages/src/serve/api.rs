@@ -252,7 +252,10 @@ impl Fields {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
-                ApiError::invalid(key, format!("`{key}` must be a non-negative integer, not {n}"))
+                ApiError::invalid(
+                    key,
+                    format!("`{key}` must be a non-negative integer, not {n}"),
+                )
             }),
             Some(other) => Err(wrong_type(key, "an integer", other)),
         }
@@ -260,8 +263,9 @@ impl Fields {
 
     /// The model, which every request must name.
     fn model(&self) -> Result<String, ApiError> {
-        self.string("model")?
-            .ok_or_else(|| ApiError::invalid("model", "`model` is required (GET /v1/models lists it)"))
+        self.string("model")?.ok_or_else(|| {
+            ApiError::invalid("model", "`model` is required (GET /v1/models lists it)")
+        })
     }
 
     /// Refuses `key` unless it is absent or has a value that asks for nothing (`ok`).
@@ -286,7 +290,10 @@ impl Fields {
         for key in max_tokens_keys {
             if let Some(m) = self.integer(key)? {
                 if m == 0 {
-                    return Err(ApiError::invalid(key, format!("`{key}` must be at least 1")));
+                    return Err(ApiError::invalid(
+                        key,
+                        format!("`{key}` must be at least 1"),
+                    ));
                 }
                 max_tokens = Some(usize::try_from(m).unwrap_or(usize::MAX));
                 break;
@@ -312,7 +319,12 @@ impl Fields {
             Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
                 (Some(u), _) => Some(u),
                 (None, Some(i)) => Some(i as u64),
-                _ => return Err(ApiError::invalid("seed", format!("`seed` must be an integer, not {n}"))),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "seed",
+                        format!("`seed` must be an integer, not {n}"),
+                    ))
+                }
             },
             Some(other) => return Err(wrong_type("seed", "an integer", other)),
         };
@@ -336,7 +348,10 @@ impl Fields {
             Some(other) => return Err(wrong_type("stop", "a string or a list of strings", other)),
         };
         if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid("stop", "a stop sequence must not be empty"));
+            return Err(ApiError::invalid(
+                "stop",
+                "a stop sequence must not be empty",
+            ));
         }
         let stream = self.bool("stream")?.unwrap_or(false);
         let include_usage = match self.get("stream_options") {
@@ -345,13 +360,21 @@ impl Fields {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
                 Some(other) => {
-                    return Err(wrong_type("stream_options.include_usage", "a boolean", other))
+                    return Err(wrong_type(
+                        "stream_options.include_usage",
+                        "a boolean",
+                        other,
+                    ))
                 }
             },
             Some(other) => return Err(wrong_type("stream_options", "an object", other)),
         };
         for key in ["frequency_penalty", "presence_penalty"] {
-            self.refuse_unless(key, |v| v.as_f64() == Some(0.0), "penalties are not implemented; leave it 0")?;
+            self.refuse_unless(
+                key,
+                |v| v.as_f64() == Some(0.0),
+                "penalties are not implemented; leave it 0",
+            )?;
         }
         self.refuse_unless("logit_bias", is_empty_container, "leave it empty")?;
         Ok(SamplingRequest {
@@ -387,7 +410,10 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 fn wrong_type(key: &str, want: &str, got: &Value) -> ApiError {
-    ApiError::invalid(key, format!("`{key}` must be {want}, not {}", type_name(got)))
+    ApiError::invalid(
+        key,
+        format!("`{key}` must be {want}, not {}", type_name(got)),
+    )
 }
 
 /// Parses and checks a chat completion request body.
@@ -397,7 +423,10 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let messages = match fields.get("messages") {
         None => return Err(ApiError::invalid("messages", "`messages` is required")),
         Some(Value::Array(items)) if items.is_empty() => {
-            return Err(ApiError::invalid("messages", "`messages` must not be empty"))
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must not be empty",
+            ))
         }
         Some(Value::Array(items)) => items
             .iter()
@@ -406,8 +435,16 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
             .collect::<Result<Vec<_>, _>>()?,
         Some(other) => return Err(wrong_type("messages", "a list of messages", other)),
     };
-    fields.refuse_unless("logprobs", |v| v == &Value::Bool(false), "log-probabilities are not computed")?;
-    fields.refuse_unless("top_logprobs", |v| v.as_u64() == Some(0), "log-probabilities are not computed")?;
+    fields.refuse_unless(
+        "logprobs",
+        |v| v == &Value::Bool(false),
+        "log-probabilities are not computed",
+    )?;
+    fields.refuse_unless(
+        "top_logprobs",
+        |v| v.as_u64() == Some(0),
+        "log-probabilities are not computed",
+    )?;
     for key in ["tools", "functions"] {
         fields.refuse_unless(key, is_empty_container, "tool calls are not implemented")?;
     }
@@ -428,12 +465,21 @@ pub fn parse_chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
 fn parse_message(i: usize, value: &Value) -> Result<Message, ApiError> {
     let param = format!("messages[{i}]");
     let Value::Object(m) = value else {
-        return Err(wrong_type(&param, "an object with `role` and `content`", value));
+        return Err(wrong_type(
+            &param,
+            "an object with `role` and `content`",
+            value,
+        ));
     };
     let role = match m.get("role") {
         Some(Value::String(r)) => r.as_str(),
         Some(other) => return Err(wrong_type(&format!("{param}.role"), "a string", other)),
-        None => return Err(ApiError::invalid(&format!("{param}.role"), format!("`{param}.role` is required"))),
+        None => {
+            return Err(ApiError::invalid(
+                &format!("{param}.role"),
+                format!("`{param}.role` is required"),
+            ))
+        }
     };
     let role = match role {
         "system" | "user" | "assistant" => role,
@@ -450,7 +496,10 @@ fn parse_message(i: usize, value: &Value) -> Result<Message, ApiError> {
     let content_param = format!("{param}.content");
     let content = match m.get("content") {
         None | Some(Value::Null) => {
-            return Err(ApiError::invalid(&content_param, format!("`{content_param}` is required")))
+            return Err(ApiError::invalid(
+                &content_param,
+                format!("`{content_param}` is required"),
+            ))
         }
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => {
@@ -478,7 +527,13 @@ fn parse_message(i: usize, value: &Value) -> Result<Message, ApiError> {
             }
             text
         }
-        Some(other) => return Err(wrong_type(&content_param, "a string or a list of text parts", other)),
+        Some(other) => {
+            return Err(wrong_type(
+                &content_param,
+                "a string or a list of text parts",
+                other,
+            ))
+        }
     };
     Ok(Message {
         role: role.to_string(),
@@ -494,7 +549,10 @@ pub fn parse_completion_request(body: &[u8]) -> Result<CompletionRequest, ApiErr
         None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
         Some(Value::Array(items)) if items.is_empty() => {
-            return Err(ApiError::invalid("prompt", "`prompt` must not be an empty list"))
+            return Err(ApiError::invalid(
+                "prompt",
+                "`prompt` must not be an empty list",
+            ))
         }
         Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
             vec![Prompt::Tokens(token_ids("prompt", items)?)]
@@ -521,9 +579,17 @@ pub fn parse_completion_request(body: &[u8]) -> Result<CompletionRequest, ApiErr
         }
     };
     let echo = fields.bool("echo")?.unwrap_or(false);
-    fields.refuse_unless("logprobs", |v| v.as_u64() == Some(0), "log-probabilities are not computed")?;
+    fields.refuse_unless(
+        "logprobs",
+        |v| v.as_u64() == Some(0),
+        "log-probabilities are not computed",
+    )?;
     fields.refuse_unless("best_of", |v| v.as_u64() == Some(1), "leave it 1 (use `n`)")?;
-    fields.refuse_unless("suffix", |v| v.as_str() == Some(""), "insertion is not implemented")?;
+    fields.refuse_unless(
+        "suffix",
+        |v| v.as_str() == Some(""),
+        "insertion is not implemented",
+    )?;
     let sampling = fields.sampling(&["max_tokens"])?;
     if prompts.len() * sampling.n > MAX_CHOICES {
         return Err(ApiError::invalid(
@@ -552,7 +618,12 @@ fn token_ids(param: &str, items: &[Value]) -> Result<Vec<u32>, ApiError> {
         .map(|v| {
             v.as_u64()
                 .and_then(|t| u32::try_from(t).ok())
-                .ok_or_else(|| ApiError::invalid(param, format!("`{param}` holds {v}, which is not a token id")))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        param,
+                        format!("`{param}` holds {v}, which is not a token id"),
+                    )
+                })
         })
         .collect()
 }
@@ -802,7 +873,10 @@ mod tests {
         assert_eq!(r.messages[0].role, "system");
         assert_eq!(r.messages[0].content, "Be brief.");
         let s = r.sampling;
-        assert_eq!(s.max_tokens, 5, "max_completion_tokens wins over max_tokens");
+        assert_eq!(
+            s.max_tokens, 5,
+            "max_completion_tokens wins over max_tokens"
+        );
         assert!(s.is_greedy());
         assert_eq!(s.top_p, 0.5);
         assert_eq!(s.seed, Some(u64::MAX));
@@ -816,41 +890,106 @@ mod tests {
         let cases = [
             ("[1, 2]", None),
             ("{not json", None),
-            (r#"{"messages": [{"role": "user", "content": "x"}]}"#, Some("model")),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+                Some("model"),
+            ),
             (r#"{"model": 3, "messages": []}"#, Some("model")),
             (r#"{"model": "m"}"#, Some("messages")),
             (r#"{"model": "m", "messages": []}"#, Some("messages")),
-            (r#"{"model": "m", "messages": [{"role": "tool", "content": "x"}]}"#, Some("messages[0].role")),
-            (r#"{"model": "m", "messages": [{"role": "user"}]}"#, Some("messages[0].content")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#, Some("messages[0].content[0]")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": -1}"#, Some("temperature")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#, Some("temperature")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}"#, Some("top_p")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}"#, Some("n")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 1000}"#, Some("n")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#, Some("max_tokens")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2.5}"#, Some("max_tokens")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}"#, Some("stop")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 3}"#, Some("stop")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#, Some("stream")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}"#, Some("logprobs")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}"#, Some("presence_penalty")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#, Some("tools")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#, Some("response_format")),
-            (r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": "s"}"#, Some("seed")),
+            (
+                r#"{"model": "m", "messages": [{"role": "tool", "content": "x"}]}"#,
+                Some("messages[0].role"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user"}]}"#,
+                Some("messages[0].content"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+                Some("messages[0].content[0]"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": -1}"#,
+                Some("temperature"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#,
+                Some("temperature"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 1.5}"#,
+                Some("top_p"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}"#,
+                Some("n"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 1000}"#,
+                Some("n"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2.5}"#,
+                Some("max_tokens"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}"#,
+                Some("stop"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 3}"#,
+                Some("stop"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#,
+                Some("stream"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": true}"#,
+                Some("logprobs"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}"#,
+                Some("presence_penalty"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#,
+                Some("tools"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}"#,
+                Some("response_format"),
+            ),
+            (
+                r#"{"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": "s"}"#,
+                Some("seed"),
+            ),
         ];
         for (body, param) in cases {
             let err = chat(body).expect_err(body);
-            assert_eq!(param_of(err.clone()), (400, param.map(String::from)), "{body}: {err}");
+            assert_eq!(
+                param_of(err.clone()),
+                (400, param.map(String::from)),
+                "{body}: {err}"
+            );
             let json = err.body();
             assert_eq!(json["error"]["type"], "invalid_request_error", "{body}");
-            assert!(json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
         }
     }
 
     #[test]
     fn completion_prompts_come_as_text_lists_or_token_ids() {
-        let r = completion(r#"{"model": "m", "prompt": "def f():", "max_tokens": 3, "echo": true}"#).unwrap();
+        let r =
+            completion(r#"{"model": "m", "prompt": "def f():", "max_tokens": 3, "echo": true}"#)
+                .unwrap();
         assert_eq!(r.prompts, vec![Prompt::Text("def f():".into())]);
         assert!(r.echo);
         assert_eq!(r.sampling.max_tokens, 3);
@@ -859,7 +998,10 @@ mod tests {
         let r = completion(r#"{"model": "m", "prompt": [1, 2, 3]}"#).unwrap();
         assert_eq!(r.prompts, vec![Prompt::Tokens(vec![1, 2, 3])]);
         let r = completion(r#"{"model": "m", "prompt": [[1], "x"]}"#).unwrap();
-        assert_eq!(r.prompts, vec![Prompt::Tokens(vec![1]), Prompt::Text("x".into())]);
+        assert_eq!(
+            r.prompts,
+            vec![Prompt::Tokens(vec![1]), Prompt::Text("x".into())]
+        );
         // The chat-only key is not read here.
         let r = completion(r#"{"model": "m", "prompt": "x", "max_completion_tokens": 3}"#).unwrap();
         assert_eq!(r.sampling.max_tokens, DEFAULT_MAX_TOKENS);
@@ -874,10 +1016,19 @@ mod tests {
             (r#"{"model": "m", "prompt": [-1]}"#, "prompt"),
             (r#"{"model": "m", "prompt": ["a", {}]}"#, "prompt[1]"),
             (r#"{"model": "m", "prompt": ["a", []]}"#, "prompt[1]"),
-            (r#"{"model": "m", "prompt": "x", "logprobs": 2}"#, "logprobs"),
+            (
+                r#"{"model": "m", "prompt": "x", "logprobs": 2}"#,
+                "logprobs",
+            ),
             (r#"{"model": "m", "prompt": "x", "best_of": 3}"#, "best_of"),
-            (r#"{"model": "m", "prompt": "x", "suffix": "end"}"#, "suffix"),
-            (r#"{"model": "m", "prompt": ["a", "b", "c"], "n": 100}"#, "n"),
+            (
+                r#"{"model": "m", "prompt": "x", "suffix": "end"}"#,
+                "suffix",
+            ),
+            (
+                r#"{"model": "m", "prompt": ["a", "b", "c"], "n": 100}"#,
+                "n",
+            ),
         ];
         for (body, param) in cases {
             let err = completion(body).expect_err(body);
@@ -897,7 +1048,10 @@ mod tests {
             e.body(),
             serde_json::json!({"error": {"message": "nope", "type": "invalid_request_error", "param": null, "code": null}})
         );
-        assert_eq!(ApiError::wrong_method("GET", "/v1/completions", "POST").status, 405);
+        assert_eq!(
+            ApiError::wrong_method("GET", "/v1/completions", "POST").status,
+            405
+        );
         assert_eq!(ApiError::unknown_route("GET", "/x").status, 404);
     }
 
@@ -933,7 +1087,10 @@ mod tests {
             serde_json::to_value(&usage_chunk).unwrap()["usage"],
             serde_json::json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})
         );
-        assert_eq!(serde_json::to_value(FinishReason::Length).unwrap(), "length");
+        assert_eq!(
+            serde_json::to_value(FinishReason::Length).unwrap(),
+            "length"
+        );
         assert_eq!(model_list("train", 1)["data"][0]["id"], "train");
     }
 }

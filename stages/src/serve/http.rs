@@ -165,7 +165,9 @@ fn guarded<T>(answer: impl FnOnce() -> Result<T, ApiError>) -> Result<T, ApiErro
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("a panic");
-        Err(ApiError::internal(format!("the server failed while answering: {what}")))
+        Err(ApiError::internal(format!(
+            "the server failed while answering: {what}"
+        )))
     })
 }
 
@@ -282,7 +284,10 @@ mod tests {
             route("/v1/chat/completions"),
             Some((Route::ChatCompletions, Method::Post))
         );
-        assert_eq!(route("/v1/completions/"), Some((Route::Completions, Method::Post)));
+        assert_eq!(
+            route("/v1/completions/"),
+            Some((Route::Completions, Method::Post))
+        );
         assert_eq!(
             route("/v1/models/train%40a%2Cb"),
             Some((Route::Model("train@a,b".into()), Method::Get))

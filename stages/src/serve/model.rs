@@ -8,16 +8,16 @@ use std::sync::Mutex;
 use candle_core::{DType, Device};
 use pipeline_models::artifact::{load_for_inference, LoadedModel};
 use pipeline_models::generate::{
-    generate_batch_streaming, GenerateConfig, GenerateError, GenerateRequest,
-    NewToken, SamplingParams,
+    generate_batch_streaming, GenerateConfig, GenerateError, GenerateRequest, NewToken,
+    SamplingParams,
 };
 use pipeline_models::DecoderModel;
 use tokenizers::Tokenizer;
 
 use super::api::{
-    ApiError, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion,
-    ChatDelta, ChatRequest, CompletionRequest, FinishReason, Prompt, SamplingRequest, TextChoice,
-    TextChunk, TextChunkChoice, TextCompletion, Usage,
+    ApiError, AssistantMessage, ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatDelta,
+    ChatRequest, CompletionRequest, FinishReason, Prompt, SamplingRequest, TextChoice, TextChunk,
+    TextChunkChoice, TextCompletion, Usage,
 };
 use super::stream::TextStream;
 use crate::artifacts::ModelArtifact;
@@ -28,7 +28,9 @@ use crate::chat::{render_chat, ChatTemplate};
 pub enum ServeModelError {
     /// The weights (or the adapter) did not load.
     #[error("cannot load the model from {path}: {message}")]
-    #[diagnostic(help("check the artifact with `pipeline verify`, or rerun the stage that made it"))]
+    #[diagnostic(help(
+        "check the artifact with `pipeline verify`, or rerun the stage that made it"
+    ))]
     Load {
         /// Model directory.
         path: PathBuf,
@@ -47,7 +49,9 @@ pub enum ServeModelError {
     /// `model.json` names no end-of-sequence token, so no answer would ever end before its
     /// `max_tokens`.
     #[error("the model in {} has no end-of-sequence token (`eos_token_ids` of model.json is empty)", .0.display())]
-    #[diagnostic(help("rebuild the `model` stage with `extra_eos_tokens` naming the model's end token"))]
+    #[diagnostic(help(
+        "rebuild the `model` stage with `extra_eos_tokens` naming the model's end token"
+    ))]
     NoEos(PathBuf),
 }
 
@@ -238,14 +242,13 @@ impl ServedModel {
                 usage,
             })
         };
-        let delta = |index: usize, role: Option<&'static str>, content: Option<String>| {
-            ChatChunkChoice {
+        let delta =
+            |index: usize, role: Option<&'static str>, content: Option<String>| ChatChunkChoice {
                 index,
                 delta: ChatDelta { role, content },
                 logprobs: None,
                 finish_reason: None,
-            }
-        };
+            };
         let opening = (0..request.sampling.n)
             .map(|i| delta(i, Some("assistant"), Some(String::new())))
             .collect();
@@ -277,7 +280,10 @@ impl ServedModel {
     }
 
     /// The token ids of the prompts of a completion request.
-    pub fn completion_prompts(&self, request: &CompletionRequest) -> Result<Vec<Vec<u32>>, ApiError> {
+    pub fn completion_prompts(
+        &self,
+        request: &CompletionRequest,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
         request
             .prompts
             .iter()
@@ -347,14 +353,13 @@ impl ServedModel {
                 usage,
             })
         };
-        let piece = |index: usize, text: String, finish_reason: Option<FinishReason>| {
-            TextChunkChoice {
+        let piece =
+            |index: usize, text: String, finish_reason: Option<FinishReason>| TextChunkChoice {
                 index,
                 text,
                 logprobs: None,
                 finish_reason,
-            }
-        };
+            };
         let n = request.sampling.n;
         if request.echo {
             let echoes = (0..prompts.len() * n)
@@ -436,9 +441,14 @@ impl ServedModel {
         // A panic in one request (a model bug) poisons the lock; the model itself is intact.
         let model = self.model.lock().unwrap_or_else(|p| p.into_inner());
         let output = match on_delta {
-            None => generate_batch_streaming(&*model, &requests, &config, decode, |_, _, _| {}, |_| {
-                ControlFlow::Continue(())
-            }),
+            None => generate_batch_streaming(
+                &*model,
+                &requests,
+                &config,
+                decode,
+                |_, _, _| {},
+                |_| ControlFlow::Continue(()),
+            ),
             Some(on_delta) => generate_batch_streaming(
                 &*model,
                 &requests,
@@ -500,7 +510,11 @@ fn generate_error(e: GenerateError, prompts: &[Vec<u32>]) -> ApiError {
             ..ApiError::internal("the client went away")
         },
         GenerateError::EmptyPrompt(i) => ApiError::invalid(
-            if prompts.len() > 1 { "prompt" } else { "messages" },
+            if prompts.len() > 1 {
+                "prompt"
+            } else {
+                "messages"
+            },
             format!("prompt {i} has no tokens"),
         ),
         GenerateError::TokenOutOfVocab { token, vocab, .. } => ApiError::invalid(

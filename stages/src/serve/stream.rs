@@ -182,7 +182,11 @@ mod tests {
 
     #[test]
     fn text_stops_before_the_earliest_stop_sequence_and_nothing_follows() {
-        let (deltas, rest) = stream(&["\nEND", "!"], &["ab", "c\nEN", "D more", " and more"], "abc");
+        let (deltas, rest) = stream(
+            &["\nEND", "!"],
+            &["ab", "c\nEN", "D more", " and more"],
+            "abc",
+        );
         assert_eq!(deltas, ["ab", "c", "", ""]);
         assert_eq!(rest, "");
         // A stop inside one piece.
@@ -196,7 +200,10 @@ mod tests {
         let stop = ["\ndef", "\nclass"];
         let want = &text[..pipeline_models::generate::find_stop(text, &stops(&stop)).unwrap()];
         // Every way of cutting the text into two-byte pieces (ASCII) streams the same text.
-        let pieces: Vec<&str> = (0..text.len()).step_by(2).map(|i| &text[i..(i + 2).min(text.len())]).collect();
+        let pieces: Vec<&str> = (0..text.len())
+            .step_by(2)
+            .map(|i| &text[i..(i + 2).min(text.len())])
+            .collect();
         let (deltas, rest) = stream(&stop, &pieces, want);
         assert_eq!(deltas.concat() + &rest, want);
     }
@@ -224,7 +231,10 @@ mod tests {
     fn sse_events_are_framed_as_http_chunks_and_end_with_done() {
         let mut w = SseWriter::start(Vec::new()).unwrap();
         let event = sse_event(&serde_json::json!({"a": "x\ny"}));
-        assert_eq!(event, "data: {\"a\":\"x\\ny\"}\n\n", "one line of JSON, a blank line after");
+        assert_eq!(
+            event, "data: {\"a\":\"x\\ny\"}\n\n",
+            "one line of JSON, a blank line after"
+        );
         w.event(&event).unwrap();
         w.event("").unwrap();
         let bytes = w.finish().unwrap();
