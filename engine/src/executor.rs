@@ -28,7 +28,7 @@ use crate::lease::{Lease, LeaseError};
 use crate::manifest::{InputRef, InstanceName, Manifest, StageInstance};
 use crate::progress::{ProgressMode, RunProgress, StageProgress};
 use crate::slurm::{ExecutorKind, SlurmClient, SlurmLauncher, WorkerCommand};
-use crate::stage::{InputArtifact, StageContext};
+use crate::stage::{CachedOutput, CachedStage, InputArtifact, StageContext};
 use crate::store::{ActionRecord, LastRun, OutputRecord, Store};
 
 /// How to run.
@@ -542,6 +542,93 @@ pub fn plan(
     }
     env.save_stat_cache();
     Ok(plan)
+}
+
+/// The result of the instance `name` in the cache, with the artifacts it was computed from
+/// ([`CachedStage`], what a [`crate::StageCommand`] acts on); `Ok(Err(reason))` when a run
+/// would compute it instead, with the reason `plan` would give. Only `name` and what it needs
+/// are assessed; nothing runs.
+pub fn cached_stage(
+    manifest: &Manifest,
+    store: &Store,
+    name: &InstanceName,
+) -> miette::Result<Result<CachedStage, RunReason>> {
+    let target = manifest
+        .stages
+        .iter()
+        .position(|s| &s.name == name)
+        .ok_or_else(|| miette::miette!("the manifest has no stage `{name}`"))?;
+    let env = Env::new(manifest, store);
+    let graph = StageGraph::new(manifest);
+    let needed = graph.upstream_closure(&[target]);
+    let mut outputs = Outputs::new();
+    let mut found = None;
+    for i in graph.order().into_iter().filter(|&i| needed[i]) {
+        let stage = &manifest.stages[i];
+        match env.assess(stage, &outputs, false) {
+            Assessment::Cached { record, .. } => {
+                outputs.insert(stage.name.clone(), outputs_of(&record));
+                if i == target {
+                    found = Some(Ok(record));
+                }
+            }
+            Assessment::Run { reason, .. } if i == target => found = Some(Err(reason)),
+            Assessment::Run { .. } => {}
+        }
+    }
+    env.save_stat_cache();
+    let record = match found {
+        Some(Ok(record)) => record,
+        Some(Err(reason)) => return Ok(Err(reason)),
+        None => return Err(miette::miette!("internal: stage `{name}` was not assessed")),
+    };
+    let stage = &manifest.stages[target];
+    let view = |tree: &str| {
+        store.view(tree).map_err(|e| {
+            miette::miette!("cannot materialise artifact {tree} of stage `{name}`: {e}")
+        })
+    };
+    let mut cached_outputs = BTreeMap::new();
+    for slot in stage.stage.outputs() {
+        if let Some(out) = record.outputs.get(slot.name) {
+            cached_outputs.insert(
+                slot.name.to_string(),
+                CachedOutput {
+                    artifact: slot.artifact,
+                    path: view(&out.tree)?,
+                    tree: out.tree.clone(),
+                },
+            );
+        }
+    }
+    let mut inputs = BTreeMap::new();
+    for (slot, trees) in input_trees(stage, &outputs).map_err(|e| miette::miette!("{e}"))? {
+        let mut list = Vec::new();
+        for (r, tree) in trees {
+            list.push(InputArtifact {
+                stage: r.stage.to_string(),
+                output: r.output.clone(),
+                path: view(tree)?,
+                tree: tree.clone(),
+                base: r.stage.base.clone(),
+                labels: r
+                    .stage
+                    .labels()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            });
+        }
+        inputs.insert(slot.clone(), list);
+    }
+    Ok(Ok(CachedStage {
+        name: stage.name.to_string(),
+        kind: stage.kind,
+        params: stage.params.canonical.clone(),
+        key: record.key,
+        outputs: cached_outputs,
+        inputs,
+        metadata: record.metadata,
+    }))
 }
 
 enum Done {

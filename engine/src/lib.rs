@@ -38,6 +38,7 @@ pub mod store;
 pub use executor::{run, RunOptions, RunReport, StageOutcome};
 pub use manifest::{load_manifest, InstanceName, Manifest, ManifestOptions, StageInstance};
 pub use stage::{
-    Command, InputArtifact, InputSlot, KindDoc, OutputSlot, Registry, Stage, StageContext,
+    CachedOutput, CachedStage, Command, InputArtifact, InputSlot, KindDoc, OutputSlot, Registry,
+    Stage, StageCommand, StageContext,
 };
 pub use store::Store;

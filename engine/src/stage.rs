@@ -314,6 +314,91 @@ pub trait Command: Send + Sync {
     fn run(&self, args: Vec<std::ffi::OsString>) -> miette::Result<u8>;
 }
 
+/// A subcommand that acts on one *cached* stage of a manifest (`pipeline serve M STAGE`),
+/// registered with [`Registry::register_stage_command`].
+///
+/// The CLI parses the manifest, its overrides and the stage name the way `pipeline show` does,
+/// checks that the stage's kind is one of [`StageCommand::kinds`] and that its result is in the
+/// cache (otherwise it tells the user to run it first), and hands [`StageCommand::run`] the
+/// cached result ([`CachedStage`]) with every argument after the stage name, unparsed: the
+/// command parses its own options. The engine says nothing about what the command does with
+/// the artifacts; a kind's crate does.
+pub trait StageCommand: Send + Sync {
+    /// The subcommand's name (`serve`).
+    fn name(&self) -> &'static str;
+    /// One line for the CLI's `--help`.
+    fn about(&self) -> &'static str;
+    /// The kinds whose stages it acts on (`["model", "quantize", "lora-train"]`).
+    fn kinds(&self) -> &'static [&'static str];
+    /// The help of its own options (the arguments after the stage name), shown under the
+    /// CLI's help of the subcommand.
+    fn options_help(&self) -> String;
+    /// Runs it on `stage` with the arguments after the stage name; returns the process exit
+    /// code.
+    fn run(&self, stage: &CachedStage, args: Vec<std::ffi::OsString>) -> miette::Result<u8>;
+}
+
+/// One output of a [`CachedStage`].
+#[derive(Debug, Clone)]
+pub struct CachedOutput {
+    /// The output's artifact type ([`OutputSlot::artifact`]).
+    pub artifact: &'static str,
+    /// Read-only directory holding the artifact's files (its view in the cache).
+    pub path: PathBuf,
+    /// The artifact's tree hash.
+    pub tree: String,
+}
+
+/// A stage instance whose result is in the cache: what a [`StageCommand`] acts on. Every path
+/// is a read-only directory of the cache; writing into one corrupts it.
+#[derive(Debug, Clone)]
+pub struct CachedStage {
+    /// The instance's name (`train@messy`).
+    pub name: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Its canonical parameters (the typed parameters re-serialised, defaults written out).
+    pub params: serde_json::Value,
+    /// The cache key of its result.
+    pub key: String,
+    /// Its outputs by slot name.
+    pub outputs: BTreeMap<String, CachedOutput>,
+    /// The artifacts its result was computed from, per input slot (as its run saw them).
+    pub inputs: BTreeMap<String, Vec<InputArtifact>>,
+    /// The metadata its run recorded.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl CachedStage {
+    /// The directory of output `name`.
+    pub fn output(&self, name: &str) -> miette::Result<&Path> {
+        self.outputs
+            .get(name)
+            .map(|o| o.path.as_path())
+            .ok_or_else(|| miette::miette!("stage `{}` has no output named `{name}`", self.name))
+    }
+
+    /// The first output whose artifact type is `artifact`, if any.
+    pub fn output_of_type(&self, artifact: &str) -> Option<&CachedOutput> {
+        self.outputs.values().find(|o| o.artifact == artifact)
+    }
+
+    /// The single artifact connected to input `slot`.
+    pub fn input(&self, slot: &str) -> miette::Result<&Path> {
+        match self.inputs.get(slot).map(Vec::as_slice) {
+            Some([one]) => Ok(&one.path),
+            Some([]) | None => Err(miette::miette!(
+                "stage `{}` has no input `{slot}` connected",
+                self.name
+            )),
+            Some(_) => Err(miette::miette!(
+                "input `{slot}` of stage `{}` has several artifacts",
+                self.name
+            )),
+        }
+    }
+}
+
 /// A kind described for people and tools (`pipeline kinds KIND [--json]`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KindDoc {
@@ -338,6 +423,7 @@ pub struct KindDoc {
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn DynStage>>,
     commands: Vec<Arc<dyn Command>>,
+    stage_commands: Vec<Arc<dyn StageCommand>>,
 }
 
 impl Registry {
@@ -392,6 +478,19 @@ impl Registry {
     /// The registered subcommands, in registration order.
     pub fn commands(&self) -> impl Iterator<Item = &dyn Command> + '_ {
         self.commands.iter().map(|c| &**c)
+    }
+
+    /// Adds a subcommand that acts on a cached stage. A later registration of the same name
+    /// replaces the earlier one.
+    pub fn register_stage_command(&mut self, command: impl StageCommand + 'static) -> &mut Self {
+        self.stage_commands.retain(|c| c.name() != command.name());
+        self.stage_commands.push(Arc::new(command));
+        self
+    }
+
+    /// The registered subcommands that act on a cached stage, in registration order.
+    pub fn stage_commands(&self) -> impl Iterator<Item = &dyn StageCommand> + '_ {
+        self.stage_commands.iter().map(|c| &**c)
     }
 }
 

@@ -499,3 +499,52 @@ fn keys_of_kinds_without_labels_do_not_move() {
 /// Keys computed by the engine before input labels existed (commit f435bfa).
 const PINNED_W: &str = "8f951cb77318c958cd6d330676fba446968f0ddb855408cc06e1da45accc6e27";
 const PINNED_U: &str = "f7b755723e9926b362dae3ec0721941725eb6960b04e5a9921e45d0306000aa6";
+
+#[test]
+fn a_cached_stage_is_found_with_its_outputs_and_inputs_or_the_reason_it_is_not() {
+    use pipeline_engine::executor::cached_stage;
+    use pipeline_engine::InstanceName;
+    let s = Setup::new();
+    let m = s.manifest(CHAIN, &[]);
+    let u_a = InstanceName::new("u", vec![("k".into(), "a".into())]);
+    let lookup =
+        |m: &Manifest, name: &InstanceName| cached_stage(m, &s.store, name).expect("lookup");
+    match lookup(&m, &u_a) {
+        Err(RunReason::UpstreamWillRun { producer }) => assert_eq!(producer, "w@a"),
+        other => panic!("before a run: {other:?}"),
+    }
+    // Only what `u@a` needs.
+    let only = RunOptions {
+        only: vec!["u@a".into()],
+        ..options()
+    };
+    assert_eq!(ran(&s.run(&m, &only)), ["u@a", "w@a"]);
+    let stage = lookup(&m, &u_a).expect("cached after the run");
+    assert_eq!(stage.name, "u@a");
+    assert_eq!(stage.kind, "upper");
+    assert_eq!(stage.key.len(), 64);
+    let out = stage.output("out").expect("output `out`");
+    assert_eq!(std::fs::read_to_string(out.join("data")).unwrap(), "A");
+    assert_eq!(
+        stage.output_of_type("text").map(|o| o.path.as_path()),
+        Some(out)
+    );
+    assert!(stage.output("nope").is_err());
+    // Its input is the artifact it was computed from, as its run saw it.
+    let src = stage.input("src").expect("input `src`");
+    assert_eq!(std::fs::read_to_string(src.join("data")).unwrap(), "a");
+    assert_eq!(stage.inputs["src"][0].stage, "w@a");
+    assert_eq!(
+        stage.inputs["src"][0].labels,
+        [("k".to_string(), "a".to_string())]
+    );
+    // A changed parameter upstream: not cached, and why.
+    let edited = s.manifest(CHAIN, &["w@a.text=z"]);
+    match lookup(&edited, &u_a) {
+        Err(RunReason::UpstreamWillRun { producer }) => assert_eq!(producer, "w@a"),
+        other => panic!("after an upstream edit: {other:?}"),
+    }
+    let w_b = InstanceName::new("w", vec![("k".into(), "b".into())]);
+    assert!(matches!(lookup(&m, &w_b), Err(RunReason::NeverRun)));
+    assert!(cached_stage(&m, &s.store, &InstanceName::new("nope", vec![])).is_err());
+}

@@ -8,8 +8,8 @@ use common::max_abs_diff;
 use candle_core::{Device, Tensor};
 use generate_support::{piece_decoder, TableLm, TinyLm};
 use pipeline_models::generate::{
-    generate_batch, generate_batch_with_progress, FinishReason, GenerateConfig, GenerateError,
-    GenerateRequest, SamplingParams,
+    generate_batch, generate_batch_streaming, generate_batch_with_progress, FinishReason,
+    GenerateConfig, GenerateError, GenerateRequest, NewToken, SamplingParams,
 };
 use pipeline_models::CausalLm;
 
@@ -347,4 +347,71 @@ fn generate_progress_reports_every_sample_once() {
     }
     let json = serde_json::to_string(&out.completions[0][0]).unwrap();
     assert!(json.contains("\"finish_reason\":\"stop\""), "{json}");
+}
+
+#[test]
+fn generate_streaming_reports_every_sample_token_in_order_and_can_stop() {
+    let model = TinyLm::new(32, 16, 2, 64, 21);
+    let config = GenerateConfig {
+        max_new_tokens: 9,
+        num_samples: 2,
+        max_batch_rows: 3,
+        sampling: SamplingParams::with_temperature(0.9),
+        eos_token_ids: vec![0],
+        ..Default::default()
+    };
+    let requests = [req(vec![3, 4, 5], &[], 1), req(vec![7], &[], 2)];
+    let dec = |ids: &[u32]| format!("{ids:?}");
+    let mut streamed: std::collections::BTreeMap<(usize, usize), Vec<u32>> = Default::default();
+    let mut steps = 0;
+    let out = generate_batch_streaming(
+        &model,
+        &requests,
+        &config,
+        dec,
+        |_, _, _| {},
+        |tokens: &[NewToken]| {
+            steps += 1;
+            for t in tokens {
+                streamed
+                    .entry((t.request, t.sample))
+                    .or_default()
+                    .push(t.token);
+            }
+            std::ops::ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert!(steps > 0);
+    // What was streamed is exactly each sample's tokens; and the same as without streaming.
+    let plain = generate_batch(&model, &requests, &config, dec).unwrap();
+    assert_eq!(out.completions, {
+        let mut c = plain.completions.clone();
+        for (a, b) in c.iter_mut().flatten().zip(out.completions.iter().flatten()) {
+            a.elapsed_secs = b.elapsed_secs;
+        }
+        c
+    });
+    for (r, samples) in out.completions.iter().enumerate() {
+        for (s, c) in samples.iter().enumerate() {
+            let got = streamed.get(&(r, s)).cloned().unwrap_or_default();
+            assert_eq!(got, c.token_ids, "request {r} sample {s}");
+        }
+    }
+    // Breaking stops the generation.
+    let mut calls = 0;
+    let err = generate_batch_streaming(
+        &model,
+        &requests,
+        &config,
+        dec,
+        |_, _, _| {},
+        |_: &[NewToken]| {
+            calls += 1;
+            std::ops::ControlFlow::Break(())
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, GenerateError::Stopped), "{err}");
+    assert_eq!(calls, 1);
 }

@@ -21,6 +21,7 @@ pub mod python;
 pub mod readers;
 pub mod records;
 pub mod report;
+pub mod serve;
 pub mod similarity;
 pub mod snippet;
 pub mod stats;
@@ -50,6 +51,7 @@ pub fn registry() -> Registry {
         .register::<kinds::likelihood::Likelihood>()
         .register::<kinds::grade::Grade>()
         .register::<kinds::report::Report>()
-        .register_command(cli::GradeCommand);
+        .register_command(cli::GradeCommand)
+        .register_stage_command(serve::ServeCommand);
     registry
 }

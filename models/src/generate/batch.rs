@@ -1,6 +1,7 @@
 //! The batched generation loop: left-padded prefill, KV-cached decoding, per-row sampling,
 //! EOS and stop-sequence handling, and dropping finished rows from the batch.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -183,6 +184,10 @@ pub enum GenerateError {
     /// A numeric setting is out of range.
     #[error("invalid generation setting: {0}")]
     InvalidConfig(String),
+    /// The per-step observer of [`generate_batch_streaming`] asked to stop (its reader went
+    /// away).
+    #[error("generation was stopped by its caller")]
+    Stopped,
     /// The model returned logits of an unexpected shape.
     #[error("model returned last-position logits of shape {got:?}, expected [{rows}, {vocab}]")]
     BadLogitsShape {
@@ -193,6 +198,17 @@ pub enum GenerateError {
         /// Expected vocabulary size.
         vocab: usize,
     },
+}
+
+/// A token just appended to a sample, as [`generate_batch_streaming`] reports each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewToken {
+    /// Index of the request.
+    pub request: usize,
+    /// Index of the sample of that request.
+    pub sample: usize,
+    /// The token (never an end-of-sequence token, which ends a sample without joining it).
+    pub token: u32,
 }
 
 /// One sequence being decoded: sample `sample` of request `request`.
@@ -236,12 +252,37 @@ pub fn generate_batch_with_progress<M, F, P>(
     requests: &[GenerateRequest],
     config: &GenerateConfig,
     decode: F,
-    mut on_done: P,
+    on_done: P,
 ) -> Result<GenerateOutput, GenerateError>
 where
     M: CausalLm + ?Sized,
     F: Fn(&[u32]) -> String,
     P: FnMut(usize, usize, &Completion),
+{
+    generate_batch_streaming(model, requests, config, decode, on_done, |_| {
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`generate_batch_with_progress`], also calling `on_step` after every decoding step with the
+/// token each still-running sample gained in it (in batch order; a sample that ended on an
+/// end-of-sequence token gains none), for streaming text as it is generated. The tokens a
+/// sample gains are exactly its final [`Completion::token_ids`], in order. Returning
+/// [`ControlFlow::Break`] stops the whole generation with [`GenerateError::Stopped`] (the
+/// reader went away).
+pub fn generate_batch_streaming<M, F, P, S>(
+    model: &M,
+    requests: &[GenerateRequest],
+    config: &GenerateConfig,
+    decode: F,
+    mut on_done: P,
+    mut on_step: S,
+) -> Result<GenerateOutput, GenerateError>
+where
+    M: CausalLm + ?Sized,
+    F: Fn(&[u32]) -> String,
+    P: FnMut(usize, usize, &Completion),
+    S: FnMut(&[NewToken]) -> ControlFlow<()>,
 {
     validate(model, requests, config)?;
     let mut stats = GenerateStats::default();
@@ -264,7 +305,15 @@ where
     rows.sort_by_key(|r| std::cmp::Reverse(r.prompt_len));
 
     for chunk in rows.chunks_mut(config.max_batch_rows) {
-        run_chunk(model, requests, config, &decode, chunk, &mut stats)?;
+        run_chunk(
+            model,
+            requests,
+            config,
+            &decode,
+            chunk,
+            &mut stats,
+            &mut on_step,
+        )?;
         for row in chunk.iter() {
             if let Some(c) = &row.finished {
                 on_done(row.request, row.sample, c);
@@ -431,17 +480,19 @@ fn pick_tokens(
         .collect()
 }
 
-fn run_chunk<M, F>(
+fn run_chunk<M, F, S>(
     model: &M,
     requests: &[GenerateRequest],
     config: &GenerateConfig,
     decode: &F,
     rows: &mut [Row],
     stats: &mut GenerateStats,
+    on_step: &mut S,
 ) -> Result<(), GenerateError>
 where
     M: CausalLm + ?Sized,
     F: Fn(&[u32]) -> String,
+    S: FnMut(&[NewToken]) -> ControlFlow<()>,
 {
     let device = model.device();
     let started = Instant::now();
@@ -496,6 +547,7 @@ where
         stats.generated_tokens += next.len();
         let mut still: Vec<usize> = Vec::with_capacity(active.len());
         let mut kept_batch_rows: Vec<u32> = Vec::with_capacity(active.len());
+        let mut gained: Vec<NewToken> = Vec::with_capacity(active.len());
         for (b, (&r, &tok)) in active.iter().zip(next.iter()).enumerate() {
             let row = &mut rows[r];
             if config.eos_token_ids.contains(&tok) {
@@ -504,6 +556,11 @@ where
                 continue;
             }
             row.tokens.push(tok);
+            gained.push(NewToken {
+                request: row.request,
+                sample: row.sample,
+                token: tok,
+            });
             let stops = &requests[row.request].stop;
             if !stops.is_empty() {
                 let text = decode(&row.tokens);
@@ -519,6 +576,9 @@ where
             }
             still.push(r);
             kept_batch_rows.push(b as u32);
+        }
+        if !gained.is_empty() && on_step(&gained).is_break() {
+            return Err(GenerateError::Stopped);
         }
         if still.is_empty() {
             break;

@@ -34,8 +34,9 @@ pub mod sampler;
 pub mod stop;
 
 pub use batch::{
-    generate_batch, generate_batch_with_progress, Completion, FinishReason, GenerateConfig,
-    GenerateError, GenerateOutput, GenerateRequest, GenerateStats,
+    generate_batch, generate_batch_streaming, generate_batch_with_progress, Completion,
+    FinishReason, GenerateConfig, GenerateError, GenerateOutput, GenerateRequest, GenerateStats,
+    NewToken,
 };
 pub use sampler::{argmax, derive_seed, seed_for_key, Sampler, SamplerError, SamplingParams};
 pub use stop::{find_stop, humaneval_stop_sequences, HUMANEVAL_STOP_SEQUENCES};
