@@ -19,6 +19,7 @@ use pipeline_models::artifact::load_for_inference;
 use pipeline_models::generate::{generate_batch, GenerateConfig, GenerateRequest};
 use pipeline_stages::artifacts::ModelArtifact;
 use pipeline_stages::chat::{render_chat, Message};
+use pipeline_stages::records::{read_records, Record};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
@@ -446,4 +447,87 @@ fn serve_puts_a_lora_train_stages_adapter_over_its_base_model() {
     );
     let (_, models) = get(&server.base, "/models");
     assert_eq!(models["data"][0]["id"], "train");
+}
+
+/// The `synthesize` stage's kept records (`records.jsonl` of its cached output).
+fn synthesized(s: &Setup, manifest: &Path, name: &str) -> Vec<Record> {
+    let manifest = load_manifest(
+        manifest,
+        &pipeline_stages::registry(),
+        &ManifestOptions::default(),
+    )
+    .unwrap();
+    let store = Store::open(&s.cache).unwrap();
+    let stage = cached_stage(&manifest, &store, &InstanceName::new(name, Vec::new()))
+        .unwrap()
+        .unwrap_or_else(|reason| panic!("`{name}` is not cached: {reason}"));
+    read_records(&stage.output("records").unwrap().join("records.jsonl")).unwrap()
+}
+
+/// The `openai` generator of the `synthesize` kind, in a manifest run, against `pipeline serve`
+/// on loopback: greedy, it writes the same textbook passages as the `local` generator over the
+/// same model (one request per batch, so no padding separates the two).
+#[test]
+fn the_openai_generator_synthesizes_through_pipeline_serve_as_the_local_one_does() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let s = setup(&gguf);
+    run_only(&s, "model");
+    let server = serve(&s, "model");
+    let synth = |generator: &str| {
+        format!(
+            r#"
+[synth-{generator}]
+kind = "synthesize"
+inputs = {{ model = "model" }}
+mode = "textbook"
+topics = ["list comprehensions", "recursion"]
+audiences = ["beginners"]
+styles = ["a short lesson"]
+count = 3
+max_new_tokens = 24
+temperature = 0.0
+batch_size = 1
+min_chars = 1
+generator = "{generator}"
+"#
+        )
+    };
+    let manifest = s.manifest.with_file_name("synth.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "{}{}{}[synth-openai.openai]\nbase_url = \"{}\"\nmodel = \"model\"\n",
+            manifest_text(&gguf),
+            synth("local"),
+            synth("openai"),
+            server.base
+        ),
+    )
+    .unwrap();
+    let out = pipeline(&s.cache)
+        .arg("run")
+        .arg(&manifest)
+        .args(["--only", "synth-local", "--only", "synth-openai"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local = synthesized(&s, &manifest, "synth-local");
+    let served = synthesized(&s, &manifest, "synth-openai");
+    assert_eq!(local.len(), 3, "{local:?}");
+    assert_eq!(served.len(), 3, "{served:?}");
+    for (l, o) in local.iter().zip(&served) {
+        for field in ["topic", "audience", "style"] {
+            assert_eq!(l.get(field), o.get(field), "{field}: {l:?} vs {o:?}");
+        }
+        assert!(!o.get("content").unwrap_or("").is_empty(), "{o:?}");
+        assert_eq!(
+            l.get("content"),
+            o.get("content"),
+            "local and served answers differ"
+        );
+    }
 }
