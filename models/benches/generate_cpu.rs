@@ -4,8 +4,9 @@
 //! The model is loaded as the generate stage loads a GGUF model artifact
 //! (`load_gguf_llama` + `LlamaConfig::from_gguf_meta`), with every projection either
 //! dequantized to dense f32 at load (`--weights f32`, the comparison with transformers'
-//! f32) or kept in its ggml block format as `QuantLinear` (`--weights quant`, what the
-//! stage's `ArtifactFactory` builds for GGUF), then frozen. Generation goes through
+//! f32) or kept in its ggml block format as `QuantLinear` (`--weights quant`: dequantized in
+//! every product, training's layer) or as `BlockLinear` (`--weights blocks`: products on the
+//! blocks with 8-bit activations, what inference loads), then frozen. Generation goes through
 //! `generate_batch`, greedy, with no EOS or stop sequence, so every prompt gets exactly
 //! `max_new_tokens` tokens.
 //!
@@ -32,22 +33,32 @@ use pipeline_models::arch::{DenseFactory, LinearFactory, LinearParts, Llama, Lla
 use pipeline_models::generate::{generate_batch, GenerateConfig, GenerateRequest};
 use pipeline_models::layers::Dense;
 use pipeline_models::linear::LinearLayer;
-use pipeline_models::quant::{GgmlQuantized, QuantLinear, QuantWeight};
+use pipeline_models::quant::{BlockLinear, GgmlQuantized, QuantLinear, QuantWeight};
 use pipeline_models::weights::{load_gguf_llama, StoredTensor};
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// The generate stage's choice for GGUF weights: ggml blocks as `QuantLinear`, formats it
+/// ggml blocks as `QuantLinear` (dequantized in every product: training's layer), formats it
 /// does not cover and dense tensors as `Dense`.
 fn quant_layer(parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> {
+    ggml_layer(parts, false)
+}
+
+/// ggml blocks as `BlockLinear` (products on the blocks: the inference layer).
+fn block_layer(parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> {
+    ggml_layer(parts, true)
+}
+
+fn ggml_layer(parts: LinearParts, blocks: bool) -> candle_core::Result<Box<dyn LinearLayer>> {
     let quantized = match &parts.weight {
         StoredTensor::Quantized(q) => GgmlQuantized::from_qtensor(q.clone()).ok(),
         StoredTensor::Dense(_) => None,
     };
+    let err = |e: pipeline_models::quant::QuantError| candle_core::Error::Msg(e.to_string());
     match quantized {
+        Some(g) if blocks => Ok(Box::new(BlockLinear::new(g, parts.bias).map_err(err)?)),
         Some(g) => Ok(Box::new(
-            QuantLinear::new(QuantWeight::Ggml(g), parts.bias)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+            QuantLinear::new(QuantWeight::Ggml(g), parts.bias).map_err(err)?,
         )),
         None => Ok(Box::new(Dense::new(
             parts.weight.to_dense(parts.dtype)?,
@@ -56,25 +67,33 @@ fn quant_layer(parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> 
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Weights {
+    F32,
+    Quant,
+    Blocks,
+}
+
 struct Args {
     gguf: PathBuf,
     prompts: PathBuf,
-    quantized: bool,
+    weights: Weights,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
     let mut gguf = std::env::var_os("PIPELINE_SMOLLM2_GGUF").map(PathBuf::from);
     let mut prompts = None;
-    let mut quantized = false;
+    let mut weights = Weights::F32;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--gguf" => gguf = it.next().map(PathBuf::from),
             "--prompts" => prompts = it.next().map(PathBuf::from),
             "--weights" => match it.next().as_deref() {
-                Some("f32") => quantized = false,
-                Some("quant") => quantized = true,
-                other => return Err(format!("--weights f32|quant, got {other:?}").into()),
+                Some("f32") => weights = Weights::F32,
+                Some("quant") => weights = Weights::Quant,
+                Some("blocks") => weights = Weights::Blocks,
+                other => return Err(format!("--weights f32|quant|blocks, got {other:?}").into()),
             },
             // `cargo bench` passes `--bench`; nothing else is expected.
             "--bench" => {}
@@ -84,7 +103,7 @@ fn parse_args() -> Result<Args, BoxError> {
     Ok(Args {
         gguf: gguf.ok_or("pass --gguf or set PIPELINE_SMOLLM2_GGUF")?,
         prompts: prompts.ok_or("pass --prompts FILE (a JSON list of token id lists)")?,
-        quantized,
+        weights,
     })
 }
 
@@ -94,8 +113,11 @@ fn main() -> Result<(), BoxError> {
     let device = Device::Cpu;
     let (weights, meta) = load_gguf_llama(&args.gguf, &device)?;
     let config = LlamaConfig::from_gguf_meta(&meta);
-    let model = if args.quantized {
+    let model = if args.weights == Weights::Quant {
         let mut factory = quant_layer;
+        Llama::new(&config, &weights, DType::F32, &mut factory)?
+    } else if args.weights == Weights::Blocks {
+        let mut factory = block_layer;
         Llama::new(&config, &weights, DType::F32, &mut factory)?
     } else {
         let mut factory = DenseFactory;

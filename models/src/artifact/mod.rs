@@ -31,7 +31,7 @@ use crate::arch::{
 use crate::io::JsonFileError;
 use crate::layers::Dense;
 use crate::peft::{PeftAdapter, PeftError};
-use crate::quant::{GgmlQuantized, Nf4Tensor, QuantLinear, QuantWeight};
+use crate::quant::{BlockLinear, GgmlQuantized, Nf4Tensor, QuantLinear, QuantWeight};
 use crate::weights::{LoadError, StoredTensor, Weights};
 use crate::{LinearLayer, LoraConfig};
 
@@ -309,6 +309,11 @@ pub enum QuantizedWeights {
     /// values are the ones a quantized layer computes with, so outputs are unchanged; the cost
     /// is a dense copy of the projections in memory.
     DecodeOnce,
+    /// ggml-quantized projections stay in their blocks and multiply through quantized
+    /// kernels ([`BlockLinear`]: activations rounded to 8 bits per block, as llama.cpp does);
+    /// NF4 ones are decoded once. Inference on the CPU in f32: no dense copy, and a decoding
+    /// step reads 4-5 bits per weight instead of 32.
+    BlockKernels,
 }
 
 /// What LoRA adapters a loaded model gets.
@@ -346,6 +351,15 @@ impl LinearFactory for ArtifactFactory {
                         QuantLinear::new(w, bias)
                             .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
                     ),
+                    QuantizedWeights::BlockKernels => match w {
+                        QuantWeight::Ggml(g) => Box::new(
+                            BlockLinear::new(g, bias)
+                                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                        ),
+                        QuantWeight::Nf4(_) => {
+                            Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?)
+                        }
+                    },
                     QuantizedWeights::DecodeOnce => {
                         Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?)
                     }

@@ -3,12 +3,14 @@
 //! [`LinearLayer`](crate::LinearLayer) over either that passes input gradients through without
 //! ever recording the frozen weight.
 
+pub mod block_linear;
 pub mod ggml;
 pub mod nf4;
 #[cfg(feature = "cuda")]
 mod nf4_cuda;
 pub mod quant_linear;
 
+pub use block_linear::BlockLinear;
 pub use ggml::{GgmlFormat, GgmlQuantized};
 pub use nf4::{Nf4Absmax, Nf4Tensor};
 pub use quant_linear::{QuantLinear, QuantWeight};
