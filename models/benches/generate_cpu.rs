@@ -6,7 +6,7 @@
 //! dequantized to dense f32 at load (`--weights f32`, the comparison with transformers'
 //! f32) or kept in its ggml block format as `QuantLinear` (`--weights quant`: dequantized in
 //! every product, training's layer) or as `BlockLinear` (`--weights blocks`: products on the
-//! blocks with 8-bit activations, what inference loads), then frozen. Generation goes through
+//! packed 4/8-bit codes with f32 activations, what inference loads on the CPU), then frozen. Generation goes through
 //! `generate_batch`, greedy, with no EOS or stop sequence, so every prompt gets exactly
 //! `max_new_tokens` tokens.
 //!
@@ -44,7 +44,7 @@ fn quant_layer(parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> 
     ggml_layer(parts, false)
 }
 
-/// ggml blocks as `BlockLinear` (products on the blocks: the inference layer).
+/// ggml blocks as `BlockLinear` (products on the packed codes: the inference layer).
 fn block_layer(parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> {
     ggml_layer(parts, true)
 }
@@ -56,7 +56,14 @@ fn ggml_layer(parts: LinearParts, blocks: bool) -> candle_core::Result<Box<dyn L
     };
     let err = |e: pipeline_models::quant::QuantError| candle_core::Error::Msg(e.to_string());
     match quantized {
-        Some(g) if blocks => Ok(Box::new(BlockLinear::new(g, parts.bias).map_err(err)?)),
+        Some(g) if blocks => match BlockLinear::new(&QuantWeight::Ggml(g), parts.bias.clone()) {
+            Ok(layer) => Ok(Box::new(layer)),
+            // No kernel for the format: decoded, as inference does.
+            Err(_) => Ok(Box::new(Dense::new(
+                parts.weight.to_dense(parts.dtype)?,
+                parts.bias,
+            )?)),
+        },
         Some(g) => Ok(Box::new(
             QuantLinear::new(QuantWeight::Ggml(g), parts.bias).map_err(err)?,
         )),

@@ -8,16 +8,24 @@ use pipeline_models::arch::{DenseFactory, LinearParts, Llama, LlamaConfig};
 use pipeline_models::generate::{generate_batch, GenerateConfig, GenerateRequest};
 use pipeline_models::layers::Dense;
 use pipeline_models::linear::LinearLayer;
-use pipeline_models::quant::{BlockLinear, GgmlFormat, GgmlQuantized, QuantLinear, QuantWeight};
+use pipeline_models::quant::kernels::{self, Isa};
+use pipeline_models::quant::{
+    BlockLinear, GgmlFormat, GgmlQuantized, Nf4Tensor, QuantLinear, QuantWeight,
+};
 use pipeline_models::weights::{load_gguf_llama, StoredTensor};
 use pipeline_models::Decoder;
+use std::sync::Arc;
 
 fn random(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let data: Vec<f32> = (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -25,47 +33,127 @@ fn random(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
-/// Relative error of the block product against the product with the dequantized weight: what
-/// rounding the activations to 8 bits per block costs, per format.
+/// Every format with a kernel, as the layers a loader builds: ggml blocks and NF4 (with double
+/// quantization, the QLoRA base).
+fn weights(w: &Tensor) -> Vec<(&'static str, QuantWeight)> {
+    let mut out: Vec<(&'static str, QuantWeight)> =
+        [GgmlFormat::Q4_0, GgmlFormat::Q4_1, GgmlFormat::Q8_0]
+            .into_iter()
+            .map(|f| {
+                (
+                    f.name(),
+                    QuantWeight::Ggml(GgmlQuantized::quantize(w, f).unwrap()),
+                )
+            })
+            .collect();
+    out.push((
+        "nf4",
+        QuantWeight::Nf4(Arc::new(Nf4Tensor::quantize(w, true).unwrap())),
+    ));
+    out
+}
+
+/// The packed kernels against the product with the decoded weight, on every instruction set this
+/// CPU has, for every format, at row counts that cover whole tiles and remainders: equal up to
+/// the order of the additions.
 #[test]
-fn block_products_match_the_dequantized_weight_within_the_activation_rounding() {
-    let (out, inp) = (96, 512);
+fn packed_products_equal_the_decoded_weights_product_on_every_instruction_set() {
+    let (out, inp) = (72, 320);
     let w = random(&[out, inp], 1);
-    let x = random(&[3, 5, inp], 2);
-    let bias = random(&[out], 3);
-    for format in [GgmlFormat::Q4_0, GgmlFormat::Q4_1, GgmlFormat::Q8_0, GgmlFormat::Q4K] {
-        let q = GgmlQuantized::quantize(&w, format).unwrap();
-        let exact = QuantLinear::new(QuantWeight::Ggml(q.clone()), Some(bias.clone()))
-            .unwrap()
-            .forward(&x)
-            .unwrap();
-        let blocks = BlockLinear::new(q, Some(bias.clone())).unwrap();
-        let fast = blocks.forward(&x).unwrap();
-        assert_eq!(fast.dims(), [3, 5, out]);
-        let rel = max_abs(&(&fast - &exact).unwrap()) / max_abs(&exact);
-        eprintln!("{}: max relative error {rel:.2e}", format.name());
-        // 8-bit activations: a relative error of about 1/127 per block at worst, far less on
-        // average over a 512-long dot product.
-        assert!(rel < 1e-2, "{}: {rel}", format.name());
-        assert!(rel > 0.0, "{}: the block product should not be the f32 one", format.name());
+    let isas = Isa::available();
+    eprintln!("instruction sets: {isas:?}");
+    for (name, q) in weights(&w) {
+        let layer = BlockLinear::new(&q, None).unwrap();
+        let decoded = q.dequantize(DType::F32, &Device::Cpu).unwrap();
+        for m in [1, 3, 8, 13] {
+            let x = random(&[m, inp], 2 + m as u64);
+            let want = x.matmul(&decoded.t().unwrap()).unwrap();
+            let got = layer.forward(&x).unwrap();
+            assert_eq!(got.dims(), [m, out]);
+            let rel = max_abs(&(&got - &want).unwrap()) / max_abs(&want);
+            assert!(rel < 1e-5, "{name}, m = {m}: relative error {rel}");
+            // Each instruction set on its own, same tolerance.
+            let packed = packed_of(&q);
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for &isa in isas {
+                let y = kernels::matmul_on(isa, &packed, &xs, m);
+                let y = Tensor::from_vec(y, (m, out), &Device::Cpu).unwrap();
+                let rel = max_abs(&(&y - &want).unwrap()) / max_abs(&want);
+                assert!(
+                    rel < 1e-5,
+                    "{name} on {isa:?}, m = {m}: relative error {rel}"
+                );
+            }
+        }
+        // The packed codes decode to exactly the format's own values.
+        let mine = packed_of(&q).dequantize();
+        let theirs = decoded.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            mine, theirs,
+            "{name}: packed values differ from the format's decoding"
+        );
+    }
+}
+
+/// The packed weight of `q`, as [`BlockLinear`] builds it.
+fn packed_of(q: &QuantWeight) -> kernels::PackedWeight {
+    match q {
+        QuantWeight::Ggml(g) => {
+            let kind = match g.format() {
+                GgmlFormat::Q4_0 => kernels::GgmlBlocks::Q4_0,
+                GgmlFormat::Q4_1 => kernels::GgmlBlocks::Q4_1,
+                GgmlFormat::Q8_0 => kernels::GgmlBlocks::Q8_0,
+                GgmlFormat::Q4K => panic!("no kernel"),
+            };
+            let (rows, cols) = (g.shape()[0], g.shape()[1]);
+            kernels::PackedWeight::from_ggml(kind, rows, cols, &g.qtensor().data().unwrap())
+                .unwrap()
+        }
+        QuantWeight::Nf4(t) => kernels::PackedWeight::from_nf4(
+            t.shape()[0],
+            t.shape()[1],
+            t.packed(),
+            &t.absmax().decode().unwrap(),
+            pipeline_models::quant::nf4::BLOCK_SIZE,
+            pipeline_models::quant::nf4::NF4_CODE,
+        )
+        .unwrap(),
     }
 }
 
 #[test]
-fn inputs_that_record_a_graph_take_the_exact_product_and_get_gradients() {
+fn formats_without_a_kernel_are_refused_with_a_reason() {
+    let w = random(&[8, 256], 3);
+    let q = QuantWeight::Ggml(GgmlQuantized::quantize(&w, GgmlFormat::Q4K).unwrap());
+    let err = BlockLinear::new(&q, None).unwrap_err().to_string();
+    assert!(err.contains("q4k"), "{err}");
+}
+
+#[test]
+fn inputs_that_record_a_graph_take_the_decoded_product_and_get_gradients() {
     let w = random(&[32, 64], 4);
-    let q = GgmlQuantized::quantize(&w, GgmlFormat::Q4_1).unwrap();
-    let blocks = BlockLinear::new(q.clone(), None).unwrap();
-    let exact = QuantLinear::new(QuantWeight::Ggml(q), None).unwrap();
+    let q = QuantWeight::Ggml(GgmlQuantized::quantize(&w, GgmlFormat::Q4_1).unwrap());
+    let blocks = BlockLinear::new(&q, None).unwrap();
+    let exact = QuantLinear::new(q, None).unwrap();
     let x = Var::from_tensor(&random(&[4, 64], 5)).unwrap();
     let y = blocks.forward(x.as_tensor()).unwrap();
     let want = exact.forward(x.as_tensor()).unwrap();
-    assert_eq!(max_abs(&(&y - &want).unwrap()), 0.0);
+    assert!(max_abs(&(&y - &want).unwrap()) < 1e-5);
     let grads = y.sum_all().unwrap().backward().unwrap();
-    assert!(grads.get(x.as_tensor()).is_some(), "the input gradient flows");
+    assert!(
+        grads.get(x.as_tensor()).is_some(),
+        "the input gradient flows"
+    );
 }
 
 fn smollm2() -> Option<std::path::PathBuf> {
@@ -73,7 +161,10 @@ fn smollm2() -> Option<std::path::PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!("skipping: PIPELINE_SMOLLM2_GGUF={} does not exist", path.display());
+        eprintln!(
+            "skipping: PIPELINE_SMOLLM2_GGUF={} does not exist",
+            path.display()
+        );
         None
     }
 }
@@ -81,16 +172,74 @@ fn smollm2() -> Option<std::path::PathBuf> {
 fn block_factory(parts: LinearParts) -> candle_core::Result<Box<dyn LinearLayer>> {
     if let StoredTensor::Quantized(q) = &parts.weight {
         if let Ok(g) = GgmlQuantized::from_qtensor(q.clone()) {
-            return Ok(Box::new(
-                BlockLinear::new(g, parts.bias).map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-            ));
+            if let Ok(layer) = BlockLinear::new(&QuantWeight::Ggml(g), parts.bias.clone()) {
+                return Ok(Box::new(layer));
+            }
         }
     }
-    Ok(Box::new(Dense::new(parts.weight.to_dense(parts.dtype)?, parts.bias)?))
+    Ok(Box::new(Dense::new(
+        parts.weight.to_dense(parts.dtype)?,
+        parts.bias,
+    )?))
+}
+
+/// Prompts written for this test, as SmolLM2's tokenizer encodes them (llama.cpp's tokenizer on
+/// the same GGUF gives the same ids): three code prompts and a chat.
+const PROMPTS: &[(&str, &[u32])] = &[
+    (
+        "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"",
+        &[
+            1604, 314, 79, 22162, 526, 4522, 24, 99, 42, 871, 25, 4722, 10537, 42, 472, 1620,
+            14362, 3635, 585, 262, 12927, 260, 1142, 22271, 7996,
+        ],
+    ),
+    (
+        "def count_vowels(text):\n    \"\"\"Count the vowels in text.\n    >>> count_vowels('hello')\n    2\n    \"\"\"",
+        &[
+            1604, 985, 79, 102, 323, 1025, 24, 2692, 727, 472, 1620, 9825, 260, 27763, 281, 1694,
+            30, 472, 10949, 985, 79, 102, 323, 1025, 1305, 28120, 1465, 2367, 34, 472, 1620,
+        ],
+    ),
+    (
+        "from typing import List\n\n\ndef running_max(xs: List[int]) -> List[int]:\n    \"\"\"The largest value seen so far at each position.\"\"\"",
+        &[
+            1455, 11146, 752, 5516, 1116, 198, 1604, 4108, 79, 3831, 24, 28345, 42, 5516, 75, 591,
+            2255, 4722, 5516, 75, 591, 7036, 472, 1620, 504, 3995, 1685, 2269, 588, 1869, 418, 971,
+            2548, 7996,
+        ],
+    ),
+    (
+        "<|im_start|>user\nWrite a Python function that reverses a list.<|im_end|>\n<|im_start|>assistant\n",
+        &[
+            1, 4093, 198, 19161, 253, 5905, 1517, 338, 10557, 266, 253, 1398, 30, 2, 198, 1, 520,
+            9531, 198,
+        ],
+    ),
+];
+
+fn logits(model: &Llama, ids: &[u32]) -> Tensor {
+    let ids = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mask = Tensor::ones(ids.dims(), DType::U8, &Device::Cpu).unwrap();
+    model.forward(&ids, &mask).unwrap().squeeze(0).unwrap()
+}
+
+/// Mean log-likelihood (nats per token) of `ids[1..]` under `logits` (`[len, vocab]`).
+fn mean_log_likelihood(logits: &Tensor, ids: &[u32]) -> f32 {
+    let n = ids.len() - 1;
+    let lp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, n).unwrap(), 1).unwrap();
+    let targets = Tensor::new(&ids[1..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    let picked = lp.gather(&targets, 1).unwrap();
+    picked.sum_all().unwrap().to_scalar::<f32>().unwrap() / n as f32
 }
 
 #[test]
-fn smollm2_on_blocks_matches_the_f32_path() {
+fn smollm2_on_blocks_stays_within_the_stated_tolerance_of_the_f32_path() {
     let Some(path) = smollm2() else {
         eprintln!("skipping: set PIPELINE_SMOLLM2_GGUF (scripts/fetch-test-assets.sh)");
         return;
@@ -103,57 +252,81 @@ fn smollm2_on_blocks_matches_the_f32_path() {
     dense.freeze();
     blocks.freeze();
 
-    // A code prompt (token ids of SmolLM2's tokenizer for a HumanEval-like signature).
-    let tokenizer_free_prompts: Vec<Vec<u32>> = vec![
-        (1..40).map(|i| 100 + i * 37).collect(),
-        vec![1, 563, 1345, 30, 1240, 28, 216, 221, 1343, 10002, 314, 28, 198],
-        (0..60).map(|i| 2000 + (i * 131) % 40000).collect(),
-    ];
-    let ids = Tensor::new(tokenizer_free_prompts[0].as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mask = Tensor::ones(ids.dims(), DType::U8, &Device::Cpu).unwrap();
-    let want = dense.forward(&ids, &mask).unwrap();
-    let got = blocks.forward(&ids, &mask).unwrap();
-    let diff = max_abs(&(&got - &want).unwrap());
-    let scale = max_abs(&want);
-    eprintln!("smollm2 logits: max |diff| {diff:.4} of max |logit| {scale:.2}");
-    // The stated tolerance: 8-bit activations through 30 layers move a logit by at most 5% of
-    // the largest one (3% measured on this prompt).
-    assert!(diff / scale < 0.05, "{diff} / {scale}");
-    let (am_want, am_got) = (
-        want.argmax(2).unwrap().to_vec2::<u32>().unwrap(),
-        got.argmax(2).unwrap().to_vec2::<u32>().unwrap(),
-    );
-    let agree = am_want[0].iter().zip(&am_got[0]).filter(|(a, b)| a == b).count();
-    eprintln!("next-token argmax agrees at {agree} of {} positions", am_want[0].len());
-    // On this arbitrary token sequence the model is unsure at many positions (near ties); 34 of
-    // 39 measured.
-    assert!(agree * 10 >= am_want[0].len() * 8, "{agree} of {}", am_want[0].len());
+    // Logits and likelihoods on each prompt.
+    for (text, ids) in PROMPTS {
+        let (want, got) = (logits(&dense, ids), logits(&blocks, ids));
+        let diff = max_abs(&(&got - &want).unwrap());
+        let scale = max_abs(&want);
+        let (ll_want, ll_got) = (
+            mean_log_likelihood(&want, ids),
+            mean_log_likelihood(&got, ids),
+        );
+        eprintln!(
+            "{:?}: logits max |diff| {diff:.3} of max |logit| {scale:.1}; mean log-likelihood \
+             {ll_want:.4} (f32) vs {ll_got:.4} (blocks) nats/token",
+            &text[..20]
+        );
+        assert!(diff / scale < LOGIT_TOLERANCE, "{text:?}: {diff} / {scale}");
+        assert!(
+            (ll_want - ll_got).abs() < LIKELIHOOD_TOLERANCE,
+            "{text:?}: {ll_want} vs {ll_got}"
+        );
+    }
 
-    let requests: Vec<GenerateRequest> = tokenizer_free_prompts
-        .into_iter()
-        .map(|prompt_ids| GenerateRequest {
-            prompt_ids,
+    // Greedy generations: identical, or parting only where the f32 model's two candidates are
+    // closer than the rounding can move them.
+    let requests: Vec<GenerateRequest> = PROMPTS
+        .iter()
+        .map(|(_, ids)| GenerateRequest {
+            prompt_ids: ids.to_vec(),
             stop: Vec::new(),
             seed: 0,
         })
         .collect();
     let config = GenerateConfig {
-        max_new_tokens: 24,
+        max_new_tokens: 32,
         eos_token_ids: Vec::new(),
         ..GenerateConfig::default()
     };
     let a = generate_batch(&dense, &requests, &config, |_| String::new()).unwrap();
     let b = generate_batch(&blocks, &requests, &config, |_| String::new()).unwrap();
-    let mut prefixes = Vec::new();
-    for (x, y) in a.completions.iter().zip(&b.completions) {
+    let mut identical = 0;
+    for ((x, y), (text, ids)) in a.completions.iter().zip(&b.completions).zip(PROMPTS) {
         let (x, y) = (&x[0].token_ids, &y[0].token_ids);
-        prefixes.push(x.iter().zip(y).take_while(|(p, q)| p == q).count());
+        let k = x.iter().zip(y).take_while(|(p, q)| p == q).count();
+        if k == x.len() {
+            identical += 1;
+            continue;
+        }
+        let mut context = ids.to_vec();
+        context.extend_from_slice(&x[..k]);
+        let step = logits(&dense, &context);
+        let last = step.get(context.len() - 1).unwrap();
+        let (mine, theirs) = (
+            last.get(x[k] as usize).unwrap().to_scalar::<f32>().unwrap(),
+            last.get(y[k] as usize).unwrap().to_scalar::<f32>().unwrap(),
+        );
+        eprintln!(
+            "{:?}: parts after {k} tokens, where the f32 logits of the two choices are {mine:.3} \
+             and {theirs:.3}",
+            &text[..20]
+        );
+        assert!(
+            mine - theirs < NEAR_TIE,
+            "{text:?}: the block path left the f32 path after {k} tokens at a margin of {}",
+            mine - theirs
+        );
     }
-    eprintln!("greedy common prefixes of 24 tokens: {prefixes:?}");
-    // Greedy decoding follows the same path until two candidates are within the rounding;
-    // on these prompts the first tokens agree.
-    assert!(prefixes.iter().all(|&p| p >= 4), "{prefixes:?}");
+    eprintln!(
+        "greedy: {identical} of {} identical over 32 tokens",
+        PROMPTS.len()
+    );
 }
+
+/// What rounding activations to 8 bits per block is allowed to cost on SmolLM2-135M (Q4_1),
+/// as a fraction of the largest logit. Measured: see the test's output.
+const LOGIT_TOLERANCE: f32 = 0.05;
+/// Allowed change of a prompt's mean log-likelihood, in nats per token.
+const LIKELIHOOD_TOLERANCE: f32 = 0.05;
+/// The largest f32 logit margin at which greedy paths may part.
+const NEAR_TIE: f32 = 0.5;

@@ -309,10 +309,11 @@ pub enum QuantizedWeights {
     /// values are the ones a quantized layer computes with, so outputs are unchanged; the cost
     /// is a dense copy of the projections in memory.
     DecodeOnce,
-    /// ggml-quantized projections stay in their blocks and multiply through quantized
-    /// kernels ([`BlockLinear`]: activations rounded to 8 bits per block, as llama.cpp does);
-    /// NF4 ones are decoded once. Inference on the CPU in f32: no dense copy, and a decoding
-    /// step reads 4-5 bits per weight instead of 32.
+    /// On the CPU in f32, projections stay as 4- or 8-bit codes and multiply through the packed
+    /// kernels ([`BlockLinear`]: q4_0, q4_1, q8_0 and NF4, f32 activations, so the outputs are
+    /// the decoded weight's up to the order of additions): no dense copy, and a decoding step
+    /// reads about 5 bits per weight instead of 32. Anything else (another device or dtype, a
+    /// format without a kernel) is decoded once, as [`QuantizedWeights::DecodeOnce`].
     BlockKernels,
 }
 
@@ -344,27 +345,26 @@ impl LinearFactory for ArtifactFactory {
             StoredTensor::Dense(t) => t.device().clone(),
             StoredTensor::Quantized(q) => q.device(),
         };
-        let quant =
-            |w: QuantWeight, bias: Option<Tensor>| -> candle_core::Result<Box<dyn LinearLayer>> {
-                Ok(match mode {
-                    QuantizedWeights::KeepQuantized => Box::new(
-                        QuantLinear::new(w, bias)
-                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-                    ),
-                    QuantizedWeights::BlockKernels => match w {
-                        QuantWeight::Ggml(g) => Box::new(
-                            BlockLinear::new(g, bias)
-                                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-                        ),
-                        QuantWeight::Nf4(_) => {
-                            Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?)
-                        }
-                    },
-                    QuantizedWeights::DecodeOnce => {
-                        Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?)
+        let quant = |w: QuantWeight,
+                     bias: Option<Tensor>|
+         -> candle_core::Result<Box<dyn LinearLayer>> {
+            Ok(match mode {
+                QuantizedWeights::KeepQuantized => Box::new(
+                    QuantLinear::new(w, bias)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
+                ),
+                QuantizedWeights::BlockKernels if device.is_cpu() && parts.dtype == DType::F32 => {
+                    match BlockLinear::new(&w, bias.clone()) {
+                        Ok(layer) => Box::new(layer),
+                        // No kernel for this format or shape: decoded once, as below.
+                        Err(_) => Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?),
                     }
-                })
-            };
+                }
+                QuantizedWeights::DecodeOnce | QuantizedWeights::BlockKernels => {
+                    Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?)
+                }
+            })
+        };
         if let Some(q) = self.nf4.get(&parts.path) {
             return quant(QuantWeight::Nf4(q.clone()), parts.bias);
         }

@@ -1,46 +1,138 @@
-//! Inference straight from ggml blocks: a frozen projection whose product reads the quantized
-//! weight blocks as they are stored, never materialising an f32 copy of the weight.
+//! Inference straight from quantized codes: a frozen projection whose product reads the weight
+//! as 4 or 8 bits per value ([`super::kernels`]), never holding an f32 copy of it.
 //!
-//! The product is candle's quantized CPU matmul, llama.cpp's scheme: each row of activations is
-//! quantized to 8 bits per block of 32 (`Q8_0`, or `Q8_1`/`Q8_K` to match the weight's type),
-//! and the integer dot products of activation and weight blocks are scaled back to f32,
-//! vectorized (AVX/AVX2, NEON, simd128) and spread over output rows by worker threads. A
-//! batch-1 decoding step then streams the 4-5 bits a weight is stored in through memory
-//! instead of 32, which is what bounds it.
-//!
-//! What it costs: rounding the activations to 8 bits. On SmolLM2-135M (Q4_1) the logits move
-//! by about 1e-2 (the tests state the bound), greedy generations mostly stay token-identical,
-//! and per-task bits per byte stay within 1e-2 of the f32 path.
+//! The activations stay f32, so the product is the one with the decoded weight up to the order
+//! of the additions: generations and likelihoods are the f32 path's (the tests bound the
+//! difference). What changes is the memory traffic: a batch-1 decoding step streams about 5 bits
+//! per weight instead of 32, which is what bounds it on a CPU.
 //!
 //! It has no backward: it serves inference (generation, likelihood, serving, synthesis);
 //! training goes through [`super::QuantLinear`]. Inputs that are not f32 on the CPU, and inputs
-//! that record a graph, take [`super::QuantLinear`]'s dequantizing product instead, so the layer
-//! is always correct, only not always fast.
+//! that record a graph, get the product with the decoded weight instead, so the layer is always
+//! correct, only not always fast.
 
-use super::{GgmlQuantized, QuantError, QuantLinear, QuantWeight};
+use std::sync::Arc;
+
+use super::kernels::{self, GgmlBlocks, PackedWeight};
+use super::{nf4, GgmlFormat, QuantError, QuantWeight};
 use crate::linear::LinearLayer;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-/// A frozen linear projection `y = x Wᵀ (+ b)` computed on the weight's ggml blocks.
+/// A frozen linear projection `y = x Wᵀ (+ b)` computed on the weight's packed codes.
 #[derive(Debug, Clone)]
 pub struct BlockLinear {
-    weight: GgmlQuantized,
-    /// The same weight as a dequantizing layer, for inputs the block product does not take.
-    fallback: QuantLinear,
+    weight: Arc<PackedWeight>,
+    bias: Option<Tensor>,
+}
+
+/// The product as a candle op over the activations' storage (no copy of `x`).
+struct Product<'a>(&'a PackedWeight);
+
+impl CustomOp1 for Product<'_> {
+    fn name(&self) -> &'static str {
+        "packed-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("packed-matmul takes f32 activations");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("packed-matmul takes contiguous activations");
+        };
+        let dims = layout.dims();
+        let k = self.0.cols();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("packed-matmul: activations {dims:?} do not end in {k}");
+        }
+        let m = (end - start) / k;
+        let y = kernels::matmul(self.0, &data[start..end], m);
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.0.rows();
+        }
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
 }
 
 impl BlockLinear {
-    /// A layer over `weight` (`[out, in]`) and an optional frozen `bias` (`[out]`).
-    pub fn new(weight: GgmlQuantized, bias: Option<Tensor>) -> std::result::Result<Self, QuantError> {
-        let fallback = QuantLinear::new(QuantWeight::Ggml(weight.clone()), bias)?;
-        Ok(Self { weight, fallback })
+    /// A layer over `weight` (`[out, in]`) and an optional frozen `bias` (`[out]`). Formats
+    /// without a kernel (q4k) and NF4 weights whose rows are not whole blocks of 32 are
+    /// [`QuantError::Unsupported`]: decode those instead.
+    pub fn new(
+        weight: &QuantWeight,
+        bias: Option<Tensor>,
+    ) -> std::result::Result<Self, QuantError> {
+        let unsupported = |shape: &[usize], format: &str, reason: String| QuantError::Unsupported {
+            shape: shape.to_vec(),
+            format: format.into(),
+            reason,
+        };
+        let packed = match weight {
+            QuantWeight::Ggml(g) => {
+                let shape = g.shape().to_vec();
+                let kind = match g.format() {
+                    GgmlFormat::Q4_0 => GgmlBlocks::Q4_0,
+                    GgmlFormat::Q4_1 => GgmlBlocks::Q4_1,
+                    GgmlFormat::Q8_0 => GgmlBlocks::Q8_0,
+                    GgmlFormat::Q4K => {
+                        return Err(unsupported(
+                            &shape,
+                            "q4k",
+                            "no packed kernel for q4k yet; it is decoded once instead".into(),
+                        ))
+                    }
+                };
+                let [rows, cols] = shape[..] else {
+                    return Err(unsupported(
+                        &shape,
+                        g.format().name(),
+                        "not a matrix".into(),
+                    ));
+                };
+                let data = g.qtensor().data()?;
+                PackedWeight::from_ggml(kind, rows, cols, &data)
+                    .map_err(|e| unsupported(&shape, g.format().name(), e.to_string()))?
+            }
+            QuantWeight::Nf4(t) => {
+                let shape = t.shape().to_vec();
+                let [rows, cols] = shape[..] else {
+                    return Err(unsupported(&shape, "nf4", "not a matrix".into()));
+                };
+                let absmax = t.absmax().decode()?;
+                PackedWeight::from_nf4(
+                    rows,
+                    cols,
+                    t.packed(),
+                    &absmax,
+                    nf4::BLOCK_SIZE,
+                    nf4::NF4_CODE,
+                )
+                .map_err(|e| unsupported(&shape, "nf4", e.to_string()))?
+            }
+        };
+        Ok(Self {
+            weight: Arc::new(packed),
+            bias,
+        })
     }
 
-    fn block_product(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let y = x.apply_op1_no_bwd(self.weight.qtensor().as_ref())?;
-        match self.fallback.bias() {
-            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
+    /// Bytes held by the packed weight.
+    pub fn size_bytes(&self) -> usize {
+        self.weight.size_bytes()
+    }
+
+    /// The product with the decoded weight, for inputs the kernels do not take.
+    fn decoded_product(&self, x: &Tensor) -> Result<Tensor> {
+        let w = Tensor::from_vec(
+            self.weight.dequantize(),
+            (self.weight.rows(), self.weight.cols()),
+            x.device(),
+        )?
+        .to_dtype(x.dtype())?;
+        let y = x.broadcast_matmul(&w.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
             None => Ok(y),
         }
     }
@@ -51,19 +143,22 @@ impl LinearLayer for BlockLinear {
         let fits = x.dtype() == DType::F32
             && x.device().is_cpu()
             && !x.track_op()
-            && x.dims().last().copied() == Some(self.fallback.in_features());
-        if fits {
-            self.block_product(x)
-        } else {
-            self.fallback.forward(x)
+            && x.dims().last().copied() == Some(self.weight.cols());
+        if !fits {
+            return self.decoded_product(x);
+        }
+        let y = x.contiguous()?.apply_op1_no_bwd(&Product(&self.weight))?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
+            None => Ok(y),
         }
     }
 
     fn in_features(&self) -> usize {
-        self.fallback.in_features()
+        self.weight.cols()
     }
 
     fn out_features(&self) -> usize {
-        self.fallback.out_features()
+        self.weight.rows()
     }
 }

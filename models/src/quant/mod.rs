@@ -5,6 +5,7 @@
 
 pub mod block_linear;
 pub mod ggml;
+pub mod kernels;
 pub mod nf4;
 #[cfg(feature = "cuda")]
 mod nf4_cuda;
