@@ -15,7 +15,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use pipeline_engine::executor::cached_stage;
 use pipeline_engine::{load_manifest, CachedStage, InstanceName, ManifestOptions, Store};
-use pipeline_models::artifact::load_for_inference;
+use pipeline_models::artifact::load_for_generation;
 use pipeline_models::generate::{generate_batch, GenerateConfig, GenerateRequest};
 use pipeline_stages::artifacts::ModelArtifact;
 use pipeline_stages::chat::{render_chat, Message};
@@ -228,7 +228,7 @@ struct Reference {
 
 impl Reference {
     fn load(model_dir: &Path, adapter_dir: Option<&Path>) -> Self {
-        let loaded = load_for_inference(model_dir, adapter_dir, &Device::Cpu, DType::F32).unwrap();
+        let loaded = load_for_generation(model_dir, adapter_dir, &Device::Cpu, DType::F32).unwrap();
         Self {
             tokenizer: Tokenizer::from_file(&loaded.tokenizer_path).unwrap(),
             eos: loaded.info.eos_token_ids.clone(),

@@ -330,3 +330,43 @@ const LOGIT_TOLERANCE: f32 = 0.05;
 const LIKELIHOOD_TOLERANCE: f32 = 0.05;
 /// The largest f32 logit margin at which greedy paths may part.
 const NEAR_TIE: f32 = 0.5;
+
+/// Products called from several threads at once (the kernels' thread team takes one job at a
+/// time; the others run theirs alone) equal the same products called one by one.
+#[test]
+fn concurrent_products_equal_serial_ones() {
+    let w = random(&[256, 576], 7);
+    let q = QuantWeight::Ggml(GgmlQuantized::quantize(&w, GgmlFormat::Q4_1).unwrap());
+    let packed = packed_of(&q);
+    let inputs: Vec<Vec<f32>> = (0..6)
+        .map(|i| {
+            random(&[1 + i % 3, 576], 100 + i as u64)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect();
+    let serial: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|x| kernels::matmul(&packed, x, x.len() / 576))
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .map(|x| {
+                let packed = &packed;
+                s.spawn(move || {
+                    (0..50)
+                        .map(|_| kernels::matmul(packed, x, x.len() / 576))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (h, want) in handles.into_iter().zip(&serial) {
+            for got in h.join().unwrap() {
+                assert_eq!(&got, want);
+            }
+        }
+    });
+}

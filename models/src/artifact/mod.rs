@@ -443,22 +443,58 @@ pub fn load_model(
     })
 }
 
-/// Loads the model in `dir` for inference (generation, scoring): with the trained PEFT adapter
-/// in `adapter_dir` applied if given (adapter layers kept unmerged, dropout off), quantized
-/// projections decoded once at load ([`QuantizedWeights::DecodeOnce`]: the same numbers as
-/// decoding them inside every step, without paying for it at every new token), frozen (no
-/// backward graph is recorded).
+/// Loads the model in `dir` for scoring (likelihoods: long sequences at once): with the trained
+/// PEFT adapter in `adapter_dir` applied if given (adapter layers kept unmerged, dropout off),
+/// quantized projections decoded once at load ([`QuantizedWeights::DecodeOnce`]: the same
+/// numbers as decoding them inside every step; a whole sequence at a time is compute-bound,
+/// where a dense f32 product is fastest), frozen (no backward graph is recorded).
 pub fn load_for_inference(
     dir: &Path,
     adapter_dir: Option<&Path>,
     device: &Device,
     dtype: DType,
 ) -> Result<LoadedModel> {
+    load_frozen(
+        dir,
+        adapter_dir,
+        device,
+        dtype,
+        QuantizedWeights::DecodeOnce,
+    )
+}
+
+/// Loads the model in `dir` for generation (token by token), as [`load_for_inference`] does
+/// except that on the CPU in f32 quantized projections stay packed and multiply through the
+/// packed kernels ([`QuantizedWeights::BlockKernels`]): a decoding step is bound by reading the
+/// weights, and reads about 5 bits per weight instead of 32. The outputs are the decoded
+/// weights' up to the order of additions.
+pub fn load_for_generation(
+    dir: &Path,
+    adapter_dir: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel> {
+    load_frozen(
+        dir,
+        adapter_dir,
+        device,
+        dtype,
+        QuantizedWeights::BlockKernels,
+    )
+}
+
+fn load_frozen(
+    dir: &Path,
+    adapter_dir: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+    weights: QuantizedWeights,
+) -> Result<LoadedModel> {
     let adapters = match adapter_dir {
         None => Adapters::None,
         Some(peft_dir) => Adapters::Trained(peft_dir),
     };
-    let loaded = load_model(dir, device, dtype, adapters, QuantizedWeights::DecodeOnce)?;
+    let loaded = load_model(dir, device, dtype, adapters, weights)?;
     loaded.model.freeze();
     Ok(loaded)
 }

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use pipeline_engine::{InputSlot, OutputSlot, Stage, StageContext};
-use pipeline_models::artifact::{load_for_inference, LoadedModel};
+use pipeline_models::artifact::{load_for_generation, LoadedModel};
 use pipeline_models::device::DeviceChoice;
 use pipeline_models::generate::{
     generate_batch_with_progress, GenerateConfig, GenerateStats, SamplingParams,
@@ -177,7 +177,9 @@ impl Stage for Generate {
     //    `model` stage's `extra_eos_tokens` apply), not from a hard-coded list of end tokens.
     // 5: every sample carries the sanitized program that is graded beside its raw completion;
     //    `prompt_style` (completion | instruct) is a parameter.
-    const VERSION: &'static str = "5";
+    // 6: on the CPU in f32, quantized weights multiply through the packed kernels (the same
+    //    values, added in another order: the last bits of the logits change).
+    const VERSION: &'static str = "6";
     const SUMMARY: &'static str =
         "sample completions of every problem from a model (+ optional LoRA adapter)";
 
@@ -243,7 +245,7 @@ impl Stage for Generate {
             model,
             info,
             tokenizer_path,
-        } = load_for_inference(&model_dir, adapter_dir.as_deref(), &device, p.dtype.dtype())
+        } = load_for_generation(&model_dir, adapter_dir.as_deref(), &device, p.dtype.dtype())
             .map_err(|e| GenerateKindError::Load {
                 path: model_dir.clone(),
                 message: e.to_string(),

@@ -213,7 +213,9 @@ impl Stage for Synthesize {
     const KIND: &'static str = "synthesize";
     // 2: chats tokenized without added special tokens (the template has them); stray Markdown
     //    fences no longer hide an exercise's code.
-    const VERSION: &'static str = "2";
+    // 3: the local generator multiplies quantized weights through the packed CPU kernels (the
+    //    last bits of the logits change).
+    const VERSION: &'static str = "3";
     const SUMMARY: &'static str =
         "synthetic textbooks or exercises from randomized topics, audiences and styles (exercises verified by execution)";
 

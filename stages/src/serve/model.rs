@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device};
-use pipeline_models::artifact::{load_for_inference, LoadedModel};
+use pipeline_models::artifact::{load_for_generation, LoadedModel};
 use pipeline_models::generate::{
     generate_batch_streaming, GenerateConfig, GenerateError, GenerateRequest, NewToken,
     SamplingParams,
@@ -100,7 +100,7 @@ impl ServedModel {
             model,
             info,
             tokenizer_path,
-        } = load_for_inference(model_dir, adapter_dir, device, dtype).map_err(|e| {
+        } = load_for_generation(model_dir, adapter_dir, device, dtype).map_err(|e| {
             ServeModelError::Load {
                 path: model_dir.to_path_buf(),
                 message: e.to_string(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use pipeline_models::arch::DecoderModel;
-use pipeline_models::artifact::{load_for_inference, LoadedModel};
+use pipeline_models::artifact::{load_for_generation, LoadedModel};
 use pipeline_models::device::DeviceChoice;
 use pipeline_models::generate::{generate_batch, GenerateConfig, GenerateRequest, SamplingParams};
 use tokenizers::Tokenizer;
@@ -51,7 +51,7 @@ impl LocalGenerator {
             model,
             info,
             tokenizer_path,
-        } = load_for_inference(model_dir, adapter_dir, &device, dtype).map_err(|e| {
+        } = load_for_generation(model_dir, adapter_dir, &device, dtype).map_err(|e| {
             miette::miette!("cannot load the model from {}: {e}", model_dir.display())
         })?;
         if info.eos_token_ids.is_empty() {

@@ -5,6 +5,10 @@
 //! [`TILE`] activation rows, with one accumulator register per row (the tile size is a const
 //! generic, so the accumulators stay in registers). Scales are applied per block to the block's
 //! partial products; offsets (q4_1) are added at the end from the activations' block sums.
+//!
+//! Tried and dropped: for one activation row, computing four output rows together so that each
+//! activation block is loaded once for all four. On SmolLM2-135M it decoded at 85 tokens/s
+//! against 107 for one row at a time (more live registers and four weight streams at once).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
