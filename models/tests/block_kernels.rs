@@ -75,7 +75,7 @@ fn packed_products_equal_the_decoded_weights_product_on_every_instruction_set() 
     for (name, q) in weights(&w) {
         let layer = BlockLinear::new(&q, None).unwrap();
         let decoded = q.dequantize(DType::F32, &Device::Cpu).unwrap();
-        for m in [1, 3, 8, 13] {
+        for m in [1, 3, 8, 13, 300] {
             let x = random(&[m, inp], 2 + m as u64);
             let want = x.matmul(&decoded.t().unwrap()).unwrap();
             let got = layer.forward(&x).unwrap();

@@ -1,12 +1,15 @@
 //! Inference straight from quantized codes: a frozen projection whose product reads the weight
-//! as 4 or 8 bits per value ([`super::kernels`]), never holding an f32 copy of it.
+//! as 4 or 8 bits per value ([`super::kernels`]), never keeping an f32 copy of it.
 //!
 //! The activations stay f32, so the product is the one with the decoded weight up to the order
 //! of the additions: generations and likelihoods are the f32 path's (the tests bound the
 //! difference). What changes is the memory traffic: a batch-1 decoding step streams about 5 bits
 //! per weight instead of 32, which is what bounds it on a CPU.
 //!
-//! It has no backward: it serves inference (generation, likelihood, serving, synthesis);
+//! Long inputs (a batch of prompts in prefill: 256 rows or more) decode the weight for the one
+//! call and take a dense product, which is faster there; the values are the same.
+//!
+//! It has no backward: it serves generation (the `generate` kind, `pipeline serve`, synthesis);
 //! training goes through [`super::QuantLinear`]. Inputs that are not f32 on the CPU, and inputs
 //! that record a graph, get the product with the decoded weight instead, so the layer is always
 //! correct, only not always fast.
@@ -17,6 +20,11 @@ use super::kernels::{self, GgmlBlocks, PackedWeight};
 use super::{nf4, GgmlFormat, QuantError, QuantWeight};
 use crate::linear::LinearLayer;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+
+/// Rows of activations from which a product decodes the weight and multiplies densely.
+const DENSE_ROWS: usize = 256;
+/// The largest weight (bytes as f32) decoded for one dense product.
+const DENSE_MAX_BYTES: usize = 16 << 20;
 
 /// A frozen linear projection `y = x Wᵀ (+ b)` computed on the weight's packed codes.
 #[derive(Debug, Clone)]
@@ -145,6 +153,13 @@ impl LinearLayer for BlockLinear {
             && !x.track_op()
             && x.dims().last().copied() == Some(self.weight.cols());
         if !fits {
+            return self.decoded_product(x);
+        }
+        // Many rows at once (a prompt's prefill) make the product compute-bound, where a dense
+        // f32 product beats decoding every block once per tile of rows; the decoded copy lives
+        // only for this call, and only for weights small enough that it costs little memory.
+        let rows = x.elem_count() / self.weight.cols().max(1);
+        if rows >= DENSE_ROWS && self.weight.rows() * self.weight.cols() * 4 <= DENSE_MAX_BYTES {
             return self.decoded_product(x);
         }
         let y = x.contiguous()?.apply_op1_no_bwd(&Product(&self.weight))?;

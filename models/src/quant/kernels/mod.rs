@@ -235,10 +235,11 @@ impl PackedWeight {
 
     /// The weight decoded to f32, row-major: the values every kernel multiplies with.
     pub fn dequantize(&self) -> Vec<f32> {
+        use rayon::prelude::*;
         let mut out = vec![0f32; self.rows * self.cols];
-        for (b, chunk) in out.chunks_exact_mut(BLOCK).enumerate() {
-            chunk.copy_from_slice(&self.decode_block(b));
-        }
+        out.par_chunks_exact_mut(BLOCK)
+            .enumerate()
+            .for_each(|(b, chunk)| chunk.copy_from_slice(&self.decode_block(b)));
         out
     }
 
