@@ -103,12 +103,13 @@ unsafe fn avx512_tile<const T: usize>(
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
                 let w_lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), lut);
                 let w_hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), lut);
+                // The decoded values themselves (scale · code), then two FMAs per row.
                 let d = _mm512_set1_ps(scale);
+                let (w_lo, w_hi) = (_mm512_mul_ps(d, w_lo), _mm512_mul_ps(d, w_hi));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xp = x.as_ptr().add(r * k + b * BLOCK);
-                    let p = _mm512_mul_ps(w_lo, _mm512_loadu_ps(xp));
-                    let p = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), p);
-                    *a = _mm512_fmadd_ps(d, p, *a);
+                    *a = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xp), *a);
+                    *a = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), *a);
                 }
             }
         }
@@ -119,12 +120,13 @@ unsafe fn avx512_tile<const T: usize>(
                 let w_lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.cast())));
                 let w_hi =
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.add(16).cast())));
+                // The decoded values themselves (scale · code), then two FMAs per row.
                 let d = _mm512_set1_ps(scale);
+                let (w_lo, w_hi) = (_mm512_mul_ps(d, w_lo), _mm512_mul_ps(d, w_hi));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xp = x.as_ptr().add(r * k + b * BLOCK);
-                    let p = _mm512_mul_ps(w_lo, _mm512_loadu_ps(xp));
-                    let p = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), p);
-                    *a = _mm512_fmadd_ps(d, p, *a);
+                    *a = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xp), *a);
+                    *a = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), *a);
                 }
             }
         }
