@@ -114,12 +114,17 @@ fn setup(gguf: &Path) -> Setup {
 }
 
 fn run_only(s: &Setup, stage: &str) {
-    let out = pipeline(&s.cache)
-        .arg("run")
-        .arg(&s.manifest)
-        .args(["--only", stage])
-        .output()
-        .unwrap();
+    run_stages(s, &s.manifest, &[stage]);
+}
+
+/// `pipeline run MANIFEST --only STAGE...` on the setup's cache; panics with stderr on failure.
+fn run_stages(s: &Setup, manifest: &Path, stages: &[&str]) {
+    let mut cmd = pipeline(&s.cache);
+    cmd.arg("run").arg(manifest);
+    for stage in stages {
+        cmd.args(["--only", stage]);
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "run failed:\n{}",
@@ -504,17 +509,7 @@ generator = "{generator}"
         ),
     )
     .unwrap();
-    let out = pipeline(&s.cache)
-        .arg("run")
-        .arg(&manifest)
-        .args(["--only", "synth-local", "--only", "synth-openai"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "run failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_stages(&s, &manifest, &["synth-local", "synth-openai"]);
     let local = synthesized(&s, &manifest, "synth-local");
     let served = synthesized(&s, &manifest, "synth-openai");
     assert_eq!(local.len(), 3, "{local:?}");

@@ -77,6 +77,28 @@ pub(super) fn rows_avx2(ops: &Operands<'_>, rows: Range<usize>, r0: usize, t: us
     dispatch_tile!(avx2_rows, ops, rows, r0, t, y)
 }
 
+/// One block's 32 codes as values before scaling (`wv`, two registers of 16 in activation
+/// order), scaled into the decoded values, times block `b` of each of the `T` activation rows in
+/// `x`, added to `acc` with two FMAs per row.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_block<const T: usize>(
+    acc: &mut [__m512; T],
+    x: &[f32],
+    k: usize,
+    b: usize,
+    wv: [__m512; 2],
+    scale: f32,
+) {
+    let d = _mm512_set1_ps(scale);
+    let (w_lo, w_hi) = (_mm512_mul_ps(d, wv[0]), _mm512_mul_ps(d, wv[1]));
+    for (r, a) in acc.iter_mut().enumerate() {
+        let xp = x.as_ptr().add(r * k + b * BLOCK);
+        *a = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xp), *a);
+        *a = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), *a);
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn avx512_tile<const T: usize>(
@@ -103,14 +125,7 @@ unsafe fn avx512_tile<const T: usize>(
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
                 let w_lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), lut);
                 let w_hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), lut);
-                // The decoded values themselves (scale · code), then two FMAs per row.
-                let d = _mm512_set1_ps(scale);
-                let (w_lo, w_hi) = (_mm512_mul_ps(d, w_lo), _mm512_mul_ps(d, w_hi));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xp = x.as_ptr().add(r * k + b * BLOCK);
-                    *a = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xp), *a);
-                    *a = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), *a);
-                }
+                avx512_block(&mut acc, x, k, b, [w_lo, w_hi], scale);
             }
         }
         Codes::Bytes(codes) => {
@@ -120,14 +135,7 @@ unsafe fn avx512_tile<const T: usize>(
                 let w_lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.cast())));
                 let w_hi =
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.add(16).cast())));
-                // The decoded values themselves (scale · code), then two FMAs per row.
-                let d = _mm512_set1_ps(scale);
-                let (w_lo, w_hi) = (_mm512_mul_ps(d, w_lo), _mm512_mul_ps(d, w_hi));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xp = x.as_ptr().add(r * k + b * BLOCK);
-                    *a = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xp), *a);
-                    *a = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), *a);
-                }
+                avx512_block(&mut acc, x, k, b, [w_lo, w_hi], scale);
             }
         }
     }
