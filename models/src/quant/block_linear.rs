@@ -138,11 +138,14 @@ impl BlockLinear {
             x.device(),
         )?
         .to_dtype(x.dtype())?;
-        let y = x.broadcast_matmul(&w.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
-            None => Ok(y),
-        }
+        // Leading dimensions flattened into one product (a broadcast batched product would
+        // repeat the weight per batch row).
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
+        crate::layers::dense::linear_forward(x, &w, bias.as_ref())
     }
 }
 
