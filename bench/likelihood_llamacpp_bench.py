@@ -10,8 +10,8 @@ from a float64 log-softmax of them in numpy (a few percent of its time).
 Same SmolLM2-135M-Instruct Q4_1 GGUF, the first N HumanEval tasks as token ids from llama.cpp's
 tokenizer (prompt, then canonical solution; the solution's tokens are the targets), 2 threads
 each; one warm-up round, then the median of `--rounds` alternating rounds. Our NLLs are compared
-with llama.cpp's (which rounds activations to 8 bits in its quantized products, so they differ
-a little). Writes bench/results/likelihood_cpu_llamacpp.json.
+with llama.cpp's (which rounds activations to 8 bits in its quantized products and keeps its KV
+cache in f16, so they differ a little). Writes bench/results/likelihood_cpu_llamacpp.json.
 
     cargo bench -p pipeline-models --bench likelihood_cpu --no-run
     python3 bench/likelihood_llamacpp_bench.py --llamacpp-python /tmp/llamacpp-venv/bin/python \\
@@ -198,7 +198,7 @@ def main():
         f"Median of {args.rounds} alternating rounds after a warm-up each: ours "
         f"{statistics.median(ours_secs):.2f} s, llama.cpp {statistics.median(peer_secs):.2f} s. Per-task "
         f"NLL, ours vs llama.cpp: median relative difference {statistics.median(rel):.1e}, max "
-        f"{max(rel):.1e} (llama.cpp rounds activations to 8 bits). Load average before {load_before}, "
+        f"{max(rel):.1e} (llama.cpp rounds activations to 8 bits and keeps its KV cache in f16). Load average before {load_before}, "
         f"after {load_average()}.",
     )
 

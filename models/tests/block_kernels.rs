@@ -108,28 +108,7 @@ fn packed_products_equal_the_decoded_weights_product_on_every_instruction_set() 
 
 /// The packed weight of `q`, as [`BlockLinear`] builds it.
 fn packed_of(q: &QuantWeight) -> kernels::PackedWeight {
-    match q {
-        QuantWeight::Ggml(g) => {
-            let kind = match g.format() {
-                GgmlFormat::Q4_0 => kernels::GgmlBlocks::Q4_0,
-                GgmlFormat::Q4_1 => kernels::GgmlBlocks::Q4_1,
-                GgmlFormat::Q8_0 => kernels::GgmlBlocks::Q8_0,
-                GgmlFormat::Q4K => panic!("no kernel"),
-            };
-            let (rows, cols) = (g.shape()[0], g.shape()[1]);
-            kernels::PackedWeight::from_ggml(kind, rows, cols, &g.qtensor().data().unwrap())
-                .unwrap()
-        }
-        QuantWeight::Nf4(t) => kernels::PackedWeight::from_nf4(
-            t.shape()[0],
-            t.shape()[1],
-            t.packed(),
-            &t.absmax().decode().unwrap(),
-            pipeline_models::quant::nf4::BLOCK_SIZE,
-            pipeline_models::quant::nf4::NF4_CODE,
-        )
-        .unwrap(),
-    }
+    BlockLinear::new(q, None).unwrap().packed().clone()
 }
 
 #[test]

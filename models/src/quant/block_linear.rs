@@ -130,6 +130,11 @@ impl BlockLinear {
         self.weight.size_bytes()
     }
 
+    /// The packed weight the products read.
+    pub fn packed(&self) -> &PackedWeight {
+        &self.weight
+    }
+
     /// The product with the decoded weight, for inputs the kernels do not take.
     fn decoded_product(&self, x: &Tensor) -> Result<Tensor> {
         let w = Tensor::from_vec(
