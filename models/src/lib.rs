@@ -36,6 +36,7 @@ pub mod linear;
 pub mod lora;
 pub mod peft;
 pub mod quant;
+mod team;
 pub mod train;
 pub mod weights;
 

@@ -118,3 +118,67 @@ fn grouped_query_attention_fused_matches_composite() {
     );
     assert!(diff < 1e-5, "cached max |diff| {diff}");
 }
+
+/// Generation's attention over the KV cache (`fused::cached_attention`, taken when nothing
+/// records a graph) against the composite ops over the same kind of cache (taken for inputs
+/// that record one): grouped-query heads, partial rotary, a left-padded row whose first queries
+/// see no key, chunks of several sizes, and enough positions that the cache grows past its
+/// first capacity.
+#[test]
+fn cached_attention_matches_the_composite_ops_chunk_by_chunk() {
+    let shape = AttentionShape {
+        num_heads: 6,
+        num_kv_heads: 2,
+        head_dim: 8,
+    };
+    let dense = |o: usize, i: usize, seed: u64| -> Box<dyn LinearLayer> {
+        Box::new(Dense::new((randn(&[o, i], seed) * 0.3).unwrap(), None).unwrap())
+    };
+    let attn = Attention::new(
+        dense(48, 24, 20),
+        dense(16, 24, 21),
+        dense(16, 24, 22),
+        dense(24, 48, 23),
+        shape,
+        Rotary::new(8, 4, 10_000.0).unwrap(),
+    )
+    .unwrap();
+    let total = 300;
+    let pad = 3;
+    let x = randn(&[2, total, 24], 6);
+    let positions: Vec<u32> = (0..total as u32)
+        .map(|i| i.saturating_sub(pad as u32))
+        .chain(0..total as u32)
+        .collect();
+    let positions = Tensor::from_vec(positions, (2, total), &Device::Cpu).unwrap();
+    let mask: Vec<u8> = (0..total)
+        .map(|i| u8::from(i >= pad))
+        .chain(std::iter::repeat_n(1, total))
+        .collect();
+    let mask = Tensor::from_vec(mask, (2, total), &Device::Cpu).unwrap();
+    let (mut fused_cache, mut composite_cache) = (KvCache::new(1), KvCache::new(1));
+    let mut start = 0;
+    for len in [5, 1, 1, 250, 1, 2, 40] {
+        let chunk = x.narrow(1, start, len).unwrap();
+        let pos = positions.narrow(1, start, len).unwrap();
+        let keys = mask.narrow(1, 0, start + len).unwrap();
+        let fused = attn
+            .forward(&chunk, &pos, &keys, Some((&mut fused_cache, 0)))
+            .unwrap();
+        let composite = attn
+            .forward(
+                tracked(&chunk).as_tensor(),
+                &pos,
+                &keys,
+                Some((&mut composite_cache, 0)),
+            )
+            .unwrap();
+        assert!(!fused.track_op() && composite.track_op());
+        let diff = max_abs_diff(&fused, &composite);
+        assert!(diff < 1e-5, "chunk at {start} (+{len}): max |diff| {diff}");
+        start += len;
+        assert_eq!(fused_cache.seq_len(), start);
+        assert_eq!(composite_cache.seq_len(), start);
+    }
+    assert_eq!(start, total);
+}

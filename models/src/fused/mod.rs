@@ -16,10 +16,13 @@
 //! against each other and against finite differences.
 //!
 //! `inplace` holds forward-only kernels that update a tensor in place, for the sentence
-//! encoder's inference ([`crate::encoders`]); they share `exp_f32`.
+//! encoder's inference ([`crate::encoders`]); they share `exp_f32`. `cached_attention` is
+//! generation's forward-only attention over the KV cache, one pass per layer instead of some
+//! twenty small candle ops.
 
 pub mod activation;
 pub mod attention;
+pub mod cached_attention;
 pub mod cross_entropy;
 pub(crate) mod gemm;
 pub(crate) mod inplace;
@@ -28,6 +31,7 @@ pub mod norm;
 pub mod softmax;
 
 pub use activation::{activation, gated_activation, FusedActivation};
+pub use cached_attention::cached_attention;
 pub use cross_entropy::{cross_entropy_rows, linear_cross_entropy_rows, HEAD_BLOCK_ROWS};
 pub use norm::{norm, NormKind};
 pub use softmax::{scaled_masked_softmax, softmax_last_dim};

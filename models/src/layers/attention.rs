@@ -93,31 +93,72 @@ impl Attention {
         key_mask: &Tensor,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let scale = 1.0 / (self.shape.head_dim as f64).sqrt();
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let training = q.track_op() || k.track_op() || v.track_op();
+        if cache.is_none() && training && crate::fused::supported(&q) {
+            // Training on the CPU: one node for all of attention (see `fused::attention`).
+            let out = crate::fused::attention::causal_attention(
+                &q,
+                &k,
+                &v,
+                positions,
+                key_mask,
+                &self.fused_spec(scale),
+            )?;
+            return self.o.forward(&out);
+        }
+        if let Some((cache, layer)) = cache {
+            if !training && crate::fused::supported(&q) {
+                // Generation on the CPU: one pass over the cache (see `fused::cached_attention`).
+                let out = crate::fused::cached_attention(
+                    &q,
+                    &k,
+                    &v,
+                    positions,
+                    key_mask,
+                    &self.fused_spec(scale),
+                    (cache, layer),
+                )?;
+                return self.o.forward(&out);
+            }
+            return self.composite(q, k, v, positions, key_mask, Some((cache, layer)));
+        }
+        self.composite(q, k, v, positions, key_mask, None)
+    }
+
+    /// Head layout and rotary parameters for the fused CPU kernels.
+    fn fused_spec(&self, scale: f64) -> crate::fused::attention::AttentionSpec {
+        crate::fused::attention::AttentionSpec {
+            num_heads: self.shape.num_heads,
+            num_kv_heads: self.shape.num_kv_heads,
+            head_dim: self.shape.head_dim,
+            rotary_dim: self.rotary.rotary_dim(),
+            inv_freq: self.rotary.inv_freq().to_vec(),
+            scale,
+        }
+    }
+
+    /// Attention as candle tensor ops (any device and dtype, records a backward), from the
+    /// projections' outputs `q`, `k`, `v`.
+    fn composite(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        positions: &Tensor,
+        key_mask: &Tensor,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
         let AttentionShape {
             num_heads,
             num_kv_heads,
             head_dim,
         } = self.shape;
-        let dtype = x.dtype();
+        let dtype = q.dtype();
         let work = internal_dtype(dtype);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        let training = q.track_op() || k.track_op() || v.track_op();
-        if cache.is_none() && training && crate::fused::supported(&q) {
-            // Training on the CPU: one node for all of attention (see `fused::attention`).
-            let spec = crate::fused::attention::AttentionSpec {
-                num_heads,
-                num_kv_heads,
-                head_dim,
-                rotary_dim: self.rotary.rotary_dim(),
-                inv_freq: self.rotary.inv_freq().to_vec(),
-                scale,
-            };
-            let out =
-                crate::fused::attention::causal_attention(&q, &k, &v, positions, key_mask, &spec)?;
-            return self.o.forward(&out);
-        }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.to_dtype(work)?
                 .reshape((b, t, n, head_dim))?

@@ -78,7 +78,8 @@ pub(super) fn rows_avx2(ops: &Operands<'_>, rows: Range<usize>, r0: usize, t: us
 }
 
 /// One block's 32 codes as values before scaling (`wv`, two registers of 16 in activation
-/// order), scaled into the decoded values, times block `b` of each of the `T` activation rows in
+/// order), scaled and offset into the decoded values (one FMA per register, so the offset of
+/// affine formats costs nothing here), times block `b` of each of the `T` activation rows in
 /// `x`, added to `acc` with two FMAs per row.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -89,14 +90,91 @@ unsafe fn avx512_block<const T: usize>(
     b: usize,
     wv: [__m512; 2],
     scale: f32,
+    offset: f32,
 ) {
-    let d = _mm512_set1_ps(scale);
-    let (w_lo, w_hi) = (_mm512_mul_ps(d, wv[0]), _mm512_mul_ps(d, wv[1]));
+    let (d, o) = (_mm512_set1_ps(scale), _mm512_set1_ps(offset));
+    let (w_lo, w_hi) = (_mm512_fmadd_ps(d, wv[0], o), _mm512_fmadd_ps(d, wv[1], o));
     for (r, a) in acc.iter_mut().enumerate() {
         let xp = x.as_ptr().add(r * k + b * BLOCK);
         *a = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xp), *a);
         *a = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xp.add(16)), *a);
     }
+}
+
+/// One block's 32 codes (`wv`, as in [`avx512_block`]) times block `b` of one activation row
+/// `x`, scaled and added to `acc`: the block's dot product first, then one FMA with the scale.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_block_single(acc: &mut __m512, x: &[f32], b: usize, wv: [__m512; 2], scale: f32) {
+    let xp = x.as_ptr().add(b * BLOCK);
+    let p = _mm512_mul_ps(wv[0], _mm512_loadu_ps(xp));
+    let p = _mm512_fmadd_ps(wv[1], _mm512_loadu_ps(xp.add(16)), p);
+    *acc = _mm512_fmadd_ps(_mm512_set1_ps(scale), p, *acc);
+}
+
+/// AVX-512F, one activation row: output row `j` against activation row `r0`.
+///
+/// Why a kernel of its own: with one row, [`avx512_tile`] adds every block into a single
+/// accumulator, so each block waits for the previous block's FMAs (latency, not throughput,
+/// bounds it). Here even and odd blocks go to two accumulators, and each block's product is
+/// formed apart from them, so consecutive blocks overlap; the scale is applied once per block
+/// instead of to both halves of the decoded weight.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_single(ops: &Operands<'_>, j: usize, r0: usize) -> f32 {
+    let w = ops.weight;
+    let k = w.cols;
+    let blocks = k / BLOCK;
+    let first = j * blocks;
+    let scales = &w.scales[first..first + blocks];
+    let x = &ops.x[r0 * k..(r0 + 1) * k];
+    let mut even = _mm512_setzero_ps();
+    let mut odd = _mm512_setzero_ps();
+    match &w.codes {
+        Codes::Nibbles { bytes, table } => {
+            let codes = &bytes[first * 16..(first + blocks) * 16];
+            let lut = _mm512_loadu_ps(table.as_ptr());
+            let mask = _mm_set1_epi8(0x0f);
+            let decode = |b: usize| {
+                let q = _mm_loadu_si128(codes.as_ptr().add(b * 16).cast());
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
+                [
+                    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), lut),
+                    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), lut),
+                ]
+            };
+            let mut b = 0;
+            while b + 1 < blocks {
+                avx512_block_single(&mut even, x, b, decode(b), scales[b]);
+                avx512_block_single(&mut odd, x, b + 1, decode(b + 1), scales[b + 1]);
+                b += 2;
+            }
+            if b < blocks {
+                avx512_block_single(&mut even, x, b, decode(b), scales[b]);
+            }
+        }
+        Codes::Bytes(codes) => {
+            let codes = &codes[first * BLOCK..(first + blocks) * BLOCK];
+            let decode = |b: usize| {
+                let cp = codes.as_ptr().add(b * BLOCK);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.cast()))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.add(16).cast()))),
+                ]
+            };
+            let mut b = 0;
+            while b + 1 < blocks {
+                avx512_block_single(&mut even, x, b, decode(b), scales[b]);
+                avx512_block_single(&mut odd, x, b + 1, decode(b + 1), scales[b + 1]);
+                b += 2;
+            }
+            if b < blocks {
+                avx512_block_single(&mut even, x, b, decode(b), scales[b]);
+            }
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + offset_part(ops, first, blocks, r0)
 }
 
 #[inline]
@@ -107,40 +185,76 @@ unsafe fn avx512_tile<const T: usize>(
     r0: usize,
     out: &mut [f32; TILE],
 ) {
+    if T == 1 {
+        out[0] = avx512_single(ops, j, r0);
+        return;
+    }
     let w = ops.weight;
     let k = w.cols;
     let blocks = k / BLOCK;
     let first = j * blocks;
     let scales = &w.scales[first..first + blocks];
+    let offsets = w.offsets.as_ref().map(|o| &o[first..first + blocks]);
     let x = &ops.x[r0 * k..(r0 + T) * k];
-    let mut acc = [_mm512_setzero_ps(); T];
+    // Even and odd blocks add into separate accumulators: with few rows, one accumulator per
+    // row would make every block wait for the previous block's FMAs.
+    let mut even = [_mm512_setzero_ps(); T];
+    let mut odd = [_mm512_setzero_ps(); T];
     match &w.codes {
         Codes::Nibbles { bytes, table } => {
             let codes = &bytes[first * 16..(first + blocks) * 16];
             let lut = _mm512_loadu_ps(table.as_ptr());
             let mask = _mm_set1_epi8(0x0f);
-            for (b, &scale) in scales.iter().enumerate() {
+            let decode = |b: usize| {
                 let q = _mm_loadu_si128(codes.as_ptr().add(b * 16).cast());
                 let lo = _mm_and_si128(q, mask);
                 let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), mask);
-                let w_lo = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), lut);
-                let w_hi = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), lut);
-                avx512_block(&mut acc, x, k, b, [w_lo, w_hi], scale);
+                [
+                    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(lo), lut),
+                    _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(hi), lut),
+                ]
+            };
+            let offset = |b: usize| offsets.map_or(0.0, |o| o[b]);
+            let mut b = 0;
+            while b + 1 < blocks {
+                avx512_block(&mut even, x, k, b, decode(b), scales[b], offset(b));
+                avx512_block(
+                    &mut odd,
+                    x,
+                    k,
+                    b + 1,
+                    decode(b + 1),
+                    scales[b + 1],
+                    offset(b + 1),
+                );
+                b += 2;
+            }
+            if b < blocks {
+                avx512_block(&mut even, x, k, b, decode(b), scales[b], offset(b));
             }
         }
         Codes::Bytes(codes) => {
             let codes = &codes[first * BLOCK..(first + blocks) * BLOCK];
-            for (b, &scale) in scales.iter().enumerate() {
+            let decode = |b: usize| {
                 let cp = codes.as_ptr().add(b * BLOCK);
-                let w_lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.cast())));
-                let w_hi =
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.add(16).cast())));
-                avx512_block(&mut acc, x, k, b, [w_lo, w_hi], scale);
+                [
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.cast()))),
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(cp.add(16).cast()))),
+                ]
+            };
+            let mut b = 0;
+            while b + 1 < blocks {
+                avx512_block(&mut even, x, k, b, decode(b), scales[b], 0.0);
+                avx512_block(&mut odd, x, k, b + 1, decode(b + 1), scales[b + 1], 0.0);
+                b += 2;
+            }
+            if b < blocks {
+                avx512_block(&mut even, x, k, b, decode(b), scales[b], 0.0);
             }
         }
     }
-    for (r, a) in acc.iter().enumerate() {
-        out[r] = _mm512_reduce_add_ps(*a) + offset_part(ops, first, blocks, r0 + r);
+    for r in 0..T {
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
     }
 }
 

@@ -1,5 +1,6 @@
-//! A small team of threads for the kernels: the calling thread and `threads − 1` helpers that
-//! wait for work by spinning (yielding) for a moment, then sleeping.
+//! A small team of threads for inference's CPU kernels (the quantized products of
+//! `quant::kernels`, the cached attention of `fused::cached_attention`): the calling thread and
+//! `threads − 1` helpers that wait for work by spinning (yielding) for a moment, then sleeping.
 //!
 //! Why not rayon: a decoding step is a few hundred products of tens of microseconds each, called
 //! from a thread outside rayon's pool. Handing each one to rayon's workers parks the caller and

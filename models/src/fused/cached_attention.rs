@@ -1,0 +1,379 @@
+//! Inference attention on the CPU with a KV cache, as one pass: rotary on the chunk's queries and
+//! keys, the rotated keys and the values appended to the cache, then `softmax(scale·QKᵀ + mask)·V`
+//! per head with grouped-query sharing, heads merged back. No gradient is recorded: this is
+//! generation's path (the training path is [`super::attention`]).
+//!
+//! Why: as tensor ops, attention over a KV cache is some twenty candle ops per layer (head
+//! reshapes and transposes, the rotary arithmetic, an additive mask built per layer, two
+//! batched matmuls that candle hands to rayon's pool, the softmax, the merge). At one new token
+//! per step those ops are tiny and their overhead is the cost: measured on SmolLM2-135M at
+//! batch 1, they took a quarter of every decoding step. Here the products run on the `gemm`
+//! crate's kernels on the calling thread, one task per (batch row, key/value head), spread over
+//! the inference thread team ([`crate::team`]).
+//!
+//! The values are the composite attention's (`layers::attention`) up to the order of additions:
+//! the same rotary angles in f32, the same additive mask (so a query that sees no key at all gets
+//! uniform weights), the same softmax; the tests compare the two.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Result, Tensor};
+
+use super::attention::AttentionSpec;
+use super::gemm::{matmul, matmul_acc, MatRef, Threads};
+use super::softmax::softmax_in_place;
+use super::Float;
+use crate::causal_lm::KvCache;
+
+/// Added to the scores of keys a query may not see, as the composite attention does.
+const MASKED: f64 = -1e9;
+
+/// Attention of a chunk of queries `[batch, seq, heads·head_dim]`, keys and values `[batch, seq,
+/// kv_heads·head_dim]` (the projections' outputs) at rotary `positions` `[batch, seq]` (u32)
+/// against slot `layer` of `cache` and themselves; `key_mask` `[batch, past + seq]` (u8, 1 =
+/// attend) on top of the causal mask. The chunk's rotated keys and its values are appended to
+/// the cache. Returns `[batch, seq, heads·head_dim]`, the output projection's input.
+///
+/// CPU, f32 or f64 (see [`super::supported`]), inputs that record no graph.
+pub fn cached_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Tensor,
+    key_mask: &Tensor,
+    spec: &AttentionSpec,
+    (cache, layer): (&mut KvCache, usize),
+) -> Result<Tensor> {
+    match q.dtype() {
+        DType::F32 => run::<f32>(q, k, v, positions, key_mask, spec, cache, layer),
+        DType::F64 => run::<f64>(q, k, v, positions, key_mask, spec, cache, layer),
+        other => candle_core::bail!("cached attention takes f32 or f64, not {other:?}"),
+    }
+}
+
+/// The shapes of one call.
+struct Dims {
+    batch: usize,
+    seq: usize,
+    /// Cached positions before this chunk.
+    past: usize,
+}
+
+impl Dims {
+    /// Keys after this chunk is appended.
+    fn keys(&self) -> usize {
+        self.past + self.seq
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<T: Float>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Tensor,
+    key_mask: &Tensor,
+    spec: &AttentionSpec,
+    cache: &mut KvCache,
+    layer: usize,
+) -> Result<Tensor> {
+    let (batch, seq, _) = q.dims3()?;
+    let dims = Dims {
+        batch,
+        seq,
+        past: cache.layer_len(layer),
+    };
+    check(q, k, v, positions, key_mask, spec, &dims)?;
+    let hd = spec.head_dim;
+    let device = q.device().clone();
+    let rotary = Rotary::new(spec, positions)?;
+    // Keys rotated and values, both as `[batch, kv_heads, seq, head_dim]` for the cache.
+    let heads_of = |x: &Tensor, rotate: bool| -> Result<Tensor> {
+        let x = x.contiguous()?.flatten_all()?.to_vec1::<T>()?;
+        let mut out = Vec::with_capacity(x.len());
+        for bi in 0..batch {
+            for g in 0..spec.num_kv_heads {
+                let start = out.len();
+                for i in 0..seq {
+                    let at = (bi * seq + i) * spec.num_kv_heads * hd + g * hd;
+                    out.extend_from_slice(&x[at..at + hd]);
+                }
+                if rotate {
+                    rotary.rotate(&mut out[start..], bi);
+                }
+            }
+        }
+        Tensor::from_vec(out, (batch, spec.num_kv_heads, seq, hd), &device)
+    };
+    let (keys, values) = cache.append(layer, &heads_of(k, true)?, &heads_of(v, false)?)?;
+    let key_mask = key_mask
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let q = q.contiguous()?.flatten_all()?.to_vec1::<T>()?;
+    let (k_storage, k_layout) = keys.storage_and_layout();
+    let (v_storage, v_layout) = values.storage_and_layout();
+    let k_heads = HeadViews::new(&k_storage, k_layout, &dims, spec)?;
+    let v_heads = HeadViews::new(&v_storage, v_layout, &dims, spec)?;
+
+    let group = spec.num_heads / spec.num_kv_heads;
+    let width = spec.num_heads * hd;
+    let tasks = batch * spec.num_kv_heads;
+    // Each task writes its own heads' rows; a mutex per task keeps that safe at no contention.
+    let outputs: Vec<Mutex<Option<Result<Vec<T>>>>> =
+        (0..tasks).map(|_| Mutex::new(None)).collect();
+    let task = |t: usize| {
+        let (bi, g) = (t / spec.num_kv_heads, t % spec.num_kv_heads);
+        let result = attend_group(
+            &q, &key_mask, &k_heads, &v_heads, &rotary, spec, &dims, bi, g,
+        );
+        if let Ok(mut slot) = outputs[t].lock() {
+            *slot = Some(result);
+        }
+    };
+    crate::team::Team::global().run(tasks, &task);
+    let mut merged = vec![T::from_f64(0.0); batch * seq * width];
+    for (t, slot) in outputs.into_iter().enumerate() {
+        let (bi, g) = (t / spec.num_kv_heads, t % spec.num_kv_heads);
+        let rows = slot.into_inner().ok().flatten().ok_or_else(|| {
+            candle_core::Error::Msg("cached attention: a task did not run".into())
+        })??;
+        for (j, head) in rows.chunks(seq * hd).enumerate() {
+            let h = g * group + j;
+            for i in 0..seq {
+                merged[(bi * seq + i) * width + h * hd..][..hd]
+                    .copy_from_slice(&head[i * hd..][..hd]);
+            }
+        }
+    }
+    Tensor::from_vec(merged, (batch, seq, width), &device)
+}
+
+/// Refuses shapes that do not fit together.
+fn check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    positions: &Tensor,
+    key_mask: &Tensor,
+    spec: &AttentionSpec,
+    dims: &Dims,
+) -> Result<()> {
+    let Dims { batch, seq, .. } = *dims;
+    let kv_width = spec.num_kv_heads * spec.head_dim;
+    let shapes = [
+        (
+            "queries",
+            q.dims3()?,
+            (batch, seq, spec.num_heads * spec.head_dim),
+        ),
+        ("keys", k.dims3()?, (batch, seq, kv_width)),
+        ("values", v.dims3()?, (batch, seq, kv_width)),
+    ];
+    for (name, got, want) in shapes {
+        if got != want {
+            candle_core::bail!("cached attention: {name} are {got:?}, expected {want:?}");
+        }
+    }
+    if spec.num_kv_heads == 0
+        || !spec.num_heads.is_multiple_of(spec.num_kv_heads)
+        || spec.rotary_dim > spec.head_dim
+        || !spec.rotary_dim.is_multiple_of(2)
+        || spec.inv_freq.len() != spec.rotary_dim / 2
+    {
+        candle_core::bail!("cached attention: inconsistent head layout {spec:?}");
+    }
+    if !super::supported(q) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!("cached attention takes f32/f64 CPU tensors of one dtype");
+    }
+    if positions.dims() != [batch, seq] || key_mask.dims() != [batch, dims.keys()] {
+        candle_core::bail!(
+            "cached attention: positions {:?} must be [{batch}, {seq}] and the key mask {:?} \
+             [{batch}, {}]",
+            positions.dims(),
+            key_mask.dims(),
+            dims.keys()
+        );
+    }
+    Ok(())
+}
+
+/// Rotary tables for the chunk's positions.
+struct Rotary {
+    head_dim: usize,
+    half: usize,
+    seq: usize,
+    /// `[batch, seq, rotary_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rotary {
+    fn new(spec: &AttentionSpec, positions: &Tensor) -> Result<Self> {
+        let (_, seq) = positions.dims2()?;
+        let positions = positions
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let half = spec.rotary_dim / 2;
+        // Same angles and f32 precision as the composite rotary (and HF).
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * half),
+            Vec::with_capacity(positions.len() * half),
+        );
+        for &p in &positions {
+            for &f in &spec.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            head_dim: spec.head_dim,
+            half,
+            seq,
+            cos,
+            sin,
+        })
+    }
+
+    /// Rotates `[seq, head_dim]` rows of batch row `bi` in place.
+    fn rotate<T: Float>(&self, rows: &mut [T], bi: usize) {
+        let half = self.half;
+        for (i, row) in rows.chunks_mut(self.head_dim).enumerate() {
+            let table = (bi * self.seq + i) * half;
+            for c in 0..half {
+                let cos = T::from_f64(f64::from(self.cos[table + c]));
+                let sin = T::from_f64(f64::from(self.sin[table + c]));
+                let (x1, x2) = (row[c], row[c + half]);
+                row[c] = x1 * cos - x2 * sin;
+                row[c + half] = x2 * cos + x1 * sin;
+            }
+        }
+    }
+}
+
+/// Per-(batch row, key/value head) matrix views `[keys, head_dim]` of a cache buffer's filled
+/// part (`[batch, kv_heads, keys, head_dim]` with any outer strides).
+struct HeadViews<'a, T> {
+    data: &'a [T],
+    start: usize,
+    batch_stride: usize,
+    head_stride: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl<'a, T: candle_core::WithDType> HeadViews<'a, T> {
+    fn new(
+        storage: &'a candle_core::Storage,
+        layout: &candle_core::Layout,
+        dims: &Dims,
+        spec: &AttentionSpec,
+    ) -> Result<Self> {
+        let candle_core::Storage::Cpu(cpu) = storage else {
+            candle_core::bail!("cached attention: the KV cache is not on the CPU");
+        };
+        let want = [dims.batch, spec.num_kv_heads, dims.keys(), spec.head_dim];
+        let &[batch_stride, head_stride, row_stride, 1] = layout.stride() else {
+            candle_core::bail!(
+                "cached attention: unexpected KV cache strides {:?}",
+                layout.stride()
+            );
+        };
+        if layout.dims() != want || row_stride != spec.head_dim {
+            candle_core::bail!(
+                "cached attention: KV cache is {:?} (strides {:?}), expected {want:?}",
+                layout.dims(),
+                layout.stride()
+            );
+        }
+        Ok(Self {
+            data: cpu.as_slice::<T>()?,
+            start: layout.start_offset(),
+            batch_stride,
+            head_stride,
+            keys: dims.keys(),
+            head_dim: spec.head_dim,
+        })
+    }
+
+    fn head(&self, bi: usize, g: usize) -> Result<MatRef<'a, T>> {
+        let at = self.start + bi * self.batch_stride + g * self.head_stride;
+        MatRef::new(
+            self.data
+                .get(at..at + self.keys * self.head_dim)
+                .ok_or_else(|| {
+                    candle_core::Error::Msg("cached attention: short KV cache".into())
+                })?,
+            self.keys,
+            self.head_dim,
+        )
+    }
+}
+
+/// The output rows `[group, seq, head_dim]` of the query heads sharing key/value head `g` of
+/// batch row `bi`.
+#[allow(clippy::too_many_arguments)]
+fn attend_group<T: Float>(
+    q: &[T],
+    key_mask: &[u8],
+    k_heads: &HeadViews<'_, T>,
+    v_heads: &HeadViews<'_, T>,
+    rotary: &Rotary,
+    spec: &AttentionSpec,
+    dims: &Dims,
+    bi: usize,
+    g: usize,
+) -> Result<Vec<T>> {
+    let (seq, hd, n_keys) = (dims.seq, spec.head_dim, dims.keys());
+    let group = spec.num_heads / spec.num_kv_heads;
+    let width = spec.num_heads * hd;
+    let keys = k_heads.head(bi, g)?;
+    let values = v_heads.head(bi, g)?;
+    let mask = &key_mask[bi * n_keys..][..n_keys];
+    let first_key = mask.iter().position(|&m| m != 0).unwrap_or(n_keys);
+    let scale = T::from_f64(spec.scale);
+    let masked = T::from_f64(MASKED);
+    let mut out = Vec::with_capacity(group * seq * hd);
+    let mut q_rot = Vec::with_capacity(seq * hd);
+    let mut scores = vec![T::from_f64(0.0); seq * n_keys];
+    for j in 0..group {
+        let h = g * group + j;
+        q_rot.clear();
+        for i in 0..seq {
+            q_rot.extend_from_slice(&q[(bi * seq + i) * width + h * hd..][..hd]);
+        }
+        rotary.rotate(&mut q_rot, bi);
+        scores.fill(T::from_f64(0.0));
+        matmul_acc(
+            &mut scores,
+            MatRef::new(&q_rot, seq, hd)?,
+            keys.t(),
+            scale,
+            Threads::One,
+        )?;
+        for (i, row) in scores.chunks_mut(n_keys).enumerate() {
+            // Query `i` sits at absolute position `past + i`: later keys are masked, and their
+            // weights are exactly zero unless the query sees no key at all (a padding row), when
+            // the softmax spreads over every (equally masked) key, as the composite ops do.
+            let last = dims.past + i;
+            let visible = if first_key <= last { last + 1 } else { n_keys };
+            let (row, future) = row.split_at_mut(visible);
+            for (jk, s) in row.iter_mut().enumerate() {
+                if jk > last || mask[jk] == 0 {
+                    *s += masked;
+                }
+            }
+            softmax_in_place(row);
+            future.fill(T::from_f64(0.0));
+        }
+        out.extend(matmul(
+            MatRef::new(&scores, seq, n_keys)?,
+            values,
+            T::ONE,
+            Threads::One,
+        )?);
+    }
+    Ok(out)
+}
