@@ -270,6 +270,18 @@ class Server:
         self.proc.stdin.flush()
         return self._read()
 
+    def rss_mib(self, field="VmHWM"):
+        """The process's peak resident set so far (`VmHWM`) or its current one (`VmRSS`), in
+        MiB; None where /proc has none."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
     def close(self):
         self.proc.stdin.close()
         self.proc.wait()

@@ -15,7 +15,8 @@ prefill tokens/s counts prompt tokens. Greedy outputs are compared token by toke
 llama.cpp's. llama.cpp's threads spin while they wait, so they collapse when the cores are busy:
 run this on quiet cores, and read the load average recorded in the notes.
 
-Writes bench/results/generate_cpu_llamacpp.json (headline: decode tokens/s at batch 1).
+Writes bench/results/generate_cpu_llamacpp.json (headline: decode tokens/s at batch 1) and
+generate_cpu_llamacpp_memory.json (peak resident memory of each process).
 
 Reproduce (from the repo root):
     cargo bench -p pipeline-models --bench generate_cpu --no-run
@@ -139,6 +140,10 @@ def main():
                 print(f"rep {rep} batch {batch} {side}: decode {decode:.1f} tok/s, prefill "
                       f"{prompt_tokens / r['prefill_secs']:.0f} tok/s", flush=True)
     load_after = load_average()
+    # Peak resident memory of each side after every run (weights, caches, buffers; the peer's
+    # includes its Python interpreter, a few tens of MiB).
+    peak_mib = {side: server.rss_mib("VmHWM") for side, server in sides}
+    now_mib = {side: server.rss_mib("VmRSS") for side, server in sides}
     for _, server in sides:
         server.close()
 
@@ -181,6 +186,24 @@ def main():
         f"bench/generate_llamacpp_peer.py. Median of {args.repeats} alternating runs after a warm-up. "
         f"Load average before {load_before}, after {load_after}.",
     )
+    if peak_mib["ours blocks"] and peak_mib["llama.cpp"]:
+        write_result(
+            "generate_cpu_llamacpp_memory",
+            round(peak_mib["ours blocks"], 1),
+            round(peak_mib["llama.cpp"], 1),
+            "peak resident MiB of the generating process (lower is better)",
+            peak_mib["llama.cpp"] / peak_mib["ours blocks"],
+            f"Same runs as generate_cpu_llamacpp (batch 1 and {args.batch}, {len(prompts)} prompts, "
+            f"{args.new_tokens} new tokens): the peak resident set (VmHWM) of each process after all "
+            f"of them, and in brackets the resident set then (VmRSS). ours blocks "
+            f"{peak_mib['ours blocks']:.0f} ({now_mib['ours blocks'] or 0:.0f}) MiB, ours f32 "
+            f"{peak_mib['ours f32'] or 0:.0f} ({now_mib['ours f32'] or 0:.0f}) MiB, llama.cpp "
+            f"{peak_mib['llama.cpp']:.0f} ({now_mib['llama.cpp'] or 0:.0f}) MiB. llama.cpp runs in a "
+            f"Python interpreter (llama-cpp-python) and memory-maps its weights from the GGUF file "
+            f"(they count once touched); ours reads the file into memory and repacks it, so both "
+            f"copies exist while it loads, which sets its peak. Our KV cache is f32 and grows by "
+            f"doubling from 256 positions; llama.cpp's is f16 and sized for its context.",
+        )
 
 
 if __name__ == "__main__":

@@ -350,3 +350,36 @@ fn concurrent_products_equal_serial_ones() {
         }
     });
 }
+
+/// SmolLM2's q8_0 embedding table kept packed (CPU, f32) looks up exactly the rows of the
+/// dense table, and an id past the vocabulary is an error, not a panic.
+#[test]
+fn a_packed_embedding_table_looks_up_the_dense_tables_rows() {
+    use pipeline_models::layers::Embedding;
+    let Some(path) = smollm2() else {
+        eprintln!("skipping: set PIPELINE_SMOLLM2_GGUF (scripts/fetch-test-assets.sh)");
+        return;
+    };
+    let (weights, meta) = load_gguf_llama(&path, &Device::Cpu).unwrap();
+    let cfg = LlamaConfig::from_gguf_meta(&meta);
+    let name = "model.embed_tokens.weight";
+    let stored = weights.stored(name).unwrap();
+    assert!(
+        matches!(stored, StoredTensor::Quantized(_)),
+        "the test GGUF stores its embedding table quantized"
+    );
+    let shape = [cfg.vocab_size, cfg.hidden_size];
+    let packed = Embedding::from_weights(&weights, name, shape, DType::F32).unwrap();
+    let dense = Embedding::new(stored.to_dense(DType::F32).unwrap()).unwrap();
+    let last = cfg.vocab_size as u32 - 1;
+    let ids = Tensor::new(&[[0u32, 7, 49_000.min(last)], [last, 1, 1]], &Device::Cpu).unwrap();
+    let (got, want) = (packed.forward(&ids).unwrap(), dense.forward(&ids).unwrap());
+    assert_eq!(got.dims(), want.dims());
+    assert_eq!(
+        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    let past = Tensor::new(&[cfg.vocab_size as u32], &Device::Cpu).unwrap();
+    let err = packed.forward(&past).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+}

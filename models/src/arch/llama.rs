@@ -318,7 +318,7 @@ impl Transformer<LlamaFamily> {
             )?)
         };
         let embed =
-            Embedding::new(weights.dense("model.embed_tokens.weight", &[vocab, h], dtype)?)?;
+            Embedding::from_weights(weights, "model.embed_tokens.weight", [vocab, h], dtype)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");

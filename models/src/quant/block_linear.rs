@@ -71,56 +71,8 @@ impl BlockLinear {
         weight: &QuantWeight,
         bias: Option<Tensor>,
     ) -> std::result::Result<Self, QuantError> {
-        let unsupported = |shape: &[usize], format: &str, reason: String| QuantError::Unsupported {
-            shape: shape.to_vec(),
-            format: format.into(),
-            reason,
-        };
-        let packed = match weight {
-            QuantWeight::Ggml(g) => {
-                let shape = g.shape().to_vec();
-                let kind = match g.format() {
-                    GgmlFormat::Q4_0 => GgmlBlocks::Q4_0,
-                    GgmlFormat::Q4_1 => GgmlBlocks::Q4_1,
-                    GgmlFormat::Q8_0 => GgmlBlocks::Q8_0,
-                    GgmlFormat::Q4K => {
-                        return Err(unsupported(
-                            &shape,
-                            "q4k",
-                            "no packed kernel for q4k yet; it is decoded once instead".into(),
-                        ))
-                    }
-                };
-                let [rows, cols] = shape[..] else {
-                    return Err(unsupported(
-                        &shape,
-                        g.format().name(),
-                        "not a matrix".into(),
-                    ));
-                };
-                let data = g.qtensor().data()?;
-                PackedWeight::from_ggml(kind, rows, cols, &data)
-                    .map_err(|e| unsupported(&shape, g.format().name(), e.to_string()))?
-            }
-            QuantWeight::Nf4(t) => {
-                let shape = t.shape().to_vec();
-                let [rows, cols] = shape[..] else {
-                    return Err(unsupported(&shape, "nf4", "not a matrix".into()));
-                };
-                let absmax = t.absmax().decode()?;
-                PackedWeight::from_nf4(
-                    rows,
-                    cols,
-                    t.packed(),
-                    &absmax,
-                    nf4::BLOCK_SIZE,
-                    nf4::NF4_CODE,
-                )
-                .map_err(|e| unsupported(&shape, "nf4", e.to_string()))?
-            }
-        };
         Ok(Self {
-            weight: Arc::new(packed),
+            weight: Arc::new(pack(weight)?),
             bias,
         })
     }
@@ -152,6 +104,60 @@ impl BlockLinear {
             .transpose()?;
         crate::layers::dense::linear_forward(x, &w, bias.as_ref())
     }
+}
+
+/// `weight` (`[rows, cols]`) repacked into the kernels' layout. Formats without a kernel (q4k)
+/// and NF4 weights whose rows are not whole blocks of 32 are [`QuantError::Unsupported`].
+pub fn pack(weight: &QuantWeight) -> std::result::Result<PackedWeight, QuantError> {
+    let unsupported = |shape: &[usize], format: &str, reason: String| QuantError::Unsupported {
+        shape: shape.to_vec(),
+        format: format.into(),
+        reason,
+    };
+    let packed = match weight {
+        QuantWeight::Ggml(g) => {
+            let shape = g.shape().to_vec();
+            let kind = match g.format() {
+                GgmlFormat::Q4_0 => GgmlBlocks::Q4_0,
+                GgmlFormat::Q4_1 => GgmlBlocks::Q4_1,
+                GgmlFormat::Q8_0 => GgmlBlocks::Q8_0,
+                GgmlFormat::Q4K => {
+                    return Err(unsupported(
+                        &shape,
+                        "q4k",
+                        "no packed kernel for q4k yet; it is decoded once instead".into(),
+                    ))
+                }
+            };
+            let [rows, cols] = shape[..] else {
+                return Err(unsupported(
+                    &shape,
+                    g.format().name(),
+                    "not a matrix".into(),
+                ));
+            };
+            let data = g.qtensor().data()?;
+            PackedWeight::from_ggml(kind, rows, cols, &data)
+                .map_err(|e| unsupported(&shape, g.format().name(), e.to_string()))?
+        }
+        QuantWeight::Nf4(t) => {
+            let shape = t.shape().to_vec();
+            let [rows, cols] = shape[..] else {
+                return Err(unsupported(&shape, "nf4", "not a matrix".into()));
+            };
+            let absmax = t.absmax().decode()?;
+            PackedWeight::from_nf4(
+                rows,
+                cols,
+                t.packed(),
+                &absmax,
+                nf4::BLOCK_SIZE,
+                nf4::NF4_CODE,
+            )
+            .map_err(|e| unsupported(&shape, "nf4", e.to_string()))?
+        }
+    };
+    Ok(packed)
 }
 
 impl LinearLayer for BlockLinear {

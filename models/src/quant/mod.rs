@@ -11,7 +11,7 @@ pub mod nf4;
 mod nf4_cuda;
 pub mod quant_linear;
 
-pub use block_linear::BlockLinear;
+pub use block_linear::{pack, BlockLinear};
 pub use ggml::{GgmlFormat, GgmlQuantized};
 pub use nf4::{Nf4Absmax, Nf4Tensor};
 pub use quant_linear::{QuantLinear, QuantWeight};

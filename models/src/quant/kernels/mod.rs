@@ -68,7 +68,7 @@ pub struct PackedWeight {
     offsets: Option<Vec<f32>>,
 }
 
-/// Why a weight cannot be packed.
+/// Why a weight cannot be packed, or a row cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
     /// The row length is not a whole number of blocks.
@@ -78,6 +78,14 @@ pub enum PackError {
         cols: usize,
         /// The format's block size.
         block: usize,
+    },
+    /// A row index past the last row.
+    #[error("row {row} is out of range for a weight of {rows} rows")]
+    Row {
+        /// The requested row.
+        row: usize,
+        /// Rows of the weight.
+        rows: usize,
     },
     /// The byte or scale counts do not match the shape.
     #[error("{what}: expected {expected}, found {found}")]
@@ -241,6 +249,26 @@ impl PackedWeight {
             .enumerate()
             .for_each(|(b, chunk)| chunk.copy_from_slice(&self.decode_block(b)));
         out
+    }
+
+    /// Rows `ids` of the weight decoded to f32, one after another (`ids.len() · cols` values):
+    /// a lookup in an embedding table kept packed. Errors for an id past the last row.
+    pub fn decode_rows(&self, ids: &[u32]) -> Result<Vec<f32>, PackError> {
+        let blocks = self.cols / BLOCK;
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let row = id as usize;
+            if row >= self.rows {
+                return Err(PackError::Row {
+                    row,
+                    rows: self.rows,
+                });
+            }
+            for b in row * blocks..(row + 1) * blocks {
+                out.extend_from_slice(&self.decode_block(b));
+            }
+        }
+        Ok(out)
     }
 
     /// Block `b` (row-major over the whole weight) as f32 values.
