@@ -47,16 +47,20 @@ fn max_abs(t: &Tensor) -> f32 {
 /// Every format with a kernel, as the layers a loader builds: ggml blocks and NF4 (with double
 /// quantization, the QLoRA base).
 fn weights(w: &Tensor) -> Vec<(&'static str, QuantWeight)> {
-    let mut out: Vec<(&'static str, QuantWeight)> =
-        [GgmlFormat::Q4_0, GgmlFormat::Q4_1, GgmlFormat::Q8_0]
-            .into_iter()
-            .map(|f| {
-                (
-                    f.name(),
-                    QuantWeight::Ggml(GgmlQuantized::quantize(w, f).unwrap()),
-                )
-            })
-            .collect();
+    let mut out: Vec<(&'static str, QuantWeight)> = [
+        GgmlFormat::Q4_0,
+        GgmlFormat::Q4_1,
+        GgmlFormat::Q8_0,
+        GgmlFormat::Q4K,
+    ]
+    .into_iter()
+    .map(|f| {
+        (
+            f.name(),
+            QuantWeight::Ggml(GgmlQuantized::quantize(w, f).unwrap()),
+        )
+    })
+    .collect();
     out.push((
         "nf4",
         QuantWeight::Nf4(Arc::new(Nf4Tensor::quantize(w, true).unwrap())),
@@ -69,7 +73,8 @@ fn weights(w: &Tensor) -> Vec<(&'static str, QuantWeight)> {
 /// the order of the additions.
 #[test]
 fn packed_products_equal_the_decoded_weights_product_on_every_instruction_set() {
-    let (out, inp) = (72, 320);
+    // Rows of two q4k super-blocks (and 16 of the other formats' blocks).
+    let (out, inp) = (72, 512);
     let w = random(&[out, inp], 1);
     let isas = Isa::available();
     eprintln!("instruction sets: {isas:?}");
@@ -111,12 +116,15 @@ fn packed_of(q: &QuantWeight) -> kernels::PackedWeight {
     BlockLinear::new(q, None).unwrap().packed().clone()
 }
 
+/// Rows that are not whole blocks of the format are refused with the reason, not misread.
 #[test]
-fn formats_without_a_kernel_are_refused_with_a_reason() {
-    let w = random(&[8, 256], 3);
-    let q = QuantWeight::Ggml(GgmlQuantized::quantize(&w, GgmlFormat::Q4K).unwrap());
-    let err = BlockLinear::new(&q, None).unwrap_err().to_string();
-    assert!(err.contains("q4k"), "{err}");
+fn ragged_rows_are_refused_with_a_reason() {
+    let ragged = kernels::PackedWeight::from_ggml(kernels::GgmlBlocks::Q4K, 2, 288, &[0; 2 * 162]);
+    let err = ragged.unwrap_err().to_string();
+    assert!(err.contains("288") && err.contains("256"), "{err}");
+    let short = kernels::PackedWeight::from_ggml(kernels::GgmlBlocks::Q4_1, 2, 64, &[0; 79]);
+    let err = short.unwrap_err().to_string();
+    assert!(err.contains("80") && err.contains("79"), "{err}");
 }
 
 #[test]

@@ -64,9 +64,9 @@ impl CustomOp1 for Product<'_> {
 }
 
 impl BlockLinear {
-    /// A layer over `weight` (`[out, in]`) and an optional frozen `bias` (`[out]`). Formats
-    /// without a kernel (q4k) and NF4 weights whose rows are not whole blocks of 32 are
-    /// [`QuantError::Unsupported`]: decode those instead.
+    /// A layer over `weight` (`[out, in]`) and an optional frozen `bias` (`[out]`). Weights
+    /// whose rows are not whole blocks of their format are [`QuantError::Unsupported`]: decode
+    /// those instead.
     pub fn new(
         weight: &QuantWeight,
         bias: Option<Tensor>,
@@ -106,8 +106,8 @@ impl BlockLinear {
     }
 }
 
-/// `weight` (`[rows, cols]`) repacked into the kernels' layout. Formats without a kernel (q4k)
-/// and NF4 weights whose rows are not whole blocks of 32 are [`QuantError::Unsupported`].
+/// `weight` (`[rows, cols]`) repacked into the kernels' layout. Weights whose rows are not
+/// whole blocks of their format are [`QuantError::Unsupported`].
 pub fn pack(weight: &QuantWeight) -> std::result::Result<PackedWeight, QuantError> {
     let unsupported = |shape: &[usize], format: &str, reason: String| QuantError::Unsupported {
         shape: shape.to_vec(),
@@ -121,13 +121,7 @@ pub fn pack(weight: &QuantWeight) -> std::result::Result<PackedWeight, QuantErro
                 GgmlFormat::Q4_0 => GgmlBlocks::Q4_0,
                 GgmlFormat::Q4_1 => GgmlBlocks::Q4_1,
                 GgmlFormat::Q8_0 => GgmlBlocks::Q8_0,
-                GgmlFormat::Q4K => {
-                    return Err(unsupported(
-                        &shape,
-                        "q4k",
-                        "no packed kernel for q4k yet; it is decoded once instead".into(),
-                    ))
-                }
+                GgmlFormat::Q4K => GgmlBlocks::Q4K,
             };
             let [rows, cols] = shape[..] else {
                 return Err(unsupported(

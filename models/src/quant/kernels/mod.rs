@@ -16,8 +16,10 @@
 //!   nibble of byte `j`, value `j + 16` in its high nibble (ggml's q4 order), so that the low and
 //!   the high nibbles of a block each line up with 16 consecutive activations. A code becomes a
 //!   value through a 16-entry table, then `scale · table[code] + offset`: q4_0 (table −8..7, no
-//!   offset), q4_1 (table 0..15, offset = the block's min) and NF4 (QLoRA's table, scale = the
-//!   block's absmax, decoded from its double quantization once).
+//!   offset), q4_1 (table 0..15, offset = the block's min), q4_K (table 0..15; each 32 values of
+//!   a 256-value super-block get scale `d·scale_j` and offset `−dmin·min_j` from its 6-bit
+//!   scales and minimums, see [`GgmlBlocks::Q4K`]) and NF4 (QLoRA's table, scale = the block's
+//!   absmax, decoded from its double quantization once).
 //! * 8-bit ([`Codes::Bytes`]): one `i8` per value, `scale · code` (q8_0).
 //!
 //! # Kernels
@@ -123,12 +125,20 @@ impl PackedWeight {
         cols: usize,
         data: &[u8],
     ) -> Result<Self, PackError> {
-        if cols == 0 || !cols.is_multiple_of(BLOCK) {
-            return Err(PackError::Ragged { cols, block: BLOCK });
+        let format_block = kind.block_values();
+        if cols == 0 || !cols.is_multiple_of(format_block) {
+            return Err(PackError::Ragged {
+                cols,
+                block: format_block,
+            });
         }
         let blocks = rows * cols / BLOCK;
         let block_bytes = kind.block_bytes();
-        check("ggml block bytes", blocks * block_bytes, data.len())?;
+        check(
+            "ggml block bytes",
+            rows * cols / format_block * block_bytes,
+            data.len(),
+        )?;
         let mut scales = Vec::with_capacity(blocks);
         let weight = match kind {
             GgmlBlocks::Q4_0 | GgmlBlocks::Q4_1 => {
@@ -156,6 +166,23 @@ impl PackedWeight {
                     codes: Codes::Nibbles { bytes, table },
                     scales,
                     offsets: affine.then_some(offsets),
+                }
+            }
+            GgmlBlocks::Q4K => {
+                let mut bytes = Vec::with_capacity(blocks * 16);
+                let mut offsets = Vec::with_capacity(blocks);
+                for block in data.chunks_exact(block_bytes) {
+                    q4k_super_block(block, &mut bytes, &mut scales, &mut offsets);
+                }
+                PackedWeight {
+                    rows,
+                    cols,
+                    codes: Codes::Nibbles {
+                        bytes,
+                        table: std::array::from_fn(|i| i as f32),
+                    },
+                    scales,
+                    offsets: Some(offsets),
                 }
             }
             GgmlBlocks::Q8_0 => {
@@ -301,14 +328,65 @@ pub enum GgmlBlocks {
     Q4_1,
     /// f16 scale, 32 signed bytes.
     Q8_0,
+    /// Super-blocks of 256 values: f16 `d` and `dmin`, 12 bytes holding eight 6-bit scales and
+    /// eight 6-bit minimums (one pair per 32 values), 128 bytes of 4-bit codes. Value
+    /// `d·scale_j·code − dmin·min_j`, which is q4_1's form per 32 values: it is repacked as
+    /// such, scale `d·scale_j` and offset `−dmin·min_j`, the products ggml's own decoding forms.
+    Q4K,
 }
 
 impl GgmlBlocks {
+    /// Bytes per block of the format.
     fn block_bytes(self) -> usize {
         match self {
             GgmlBlocks::Q4_0 => 18,
             GgmlBlocks::Q4_1 => 20,
             GgmlBlocks::Q8_0 => 34,
+            GgmlBlocks::Q4K => 144,
+        }
+    }
+
+    /// Values per block of the format.
+    fn block_values(self) -> usize {
+        match self {
+            GgmlBlocks::Q4K => 256,
+            _ => BLOCK,
+        }
+    }
+}
+
+/// The 6-bit scale and minimum of sub-block `j` (0..8) of a q4_K super-block's 12 scale bytes
+/// (ggml's `get_scale_min_k4`).
+fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Repacks one q4_K super-block (144 bytes, 256 values) as eight 32-value blocks.
+fn q4k_super_block(
+    block: &[u8],
+    bytes: &mut Vec<u8>,
+    scales: &mut Vec<f32>,
+    offsets: &mut Vec<f32>,
+) {
+    let (d, dmin) = (f16(block, 0), f16(block, 2));
+    let scale_bytes = &block[4..16];
+    let qs = &block[16..144];
+    // Each 64 values share 32 code bytes: the first 32 values are their low nibbles, the next
+    // 32 their high nibbles.
+    for (pair, q) in qs.chunks_exact(32).enumerate() {
+        for (half, shift) in [(0, 0), (1, 4)] {
+            let (sc, m) = q4k_scale_min(2 * pair + half, scale_bytes);
+            scales.push(d * f32::from(sc));
+            offsets.push(-(dmin * f32::from(m)));
+            let code = |l: usize| (q[l] >> shift) & 0x0f;
+            bytes.extend((0..16).map(|i| code(i) | (code(i + 16) << 4)));
         }
     }
 }
