@@ -310,10 +310,11 @@ pub enum QuantizedWeights {
     /// is a dense copy of the projections in memory.
     DecodeOnce,
     /// On the CPU in f32, projections stay as 4- or 8-bit codes and multiply through the packed
-    /// kernels ([`BlockLinear`]: q4_0, q4_1, q8_0 and NF4, f32 activations, so the outputs are
-    /// the decoded weight's up to the order of additions): no dense copy, and a decoding step
-    /// reads about 5 bits per weight instead of 32. Anything else (another device or dtype, a
-    /// format without a kernel) is decoded once, as [`QuantizedWeights::DecodeOnce`].
+    /// kernels ([`BlockLinear`]: q4_0, q4_1, q4_K, q8_0 and NF4, f32 activations, so the
+    /// outputs are the decoded weight's up to the order of additions): no dense copy, and a
+    /// decoding step reads about 5 bits per weight instead of 32. Anything else (another device
+    /// or dtype, rows that are not whole blocks) is decoded once, as
+    /// [`QuantizedWeights::DecodeOnce`].
     BlockKernels,
 }
 
@@ -356,7 +357,7 @@ impl LinearFactory for ArtifactFactory {
                 QuantizedWeights::BlockKernels if device.is_cpu() && parts.dtype == DType::F32 => {
                     match BlockLinear::new(&w, bias.clone()) {
                         Ok(layer) => Box::new(layer),
-                        // No kernel for this format or shape: decoded once, as below.
+                        // Rows that are not whole blocks: decoded once, as below.
                         Err(_) => Box::new(Dense::new(w.dequantize(parts.dtype, &device)?, bias)?),
                     }
                 }
