@@ -71,6 +71,13 @@ pub trait LinearLayer: Send + Sync {
         None
     }
 
+    /// The weight in the packed kernels' layout, when the layer multiplies through them
+    /// ([`crate::quant::BlockLinear`]): lets a tied embedding table share it instead of holding
+    /// a second copy. `None` (the default) for anything else.
+    fn packed_weight(&self) -> Option<std::sync::Arc<crate::quant::kernels::PackedWeight>> {
+        None
+    }
+
     /// The effective dense weight `[out, in]` and bias `[out]` of this layer, e.g. to merge LoRA
     /// adapters into a plain copy.
     ///

@@ -102,6 +102,46 @@ impl StoredTensor {
 enum Source {
     Safetensors(candle_core::safetensors::MmapedSafetensors),
     Memory(HashMap<String, StoredTensor>),
+    Gguf(std::sync::Mutex<GgufSource>),
+}
+
+/// A GGUF file whose tensors are read when asked for, so that a loader that repacks each one
+/// (the packed CPU kernels) never holds the whole file and its repacked copy at once.
+struct GgufSource {
+    path: PathBuf,
+    file: std::fs::File,
+    content: gguf_file::Content,
+    /// HF name -> GGUF name.
+    names: HashMap<String, String>,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+}
+
+impl GgufSource {
+    /// Reads tensor `hf` (an HF name) onto `device`: q/k rows un-permuted, quantized kept
+    /// quantized, rank-1 tensors (norm weights) dense.
+    fn read(&mut self, hf: &str, device: &Device) -> Result<StoredTensor, LoadError> {
+        let Some(name) = self.names.get(hf) else {
+            return Err(LoadError::MissingTensor {
+                name: hf.to_string(),
+            });
+        };
+        let mut q = self
+            .content
+            .tensor(&mut self.file, name, device)
+            .map_err(|e| LoadError::Unsupported(format!("{}: {name}: {e}", self.path.display())))?;
+        if hf.ends_with("q_proj.weight") {
+            q = unpermute_rows(&q, self.num_attention_heads)?;
+        } else if hf.ends_with("k_proj.weight") {
+            q = unpermute_rows(&q, self.num_key_value_heads)?;
+        }
+        Ok(if q.rank() == 1 {
+            // Norm weights: always small and needed dense.
+            StoredTensor::Dense(q.dequantize(device)?)
+        } else {
+            StoredTensor::Quantized(Arc::new(q))
+        })
+    }
 }
 
 /// A set of named weights on one device, looked up by Hugging Face tensor names.
@@ -169,6 +209,10 @@ impl Weights {
         match &self.source {
             Source::Safetensors(st) => st.get(name).is_ok(),
             Source::Memory(m) => m.contains_key(name),
+            Source::Gguf(g) => g
+                .lock()
+                .map(|g| g.names.contains_key(name))
+                .unwrap_or(false),
         }
     }
 
@@ -177,6 +221,10 @@ impl Weights {
         let mut names: Vec<String> = match &self.source {
             Source::Safetensors(st) => st.tensors().into_iter().map(|(n, _)| n).collect(),
             Source::Memory(m) => m.keys().cloned().collect(),
+            Source::Gguf(g) => g
+                .lock()
+                .map(|g| g.names.keys().cloned().collect())
+                .unwrap_or_default(),
         };
         names.sort();
         names
@@ -199,6 +247,10 @@ impl Weights {
                 .ok_or_else(|| LoadError::MissingTensor {
                     name: name.to_string(),
                 }),
+            Source::Gguf(g) => g
+                .lock()
+                .map_err(|_| LoadError::Unsupported("a GGUF read panicked earlier".into()))?
+                .read(name, &self.device),
         }
     }
 
@@ -371,8 +423,9 @@ pub fn check_gguf_extents(content: &gguf_file::Content, path: &Path) -> Result<(
     Ok(())
 }
 
-/// Reads a llama-architecture GGUF file: its tensors under HF names (q/k rows un-permuted,
-/// quantized tensors kept quantized) and the metadata to build a Llama config.
+/// Opens a llama-architecture GGUF file: its tensors under HF names (q/k rows un-permuted,
+/// quantized tensors kept quantized), read from the file when asked for, and the metadata to
+/// build a Llama config.
 pub fn load_gguf_llama(
     path: &Path,
     device: &Device,
@@ -420,28 +473,24 @@ pub fn load_gguf_llama(
         max_position_embeddings: meta_u32(&content, "llama.context_length").unwrap_or(2048),
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
     };
-    let mut map = HashMap::new();
-    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
-    names.sort();
-    for name in names {
-        let Some(hf) = gguf_to_hf_name(name) else {
-            continue;
-        };
-        let mut q = content.tensor(&mut file, name, device)?;
-        if hf.ends_with("q_proj.weight") {
-            q = unpermute_rows(&q, meta.num_attention_heads)?;
-        } else if hf.ends_with("k_proj.weight") {
-            q = unpermute_rows(&q, meta.num_key_value_heads)?;
-        }
-        let stored = if q.rank() == 1 {
-            // Norm weights: always small and needed dense.
-            StoredTensor::Dense(q.dequantize(device)?)
-        } else {
-            StoredTensor::Quantized(Arc::new(q))
-        };
-        map.insert(hf, stored);
-    }
-    Ok((Weights::from_stored(map, device), meta))
+    let names = content
+        .tensor_infos
+        .keys()
+        .filter_map(|name| Some((gguf_to_hf_name(name)?, name.clone())))
+        .collect();
+    let source = GgufSource {
+        path: path.to_path_buf(),
+        file,
+        content,
+        names,
+        num_attention_heads: meta.num_attention_heads,
+        num_key_value_heads: meta.num_key_value_heads,
+    };
+    let weights = Weights {
+        source: Source::Gguf(std::sync::Mutex::new(source)),
+        device: device.clone(),
+    };
+    Ok((weights, meta))
 }
 
 /// The `*.safetensors` files of a checkpoint directory, sorted (sharded checkpoints name their

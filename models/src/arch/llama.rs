@@ -317,8 +317,6 @@ impl Transformer<LlamaFamily> {
                 config.rms_norm_eps,
             )?)
         };
-        let embed =
-            Embedding::from_weights(weights, "model.embed_tokens.weight", [vocab, h], dtype)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -364,6 +362,19 @@ impl Transformer<LlamaFamily> {
             false,
             dtype,
         )?;
+        // A tied head kept packed is the embedding table itself: share it rather than hold the
+        // table twice.
+        let shared = config
+            .tie_word_embeddings
+            .then(|| lm_head.packed_weight())
+            .flatten()
+            .filter(|w| (w.rows(), w.cols()) == (vocab, h) && dtype == DType::F32);
+        let embed = match shared {
+            Some(table) => Embedding::packed(table, weights.device()),
+            None => {
+                Embedding::from_weights(weights, "model.embed_tokens.weight", [vocab, h], dtype)?
+            }
+        };
         Ok(Self::from_parts(
             config.clone(),
             embed,

@@ -65,6 +65,17 @@ impl Embedding {
         Ok(Self::new(stored.to_dense(dtype)?)?)
     }
 
+    /// An embedding over a table already packed for the kernels (a tied LM head's weight,
+    /// [`crate::linear::LinearLayer::packed_weight`]), looked up on `device`.
+    pub fn packed(weight: Arc<PackedWeight>, device: &Device) -> Self {
+        Self {
+            table: Table::Packed {
+                weight,
+                device: device.clone(),
+            },
+        }
+    }
+
     /// Hidden size (the table's columns).
     pub fn hidden_size(&self) -> usize {
         match &self.table {

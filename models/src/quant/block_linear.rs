@@ -181,6 +181,11 @@ impl LinearLayer for BlockLinear {
         self.weight.cols()
     }
 
+    fn packed_weight(&self) -> Option<Arc<PackedWeight>> {
+        // Without a bias the layer is the table itself.
+        self.bias.is_none().then(|| self.weight.clone())
+    }
+
     fn out_features(&self) -> usize {
         self.weight.rows()
     }

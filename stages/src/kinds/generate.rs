@@ -179,7 +179,10 @@ impl Stage for Generate {
     //    `prompt_style` (completion | instruct) is a parameter.
     // 6: on the CPU in f32, quantized weights multiply through the packed kernels (the same
     //    values, added in another order: the last bits of the logits change).
-    const VERSION: &'static str = "6";
+    // 7: on the CPU, attention over the KV cache is one fused pass (`fused::cached_attention`;
+    //    the same arithmetic in another order) and the packed kernels sum blocks in two
+    //    accumulators: the last bits of the logits change again.
+    const VERSION: &'static str = "7";
     const SUMMARY: &'static str =
         "sample completions of every problem from a model (+ optional LoRA adapter)";
 

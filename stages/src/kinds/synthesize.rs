@@ -215,7 +215,9 @@ impl Stage for Synthesize {
     //    fences no longer hide an exercise's code.
     // 3: the local generator multiplies quantized weights through the packed CPU kernels (the
     //    last bits of the logits change).
-    const VERSION: &'static str = "3";
+    // 4: on the CPU, the fused attention over the KV cache and the kernels' two accumulators
+    //    (the last bits of the logits change again).
+    const VERSION: &'static str = "4";
     const SUMMARY: &'static str =
         "synthetic textbooks or exercises from randomized topics, audiences and styles (exercises verified by execution)";
 
