@@ -215,9 +215,10 @@ def main():
             + ". llama.cpp runs in a "
             f"Python interpreter (llama-cpp-python) and memory-maps its weights from the GGUF file "
             f"(they count once touched); ours reads each tensor from the file and repacks it (a tied "
-            f"embedding table shares the LM head's packed copy). Our KV cache is f32 (exact) and grows "
-            f"by doubling from 256 positions per sequence, about 94 MiB at batch 8 here; llama.cpp's is "
-            f"f16 and sized for its context at start.",
+            f"embedding table shares the LM head's packed copy). Our KV cache is f32 (exact), 45 KiB per "
+            f"position per sequence for this model, allocated once per batch for its longest "
+            f"(left-padded) prompt plus the new tokens; llama.cpp's is f16, one pool for all "
+            f"sequences without padding, sized at start.",
         )
 
 

@@ -8,12 +8,14 @@ use candle_core::{Device, Result, Tensor};
 /// the first `len` positions are filled; [`KvCache::append`] writes a chunk after them in place
 /// and returns views of the filled part. Why: concatenating every step copies the whole cache
 /// per new token, which over a generation is quadratic in its length (a few percent of every
-/// decoding step on the CPU, measured). The capacity doubles when it runs out, so appends cost
-/// amortized constant copying. The cache is only used for generation; training runs full
-/// sequences without it.
+/// decoding step on the CPU, measured). A generation reserves its length up front
+/// ([`KvCache::reserve`]) so its buffers are made once; otherwise they grow 256 positions at a
+/// time. The cache is only used for generation; training runs full sequences without it.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<CachedLayer>>,
+    /// Positions to allocate room for at once ([`KvCache::reserve`]).
+    reserved: usize,
 }
 
 /// One layer's buffers (see [`KvCache`]).
@@ -24,8 +26,8 @@ struct CachedLayer {
     len: usize,
 }
 
-/// Positions a layer's buffer holds at first (grown by doubling from there).
-const INITIAL_CAPACITY: usize = 256;
+/// Positions a layer's buffer grows by (and holds at first, unless more were reserved).
+const CAPACITY_STEP: usize = 256;
 
 impl CachedLayer {
     fn capacity(&self) -> usize {
@@ -53,7 +55,15 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: vec![None; num_layers],
+            reserved: 0,
         }
+    }
+
+    /// Makes room for `positions` positions in total when a layer's buffer is first made (or
+    /// grown), e.g. a generation's prompt plus its new tokens, so the buffers are allocated
+    /// once at the size the generation needs.
+    pub fn reserve(&mut self, positions: usize) {
+        self.reserved = self.reserved.max(positions);
     }
 
     /// Appends this chunk's keys and values (`[batch, kv_heads, seq, head_dim]`) for `layer` and
@@ -71,11 +81,16 @@ impl KvCache {
                 v.dims()
             );
         }
+        // Room for what is needed now, in steps of `CAPACITY_STEP` positions (doubling would
+        // overshoot by up to the whole cache, which at a large batch is hundreds of MiB), and
+        // at least what was reserved.
+        let capacity_for =
+            |needed: usize| needed.next_multiple_of(CAPACITY_STEP).max(self.reserved);
         let entry = match slot.take() {
             Some(entry) if entry.len + t <= entry.capacity() => entry,
             Some(entry) => {
-                // Grow: copy the filled part into a buffer twice as large (or as large as needed).
-                let capacity = (2 * entry.capacity()).max(entry.len + t);
+                // Grow: copy the filled part into a larger buffer.
+                let capacity = capacity_for(entry.len + t);
                 let (keys, values) = (buffer(k, capacity)?, buffer(v, capacity)?);
                 let (filled_k, filled_v) = entry.filled()?;
                 keys.slice_set(&filled_k.contiguous()?, 2, 0)?;
@@ -87,7 +102,7 @@ impl KvCache {
                 }
             }
             None => {
-                let capacity = INITIAL_CAPACITY.max(t);
+                let capacity = capacity_for(t);
                 CachedLayer {
                     keys: buffer(k, capacity)?,
                     values: buffer(v, capacity)?,

@@ -527,6 +527,8 @@ where
     }
 
     let mut cache = model.new_cache();
+    // The longest this batch can get: its (left-padded) prompts plus every new token.
+    cache.reserve(ids.dim(1)? + config.max_new_tokens);
     let mut logits = prefill(model, &ids, &pos, &mask, config.prefill_chunk, &mut cache)?;
     let expand = Tensor::from_vec(row_to_distinct.clone(), rows.len(), device)?;
     let identity = row_to_distinct
