@@ -9,7 +9,7 @@
 //! per step those ops are tiny and their overhead is the cost: measured on SmolLM2-135M at
 //! batch 1, they took a quarter of every decoding step. Here the products run on the `gemm`
 //! crate's kernels on the calling thread, one task per (batch row, key/value head), spread over
-//! the inference thread team ([`crate::team`]).
+//! the inference thread team (`team.rs`).
 //!
 //! The values are the composite attention's (`layers::attention`) up to the order of additions:
 //! the same rotary angles in f32, the same additive mask (so a query that sees no key at all gets

@@ -27,7 +27,7 @@
 //! One output row at a time against a tile of up to [`TILE`] activation rows, so that each
 //! weight block is decoded once per tile and used for every row of it (batched decoding and
 //! prefill reuse the decoded weight from registers). Output rows are spread over the kernels'
-//! threads ([`crate::team`]: the caller and helpers that stay awake between products). The
+//! threads (`team.rs`: the caller and helpers that stay awake between products). The
 //! instruction set is chosen at run time ([`Isa::detect`]): AVX-512F (a 16-entry table is one
 //! `vpermps`), AVX2 + FMA, or portable scalar code; all three compute the same values up to the
 //! order of additions, which the tests check.
