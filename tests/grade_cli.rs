@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -348,15 +349,25 @@ fn samples_die_with_a_killed_grader_and_leave_nothing_behind() {
         .collect();
     std::fs::write(tmp.path().join("sleepers.jsonl"), samples).unwrap();
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL] {
-        let mut grader = Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        let mut grader = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+        grader
             .current_dir(tmp.path())
             .args(["grade", "sleepers.jsonl", "--problems", "problems.jsonl"])
             .args(["--python", &sandbox_python(), "--allow-partial"])
             .args(["--workers", "2", "--timeout", "120"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        // A test run started in the background by a shell inherits SIGINT ignored, and so
+        // would the grader: give it the default dispositions a terminal's foreground job has.
+        // SAFETY: `signal` is async-signal-safe, as `pre_exec` requires.
+        unsafe {
+            grader.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut grader = grader.spawn().unwrap();
         let pid = grader.id();
         // Both workers' samples and their sleeps are running.
         common::wait_for("the samples' sleeps", Duration::from_secs(60), || {
