@@ -17,11 +17,17 @@ use pipeline_stages::report::ReportData;
 
 /// Writes a grades artifact where task `i` passes iff `pass[i]`.
 fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
+    write_sampled_grades(dir, tasks, pass, 1, tag);
+}
+
+/// Writes a grades artifact of `n` samples per task, all passing for task `i` iff `pass[i]`.
+fn write_sampled_grades(dir: &Path, tasks: &[&str], pass: &[bool], n: u64, tag: &str) {
     std::fs::create_dir_all(dir).unwrap();
     let results: Vec<SampleResult> = tasks
         .iter()
         .zip(pass)
-        .map(|(t, &p)| SampleResult {
+        .flat_map(|(t, &p)| std::iter::repeat_n((t, p), n as usize))
+        .map(|(t, p)| SampleResult {
             task_id: t.to_string(),
             completion: format!("    return {tag}\n"),
             passed: p,
@@ -41,8 +47,8 @@ fn write_grades(dir: &Path, tasks: &[&str], pass: &[bool], tag: &str) {
         .zip(pass)
         .map(|(t, &p)| TaskCounts {
             task_id: t.to_string(),
-            n: 1,
-            c: p as u64,
+            n,
+            c: p as u64 * n,
         })
         .collect();
     let report = GradeReport {
@@ -284,4 +290,44 @@ fn filter_reports_in_every_shape() {
     std::fs::write(tmp.path().join("report.json"), "{\"filter\": \"x\"}").unwrap();
     let err = FilterReportArtifact::read(tmp.path()).unwrap_err();
     assert!(err.to_string().contains("missing field `input`"), "{err}");
+}
+
+/// Greedy and sampled grades of the same variants: each is compared only with a baseline
+/// graded with as many samples (a greedy pass against a sampled estimate is no comparison).
+#[test]
+fn greedy_and_sampled_grades_are_compared_within_their_own_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let problems: Vec<_> = replication_problems(DEFAULT_INSTRUCTION_TEMPLATE).unwrap();
+    let ids: Vec<&str> = problems.iter().map(|p| p.task_id.as_str()).collect();
+    let problems_dir = tmp.path().join("problems");
+    write_problems(&problems_dir, &problems);
+    let mut some = [false; 10];
+    some[0] = true;
+    let dirs: Vec<_> = ["greedy-base", "greedy", "sampled-base", "sampled"]
+        .iter()
+        .map(|d| tmp.path().join(d))
+        .collect();
+    write_grades(&dirs[0], &ids, &some, "A");
+    write_grades(&dirs[1], &ids, &[true; 10], "B");
+    write_sampled_grades(&dirs[2], &ids, &some, 10, "C");
+    write_sampled_grades(&dirs[3], &ids, &[true; 10], 10, "D");
+    let grades: Vec<&Path> = dirs.iter().map(|d| d.as_path()).collect();
+    let ran = run_stage::<Report>(
+        tmp.path(),
+        "report",
+        serde_json::json!({"title": "greedy and sampled"}),
+        &[("grades", &grades), ("problems", &[problems_dir.as_path()])],
+        0,
+    )
+    .unwrap();
+    let data: ReportData = serde_json::from_str(
+        &std::fs::read_to_string(ran.outputs["report"].join("report.json")).unwrap(),
+    )
+    .unwrap();
+    let pairs: Vec<(&str, &str)> = data
+        .comparisons
+        .iter()
+        .map(|c| (c.a.as_str(), c.b.as_str()))
+        .collect();
+    assert_eq!(pairs, [("grades", "grades #2"), ("grades #3", "grades #4")]);
 }

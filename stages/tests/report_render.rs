@@ -208,13 +208,16 @@ fn one_chain_for_all_variants_keeps_the_variant_names() {
         ),
         Producer::plain("likelihood-snippet-base"),
         Producer::with_labels("likelihood-snippet", &[("data", "messy"), ("seed", "1")]),
+        // Sampled pass@k beside the greedy pass@1: the same rows.
+        Producer::plain("grade-sampled-base"),
+        Producer::with_labels("grade-sampled", &[("data", "filtered"), ("seed", "2")]),
     ];
     let dropped = ["seed".to_string(), "bench".to_string()];
     assert_eq!(
         answer_variant_names(&producers, &dropped),
         [
             "base", "textbook", "messy", "base", "textbook", "filtered", "nf4", "base", "textbook",
-            "base", "messy"
+            "base", "messy", "base", "filtered"
         ]
     );
 }

@@ -54,7 +54,7 @@ use crate::artifacts::{
 use crate::evalsets::EvalProblem;
 use crate::grade::stats::StatsError;
 use crate::grade::{compare_paired, pass_at_k, CompareOptions, GradeReport, Problem};
-use crate::report::answer::{build_answer, AnswerKeys, Observation};
+use crate::report::answer::{answer_variant_names, build_answer, AnswerKeys, Observation};
 use crate::report::contamination::{
     contamination_tables, nearest_examples, ContaminationThresholds,
 };
@@ -180,7 +180,9 @@ impl Stage for Report {
     //    `base`), instances without a benchmark value join the default benchmark's table,
     //    held-out losses, disagreeing completions first with why they failed.
     // 6: the contamination table and nearest records (`similarity` inputs).
-    const VERSION: &'static str = "6";
+    // 7: paired comparisons only between grades of the same sample count (greedy with greedy,
+    //    sampled with sampled).
+    const VERSION: &'static str = "7";
     const SUMMARY: &'static str =
         "markdown + HTML report: pass@k, comparisons, losses, filters, completions";
 
@@ -364,11 +366,30 @@ impl Stage for Report {
             },
         };
         let opts = CompareOptions::default();
-        if let Some((base_name, _, base)) = grades.get(grade_base) {
+        if let Some((_, _, base)) = grades.get(grade_base) {
+            // A greedy single sample and a sampled estimate are different measurements: each
+            // grade is compared with the baseline variant graded with as many samples (the
+            // same variant under the answer's naming: `grade-sampled-base` for the
+            // `grade-sampled` stages when the baseline is `grade-greedy-base`).
+            let mut dropped = p.pool.clone();
+            dropped.push(p.benchmark_key.clone());
+            let answer_names = answer_variant_names(&graded, &dropped);
+            let samples = |g: &GradeReport| g.tasks.iter().map(|t| t.n).min().unwrap_or(0);
             for (i, (name, _, g)) in grades.iter().enumerate() {
-                if i == grade_base {
+                let base_index = if samples(g) == samples(base) {
+                    grade_base
+                } else {
+                    match grades.iter().enumerate().position(|(j, (_, _, b))| {
+                        samples(b) == samples(g) && answer_names[j] == answer_names[grade_base]
+                    }) {
+                        Some(j) => j,
+                        None => continue,
+                    }
+                };
+                if i == base_index {
                     continue;
                 }
+                let (base_name, _, base) = &grades[base_index];
                 match compare_paired(base_name, &base.tasks, name, &g.tasks, &opts) {
                     Ok(c) => data.comparisons.push(c),
                     Err(e @ StatsError::NoSharedTasks { .. }) => notes.push(e.to_string()),
