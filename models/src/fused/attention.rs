@@ -57,6 +57,85 @@ pub struct AttentionSpec {
     pub scale: f64,
 }
 
+impl AttentionSpec {
+    /// Refuses an inconsistent head layout, and projections `q`, `k`, `v` that are not
+    /// `[batch, seq, width]` with this layout's widths, f32/f64 CPU tensors of one dtype (`op`
+    /// names the caller in the error).
+    pub(crate) fn check_projections(
+        &self,
+        op: &str,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (batch, seq): (usize, usize),
+    ) -> Result<()> {
+        if self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
+            || self.rotary_dim > self.head_dim
+            || !self.rotary_dim.is_multiple_of(2)
+            || self.inv_freq.len() != self.rotary_dim / 2
+        {
+            candle_core::bail!("{op}: inconsistent head layout {self:?}");
+        }
+        let kv_width = self.num_kv_heads * self.head_dim;
+        let shapes = [
+            (
+                "queries",
+                q.dims3()?,
+                (batch, seq, self.num_heads * self.head_dim),
+            ),
+            ("keys", k.dims3()?, (batch, seq, kv_width)),
+            ("values", v.dims3()?, (batch, seq, kv_width)),
+        ];
+        for (name, got, want) in shapes {
+            if got != want {
+                candle_core::bail!("{op}: {name} are {got:?}, expected {want:?}");
+            }
+        }
+        if !super::supported(q) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            candle_core::bail!("{op} takes f32/f64 CPU tensors of one dtype");
+        }
+        Ok(())
+    }
+
+    /// Rotary tables `(cos, sin)`, `[positions, rotary_dim / 2]` each, with the same angles and
+    /// f32 precision as the composite rotary (and HF).
+    pub(crate) fn rotary_tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rotary_dim / 2;
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(positions.len() * half),
+            Vec::with_capacity(positions.len() * half),
+        );
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// Rotates `[rows, head_dim]` rows in place by the rotary angles of `tables` (row `i` by the
+/// `half` angles at `tables.0[i * half..]`, its first `2 · half` channels; `inverse`: by minus
+/// the angles, which is also the transpose, for gradients).
+pub(crate) fn rotate_rows<T: Float>(
+    rows: &mut [T],
+    (head_dim, half): (usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    inverse: bool,
+) {
+    for (i, row) in rows.chunks_mut(head_dim).enumerate() {
+        for c in 0..half {
+            let cos = T::from_f64(f64::from(cos[i * half + c]));
+            let sin = T::from_f64(f64::from(sin[i * half + c]));
+            let sin = if inverse { T::from_f64(0.0) - sin } else { sin };
+            let (x1, x2) = (row[c], row[c + half]);
+            row[c] = x1 * cos - x2 * sin;
+            row[c + half] = x2 * cos + x1 * sin;
+        }
+    }
+}
+
 /// Attention over queries `[batch, seq, heads·head_dim]` and keys and values `[batch, seq,
 /// kv_heads·head_dim]` (the projections' outputs), at rotary `positions` `[batch, seq]` (u32),
 /// with `key_mask` `[batch, seq]` (u8, 1 = attend) on top of the causal mask. Returns `[batch,
@@ -72,32 +151,7 @@ pub fn causal_attention(
     spec: &AttentionSpec,
 ) -> Result<Tensor> {
     let (b, t, _) = q.dims3()?;
-    let kv_width = spec.num_kv_heads * spec.head_dim;
-    let checks = [
-        (
-            "queries",
-            q.dims3()?,
-            (b, t, spec.num_heads * spec.head_dim),
-        ),
-        ("keys", k.dims3()?, (b, t, kv_width)),
-        ("values", v.dims3()?, (b, t, kv_width)),
-    ];
-    for (name, got, want) in checks {
-        if got != want {
-            candle_core::bail!("fused attention: {name} are {got:?}, expected {want:?}");
-        }
-    }
-    if spec.num_kv_heads == 0
-        || !spec.num_heads.is_multiple_of(spec.num_kv_heads)
-        || spec.rotary_dim > spec.head_dim
-        || !spec.rotary_dim.is_multiple_of(2)
-        || spec.inv_freq.len() != spec.rotary_dim / 2
-    {
-        candle_core::bail!("fused attention: inconsistent head layout {spec:?}");
-    }
-    if !super::supported(q) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!("fused attention takes f32/f64 CPU tensors of one dtype");
-    }
+    spec.check_projections("fused attention", (q, k, v), (b, t))?;
     if positions.dims() != [b, t] || key_mask.dims() != [b, t] {
         candle_core::bail!(
             "fused attention: positions {:?} and key mask {:?} must be [{b}, {t}]",
@@ -113,19 +167,7 @@ pub fn causal_attention(
         .to_dtype(DType::U8)?
         .flatten_all()?
         .to_vec1::<u8>()?;
-    let half = spec.rotary_dim / 2;
-    // Same angles and f32 precision as the composite rotary (and HF).
-    let (mut cos, mut sin) = (
-        Vec::with_capacity(b * t * half),
-        Vec::with_capacity(b * t * half),
-    );
-    for &p in &positions {
-        for &f in &spec.inv_freq {
-            let angle = p as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
+    let (cos, sin) = spec.rotary_tables(&positions);
     let op = Attention {
         spec: spec.clone(),
         batch: b,
@@ -189,19 +231,11 @@ impl Attention {
     /// Rotates `[seq, head_dim]` rows of batch row `bi` in place by the rotary angles
     /// (`inverse`: by minus the angles, which is also the transpose, for gradients).
     fn rotate<T: Float>(&self, rows: &mut [T], bi: usize, inverse: bool) {
-        let hd = self.spec.head_dim;
         let half = self.spec.rotary_dim / 2;
-        for (i, row) in rows.chunks_mut(hd).enumerate() {
-            let table = (bi * self.seq + i) * half;
-            for c in 0..half {
-                let cos = T::from_f64(f64::from(self.cos[table + c]));
-                let sin = T::from_f64(f64::from(self.sin[table + c]));
-                let sin = if inverse { T::from_f64(0.0) - sin } else { sin };
-                let (x1, x2) = (row[c], row[c + half]);
-                row[c] = x1 * cos - x2 * sin;
-                row[c + half] = x2 * cos + x1 * sin;
-            }
-        }
+        let rows_here = rows.len() / self.spec.head_dim.max(1);
+        let at = bi * self.seq * half..(bi * self.seq + rows_here) * half;
+        let tables = (&self.cos[at.clone()], &self.sin[at]);
+        rotate_rows(rows, (self.spec.head_dim, half), tables, inverse);
     }
 
     /// Writes `[seq, head_dim]` rows into head `head` of batch row `bi` of `dst` (`[batch, seq,

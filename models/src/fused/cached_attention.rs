@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Result, Tensor};
 
-use super::attention::AttentionSpec;
+use super::attention::{rotate_rows, AttentionSpec};
 use super::gemm::{matmul, matmul_acc, MatRef, Threads};
 use super::softmax::softmax_in_place;
 use super::Float;
@@ -160,32 +160,7 @@ fn check(
     dims: &Dims,
 ) -> Result<()> {
     let Dims { batch, seq, .. } = *dims;
-    let kv_width = spec.num_kv_heads * spec.head_dim;
-    let shapes = [
-        (
-            "queries",
-            q.dims3()?,
-            (batch, seq, spec.num_heads * spec.head_dim),
-        ),
-        ("keys", k.dims3()?, (batch, seq, kv_width)),
-        ("values", v.dims3()?, (batch, seq, kv_width)),
-    ];
-    for (name, got, want) in shapes {
-        if got != want {
-            candle_core::bail!("cached attention: {name} are {got:?}, expected {want:?}");
-        }
-    }
-    if spec.num_kv_heads == 0
-        || !spec.num_heads.is_multiple_of(spec.num_kv_heads)
-        || spec.rotary_dim > spec.head_dim
-        || !spec.rotary_dim.is_multiple_of(2)
-        || spec.inv_freq.len() != spec.rotary_dim / 2
-    {
-        candle_core::bail!("cached attention: inconsistent head layout {spec:?}");
-    }
-    if !super::supported(q) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!("cached attention takes f32/f64 CPU tensors of one dtype");
-    }
+    spec.check_projections("cached attention", (q, k, v), (batch, seq))?;
     if positions.dims() != [batch, seq] || key_mask.dims() != [batch, dims.keys()] {
         candle_core::bail!(
             "cached attention: positions {:?} must be [{batch}, {seq}] and the key mask {:?} \
@@ -215,22 +190,10 @@ impl Rotary {
             .to_dtype(DType::U32)?
             .flatten_all()?
             .to_vec1::<u32>()?;
-        let half = spec.rotary_dim / 2;
-        // Same angles and f32 precision as the composite rotary (and HF).
-        let (mut cos, mut sin) = (
-            Vec::with_capacity(positions.len() * half),
-            Vec::with_capacity(positions.len() * half),
-        );
-        for &p in &positions {
-            for &f in &spec.inv_freq {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let (cos, sin) = spec.rotary_tables(&positions);
         Ok(Self {
             head_dim: spec.head_dim,
-            half,
+            half: spec.rotary_dim / 2,
             seq,
             cos,
             sin,
@@ -239,17 +202,9 @@ impl Rotary {
 
     /// Rotates `[seq, head_dim]` rows of batch row `bi` in place.
     fn rotate<T: Float>(&self, rows: &mut [T], bi: usize) {
-        let half = self.half;
-        for (i, row) in rows.chunks_mut(self.head_dim).enumerate() {
-            let table = (bi * self.seq + i) * half;
-            for c in 0..half {
-                let cos = T::from_f64(f64::from(self.cos[table + c]));
-                let sin = T::from_f64(f64::from(self.sin[table + c]));
-                let (x1, x2) = (row[c], row[c + half]);
-                row[c] = x1 * cos - x2 * sin;
-                row[c + half] = x2 * cos + x1 * sin;
-            }
-        }
+        let at = bi * self.seq * self.half..(bi + 1) * self.seq * self.half;
+        let tables = (&self.cos[at.clone()], &self.sin[at]);
+        rotate_rows(rows, (self.head_dim, self.half), tables, false);
     }
 }
 
