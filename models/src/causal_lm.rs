@@ -11,7 +11,10 @@ use candle_core::{Device, Result, Tensor};
 /// decoding step on the CPU, measured). A generation reserves its length up front
 /// ([`KvCache::reserve`]) so its buffers are made once; otherwise they grow 256 positions at a
 /// time. The cache is only used for generation; training runs full sequences without it.
-#[derive(Debug, Clone, Default)]
+///
+/// Not `Clone`: the buffers are written in place, so a copy sharing them would overwrite the
+/// original's positions as it appended.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<CachedLayer>>,
     /// Positions to allocate room for at once ([`KvCache::reserve`]).
@@ -19,7 +22,7 @@ pub struct KvCache {
 }
 
 /// One layer's buffers (see [`KvCache`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct CachedLayer {
     keys: Tensor,
     values: Tensor,
@@ -54,7 +57,7 @@ impl KvCache {
     /// An empty cache for a model with `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
             reserved: 0,
         }
     }

@@ -129,7 +129,12 @@ impl GgufSource {
         let mut q = self
             .content
             .tensor(&mut self.file, name, device)
-            .map_err(|e| LoadError::Unsupported(format!("{}: {name}: {e}", self.path.display())))?;
+            .map_err(|e| {
+                e.context(format!(
+                    "reading tensor `{name}` of {}",
+                    self.path.display()
+                ))
+            })?;
         if hf.ends_with("q_proj.weight") {
             q = unpermute_rows(&q, self.num_attention_heads)?;
         } else if hf.ends_with("k_proj.weight") {

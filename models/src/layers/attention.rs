@@ -96,35 +96,22 @@ impl Attention {
         let scale = 1.0 / (self.shape.head_dim as f64).sqrt();
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
         let training = q.track_op() || k.track_op() || v.track_op();
-        if cache.is_none() && training && crate::fused::supported(&q) {
+        if !crate::fused::supported(&q) {
+            return self.composite(q, k, v, positions, key_mask, cache);
+        }
+        let spec = self.fused_spec(scale);
+        let out = match cache {
             // Training on the CPU: one node for all of attention (see `fused::attention`).
-            let out = crate::fused::attention::causal_attention(
-                &q,
-                &k,
-                &v,
-                positions,
-                key_mask,
-                &self.fused_spec(scale),
-            )?;
-            return self.o.forward(&out);
-        }
-        if let Some((cache, layer)) = cache {
-            if !training && crate::fused::supported(&q) {
-                // Generation on the CPU: one pass over the cache (see `fused::cached_attention`).
-                let out = crate::fused::cached_attention(
-                    &q,
-                    &k,
-                    &v,
-                    positions,
-                    key_mask,
-                    &self.fused_spec(scale),
-                    (cache, layer),
-                )?;
-                return self.o.forward(&out);
+            None if training => {
+                crate::fused::attention::causal_attention(&q, &k, &v, positions, key_mask, &spec)?
             }
-            return self.composite(q, k, v, positions, key_mask, Some((cache, layer)));
-        }
-        self.composite(q, k, v, positions, key_mask, None)
+            // Generation on the CPU: one pass over the cache (see `fused::cached_attention`).
+            Some(cache) if !training => {
+                crate::fused::cached_attention(&q, &k, &v, positions, key_mask, &spec, cache)?
+            }
+            cache => return self.composite(q, k, v, positions, key_mask, cache),
+        };
+        self.o.forward(&out)
     }
 
     /// Head layout and rotary parameters for the fused CPU kernels.
