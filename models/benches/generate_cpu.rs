@@ -8,7 +8,8 @@
 //! every product, training's layer) or as `BlockLinear` (`--weights blocks`: products on the
 //! packed 4/8-bit codes with f32 activations, what inference loads on the CPU), then frozen. Generation goes through
 //! `generate_batch`, greedy, with no EOS or stop sequence, so every prompt gets exactly
-//! `max_new_tokens` tokens.
+//! `max_new_tokens` tokens. `--kv-cache f16` stores the KV cache as f16 (the default, `f32`,
+//! is exact).
 //!
 //! Protocol (so the driver can alternate with the peer without reloading models): prompts
 //! come as token ids from a JSON file (`[[ids...], ...]`, tokenized once by the driver so
@@ -85,12 +86,14 @@ struct Args {
     gguf: PathBuf,
     prompts: PathBuf,
     weights: Weights,
+    kv_cache_dtype: Option<DType>,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
     let mut gguf = std::env::var_os("PIPELINE_SMOLLM2_GGUF").map(PathBuf::from);
     let mut prompts = None;
     let mut weights = Weights::F32;
+    let mut kv_cache_dtype = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -102,6 +105,11 @@ fn parse_args() -> Result<Args, BoxError> {
                 Some("blocks") => weights = Weights::Blocks,
                 other => return Err(format!("--weights f32|quant|blocks, got {other:?}").into()),
             },
+            "--kv-cache" => match it.next().as_deref() {
+                Some("f32") => kv_cache_dtype = None,
+                Some("f16") => kv_cache_dtype = Some(DType::F16),
+                other => return Err(format!("--kv-cache f32|f16, got {other:?}").into()),
+            },
             // `cargo bench` passes `--bench`; nothing else is expected.
             "--bench" => {}
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -111,6 +119,7 @@ fn parse_args() -> Result<Args, BoxError> {
         gguf: gguf.ok_or("pass --gguf or set PIPELINE_SMOLLM2_GGUF")?,
         prompts: prompts.ok_or("pass --prompts FILE (a JSON list of token id lists)")?,
         weights,
+        kv_cache_dtype,
     })
 }
 
@@ -165,6 +174,7 @@ fn main() -> Result<(), BoxError> {
             // transformers' min_new_tokens = max_new_tokens.
             eos_token_ids: Vec::new(),
             max_batch_rows: batch,
+            kv_cache_dtype: args.kv_cache_dtype,
             ..GenerateConfig::default()
         };
         let start = Instant::now();

@@ -1,6 +1,6 @@
 //! The interface generation needs from a decoder-only language model, and its KV cache.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// Keys and values of past positions, one entry per transformer layer.
 ///
@@ -12,6 +12,12 @@ use candle_core::{Device, Result, Tensor};
 /// ([`KvCache::reserve`]) so its buffers are made once; otherwise they grow 256 positions at a
 /// time. The cache is only used for generation; training runs full sequences without it.
 ///
+/// Keys and values are stored in the model's compute dtype unless [`KvCache::store_as`] names
+/// another: `f16` halves the cache (at batch 32 and a few hundred positions it is most of a
+/// generation's memory, and on the CPU reading it is most of a decoding step's memory traffic)
+/// at the cost of rounding each key and value to 11 significant bits, as llama.cpp's default
+/// cache does. Attention widens them back to the compute dtype.
+///
 /// Not `Clone`: the buffers are written in place, so a copy sharing them would overwrite the
 /// original's positions as it appended.
 #[derive(Debug, Default)]
@@ -19,6 +25,8 @@ pub struct KvCache {
     layers: Vec<Option<CachedLayer>>,
     /// Positions to allocate room for at once ([`KvCache::reserve`]).
     reserved: usize,
+    /// The dtype keys and values are stored in; `None` keeps the dtype they arrive in.
+    storage: Option<DType>,
 }
 
 /// One layer's buffers (see [`KvCache`]).
@@ -59,7 +67,29 @@ impl KvCache {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
             reserved: 0,
+            storage: None,
         }
+    }
+
+    /// Stores keys and values as `dtype` from now on (see [`KvCache`]); call it before the
+    /// first [`KvCache::append`]. Errors once positions are cached in another dtype, since
+    /// one layer's buffer holds one dtype.
+    pub fn store_as(&mut self, dtype: DType) -> Result<()> {
+        if let Some(entry) = self.layers.iter().flatten().next() {
+            if entry.keys.dtype() != dtype {
+                candle_core::bail!(
+                    "KV cache already holds {:?} keys; choose its dtype before the first append",
+                    entry.keys.dtype()
+                );
+            }
+        }
+        self.storage = Some(dtype);
+        Ok(())
+    }
+
+    /// The dtype keys and values are stored in (`None`: the dtype they arrive in).
+    pub fn storage_dtype(&self) -> Option<DType> {
+        self.storage
     }
 
     /// Makes room for `positions` positions in total when a layer's buffer is first made (or
@@ -70,8 +100,14 @@ impl KvCache {
     }
 
     /// Appends this chunk's keys and values (`[batch, kv_heads, seq, head_dim]`) for `layer` and
-    /// returns all of that layer's keys and values so far (views of the cache's buffers).
+    /// returns all of that layer's keys and values so far (views of the cache's buffers, in the
+    /// storage dtype).
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.storage {
+            Some(dtype) => (k.to_dtype(dtype)?, v.to_dtype(dtype)?),
+            None => (k.clone(), v.clone()),
+        };
+        let (k, v) = (&k, &v);
         let slot = self
             .layers
             .get_mut(layer)

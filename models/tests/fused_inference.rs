@@ -126,6 +126,45 @@ fn grouped_query_attention_fused_matches_composite() {
 /// first capacity.
 #[test]
 fn cached_attention_matches_the_composite_ops_chunk_by_chunk() {
+    let outputs = attend_in_chunks(None);
+    for (start, len, fused, composite) in &outputs {
+        let diff = max_abs_diff(fused, composite);
+        assert!(diff < 1e-5, "chunk at {start} (+{len}): max |diff| {diff}");
+    }
+}
+
+/// A cache stored as f16 (`KvCache::store_as`) is read by the cached attention as the composite
+/// ops read it (widened back to f32), and its outputs stay within a stated distance of the f32
+/// cache's: keys and values rounded to 11 significant bits.
+#[test]
+fn an_f16_cache_is_read_as_the_composite_ops_read_it_and_stays_near_the_f32_cache() {
+    let exact = attend_in_chunks(None);
+    let half = attend_in_chunks(Some(DType::F16));
+    let mut largest_rounding = 0f32;
+    for ((start, len, fused, composite), (_, _, exact_fused, _)) in half.iter().zip(&exact) {
+        // The two paths rotate the keys in a different order of operations before rounding
+        // them to f16, so an element may round one f16 step apart: hence 1e-4, not 1e-5.
+        let diff = max_abs_diff(fused, composite);
+        assert!(
+            diff < 1e-4,
+            "f16 cache, chunk at {start} (+{len}): max |diff| {diff}"
+        );
+        // Measured: at most 2.9e-4 on outputs of magnitude ~1.
+        let rounding = max_abs_diff(fused, exact_fused);
+        assert!(
+            rounding < 1e-3,
+            "f16 against f32 cache, chunk at {start} (+{len}): max |diff| {rounding}"
+        );
+        largest_rounding = largest_rounding.max(rounding);
+    }
+    // The cache really stored f16 (otherwise the two runs would be identical).
+    assert!(largest_rounding > 0.0, "the f16 cache changed nothing");
+}
+
+/// Runs a grouped-query attention block over 300 positions in chunks of 5/1/1/250/1/2/40, once
+/// through the cached attention and once through the composite ops, each with its own cache
+/// stored as `storage`; returns (chunk start, chunk length, cached output, composite output).
+fn attend_in_chunks(storage: Option<DType>) -> Vec<(usize, usize, Tensor, Tensor)> {
     let shape = AttentionShape {
         num_heads: 6,
         num_kv_heads: 2,
@@ -157,6 +196,11 @@ fn cached_attention_matches_the_composite_ops_chunk_by_chunk() {
         .collect();
     let mask = Tensor::from_vec(mask, (2, total), &Device::Cpu).unwrap();
     let (mut fused_cache, mut composite_cache) = (KvCache::new(1), KvCache::new(1));
+    if let Some(dtype) = storage {
+        fused_cache.store_as(dtype).unwrap();
+        composite_cache.store_as(dtype).unwrap();
+    }
+    let mut outputs = Vec::new();
     let mut start = 0;
     for len in [5, 1, 1, 250, 1, 2, 40] {
         let chunk = x.narrow(1, start, len).unwrap();
@@ -174,11 +218,23 @@ fn cached_attention_matches_the_composite_ops_chunk_by_chunk() {
             )
             .unwrap();
         assert!(!fused.track_op() && composite.track_op());
-        let diff = max_abs_diff(&fused, &composite);
-        assert!(diff < 1e-5, "chunk at {start} (+{len}): max |diff| {diff}");
+        outputs.push((start, len, fused, composite.detach()));
         start += len;
         assert_eq!(fused_cache.seq_len(), start);
         assert_eq!(composite_cache.seq_len(), start);
     }
     assert_eq!(start, total);
+    assert_eq!(fused_cache.storage_dtype(), storage);
+    outputs
+}
+
+/// The cache's dtype is chosen before anything is cached, or refused.
+#[test]
+fn a_cache_refuses_a_new_storage_dtype_once_it_holds_positions() {
+    let mut cache = KvCache::new(1);
+    let k = randn(&[1, 2, 3, 8], 40);
+    cache.append(0, &k, &k).unwrap();
+    let err = cache.store_as(DType::F16).unwrap_err().to_string();
+    assert!(err.contains("before the first append"), "{err}");
+    cache.store_as(DType::F32).unwrap();
 }

@@ -7,13 +7,13 @@
 //! ```
 //!
 //! Direct use: `data_bench TASK [--reps N] [--warmup N] [--limit N] [--batch-size N] [--out DIR]` with TASK one
-//! of `tokenize`, `dedup`, `heuristic`, `embed`, `ast_similarity`. Each run loads its inputs (untimed), runs
+//! of `tokenize`, `dedup`, `heuristic`, `embed`, `ast_similarity`, `embed_similarity`. Each run loads its inputs (untimed), runs
 //! `--warmup` untimed passes and `--reps` timed ones over the whole input, and prints one JSON
 //! object: `{"task", "seconds": [...], "records", ...}`; the outputs that the driver compares
 //! with the peer's (token ids, removed records, scores, embeddings) go under `--out`.
 //!
 //! Inputs: the shared data (`$PIPELINE_SHARED_DATA`, else `../shared/data` beside the repo),
-//! `$PIPELINE_SMOLLM2_GGUF` for `tokenize`, `$PIPELINE_MINILM_DIR` for `embed`.
+//! `$PIPELINE_SMOLLM2_GGUF` for `tokenize`, `$PIPELINE_MINILM_DIR` for `embed` and `embed_similarity`.
 //! Threads: rayon's pool, so `RAYON_NUM_THREADS` sets them (candle's CPU kernels read it too).
 
 use std::io::Write;
@@ -306,20 +306,11 @@ fn bench_embed(args: &Args) -> Res<Value> {
 /// 164 HumanEval and 427 sanitized-MBPP tasks, score every messy file against every task,
 /// keep each task's 3 nearest files. Writes each task's best score (`ast_best.json`).
 fn bench_ast_similarity(args: &Args) -> Res<Value> {
-    use pipeline_stages::evalsets::{load_eval_set, EvalKind};
     use pipeline_stages::similarity::ast::{AstIndex, AstOptions};
     use pipeline_stages::similarity::nearest;
 
     let recs = messy_texts(args.limit)?;
-    let data = shared_data_dir().ok_or("no shared data folder")?;
-    let mut codes: Vec<String> = Vec::new();
-    for kind in [EvalKind::HumanEval, EvalKind::MbppSanitized] {
-        codes.extend(
-            load_eval_set(kind, &data, "")?
-                .iter()
-                .map(|p| p.reference_code()),
-        );
-    }
+    let codes = eval_reference_codes()?;
     // The peer scores the same code (it cannot load the eval sets the way we pose them).
     std::fs::write(args.out.join("ast_codes.json"), serde_json::to_vec(&codes)?)?;
     let opts = AstOptions::default();
@@ -343,6 +334,68 @@ fn bench_ast_similarity(args: &Args) -> Res<Value> {
     }))
 }
 
+/// The embedding search of the `eval-similarity` kind at its full size: MiniLM embeddings of
+/// the reference code of all 164 HumanEval and 427 sanitized-MBPP tasks and of every messy file
+/// (default options: max_len 256, batch 32), cosine scores of every file against every task,
+/// each task's 3 nearest files kept. Writes each task's best score (`embed_best.json`) and the
+/// codes the peer must embed (`embed_codes.json`). Warm-up embeds the first 64 files only.
+fn bench_embed_similarity(args: &Args) -> Res<Value> {
+    use pipeline_stages::similarity::{cosine_scores, nearest};
+
+    let recs = messy_texts(args.limit)?;
+    let codes = eval_reference_codes()?;
+    std::fs::write(
+        args.out.join("embed_codes.json"),
+        serde_json::to_vec(&codes)?,
+    )?;
+    let opts = EmbedOptions::default();
+    let embedder = MiniLmEmbedder::load(&opts, &candle_core::Device::Cpu)?;
+    let texts: Vec<&str> = recs.iter().map(|(_, t)| t.as_str()).collect();
+    for _ in 0..args.warmup {
+        embedder.embed(&texts[..texts.len().min(64)])?;
+    }
+    let (seconds, best) = repeat(0, args.reps, || {
+        timed(|| {
+            let code_refs: Vec<&str> = codes.iter().map(String::as_str).collect();
+            let task_emb = embedder.embed(&code_refs)?;
+            let record_emb = embedder.embed(&texts)?;
+            Ok(nearest(
+                codes.len(),
+                &recs,
+                &cosine_scores(&record_emb, &task_emb),
+                3,
+            ))
+        })
+    })?;
+    let best: Vec<f64> = best.iter().map(|n| n.best).collect();
+    std::fs::write(args.out.join("embed_best.json"), serde_json::to_vec(&best)?)?;
+    Ok(json!({
+        "seconds": seconds,
+        "records": recs.len(),
+        "tasks": codes.len(),
+        "max_len": opts.max_len,
+        "batch_size": opts.batch_size,
+        "tasks_at_0.8": best.iter().filter(|&&b| b >= 0.8).count(),
+    }))
+}
+
+/// The reference code of every HumanEval and sanitized-MBPP task, as the similarity kind
+/// compares it.
+fn eval_reference_codes() -> Res<Vec<String>> {
+    use pipeline_stages::evalsets::{load_eval_set, EvalKind};
+
+    let data = shared_data_dir().ok_or("no shared data folder")?;
+    let mut codes: Vec<String> = Vec::new();
+    for kind in [EvalKind::HumanEval, EvalKind::MbppSanitized] {
+        codes.extend(
+            load_eval_set(kind, &data, "")?
+                .iter()
+                .map(|p| p.reference_code()),
+        );
+    }
+    Ok(codes)
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("data_bench: {e}");
@@ -359,6 +412,7 @@ fn run() -> Res<()> {
         "heuristic" => bench_heuristic(&args)?,
         "embed" => bench_embed(&args)?,
         "ast_similarity" => bench_ast_similarity(&args)?,
+        "embed_similarity" => bench_embed_similarity(&args)?,
         other => return Err(format!("unknown task `{other}`").into()),
     };
     out["task"] = json!(args.task);

@@ -1463,6 +1463,7 @@ fn smollm2_chat_answers_end_at_im_end() {
         max_batch_rows: 1,
         prefill_chunk: 128,
         use_kv_cache: true,
+        kv_cache_dtype: None,
     };
     let request = GenerateRequest {
         prompt_ids: tok.encode(&prompt).unwrap(),

@@ -13,7 +13,9 @@
 //!
 //! The values are the composite attention's (`layers::attention`) up to the order of additions:
 //! the same rotary angles in f32, the same additive mask (so a query that sees no key at all gets
-//! uniform weights), the same softmax; the tests compare the two.
+//! uniform weights), the same softmax; the tests compare the two. A cache that stores its keys
+//! and values narrower (`KvCache::store_as`, e.g. f16) is read by widening one head's keys and
+//! values at a time into a task-local buffer, which stays in cache for that head's products.
 
 use std::sync::Mutex;
 
@@ -113,8 +115,8 @@ fn run<T: Float>(
     let q = q.contiguous()?.flatten_all()?.to_vec1::<T>()?;
     let (k_storage, k_layout) = keys.storage_and_layout();
     let (v_storage, v_layout) = values.storage_and_layout();
-    let k_heads = HeadViews::new(&k_storage, k_layout, &dims, spec)?;
-    let v_heads = HeadViews::new(&v_storage, v_layout, &dims, spec)?;
+    let k_heads = CachedHeads::<T>::new(&k_storage, k_layout, &dims, spec)?;
+    let v_heads = CachedHeads::<T>::new(&v_storage, v_layout, &dims, spec)?;
 
     let group = spec.num_heads / spec.num_kv_heads;
     let width = spec.num_heads * hd;
@@ -219,6 +221,58 @@ struct HeadViews<'a, T> {
     head_dim: usize,
 }
 
+/// A cache buffer's heads in the dtype the cache stores them in.
+enum CachedHeads<'a, T> {
+    /// Stored in the compute dtype: used in place.
+    Compute(HeadViews<'a, T>),
+    /// Stored as f16: widened per head.
+    F16(HeadViews<'a, half::f16>),
+    /// Stored as bf16: widened per head.
+    Bf16(HeadViews<'a, half::bf16>),
+}
+
+impl<'a, T: Float> CachedHeads<'a, T> {
+    fn new(
+        storage: &'a candle_core::Storage,
+        layout: &candle_core::Layout,
+        dims: &Dims,
+        spec: &AttentionSpec,
+    ) -> Result<Self> {
+        Ok(match storage.dtype() {
+            dtype if dtype == T::DTYPE => {
+                Self::Compute(HeadViews::new(storage, layout, dims, spec)?)
+            }
+            DType::F16 => Self::F16(HeadViews::new(storage, layout, dims, spec)?),
+            DType::BF16 => Self::Bf16(HeadViews::new(storage, layout, dims, spec)?),
+            other => candle_core::bail!(
+                "cached attention: a KV cache stored as {other:?} cannot be read by a {:?} model",
+                T::DTYPE
+            ),
+        })
+    }
+
+    /// Head `g` of batch row `bi` as a `[keys, head_dim]` matrix in the compute dtype: a view of
+    /// the cache, or its values widened into `scratch`.
+    fn head<'s>(&'s self, bi: usize, g: usize, scratch: &'s mut Vec<T>) -> Result<MatRef<'s, T>> {
+        let (stored, keys, head_dim) = match self {
+            Self::Compute(heads) => return heads.head(bi, g),
+            Self::F16(heads) => {
+                let stored = heads.rows(bi, g)?;
+                scratch.resize(stored.len(), T::from_f64(0.0));
+                T::widen_f16(stored, scratch);
+                (stored.len(), heads.keys, heads.head_dim)
+            }
+            Self::Bf16(heads) => {
+                let stored = heads.rows(bi, g)?;
+                scratch.resize(stored.len(), T::from_f64(0.0));
+                T::widen_bf16(stored, scratch);
+                (stored.len(), heads.keys, heads.head_dim)
+            }
+        };
+        MatRef::new(&scratch[..stored], keys, head_dim)
+    }
+}
+
 impl<'a, T: candle_core::WithDType> HeadViews<'a, T> {
     fn new(
         storage: &'a candle_core::Storage,
@@ -253,17 +307,16 @@ impl<'a, T: candle_core::WithDType> HeadViews<'a, T> {
         })
     }
 
-    fn head(&self, bi: usize, g: usize) -> Result<MatRef<'a, T>> {
+    /// The `[keys, head_dim]` rows of head `g` of batch row `bi`, row-major.
+    fn rows(&self, bi: usize, g: usize) -> Result<&'a [T]> {
         let at = self.start + bi * self.batch_stride + g * self.head_stride;
-        MatRef::new(
-            self.data
-                .get(at..at + self.keys * self.head_dim)
-                .ok_or_else(|| {
-                    candle_core::Error::Msg("cached attention: short KV cache".into())
-                })?,
-            self.keys,
-            self.head_dim,
-        )
+        self.data
+            .get(at..at + self.keys * self.head_dim)
+            .ok_or_else(|| candle_core::Error::Msg("cached attention: short KV cache".into()))
+    }
+
+    fn head(&self, bi: usize, g: usize) -> Result<MatRef<'a, T>> {
+        MatRef::new(self.rows(bi, g)?, self.keys, self.head_dim)
     }
 }
 
@@ -273,8 +326,8 @@ impl<'a, T: candle_core::WithDType> HeadViews<'a, T> {
 fn attend_group<T: Float>(
     q: &[T],
     key_mask: &[u8],
-    k_heads: &HeadViews<'_, T>,
-    v_heads: &HeadViews<'_, T>,
+    k_heads: &CachedHeads<'_, T>,
+    v_heads: &CachedHeads<'_, T>,
     rotary: &Rotary,
     spec: &AttentionSpec,
     dims: &Dims,
@@ -284,8 +337,9 @@ fn attend_group<T: Float>(
     let (seq, hd, n_keys) = (dims.seq, spec.head_dim, dims.keys());
     let group = spec.num_heads / spec.num_kv_heads;
     let width = spec.num_heads * hd;
-    let keys = k_heads.head(bi, g)?;
-    let values = v_heads.head(bi, g)?;
+    let (mut k_scratch, mut v_scratch) = (Vec::new(), Vec::new());
+    let keys = k_heads.head(bi, g, &mut k_scratch)?;
+    let values = v_heads.head(bi, g, &mut v_scratch)?;
     let mask = &key_mask[bi * n_keys..][..n_keys];
     let first_key = mask.iter().position(|&m| m != 0).unwrap_or(n_keys);
     let scale = T::from_f64(spec.scale);

@@ -166,10 +166,35 @@ pub(crate) fn cpu_backward(kernel: &impl Kernel, saved: &Tensor, grad: &Tensor) 
 }
 
 /// f32 or f64, with what both the elementwise kernels and the matrix products need.
-pub(crate) trait Float: Real + gemm::GemmFloat {}
+pub(crate) trait Float: Real + gemm::GemmFloat {
+    /// Widens half-precision values into `dst` (same length); a narrower KV cache is read
+    /// through this (`half` uses the CPU's conversion instructions where it has them).
+    fn widen_f16(src: &[half::f16], dst: &mut [Self]);
+    /// As [`Float::widen_f16`], for bfloat16.
+    fn widen_bf16(src: &[half::bf16], dst: &mut [Self]);
+}
 
-impl Float for f32 {}
-impl Float for f64 {}
+impl Float for f32 {
+    fn widen_f16(src: &[half::f16], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    fn widen_bf16(src: &[half::bf16], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+impl Float for f64 {
+    fn widen_f16(src: &[half::f16], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f64_slice(dst);
+    }
+    fn widen_bf16(src: &[half::bf16], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f64_slice(dst);
+    }
+}
 
 /// The contiguous elements of a tensor's storage described by `layout`; errors for storage
 /// off the CPU.

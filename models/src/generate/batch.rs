@@ -33,6 +33,10 @@ pub struct GenerateConfig {
     /// `false` re-runs the whole sequence every step without a cache: slow, but a reference
     /// for checking a model's cache handling.
     pub use_kv_cache: bool,
+    /// The dtype the KV cache stores keys and values in; `None` keeps the model's compute
+    /// dtype (exact). `Some(F16)` halves the cache's memory, rounding each key and value to 11
+    /// significant bits (see [`KvCache`]).
+    pub kv_cache_dtype: Option<DType>,
 }
 
 impl Default for GenerateConfig {
@@ -46,6 +50,7 @@ impl Default for GenerateConfig {
             max_batch_rows: 16,
             prefill_chunk: 128,
             use_kv_cache: true,
+            kv_cache_dtype: None,
         }
     }
 }
@@ -527,6 +532,9 @@ where
     }
 
     let mut cache = model.new_cache();
+    if let Some(dtype) = config.kv_cache_dtype {
+        cache.store_as(dtype)?;
+    }
     // The longest this batch can get: its (left-padded) prompts plus every new token.
     cache.reserve(ids.dim(1)? + config.max_new_tokens);
     let mut logits = prefill(model, &ids, &pos, &mask, config.prefill_chunk, &mut cache)?;

@@ -157,7 +157,11 @@ impl Attention {
         let (q, k) = self.rotary.apply_qk(&q, &k, positions, work)?;
         let k = k.contiguous()?;
         let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            // A cache may store its keys and values in a narrower dtype (`KvCache::store_as`).
+            Some((cache, layer)) => {
+                let (k, v) = cache.append(layer, &k, &v)?;
+                (k.to_dtype(work)?, v.to_dtype(work)?)
+            }
             None => (k, v),
         };
         let kv_len = k.dim(2)?;

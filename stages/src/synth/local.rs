@@ -77,6 +77,7 @@ impl LocalGenerator {
             max_batch_rows: batch_size.max(1),
             prefill_chunk: 128,
             use_kv_cache: true,
+            kv_cache_dtype: None,
         };
         Ok(Self {
             model,
