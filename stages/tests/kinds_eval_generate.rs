@@ -100,6 +100,59 @@ fn greedy_samples_match_a_direct_generation() {
     assert_eq!(ran.metadata["samples"], 3);
 }
 
+/// `kv_cache_dtype = "f16"` reaches the generation (the stage's samples are a direct
+/// generation's with an f16 cache), and left unset it is not part of the parameters the key
+/// is made from, so stages cached before it existed stay cached.
+#[test]
+fn the_kv_cache_dtype_is_passed_on_and_unset_it_leaves_the_parameters_unchanged() {
+    use pipeline_stages::kinds::generate::GenerateParams;
+    let unset = serde_json::to_value(GenerateParams::default()).unwrap();
+    assert!(unset.get("kv_cache_dtype").is_none(), "{unset}");
+    let set: GenerateParams =
+        serde_json::from_value(serde_json::json!({"kv_cache_dtype": "f16"})).unwrap();
+    assert_eq!(serde_json::to_value(&set).unwrap()["kv_cache_dtype"], "f16");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, problems) = fixtures(tmp.path(), 2);
+    let ran = run_stage::<Generate>(
+        tmp.path(),
+        "generate",
+        serde_json::json!({"max_new_tokens": 12, "kv_cache_dtype": "f16"}),
+        &[
+            ("model", &[model.as_path()]),
+            ("problems", &[problems.as_path()]),
+        ],
+        7,
+    )
+    .unwrap();
+    let rows = read_jsonl(&ran.outputs["samples"].join("samples.jsonl"));
+    let tokenizer = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let m = Llama::from_hf_dir(&model, &Device::Cpu, DType::F32, &mut DenseFactory).unwrap();
+    let set: Vec<_> = replication_problems(DEFAULT_INSTRUCTION_TEMPLATE)
+        .unwrap()
+        .into_iter()
+        .take(2)
+        .collect();
+    let requests = generation_requests(&set, 7, |t| {
+        tokenizer.encode(t, true).map(|e| e.get_ids().to_vec())
+    })
+    .unwrap();
+    let config = GenerateConfig {
+        max_new_tokens: 12,
+        eos_token_ids: vec![EOS],
+        kv_cache_dtype: Some(DType::F16),
+        ..Default::default()
+    };
+    let want = generate_batch(&m, &requests, &config, |ids| {
+        tokenizer.decode(ids, true).unwrap()
+    })
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, samples) in rows.iter().zip(&want.completions) {
+        assert_eq!(row["completion"], samples[0].text.as_str());
+    }
+}
+
 #[test]
 fn sampling_gives_num_samples_per_task_and_depends_on_the_seed() {
     let tmp = tempfile::tempdir().unwrap();

@@ -14,8 +14,10 @@
 //! The values are the composite attention's (`layers::attention`) up to the order of additions:
 //! the same rotary angles in f32, the same additive mask (so a query that sees no key at all gets
 //! uniform weights), the same softmax; the tests compare the two. A cache that stores its keys
-//! and values narrower (`KvCache::store_as`, e.g. f16) is read by widening one head's keys and
-//! values at a time into a task-local buffer, which stays in cache for that head's products.
+//! and values narrower (`KvCache::store_as`, e.g. f16) is read, for one new token per row on a
+//! CPU with F16C, by kernels that widen each cached row in registers (`f16_kv.rs`); otherwise
+//! (prefill chunks, bf16, other CPUs) by widening one head's keys and values at a time into a
+//! task-local buffer for the general products.
 
 use std::sync::Mutex;
 
@@ -342,6 +344,12 @@ fn attend_group<T: Float>(
     let values = v_heads.head(bi, g, &mut v_scratch)?;
     let mask = &key_mask[bi * n_keys..][..n_keys];
     let first_key = mask.iter().position(|&m| m != 0).unwrap_or(n_keys);
+    if let (1, CachedHeads::F16(keys), CachedHeads::F16(values)) = (seq, k_heads, v_heads) {
+        let (keys, values) = (keys.rows(bi, g)?, values.rows(bi, g)?);
+        if let Some(out) = decoding_step_on_f16(q, mask, (keys, values), rotary, spec, bi, g) {
+            return Ok(out);
+        }
+    }
     let scale = T::from_f64(spec.scale);
     let masked = T::from_f64(MASKED);
     let mut out = Vec::with_capacity(group * seq * hd);
@@ -385,4 +393,47 @@ fn attend_group<T: Float>(
         )?);
     }
     Ok(out)
+}
+
+/// [`attend_group`] for one new token per row over an f16 cache, through the kernels that read
+/// the cache as it is stored ([`super::f16_kv`]); `None` where they do not apply (another CPU,
+/// head shape or compute dtype), and the caller widens the cache instead.
+fn decoding_step_on_f16<T: Float>(
+    q: &[T],
+    mask: &[u8],
+    (keys, values): (&[half::f16], &[half::f16]),
+    rotary: &Rotary,
+    spec: &AttentionSpec,
+    bi: usize,
+    g: usize,
+) -> Option<Vec<T>> {
+    if T::DTYPE != DType::F32 {
+        return None;
+    }
+    let hd = spec.head_dim;
+    let group = spec.num_heads / spec.num_kv_heads;
+    let width = spec.num_heads * hd;
+    let n_keys = mask.len();
+    // The group's rotated queries, `[group, head_dim]`.
+    let mut q_rot: Vec<T> = Vec::with_capacity(group * hd);
+    for j in 0..group {
+        let h = g * group + j;
+        let start = q_rot.len();
+        q_rot.extend_from_slice(&q[bi * width + h * hd..][..hd]);
+        rotary.rotate(&mut q_rot[start..], bi);
+    }
+    let q_rot: Vec<f32> = q_rot.iter().map(|x| x.to_f64() as f32).collect();
+    let mut scores = super::f16_kv::scores(&q_rot, keys, hd, spec.scale as f32)?;
+    // The new token sits after every cached position, so only padding is masked; a row that
+    // sees no key at all spreads over every (equally masked) key, as in `attend_group`.
+    for row in scores.chunks_mut(n_keys) {
+        for (s, &m) in row.iter_mut().zip(mask) {
+            if m == 0 {
+                *s += MASKED as f32;
+            }
+        }
+        softmax_in_place(row);
+    }
+    let out = super::f16_kv::weighted_values(&scores, values, hd)?;
+    Some(out.into_iter().map(|x| T::from_f64(f64::from(x))).collect())
 }

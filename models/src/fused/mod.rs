@@ -24,6 +24,7 @@ pub mod activation;
 pub mod attention;
 pub mod cached_attention;
 pub mod cross_entropy;
+mod f16_kv;
 pub(crate) mod gemm;
 pub(crate) mod inplace;
 pub mod lora_linear;
