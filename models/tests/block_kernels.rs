@@ -206,6 +206,25 @@ const PROMPTS: &[(&str, &[u32])] = &[
     ),
 ];
 
+/// Requests for every prompt of [`PROMPTS`], and a greedy configuration of 32 new tokens with
+/// no end token (so every generation has its full length).
+fn greedy_32_tokens_of_each_prompt() -> (Vec<GenerateRequest>, GenerateConfig) {
+    let requests = PROMPTS
+        .iter()
+        .map(|(_, ids)| GenerateRequest {
+            prompt_ids: ids.to_vec(),
+            stop: Vec::new(),
+            seed: 0,
+        })
+        .collect();
+    let config = GenerateConfig {
+        max_new_tokens: 32,
+        eos_token_ids: Vec::new(),
+        ..GenerateConfig::default()
+    };
+    (requests, config)
+}
+
 fn logits(model: &Llama, ids: &[u32]) -> Tensor {
     let ids = Tensor::new(ids, &Device::Cpu)
         .unwrap()
@@ -264,19 +283,7 @@ fn smollm2_on_blocks_stays_within_the_stated_tolerance_of_the_f32_path() {
 
     // Greedy generations: identical, or parting only where the f32 model's two candidates are
     // closer than the rounding can move them.
-    let requests: Vec<GenerateRequest> = PROMPTS
-        .iter()
-        .map(|(_, ids)| GenerateRequest {
-            prompt_ids: ids.to_vec(),
-            stop: Vec::new(),
-            seed: 0,
-        })
-        .collect();
-    let config = GenerateConfig {
-        max_new_tokens: 32,
-        eos_token_ids: Vec::new(),
-        ..GenerateConfig::default()
-    };
+    let (requests, config) = greedy_32_tokens_of_each_prompt();
     let a = generate_batch(&dense, &requests, &config, |_| String::new()).unwrap();
     let b = generate_batch(&blocks, &requests, &config, |_| String::new()).unwrap();
     let mut identical = 0;
@@ -327,19 +334,7 @@ fn smollm2_with_an_f16_kv_cache_stays_within_its_stated_tolerance() {
     let mut factory = block_factory;
     let model = Llama::new(&cfg, &weights, DType::F32, &mut factory).unwrap();
     model.freeze();
-    let requests: Vec<GenerateRequest> = PROMPTS
-        .iter()
-        .map(|(_, ids)| GenerateRequest {
-            prompt_ids: ids.to_vec(),
-            stop: Vec::new(),
-            seed: 0,
-        })
-        .collect();
-    let exact = GenerateConfig {
-        max_new_tokens: 32,
-        eos_token_ids: Vec::new(),
-        ..GenerateConfig::default()
-    };
+    let (requests, exact) = greedy_32_tokens_of_each_prompt();
     let half = GenerateConfig {
         kv_cache_dtype: Some(DType::F16),
         ..exact.clone()
@@ -430,7 +425,7 @@ fn cached_step_logits(
 }
 
 /// How far an f16 KV cache may move generation's logits, as a fraction of the largest logit
-/// (measured: 9.6e-4 over these prompts).
+/// (measured: 7e-4 to 1e-3 over these prompts).
 const F16_CACHE_LOGIT_TOLERANCE: f32 = 5e-3;
 
 /// How far the packed path's logits may be from the dense path's, as a fraction of the largest

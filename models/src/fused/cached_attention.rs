@@ -256,22 +256,28 @@ impl<'a, T: Float> CachedHeads<'a, T> {
     /// Head `g` of batch row `bi` as a `[keys, head_dim]` matrix in the compute dtype: a view of
     /// the cache, or its values widened into `scratch`.
     fn head<'s>(&'s self, bi: usize, g: usize, scratch: &'s mut Vec<T>) -> Result<MatRef<'s, T>> {
-        let (stored, keys, head_dim) = match self {
-            Self::Compute(heads) => return heads.head(bi, g),
-            Self::F16(heads) => {
-                let stored = heads.rows(bi, g)?;
-                scratch.resize(stored.len(), T::from_f64(0.0));
-                T::widen_f16(stored, scratch);
-                (stored.len(), heads.keys, heads.head_dim)
-            }
-            Self::Bf16(heads) => {
-                let stored = heads.rows(bi, g)?;
-                scratch.resize(stored.len(), T::from_f64(0.0));
-                T::widen_bf16(stored, scratch);
-                (stored.len(), heads.keys, heads.head_dim)
-            }
-        };
-        MatRef::new(&scratch[..stored], keys, head_dim)
+        match self {
+            Self::Compute(heads) => heads.head(bi, g),
+            Self::F16(heads) => heads.widened(bi, g, scratch, T::widen_f16),
+            Self::Bf16(heads) => heads.widened(bi, g, scratch, T::widen_bf16),
+        }
+    }
+}
+
+impl<S: candle_core::WithDType> HeadViews<'_, S> {
+    /// Head `g` of batch row `bi` widened by `widen` into `scratch`, as a `[keys, head_dim]`
+    /// matrix.
+    fn widened<'s, T: Float>(
+        &self,
+        bi: usize,
+        g: usize,
+        scratch: &'s mut Vec<T>,
+        widen: fn(&[S], &mut [T]),
+    ) -> Result<MatRef<'s, T>> {
+        let stored = self.rows(bi, g)?;
+        scratch.resize(stored.len(), T::from_f64(0.0));
+        widen(stored, scratch);
+        MatRef::new(&scratch[..stored.len()], self.keys, self.head_dim)
     }
 }
 
